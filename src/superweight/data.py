@@ -1,0 +1,149 @@
+"""Corpora, their train/eval split, and token windows.
+
+Corpus specs:
+- `pydoc` (default): the Python standard library's documentation topics (`pydoc_data.topics`), ~465k
+  characters, no download. Split by paragraph: a blank-line-separated paragraph is in `eval` when
+  crc32(paragraph) % 10 == 0, else in `train` (so ~10% eval, spread over all topics, and a paragraph that
+  repeats can never sit in both splits). Topics are read in sorted key order.
+- `wikitext2`: `wikitext` / `wikitext-2-raw-v1` through `datasets` (needs the optional extra and network or a
+  warm cache). Splits are the dataset's own: `train`, `validation` (`eval` means validation), `test`.
+- `text:PATH`: a text file, a directory (every `*.txt` below it) or a glob; split by paragraph like pydoc.
+
+Every split also accepts `all`. Text is joined with blank lines, tokenised once without special tokens and
+cut into windows the way HF's "perplexity of fixed-length models" guide does.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from superweight.errors import CorpusError, UsageError
+
+DEFAULT_CORPUS = "pydoc"
+SPLITS = ("train", "eval", "all")
+
+
+def _paragraphs(text: str) -> list[str]:
+    return [p.strip() for p in text.replace("\r\n", "\n").split("\n\n") if p.strip()]
+
+
+def _hash_split(paragraphs: list[str], split: str) -> list[str]:
+    if split == "all":
+        return paragraphs
+    in_eval = [zlib.crc32(p.encode("utf-8")) % 10 == 0 for p in paragraphs]
+    return [p for p, e in zip(paragraphs, in_eval) if e == (split == "eval")]
+
+
+def _pydoc_text() -> str:
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k] for k in sorted(topics))
+
+
+def _text_files(path: str) -> list[Path]:
+    expanded = os.path.expanduser(path)
+    if os.path.isdir(expanded):
+        files = sorted(Path(expanded).rglob("*.txt"))
+    elif os.path.isfile(expanded):
+        files = [Path(expanded)]
+    else:
+        files = sorted(Path(p) for p in glob.glob(expanded, recursive=True) if os.path.isfile(p))
+    if not files:
+        raise CorpusError(f"no such text file, directory or glob: {path}")
+    return files
+
+
+def _wikitext(split: str) -> str:
+    try:
+        import datasets
+    except ImportError as exc:
+        raise CorpusError("corpus 'wikitext2' needs the datasets package: pip install 'superweight[datasets]'") from exc
+    hf_split = {"eval": "validation", "all": "train+validation+test"}.get(split, split)
+    if hf_split not in {"train", "validation", "test", "train+validation+test"}:
+        raise UsageError(f"unknown split '{split}' for wikitext2: use train, validation (eval), test or all")
+    try:
+        ds = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split=hf_split)
+    except Exception as exc:  # network, cache and hub errors all mean "not available here"
+        raise CorpusError(f"could not load wikitext-2-raw-v1 ({hf_split}): {str(exc).splitlines()[0]}") from exc
+    return "".join(ds["text"])
+
+
+def load_text(corpus: str = DEFAULT_CORPUS, split: str = "eval") -> str:
+    """The text of one split of a corpus, as a single string; an error if it is missing or empty."""
+    if corpus == "wikitext2":
+        text = _wikitext(split)
+    else:
+        if split not in SPLITS:
+            raise UsageError(f"unknown split '{split}': use {', '.join(SPLITS)}")
+        if corpus == "pydoc":
+            raw = _pydoc_text()
+        elif corpus.startswith("text:"):
+            files = _text_files(corpus[len("text:"):])
+            raw = "\n\n".join(f.read_text(encoding="utf-8", errors="replace") for f in files)
+            if not raw.strip():
+                raise CorpusError(f"corpus '{corpus}' is empty")
+        else:
+            raise UsageError(f"unknown corpus '{corpus}': use pydoc, wikitext2 or text:PATH")
+        text = "\n\n".join(_hash_split(_paragraphs(raw), split))
+    if not text.strip():
+        raise CorpusError(f"corpus '{corpus}' has no text in split '{split}' (try --split all)")
+    return text
+
+
+def tokenize(tokenizer, text: str, max_tokens: int | None = None) -> torch.Tensor:
+    """1-d LongTensor of token ids, truncated to `max_tokens`."""
+    if max_tokens is not None and max_tokens < 2:
+        raise UsageError(f"max_tokens must be at least 2, got {max_tokens}")
+    if max_tokens is not None:
+        # Tokenising all of a large corpus to keep a few thousand tokens is wasted work: ~8 chars a token
+        # is a generous upper bound for English and code, so cut the text first.
+        text = text[: max_tokens * 8]
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor(ids[:max_tokens] if max_tokens else ids, dtype=torch.long)
+    if ids.numel() < 2:
+        raise CorpusError("the corpus gives fewer than 2 tokens")
+    return ids
+
+
+@dataclass(frozen=True)
+class Window:
+    """ids[begin:end]; targets at global positions >= score_from are scored (earlier ones were already)."""
+
+    begin: int
+    end: int
+    score_from: int
+
+    @property
+    def n_scored(self) -> int:
+        return self.end - max(self.score_from, self.begin + 1)
+
+
+def windows(n_tokens: int, max_length: int, stride: int) -> list[Window]:
+    """Sliding windows over a stream (HF's fixed-length perplexity recipe); each target scored once."""
+    if max_length < 2:
+        raise UsageError(f"max_length must be at least 2, got {max_length}")
+    if not 1 <= stride <= max_length:
+        raise UsageError(f"stride must be between 1 and max_length ({max_length}), got {stride}")
+    out, prev_end = [], 0
+    for begin in range(0, n_tokens, stride):
+        end = min(begin + max_length, n_tokens)
+        if end - begin >= 2 and end > prev_end:
+            out.append(Window(begin=begin, end=end, score_from=prev_end))
+        prev_end = max(prev_end, end)
+        if end == n_tokens:
+            break
+    return out
+
+
+def pack(ids: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """Cut a token stream into full rows of `seq_len` (no padding; the ragged tail is dropped)."""
+    n = ids.numel() // seq_len
+    if n == 0:
+        raise CorpusError(f"need at least {seq_len} tokens to pack one sequence, have {ids.numel()}")
+    return ids[: n * seq_len].view(n, seq_len)

@@ -1,0 +1,61 @@
+"""The eval job: base vs ablated metrics on a corpus, plus greedy generations side by side."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from pydantic import BaseModel
+
+from superweight import data, generate
+from superweight.coords import WeightCoord
+from superweight.intervene import Ablation
+from superweight.metrics import Metrics, Protocol, measure
+from superweight.models import Loaded, model_id
+from superweight.runs import provenance
+
+
+class EvalResult(BaseModel):
+    protocol: Protocol
+    base: Metrics
+    ablated: Metrics | None
+    generations: list[dict[str, str]]
+
+
+def run_eval(
+    loaded: Loaded,
+    coords: list[WeightCoord],
+    corpus: str = data.DEFAULT_CORPUS,
+    split: str = "eval",
+    max_tokens: int = 4096,
+    max_length: int = 512,
+    stride: int | None = None,
+    prompts: list[str] | None = None,
+    max_new_tokens: int = 20,
+    ids=None,
+    on_tokens: Callable[[int], None] | None = None,
+    on_prompt: Callable[[int], None] | None = None,
+) -> EvalResult:
+    """Measure the base model and the model with `coords` ablated (if any) on one corpus split."""
+    model, tok = loaded.model, loaded.tokenizer
+    stride = stride or max_length
+    ablation = Ablation(model, coords) if coords else None  # validates coordinates before any work
+    if ids is None:
+        ids = data.tokenize(tok, data.load_text(corpus, split), max_tokens)
+    conditions = {"ablated": ablation} if ablation else {}
+    channels = sorted({(c.layer, c.row) for c in coords})
+    results = measure(model, ids, conditions, channels, max_length, stride, progress=on_tokens)
+    gens = generate.compare(model, tok, conditions, prompts, max_new_tokens, progress=on_prompt)
+    protocol = Protocol(
+        model=model_id(loaded),
+        model_source=loaded.source,
+        corpus=corpus,
+        split=split,
+        n_tokens=results["base"].n_tokens,
+        max_length=max_length,
+        stride=stride,
+        dtype=loaded.dtype,
+        device=loaded.device,
+        interventions={"ablated": "ablate " + ", ".join(map(str, coords))} if coords else {},
+        provenance=provenance(),
+    )
+    return EvalResult(protocol=protocol, base=results["base"], ablated=results.get("ablated"), generations=gens)

@@ -1,0 +1,174 @@
+"""Interventions that always come off cleanly, and hooks that read activations.
+
+Every intervention is an object with `apply()` and `remove()` that restores the model bit for bit, and a
+context manager that removes itself even when the block raises (in the manner of baukit's `Trace`, but
+resolving every module before touching any):
+
+    with Ablation(model, [WeightCoord(layer=11, row=507, col=1229)]):
+        broken_logits = model(ids).logits
+    # the weight is back, exactly
+
+One model copy serves as both "base" and "intervened": switch the intervention off for the base pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+
+from superweight.arch import DownProj, down_projection
+from superweight.coords import WeightCoord
+
+
+class Intervention:
+    """Base class: `apply()` edits the model, `remove()` undoes it exactly; reusable after removal."""
+
+    active: bool = False
+
+    def apply(self) -> None:
+        raise NotImplementedError
+
+    def remove(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        self.apply()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+class NoIntervention(Intervention):
+    """The identity, so callers need not special-case "nothing to do"."""
+
+    def apply(self) -> None:
+        self.active = True
+
+    def remove(self) -> None:
+        self.active = False
+
+
+# An edit maps a weight's original value to its new value.
+Edit = Callable[[torch.Tensor], torch.Tensor]
+
+
+class ScalarEdits(Intervention):
+    """Overwrite individual down-projection scalars; `remove()` writes the saved originals back."""
+
+    def __init__(self, model: nn.Module, edits: Iterable[tuple[int, int, int, Edit]]):
+        # Resolve and validate every coordinate before anything is written.
+        self._edits: list[tuple[DownProj, int, int, Edit]] = []
+        for layer, row, col, fn in edits:
+            dp = down_projection(model, layer)
+            dp.check(row, col)
+            self._edits.append((dp, row, col, fn))
+        self._saved: list[tuple[DownProj, int, int, torch.Tensor]] = []
+
+    def apply(self) -> None:
+        if self.active:
+            raise RuntimeError("intervention is already applied")
+        self.active = True
+        try:
+            for dp, row, col, fn in self._edits:
+                original = dp.get(row, col)
+                self._saved.append((dp, row, col, original))
+                dp.set(row, col, fn(original))
+        except BaseException:
+            self.remove()
+            raise
+
+    def remove(self) -> None:
+        # Reverse order, so overlapping edits unwind to the true original.
+        while self._saved:
+            dp, row, col, original = self._saved.pop()
+            dp.set(row, col, original)
+        self.active = False
+
+
+class Ablation(ScalarEdits):
+    """Multiply each listed weight by its `scale` (0 zeroes it, the classic super-weight ablation)."""
+
+    def __init__(self, model: nn.Module, coords: Iterable[WeightCoord]):
+        self.coords = list(coords)
+        super().__init__(model, [(c.layer, c.row, c.col, _times(c.scale)) for c in self.coords])
+
+
+class Spread(ScalarEdits):
+    """Zero W[row, col] and add W[row, col] / n to each of the next n columns (the seed's "spread").
+
+    It keeps the row's sum but not the single huge scalar: a test of whether concentration matters.
+    """
+
+    def __init__(self, model: nn.Module, coord: WeightCoord, n: int = 8):
+        dp = down_projection(model, coord.layer)
+        dp.check(coord.row, coord.col)
+        value = dp.get(coord.row, coord.col)
+        cols = [c % dp.d_ff for c in range(coord.col + 1, coord.col + 1 + n)]
+        edits = [(coord.layer, coord.row, coord.col, _times(0.0))]
+        edits += [(coord.layer, coord.row, c, lambda w, v=value / n: w + v) for c in cols]
+        super().__init__(model, edits)
+
+
+def _times(scale: float) -> Edit:
+    return lambda w: w * scale
+
+
+class Compose(Intervention):
+    """Several interventions applied in order and removed in reverse."""
+
+    def __init__(self, *parts: Intervention):
+        self.parts = parts
+        self._applied: list[Intervention] = []
+
+    def apply(self) -> None:
+        self.active = True
+        try:
+            for part in self.parts:
+                part.apply()
+                self._applied.append(part)
+        except BaseException:
+            self.remove()
+            raise
+
+    def remove(self) -> None:
+        while self._applied:
+            self._applied.pop().remove()
+        self.active = False
+
+
+class Trace:
+    """Forward hooks that call `fn(name, inputs, output)` on named modules; removed on exit.
+
+    with Trace({"l11": dp.module}, lambda name, inp, out: seen.append(out[..., 507])):
+        model(ids)
+    """
+
+    def __init__(self, modules: dict[str, nn.Module], fn: Callable[[str, tuple, object], None]):
+        self.modules = dict(modules)  # resolved by the caller before any hook is registered
+        self.fn = fn
+        self._handles: list = []
+
+    def __enter__(self):
+        try:
+            for name, module in self.modules.items():
+                hook = lambda _m, inp, out, name=name: self.fn(name, inp, out)  # noqa: E731
+                self._handles.append(module.register_forward_hook(hook))
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def close(self) -> None:
+        while self._handles:
+            self._handles.pop().remove()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def hidden(output) -> torch.Tensor:
+    """The hidden-state tensor of a block's output (a tensor, or a tuple whose first item is one)."""
+    return output[0] if isinstance(output, (tuple, list)) else output

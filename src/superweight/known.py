@@ -1,0 +1,26 @@
+"""Published super-weight coordinates (layer, row, col), keyed by hub id; see DESIGN.md.
+
+Sources: Yu et al. 2024 (Apple), table 1 and appendix; SmolLM2-135M measured on the embedded GGUF.
+"""
+
+from __future__ import annotations
+
+from superweight.coords import WeightCoord
+
+PUBLISHED: dict[str, list[tuple[int, int, int]]] = {
+    "allenai/OLMo-1B-0724-hf": [(1, 1764, 1710), (2, 1764, 8041)],
+    "allenai/OLMo-7B-0724-hf": [(1, 269, 7467), (2, 269, 8275), (7, 269, 453), (24, 269, 2300)],
+    "huggyllama/llama-7b": [(2, 3968, 7003)],
+    "mistralai/Mistral-7B-v0.1": [(1, 2070, 7310)],
+    "huggyllama/llama-13b": [(2, 2231, 2278), (2, 2231, 6939)],
+    "microsoft/Phi-3-mini-4k-instruct": [
+        (2, 525, 808), (2, 1693, 808), (2, 1113, 808), (4, 525, 2723), (4, 1113, 2723), (4, 1693, 2723),
+    ],
+    "smollm2-135m": [(11, 507, 1229)],
+    "HuggingFaceTB/SmolLM2-135M-Instruct": [(11, 507, 1229)],
+}
+
+
+def published(spec: str) -> list[WeightCoord]:
+    """The known super weights of a model spec, or [] when none are recorded."""
+    return [WeightCoord(layer=l, row=r, col=c) for l, r, c in PUBLISHED.get(spec, [])]

@@ -1,0 +1,161 @@
+"""Token NLL / PPL, KL to the base model, top-1 agreement and super-activation size, with one model copy.
+
+`measure` runs each batch once with no intervention (the base) and once per named condition, so every
+condition is compared against the same base log-probabilities without a second model in memory:
+
+    ids = data.tokenize(tok, data.load_text("pydoc", "eval"), 4096)
+    out = measure(model, ids, {"ablated": Ablation(model, coords)}, channels=[(11, 507)])
+    out["base"].ppl, out["ablated"].ppl, out["ablated"].kl
+
+All log-softmaxes are taken in fp32 whatever the model dtype. KL is KL(base || condition) per scored token,
+averaged; NLL is the mean over scored tokens; PPL = exp(NLL).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from pydantic import BaseModel, Field
+from torch import nn
+
+from superweight.arch import decoder_layers
+from superweight.data import Window, windows as make_windows
+from superweight.intervene import Intervention, Trace, hidden
+
+
+class Metrics(BaseModel):
+    nll: float = Field(description="mean next-token negative log-likelihood (nats) over scored tokens")
+    ppl: float = Field(description="exp(nll)")
+    kl: float = Field(description="mean KL(base || this) per scored token, nats; 0 for base")
+    top1_agree: float = Field(description="fraction of scored tokens whose argmax matches the base model's")
+    super_activation: float | None = Field(
+        None, description="max |value| over the watched residual channels after their layer (all positions)"
+    )
+    super_activation_by_channel: dict[str, float] = Field(
+        default_factory=dict, description="'LAYER:ROW' -> max |residual[..., ROW]| after block LAYER"
+    )
+    n_tokens: int = Field(description="number of scored tokens")
+
+
+class _Acc:
+    """Running sums for one condition."""
+
+    def __init__(self):
+        self.nll = 0.0
+        self.kl = 0.0
+        self.agree = 0
+        self.n = 0
+        self.act: dict[str, float] = {}
+
+    def result(self) -> Metrics:
+        nll = self.nll / self.n
+        acts = dict(sorted(self.act.items()))
+        return Metrics(
+            nll=nll,
+            ppl=math.exp(min(nll, 700.0)),
+            kl=max(self.kl / self.n, 0.0),
+            top1_agree=self.agree / self.n,
+            super_activation=max(acts.values()) if acts else None,
+            super_activation_by_channel=acts,
+            n_tokens=self.n,
+        )
+
+
+def _batches(wins: list[Window], batch_tokens: int) -> list[list[Window]]:
+    """Group windows of equal length into batches of about `batch_tokens` tokens (no padding needed)."""
+    out: list[list[Window]] = []
+    for w in wins:
+        length = w.end - w.begin
+        if out and len(out[-1]) * length < batch_tokens and out[-1][0].end - out[-1][0].begin == length:
+            out[-1].append(w)
+        else:
+            out.append([w])
+    return out
+
+
+def _forward(model, input_ids, mask, channels, blocks, acc_act):
+    """Scored-position log-probs [N, V] in fp32, recording super activations into `acc_act`."""
+
+    def record(name, _inp, out):
+        layer, row = name
+        value = hidden(out)[..., row].detach().abs().max().item()
+        key = f"{layer}:{row}"
+        acc_act[key] = max(acc_act.get(key, 0.0), value)
+
+    watched = {(layer, row): blocks[layer] for layer, row in channels}
+    # Trace keys must be hashable names; tuples are fine for our own callback.
+    with Trace(watched, record):
+        logits = model(input_ids=input_ids, use_cache=False).logits
+    return logits[:, :-1][mask].float().log_softmax(-1)
+
+
+@torch.no_grad()
+def measure(
+    model: nn.Module,
+    ids: torch.Tensor,
+    conditions: dict[str, Intervention] | None = None,
+    channels: list[tuple[int, int]] = (),
+    max_length: int = 512,
+    stride: int | None = None,
+    batch_tokens: int = 2048,
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, Metrics]:
+    """Metrics for the base model and each condition over `ids` (1-d token stream).
+
+    `channels` lists (layer, row) residual channels whose max |activation| is reported (super activations).
+    `progress(n)` is called after each batch with the number of tokens it covered.
+    """
+    conditions = dict(conditions or {})
+    if "base" in conditions:
+        raise ValueError("'base' is reserved for the model with no intervention")
+    device = next(model.parameters()).device
+    blocks = decoder_layers(model)
+    wins = make_windows(ids.numel(), max_length, stride or max_length)
+    accs = {name: _Acc() for name in ["base", *conditions]}
+    for batch in _batches(wins, batch_tokens):
+        input_ids = torch.stack([ids[w.begin : w.end] for w in batch]).to(device)
+        length = input_ids.shape[1]
+        targets = torch.arange(1, length)
+        mask = torch.stack([targets + w.begin >= w.score_from for w in batch]).to(device)
+        labels = input_ids[:, 1:][mask]
+        base_lp = _forward(model, input_ids, mask, channels, blocks, accs["base"].act)
+        base_top = base_lp.argmax(-1)
+        _accumulate(accs["base"], base_lp, labels, base_lp, base_top)
+        for name, intervention in conditions.items():
+            with intervention:
+                lp = _forward(model, input_ids, mask, channels, blocks, accs[name].act)
+            _accumulate(accs[name], lp, labels, base_lp, base_top)
+        if progress:
+            progress(int(mask.sum()))
+    return {name: acc.result() for name, acc in accs.items()}
+
+
+def _accumulate(acc: _Acc, lp, labels, base_lp, base_top) -> None:
+    acc.nll += -lp.gather(-1, labels[:, None]).sum().item()
+    if lp is not base_lp:
+        acc.kl += (base_lp.exp() * (base_lp - lp)).sum().item()
+    acc.agree += (lp.argmax(-1) == base_top).sum().item()
+    acc.n += labels.numel()
+
+
+def n_scored(n_tokens: int, max_length: int, stride: int | None = None) -> int:
+    """How many targets `measure` scores for a stream of n_tokens (for progress totals)."""
+    return sum(w.n_scored for w in make_windows(n_tokens, max_length, stride or max_length))
+
+
+class Protocol(BaseModel):
+    """How a set of numbers was produced; stored beside them."""
+
+    model: str
+    model_source: str
+    corpus: str
+    split: str
+    n_tokens: int = Field(description="scored tokens per condition")
+    max_length: int
+    stride: int
+    dtype: str
+    device: str
+    interventions: dict[str, str] = Field(default_factory=dict, description="condition name -> what it does")
+    provenance: dict = Field(default_factory=dict)

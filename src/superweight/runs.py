@@ -1,0 +1,68 @@
+"""Where results go, and how: atomic JSON writes and the provenance stamped on every result."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import subprocess
+import tempfile
+from pathlib import Path
+
+from superweight.errors import UsageError
+
+
+def check_writable(path: str | os.PathLike) -> Path:
+    """Fail early (before any long work) when `path`'s directory cannot take a file."""
+    path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"output path '{path}' is a directory")
+    parent = path.parent if str(path.parent) else Path(".")
+    if parent.exists() and not os.access(parent, os.W_OK):
+        raise UsageError(f"cannot write to directory '{parent}'")
+    return path
+
+
+def write_json(path: str | os.PathLike, data) -> Path:
+    """Write JSON atomically: a reader sees the old file or the new one, never half of either."""
+    path = check_writable(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2, sort_keys=False, ensure_ascii=False)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _git_hash() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5,
+        )
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None  # provenance probes never break a run
+
+
+def provenance() -> dict:
+    """Versions, date and git hash for the record."""
+    import torch
+    import transformers
+
+    from superweight import __version__
+
+    return {
+        "superweight": __version__,
+        "git": _git_hash(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
