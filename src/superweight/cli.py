@@ -14,9 +14,10 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from superweight import data
-from superweight.errors import SuperweightError
+from superweight.errors import SuperweightError, UsageError
 from superweight.models import DEFAULT_MODEL
 
 app = typer.Typer(
@@ -134,12 +135,16 @@ def eval_(
 
     # Everything that can be checked without the model is checked before the (slow) load.
     coords = parse_coords(ablate) if ablate else published(model)
+    data.check_windows(max_length, stride)
+    if max_tokens < 2:
+        raise UsageError(f"--max-tokens must be at least 2, got {max_tokens}")
     if json_:
         check_writable(json_)
     text = data.load_text(corpus, split)
     loaded = _load(model, device, dtype)
     if not coords:
-        err.print("No --ablate given and no published super weight for this model: base metrics only.")
+        err.print("No --ablate given and no published super weight for this model: base metrics only.",
+                  soft_wrap=True)
     ids = data.tokenize(loaded.tokenizer, text, max_tokens)
     prompts = prompt or DEFAULT_PROMPTS
     with _progress() as bar:
@@ -171,12 +176,173 @@ def _print_eval(result) -> None:
     out.print(table)
     if result.base and result.ablated:
         out.print(f"PPL ratio ablated/base: {result.ablated.ppl / result.base.ppl:.2f}x")
+    _print_generations(result.generations)
+
+
+def _print_generations(rows: list[dict[str, str]]) -> None:
     gen = Table(title="Greedy generations", show_lines=True)
-    for col in result.generations[0] if result.generations else []:
+    for col in rows[0] if rows else []:
         gen.add_column(col, overflow="fold")
-    for row in result.generations:
-        gen.add_row(*[repr(v)[1:-1] if k == "prompt" else v for k, v in row.items()])
+    for row in rows:
+        # Text(): generated text is data, never rich markup ("[1, 2, 3" must print as is).
+        gen.add_row(*[Text(repr(v)[1:-1] if k == "prompt" else v) for k, v in row.items()])
     out.print(gen)
+
+
+@app.command()
+@_errors
+def detect(
+    model: ModelOpt = DEFAULT_MODEL,
+    prompt: Annotated[Optional[list[str]], typer.Option(help="scan prompt (repeatable); default: the paper's + 3")] = None,
+    max_candidates: Annotated[int, typer.Option(help="most spike-scan rounds (one weight each)")] = 8,
+    spike_ratio: Annotated[float, typer.Option(help="a layer is an outlier when its output spike is this many times the median layer's")] = 50.0,
+    attribution: Annotated[str, typer.Option(help="activation (|W|*max|x|), gradient (|w*dL/dw|) or none")] = "activation",
+    attribution_top: Annotated[int, typer.Option(help="attribution candidates to verify")] = 3,
+    verify: Annotated[bool, typer.Option("--verify/--no-verify", help="measure each candidate's damage vs controls")] = True,
+    corpus: CorpusOpt = data.DEFAULT_CORPUS,
+    split: Annotated[str, typer.Option(help="calibration split")] = "train",
+    calib_tokens: Annotated[int, typer.Option(help="calibration tokens for attribution and verification")] = 2048,
+    min_kl: Annotated[float, typer.Option(help="least KL (nats/token) for a confirmed super weight")] = 0.1,
+    control_factor: Annotated[float, typer.Option(help="confirmed KL must be this many times the worse control's")] = 10.0,
+    seed: int = 0,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "fp32",
+    json_: JsonOpt = None,
+):
+    """Find super weights: iterative spike scan + attribution, each confirmed by the damage its removal does."""
+    from superweight.detect import run_detect
+    from superweight.metrics import n_scored
+    from superweight.runs import check_writable, write_json
+
+    if attribution not in {"activation", "gradient", "none"}:
+        raise UsageError(f"unknown attribution '{attribution}': use activation, gradient or none")
+    if json_:
+        check_writable(json_)
+    text = data.load_text(corpus, split) if (verify or attribution != "none") else None
+    loaded = _load(model, device, dtype)
+    ids = data.tokenize(loaded.tokenizer, text, calib_tokens) if text is not None else None
+    with _progress() as bar:
+        task = bar.add_task("Detecting", total=None)
+
+        def stage(name: str) -> None:
+            total = n_scored(ids.numel(), 512) if name.startswith("Verifying") else None
+            bar.update(task, description=name, total=total, completed=0)
+
+        result = run_detect(
+            loaded, prompt, max_candidates, spike_ratio, None if attribution == "none" else attribution,
+            attribution_top, verify, corpus, split, calib_tokens, 512, min_kl, control_factor, seed, ids=ids,
+            on_stage=stage, on_tokens=lambda n: bar.advance(task, n),
+        )
+    _print_detect(result)
+    if json_:
+        write_json(json_, result.model_dump())
+        err.print(f"Wrote {json_}")
+
+
+def _print_detect(result) -> None:
+    p = result.protocol
+    title = "Super-weight candidates"
+    if p:
+        title += f" (damage on {p.corpus}/{p.split}, {p.n_tokens:,} tokens)"
+    table = Table(title=title)
+    cols = ["#", "layer", "row", "col", "W[row,col]", "in spike", "out spike", "spike×med", "KL", "PPL ×",
+            "ctrl KL top/rand", "confirmed", "found by"]
+    for c in cols:
+        table.add_column(c, justify="left" if c in {"found by", "confirmed"} else "right")
+    for i, c in enumerate(result.candidates, 1):
+        ctrl = "-" if c.control_kl_top is None else f"{c.control_kl_top:.2g} / {c.control_kl_random:.2g}"
+        table.add_row(
+            str(i), str(c.layer), str(c.row), str(c.col), f"{c.value:.4g}", _fmt(c.in_spike, 1),
+            _fmt(c.out_spike, 1), _fmt(c.spike_ratio, 0), _fmt(c.kl, 4), _fmt(c.ppl_ratio, 2), ctrl,
+            "[bold green]yes[/]" if c.confirmed else ("no" if c.kl is not None else "not verified"),
+            c.source,
+        )
+    out.print(table)
+    out.print(
+        "KL: mean KL(base || weight zeroed) in nats/token; PPL ×: PPL with it zeroed / base PPL; controls: the "
+        "largest-|W| other weight and a random weight of the same matrix, zeroed alone; spike×med: the layer's "
+        f"output spike over the median layer's. Confirmed: KL >= {result.settings['min_kl']} and >= "
+        f"{result.settings['control_factor']}× the worse control."
+    )
+    if result.candidates and result.candidates[0].kl is not None and not any(c.confirmed for c in result.candidates):
+        out.print("[bold]No candidate is confirmed: none does damage far above its controls.[/]")
+    if not result.candidates:
+        out.print("[bold]No candidates: no layer's spike stands out and attribution was off.[/]")
+    if result.published:
+        known = ", ".join(
+            f"{k['layer']}:{k['row']}:{k['col']} ({'confirmed' if k['confirmed'] else 'detected' if k['detected'] else 'not found'})"
+            for k in result.published
+        )
+        out.print(f"Published super weights for this model: {known}")
+
+
+@app.command()
+@_errors
+def sweep(
+    weight: Annotated[str, typer.Option(help="LAYER:ROW:COL of the weight to scale")],
+    model: ModelOpt = DEFAULT_MODEL,
+    scales: Annotated[str, typer.Option(help="comma-separated factors")] = "1,0.5,0,-1,2",
+    spread: Annotated[int, typer.Option(help="also zero it and add value/N to the next N columns (0: skip)")] = 8,
+    corpus: CorpusOpt = data.DEFAULT_CORPUS,
+    split: SplitOpt = "eval",
+    max_tokens: Annotated[int, typer.Option(help="tokens of the corpus to evaluate")] = 4096,
+    max_length: Annotated[int, typer.Option(help="window length in tokens")] = 512,
+    prompt: Annotated[Optional[list[str]], typer.Option(help="generation prompt (repeatable)")] = None,
+    max_new_tokens: int = 20,
+    plot: Annotated[Optional[str], typer.Option(help="PNG path (default runs/sweep/L-R-C.png)")] = None,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "fp32",
+    json_: JsonOpt = None,
+):
+    """Scale one weight (and spread it): NLL/PPL/KL/top-1 and generations per scale, plus a PNG plot."""
+    from superweight.coords import parse_coord
+    from superweight.generate import DEFAULT_PROMPTS
+    from superweight.metrics import n_scored
+    from superweight.runs import check_writable, write_json
+    from superweight.sweep import plot as plot_sweep, run_sweep
+
+    coord = parse_coord(weight)
+    if "@" in weight:
+        raise UsageError("--weight takes LAYER:ROW:COL without @SCALE; give factors with --scales")
+    try:
+        factors = [float(x) for x in scales.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"invalid --scales '{scales}': expected comma-separated numbers, e.g. 1,0.5,0,-1,2") from None
+    if not factors:
+        raise UsageError("--scales is empty")
+    if spread < 0:
+        raise UsageError(f"--spread must be >= 0, got {spread}")
+    data.check_windows(max_length)
+    png = plot or f"runs/sweep/{coord.layer}-{coord.row}-{coord.col}.png"
+    for path in filter(None, [json_, png]):
+        check_writable(path)
+    text = data.load_text(corpus, split)
+    loaded = _load(model, device, dtype)
+    ids = data.tokenize(loaded.tokenizer, text, max_tokens)
+    prompts = prompt or DEFAULT_PROMPTS
+    with _progress() as bar:
+        tokens = bar.add_task("Scoring tokens", total=n_scored(ids.numel(), max_length))
+        gens = bar.add_task("Generating", total=len(prompts))
+        result = run_sweep(
+            loaded, coord, factors, spread or None, corpus, split, max_tokens, max_length, prompts,
+            max_new_tokens, ids=ids, on_tokens=lambda n: bar.advance(tokens, n),
+            on_prompt=lambda n: bar.advance(gens, n),
+        )
+    p = result.protocol
+    table = Table(title=f"Sweep of {result.weight} (W = {result.value:.4g}): {p.corpus}/{p.split}, "
+                        f"{p.n_tokens:,} tokens")
+    for col in ("condition", "NLL", "PPL", "KL(base||·)", "top-1 agree", "super act."):
+        table.add_column(col, justify="left" if col == "condition" else "right")
+    for label, m in [("base", result.base)] + [(pt.label, pt.metrics) for pt in result.points]:
+        table.add_row(label, _fmt(m.nll), _fmt(m.ppl, 2), _fmt(m.kl), f"{m.top1_agree:.1%}",
+                      _fmt(m.super_activation, 1))
+    out.print(table)
+    _print_generations(result.generations)
+    plot_sweep(result, png)
+    err.print(f"Wrote {png}")
+    if json_:
+        write_json(json_, result.model_dump())
+        err.print(f"Wrote {json_}")
 
 
 def main() -> None:

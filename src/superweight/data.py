@@ -124,12 +124,17 @@ class Window:
         return self.end - max(self.score_from, self.begin + 1)
 
 
-def windows(n_tokens: int, max_length: int, stride: int) -> list[Window]:
-    """Sliding windows over a stream (HF's fixed-length perplexity recipe); each target scored once."""
+def check_windows(max_length: int, stride: int | None = None) -> None:
+    """Reject window settings that cannot work (callers check before any slow work)."""
     if max_length < 2:
         raise UsageError(f"max_length must be at least 2, got {max_length}")
-    if not 1 <= stride <= max_length:
+    if stride is not None and not 1 <= stride <= max_length:
         raise UsageError(f"stride must be between 1 and max_length ({max_length}), got {stride}")
+
+
+def windows(n_tokens: int, max_length: int, stride: int) -> list[Window]:
+    """Sliding windows over a stream (HF's fixed-length perplexity recipe); each target scored once."""
+    check_windows(max_length, stride)
     out, prev_end = [], 0
     for begin in range(0, n_tokens, stride):
         end = min(begin + max_length, n_tokens)

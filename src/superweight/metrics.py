@@ -122,20 +122,22 @@ def measure(
         labels = input_ids[:, 1:][mask]
         base_lp = _forward(model, input_ids, mask, channels, blocks, accs["base"].act)
         base_top = base_lp.argmax(-1)
-        _accumulate(accs["base"], base_lp, labels, base_lp, base_top)
+        base_p = base_lp.exp() if conditions else None  # shared by every condition's KL
+        _accumulate(accs["base"], base_lp, labels, base_top)
         for name, intervention in conditions.items():
             with intervention:
                 lp = _forward(model, input_ids, mask, channels, blocks, accs[name].act)
-            _accumulate(accs[name], lp, labels, base_lp, base_top)
+            _accumulate(accs[name], lp, labels, base_top)
+            # KL(base || cond) = sum_v p_base (log p_base - log p_cond), differences taken elementwise so
+            # tiny KLs (control ablations) are not lost to cancellation.
+            accs[name].kl += (base_p * (base_lp - lp)).sum().item()
         if progress:
             progress(int(mask.sum()))
     return {name: acc.result() for name, acc in accs.items()}
 
 
-def _accumulate(acc: _Acc, lp, labels, base_lp, base_top) -> None:
+def _accumulate(acc: _Acc, lp, labels, base_top) -> None:
     acc.nll += -lp.gather(-1, labels[:, None]).sum().item()
-    if lp is not base_lp:
-        acc.kl += (base_lp.exp() * (base_lp - lp)).sum().item()
     acc.agree += (lp.argmax(-1) == base_top).sum().item()
     acc.n += labels.numel()
 

@@ -1,0 +1,339 @@
+"""Find super weights: spike scan, iterate, rank by attribution, and confirm each by the damage it does.
+
+1. Spike scan (Yu et al. 2024): hooks on every down-projection over a few prompts. Per layer, the largest
+   |output| channel gives the row; at that token, the largest contribution |W[row, c] * x[c]| gives the col
+   (usually also the largest |input| channel, which is the paper's rule; both are reported).
+2. A layer is a candidate when its output spike stands `spike_ratio` times above the median over layers (a
+   relative rule, not the paper's absolute |value| > 50). Zero the strongest, rescan, repeat: later super
+   weights show once earlier ones are gone, and massive activations that merely propagate vanish.
+3. Attribution, for architectures whose spikes hide (post-norm Gemma): score every weight by
+   `|W[r,c]| * max_t |x_t[c]|` over calibration text (or first-order `|w * dL/dw|`), take the top few.
+4. Verification: zero each candidate alone and measure KL(base || ablated) and the PPL ratio on a
+   calibration slice, beside two controls from the same matrix: the largest-magnitude other weight, and a
+   random weight. `confirmed` needs KL >= `min_kl` and >= `control_factor` x the worse control.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable
+
+import torch
+from pydantic import BaseModel, Field
+from torch import nn
+
+from superweight import data
+from superweight.arch import DownProj, down_projections
+from superweight.coords import WeightCoord
+from superweight.intervene import Ablation, Intervention, Trace
+from superweight.metrics import Metrics, Protocol, measure
+
+DEFAULT_PROMPTS = [
+    "Apple Inc. is a worldwide tech company.",  # the paper's prompt
+    "The quick brown fox jumps over the lazy dog.",
+    "Paris is the capital of France. Tokyo is the capital of Japan.",
+    "def add(a, b):\n    return a + b",
+]
+
+
+class LayerSpike(BaseModel):
+    layer: int
+    in_value: float = Field(description="max |input| of the down-projection (an intermediate activation)")
+    in_col: int = Field(description="the d_ff column (neuron) holding that max")
+    out_value: float = Field(description="max |output| of the down-projection")
+    out_row: int = Field(description="the d_model row (residual channel) holding that max")
+    position: int = Field(description="token position of the output max")
+    prompt: int = Field(description="index of the prompt that gave the output max")
+    col: int = Field(description="argmax_c |W[row,c] * x[c]| at that token: the weight that wrote the spike")
+    share: float = Field(description="that weight's contribution / the output value at the spike")
+    in_at_col: float = Field(description="max |input| at column `col` over the prompt's tokens")
+
+
+class Candidate(BaseModel):
+    layer: int
+    row: int
+    col: int
+    value: float = Field(description="the weight W[row, col] (before any ablation)")
+    source: str = Field(description="'spike' (scan, iteration round n) or 'attribution:<method>'")
+    in_spike: float | None = Field(None, description="max |down-proj input| at this column in the scan")
+    out_spike: float | None = Field(None, description="max |down-proj output| at this row in the scan")
+    spike_ratio: float | None = Field(None, description="out_spike / median over layers of the per-layer max")
+    attribution: float | None = Field(None, description="attribution score (method in source)")
+    kl: float | None = Field(None, description="KL(base || this weight zeroed), nats/token, calibration text")
+    ppl_ratio: float | None = Field(None, description="PPL with this weight zeroed / base PPL")
+    control_kl_top: float | None = Field(None, description="KL when zeroing the largest-|W| other weight")
+    control_kl_random: float | None = Field(None, description="KL when zeroing a random weight")
+    controls: list[str] = Field(default_factory=list, description="the control coordinates [top, random]")
+    confirmed: bool = Field(False, description="KL >= min_kl and >= control_factor x the worse control")
+
+    @property
+    def coord(self) -> WeightCoord:
+        return WeightCoord(layer=self.layer, row=self.row, col=self.col)
+
+
+class DetectResult(BaseModel):
+    protocol: Protocol | None = Field(None, description="how the verification numbers were measured")
+    settings: dict
+    rounds: list[list[LayerSpike]] = Field(description="per scan round, the per-layer spikes")
+    candidates: list[Candidate] = Field(description="ranked by KL (damage) when verified, else by discovery")
+    published: list[dict] = Field(default_factory=list, description="published coordinates and if found")
+    field_meanings: dict[str, str] = Field(default_factory=dict)
+
+
+@torch.no_grad()
+def scan(model: nn.Module, tokenizer, prompts: list[str]) -> list[LayerSpike]:
+    """Per-layer spike statistics of every down-projection over the prompts (maxima over all prompts)."""
+    dps = down_projections(model)
+    best: dict[int, LayerSpike] = {}
+    device = next(model.parameters()).device
+    for p_index, prompt in enumerate(prompts):
+        def record(layer, inp, out, p_index=p_index):
+            x, y = inp[0][0].float(), out[0].float()  # [T, d_ff], [T, d_model] of the single sequence
+            flat = y.abs().argmax().item()
+            pos, row = divmod(flat, y.shape[1])
+            contrib = dps[layer].matrix[row].float() * x[pos]
+            col = contrib.abs().argmax().item()
+            xin = x.abs().max(0).values
+            spike = LayerSpike(
+                layer=layer, in_value=xin.max().item(), in_col=xin.argmax().item(),
+                out_value=y[pos, row].abs().item(), out_row=row, position=pos, prompt=p_index,
+                col=col, share=(contrib[col] / y[pos, row]).item() if y[pos, row] != 0 else 0.0,
+                in_at_col=xin[col].item(),
+            )
+            if layer not in best or spike.out_value > best[layer].out_value:
+                best[layer] = spike
+            elif spike.in_value > best[layer].in_value:
+                best[layer] = best[layer].model_copy(update={"in_value": spike.in_value, "in_col": spike.in_col})
+
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(device)
+        with Trace({dp.layer: dp.module for dp in dps}, record):
+            model(input_ids=ids, use_cache=False)
+    return [best[i] for i in sorted(best)]
+
+
+def spike_ratios(spikes: list[LayerSpike]) -> list[float]:
+    """Each layer's output spike over the median of all layers' output spikes."""
+    median = statistics.median(s.out_value for s in spikes)
+    return [s.out_value / max(median, 1e-12) for s in spikes]
+
+
+def iterate_spikes(
+    model: nn.Module, tokenizer, prompts: list[str], spike_ratio: float = 50.0, max_candidates: int = 8,
+) -> tuple[list[Candidate], list[list[LayerSpike]]]:
+    """Scan, take the strongest outlier layer's weight, zero it, rescan; until nothing stands out."""
+    dps = down_projections(model)
+    found: list[Candidate] = []
+    rounds: list[list[LayerSpike]] = []
+    while len(found) < max_candidates:
+        with Ablation(model, [c.coord for c in found]):
+            spikes = scan(model, tokenizer, prompts)
+        rounds.append(spikes)
+        ratios = spike_ratios(spikes)
+        known = {(c.layer, c.row, c.col) for c in found}
+        outliers = [
+            (r, s) for r, s in zip(ratios, spikes) if r >= spike_ratio and (s.layer, s.out_row, s.col) not in known
+        ]
+        if not outliers:
+            break
+        ratio, s = max(outliers, key=lambda t: t[0])
+        found.append(Candidate(
+            layer=s.layer, row=s.out_row, col=s.col, value=dps[s.layer].get(s.out_row, s.col).item(),
+            source=f"spike (round {len(rounds)})", in_spike=s.in_at_col, out_spike=s.out_value,
+            spike_ratio=ratio,
+        ))
+    return found, rounds
+
+
+def attribution(
+    model: nn.Module, ids: torch.Tensor, method: str = "activation", top: int = 3, max_length: int = 512,
+) -> list[Candidate]:
+    """The `top` weights over all down-projections by attribution score on the token stream `ids`.
+
+    activation: |W[r,c]| * max_t |x_t[c]| (cheap; no gradients). gradient: |W[r,c] * dL/dW[r,c]| with L the
+    mean next-token NLL (one backward pass; estimates the first-order loss change of zeroing the weight).
+    """
+    dps = down_projections(model)
+    batch = data.pack(ids, min(max_length, ids.numel()))
+    device = next(model.parameters()).device
+    if method == "activation":
+        scores = _activation_scores(model, dps, batch.to(device))
+    elif method == "gradient":
+        scores = _gradient_scores(model, dps, batch.to(device))
+    else:
+        raise ValueError(f"unknown attribution method '{method}': use activation or gradient")
+    flat = [(s.max().item(), dp, s) for dp, s in zip(dps, scores)]
+    out = []
+    for dp, s in ((dp, s) for _, dp, s in sorted(flat, key=lambda t: -t[0])):
+        values, index = s.flatten().topk(min(top, s.numel()))
+        for v, i in zip(values.tolist(), index.tolist()):
+            row, col = divmod(i, dp.d_ff)
+            out.append(Candidate(layer=dp.layer, row=row, col=col, value=dp.get(row, col).item(),
+                                 source=f"attribution:{method}", attribution=v))
+    return sorted(out, key=lambda c: -c.attribution)[:top]
+
+
+@torch.no_grad()
+def _activation_scores(model, dps: list[DownProj], batch) -> list[torch.Tensor]:
+    xmax = {dp.layer: torch.zeros(dp.d_ff, device=batch.device) for dp in dps}
+
+    def record(layer, inp, _out):
+        x = inp[0].detach().float().abs().flatten(0, -2).max(0).values
+        xmax[layer] = torch.maximum(xmax[layer], x)
+
+    with Trace({dp.layer: dp.module for dp in dps}, record):
+        for seq in batch:
+            model(input_ids=seq[None], use_cache=False)
+    return [dp.matrix.detach().float().abs() * xmax[dp.layer][None, :] for dp in dps]
+
+
+def _gradient_scores(model, dps: list[DownProj], batch) -> list[torch.Tensor]:
+    weights = [dp.weight for dp in dps]
+    grads = [torch.zeros_like(w, dtype=torch.float32) for w in weights]
+    try:
+        for w in weights:
+            w.requires_grad_(True)
+        for seq in batch:
+            loss = model(input_ids=seq[None], labels=seq[None], use_cache=False).loss / len(batch)
+            for g, gw in zip(grads, torch.autograd.grad(loss, weights)):
+                g += gw.float()
+    finally:
+        for w in weights:
+            w.requires_grad_(False)
+    out = []
+    for dp, w, g in zip(dps, weights, grads):
+        s = (w.detach().float() * g).abs()
+        out.append(s.t() if dp.transposed else s)
+    return out
+
+
+def _controls(dp: DownProj, exclude: set[tuple[int, int]], seed: int) -> tuple[WeightCoord, WeightCoord]:
+    """(largest-|W| weight of the matrix not in `exclude`, a random weight not in `exclude`)."""
+    mags = dp.matrix.detach().abs().flatten().float()
+    k = min(len(exclude) + 1, mags.numel())
+    top = next(
+        divmod(i, dp.d_ff) for i in mags.topk(k).indices.tolist() if divmod(i, dp.d_ff) not in exclude
+    )
+    gen = torch.Generator().manual_seed(seed + dp.layer)
+    while True:
+        i = int(torch.randint(mags.numel(), (1,), generator=gen))
+        rand = divmod(i, dp.d_ff)
+        if rand not in exclude:
+            break
+    return (WeightCoord(layer=dp.layer, row=top[0], col=top[1]),
+            WeightCoord(layer=dp.layer, row=rand[0], col=rand[1]))
+
+
+def verify(
+    model: nn.Module,
+    ids: torch.Tensor,
+    candidates: list[Candidate],
+    min_kl: float = 0.1,
+    control_factor: float = 10.0,
+    max_length: int = 512,
+    seed: int = 0,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[list[Candidate], Metrics]:
+    """Measure each candidate's damage beside its matrix's controls; return them ranked by KL, and base."""
+    dps = down_projections(model)
+    cand_by_layer: dict[int, set[tuple[int, int]]] = {}
+    for c in candidates:
+        cand_by_layer.setdefault(c.layer, set()).add((c.row, c.col))
+    conditions: dict[str, Intervention] = {}
+    controls: dict[int, list[str]] = {}
+    for c in candidates:
+        conditions[f"cand:{c.coord}"] = Ablation(model, [c.coord])
+    for layer, exclude in cand_by_layer.items():
+        top, rand = _controls(dps[layer], exclude, seed)
+        controls[layer] = [str(top), str(rand)]
+        conditions[f"top:{layer}"] = Ablation(model, [top])
+        conditions[f"rand:{layer}"] = Ablation(model, [rand])
+    results = measure(model, ids, conditions, max_length=max_length, progress=progress)
+    base = results["base"]
+    out = []
+    for c in candidates:
+        m = results[f"cand:{c.coord}"]
+        top_kl, rand_kl = results[f"top:{c.layer}"].kl, results[f"rand:{c.layer}"].kl
+        confirmed = m.kl >= min_kl and m.kl >= control_factor * max(top_kl, rand_kl)
+        out.append(c.model_copy(update={
+            "kl": m.kl, "ppl_ratio": m.ppl / base.ppl, "control_kl_top": top_kl, "control_kl_random": rand_kl,
+            "confirmed": confirmed, "controls": controls[c.layer],
+        }))
+    return sorted(out, key=lambda c: -c.kl), base
+
+
+def merge(*groups: list[Candidate]) -> list[Candidate]:
+    """Candidates in order, each coordinate once (the first occurrence wins, later ones add their scores)."""
+    seen: dict[tuple[int, int, int], Candidate] = {}
+    for group in groups:
+        for c in group:
+            key = (c.layer, c.row, c.col)
+            if key not in seen:
+                seen[key] = c
+            elif c.attribution is not None and seen[key].attribution is None:
+                seen[key] = seen[key].model_copy(update={"attribution": c.attribution})
+    return list(seen.values())
+
+
+def field_meanings() -> dict[str, str]:
+    return {name: f.description or "" for name, f in Candidate.model_fields.items() if f.description}
+
+
+def run_detect(
+    loaded,
+    prompts: list[str] | None = None,
+    max_candidates: int = 8,
+    spike_ratio: float = 50.0,
+    attribution_method: str | None = "activation",
+    attribution_top: int = 3,
+    do_verify: bool = True,
+    corpus: str = data.DEFAULT_CORPUS,
+    split: str = "train",
+    calib_tokens: int = 2048,
+    max_length: int = 512,
+    min_kl: float = 0.1,
+    control_factor: float = 10.0,
+    seed: int = 0,
+    ids: torch.Tensor | None = None,
+    on_stage: Callable[[str], None] | None = None,
+    on_tokens: Callable[[int], None] | None = None,
+) -> DetectResult:
+    """The whole detection job: iterate spikes, add attribution candidates, verify, rank."""
+    from superweight.known import published
+    from superweight.models import model_id
+    from superweight.runs import provenance
+
+    model, tok = loaded.model, loaded.tokenizer
+    stage = on_stage or (lambda _s: None)
+    stage("Scanning spikes")
+    spikes, rounds = iterate_spikes(model, tok, prompts or DEFAULT_PROMPTS, spike_ratio, max_candidates)
+    needs_text = do_verify or attribution_method
+    if needs_text and ids is None:
+        ids = data.tokenize(tok, data.load_text(corpus, split), calib_tokens)
+    attributed: list[Candidate] = []
+    if attribution_method:
+        stage(f"Attribution ({attribution_method})")
+        attributed = attribution(model, ids, attribution_method, attribution_top, max_length)
+    candidates = merge(spikes, attributed)
+    protocol = None
+    if do_verify and candidates:
+        stage(f"Verifying {len(candidates)} candidates")
+        candidates, base = verify(model, ids, candidates, min_kl, control_factor, max_length, seed, on_tokens)
+        protocol = Protocol(
+            model=model_id(loaded), model_source=loaded.source, corpus=corpus, split=split,
+            n_tokens=base.n_tokens, max_length=max_length, stride=max_length, dtype=loaded.dtype,
+            device=loaded.device, interventions={"each candidate": "zeroed alone", "controls": "zeroed alone"},
+            provenance=provenance(),
+        )
+    found = {(c.layer, c.row, c.col): c for c in candidates}
+    known = [
+        {**c.model_dump(exclude={"scale"}), "detected": c.key in found,
+         "confirmed": bool(found.get(c.key) and found[c.key].confirmed)}
+        for c in published(loaded.spec)
+    ]
+    settings = {
+        "prompts": prompts or DEFAULT_PROMPTS, "spike_ratio": spike_ratio, "max_candidates": max_candidates,
+        "attribution": attribution_method, "attribution_top": attribution_top, "verify": do_verify,
+        "min_kl": min_kl, "control_factor": control_factor, "seed": seed,
+    }
+    return DetectResult(protocol=protocol, settings=settings, rounds=rounds, candidates=candidates,
+                        published=known, field_meanings=field_meanings())

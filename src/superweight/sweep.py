@@ -1,0 +1,117 @@
+"""Scale one weight through a list of factors (and the seed's "spread") and watch the damage.
+
+    result = run_sweep(loaded, WeightCoord(layer=11, row=507, col=1229), scales=[1, 0.5, 0, -1, 2])
+    plot(result, "sweep.png")
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+
+from superweight import data, generate
+from superweight.arch import down_projection
+from superweight.coords import WeightCoord
+from superweight.intervene import Ablation, Intervention, Spread
+from superweight.metrics import Metrics, Protocol, measure
+from superweight.models import Loaded, model_id
+from superweight.runs import provenance
+
+
+class SweepPoint(BaseModel):
+    label: str = Field(description="condition name: x<scale> or spread<n>")
+    scale: float | None = Field(description="factor the weight was multiplied by (None for spread)")
+    metrics: Metrics
+
+
+class SweepResult(BaseModel):
+    protocol: Protocol
+    weight: str
+    value: float = Field(description="the weight's original value")
+    base: Metrics
+    points: list[SweepPoint]
+    generations: list[dict[str, str]]
+
+
+def run_sweep(
+    loaded: Loaded,
+    coord: WeightCoord,
+    scales: list[float] = (1.0, 0.5, 0.0, -1.0, 2.0),
+    spread: int | None = 8,
+    corpus: str = data.DEFAULT_CORPUS,
+    split: str = "eval",
+    max_tokens: int = 4096,
+    max_length: int = 512,
+    prompts: list[str] | None = None,
+    max_new_tokens: int = 20,
+    ids=None,
+    on_tokens: Callable[[int], None] | None = None,
+    on_prompt: Callable[[int], None] | None = None,
+) -> SweepResult:
+    model, tok = loaded.model, loaded.tokenizer
+    dp = down_projection(model, coord.layer)
+    dp.check(coord.row, coord.col)
+    plain = WeightCoord(layer=coord.layer, row=coord.row, col=coord.col)
+    conditions: dict[str, Intervention] = {
+        f"x{s:g}": Ablation(model, [plain.model_copy(update={"scale": s})]) for s in scales
+    }
+    if spread:
+        conditions[f"spread{spread}"] = Spread(model, plain, spread)
+    if ids is None:
+        ids = data.tokenize(tok, data.load_text(corpus, split), max_tokens)
+    results = measure(model, ids, conditions, [(coord.layer, coord.row)], max_length, progress=on_tokens)
+    gens = generate.compare(model, tok, conditions, prompts, max_new_tokens, progress=on_prompt)
+    points = [
+        SweepPoint(label=name, scale=float(name[1:]) if name.startswith("x") else None, metrics=results[name])
+        for name in conditions
+    ]
+    protocol = Protocol(
+        model=model_id(loaded), model_source=loaded.source, corpus=corpus, split=split,
+        n_tokens=results["base"].n_tokens, max_length=max_length, stride=max_length, dtype=loaded.dtype,
+        device=loaded.device,
+        interventions={
+            **{f"x{s:g}": f"W[{coord.row},{coord.col}] of layer {coord.layer} times {s:g}" for s in scales},
+            **({f"spread{spread}": f"zero it, add value/{spread} to the next {spread} columns"} if spread else {}),
+        },
+        provenance=provenance(),
+    )
+    return SweepResult(protocol=protocol, weight=str(plain), value=dp.get(coord.row, coord.col).item(),
+                       base=results["base"], points=points, generations=gens)
+
+
+def plot(result: SweepResult, path: str | Path) -> Path:
+    """PPL (log scale) and KL against scale; spread drawn as horizontal dashed lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pts = sorted((p for p in result.points if p.scale is not None), key=lambda p: p.scale)
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    xs = [p.scale for p in pts]
+    ax.plot(xs, [p.metrics.ppl for p in pts], "o-", color="tab:blue", label="PPL")
+    ax.axhline(result.base.ppl, color="tab:blue", lw=0.8, alpha=0.5)
+    ax.set_yscale("log")
+    ax.set_xlabel(f"scale of W = {result.value:.4g} at {result.weight}")
+    ax.set_ylabel("perplexity", color="tab:blue")
+    ax2 = ax.twinx()
+    ax2.plot(xs, [p.metrics.kl for p in pts], "s--", color="tab:red", label="KL(base||·)")
+    ax2.set_ylabel("KL(base || scaled), nats/token", color="tab:red")
+    for p in result.points:
+        if p.scale is None:
+            ax.axhline(p.metrics.ppl, color="tab:blue", ls=":", label=f"{p.label} PPL")
+            ax2.axhline(p.metrics.kl, color="tab:red", ls=":", label=f"{p.label} KL")
+    pr = result.protocol
+    ax.set_title(f"{pr.model.split(' ')[0]}: {pr.corpus}/{pr.split}, {pr.n_tokens} tokens", fontsize=9)
+    lines = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
+    ax.legend(lines, [line.get_label() for line in lines], fontsize=8, loc="upper center")
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+    return path

@@ -1,0 +1,115 @@
+"""Detection on tiny random llamas with planted super weights (and without any)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from superweight import data, detect
+from superweight.arch import down_projections
+from tiny import tiny_model, tiny_tokenizer
+
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
+PLANT_A = (1, 5, 7)
+PLANT_B = (3, 20, 40)
+
+
+def planted(*plants, seed=0):
+    """A 6-layer tiny llama; each plant boosts neuron `col` (gate/up rows x8) and sets W[row, col] = 40.
+
+    That makes the neuron fire hard and write a massive activation into residual channel `row`: the
+    mechanism of a real super weight, small enough to build in milliseconds.
+    """
+    model = tiny_model("llama", seed=seed, num_hidden_layers=6, initializer_range=0.2)
+    for layer, row, col in plants:
+        mlp = model.model.layers[layer].mlp
+        with torch.no_grad():
+            mlp.gate_proj.weight[col] *= 8
+            mlp.up_proj.weight[col] *= 8
+            mlp.down_proj.weight[row, col] = 40.0
+    return model
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def calib(tok):
+    return data.tokenize(tok, data.load_text("pydoc", "train"), 1024)
+
+
+def run(model, tok, calib, **kw):
+    loaded = SimpleNamespace(model=model, tokenizer=tok, spec="tiny", source="memory", dtype="fp32", device="cpu")
+    return detect.run_detect(loaded, ids=calib, max_length=128, **kw)
+
+
+def coords(cands, confirmed_only=True):
+    return {(c.layer, c.row, c.col) for c in cands if c.confirmed or not confirmed_only}
+
+
+def test_planted_weight_is_found_and_confirmed_alone(tok, calib):
+    result = run(planted(PLANT_A), tok, calib)
+    assert coords(result.candidates) == {PLANT_A}
+    top = result.candidates[0]
+    assert (top.layer, top.row, top.col) == PLANT_A and top.value == 40.0
+    assert top.source.startswith("spike")
+    assert top.kl > 10 * max(top.control_kl_top, top.control_kl_random)
+
+
+def test_two_planted_weights_are_both_found_by_iteration(tok, calib):
+    result = run(planted(PLANT_A, PLANT_B), tok, calib, attribution_method=None)
+    spikes = [c for c in result.candidates if c.source.startswith("spike")]
+    assert coords(spikes, confirmed_only=False) == {PLANT_A, PLANT_B}
+    assert coords(result.candidates) == {PLANT_A, PLANT_B}
+    assert len(result.rounds) == 3  # found one, found the other, then nothing stood out
+
+
+def test_unplanted_model_confirms_nothing(tok, calib):
+    result = run(planted(), tok, calib)
+    assert not any(c.confirmed for c in result.candidates)
+    assert all(c.kl is not None for c in result.candidates)  # attribution candidates were still verified
+
+
+def test_forced_candidates_on_unplanted_model_are_rejected_by_controls(tok, calib):
+    # spike_ratio 1 turns every layer into a "candidate": verification must still confirm none.
+    result = run(planted(), tok, calib, spike_ratio=1.0, attribution_method=None, max_candidates=3)
+    assert len(result.candidates) == 3
+    assert not any(c.confirmed for c in result.candidates)
+
+
+def test_scan_reports_the_writer_column_and_its_layer(tok):
+    model = planted(PLANT_A)
+    spikes = detect.scan(model, tok, detect.DEFAULT_PROMPTS[:1])
+    assert len(spikes) == 6
+    s = spikes[1]
+    assert (s.out_row, s.col, s.in_col) == (5, 7, 7)
+    assert s.share > 0.9  # the planted weight wrote almost all of the spike
+
+
+@pytest.mark.parametrize("method", ["activation", "gradient"])
+def test_attribution_scores_and_leaves_the_model_untouched(tok, calib, method):
+    model = planted(PLANT_A)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    top = detect.attribution(model, calib[:256], method, top=3, max_length=128)
+    assert len(top) == 3 and top[0].attribution >= top[1].attribution >= top[2].attribution > 0
+    if method == "activation":
+        # |W| * max|x| sees the plant. (First-order |w * dL/dw| need not: the massive activation it writes
+        # saturates the next RMSNorm, so the local gradient is small although zeroing it does damage.)
+        assert (top[0].layer, top[0].row, top[0].col) == PLANT_A
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not any(p.requires_grad for p in model.parameters())
+    assert all(dp.weight.grad is None for dp in down_projections(model))
+
+
+def test_published_coordinates_are_reported(tok, calib):
+    loaded = SimpleNamespace(model=planted(PLANT_A), tokenizer=tok, spec="smollm2-135m", source="m",
+                             dtype="fp32", device="cpu")
+    # The tiny model is not SmolLM2, so its published weight (layer 11) is out of range: reported, not found.
+    result = detect.run_detect(loaded, ids=calib, max_length=128, attribution_method=None)
+    assert result.published == [{"layer": 11, "row": 507, "col": 1229, "detected": False, "confirmed": False}]

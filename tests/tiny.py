@@ -1,0 +1,231 @@
+"""Tiny, offline, deterministic causal LMs and a tokenizer for tests.
+
+Every family that `superweight.arch.FAMILIES` supports has a builder here. The models are randomly
+initialised from a seed, fp32 and in eval mode, with distinct sizes everywhere so that a transposed or
+swapped dimension cannot go unnoticed:
+
+    D_MODEL = 32 (residual width, rows of a down-projection)
+    D_FF    = 64 (intermediate width, columns of a down-projection)
+    N_LAYERS = 2, 4 attention heads of size 8 (2 key/value heads where the family has GQA)
+    VOCAB   = 512 (>= the tiny tokenizer's vocabulary)
+
+    from tiny import FAMILIES, tiny_model, tiny_tokenizer, save_tiny_model_dir
+    model = tiny_model("gpt2", seed=1, num_hidden_layers=3)  # overrides go to the config class
+    tok = tiny_tokenizer()
+    save_tiny_model_dir(tmp_path / "m", family="llama")  # then superweight.models.load(str(tmp_path / "m"))
+
+Nothing here touches the network.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+D_MODEL = 32
+D_FF = 64
+N_LAYERS = 2
+N_HEADS = 4
+N_KV_HEADS = 2
+HEAD_DIM = D_MODEL // N_HEADS
+VOCAB = 512
+MAX_POS = 512
+TOKENIZER_VOCAB = 384  # target size of the trained BPE (256 bytes + merges + special tokens)
+EOS = "<|endoftext|>"
+PAD = "<|pad|>"
+
+
+def _build(model_cls_name: str, config_cls_name: str, defaults: dict, seed: int, overrides: dict):
+    import transformers
+
+    config_cls = getattr(transformers, config_cls_name)
+    model_cls = getattr(transformers, model_cls_name)
+    config = config_cls(**{**defaults, **overrides})
+    # Eager attention: the reference implementation, identical across torch builds, and the one Gemma 2
+    # recommends (soft-capping).
+    config._attn_implementation = "eager"
+    # Seed a private RNG stream so that building a model never disturbs the caller's global RNG state.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = model_cls(config)
+    model = model.float().eval()
+    model.requires_grad_(False)
+    return model
+
+
+# Settings shared by the Llama-like families (field names differ for gpt2 / gpt_neox / opt below).
+_LLAMA_LIKE = dict(
+    vocab_size=VOCAB,
+    hidden_size=D_MODEL,
+    intermediate_size=D_FF,
+    num_hidden_layers=N_LAYERS,
+    num_attention_heads=N_HEADS,
+    num_key_value_heads=N_KV_HEADS,
+    max_position_embeddings=MAX_POS,
+    tie_word_embeddings=False,
+    bos_token_id=0,
+    eos_token_id=0,
+    pad_token_id=1,
+)
+
+
+def _llama(seed: int = 0, **overrides):
+    return _build("LlamaForCausalLM", "LlamaConfig", dict(_LLAMA_LIKE), seed, overrides)
+
+
+def _mistral(seed: int = 0, **overrides):
+    return _build("MistralForCausalLM", "MistralConfig", dict(_LLAMA_LIKE, head_dim=HEAD_DIM), seed, overrides)
+
+
+def _qwen2(seed: int = 0, **overrides):
+    return _build("Qwen2ForCausalLM", "Qwen2Config", dict(_LLAMA_LIKE), seed, overrides)
+
+
+def _qwen3(seed: int = 0, **overrides):
+    return _build("Qwen3ForCausalLM", "Qwen3Config", dict(_LLAMA_LIKE, head_dim=HEAD_DIM), seed, overrides)
+
+
+def _olmo(seed: int = 0, **overrides):
+    return _build("OlmoForCausalLM", "OlmoConfig", dict(_LLAMA_LIKE), seed, overrides)
+
+
+def _olmo2(seed: int = 0, **overrides):
+    return _build("Olmo2ForCausalLM", "Olmo2Config", dict(_LLAMA_LIKE), seed, overrides)
+
+
+def _gemma2(seed: int = 0, **overrides):
+    defaults = dict(_LLAMA_LIKE, head_dim=HEAD_DIM, query_pre_attn_scalar=HEAD_DIM, sliding_window=16)
+    return _build("Gemma2ForCausalLM", "Gemma2Config", defaults, seed, overrides)
+
+
+def _gemma3(seed: int = 0, **overrides):
+    defaults = dict(_LLAMA_LIKE, head_dim=HEAD_DIM, query_pre_attn_scalar=HEAD_DIM, sliding_window=16)
+    return _build("Gemma3ForCausalLM", "Gemma3TextConfig", defaults, seed, overrides)
+
+
+def _phi3(seed: int = 0, **overrides):
+    return _build("Phi3ForCausalLM", "Phi3Config", dict(_LLAMA_LIKE), seed, overrides)
+
+
+def _gpt2(seed: int = 0, **overrides):
+    defaults = dict(
+        vocab_size=VOCAB, n_embd=D_MODEL, n_inner=D_FF, n_layer=N_LAYERS, n_head=N_HEADS, n_positions=MAX_POS,
+        bos_token_id=0, eos_token_id=0,
+    )
+    return _build("GPT2LMHeadModel", "GPT2Config", defaults, seed, overrides)
+
+
+def _gpt_neox(seed: int = 0, **overrides):
+    defaults = dict(
+        vocab_size=VOCAB, hidden_size=D_MODEL, intermediate_size=D_FF, num_hidden_layers=N_LAYERS,
+        num_attention_heads=N_HEADS, max_position_embeddings=MAX_POS, bos_token_id=0, eos_token_id=0,
+        pad_token_id=1,
+    )
+    return _build("GPTNeoXForCausalLM", "GPTNeoXConfig", defaults, seed, overrides)
+
+
+def _opt(seed: int = 0, **overrides):
+    defaults = dict(
+        vocab_size=VOCAB, hidden_size=D_MODEL, ffn_dim=D_FF, word_embed_proj_dim=D_MODEL,
+        num_hidden_layers=N_LAYERS, num_attention_heads=N_HEADS, max_position_embeddings=MAX_POS,
+        bos_token_id=0, eos_token_id=0, pad_token_id=1,
+    )
+    return _build("OPTForCausalLM", "OPTConfig", defaults, seed, overrides)
+
+
+FAMILIES: dict[str, Callable[..., torch.nn.Module]] = {
+    "llama": _llama,
+    "mistral": _mistral,
+    "qwen2": _qwen2,
+    "qwen3": _qwen3,
+    "olmo": _olmo,
+    "olmo2": _olmo2,
+    "gemma2": _gemma2,
+    "gemma3": _gemma3,
+    "phi3": _phi3,
+    "gpt2": _gpt2,
+    "gpt_neox": _gpt_neox,
+    "opt": _opt,
+}
+
+# The number of decoder layers a family's config field is called by (for overrides in tests).
+LAYERS_FIELD = {name: "n_layer" if name == "gpt2" else "num_hidden_layers" for name in FAMILIES}
+
+
+def tiny_model(family: str = "llama", seed: int = 0, **config_overrides) -> torch.nn.Module:
+    """A tiny randomly initialised causal LM of `family` (fp32, eval mode, no grads), reproducible by seed.
+
+    `num_hidden_layers=` is accepted for every family (translated to `n_layer` for gpt2).
+    """
+    if family not in FAMILIES:
+        raise KeyError(f"no tiny builder for family '{family}': have {', '.join(FAMILIES)}")
+    if family == "gpt2" and "num_hidden_layers" in config_overrides:
+        config_overrides["n_layer"] = config_overrides.pop("num_hidden_layers")
+    return FAMILIES[family](seed, **config_overrides)
+
+
+def _training_text() -> str:
+    from pydoc_data.topics import topics
+
+    keys = sorted(topics)[:40]
+    return "\n\n".join(topics[k] for k in keys)[:60_000]
+
+
+@functools.lru_cache(maxsize=1)
+def _tokenizer_json() -> str:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TOKENIZER_VOCAB,
+        special_tokens=[EOS, PAD],  # ids 0 and 1
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    text = _training_text()
+    tok.train_from_iterator([text[i : i + 2000] for i in range(0, len(text), 2000)], trainer=trainer)
+    return tok.to_str()
+
+
+def tiny_tokenizer():
+    """A fresh byte-level BPE `PreTrainedTokenizerFast` (vocab ~384) trained offline on pydoc text.
+
+    eos = bos = `<|endoftext|>` (id 0), pad = `<|pad|>` (id 1). Deterministic; every call returns a new object
+    (the trained vocabulary is cached), so a test may modify its tokenizer freely.
+    """
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(_tokenizer_json()),
+        eos_token=EOS,
+        bos_token=EOS,
+        pad_token=PAD,
+        unk_token=None,
+        model_max_length=1_000_000,  # corpora are tokenised whole and windowed later: no length warning
+    )
+
+
+def save_tiny_model_dir(path, family: str = "llama", seed: int = 0, **config_overrides) -> Path:
+    """Write a tiny model and the tiny tokenizer to `path` (save_pretrained); returns the path.
+
+    `superweight.models.load(str(path))` then loads it as a local model directory.
+    """
+    from transformers.utils import logging as hf_logging
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    bars_were_off = hf_logging.is_progress_bar_enabled() is False
+    hf_logging.disable_progress_bar()
+    try:
+        tiny_model(family, seed, **config_overrides).save_pretrained(path)
+        tiny_tokenizer().save_pretrained(path)
+    finally:
+        if not bars_were_off:
+            hf_logging.enable_progress_bar()
+    return path
