@@ -1,0 +1,70 @@
+"""End to end on the embedded SmolLM2-135M-Instruct (loaded once per session, ~20 s on 2 cores)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from superweight import data, detect, models
+from superweight.arch import down_projection
+from superweight.coords import parse_coord
+from superweight.intervene import Ablation
+from superweight.metrics import measure
+
+pytestmark = pytest.mark.slow
+SUPER = parse_coord("11:507:1229")
+
+
+@pytest.fixture(scope="session")
+def smol():
+    return models.load("smollm2-135m")
+
+
+def test_embedded_spec_resolves_to_the_packaged_gguf():
+    where, gguf, kind = models.resolve_spec("smollm2-135m")
+    assert (gguf, kind) == ("SmolLM2-135M-Instruct.Q4_1.gguf", "embedded")
+    assert models.resolve_spec(f"{where}/{gguf}") == (where, gguf, "gguf")
+
+
+def test_loaded_model_shape_and_super_weight(smol):
+    cfg = smol.model.config
+    assert (cfg.model_type, cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size) == ("llama", 30, 576, 1536)
+    assert smol.model.dtype == torch.float32
+    assert abs(down_projection(smol.model, 11).get(507, 1229).item()) > 5  # a large weight for this matrix
+
+
+def test_ablation_collapses_the_model_and_comes_off_exactly(smol):
+    before = down_projection(smol.model, 11).weight.clone()
+    ids = data.tokenize(smol.tokenizer, data.load_text("pydoc", "eval"), 1024)
+    out = measure(smol.model, ids, {"ablated": Ablation(smol.model, [SUPER])}, channels=[(11, 507)])
+    base, broken = out["base"], out["ablated"]
+    assert broken.ppl > 3 * base.ppl
+    assert broken.kl > 0.5 and broken.top1_agree < 0.7
+    assert base.super_activation > 10_000 and base.super_activation > 3 * broken.super_activation
+    assert torch.equal(down_projection(smol.model, 11).weight, before)
+
+
+def test_detect_ranks_the_known_super_weight_first_and_confirmed(smol):
+    ids = data.tokenize(smol.tokenizer, data.load_text("pydoc", "train"), 1024)
+    result = detect.run_detect(smol, ids=ids, attribution_method=None, max_candidates=3)
+    top = result.candidates[0]
+    assert (top.layer, top.row, top.col, top.confirmed) == (11, 507, 1229, True)
+    assert result.published[0]["confirmed"] is True
+
+
+def test_cli_eval_on_the_embedded_model(smol, monkeypatch, tmp_path):
+    from superweight.cli import app
+
+    monkeypatch.setattr(models, "load", lambda *a, **k: smol)  # reuse the session's copy: no second load
+    out = tmp_path / "eval.json"
+    result = CliRunner().invoke(app, ["eval", "--max-tokens", "512", "--prompt", "Paris is in France. Tokyo is in",
+                                      "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(out.read_text())
+    assert doc["protocol"]["interventions"] == {"ablated": "ablate 11:507:1229"}  # the published default
+    assert doc["ablated"]["ppl"] > 2 * doc["base"]["ppl"]
+    gen = doc["generations"][0]
+    assert "Japan" in gen["base"] and gen["ablated"] != gen["base"]
