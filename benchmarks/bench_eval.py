@@ -20,6 +20,7 @@ no overhead, > 1 means measure is faster, the target is >= 0.9. The NLLs of the 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import torch
@@ -127,6 +128,7 @@ def main() -> None:
     print(f"  model={args.model}  tokens={ids.numel()} (scored {n_tokens})  max_length={L}  stride={L}")
     print(f"  batches={[tuple(b.shape) for b in batches]}  torch={torch.__version__}  "
           f"threads={torch.get_num_threads()}  repeats={args.repeats} (best of)  device=cpu fp32")
+    print(f"  load average at start: {os.getloadavg()[0]:.2f} (other busy processes make the ratio noisy)")
 
     def sw_base(x=ids):
         return {"base": measure(model, x, {}, channels=[], max_length=L, stride=L)["base"].nll}
@@ -139,6 +141,7 @@ def main() -> None:
             args.repeats, [lambda: sw_base(warm_ids), lambda: plain_base(model, warm_batches)])
     compare("b: base + ablated 11:507:1229, KL", n_tokens, sw_compare, lambda: plain_compare(model, batches),
             args.repeats, [lambda: sw_compare(warm_ids), lambda: plain_compare(model, warm_batches)])
+    print(f"\nload average at end: {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":

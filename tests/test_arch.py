@@ -237,3 +237,22 @@ def test_gemma3_multimodal_wrapper():
     assert all((dp.d_model, dp.d_ff) == (tiny.D_MODEL, tiny.D_FF) for dp in dps)
     assert all(model.get_submodule(dp.name) is dp.module for dp in dps)
     assert arch.decoder_layers(model) is model.get_submodule("model.language_model.layers")
+
+
+def test_tiny_model_dir_loads(tiny_model_dir):
+    from superweight import models
+
+    loaded = models.load(str(tiny_model_dir))
+    assert arch.family(loaded.model) == "llama"
+    assert not loaded.model.training
+    assert not any(p.requires_grad for p in loaded.model.parameters())
+    reference = tiny.tiny_model("llama", seed=0).state_dict()
+    state = loaded.model.state_dict()
+    assert state.keys() == reference.keys()
+    assert all(torch.equal(state[k], reference[k]) for k in reference)
+    tok = loaded.tokenizer
+    assert tok.eos_token == tiny.EOS and tok.pad_token == tiny.PAD
+    text = "def f(x):\n    return x  # ok"
+    expected = tiny.tiny_tokenizer()(text, add_special_tokens=False)["input_ids"]
+    assert tok(text, add_special_tokens=False)["input_ids"] == expected
+    assert len(tok) <= loaded.model.config.vocab_size

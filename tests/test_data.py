@@ -231,3 +231,35 @@ def test_pack():
                                                            [24, 26, 28, 30], [32, 34, 36, 38]]
     with pytest.raises(CorpusError):
         data.pack(torch.arange(4), 5)
+
+
+def test_check_windows():
+    data.check_windows(2)
+    data.check_windows(512, None)
+    data.check_windows(512, 1)
+    data.check_windows(512, 512)
+    for max_length, stride in [(1, None), (0, None), (8, 0), (8, 9), (8, -2)]:
+        with pytest.raises(UsageError):
+            data.check_windows(max_length, stride)
+
+
+# ------------------------------------------------------------------------------- known bugs (see report)
+
+def test_tokenize_long_tokens_still_gives_max_tokens():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = [f"{'x' * 20}{i}" for i in range(50)]  # one 21-22 character token each
+    vocab = {w: i for i, w in enumerate(words)} | {"[UNK]": len(words)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]")
+    text = " ".join(words * 20)  # 1000 tokens
+    assert len(tok(text, add_special_tokens=False)["input_ids"]) == 1000
+    assert data.tokenize(tok, text, 200).numel() == 200
+
+
+def test_text_directory_skips_subdirectories_named_txt(tmp_path):
+    a = _write_paragraphs(tmp_path / "corpus" / "a.txt", "alpha", 3)
+    b = _write_paragraphs(tmp_path / "corpus" / "old.txt" / "b.txt", "beta", 3)
+    assert paragraphs(data.load_text(f"text:{tmp_path / 'corpus'}", "all")) == a + b

@@ -194,7 +194,8 @@ def test_ablating_the_planted_weight(planted, ids):
     assert ablated.nll == pytest.approx(nll / n, abs=1e-5)
 
     # The planted weight makes a super activation in channel ROW; ablating it removes it.
-    assert base.super_activation_by_channel[f"{LAYER}:{ROW}"] > 50 * ablated.super_activation_by_channel[f"{LAYER}:{ROW}"]
+    key = f"{LAYER}:{ROW}"
+    assert base.super_activation_by_channel[key] > 50 * ablated.super_activation_by_channel[key]
     assert set(base.super_activation_by_channel) == {f"{l}:{r}" for l, r in channels}
     assert base.super_activation == max(base.super_activation_by_channel.values())
 
@@ -274,3 +275,13 @@ def test_bf16_model_is_scored_in_fp32(planted, ids):
     low = measure(bf16, ids, max_length=64)["base"]
     assert math.isfinite(low.nll)
     assert low.nll == pytest.approx(fp32.nll, abs=0.05)
+
+
+# ------------------------------------------------------------------------------- known bugs (see report)
+
+def test_measure_rejects_stride_zero(planted, ids):
+    from superweight.errors import UsageError
+
+    model, _ = planted
+    with pytest.raises(UsageError):
+        measure(model, ids[:40], max_length=16, stride=0)

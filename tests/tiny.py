@@ -151,10 +151,6 @@ FAMILIES: dict[str, Callable[..., torch.nn.Module]] = {
     "opt": _opt,
 }
 
-# The number of decoder layers a family's config field is called by (for overrides in tests).
-LAYERS_FIELD = {name: "n_layer" if name == "gpt2" else "num_hidden_layers" for name in FAMILIES}
-
-
 def tiny_model(family: str = "llama", seed: int = 0, **config_overrides) -> torch.nn.Module:
     """A tiny randomly initialised causal LM of `family` (fp32, eval mode, no grads), reproducible by seed.
 

@@ -49,7 +49,7 @@ def _pydoc_text() -> str:
 def _text_files(path: str) -> list[Path]:
     expanded = os.path.expanduser(path)
     if os.path.isdir(expanded):
-        files = sorted(Path(expanded).rglob("*.txt"))
+        files = sorted(p for p in Path(expanded).rglob("*.txt") if p.is_file())
     elif os.path.isfile(expanded):
         files = [Path(expanded)]
     else:
@@ -85,7 +85,10 @@ def load_text(corpus: str = DEFAULT_CORPUS, split: str = "eval") -> str:
             raw = _pydoc_text()
         elif corpus.startswith("text:"):
             files = _text_files(corpus[len("text:"):])
-            raw = "\n\n".join(f.read_text(encoding="utf-8", errors="replace") for f in files)
+            try:
+                raw = "\n\n".join(f.read_text(encoding="utf-8", errors="replace") for f in files)
+            except OSError as exc:
+                raise CorpusError(f"cannot read corpus '{corpus}': {exc}") from exc
             if not raw.strip():
                 raise CorpusError(f"corpus '{corpus}' is empty")
         else:
@@ -100,12 +103,19 @@ def tokenize(tokenizer, text: str, max_tokens: int | None = None) -> torch.Tenso
     """1-d LongTensor of token ids, truncated to `max_tokens`."""
     if max_tokens is not None and max_tokens < 2:
         raise UsageError(f"max_tokens must be at least 2, got {max_tokens}")
-    if max_tokens is not None:
-        # Tokenising all of a large corpus to keep a few thousand tokens is wasted work: ~8 chars a token
-        # is a generous upper bound for English and code, so cut the text first.
-        text = text[: max_tokens * 8]
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    ids = torch.tensor(ids[:max_tokens] if max_tokens else ids, dtype=torch.long)
+    if max_tokens is None:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    else:
+        # Tokenising all of a large corpus to keep a few thousand tokens is wasted work: cut the text at
+        # ~8 characters a token (generous for English and code) and widen the cut if that was too short.
+        cut = max_tokens * 8
+        while True:
+            ids = tokenizer(text[:cut], add_special_tokens=False)["input_ids"]
+            if len(ids) > max_tokens or cut >= len(text):
+                break
+            cut *= 4
+        ids = ids[:max_tokens]
+    ids = torch.tensor(ids, dtype=torch.long)
     if ids.numel() < 2:
         raise CorpusError("the corpus gives fewer than 2 tokens")
     return ids
@@ -133,7 +143,11 @@ def check_windows(max_length: int, stride: int | None = None) -> None:
 
 
 def windows(n_tokens: int, max_length: int, stride: int) -> list[Window]:
-    """Sliding windows over a stream (HF's fixed-length perplexity recipe); each target scored once."""
+    """Sliding windows over a stream (HF's fixed-length perplexity recipe); each target scored at most once.
+
+    With stride == max_length the first token of each window has no context in it and goes unscored
+    (1 target in max_length), as in HF's recipe; with stride < max_length every target 1..n-1 is scored.
+    """
     check_windows(max_length, stride)
     out, prev_end = [], 0
     for begin in range(0, n_tokens, stride):
@@ -148,6 +162,8 @@ def windows(n_tokens: int, max_length: int, stride: int) -> list[Window]:
 
 def pack(ids: torch.Tensor, seq_len: int) -> torch.Tensor:
     """Cut a token stream into full rows of `seq_len` (no padding; the ragged tail is dropped)."""
+    if seq_len < 1:
+        raise UsageError(f"seq_len must be at least 1, got {seq_len}")
     n = ids.numel() // seq_len
     if n == 0:
         raise CorpusError(f"need at least {seq_len} tokens to pack one sequence, have {ids.numel()}")

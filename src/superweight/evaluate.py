@@ -37,7 +37,7 @@ def run_eval(
 ) -> EvalResult:
     """Measure the base model and the model with `coords` ablated (if any) on one corpus split."""
     model, tok = loaded.model, loaded.tokenizer
-    stride = stride or max_length
+    stride = max_length if stride is None else stride
     ablation = Ablation(model, coords) if coords else None  # validates coordinates before any work
     if ids is None:
         ids = data.tokenize(tok, data.load_text(corpus, split), max_tokens)

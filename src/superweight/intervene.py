@@ -20,6 +20,7 @@ from torch import nn
 
 from superweight.arch import DownProj, down_projection
 from superweight.coords import WeightCoord
+from superweight.errors import CoordinateError
 
 
 class Intervention:
@@ -100,15 +101,23 @@ class Spread(ScalarEdits):
     """Zero W[row, col] and add W[row, col] / n to each of the next n columns (the seed's "spread").
 
     It keeps the row's sum but not the single huge scalar: a test of whether concentration matters.
+    The value spread is the one the weight has when applied (so it composes after other edits).
     """
 
     def __init__(self, model: nn.Module, coord: WeightCoord, n: int = 8):
         dp = down_projection(model, coord.layer)
         dp.check(coord.row, coord.col)
-        value = dp.get(coord.row, coord.col)
+        if not 1 <= n < dp.d_ff:
+            raise CoordinateError(f"spread needs 1 <= n < d_ff ({dp.d_ff}), got {n}")
+        self._share: torch.Tensor | None = None
+
+        def take(w: torch.Tensor) -> torch.Tensor:
+            self._share = w / n
+            return w * 0.0
+
         cols = [c % dp.d_ff for c in range(coord.col + 1, coord.col + 1 + n)]
-        edits = [(coord.layer, coord.row, coord.col, _times(0.0))]
-        edits += [(coord.layer, coord.row, c, lambda w, v=value / n: w + v) for c in cols]
+        edits = [(coord.layer, coord.row, coord.col, take)]
+        edits += [(coord.layer, coord.row, c, lambda w: w + self._share) for c in cols]
         super().__init__(model, edits)
 
 
@@ -124,6 +133,8 @@ class Compose(Intervention):
         self._applied: list[Intervention] = []
 
     def apply(self) -> None:
+        if self.active:
+            raise RuntimeError("intervention is already applied")
         self.active = True
         try:
             for part in self.parts:

@@ -22,6 +22,7 @@ from torch import nn
 
 from superweight.arch import decoder_layers
 from superweight.data import Window, windows as make_windows
+from superweight.errors import UsageError
 from superweight.intervene import Intervention, Trace, hidden
 
 
@@ -112,7 +113,13 @@ def measure(
         raise ValueError("'base' is reserved for the model with no intervention")
     device = next(model.parameters()).device
     blocks = decoder_layers(model)
-    wins = make_windows(ids.numel(), max_length, stride or max_length)
+    if ids.numel() < 2:
+        raise UsageError(f"need at least 2 tokens to score, got {ids.numel()}")
+    n_layers = len(blocks)
+    for layer, _row in channels:
+        if not 0 <= layer < n_layers:
+            raise UsageError(f"channel layer {layer} out of range: the model has {n_layers} layers")
+    wins = make_windows(ids.numel(), max_length, max_length if stride is None else stride)
     accs = {name: _Acc() for name in ["base", *conditions]}
     for batch in _batches(wins, batch_tokens):
         input_ids = torch.stack([ids[w.begin : w.end] for w in batch]).to(device)
@@ -144,7 +151,7 @@ def _accumulate(acc: _Acc, lp, labels, base_top) -> None:
 
 def n_scored(n_tokens: int, max_length: int, stride: int | None = None) -> int:
     """How many targets `measure` scores for a stream of n_tokens (for progress totals)."""
-    return sum(w.n_scored for w in make_windows(n_tokens, max_length, stride or max_length))
+    return sum(w.n_scored for w in make_windows(n_tokens, max_length, max_length if stride is None else stride))
 
 
 class Protocol(BaseModel):
