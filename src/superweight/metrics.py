@@ -88,8 +88,10 @@ def _forward(model, input_ids, mask, channels, blocks, acc_act):
     watched = {(layer, row): blocks[layer] for layer, row in channels}
     # Trace keys must be hashable names; tuples are fine for our own callback.
     with Trace(watched, record):
-        logits = model(input_ids=input_ids, use_cache=False).logits
-    return logits[:, :-1][mask].float().log_softmax(-1)
+        logits = model(input_ids=input_ids, use_cache=False).logits[:, :-1]
+    # Boolean indexing copies the [N, V] logits; skip it when every position is scored (the default).
+    scored = logits.flatten(0, 1) if bool(mask.all()) else logits[mask]
+    return scored.float().log_softmax(-1)
 
 
 @torch.no_grad()
@@ -128,24 +130,26 @@ def measure(
         mask = torch.stack([targets + w.begin >= w.score_from for w in batch]).to(device)
         labels = input_ids[:, 1:][mask]
         base_lp = _forward(model, input_ids, mask, channels, blocks, accs["base"].act)
-        base_top = base_lp.argmax(-1)
-        base_p = base_lp.exp() if conditions else None  # shared by every condition's KL
-        _accumulate(accs["base"], base_lp, labels, base_top)
+        _accumulate(accs["base"], base_lp, labels, agree=labels.numel())
+        if conditions:
+            base_top = base_lp.argmax(-1)
+            base_p = base_lp.exp()  # shared by every condition's KL
         for name, intervention in conditions.items():
             with intervention:
                 lp = _forward(model, input_ids, mask, channels, blocks, accs[name].act)
-            _accumulate(accs[name], lp, labels, base_top)
-            # KL(base || cond) = sum_v p_base (log p_base - log p_cond), differences taken elementwise so
-            # tiny KLs (control ablations) are not lost to cancellation.
-            accs[name].kl += (base_p * (base_lp - lp)).sum().item()
+            _accumulate(accs[name], lp, labels, agree=(lp.argmax(-1) == base_top).sum().item())
+            # KL(base || cond) = sum_v p_base (log p_base - log p_cond). The difference is taken elementwise
+            # (in place: lp is not needed again) so tiny KLs, e.g. of control ablations, survive; the
+            # expanded form sum(p log p) - dot(p, lp) loses them to cancellation.
+            accs[name].kl += lp.neg_().add_(base_lp).mul_(base_p).sum().item()
         if progress:
             progress(int(mask.sum()))
     return {name: acc.result() for name, acc in accs.items()}
 
 
-def _accumulate(acc: _Acc, lp, labels, base_top) -> None:
+def _accumulate(acc: _Acc, lp, labels, agree: int) -> None:
     acc.nll += -lp.gather(-1, labels[:, None]).sum().item()
-    acc.agree += (lp.argmax(-1) == base_top).sum().item()
+    acc.agree += agree
     acc.n += labels.numel()
 
 
