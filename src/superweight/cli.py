@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 from typing import Annotated, Optional
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -26,7 +28,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Detect, ablate, measure and repair super weights in causal language models.",
 )
-out = Console()
+# Piped output (files, CI logs) gets room for the wide tables instead of rich's 80-column fallback.
+out = Console(width=None if sys.stdout.isatty() else 140)
 err = Console(stderr=True)
 
 # Options shared by several commands.
@@ -244,25 +247,26 @@ def _print_detect(result) -> None:
     title = "Super-weight candidates"
     if p:
         title += f" (damage on {p.corpus}/{p.split}, {p.n_tokens:,} tokens)"
-    table = Table(title=title)
-    cols = ["#", "layer", "row", "col", "W[row,col]", "in spike", "out spike", "spike×med", "KL", "PPL ×",
-            "ctrl KL top/rand", "confirmed", "found by"]
+    table = Table(title=title, box=box.SIMPLE_HEAD)
+    cols = ["L:R:C", "W", "in", "out", "×med", "KL", "PPL×", "ctrl KL", "confirmed", "found by"]
     for c in cols:
-        table.add_column(c, justify="left" if c in {"found by", "confirmed"} else "right")
-    for i, c in enumerate(result.candidates, 1):
-        ctrl = "-" if c.control_kl_top is None else f"{c.control_kl_top:.2g} / {c.control_kl_random:.2g}"
+        table.add_column(c, justify="left" if c in {"L:R:C", "found by", "confirmed"} else "right", no_wrap=True)
+    for c in result.candidates:
+        ctrl = "-" if c.control_kl_top is None else f"{c.control_kl_top:.1g}/{c.control_kl_random:.1g}"
         table.add_row(
-            str(i), str(c.layer), str(c.row), str(c.col), f"{c.value:.4g}", _fmt(c.in_spike, 1),
-            _fmt(c.out_spike, 1), _fmt(c.spike_ratio, 0), _fmt(c.kl, 4), _fmt(c.ppl_ratio, 2), ctrl,
+            f"{c.layer}:{c.row}:{c.col}", f"{c.value:.3g}", _fmt(c.in_spike, 0), _fmt(c.out_spike, 0),
+            _fmt(c.spike_ratio, 0), _fmt(c.kl, 3), _fmt(c.ppl_ratio, 2), ctrl,
             "[bold green]yes[/]" if c.confirmed else ("no" if c.kl is not None else "not verified"),
-            c.source,
+            c.source.replace("attribution:", "attr:").replace("(round ", "r").rstrip(")"),
         )
     out.print(table)
     out.print(
-        "KL: mean KL(base || weight zeroed) in nats/token; PPL ×: PPL with it zeroed / base PPL; controls: the "
-        "largest-|W| other weight and a random weight of the same matrix, zeroed alone; spike×med: the layer's "
-        f"output spike over the median layer's. Confirmed: KL >= {result.settings['min_kl']} and >= "
-        f"{result.settings['control_factor']}× the worse control."
+        "W: the weight; in/out: max |input| at its column and max |output| at its row of the down-projection "
+        "in the scan; ×med: that output spike over the median layer's; KL: mean KL(base || weight zeroed), "
+        "nats/token; PPL×: PPL with it zeroed / base PPL; ctrl KL: the same for the largest-|W| other weight "
+        "/ a random weight of the same matrix. "
+        f"Confirmed: KL >= {result.settings['min_kl']} and >= {result.settings['control_factor']:g}× the worse "
+        "control. found by: spike scan round n, or attribution method."
     )
     if result.candidates and result.candidates[0].kl is not None and not any(c.confirmed for c in result.candidates):
         out.print("[bold]No candidate is confirmed: none does damage far above its controls.[/]")
