@@ -157,3 +157,11 @@ def test_readme_documents_every_command():
         name = command.name or command.callback.__name__
         assert f"superweight {name}" in readme, name
         assert invoke(name, "--help").exit_code == 0
+
+
+def test_coordinates_print_verbatim():
+    from superweight.cli import out
+
+    with out.capture() as cap:
+        out.print("29:100:1126 [1, 2, 3")
+    assert cap.get().strip() == "29:100:1126 [1, 2, 3"

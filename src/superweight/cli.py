@@ -29,8 +29,9 @@ app = typer.Typer(
     help="Detect, ablate, measure and repair super weights in causal language models.",
 )
 # Piped output (files, CI logs) gets room for the wide tables instead of rich's 80-column fallback.
-out = Console(width=None if sys.stdout.isatty() else 140)
-err = Console(stderr=True)
+# emoji=False: a coordinate such as 29:100:1126 must not turn into "29💯1126".
+out = Console(width=None if sys.stdout.isatty() else 140, emoji=False)
+err = Console(stderr=True, emoji=False)
 
 # Options shared by several commands.
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="smollm2-135m, a hub id, a model directory or a .gguf file")]

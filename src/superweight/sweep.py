@@ -108,7 +108,7 @@ def plot(result: SweepResult, path: str | Path) -> Path:
     pr = result.protocol
     ax.set_title(f"{pr.model.split(' ')[0]}: {pr.corpus}/{pr.split}, {pr.n_tokens} tokens", fontsize=9)
     lines = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
-    ax.legend(lines, [line.get_label() for line in lines], fontsize=8, loc="upper center")
+    ax.legend(lines, [line.get_label() for line in lines], fontsize=8, loc="center right")
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=120)
