@@ -165,3 +165,14 @@ def test_coordinates_print_verbatim():
     with out.capture() as cap:
         out.print("29:100:1126 [1, 2, 3")
     assert cap.get().strip() == "29:100:1126 [1, 2, 3"
+
+
+def test_hub_id_without_network_is_one_line():
+    # Real hub-loading code path; offline here, so it must fail cleanly (HF_HUB_OFFLINE=1 from conftest).
+    assert_one_line_error(invoke("info", "--model", "allenai/OLMo-1B-0724-hf"), 1,
+                          r"could not load model 'allenai/OLMo-1B-0724-hf' \(hub\)")
+
+
+def test_wikitext_without_network_is_one_line(tiny_model_dir):
+    result = invoke("eval", "--model", tiny_model_dir, "--corpus", "wikitext2", *FAST)
+    assert_one_line_error(result, 1, r"could not load wikitext-2-raw-v1 \(validation\)")

@@ -113,3 +113,25 @@ def test_published_coordinates_are_reported(tok, calib):
     # The tiny model is not SmolLM2, so its published weight (layer 11) is out of range: reported, not found.
     result = detect.run_detect(loaded, ids=calib, max_length=128, attribution_method=None)
     assert result.published == [{"layer": 11, "row": 507, "col": 1229, "detected": False, "confirmed": False}]
+
+
+@pytest.mark.parametrize("family", sorted(__import__("tiny").FAMILIES))
+def test_detect_runs_on_every_family_and_restores_the_model(family, tok, calib):
+    model = tiny_model(family, seed=1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = run(model, tok, calib[:256], max_candidates=2, attribution_top=2)
+    assert result.candidates and all(c.kl is not None for c in result.candidates)
+    assert len(result.rounds[0]) == len(down_projections(model))
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_planted_weight_in_gpt2_conv1d_is_found_at_the_right_coordinate(tok, calib):
+    model = tiny_model("gpt2", seed=0, num_hidden_layers=6, initializer_range=0.2)
+    layer, row, col = PLANT_A
+    with torch.no_grad():
+        model.transformer.h[layer].mlp.c_fc.weight[:, col] *= 8  # Conv1D: [d_model, d_ff]
+    down_projections(model)[layer].set(row, col, 40.0)  # stored as c_proj.weight[col, row]
+    assert model.transformer.h[layer].mlp.c_proj.weight[col, row] == 40.0
+    result = run(model, tok, calib, attribution_method=None)
+    assert coords(result.candidates) == {PLANT_A}

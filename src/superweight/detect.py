@@ -88,7 +88,9 @@ def scan(model: nn.Module, tokenizer, prompts: list[str]) -> list[LayerSpike]:
     device = next(model.parameters()).device
     for p_index, prompt in enumerate(prompts):
         def record(layer, inp, out, p_index=p_index):
-            x, y = inp[0][0].float(), out[0].float()  # [T, d_ff], [T, d_model] of the single sequence
+            # [T, d_ff] and [T, d_model] of the single sequence (OPT flattens batch and time before fc2).
+            x = inp[0].reshape(-1, inp[0].shape[-1]).float()
+            y = out.reshape(-1, out.shape[-1]).float()
             flat = y.abs().argmax().item()
             pos, row = divmod(flat, y.shape[1])
             contrib = dps[layer].matrix[row].float() * x[pos]
