@@ -176,3 +176,14 @@ def test_hub_id_without_network_is_one_line():
 def test_wikitext_without_network_is_one_line(tiny_model_dir):
     result = invoke("eval", "--model", tiny_model_dir, "--corpus", "wikitext2", *FAST)
     assert_one_line_error(result, 1, r"could not load wikitext-2-raw-v1 \(validation\)")
+
+
+def test_detect_no_verify_reports_unverified_candidates(tiny_model_dir, tmp_path):
+    out = tmp_path / "d.json"
+    result = invoke("detect", "--model", tiny_model_dir, "--no-verify", "--spike-ratio", "1", "--max-candidates", "2",
+                    "--attribution", "none", "--json", out)
+    assert result.exit_code == 0, result.output
+    doc = json.loads(out.read_text())
+    assert doc["protocol"] is None and len(doc["candidates"]) == 2
+    assert all(c["kl"] is None and c["confirmed"] is False for c in doc["candidates"])
+    assert "not verified" in result.stdout
