@@ -20,6 +20,18 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from tiny import save_tiny_model_dir  # noqa: E402
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _superweight_cache(tmp_path_factory):
+    """Converted-model cache in a temp dir, set before any session fixture loads a model."""
+    previous = os.environ.get("SUPERWEIGHT_CACHE")
+    os.environ["SUPERWEIGHT_CACHE"] = str(tmp_path_factory.mktemp("superweight_cache"))
+    yield
+    if previous is None:
+        os.environ.pop("SUPERWEIGHT_CACHE", None)
+    else:
+        os.environ["SUPERWEIGHT_CACHE"] = previous
+
+
 @pytest.fixture(scope="session")
 def _hf_home(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("hf_home")

@@ -29,6 +29,20 @@ def test_embedded_spec_resolves_to_the_packaged_gguf():
     assert models.resolve_spec(f"{where}/{gguf}") == (where, gguf, "gguf")
 
 
+def test_second_load_comes_bit_identical_from_the_cache(smol):
+    assert smol.cache is None  # the session's first load went through the GGUF
+    again = models.load("smollm2-135m")
+    assert again.cache is not None and again.source == smol.source
+    first, second = smol.model.state_dict(), again.model.state_dict()
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    text = "Paris is in France.\ndef f(x):  return x  # ünïcode"
+    assert again.tokenizer(text)["input_ids"] == smol.tokenizer(text)["input_ids"]
+    assert again.model.lm_head.weight.data_ptr() == again.model.model.embed_tokens.weight.data_ptr()  # still tied
+    ids = smol.tokenizer(text, return_tensors="pt")["input_ids"]
+    with torch.no_grad():  # same config too (rope, norms, ...), not just the same tensors
+        assert torch.equal(smol.model(ids).logits, again.model(ids).logits)
+
+
 def test_loaded_model_shape_and_super_weight(smol):
     cfg = smol.model.config
     assert (cfg.model_type, cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size) == ("llama", 30, 576, 1536)

