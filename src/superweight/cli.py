@@ -206,6 +206,7 @@ def detect(
     corpus: CorpusOpt = data.DEFAULT_CORPUS,
     split: Annotated[str, typer.Option(help="calibration split")] = "train",
     calib_tokens: Annotated[int, typer.Option(help="calibration tokens for attribution and verification")] = 2048,
+    max_length: Annotated[int, typer.Option(help="window length in tokens")] = 512,
     min_kl: Annotated[float, typer.Option(help="least KL (nats/token) for a confirmed super weight")] = 0.1,
     control_factor: Annotated[float, typer.Option(help="confirmed KL must be this many times the worse control's")] = 10.0,
     seed: int = 0,
@@ -220,6 +221,7 @@ def detect(
 
     if attribution not in {"activation", "gradient", "none"}:
         raise UsageError(f"unknown attribution '{attribution}': use activation, gradient or none")
+    data.check_windows(max_length)
     if json_:
         check_writable(json_)
     text = data.load_text(corpus, split) if (verify or attribution != "none") else None
@@ -229,12 +231,12 @@ def detect(
         task = bar.add_task("Detecting", total=None)
 
         def stage(name: str) -> None:
-            total = n_scored(ids.numel(), 512) if name.startswith("Verifying") else None
+            total = n_scored(ids.numel(), max_length) if name.startswith("Verifying") else None
             bar.update(task, description=name, total=total, completed=0)
 
         result = run_detect(
             loaded, prompt, max_candidates, spike_ratio, None if attribution == "none" else attribution,
-            attribution_top, verify, corpus, split, calib_tokens, 512, min_kl, control_factor, seed, ids=ids,
+            attribution_top, verify, corpus, split, calib_tokens, max_length, min_kl, control_factor, seed, ids=ids,
             on_stage=stage, on_tokens=lambda n: bar.advance(task, n),
         )
     _print_detect(result)

@@ -163,9 +163,8 @@ def attribution(
         scores = _gradient_scores(model, dps, batch.to(device))
     else:
         raise ValueError(f"unknown attribution method '{method}': use activation or gradient")
-    flat = [(s.max().item(), dp, s) for dp, s in zip(dps, scores)]
     out = []
-    for dp, s in ((dp, s) for _, dp, s in sorted(flat, key=lambda t: -t[0])):
+    for dp, s in zip(dps, scores):  # each layer's top few, then the best of those overall
         values, index = s.flatten().topk(min(top, s.numel()))
         for v, i in zip(values.tolist(), index.tolist()):
             row, col = divmod(i, dp.d_ff)
