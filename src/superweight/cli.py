@@ -352,6 +352,132 @@ def sweep(
         err.print(f"Wrote {json_}")
 
 
+@app.command()
+@_errors
+def repair(
+    weight: Annotated[list[str], typer.Option(help="LAYER:ROW:COL to ablate (repeatable)")],
+    patch_row: Annotated[Optional[list[str]], typer.Option(
+        help="LAYER:ROW to patch (repeatable); default: each ablated weight's row")] = None,
+    model: ModelOpt = DEFAULT_MODEL,
+    corpus: CorpusOpt = data.DEFAULT_CORPUS,
+    recipe: Annotated[str, typer.Option(help="fast (default) or seed (the write-up's settings)")] = "fast",
+    steps: Annotated[Optional[int], typer.Option(help="optimiser steps (overrides the recipe)")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="sequences per step")] = None,
+    seq_len: Annotated[Optional[int], typer.Option(help="tokens per sequence")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="learning rate")] = None,
+    optimizer: Annotated[Optional[str], typer.Option(help="adamw, adam or sgd")] = None,
+    kl: Annotated[Optional[str], typer.Option(help="forward (KL(teacher||student)) or reverse")] = None,
+    temperature: Annotated[Optional[float], typer.Option(help="softmax temperature")] = None,
+    init: Annotated[Optional[str], typer.Option(help="zero or random")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="random seed")] = None,
+    out: Annotated[Optional[str], typer.Option(help="run directory (default runs/repair-L-R-C)")] = None,
+    resume: Annotated[bool, typer.Option(help="continue the run in --out from its last checkpoint")] = False,
+    checkpoint_every: Annotated[int, typer.Option(help="checkpoint every K steps")] = 25,
+    baselines: Annotated[bool, typer.Option(help="also oracle, activation restore, random vector, other row")] = False,
+    eval_tokens: Annotated[int, typer.Option(help="eval-split tokens for the before/after metrics")] = 4096,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "fp32",
+):
+    """Train a row patch that repairs the ablated model by KL distillation against the intact one."""
+    from pathlib import Path
+
+    from superweight.coords import parse_coords
+    from superweight.repair import RECIPES
+    from superweight.repair_job import run_repair
+
+    coords = parse_coords(weight)
+    rows = _parse_rows(patch_row) if patch_row else sorted({(c.layer, c.row) for c in coords})
+    if recipe not in RECIPES:
+        raise UsageError(f"unknown recipe '{recipe}': use {', '.join(RECIPES)}")
+    overrides = {k: v for k, v in dict(steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr,
+                                       optimizer=optimizer, kl=kl, temperature=temperature, init=init,
+                                       seed=seed).items() if v is not None}
+    try:
+        cfg = RECIPES[recipe].model_copy(update=overrides)
+        cfg = type(cfg)(**cfg.model_dump())  # re-validate the overrides
+    except ValueError as exc:
+        raise UsageError(f"invalid training option: {str(exc).splitlines()[-1].strip()}") from None
+    if checkpoint_every < 1:
+        raise UsageError(f"--checkpoint-every must be at least 1, got {checkpoint_every}")
+    first = coords[0]
+    run_dir = Path(out or f"runs/repair-{first.layer}-{first.row}-{first.col}")
+    data.load_text(corpus, "eval")  # a missing corpus fails before the model loads
+    loaded = _load(model, device, dtype)
+    with _progress() as bar:
+        task = bar.add_task("Preparing", total=None)
+        last = {"loss": None}
+
+        def stage(name: str, total: int | None) -> None:
+            bar.update(task, description=name, total=total, completed=0)
+
+        def advance(n: int, loss: float | None) -> None:
+            last["loss"] = loss
+            bar.update(task, advance=n, description=f"Training (KL {loss:.4f})" if loss is not None else None)
+
+        results = run_repair(loaded, coords, rows, cfg, recipe, run_dir, corpus, eval_tokens, 512, baselines,
+                             resume, checkpoint_every, on_stage=stage, on_advance=advance)
+    _print_repair(results, run_dir)
+
+
+def _parse_rows(texts: list[str]) -> list[tuple[int, int]]:
+    rows = []
+    for t in texts:
+        parts = t.strip().split(":")
+        if len(parts) != 2 or not all(p.isdigit() for p in parts):
+            raise UsageError(f"invalid patch row '{t}': expected LAYER:ROW, e.g. 11:507")
+        rows.append((int(parts[0]), int(parts[1])))
+    return rows
+
+
+def _print_repair(results: dict, run_dir) -> None:
+    p = results["protocol"]
+    table = Table(title=f"Repair ({results['recipe']} recipe): {p['corpus']}/eval, {p['n_tokens']:,} tokens")
+    for col in ("condition", "NLL", "PPL", "KL(base||·)", "top-1 agree", "super act.", "NLL-gap rec.", "KL rec."):
+        table.add_column(col, justify="left" if col == "condition" else "right")
+    rows = [("base", results["base"], None), ("broken", results["broken"], None),
+            ("patched", results["patched"], results["recovery"])]
+    rows += [(name, m, m["recovery"]) for name, m in results.get("baselines", {}).items()]
+    for name, m, rec in rows:
+        table.add_row(name, _fmt(m["nll"]), _fmt(m["ppl"], 2), _fmt(m["kl"]), f"{m['top1_agree']:.1%}",
+                      _fmt(m["super_activation"], 1), f"{rec['nll_gap']:.1%}" if rec else "",
+                      f"{rec['kl']:.1%}" if rec else "")
+    out.print(table)
+    t = results["training"]
+    out.print(f"Training: {t['steps']} steps, {t['seconds']:.0f} s ({t['s_per_step']:.2f} s/step), "
+              f"final KL loss {t['final_loss']:.4f}" + (f", resumed from step {t['resumed_from']}" if t["resumed_from"] is not None else ""))
+    for key, g in results["patch"].items():
+        cols = "; ".join(f"d[{k[3:]}] = {v['value_at_col']:.4g} (deleted {v['deleted_value']:.4g})"
+                         for k, v in g.items() if k.startswith("col"))
+        out.print(f"Patch row {key}: ||d|| = {g['norm']:.3f}, cos(d, original row) = {g['cos_original_row']:.3f}; {cols}")
+    out.print(f"Run directory: {run_dir}")
+
+
+@app.command("apply")
+@_errors
+def apply_(
+    patch: Annotated[str, typer.Option(help="run directory (or patch.safetensors) of a repair")],
+    export: Annotated[str, typer.Option(help="new directory for the merged model (save_pretrained layout)")],
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="model spec (default: the patch's own)")] = None,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "fp32",
+):
+    """Merge a patch into the ablated model and write it as a standalone model directory."""
+    from pathlib import Path
+
+    from superweight.models import save_model_dir
+    from superweight.patchfile import load_patch, merge_into_weights
+
+    data_ = load_patch(patch)
+    target = Path(export)
+    if target.exists():
+        raise UsageError(f"--export {target} exists already; choose a new directory")
+    loaded = _load(model or data_.config.get("spec", DEFAULT_MODEL), device, dtype)
+    merge_into_weights(loaded.model, data_)
+    save_model_dir(loaded.model, loaded.tokenizer, target)
+    out.print(f"Wrote the patched model ({', '.join(map(str, data_.ablated))} ablated, rows "
+              f"{', '.join(f'{l}:{r}' for l, r in data_.rows)} patched) to {target}")
+
+
 def main() -> None:
     app()
 

@@ -65,7 +65,8 @@ def _wikitext(split: str) -> str:
     except ImportError as exc:
         raise CorpusError("corpus 'wikitext2' needs the datasets package: pip install 'superweight[datasets]'") from exc
     hf_split = {"eval": "validation", "all": "train+validation+test"}.get(split, split)
-    if hf_split not in {"train", "validation", "test", "train+validation+test"}:
+    base_split = hf_split.split("[")[0]  # datasets' slicing syntax, e.g. train[:2%], is passed through
+    if base_split not in {"train", "validation", "test", "train+validation+test"}:
         raise UsageError(f"unknown split '{split}' for wikitext2: use train, validation (eval), test or all")
     try:
         ds = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split=hf_split)

@@ -183,3 +183,117 @@ class Trace:
 def hidden(output) -> torch.Tensor:
     """The hidden-state tensor of a block's output (a tensor, or a tuple whose first item is one)."""
     return output[0] if isinstance(output, (tuple, list)) else output
+
+
+class RowPatch(Intervention):
+    """Add a trainable vector `d` (length d_ff) to row `row` of a down-projection: out[..., row] += x @ d.
+
+    Rank one, via a forward hook, so the weight itself is never written and only `d` gets gradients:
+
+        patch = RowPatch(model, [(11, 507)])
+        with Ablation(model, coords), patch:
+            loss = kl(teacher, model(ids).logits); loss.backward()   # patch.vectors[0].grad
+    """
+
+    def __init__(self, model: nn.Module, rows: list[tuple[int, int]], vectors: list[torch.Tensor] | None = None):
+        self.rows = [(int(layer), int(row)) for layer, row in rows]
+        if len(set(self.rows)) != len(self.rows):
+            raise CoordinateError("a patch row is given more than once")
+        self._dps = []
+        for layer, row in self.rows:
+            dp = down_projection(model, layer)
+            dp.check(row)
+            self._dps.append(dp)
+        device = self._dps[0].weight.device if self._dps else None
+        if vectors is None:
+            vectors = [torch.zeros(dp.d_ff) for dp in self._dps]
+        if len(vectors) != len(self.rows):
+            raise CoordinateError(f"{len(self.rows)} patch rows but {len(vectors)} vectors")
+        self.vectors = []
+        for dp, v in zip(self._dps, vectors):
+            if tuple(v.shape) != (dp.d_ff,):
+                raise CoordinateError(f"patch vector for layer {dp.layer} has shape {tuple(v.shape)}, need ({dp.d_ff},)")
+            self.vectors.append(nn.Parameter(v.detach().to(device=device, dtype=torch.float32).clone()))
+        self._handles: list = []
+
+    def parameters(self) -> list[nn.Parameter]:
+        return list(self.vectors)
+
+    def apply(self) -> None:
+        if self.active:
+            raise RuntimeError("intervention is already applied")
+        self.active = True
+        by_layer: dict[int, list[int]] = {}
+        for i, (layer, _row) in enumerate(self.rows):
+            by_layer.setdefault(layer, []).append(i)
+        try:
+            for layer, idx in by_layer.items():
+                module = self._dps[idx[0]].module
+                self._handles.append(module.register_forward_hook(self._hook(idx)))
+        except BaseException:
+            self.remove()
+            raise
+
+    def _hook(self, idx: list[int]):
+        rows = torch.tensor([self.rows[i][1] for i in idx], device=self.vectors[idx[0]].device)
+
+        def hook(_module, inp, out):
+            # fp32 whatever the model runs in (autocast included): the patch is small and precision matters.
+            with torch.autocast(out.device.type, enabled=False):
+                d = torch.stack([self.vectors[i] for i in idx])  # [k, d_ff]
+                delta = inp[0].float() @ d.t()  # [..., k]
+                return out.index_add(-1, rows.to(out.device), delta.to(out.dtype))
+
+        return hook
+
+    def remove(self) -> None:
+        while self._handles:
+            self._handles.pop().remove()
+        self.active = False
+
+
+class ActivationRestore(Intervention):
+    """The paper's baseline: with super weights ablated, put back only the super activation.
+
+    At each forward, the intact value of channel `row` is out + x[col] * (w_original - w_ablated); it is
+    restored at the token positions where the weight's own contribution |x[col] * w_original| is at least
+    `fraction` of its largest value in the batch (the massive-activation tokens), and nowhere else.
+    Apply it on top of the Ablation; `originals` are the weights' intact values.
+    """
+
+    def __init__(self, model: nn.Module, coords: list[WeightCoord], originals: list[float], fraction: float = 0.1):
+        self.items = []
+        for c, w in zip(coords, originals):
+            dp = down_projection(model, c.layer)
+            dp.check(c.row, c.col)
+            self.items.append((dp, c.row, c.col, float(w), float(w) * c.scale))
+        self.fraction = fraction
+        self._handles: list = []
+
+    def apply(self) -> None:
+        if self.active:
+            raise RuntimeError("intervention is already applied")
+        self.active = True
+        try:
+            for dp, row, col, w, w_abl in self.items:
+                self._handles.append(dp.module.register_forward_hook(self._hook(row, col, w, w_abl)))
+        except BaseException:
+            self.remove()
+            raise
+
+    def _hook(self, row: int, col: int, w: float, w_abl: float):
+        def hook(_module, inp, out):
+            x = inp[0][..., col].float()
+            own = (x * w).abs()
+            where = own >= self.fraction * own.max()
+            fix = torch.where(where, x * (w - w_abl), torch.zeros_like(x))
+            out = out.clone()
+            out[..., row] += fix.to(out.dtype)
+            return out
+
+        return hook
+
+    def remove(self) -> None:
+        while self._handles:
+            self._handles.pop().remove()
+        self.active = False

@@ -177,27 +177,36 @@ def gguf_cache_dir(gguf_path: Path) -> Path | None:
     return root / "gguf" / f"{gguf_path.stem}-{digest.hexdigest()[:16]}-tf{transformers.__version__}"
 
 
-def _write_cache(model: nn.Module, tokenizer, target: Path) -> None:
-    """Save the dequantised model atomically (temp dir, then rename); a failure only costs speed."""
+def save_model_dir(model: nn.Module, tokenizer, target: Path) -> None:
+    """Write config, tokenizer and fp32-or-native safetensors weights into a new directory, atomically.
+
+    Works for GGUF-loaded models too (whose `save_pretrained` refuses): the copy is a plain checkpoint.
+    """
     from safetensors.torch import save_model
 
-    tmp = None
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
         config = copy.deepcopy(model.config)
         if hasattr(config, "quantization_config"):
-            del config.quantization_config  # the copy is plain fp32, not a GGUF checkpoint
+            del config.quantization_config  # the copy is plain weights, not a GGUF checkpoint
         config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})  # handles tied weights
         os.rename(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_cache(model: nn.Module, tokenizer, target: Path) -> None:
+    """Keep the dequantised model for next time; a failure only costs speed."""
+    try:
+        save_model_dir(model, tokenizer, target)
     except OSError as exc:
         if not target.exists():
             log.warning("superweight: could not cache the converted model in %s (%s)", target.parent, exc)
-    finally:
-        if tmp is not None and tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _quiet_gguf_progress():

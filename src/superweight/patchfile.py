@@ -1,0 +1,136 @@
+"""Patch artifacts: `patch.safetensors` (only the vectors) + `patch_config.json` (what they fit).
+
+    patch = load_patch("runs/x")               # or the .safetensors path
+    live = apply_patch(model, patch)           # ablates the recorded weights and adds the vectors
+    ...; live.remove()                         # the model is intact again, bit for bit
+
+A patch fits one model: the config stores a fingerprint of the intact down-projections it touches, and
+loading it onto another model (or another shape) is a clear error, not a silent mis-application.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from superweight.arch import down_projection, family
+from superweight.coords import WeightCoord
+from superweight.errors import SuperweightError
+from superweight.intervene import Ablation, Compose, Intervention, RowPatch
+
+PATCH_FILE = "patch.safetensors"
+CONFIG_FILE = "patch_config.json"
+
+
+class PatchMismatchError(SuperweightError):
+    """A patch applied to a model it was not trained for."""
+
+
+def fingerprint(model: nn.Module, layers: list[int]) -> str:
+    """SHA-256 of the model's shape and of the named layers' intact down-projection weights.
+
+    Weights are hashed after rounding to bf16, so the same checkpoint loaded in fp32 or bf16 matches.
+    """
+    h = hashlib.sha256()
+    cfg = model.config
+    h.update(f"{family(model)}|{cfg.num_hidden_layers}|{model.get_output_embeddings().weight.shape}".encode())
+    for layer in sorted(set(layers)):
+        w = down_projection(model, layer).matrix.detach().to("cpu", torch.bfloat16).contiguous()
+        h.update(w.view(torch.int16).numpy().tobytes())
+    return h.hexdigest()[:24]
+
+
+@dataclass
+class PatchData:
+    rows: list[tuple[int, int]]
+    vectors: list[torch.Tensor]
+    ablated: list[WeightCoord]
+    config: dict
+
+
+def save_patch(run_dir: Path, model: nn.Module, patch: RowPatch, ablated: list[WeightCoord], meta: dict) -> None:
+    """Write the vectors and their config (sorted, indented JSON) into `run_dir`."""
+    from superweight.runs import provenance, write_json
+
+    tensors = {f"layer{l}.row{r}": v.detach().cpu().float().contiguous() for (l, r), v in zip(patch.rows, patch.vectors)}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir / f".{PATCH_FILE}.tmp"
+    save_file(tensors, str(tmp))
+    tmp.replace(run_dir / PATCH_FILE)
+    layers = [l for l, _ in patch.rows] + [c.layer for c in ablated]
+    config = {
+        **meta,
+        "fingerprint": fingerprint(model, layers),
+        "ablated": [str(c) for c in ablated],
+        "rows": [[l, r] for l, r in patch.rows],
+        "d_ff": {str(l): down_projection(model, l).d_ff for l, _ in patch.rows},
+        "d_model": down_projection(model, patch.rows[0][0]).d_model,
+        "provenance": provenance(),
+    }
+    write_json(run_dir / CONFIG_FILE, dict(sorted(config.items())))
+
+
+def load_patch(path: str | Path) -> PatchData:
+    """Read a patch from a run directory (or its safetensors file); missing keys are an error."""
+    from superweight.coords import parse_coord
+
+    path = Path(path)
+    run_dir = path if path.is_dir() else path.parent
+    cfg_path, file_path = run_dir / CONFIG_FILE, run_dir / PATCH_FILE
+    if not cfg_path.is_file() or not file_path.is_file():
+        raise SuperweightError(f"no patch in {run_dir}: need {PATCH_FILE} and {CONFIG_FILE}")
+    config = json.loads(cfg_path.read_text(encoding="utf-8"))
+    tensors = load_file(str(file_path))
+    rows = [tuple(r) for r in config["rows"]]
+    names = [f"layer{l}.row{r}" for l, r in rows]
+    missing = [n for n in names if n not in tensors]
+    if missing:
+        raise SuperweightError(f"patch file {file_path} lacks vectors {', '.join(missing)}")
+    extra = sorted(set(tensors) - set(names))
+    if extra:
+        import logging
+
+        logging.getLogger("superweight").warning("superweight: ignoring unknown tensors in patch: %s", extra)
+    return PatchData(
+        rows=rows, vectors=[tensors[n] for n in names],
+        ablated=[parse_coord(c) for c in config["ablated"]], config=config,
+    )
+
+
+def check_fits(model: nn.Module, patch: PatchData) -> None:
+    for (layer, _row), v in zip(patch.rows, patch.vectors):
+        dp = down_projection(model, layer)
+        if v.shape != (dp.d_ff,):
+            raise PatchMismatchError(
+                f"patch vector for layer {layer} has {v.numel()} entries but this model's d_ff is {dp.d_ff}"
+            )
+    layers = [l for l, _ in patch.rows] + [c.layer for c in patch.ablated]
+    if fingerprint(model, layers) != patch.config["fingerprint"]:
+        raise PatchMismatchError(
+            f"patch was trained on another model ({patch.config.get('model', '?')}): weight fingerprint differs"
+        )
+
+
+def apply_patch(model: nn.Module, patch: PatchData) -> Intervention:
+    """Ablate the recorded weights and add the patch; returns the applied intervention (call .remove())."""
+    check_fits(model, patch)
+    live = Compose(Ablation(model, patch.ablated), RowPatch(model, patch.rows, patch.vectors))
+    live.apply()
+    return live
+
+
+def merge_into_weights(model: nn.Module, patch: PatchData) -> None:
+    """Permanently ablate and add the patch rows into the weights (for export); no undo."""
+    check_fits(model, patch)
+    for c in patch.ablated:
+        dp = down_projection(model, c.layer)
+        dp.set(c.row, c.col, dp.get(c.row, c.col) * c.scale)
+    for (layer, row), v in zip(patch.rows, patch.vectors):
+        dp = down_projection(model, layer)
+        dp.set_row(row, dp.row(row) + v.to(dp.weight.dtype))

@@ -1,0 +1,199 @@
+"""The repair command's job: run directory, data, training, baselines, evaluation, artifacts.
+
+RUN_DIR/
+  config.json        what was asked (recipe, model, weights, rows, corpus); a resumed run must match it
+  train_log.jsonl    one line per step: step, loss, lr, seconds
+  checkpoints/last.pt
+  patch.safetensors + patch_config.json
+  results.json       base / broken / patched metrics, recovery, training, baselines, patch geometry
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from superweight import data, generate
+from superweight.arch import down_projection
+from superweight.coords import WeightCoord
+from superweight.errors import UsageError
+from superweight.intervene import Ablation, ActivationRestore, Compose, Intervention, RowPatch
+from superweight.metrics import Protocol, measure
+from superweight.models import Loaded, model_id
+from superweight.patchfile import save_patch
+from superweight.repair import RepairConfig, recovery, train
+from superweight.runs import provenance, write_json
+
+GEN_PROMPTS = generate.DEFAULT_PROMPTS[:5]
+
+
+def training_sequences(tokenizer, corpus: str, cfg: RepairConfig, recipe: str):
+    """[N, T] ids and mask: one wikitext line per sequence for the seed recipe, else packed text."""
+    if recipe == "seed" and corpus == "wikitext2":
+        lines = [ln for ln in data.load_text(corpus, "train[:2%]").split("\n") if ln.strip()]
+        rows = [tokenizer(ln, add_special_tokens=False)["input_ids"][: cfg.seq_len] for ln in lines]
+        rows = [r for r in rows if len(r) >= 2]
+        ids = torch.full((len(rows), cfg.seq_len), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = torch.tensor(r)
+            mask[i, : len(r)] = 1
+        return ids, mask
+    ids = data.tokenize(tokenizer, data.load_text(corpus, "train"), cfg.train_tokens)
+    return data.pack(ids, cfg.seq_len), None
+
+
+def _other_row(row: int, d_model: int, seed: int) -> int:
+    gen = torch.Generator().manual_seed(seed + 7)
+    while True:
+        r = int(torch.randint(d_model, (1,), generator=gen))
+        if r != row:
+            return r
+
+
+def prepare_run_dir(out: Path, settings: dict, resume: bool) -> None:
+    """Refuse to overwrite another run; on resume, insist on the same settings."""
+    config_path = out / "config.json"
+    if resume:
+        if not config_path.is_file():
+            raise UsageError(f"nothing to resume in {out}: no config.json")
+        old = json.loads(config_path.read_text(encoding="utf-8"))
+        if old != json.loads(json.dumps(settings)):
+            changed = sorted(k for k in set(old) | set(settings) if old.get(k) != json.loads(json.dumps(settings)).get(k))
+            raise UsageError(f"--resume with other settings than {config_path}: {', '.join(changed)} differ")
+        return
+    if out.exists() and any(out.iterdir()):
+        raise UsageError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
+    write_json(config_path, settings)
+
+
+def run_repair(
+    loaded: Loaded,
+    coords: list[WeightCoord],
+    rows: list[tuple[int, int]],
+    cfg: RepairConfig,
+    recipe: str,
+    out: Path,
+    corpus: str = data.DEFAULT_CORPUS,
+    eval_tokens: int = 4096,
+    max_length: int = 512,
+    baselines: bool = False,
+    resume: bool = False,
+    checkpoint_every: int = 25,
+    on_stage: Callable[[str, int | None], None] | None = None,
+    on_advance: Callable[[int, float | None], None] | None = None,
+) -> dict:
+    model, tok = loaded.model, loaded.tokenizer
+    stage = on_stage or (lambda *_: None)
+    ablation = Ablation(model, coords)  # validates coordinates first
+    RowPatch(model, rows)  # validates rows
+    settings = {
+        "model": loaded.spec, "recipe": recipe, "config": cfg.model_dump(), "ablate": [str(c) for c in coords],
+        "rows": [[l, r] for l, r in rows], "corpus": corpus, "eval_tokens": eval_tokens,
+        "max_length": max_length, "baselines": baselines, "checkpoint_every": checkpoint_every,
+    }
+    prepare_run_dir(out, settings, resume)
+    seqs, mask = training_sequences(tok, corpus, cfg, recipe)
+    eval_ids = data.tokenize(tok, data.load_text(corpus, "eval"), eval_tokens)
+    originals = [down_projection(model, c.layer).get(c.row, c.col).item() for c in coords]
+
+    stage("Training patch", cfg.steps)
+    patch, state = train(model, coords, rows, seqs, mask, cfg, out, checkpoint_every, resume,
+                         on_step=lambda s, loss: on_advance and on_advance(1, loss))
+    save_patch(out, model, patch, coords, {"model": model_id(loaded), "spec": loaded.spec, "recipe": recipe,
+                                           "config": cfg.model_dump()})
+    conditions: dict[str, Intervention] = {"broken": ablation, "patched": Compose(Ablation(model, coords), patch)}
+    if baselines:
+        conditions.update(_baselines(model, coords, rows, originals, patch, seqs, mask, cfg, out, stage, on_advance))
+    channels = sorted({(c.layer, c.row) for c in coords})
+    stage("Evaluating", None)
+    metrics = measure(model, eval_ids, conditions, channels, max_length, progress=None)
+    stage("Generating", None)
+    gens = generate.compare(model, tok, {"broken": conditions["broken"], "patched": conditions["patched"]},
+                            GEN_PROMPTS)
+    base = metrics["base"]
+    results = {
+        "protocol": Protocol(
+            model=model_id(loaded), model_source=loaded.source, corpus=corpus, split="eval",
+            n_tokens=base.n_tokens, max_length=max_length, stride=max_length, dtype=loaded.dtype,
+            device=loaded.device, interventions=_describe(coords, rows, baselines), provenance=provenance(),
+        ).model_dump(),
+        "recipe": recipe,
+        "config": cfg.model_dump(),
+        "base": base.model_dump(),
+        "broken": metrics["broken"].model_dump(),
+        "patched": metrics["patched"].model_dump(),
+        "recovery": recovery(base, metrics["broken"], metrics["patched"]),
+        "training": state.model_dump(),
+        "patch": geometry(model, coords, rows, patch, originals),
+        "generations": gens,
+    }
+    if baselines:
+        results["baselines"] = {
+            name: {**metrics[name].model_dump(), "recovery": recovery(base, metrics["broken"], metrics[name])}
+            for name in conditions if name not in {"broken", "patched"}
+        }
+    write_json(out / "results.json", results)
+    return results
+
+
+def _baselines(model, coords, rows, originals, patch, seqs, mask, cfg, out, stage, on_advance):
+    """Oracle, the paper's activation restore, a random vector of the patch's norm, another row trained."""
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    oracle_vectors = []
+    for (layer, row) in rows:
+        v = torch.zeros(down_projection(model, layer).d_ff)
+        for c, w in zip(coords, originals):
+            if (c.layer, c.row) == (layer, row):
+                v[c.col] += w - w * c.scale
+        oracle_vectors.append(v)
+    random_vectors = []
+    for v in patch.vectors:
+        r = torch.randn(v.numel(), generator=gen)
+        random_vectors.append(r / r.norm() * v.detach().norm().cpu())
+    other = [(layer, _other_row(row, down_projection(model, layer).d_model, cfg.seed)) for layer, row in rows]
+    stage(f"Baseline: training rows {', '.join(f'{l}:{r}' for l, r in other)}", cfg.steps)
+    other_patch, _ = train(model, coords, other, seqs, mask, cfg, None, on_step=lambda s, loss: on_advance and on_advance(1, loss))
+    return {
+        "oracle": Compose(Ablation(model, coords), RowPatch(model, rows, oracle_vectors)),
+        "activation_restore": Compose(Ablation(model, coords), ActivationRestore(model, coords, originals)),
+        "random_same_norm": Compose(Ablation(model, coords), RowPatch(model, rows, random_vectors)),
+        "other_row": Compose(Ablation(model, coords), other_patch),
+    }
+
+
+def _describe(coords, rows, baselines) -> dict[str, str]:
+    ab = ", ".join(map(str, coords))
+    rs = ", ".join(f"{l}:{r}" for l, r in rows)
+    d = {"broken": f"ablate {ab}", "patched": f"ablate {ab}, add trained patch on rows {rs}"}
+    if baselines:
+        d.update({
+            "oracle": "ablate, then put the deleted values back through the patch rows",
+            "activation_restore": "ablate, then restore the super activation only (positions where the weight's "
+                                  "contribution is >= 10% of its batch maximum)",
+            "random_same_norm": "ablate, then add a random vector of the trained patch's norm on the same rows",
+            "other_row": "ablate, then a patch trained with the same budget on another (random) row of the layer",
+        })
+    return d
+
+
+def geometry(model, coords, rows, patch: RowPatch, originals) -> dict:
+    """Per patched row: ||d||, cos to the original row, cos to e_col, d[col] vs the deleted value."""
+    out = {}
+    for (layer, row), d in zip(patch.rows, patch.vectors):
+        d = d.detach().float().cpu()
+        w_row = down_projection(model, layer).row(row).float().cpu()  # intact: interventions are off here
+        entry = {"norm": d.norm().item(), "cos_original_row": torch.cosine_similarity(d, w_row, 0).item()}
+        for c, w in zip(coords, originals):
+            if (c.layer, c.row) == (layer, row):
+                entry[f"col{c.col}"] = {
+                    "value_at_col": d[c.col].item(), "deleted_value": w - w * c.scale,
+                    "cos_ablated_direction": (d[c.col] / d.norm()).item() if d.norm() > 0 else 0.0,
+                }
+        top = d.abs().topk(min(8, d.numel()))
+        entry["top_entries"] = [[int(i), d[i].item()] for i in top.indices]
+        out[f"{layer}:{row}"] = entry
+    return out

@@ -1,0 +1,367 @@
+"""repair.py: KL-distilled row patches on a planted tiny llama, the data order, the loss, and resume."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import tiny
+from superweight import data
+from superweight.coords import WeightCoord
+from superweight.errors import UsageError
+from superweight.intervene import Ablation, Compose
+from superweight.metrics import measure
+from superweight.repair import RepairConfig, batch_indices, kl_loss, recovery, train
+
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
+PLANT = (1, 5, 7)
+COORDS = [WeightCoord(layer=1, row=5, col=7)]
+TESTS_DIR = Path(__file__).resolve().parent
+
+
+def planted(*plants, seed=0):
+    """As in test_detect.py: a 6-layer tiny llama; each plant boosts neuron `col` (gate/up rows x8) and
+    sets W[row, col] = 40. (Self-contained: its source is pasted into the resume script below.)"""
+    import torch
+    from tiny import tiny_model
+
+    model = tiny_model("llama", seed=seed, num_hidden_layers=6, initializer_range=0.2)
+    for layer, row, col in plants:
+        mlp = model.model.layers[layer].mlp
+        with torch.no_grad():
+            mlp.gate_proj.weight[col] *= 8
+            mlp.up_proj.weight[col] *= 8
+            mlp.down_proj.weight[row, col] = 40.0
+    return model
+
+
+def snapshot(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_identical(model, before) -> None:
+    now = model.state_dict()
+    assert now.keys() == before.keys()
+    for k, v in now.items():
+        assert v.dtype == before[k].dtype and torch.equal(v, before[k]), k
+
+
+def hook_count(model) -> int:
+    return sum(
+        len(getattr(m, attr))
+        for m in model.modules()
+        for attr in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+    )
+
+
+def read_log(run_dir: Path) -> list[dict]:
+    return [json.loads(ln) for ln in (run_dir / "train_log.jsonl").read_text().splitlines() if ln.strip()]
+
+
+@pytest.fixture(scope="module")
+def ids():
+    tok = tiny.tiny_tokenizer()
+    return {
+        "train": data.tokenize(tok, data.load_text("pydoc", "train"), 2048),
+        "eval": data.tokenize(tok, data.load_text("pydoc", "eval"), 1024),
+    }
+
+
+@pytest.fixture(scope="module")
+def seqs(ids):
+    return data.pack(ids["train"], 32)  # [64, 32]
+
+
+# ----------------------------------------------------------------------------------------------- training
+
+
+def test_training_reduces_the_loss_and_repairs_the_model(ids, seqs):
+    model = planted(PLANT)
+    before = snapshot(model)
+    losses = []
+    cfg = RepairConfig(steps=30, batch_size=8, seq_len=32, lr=0.5)
+    patch, state = train(model, COORDS, [(1, 5)], seqs, None, cfg, on_step=lambda s, loss: losses.append((s, loss)))
+    assert [s for s, _ in losses] == list(range(1, 31))
+    first, last = losses[0][1], losses[-1][1]
+    assert math.isfinite(first) and first > 0.1  # the ablation hurts: there is something to repair
+    assert last < 0.5 * first
+    assert state.steps == 30 and state.final_loss == last and state.resumed_from is None
+    assert state.teacher_cached  # 30 * 8 sequences > 64, and they fit the cache
+    # The model is exactly as it was and carries nothing; the returned patch is frozen and off.
+    assert_identical(model, before)
+    assert hook_count(model) == 0 and not patch.active
+    assert all(not v.requires_grad for v in patch.vectors)
+    # What it learnt points at the ablated weight: its largest entry is the super weight's column.
+    d = patch.vectors[0]
+    assert int(d.abs().argmax()) == PLANT[2] and d[PLANT[2]] > 0
+    # Held-out repair. KL closure is the meaningful number on a random model (its NLL gap is ~0.03 nats and
+    # noise-dominated, so nll_gap recovery is not asserted).
+    res = measure(model, ids["eval"], {"broken": Ablation(model, COORDS),
+                                       "patched": Compose(Ablation(model, COORDS), patch)}, max_length=128)
+    rec = recovery(res["base"], res["broken"], res["patched"])
+    assert res["broken"].kl > 0.1
+    assert res["patched"].kl < res["broken"].kl
+    assert rec["kl"] > 0.3, rec
+    assert_identical(model, before)
+    assert hook_count(model) == 0
+
+
+def test_teacher_cache_and_no_cache_agree_up_to_fp16_targets(seqs):
+    model = planted(PLANT)
+    small = seqs[:24]
+    out = {}
+    for mb in (2048, 0):
+        cfg = RepairConfig(steps=9, batch_size=8, seq_len=32, lr=0.5, teacher_cache_mb=mb)
+        patch, state = train(model, COORDS, [(1, 5)], small, None, cfg)
+        assert state.teacher_cached == (mb > 0)
+        out[mb] = patch.vectors[0]
+    # Not bit-equal: the cached path rounds the teacher's log-probs through fp16 (on first use too, so a
+    # resumed run sees the same targets). Measured: max |diff| ~1e-3 on entries of size ~3.
+    assert out[0].abs().max() > 1.0
+    torch.testing.assert_close(out[2048], out[0], rtol=0, atol=1e-2)
+
+
+def test_a_cache_too_small_for_the_set_is_not_used(seqs):
+    model = planted(PLANT)
+    cfg = RepairConfig(steps=9, batch_size=8, seq_len=32, lr=0.5, teacher_cache_mb=1)  # 64*32*512*2 B = 2 MiB
+    _, state = train(model, COORDS, [(1, 5)], seqs[:64], None, cfg)
+    assert not state.teacher_cached
+    cfg = RepairConfig(steps=2, batch_size=8, seq_len=32, lr=0.5)  # each sequence seen at most once
+    _, state = train(model, COORDS, [(1, 5)], seqs[:24], None, cfg)
+    assert not state.teacher_cached
+
+
+def test_log_and_checkpoint_of_a_plain_run(tmp_path, seqs):
+    model = planted(PLANT)
+    cfg = RepairConfig(steps=5, batch_size=4, seq_len=32, lr=0.5, schedule="constant", warmup=2)
+    patch, _ = train(model, COORDS, [(1, 5)], seqs[:16], None, cfg, run_dir=tmp_path, checkpoint_every=2)
+    log = read_log(tmp_path)
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5]
+    assert [r["lr"] for r in log] == pytest.approx([0.25, 0.5, 0.5, 0.5, 0.5])
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=False)
+    assert ckpt["step"] == 5  # the last step is always checkpointed
+    assert torch.equal(ckpt["vectors"][0], patch.vectors[0])
+    assert ckpt["config"] == cfg.model_dump()
+
+
+# ------------------------------------------------------------------------------------------ batch_indices
+
+
+@pytest.mark.parametrize("n, batch", [(10, 5), (10, 3), (7, 8), (1, 2)])
+def test_batch_indices_cover_each_index_once_per_epoch(n, batch):
+    epochs = 4
+    steps = -(-epochs * n // batch)
+    flat = [i for step in range(steps) for i in batch_indices(step, batch, n, seed=1)]
+    assert all(len(batch_indices(s, batch, n, 1)) == batch for s in range(3))
+    perms = [flat[e * n:(e + 1) * n] for e in range(epochs)]
+    for p in perms:
+        assert sorted(p) == list(range(n))
+    if n >= 5:
+        assert len({tuple(p) for p in perms}) > 1  # a fresh order each epoch
+
+
+def test_batch_indices_are_a_pure_function_of_step_batch_n_seed():
+    n, batch = 13, 4
+    state = torch.get_rng_state()
+    forward = [batch_indices(s, batch, n, 2) for s in range(20)]
+    assert torch.equal(torch.get_rng_state(), state)  # the global RNG is neither used nor disturbed
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(12345)
+        backward = [batch_indices(s, batch, n, 2) for s in reversed(range(20))][::-1]
+    fresh = [batch_indices(s, batch, n, 2, {}) for s in range(20)]  # bypass the memo
+    assert forward == backward == fresh
+    assert forward != [batch_indices(s, batch, n, 3) for s in range(20)]
+    assert [i for b in forward for i in b] != [i % n for i in range(20 * batch)]  # actually shuffled
+
+
+# --------------------------------------------------------------------------------------------------- loss
+
+
+def _logits(seed, shape=(2, 6, 11)):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * 3
+
+
+@pytest.mark.parametrize("kl", ["forward", "reverse"])
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+def test_kl_loss_is_zero_for_the_teacher_itself(kl, temperature):
+    cfg = RepairConfig(kl=kl, temperature=temperature)
+    logits = _logits(0)
+    teacher_lp = (logits / temperature).log_softmax(-1)
+    mask = torch.ones(2, 6)
+    assert kl_loss(teacher_lp, logits, mask, cfg).item() == 0.0
+    assert kl_loss(teacher_lp, _logits(1), mask, cfg).item() > 0.01
+
+
+@pytest.mark.parametrize("kl", ["forward", "reverse"])
+def test_kl_loss_ignores_masked_positions(kl):
+    cfg = RepairConfig(kl=kl, temperature=1.5)
+    teacher_lp = (_logits(0) / 1.5).log_softmax(-1)
+    student = _logits(1)
+    mask = torch.ones(2, 6, dtype=torch.long)  # integer, like an attention mask / train's default
+    mask[0, 4:] = 0
+    mask[1, 5:] = 0
+    loss = kl_loss(teacher_lp, student, mask, cfg)
+    other = student.clone()
+    other[mask == 0] = _logits(2)[mask == 0] * 10
+    assert torch.equal(kl_loss(teacher_lp, other, mask, cfg), loss)
+    other_teacher = teacher_lp.clone()
+    other_teacher[mask == 0] = (_logits(3)[mask == 0]).log_softmax(-1)
+    assert torch.equal(kl_loss(other_teacher, student, mask, cfg), loss)
+    # ... but a change at a real position does change it, and the value is the mean over real positions.
+    changed = student.clone()
+    changed[0, 0, 3] += 5  # one logit: adding to all of a position's logits would change nothing
+    assert kl_loss(teacher_lp, changed, mask, cfg) != loss
+    s_lp = (student / 1.5).log_softmax(-1)
+    p, q = (teacher_lp, s_lp) if kl == "forward" else (s_lp, teacher_lp)
+    per_token = (p.exp() * (p - q)).sum(-1)
+    expected = per_token[mask.bool()].mean() * 1.5**2
+    torch.testing.assert_close(loss, expected)
+
+
+# ------------------------------------------------------------------------------------------------- resume
+
+RESUME_SCRIPT = inspect.getsource(planted) + textwrap.dedent('''
+    # Imports torch / transformers once, then runs each training in a forked child (a fresh process as far
+    # as training is concerned: this parent never trains or runs a forward), so that three runs cost one
+    # interpreter start (~6 s of imports) instead of three.
+    import json, os, signal, sys, traceback
+    from pathlib import Path
+
+    import torch
+
+    torch.set_num_threads(1)
+    from superweight.coords import WeightCoord
+    from superweight.repair import RepairConfig, train
+
+    base, sequences = Path(sys.argv[1]), torch.load(sys.argv[2])
+    planted((1, 5, 7))  # resolve transformers' lazy imports here once, not in every child
+
+
+    def run(run_dir, resume, kill_at):
+        model = planted((1, 5, 7))
+        cfg = RepairConfig(steps=12, batch_size=4, seq_len=16, lr=0.3, weight_decay=0.01, warmup=2,
+                           init="random", seed=3)
+
+        def on_step(step, loss):
+            if step == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        patch, state = train(model, [WeightCoord(layer=1, row=5, col=7)], [(1, 5), (3, 5)], sequences, None,
+                             cfg, run_dir=run_dir, checkpoint_every=3, resume=resume, on_step=on_step)
+        assert state.teacher_cached and state.resumed_from == (6 if resume else None), state
+        torch.save([v.detach().clone() for v in patch.vectors], run_dir / "patch.pt")
+
+
+    for name, run_dir, resume, kill_at in [("killed", base / "killed", False, 7),
+                                           ("resumed", base / "killed", True, None),
+                                           ("full", base / "full", False, None)]:
+        sys.stdout.flush()
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            try:
+                run(run_dir, resume, kill_at)
+            except BaseException:
+                traceback.print_exc()
+                code = 1
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        print(json.dumps({"run": name, "returncode": os.waitstatus_to_exitcode(status)}), flush=True)
+        if name == "killed":  # what the kill left behind, before the resume touches it
+            ckpt = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)
+            log = [json.loads(ln)["step"] for ln in (run_dir / "train_log.jsonl").read_text().splitlines()]
+            print(json.dumps({"ckpt_step": ckpt["step"], "log_steps": log,
+                              "patch_saved": (run_dir / "patch.pt").exists()}), flush=True)
+''')
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="the resume driver forks")
+def test_a_killed_run_resumes_bit_for_bit(tmp_path, ids):
+    script = tmp_path / "resume_run.py"
+    script.write_text(RESUME_SCRIPT)
+    seqs_path = tmp_path / "seqs.pt"
+    # 16 sequences, batch 4, 12 steps: each is seen 3 times, so the teacher cache is in use and the resumed
+    # run (empty cache, restarting in epoch 2) must rebuild exactly the targets the uninterrupted run cached.
+    torch.save(data.pack(ids["train"], 16)[:16].clone(), seqs_path)
+    for d in ("killed", "full"):
+        (tmp_path / d).mkdir()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in [str(TESTS_DIR), os.environ.get("PYTHONPATH")] if p)}
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path), str(seqs_path)], env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = [json.loads(ln) for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    report = {r["run"]: r["returncode"] for r in lines if "run" in r}
+    assert report == {"killed": -signal.SIGKILL, "resumed": 0, "full": 0}, proc.stderr
+    after_kill = next(r for r in lines if "ckpt_step" in r)
+    assert after_kill["ckpt_step"] == 6
+    assert after_kill["log_steps"] == [1, 2, 3, 4, 5, 6, 7]  # step 7 was logged but not checkpointed
+    assert not after_kill["patch_saved"]
+
+    killed_dir, full_dir = tmp_path / "killed", tmp_path / "full"
+    got = torch.load(killed_dir / "patch.pt")
+    want = torch.load(full_dir / "patch.pt")
+    assert len(got) == len(want) == 2
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+    assert want[0].abs().max() > 0.1  # it trained
+    log, full_log = read_log(killed_dir), read_log(full_dir)
+    assert [r["step"] for r in log] == list(range(1, 13))  # the resume dropped the unsaved step-7 line
+    assert [r["loss"] for r in log] == [r["loss"] for r in full_log]
+    assert [r["lr"] for r in log] == [r["lr"] for r in full_log]
+    assert torch.load(killed_dir / "checkpoints" / "last.pt", weights_only=False)["step"] == 12
+
+
+def test_resume_with_other_settings_or_nothing_to_resume_is_a_usage_error(tmp_path, seqs):
+    model = planted(PLANT)
+    before = snapshot(model)
+    cfg = RepairConfig(steps=3, batch_size=4, seq_len=32, lr=0.5)
+    train(model, COORDS, [(1, 5)], seqs[:8], None, cfg, run_dir=tmp_path, checkpoint_every=2)
+    with pytest.raises(UsageError, match="other training settings"):
+        train(model, COORDS, [(1, 5)], seqs[:8], None, cfg.model_copy(update={"lr": 0.4}),
+              run_dir=tmp_path, resume=True)
+    with pytest.raises(UsageError, match="nothing to resume"):
+        train(model, COORDS, [(1, 5)], seqs[:8], None, cfg, run_dir=tmp_path / "empty", resume=True)
+    with pytest.raises(UsageError, match="nothing to resume"):
+        train(model, COORDS, [(1, 5)], seqs[:8], None, cfg, run_dir=None, resume=True)
+    assert [r["step"] for r in read_log(tmp_path)] == [1, 2, 3]  # failed resumes touched nothing
+    assert_identical(model, before)
+    assert hook_count(model) == 0
+
+
+def test_resume_of_a_finished_run_is_a_no_op(tmp_path, seqs):
+    model = planted(PLANT)
+    cfg = RepairConfig(steps=3, batch_size=4, seq_len=32, lr=0.5)
+    first, _ = train(model, COORDS, [(1, 5)], seqs[:8], None, cfg, run_dir=tmp_path)
+    again, state = train(model, COORDS, [(1, 5)], seqs[:8], None, cfg, run_dir=tmp_path, resume=True)
+    assert state.resumed_from == 3
+    assert torch.equal(first.vectors[0], again.vectors[0])
+    assert [r["step"] for r in read_log(tmp_path)] == [1, 2, 3]
+
+
+def test_resume_with_other_rows_is_a_usage_error(tmp_path, seqs):
+    model = planted(PLANT)
+    cfg = RepairConfig(steps=3, batch_size=4, seq_len=32, lr=0.5)
+    train(model, COORDS, [(1, 5)], seqs[:8], None, cfg, run_dir=tmp_path, checkpoint_every=2)
+    with pytest.raises(UsageError):
+        train(model, COORDS, [(1, 6)], seqs[:8], None, cfg, run_dir=tmp_path, resume=True)
+
+
+def test_a_fresh_run_starts_a_fresh_log(tmp_path, seqs):
+    model = planted(PLANT)
+    cfg = RepairConfig(steps=3, batch_size=4, seq_len=32, lr=0.5)
+    train(model, COORDS, [(1, 5)], seqs[:8], None, cfg, run_dir=tmp_path)
+    train(model, COORDS, [(1, 5)], seqs[:8], None, cfg, run_dir=tmp_path)
+    assert [r["step"] for r in read_log(tmp_path)] == [1, 2, 3]
