@@ -82,3 +82,26 @@ def test_cli_eval_on_the_embedded_model(smol, monkeypatch, tmp_path):
     assert doc["ablated"]["ppl"] > 2 * doc["base"]["ppl"]
     gen = doc["generations"][0]
     assert "Japan" in gen["base"] and gen["ablated"] != gen["base"]
+
+
+def test_short_repair_on_the_embedded_model_recovers_and_round_trips(smol, tmp_path):
+    from superweight.intervene import Compose
+    from superweight.patchfile import apply_patch, load_patch, save_patch
+    from superweight.repair import RepairConfig, recovery, train
+
+    cfg = RepairConfig(steps=12, batch_size=4, seq_len=128, train_tokens=4096)  # 32 sequences: cached after 8 steps
+    seqs = data.pack(data.tokenize(smol.tokenizer, data.load_text("pydoc", "train"), cfg.train_tokens), 128)
+    patch, state = train(smol.model, [SUPER], [(11, 507)], seqs, None, cfg, tmp_path, checkpoint_every=6)
+    assert state.teacher_cached
+    ids = data.tokenize(smol.tokenizer, data.load_text("pydoc", "eval"), 512)
+    out = measure(smol.model, ids, {"broken": Ablation(smol.model, [SUPER]),
+                                    "patched": Compose(Ablation(smol.model, [SUPER]), patch)})
+    rec = recovery(out["base"], out["broken"], out["patched"])
+    assert rec["kl"] > 0.4 and rec["nll_gap"] > 0.4  # 12 steps already close much of the gap
+    save_patch(tmp_path, smol.model, patch, [SUPER], {"model": "smollm2-135m", "spec": "smollm2-135m"})
+    live = apply_patch(smol.model, load_patch(tmp_path))
+    try:
+        again = measure(smol.model, ids)["base"]  # "base" here = the model with the loaded patch applied
+    finally:
+        live.remove()
+    assert abs(again.nll - out["patched"].nll) < 1e-4

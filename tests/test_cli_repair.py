@@ -1,0 +1,102 @@
+"""`superweight repair` and `superweight apply` on a tiny local model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from superweight import models
+from superweight.cli import app
+from superweight.patchfile import apply_patch, load_patch
+from tiny import save_tiny_model_dir
+
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+runner = CliRunner()
+FAST = ["--weight", "1:5:7", "--steps", "6", "--batch-size", "2", "--seq-len", "32", "--eval-tokens", "128",
+        "--checkpoint-every", "2"]
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "r"
+    result = invoke("repair", "--model", tiny_model_dir, *FAST, "--baselines", "--out", out)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_repair_writes_the_run_directory(run_dir):
+    names = {p.name for p in run_dir.iterdir()}
+    assert {"config.json", "results.json", "patch.safetensors", "patch_config.json", "train_log.jsonl",
+            "checkpoints"} <= names
+    res = json.loads((run_dir / "results.json").read_text())
+    for key in ("base", "broken", "patched"):
+        assert {"nll", "ppl", "kl", "top1_agree", "super_activation"} <= set(res[key])
+    assert set(res["recovery"]) == {"nll_gap", "kl"}
+    assert {"steps", "seconds", "s_per_step"} <= set(res["training"]) and res["training"]["steps"] == 6
+    assert set(res["baselines"]) == {"oracle", "activation_restore", "random_same_norm", "other_row"}
+    assert res["baselines"]["oracle"]["kl"] < 1e-8  # putting the deleted value back is the intact model
+    log = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in log] == [1, 2, 3, 4, 5, 6]
+    cfg = json.loads((run_dir / "patch_config.json").read_text())
+    assert cfg["ablated"] == ["1:5:7"] and cfg["rows"] == [[1, 5]] and cfg["d_ff"] == {"1": 64}
+
+
+def test_repair_refuses_to_overwrite_a_run(tiny_model_dir, run_dir):
+    before = (run_dir / "results.json").read_bytes()
+    result = invoke("repair", "--model", tiny_model_dir, *FAST, "--out", run_dir)
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines() == [
+        f"Error: {run_dir} already holds a run: pass --resume to continue it, or choose another --out"]
+    assert (run_dir / "results.json").read_bytes() == before
+
+
+def test_resume_with_other_settings_is_refused(tiny_model_dir, run_dir):
+    result = invoke("repair", "--model", tiny_model_dir, *FAST, "--lr", "0.5", "--out", run_dir, "--resume")
+    assert result.exit_code == 2 and "--resume with other settings" in result.stderr
+
+
+def test_bad_repair_options(tiny_model_dir, tmp_path):
+    for args, pattern in [
+        (["--weight", "1:5:7", "--recipe", "magic"], "unknown recipe 'magic'"),
+        (["--weight", "1:5:7", "--patch-row", "1-5"], "invalid patch row '1-5'"),
+        (["--weight", "1:5:7", "--optimizer", "lion"], "invalid training option"),
+        (["--weight", "1:5:7", "--steps", "0"], "steps must be at least 1"),
+        (["--weight", "9:5:7"], "layer 9 out of range"),
+    ]:
+        result = invoke("repair", "--model", tiny_model_dir, *args, "--out", tmp_path / "x")
+        assert result.exit_code == 2, (args, result.output)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and pattern in lines[0], lines
+
+
+def test_apply_exports_a_model_equal_to_the_live_patch(tiny_model_dir, run_dir, tmp_path):
+    export = tmp_path / "merged"
+    result = invoke("apply", "--patch", run_dir, "--export", export, "--model", tiny_model_dir)
+    assert result.exit_code == 0, result.output
+    merged = models.load(str(export)).model
+    live_model = models.load(str(tiny_model_dir)).model
+    ids = torch.arange(3, 40)[None]
+    with torch.no_grad():
+        live = apply_patch(live_model, load_patch(run_dir))
+        expected = live_model(ids).logits
+        live.remove()
+        assert torch.allclose(merged(ids).logits, expected, atol=1e-5)
+    again = invoke("apply", "--patch", run_dir, "--export", export, "--model", tiny_model_dir)
+    assert again.exit_code == 2 and "exists already" in again.stderr
+
+
+def test_patch_on_the_wrong_model_is_a_clear_error(run_dir, tmp_path):
+    other = save_tiny_model_dir(tmp_path / "other", family="llama", seed=1)
+    result = invoke("apply", "--patch", run_dir, "--export", tmp_path / "m", "--model", other)
+    assert result.exit_code == 1
+    assert result.stderr.strip().splitlines() == [
+        "Error: patch was trained on another model (" + json.loads((run_dir / "patch_config.json").read_text())["model"]
+        + "): weight fingerprint differs"]
+    assert not (tmp_path / "m").exists()
