@@ -81,14 +81,18 @@ def build(name: str, n_seq: int):
     return model, ids
 
 
-def run_ours(model, seqs, coord, steps, stamps, losses):
+def run_ours(model, seqs, coord, steps, stamps, losses, cached=False):
+    """cached=True: one batch of sequences repeated, so every step after the first reuses the cached teacher
+    (the steady state of a multi-epoch recipe such as `fast`); otherwise the cache is off."""
     from superweight.coords import parse_coord
     from superweight.repair import RepairConfig, train
 
     c = parse_coord(coord)
+    if cached:
+        seqs = seqs[:BATCH]
     cfg = RepairConfig(steps=steps, batch_size=BATCH, seq_len=SEQ_LEN, lr=LR, weight_decay=WD,
                        optimizer="adamw", schedule="constant", train_tokens=seqs.numel(),
-                       teacher_cache_mb=0, seed=SEED)
+                       teacher_cache_mb=1 << 20 if cached else 0, seed=SEED)
 
     def on_step(_step, loss):
         stamps.append((time.perf_counter(), time.process_time()))
@@ -147,7 +151,8 @@ def child(args) -> None:
              "peak_rss_build_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
     stamps, losses = [], []
     start = (time.perf_counter(), time.process_time())
-    fn = run_ours if args.only == "ours" else run_seed
+    fn = {"ours": run_ours, "seed": run_seed,
+          "ours-cached": lambda *a: run_ours(*a, cached=True)}[args.only]
     extra = fn(model, seqs, MODELS[args.model], args.steps, stamps, losses)
     out = {"impl": args.only, "model": args.model, "steps": args.steps,
            "s_per_step": (stamps[-1][0] - stamps[0][0]) / (len(stamps) - 1),
@@ -175,7 +180,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--repeats", type=int, default=1,
                         help="subprocess pairs per model (alternating); best s/step and highest peak RSS kept")
-    parser.add_argument("--only", choices=["ours", "seed"], help=argparse.SUPPRESS)
+    parser.add_argument("--only", choices=["ours", "seed", "ours-cached"], help=argparse.SUPPRESS)
     parser.add_argument("--model", choices=list(MODELS), default="smollm2-135m", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.steps < 2 or args.olmo_steps < 2:
@@ -191,13 +196,13 @@ def main() -> None:
           f"each (impl, model) in its own subprocess, {args.repeats} time(s), alternating")
     print(f"  load average at start: {os.getloadavg()[0]:.2f} (busy neighbours make s/step noisy)"
           f"{'; consider --threads 1' if args.threads > 1 and os.getloadavg()[0] > 0.5 else ''}\n")
-    print(f"{'model':<15}{'impl':<6}{'coord':<13}{'s/step':>8}{'cpu s/step':>11}{'warm-up s':>11}{'peak RSS MB':>13}"
+    print(f"{'model':<15}{'impl':<12}{'coord':<13}{'s/step':>8}{'cpu s/step':>11}{'warm-up s':>11}{'peak RSS MB':>13}"
           f"{'build peak/now':>16}{'loss@1':>12}")
     results = {}
     for model, steps in runs:
-        for impl in [impl for _ in range(args.repeats) for impl in ("ours", "seed")]:
+        for impl in [impl for _ in range(args.repeats) for impl in ("ours", "seed", "ours-cached")]:
             r = spawn(impl, model, steps, args.threads)
-            print(f"{model:<15}{impl:<6}{MODELS[model]:<13}{r['s_per_step']:>8.3f}"
+            print(f"{model:<15}{impl:<12}{MODELS[model]:<13}{r['s_per_step']:>8.3f}"
                   f"{r['cpu_s_per_step']:>11.3f}{r['warmup_step_s']:>11.2f}"
                   f"{r['peak_rss_mb']:>13.0f}{r['peak_rss_build_mb']:>9.0f}/{r['rss_after_build_mb']:<6.0f}"
                   f"{r['loss_step1']:>12.4e}", flush=True)
@@ -216,6 +221,9 @@ def main() -> None:
         print(f"  {model:<15} peak RSS {rss:.3f} ({'OK' if rss <= 0.65 else 'MISS'} target <= 0.65)   "
               f"s/step {sps:.3f} ({'OK' if sps <= 0.8 else 'MISS'} target <= 0.8; cpu s/step {cpu:.3f})   "
               f"step-1 loss {'agrees' if agree else 'DIFFERS'}")
+        c = results[model, "ours-cached"]
+        print(f"  {model:<15} with the teacher cached (steady state after the first epoch): s/step "
+              f"{c['s_per_step'] / s['s_per_step']:.3f}, peak RSS {c['peak_rss_mb'] / s['peak_rss_mb']:.3f}")
     print(f"\nload average at end: {os.getloadavg()[0]:.2f}")
 
 
