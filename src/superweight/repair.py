@@ -88,7 +88,7 @@ def batch_indices(step: int, batch_size: int, n: int, seed: int, _perms: dict = 
 
 def kl_loss(teacher_lp: torch.Tensor, student_logits: torch.Tensor, mask: torch.Tensor, cfg: RepairConfig):
     """Mean per-token KL over real (mask == 1) positions, in fp32; scaled by T^2."""
-    s_lp = (student_logits.float() / cfg.temperature).log_softmax(-1)
+    s_lp = _scaled(student_logits, cfg.temperature).log_softmax(-1)
     # F.kl_div(input, target) = exp(target) * (target - input): one vocab-sized temporary, not three.
     if cfg.kl == "forward":
         per_token = F.kl_div(s_lp, teacher_lp, log_target=True, reduction="none").sum(-1)
@@ -97,6 +97,12 @@ def kl_loss(teacher_lp: torch.Tensor, student_logits: torch.Tensor, mask: torch.
     keep = mask.bool()
     per_token = torch.where(keep, per_token, torch.zeros_like(per_token))  # NaN-safe at pad positions
     return per_token.sum() / keep.sum() * cfg.temperature**2
+
+
+def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """fp32 logits / T, without a vocab-sized copy when nothing changes (fp32, T = 1)."""
+    logits = logits.float()
+    return logits if temperature == 1.0 else logits / temperature
 
 
 def _optimizer(params, cfg: RepairConfig) -> torch.optim.Optimizer:
@@ -199,7 +205,7 @@ def train(
         else:
             with torch.no_grad(), prefix.capture():
                 logits = model(input_ids=ids, attention_mask=m, use_cache=False).logits
-            teacher_lp = (logits.float() / cfg.temperature).log_softmax(-1)
+            teacher_lp = _scaled(logits, cfg.temperature).log_softmax(-1)
             del logits  # not needed during the student pass: one vocab-sized tensor less at peak
             hidden = prefix.hidden
             if cache_fits:
