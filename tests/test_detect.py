@@ -9,28 +9,12 @@ import torch
 
 from superweight import data, detect
 from superweight.arch import down_projections
-from tiny import tiny_model, tiny_tokenizer
+from tiny import planted, tiny_model, tiny_tokenizer
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
 PLANT_A = (1, 5, 7)
 PLANT_B = (3, 20, 40)
-
-
-def planted(*plants, seed=0):
-    """A 6-layer tiny llama; each plant boosts neuron `col` (gate/up rows x8) and sets W[row, col] = 40.
-
-    That makes the neuron fire hard and write a massive activation into residual channel `row`: the
-    mechanism of a real super weight, small enough to build in milliseconds.
-    """
-    model = tiny_model("llama", seed=seed, num_hidden_layers=6, initializer_range=0.2)
-    for layer, row, col in plants:
-        mlp = model.model.layers[layer].mlp
-        with torch.no_grad():
-            mlp.gate_proj.weight[col] *= 8
-            mlp.up_proj.weight[col] *= 8
-            mlp.down_proj.weight[row, col] = 40.0
-    return model
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import tiny
+from tiny import assert_identical, hook_count, planted, snapshot
 from superweight.arch import down_projection
 from superweight.coords import WeightCoord
 from superweight.errors import CoordinateError
@@ -16,25 +17,6 @@ pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
 FAMILIES = ["llama", "gpt2", "opt"]  # nn.Linear, Conv1D (weight stored transposed), Linear fed [B*T, d_ff]
 IDS = torch.randint(2, tiny.VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
-
-
-def snapshot(model) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def assert_identical(model, before) -> None:
-    now = model.state_dict()
-    assert now.keys() == before.keys()
-    for k, v in now.items():
-        assert v.dtype == before[k].dtype and torch.equal(v, before[k]), k
-
-
-def hook_count(model) -> int:
-    n = 0
-    for m in model.modules():
-        for attr in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks"):
-            n += len(getattr(m, attr))
-    return n
 
 
 def rand_vec(n: int, seed: int) -> torch.Tensor:
@@ -211,18 +193,6 @@ def test_bad_rows_and_vectors_raise_coordinate_error(family, rows, vectors):
 # ------------------------------------------------------------------------------------- ActivationRestore
 
 PLANT = (1, 5, 7)
-
-
-def planted(*plants, seed=0):
-    """As in test_detect.py: a 6-layer tiny llama whose neuron `col` fires hard and writes W[row,col]=40."""
-    model = tiny.tiny_model("llama", seed=seed, num_hidden_layers=6, initializer_range=0.2)
-    for layer, row, col in plants:
-        mlp = model.model.layers[layer].mlp
-        with torch.no_grad():
-            mlp.gate_proj.weight[col] *= 8
-            mlp.up_proj.weight[col] *= 8
-            mlp.down_proj.weight[row, col] = 40.0
-    return model
 
 
 @pytest.fixture(scope="module")

@@ -71,7 +71,6 @@ def test_reused_prefix_gives_the_full_forward_logits(family, layer):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_reuse_skips_the_lower_blocks_and_feeds_the_given_state(family):
     model = tiny.tiny_model(family, seed=2, num_hidden_layers=3)
-    blocks = decoder_layers(model)
     prefix = Prefix(model, 2)
     with torch.no_grad():
         with prefix.capture():

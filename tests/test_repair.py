@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import os
@@ -16,6 +15,7 @@ import pytest
 import torch
 
 import tiny
+from tiny import assert_identical, hook_count, planted, snapshot
 from superweight import data
 from superweight.coords import WeightCoord
 from superweight.errors import UsageError
@@ -28,41 +28,6 @@ pytestmark = pytest.mark.usefixtures("torch_single_thread")
 PLANT = (1, 5, 7)
 COORDS = [WeightCoord(layer=1, row=5, col=7)]
 TESTS_DIR = Path(__file__).resolve().parent
-
-
-def planted(*plants, seed=0):
-    """As in test_detect.py: a 6-layer tiny llama; each plant boosts neuron `col` (gate/up rows x8) and
-    sets W[row, col] = 40. (Self-contained: its source is pasted into the resume script below.)"""
-    import torch
-    from tiny import tiny_model
-
-    model = tiny_model("llama", seed=seed, num_hidden_layers=6, initializer_range=0.2)
-    for layer, row, col in plants:
-        mlp = model.model.layers[layer].mlp
-        with torch.no_grad():
-            mlp.gate_proj.weight[col] *= 8
-            mlp.up_proj.weight[col] *= 8
-            mlp.down_proj.weight[row, col] = 40.0
-    return model
-
-
-def snapshot(model) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def assert_identical(model, before) -> None:
-    now = model.state_dict()
-    assert now.keys() == before.keys()
-    for k, v in now.items():
-        assert v.dtype == before[k].dtype and torch.equal(v, before[k]), k
-
-
-def hook_count(model) -> int:
-    return sum(
-        len(getattr(m, attr))
-        for m in model.modules()
-        for attr in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
-    )
 
 
 def read_log(run_dir: Path) -> list[dict]:
@@ -231,7 +196,8 @@ def test_kl_loss_ignores_masked_positions(kl):
 
 # ------------------------------------------------------------------------------------------------- resume
 
-RESUME_SCRIPT = inspect.getsource(planted) + textwrap.dedent('''
+RESUME_SCRIPT = textwrap.dedent('''
+    from tiny import planted
     # Imports torch / transformers once, then runs each training in a forked child (a fresh process as far
     # as training is concerned: this parent never trains or runs a forward), so that three runs cost one
     # interpreter start (~6 s of imports) instead of three.

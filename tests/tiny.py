@@ -225,3 +225,37 @@ def save_tiny_model_dir(path, family: str = "llama", seed: int = 0, **config_ove
         if not bars_were_off:
             hf_logging.enable_progress_bar()
     return path
+
+
+def planted(*plants, seed: int = 0, family: str = "llama"):
+    """A 6-layer tiny llama with planted super weights: for each (layer, row, col), neuron `col` is boosted
+    (gate/up rows x8) and W[row, col] = 40, so the neuron fires hard and writes a massive activation into
+    residual channel `row` - the mechanism of a real super weight, built in milliseconds."""
+    model = tiny_model(family, seed=seed, num_hidden_layers=6, initializer_range=0.2)
+    for layer, row, col in plants:
+        mlp = model.model.layers[layer].mlp
+        with torch.no_grad():
+            mlp.gate_proj.weight[col] *= 8
+            mlp.up_proj.weight[col] *= 8
+            mlp.down_proj.weight[row, col] = 40.0
+    return model
+
+
+def snapshot(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_identical(model, before: dict[str, torch.Tensor]) -> None:
+    """The model's state dict equals `before` bit for bit (same keys, dtypes and values)."""
+    now = model.state_dict()
+    assert now.keys() == before.keys()
+    for k, v in now.items():
+        assert v.dtype == before[k].dtype and torch.equal(v, before[k]), k
+
+
+def hook_count(model) -> int:
+    return sum(
+        len(getattr(m, attr))
+        for m in model.modules()
+        for attr in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+    )
