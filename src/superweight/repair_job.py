@@ -28,6 +28,7 @@ from superweight.repair import RepairConfig, recovery, train
 from superweight.runs import provenance, write_json
 
 GEN_PROMPTS = generate.DEFAULT_PROMPTS[:5]
+RANDOM_DRAWS = 3
 
 
 def training_sequences(tokenizer, corpus: str, cfg: RepairConfig, recipe: str):
@@ -150,17 +151,22 @@ def _baselines(model, coords, rows, originals, patch, seqs, mask, cfg, out, stag
             if (c.layer, c.row) == (layer, row):
                 v[c.col] += w - w * c.scale
         oracle_vectors.append(v)
-    random_vectors = []
-    for v in patch.vectors:
-        r = torch.randn(v.numel(), generator=gen)
-        random_vectors.append(r / r.norm() * v.detach().norm().cpu())
+    # Several draws: with a large patch norm one draw's sign at the super column decides a lot (see notes).
+    random_draws = []
+    for _ in range(RANDOM_DRAWS):
+        vectors = []
+        for v in patch.vectors:
+            r = torch.randn(v.numel(), generator=gen)
+            vectors.append(r / r.norm() * v.detach().norm().cpu())
+        random_draws.append(vectors)
     other = [(layer, _other_row(row, down_projection(model, layer).d_model, cfg.seed)) for layer, row in rows]
     stage(f"Baseline: training rows {', '.join(f'{l}:{r}' for l, r in other)}", cfg.steps)
     other_patch, _ = train(model, coords, other, seqs, mask, cfg, None, on_step=lambda s, loss: on_advance and on_advance(1, loss))
     return {
         "oracle": Compose(Ablation(model, coords), RowPatch(model, rows, oracle_vectors)),
         "activation_restore": Compose(Ablation(model, coords), ActivationRestore(model, coords, originals)),
-        "random_same_norm": Compose(Ablation(model, coords), RowPatch(model, rows, random_vectors)),
+        **{f"random_same_norm_{i + 1}": Compose(Ablation(model, coords), RowPatch(model, rows, vectors))
+           for i, vectors in enumerate(random_draws)},
         "other_row": Compose(Ablation(model, coords), other_patch),
     }
 
@@ -174,7 +180,8 @@ def _describe(coords, rows, baselines) -> dict[str, str]:
             "oracle": "ablate, then put the deleted values back through the patch rows",
             "activation_restore": "ablate, then restore the super activation only (positions where the weight's "
                                   "contribution is >= 10% of its batch maximum)",
-            "random_same_norm": "ablate, then add a random vector of the trained patch's norm on the same rows",
+            **{f"random_same_norm_{i + 1}": f"ablate, then add random vector #{i + 1} of the trained patch's norm "
+                                             "on the same rows" for i in range(RANDOM_DRAWS)},
             "other_row": "ablate, then a patch trained with the same budget on another (random) row of the layer",
         })
     return d
