@@ -185,7 +185,33 @@ def hidden(output) -> torch.Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
-class RowPatch(Intervention):
+class HookIntervention(Intervention):
+    """An intervention made of forward hooks: subclasses list (module, hook) pairs in `_hooks()`."""
+
+    _handles: list
+
+    def _hooks(self) -> list[tuple[nn.Module, Callable]]:
+        raise NotImplementedError
+
+    def apply(self) -> None:
+        if self.active:
+            raise RuntimeError("intervention is already applied")
+        self.active = True
+        self._handles = []
+        try:
+            for module, hook in self._hooks():
+                self._handles.append(module.register_forward_hook(hook))
+        except BaseException:
+            self.remove()
+            raise
+
+    def remove(self) -> None:
+        while getattr(self, "_handles", None):
+            self._handles.pop().remove()
+        self.active = False
+
+
+class RowPatch(HookIntervention):
     """Add a trainable vector `d` (length d_ff) to row `row` of a down-projection: out[..., row] += x @ d.
 
     Rank one, via a forward hook, so the weight itself is never written and only `d` gets gradients:
@@ -214,25 +240,15 @@ class RowPatch(Intervention):
             if tuple(v.shape) != (dp.d_ff,):
                 raise CoordinateError(f"patch vector for layer {dp.layer} has shape {tuple(v.shape)}, need ({dp.d_ff},)")
             self.vectors.append(nn.Parameter(v.detach().to(device=device, dtype=torch.float32).clone()))
-        self._handles: list = []
 
     def parameters(self) -> list[nn.Parameter]:
         return list(self.vectors)
 
-    def apply(self) -> None:
-        if self.active:
-            raise RuntimeError("intervention is already applied")
-        self.active = True
-        by_layer: dict[int, list[int]] = {}
+    def _hooks(self):
+        by_layer: dict[int, list[int]] = {}  # one hook per down-projection, adding all of its patched rows
         for i, (layer, _row) in enumerate(self.rows):
             by_layer.setdefault(layer, []).append(i)
-        try:
-            for layer, idx in by_layer.items():
-                module = self._dps[idx[0]].module
-                self._handles.append(module.register_forward_hook(self._hook(idx)))
-        except BaseException:
-            self.remove()
-            raise
+        return [(self._dps[idx[0]].module, self._hook(idx)) for idx in by_layer.values()]
 
     def _hook(self, idx: list[int]):
         rows = torch.tensor([self.rows[i][1] for i in idx], device=self.vectors[idx[0]].device)
@@ -246,13 +262,8 @@ class RowPatch(Intervention):
 
         return hook
 
-    def remove(self) -> None:
-        while self._handles:
-            self._handles.pop().remove()
-        self.active = False
 
-
-class ActivationRestore(Intervention):
+class ActivationRestore(HookIntervention):
     """The paper's baseline: with super weights ablated, put back only the super activation.
 
     At each forward, the intact value of channel `row` is out + x[col] * (w_original - w_ablated); it is
@@ -268,18 +279,9 @@ class ActivationRestore(Intervention):
             dp.check(c.row, c.col)
             self.items.append((dp, c.row, c.col, float(w), float(w) * c.scale))
         self.fraction = fraction
-        self._handles: list = []
 
-    def apply(self) -> None:
-        if self.active:
-            raise RuntimeError("intervention is already applied")
-        self.active = True
-        try:
-            for dp, row, col, w, w_abl in self.items:
-                self._handles.append(dp.module.register_forward_hook(self._hook(row, col, w, w_abl)))
-        except BaseException:
-            self.remove()
-            raise
+    def _hooks(self):
+        return [(dp.module, self._hook(row, col, w, w_abl)) for dp, row, col, w, w_abl in self.items]
 
     def _hook(self, row: int, col: int, w: float, w_abl: float):
         def hook(_module, inp, out):
@@ -292,8 +294,3 @@ class ActivationRestore(Intervention):
             return out
 
         return hook
-
-    def remove(self) -> None:
-        while self._handles:
-            self._handles.pop().remove()
-        self.active = False
