@@ -128,9 +128,7 @@ def apply_patch(model: nn.Module, patch: PatchData) -> Intervention:
 def merge_into_weights(model: nn.Module, patch: PatchData) -> None:
     """Permanently ablate and add the patch rows into the weights (for export); no undo."""
     check_fits(model, patch)
-    for c in patch.ablated:
-        dp = down_projection(model, c.layer)
-        dp.set(c.row, c.col, dp.get(c.row, c.col) * c.scale)
+    Ablation(model, patch.ablated).apply()  # applied and never removed: the export is the ablated model
     for (layer, row), v in zip(patch.rows, patch.vectors):
         dp = down_projection(model, layer)
         dp.set_row(row, dp.row(row) + v.to(dp.weight.dtype))
