@@ -56,13 +56,10 @@ class PatchData:
 
 def save_patch(run_dir: Path, model: nn.Module, patch: RowPatch, ablated: list[WeightCoord], meta: dict) -> None:
     """Write the vectors and their config (sorted, indented JSON) into `run_dir`."""
-    from superweight.runs import provenance, write_json
+    from superweight.runs import provenance, write_atomic, write_json
 
     tensors = {f"layer{l}.row{r}": v.detach().cpu().float().contiguous() for (l, r), v in zip(patch.rows, patch.vectors)}
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / f".{PATCH_FILE}.tmp"
-    save_file(tensors, str(tmp))
-    tmp.replace(run_dir / PATCH_FILE)
+    write_atomic(run_dir / PATCH_FILE, lambda tmp: save_file(tensors, str(tmp)))
     layers = [l for l, _ in patch.rows] + [c.layer for c in ablated]
     config = {
         **meta,

@@ -14,7 +14,6 @@ the data order is a pure function of (seed, step), so no data state needs saving
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,6 +29,7 @@ from superweight.coords import WeightCoord
 from superweight.errors import UsageError
 from superweight.intervene import Ablation, RowPatch
 from superweight.prefix import Prefix
+from superweight.runs import write_atomic
 
 
 class RepairConfig(BaseModel):
@@ -120,12 +120,6 @@ def _lr(step: int, cfg: RepairConfig) -> float:
         progress = (step - cfg.warmup) / max(cfg.steps - cfg.warmup, 1)
         return cfg.lr * 0.5 * (1 + torch.cos(torch.tensor(progress * torch.pi)).item())
     return cfg.lr
-
-
-def _write_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 class TrainState(BaseModel):
@@ -228,12 +222,12 @@ def train(
                 f.write(json.dumps({"step": step + 1, "loss": loss_value, "lr": _lr(step, cfg),
                                     "seconds": round(time.perf_counter() - t0, 3)}) + "\n")
         if ckpt_path and ((step + 1) % checkpoint_every == 0 or step + 1 == cfg.steps):
-            ckpt_path.parent.mkdir(parents=True, exist_ok=True)
-            _write_atomic(ckpt_path, {
+            checkpoint = {
                 "step": step + 1, "vectors": [v.detach().clone() for v in patch.vectors],
                 "optimizer": opt.state_dict(), "rng": torch.get_rng_state(), "config": cfg.model_dump(),
                 "rows": rows_key, "coords": coords_key,
-            })
+            }
+            write_atomic(ckpt_path, lambda tmp: torch.save(checkpoint, tmp))
         if on_step:
             on_step(step + 1, loss_value)
     seconds = time.perf_counter() - t0

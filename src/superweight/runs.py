@@ -8,6 +8,7 @@ import os
 import platform
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from superweight.errors import UsageError
@@ -24,20 +25,26 @@ def check_writable(path: str | os.PathLike) -> Path:
     return path
 
 
-def write_json(path: str | os.PathLike, data) -> Path:
-    """Write JSON atomically: a reader sees the old file or the new one, never half of either."""
+def write_atomic(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Call `write(tmp)` on a temp file beside `path`, then rename it over `path`: a reader (or a run killed
+    mid-write) sees the old file or the new one, never half of either."""
     path = check_writable(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, sort_keys=False, ensure_ascii=False)
-            f.write("\n")
+        write(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_json(path: str | os.PathLike, data) -> Path:
+    """Write indented JSON atomically (see write_atomic)."""
+    text = json.dumps(data, indent=2, sort_keys=False, ensure_ascii=False) + "\n"
+    return write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def _git_hash() -> str | None:
