@@ -300,8 +300,6 @@ def run_detect(
 ) -> DetectResult:
     """The whole detection job: iterate spikes, add attribution candidates, verify, rank."""
     from superweight.known import published
-    from superweight.models import model_id
-    from superweight.runs import provenance
 
     model, tok = loaded.model, loaded.tokenizer
     stage = on_stage or (lambda _s: None)
@@ -319,12 +317,8 @@ def run_detect(
     if do_verify and candidates:
         stage(f"Verifying {len(candidates)} candidates")
         candidates, base = verify(model, ids, candidates, min_kl, control_factor, max_length, seed, on_tokens)
-        protocol = Protocol(
-            model=model_id(loaded), model_source=loaded.source, corpus=corpus, split=split,
-            n_tokens=base.n_tokens, max_length=max_length, stride=max_length, dtype=loaded.dtype,
-            device=loaded.device, interventions={"each candidate": "zeroed alone", "controls": "zeroed alone"},
-            provenance=provenance(),
-        )
+        protocol = Protocol.of(loaded, corpus, split, base.n_tokens, max_length, max_length,
+                               {"each candidate": "zeroed alone", "controls": "zeroed alone"})
     found = {(c.layer, c.row, c.col): c for c in candidates}
     known = [
         {**c.model_dump(exclude={"scale"}), "detected": c.key in found,

@@ -10,8 +10,7 @@ from superweight import data, generate
 from superweight.coords import WeightCoord
 from superweight.intervene import Ablation
 from superweight.metrics import Metrics, Protocol, measure
-from superweight.models import Loaded, model_id
-from superweight.runs import provenance
+from superweight.models import Loaded
 
 
 class EvalResult(BaseModel):
@@ -45,17 +44,8 @@ def run_eval(
     channels = sorted({(c.layer, c.row) for c in coords})
     results = measure(model, ids, conditions, channels, max_length, stride, progress=on_tokens)
     gens = generate.compare(model, tok, conditions, prompts, max_new_tokens, progress=on_prompt)
-    protocol = Protocol(
-        model=model_id(loaded),
-        model_source=loaded.source,
-        corpus=corpus,
-        split=split,
-        n_tokens=results["base"].n_tokens,
-        max_length=max_length,
-        stride=stride,
-        dtype=loaded.dtype,
-        device=loaded.device,
-        interventions={"ablated": "ablate " + ", ".join(map(str, coords))} if coords else {},
-        provenance=provenance(),
+    protocol = Protocol.of(
+        loaded, corpus, split, results["base"].n_tokens, max_length, stride,
+        {"ablated": "ablate " + ", ".join(map(str, coords))} if coords else {},
     )
     return EvalResult(protocol=protocol, base=results["base"], ablated=results.get("ablated"), generations=gens)

@@ -172,3 +172,16 @@ class Protocol(BaseModel):
     device: str
     interventions: dict[str, str] = Field(default_factory=dict, description="condition name -> what it does")
     provenance: dict = Field(default_factory=dict)
+
+    @classmethod
+    def of(cls, loaded, corpus: str, split: str, n_tokens: int, max_length: int, stride: int,
+           interventions: dict[str, str]) -> "Protocol":
+        """The protocol of a measurement on a loaded model (`models.Loaded`), stamped with provenance."""
+        from superweight.models import model_id
+        from superweight.runs import provenance
+
+        return cls(
+            model=model_id(loaded), model_source=loaded.source, corpus=corpus, split=split, n_tokens=n_tokens,
+            max_length=max_length, stride=stride, dtype=loaded.dtype, device=loaded.device,
+            interventions=interventions, provenance=provenance(),
+        )

@@ -25,7 +25,7 @@ from superweight.metrics import Protocol, measure
 from superweight.models import Loaded, model_id
 from superweight.patchfile import save_patch
 from superweight.repair import RepairConfig, recovery, train
-from superweight.runs import provenance, write_json
+from superweight.runs import write_json
 
 GEN_PROMPTS = generate.DEFAULT_PROMPTS[:5]
 RANDOM_DRAWS = 3
@@ -117,11 +117,8 @@ def run_repair(
                             GEN_PROMPTS)
     base = metrics["base"]
     results = {
-        "protocol": Protocol(
-            model=model_id(loaded), model_source=loaded.source, corpus=corpus, split="eval",
-            n_tokens=base.n_tokens, max_length=max_length, stride=max_length, dtype=loaded.dtype,
-            device=loaded.device, interventions=_describe(coords, rows, baselines), provenance=provenance(),
-        ).model_dump(),
+        "protocol": Protocol.of(loaded, corpus, "eval", base.n_tokens, max_length, max_length,
+                                _describe(coords, rows, baselines)).model_dump(),
         "recipe": recipe,
         "config": cfg.model_dump(),
         "base": base.model_dump(),

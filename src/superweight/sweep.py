@@ -16,8 +16,7 @@ from superweight.arch import down_projection
 from superweight.coords import WeightCoord
 from superweight.intervene import Ablation, Intervention, Spread
 from superweight.metrics import Metrics, Protocol, measure
-from superweight.models import Loaded, model_id
-from superweight.runs import provenance
+from superweight.models import Loaded
 
 
 class SweepPoint(BaseModel):
@@ -67,15 +66,12 @@ def run_sweep(
         SweepPoint(label=name, scale=float(name[1:]) if name.startswith("x") else None, metrics=results[name])
         for name in conditions
     ]
-    protocol = Protocol(
-        model=model_id(loaded), model_source=loaded.source, corpus=corpus, split=split,
-        n_tokens=results["base"].n_tokens, max_length=max_length, stride=max_length, dtype=loaded.dtype,
-        device=loaded.device,
-        interventions={
+    protocol = Protocol.of(
+        loaded, corpus, split, results["base"].n_tokens, max_length, max_length,
+        {
             **{f"x{s:g}": f"W[{coord.row},{coord.col}] of layer {coord.layer} times {s:g}" for s in scales},
             **({f"spread{spread}": f"zero it, add value/{spread} to the next {spread} columns"} if spread else {}),
         },
-        provenance=provenance(),
     )
     return SweepResult(protocol=protocol, weight=str(plain), value=dp.get(coord.row, coord.col).item(),
                        base=results["base"], points=points, generations=gens)
