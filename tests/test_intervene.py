@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import tiny
+from tiny import assert_identical, snapshot
 from superweight.arch import down_projection, down_projections
 from superweight.coords import WeightCoord, parse_coord, parse_coords
 from superweight.errors import CoordinateError, UsageError
@@ -16,18 +17,6 @@ pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
 class Boom(Exception):
     pass
-
-
-def snapshot(model) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def assert_identical(model, before: dict[str, torch.Tensor]) -> None:
-    now = model.state_dict()
-    assert now.keys() == before.keys()
-    for k, v in now.items():
-        assert v.dtype == before[k].dtype, k
-        assert torch.equal(v, before[k]), k
 
 
 def changed_elements(model, before) -> dict[str, int]:
