@@ -75,6 +75,21 @@ def _progress() -> Progress:
     )
 
 
+def _token_and_prompt_tasks(bar: Progress, n_tokens: int, n_prompts: int):
+    """Two progress tasks (scored tokens, generations) and the callbacks that advance them."""
+    tokens = bar.add_task("Scoring tokens", total=n_tokens)
+    prompts = bar.add_task("Generating", total=n_prompts)
+    return (lambda n: bar.advance(tokens, n)), (lambda n: bar.advance(prompts, n))
+
+
+def _write_result(json_: str | None, result) -> None:
+    if json_:
+        from superweight.runs import write_json
+
+        write_json(json_, result.model_dump())
+        err.print(f"Wrote {json_}")
+
+
 def _load(model: str, device: str, dtype: str):
     from superweight import models
 
@@ -142,7 +157,7 @@ def eval_(
     from superweight.generate import DEFAULT_PROMPTS
     from superweight.known import published
     from superweight.metrics import n_scored
-    from superweight.runs import check_writable, write_json
+    from superweight.runs import check_writable
 
     # Everything that can be checked without the model is checked before the (slow) load.
     coords = parse_coords(ablate) if ablate else published(model)
@@ -159,16 +174,13 @@ def eval_(
     ids = data.tokenize(loaded.tokenizer, text, max_tokens)
     prompts = prompt or DEFAULT_PROMPTS
     with _progress() as bar:
-        tokens = bar.add_task("Scoring tokens", total=n_scored(ids.numel(), max_length, stride))
-        gens = bar.add_task("Generating", total=len(prompts))
+        on_tokens, on_prompt = _token_and_prompt_tasks(bar, n_scored(ids.numel(), max_length, stride), len(prompts))
         result = run_eval(
             loaded, coords, corpus, split, max_tokens, max_length, stride, prompts, max_new_tokens, ids=ids,
-            on_tokens=lambda n: bar.advance(tokens, n), on_prompt=lambda n: bar.advance(gens, n),
+            on_tokens=on_tokens, on_prompt=on_prompt,
         )
     _print_eval(result)
-    if json_:
-        write_json(json_, result.model_dump())
-        err.print(f"Wrote {json_}")
+    _write_result(json_, result)
 
 
 def _print_eval(result) -> None:
@@ -224,7 +236,7 @@ def detect(
     """Find super weights: iterative spike scan + attribution, each confirmed by the damage its removal does."""
     from superweight.detect import run_detect
     from superweight.metrics import n_scored
-    from superweight.runs import check_writable, write_json
+    from superweight.runs import check_writable
 
     if attribution not in {"activation", "gradient", "none"}:
         raise UsageError(f"unknown attribution '{attribution}': use activation, gradient or none")
@@ -247,9 +259,7 @@ def detect(
             on_stage=stage, on_tokens=lambda n: bar.advance(task, n),
         )
     _print_detect(result)
-    if json_:
-        write_json(json_, result.model_dump())
-        err.print(f"Wrote {json_}")
+    _write_result(json_, result)
 
 
 def _print_detect(result) -> None:
@@ -312,7 +322,7 @@ def sweep(
     from superweight.coords import parse_coord
     from superweight.generate import DEFAULT_PROMPTS
     from superweight.metrics import n_scored
-    from superweight.runs import check_writable, write_json
+    from superweight.runs import check_writable
     from superweight.sweep import plot as plot_sweep, run_sweep
 
     coord = parse_coord(weight)
@@ -335,12 +345,10 @@ def sweep(
     ids = data.tokenize(loaded.tokenizer, text, max_tokens)
     prompts = prompt or DEFAULT_PROMPTS
     with _progress() as bar:
-        tokens = bar.add_task("Scoring tokens", total=n_scored(ids.numel(), max_length))
-        gens = bar.add_task("Generating", total=len(prompts))
+        on_tokens, on_prompt = _token_and_prompt_tasks(bar, n_scored(ids.numel(), max_length), len(prompts))
         result = run_sweep(
             loaded, coord, factors, spread or None, corpus, split, max_tokens, max_length, prompts,
-            max_new_tokens, ids=ids, on_tokens=lambda n: bar.advance(tokens, n),
-            on_prompt=lambda n: bar.advance(gens, n),
+            max_new_tokens, ids=ids, on_tokens=on_tokens, on_prompt=on_prompt,
         )
     p = result.protocol
     table = Table(title=f"Sweep of {result.weight} (W = {result.value:.4g}): {p.corpus}/{p.split}, "
@@ -354,9 +362,7 @@ def sweep(
     _print_generations(result.generations)
     plot_sweep(result, png)
     err.print(f"Wrote {png}")
-    if json_:
-        write_json(json_, result.model_dump())
-        err.print(f"Wrote {json_}")
+    _write_result(json_, result)
 
 
 @app.command()
@@ -389,7 +395,7 @@ def repair(
     from pathlib import Path
 
     from superweight.coords import parse_coords
-    from superweight.repair import RECIPES
+    from superweight.repair import RECIPES, RepairConfig
     from superweight.repair_job import run_repair
 
     coords = parse_coords(weight)
@@ -400,8 +406,7 @@ def repair(
                                        optimizer=optimizer, kl=kl, temperature=temperature, init=init,
                                        seed=seed).items() if v is not None}
     try:
-        cfg = RECIPES[recipe].model_copy(update=overrides)
-        cfg = type(cfg)(**cfg.model_dump())  # re-validate the overrides
+        cfg = RepairConfig(**{**RECIPES[recipe].model_dump(), **overrides})
     except ValueError as exc:
         raise UsageError(f"invalid training option: {str(exc).splitlines()[-1].strip()}") from None
     if checkpoint_every < 1:

@@ -62,8 +62,9 @@ def prepare_run_dir(out: Path, settings: dict, resume: bool) -> None:
         if not config_path.is_file():
             raise UsageError(f"nothing to resume in {out}: no config.json")
         old = json.loads(config_path.read_text(encoding="utf-8"))
-        if old != json.loads(json.dumps(settings)):
-            changed = sorted(k for k in set(old) | set(settings) if old.get(k) != json.loads(json.dumps(settings)).get(k))
+        new = json.loads(json.dumps(settings))  # as it would read back from disk (tuples become lists)
+        if old != new:
+            changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
             raise UsageError(f"--resume with other settings than {config_path}: {', '.join(changed)} differ")
         return
     if out.exists() and any(out.iterdir()):
@@ -101,14 +102,15 @@ def run_repair(
     eval_ids = data.tokenize(tok, data.load_text(corpus, "eval"), eval_tokens)
     originals = [down_projection(model, c.layer).get(c.row, c.col).item() for c in coords]
 
+    on_step = (lambda _step, loss: on_advance(1, loss)) if on_advance else None
     stage("Training patch", cfg.steps)
-    patch, state = train(model, coords, rows, seqs, mask, cfg, out, checkpoint_every, resume,
-                         on_step=lambda s, loss: on_advance and on_advance(1, loss))
+    patch, state = train(model, coords, rows, seqs, mask, cfg, out, checkpoint_every, resume, on_step=on_step)
     save_patch(out, model, patch, coords, {"model": model_id(loaded), "spec": loaded.spec, "recipe": recipe,
                                            "config": cfg.model_dump()})
-    conditions: dict[str, Intervention] = {"broken": ablation, "patched": Compose(Ablation(model, coords), patch)}
+    # One Ablation serves every condition: measure() applies them one at a time.
+    conditions: dict[str, Intervention] = {"broken": ablation, "patched": Compose(ablation, patch)}
     if baselines:
-        conditions.update(_baselines(model, coords, rows, originals, patch, seqs, mask, cfg, out, stage, on_advance))
+        conditions.update(_baselines(model, ablation, rows, originals, patch, seqs, mask, cfg, stage, on_step))
     channels = sorted({(c.layer, c.row) for c in coords})
     stage("Evaluating", None)
     metrics = measure(model, eval_ids, conditions, channels, max_length, progress=None)
@@ -138,8 +140,9 @@ def run_repair(
     return results
 
 
-def _baselines(model, coords, rows, originals, patch, seqs, mask, cfg, out, stage, on_advance):
-    """Oracle, the paper's activation restore, a random vector of the patch's norm, another row trained."""
+def _baselines(model, ablation: Ablation, rows, originals, patch, seqs, mask, cfg, stage, on_step):
+    """Oracle, the paper's activation restore, random vectors of the patch's norm, another row trained."""
+    coords = ablation.coords
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     oracle_vectors = []
     for (layer, row) in rows:
@@ -158,13 +161,13 @@ def _baselines(model, coords, rows, originals, patch, seqs, mask, cfg, out, stag
         random_draws.append(vectors)
     other = [(layer, _other_row(row, down_projection(model, layer).d_model, cfg.seed)) for layer, row in rows]
     stage(f"Baseline: training rows {', '.join(f'{l}:{r}' for l, r in other)}", cfg.steps)
-    other_patch, _ = train(model, coords, other, seqs, mask, cfg, None, on_step=lambda s, loss: on_advance and on_advance(1, loss))
+    other_patch, _ = train(model, coords, other, seqs, mask, cfg, None, on_step=on_step)
     return {
-        "oracle": Compose(Ablation(model, coords), RowPatch(model, rows, oracle_vectors)),
-        "activation_restore": Compose(Ablation(model, coords), ActivationRestore(model, coords, originals)),
-        **{f"random_same_norm_{i + 1}": Compose(Ablation(model, coords), RowPatch(model, rows, vectors))
+        "oracle": Compose(ablation, RowPatch(model, rows, oracle_vectors)),
+        "activation_restore": Compose(ablation, ActivationRestore(model, coords, originals)),
+        **{f"random_same_norm_{i + 1}": Compose(ablation, RowPatch(model, rows, vectors))
            for i, vectors in enumerate(random_draws)},
-        "other_row": Compose(Ablation(model, coords), other_patch),
+        "other_row": Compose(ablation, other_patch),
     }
 
 
