@@ -101,3 +101,23 @@ def test_patch_on_the_wrong_model_is_a_clear_error(run_dir, tmp_path):
         "Error: patch was trained on another model (" + json.loads((run_dir / "patch_config.json").read_text())["model"]
         + "): weight fingerprint differs"]
     assert not (tmp_path / "m").exists()
+
+
+def test_errors_raised_mid_run_print_exactly_one_line(tiny_model_dir, tmp_path):
+    # Raised after the model loads (inside the progress display): stderr must be just the error line.
+    result = invoke("repair", "--model", tiny_model_dir, "--weight", "9:0:0", "--out", tmp_path / "x")
+    assert result.exit_code == 2
+    assert result.stderr == "Error: layer 9 out of range: the model has 2 layers (0-1)\n"
+
+
+def test_apply_names_the_missing_patch(tmp_path):
+    result = invoke("apply", "--patch", tmp_path / "nope", "--export", tmp_path / "m")
+    assert result.exit_code == 1
+    assert result.stderr == f"Error: no such patch (run directory or patch.safetensors): {tmp_path / 'nope'}\n"
+
+
+def test_token_counts_are_checked_under_their_option_names(tiny_model_dir, tmp_path):
+    result = invoke("repair", "--model", tiny_model_dir, "--weight", "1:5:7", "--eval-tokens", "1")
+    assert result.exit_code == 2 and result.stderr == "Error: --eval-tokens must be at least 2, got 1\n"
+    result = invoke("detect", "--model", tiny_model_dir, "--calib-tokens", "1")
+    assert result.exit_code == 2 and result.stderr == "Error: --calib-tokens must be at least 2, got 1\n"

@@ -72,6 +72,8 @@ def _progress() -> Progress:
     return Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         TextColumn("eta"), TimeRemainingColumn(), console=err, transient=True,
+        # Off when stderr is not a terminal: a log needs no bar, and an error line then stands alone.
+        disable=not err.is_terminal,
     )
 
 
@@ -241,6 +243,8 @@ def detect(
     if attribution not in {"activation", "gradient", "none"}:
         raise UsageError(f"unknown attribution '{attribution}': use activation, gradient or none")
     data.check_windows(max_length)
+    if calib_tokens < 2:
+        raise UsageError(f"--calib-tokens must be at least 2, got {calib_tokens}")
     if json_:
         check_writable(json_)
     text = data.load_text(corpus, split) if (verify or attribution != "none") else None
@@ -411,6 +415,8 @@ def repair(
         raise UsageError(f"invalid training option: {str(exc).splitlines()[-1].strip()}") from None
     if checkpoint_every < 1:
         raise UsageError(f"--checkpoint-every must be at least 1, got {checkpoint_every}")
+    if eval_tokens < 2:
+        raise UsageError(f"--eval-tokens must be at least 2, got {eval_tokens}")
     first = coords[0]
     run_dir = Path(out or f"runs/repair-{first.layer}-{first.row}-{first.col}")
     data.load_text(corpus, "eval")  # a missing corpus fails before the model loads

@@ -78,6 +78,8 @@ def load_patch(path: str | Path) -> PatchData:
     from superweight.coords import parse_coord
 
     path = Path(path)
+    if not path.exists():
+        raise SuperweightError(f"no such patch (run directory or {PATCH_FILE}): {path}")
     run_dir = path if path.is_dir() else path.parent
     cfg_path, file_path = run_dir / CONFIG_FILE, run_dir / PATCH_FILE
     if not cfg_path.is_file() or not file_path.is_file():
