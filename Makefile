@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: setup
-	$(BIN)/superweight eval --ablate 11:507:1229 --max-tokens 4096 --json runs/demo/eval.json
+	$(BIN)/superweight run
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -105,3 +105,25 @@ def test_short_repair_on_the_embedded_model_recovers_and_round_trips(smol, tmp_p
     finally:
         live.remove()
     assert abs(again.nll - out["patched"].nll) < 1e-4
+
+
+def test_cli_run_on_the_embedded_model_writes_the_report(smol, monkeypatch, tmp_path):
+    """The one-shot pipeline at toy sizes: every stage runs on the real model and the report shows it."""
+    from superweight.cli import app
+
+    monkeypatch.setattr(models, "load", lambda *a, **k: smol)
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["run", "--weight", "11:507:1229", "--steps", "4", "--no-baselines",
+                                      "--eval-tokens", "256", "--analysis-tokens", "256", "--draws", "1",
+                                      "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    res = json.loads((out / "results.json").read_text())
+    assert res["detect"]["weight"] == "11:507:1229"
+    assert res["recovery"]["nll_gap"] > 0.05  # 4 steps at lr 0.2 already help
+    assert [p["k"] for p in res["sparsity"]][-2:] == [1024, 1536]
+    assert res["patch"]["col"] == 1229 and res["patch"]["deleted_value"] == pytest.approx(5.8757, abs=1e-3)
+    assert res["super_activation"]["base"] > 10_000 > res["super_activation"]["broken"]
+    assert res["tokens"]["logit_lens"]["row"] == 507 and len(res["neurons"]) == 5
+    html = (out / "report.html").read_text()
+    for section in ("Sparsity", "Tokens", "Generations", "Protocol"):
+        assert section in html

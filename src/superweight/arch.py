@@ -152,6 +152,25 @@ def down_projection(model: nn.Module, layer: int) -> DownProj:
     return dps[layer]
 
 
+# family -> candidate paths of the norm applied before the unembedding (for the logit lens).
+FINAL_NORMS = {
+    "gpt2": ("transformer.ln_f",),
+    "gpt_neox": ("gpt_neox.final_layer_norm",),
+    "opt": ("model.decoder.final_layer_norm",),
+    "gemma3": ("model.norm", "model.language_model.norm"),
+}
+
+
+def final_norm(model: nn.Module) -> nn.Module:
+    """The last norm before the unembedding (`model.norm` for the Llama-like families)."""
+    for path in FINAL_NORMS.get(family(model), ("model.norm",)):
+        try:
+            return model.get_submodule(path)
+        except AttributeError:
+            continue
+    raise UnsupportedArchitectureError(f"cannot find the final norm of this {family(model)} model")
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     family: str

@@ -84,6 +84,22 @@ def _token_and_prompt_tasks(bar: Progress, n_tokens: int, n_prompts: int):
     return (lambda n: bar.advance(tokens, n)), (lambda n: bar.advance(prompts, n))
 
 
+def _stages(bar: Progress):
+    """One progress task that follows a job's stages: (stage(name, total), advance(n, loss)) callbacks."""
+    task = bar.add_task("Preparing", total=None)
+    current = {"name": "Preparing"}
+
+    def stage(name: str, total: int | None = None) -> None:
+        current["name"] = name
+        bar.update(task, description=name, total=total, completed=0)
+
+    def advance(n: int, loss: float | None = None) -> None:
+        note = f" (KL {loss:.4f})" if loss is not None else ""
+        bar.update(task, advance=n, description=current["name"] + note)
+
+    return stage, advance
+
+
 def _write_result(json_: str | None, result) -> None:
     if json_:
         from superweight.runs import write_json
@@ -377,7 +393,7 @@ def repair(
         help="LAYER:ROW to patch (repeatable); default: each ablated weight's row")] = None,
     model: ModelOpt = DEFAULT_MODEL,
     corpus: CorpusOpt = data.DEFAULT_CORPUS,
-    recipe: Annotated[str, typer.Option(help="fast (default) or seed (the write-up's settings)")] = "fast",
+    recipe: Annotated[str, typer.Option(help="fast (default), quick (the one-shot run's) or seed (the write-up's settings)")] = "fast",
     steps: Annotated[Optional[int], typer.Option(help="optimiser steps (overrides the recipe)")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="sequences per step")] = None,
     seq_len: Annotated[Optional[int], typer.Option(help="tokens per sequence")] = None,
@@ -391,6 +407,7 @@ def repair(
     resume: Annotated[bool, typer.Option(help="continue the run in --out from its last checkpoint")] = False,
     checkpoint_every: Annotated[int, typer.Option(help="checkpoint every K steps")] = 25,
     baselines: Annotated[bool, typer.Option(help="also oracle, activation restore, random vector, other row")] = False,
+    seeds: Annotated[int, typer.Option(help="train this many patches (seeds SEED, SEED+1, ...): mean and spread")] = 1,
     eval_tokens: Annotated[int, typer.Option(help="eval-split tokens for the before/after metrics")] = 4096,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "fp32",
@@ -399,42 +416,39 @@ def repair(
     from pathlib import Path
 
     from superweight.coords import parse_coords
-    from superweight.repair import RECIPES, RepairConfig
     from superweight.repair_job import run_repair
 
     coords = parse_coords(weight)
     rows = _parse_rows(patch_row) if patch_row else sorted({(c.layer, c.row) for c in coords})
-    if recipe not in RECIPES:
-        raise UsageError(f"unknown recipe '{recipe}': use {', '.join(RECIPES)}")
-    overrides = {k: v for k, v in dict(steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr,
-                                       optimizer=optimizer, kl=kl, temperature=temperature, init=init,
-                                       seed=seed).items() if v is not None}
-    try:
-        cfg = RepairConfig(**{**RECIPES[recipe].model_dump(), **overrides})
-    except ValueError as exc:
-        raise UsageError(f"invalid training option: {str(exc).splitlines()[-1].strip()}") from None
+    cfg = _recipe_config(recipe, steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, optimizer=optimizer,
+                         kl=kl, temperature=temperature, init=init, seed=seed)
     if checkpoint_every < 1:
         raise UsageError(f"--checkpoint-every must be at least 1, got {checkpoint_every}")
     if eval_tokens < 2:
         raise UsageError(f"--eval-tokens must be at least 2, got {eval_tokens}")
+    if seeds < 1:
+        raise UsageError(f"--seeds must be at least 1, got {seeds}")
     first = coords[0]
     run_dir = Path(out or f"runs/repair-{first.layer}-{first.row}-{first.col}")
     data.load_text(corpus, "eval")  # a missing corpus fails before the model loads
     loaded = _load(model, device, dtype)
     with _progress() as bar:
-        task = bar.add_task("Preparing", total=None)
-        last = {"loss": None}
-
-        def stage(name: str, total: int | None) -> None:
-            bar.update(task, description=name, total=total, completed=0)
-
-        def advance(n: int, loss: float | None) -> None:
-            last["loss"] = loss
-            bar.update(task, advance=n, description=f"Training (KL {loss:.4f})" if loss is not None else None)
-
+        stage, advance = _stages(bar)
         results = run_repair(loaded, coords, rows, cfg, recipe, run_dir, corpus, eval_tokens, 512, baselines,
-                             resume, checkpoint_every, on_stage=stage, on_advance=advance)
+                             seeds, resume, checkpoint_every, on_stage=stage, on_advance=advance)
     _print_repair(results, run_dir)
+
+
+def _recipe_config(recipe: str, **overrides):
+    """A recipe's settings with the options given on the command line (None = keep the recipe's)."""
+    from superweight.repair import RECIPES, RepairConfig
+
+    if recipe not in RECIPES:
+        raise UsageError(f"unknown recipe '{recipe}': use {', '.join(RECIPES)}")
+    try:
+        return RepairConfig(**{**RECIPES[recipe].model_dump(), **{k: v for k, v in overrides.items() if v is not None}})
+    except ValueError as exc:
+        raise UsageError(f"invalid training option: {str(exc).splitlines()[-1].strip()}") from None
 
 
 def _parse_rows(texts: list[str]) -> list[tuple[int, int]]:
@@ -463,10 +477,14 @@ def _print_repair(results: dict, run_dir) -> None:
     t = results["training"]
     out.print(f"Training: {t['steps']} steps, {t['seconds']:.0f} s ({t['s_per_step']:.2f} s/step), "
               f"final KL loss {t['final_loss']:.4f}" + (f", resumed from step {t['resumed_from']}" if t["resumed_from"] is not None else ""))
-    for key, g in results["patch"].items():
-        cols = "; ".join(f"d[{k[3:]}] = {v['value_at_col']:.4g} (deleted {v['deleted_value']:.4g})"
-                         for k, v in g.items() if k.startswith("col"))
+    for key, g in results["patch"]["rows"].items():
+        cols = "; ".join(f"d[{c['col']}] = {c['value_at_col']:.4g} (deleted {c['deleted_value']:.4g})" for c in g["cols"])
         out.print(f"Patch row {key}: ||d|| = {g['norm']:.3f}, cos(d, original row) = {g['cos_original_row']:.3f}; {cols}")
+    if "seeds" in results:
+        sd = results["seeds"]
+        out.print(f"Over {len(sd['values'])} seeds: NLL-gap recovery {sd['mean']['nll_gap']:.1%} ± {sd['std']['nll_gap']:.1%}, "
+                  f"||d|| {sd['mean']['norm']:.3g} ± {sd['std']['norm']:.2g}, "
+                  f"cos(d, row) {sd['mean']['cos_original_row']:.3f} ± {sd['std']['cos_original_row']:.3f}")
     out.print(f"Run directory: {run_dir}")
 
 
@@ -494,6 +512,229 @@ def apply_(
     save_model_dir(loaded.model, loaded.tokenizer, target)
     out.print(f"Wrote the patched model ({', '.join(map(str, data_.ablated))} ablated, rows "
               f"{', '.join(f'{l}:{r}' for l, r in data_.rows)} patched) to {target}")
+
+RunDirArg = Annotated[str, typer.Argument(help="a run directory written by `superweight repair` or `run`")]
+
+
+def _run_dir(run_dir: str):
+    """The run directory and the model spec it was made with, checked before any model loads."""
+    from pathlib import Path
+
+    from superweight.analyze import read_results
+    from superweight.patchfile import load_patch
+
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise UsageError(f"no such run directory: {path}")
+    read_results(path)
+    return path, load_patch(path).config.get("spec", DEFAULT_MODEL)
+
+
+@app.command()
+@_errors
+def analyze(
+    run_dir: RunDirArg,
+    tokens: Annotated[int, typer.Option(help="eval-split tokens to analyse on")] = 2048,
+    draws: Annotated[int, typer.Option(help="random-k control draws per k")] = 3,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="model spec (default: the run's own)")] = None,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "fp32",
+):
+    """Patch geometry, top-k sparsity with a random-k control, token and neuron views, scale sweep."""
+    from superweight.analyze import run_analyze
+
+    path, spec = _run_dir(run_dir)
+    if tokens < 2 or draws < 1:
+        raise UsageError("--tokens must be at least 2 and --draws at least 1")
+    loaded = _load(model or spec, device, dtype)
+    with _progress() as bar:
+        stage, advance = _stages(bar)
+        results = run_analyze(loaded, path, tokens, draws, on_stage=stage, on_tokens=advance)
+    _print_analysis(results)
+    out.print(f"Updated {path / 'results.json'}")
+
+
+def _print_analysis(results: dict) -> None:
+    from superweight.analyze import smallest_k
+
+    g = results["patch"]
+    out.print(f"Patch {g['layer']}:{g['row']}: ||d|| = {g['norm']:.3f}, cos(d, original row) = {g['cos_original_row']:.3f}, "
+              f"cos(d, e_col) = {g.get('cos_ablated_direction', 0):.3f}, d[{g.get('col')}] = {g.get('value_at_col', 0):.4g} "
+              f"(deleted {g.get('deleted_value', 0):.4g})")
+    table = Table(title=f"Top-k sparsified patch vs random-k ({results['analysis']['draws']} draws), "
+                        f"{results['analysis']['protocol']['n_tokens']:,} tokens", box=box.SIMPLE_HEAD)
+    for col in ("k", "NLL-gap rec.", "KL", "random-k rec.", "random-k KL"):
+        table.add_column(col, justify="right")
+    for p in results["sparsity"]:
+        table.add_row(str(p["k"]), f"{p['nll_gap']:.1%}", _fmt(p["kl"]), f"{p['random']['nll_gap']:.1%}",
+                      _fmt(p["random"]["kl"]))
+    out.print(table)
+    k90 = smallest_k(results["sparsity"])
+    dense = results["sparsity"][-1]["nll_gap"]
+    k_rel = smallest_k(results["sparsity"], 0.9 * dense) if dense > 0 else None
+    out.print(f"Smallest top-k patch recovering >= 90% of the NLL gap: {k90 if k90 else 'none'}; "
+              f"keeping 90% of the full patch's {dense:.1%}: {k_rel if k_rel else 'none'}")
+    t = results["tokens"]
+    for key, title in (("hurt", "most hurt by the ablation"), ("healed", "most healed by the patch")):
+        out.print(f"Tokens {title}: " + ", ".join(f"{x['token']!r} ({x['sum']:+.1f})" for x in t[key][:8]), soft_wrap=True)
+    out.print("Tokens rising in the broken model: " + ", ".join(f"{x['token']!r}" for x in t["rising"][:8]), soft_wrap=True)
+    lens = t["logit_lens"]
+    out.print(f"Logit lens of channel {lens['row']}: + " + ", ".join(repr(x["token"]) for x in lens["top"][:8])
+              + " | - " + ", ".join(repr(x["token"]) for x in lens["bottom"][:8]), soft_wrap=True)
+
+
+@app.command()
+@_errors
+def sparsify(
+    run_dir: RunDirArg,
+    l1: Annotated[str, typer.Option(help="comma-separated L1 (proximal) strengths; empty to skip")] = "0.1,0.3,0.6",
+    l0: Annotated[str, typer.Option(help="comma-separated hard-concrete L0 strengths; empty to skip")] = "0.03,0.1,0.3",
+    steps: Annotated[Optional[int], typer.Option(help="steps per sparse patch (default: half the run's)")] = None,
+    tokens: Annotated[int, typer.Option(help="eval-split tokens to score each patch on")] = 2048,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="model spec (default: the run's own)")] = None,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "fp32",
+):
+    """Train sparse patches (L1, hard-concrete L0) over a sweep of strengths; the recovery-vs-size frontier."""
+    from superweight.sparsify import run_sparsify
+
+    strengths = {"l1": _floats("--l1", l1), "l0": _floats("--l0", l0)}
+    strengths = {k: v for k, v in strengths.items() if v}
+    if not strengths:
+        raise UsageError("no strengths given: set --l1 and/or --l0")
+    if steps is not None and steps < 1:
+        raise UsageError(f"--steps must be at least 1, got {steps}")
+    path, spec = _run_dir(run_dir)
+    loaded = _load(model or spec, device, dtype)
+    with _progress() as bar:
+        stage, advance = _stages(bar)
+        results = run_sparsify(loaded, path, strengths, steps, tokens, on_stage=stage, on_advance=advance)
+    _print_sparse(results["sparse_training"])
+    out.print(f"Updated {path / 'results.json'}")
+
+
+def _floats(name: str, text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise UsageError(f"invalid {name} '{text}': expected comma-separated numbers") from None
+    if any(v <= 0 for v in values):
+        raise UsageError(f"{name} strengths must be positive")
+    return values
+
+
+def _print_sparse(st: dict) -> None:
+    table = Table(title=f"Sparse training ({st['steps']} steps each from the dense patch)", box=box.SIMPLE_HEAD)
+    for col in ("method", "strength", "non-zeros", "NLL-gap rec.", "KL", "frontier"):
+        table.add_column(col, justify="left" if col == "method" else "right")
+    front = {(p["method"], p["strength"]) for p in st["frontier"]}
+    for p in st["points"]:
+        table.add_row(p["method"], f"{p['strength']:g}", str(p["nnz"]), f"{p['nll_gap']:.1%}", _fmt(p["kl"]),
+                      "yes" if (p["method"], p["strength"]) in front else "")
+    out.print(table)
+    s90 = st["smallest_90"]
+    out.print("Smallest trained sparse patch recovering >= 90%: "
+              + (f"{s90['nnz']} non-zeros ({s90['method']}, strength {s90['strength']:g})" if s90 else "none"))
+
+
+@app.command()
+@_errors
+def report(run_dir: RunDirArg):
+    """Write report.html (self-contained) and report.md (with plots/*.png) for a run directory."""
+    from pathlib import Path
+
+    from superweight.report import write_report
+
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise UsageError(f"no such run directory: {path}")
+    md, page = write_report(path)
+    out.print(f"Wrote {md}")
+    out.print(f"Report: {page}")
+
+
+@app.command()
+@_errors
+def compare(run_dirs: Annotated[list[str], typer.Argument(help="run directories")], json_: JsonOpt = None):
+    """One table across runs (seeds, recipes, models): PPLs, recovery, patch geometry, sparsity."""
+    from superweight.report import compare_rows
+    from superweight.runs import check_writable, write_json
+
+    if json_:
+        check_writable(json_)
+    rows = compare_rows(run_dirs)
+    table = Table(title="Runs", box=box.SIMPLE_HEAD)
+    cols = [("run", "run"), ("model", "model"), ("weight", "weight"), ("recipe", "recipe"), ("steps", "steps"),
+            ("seed", "seed"), ("base_ppl", "base PPL"), ("broken_ppl", "broken PPL"), ("patched_ppl", "patched PPL"),
+            ("nll_gap", "NLL-gap rec."), ("kl_recovery", "KL rec."), ("norm", "||d||"),
+            ("cos_original_row", "cos(d,row)"), ("k90", "top-k 90%"), ("sparse_nnz90", "sparse 90%"), ("seconds", "train s")]
+    for _, title in cols:
+        table.add_column(title, justify="left" if title in {"run", "model", "weight", "recipe"} else "right")
+    for r in rows:
+        cells = []
+        for key, _ in cols:
+            v = r.get(key)
+            if v is None:
+                cells.append("-")
+            elif key in {"nll_gap", "kl_recovery"}:
+                cells.append(f"{v:.1%}")
+            elif isinstance(v, float):
+                cells.append(_fmt(v, 2 if "ppl" in key else 3))
+            else:
+                cells.append(str(v))
+        table.add_row(*cells)
+    out.print(table)
+    if json_:
+        write_json(json_, rows)
+        err.print(f"Wrote {json_}")
+
+
+@app.command()
+@_errors
+def run(
+    model: ModelOpt = DEFAULT_MODEL,
+    corpus: CorpusOpt = data.DEFAULT_CORPUS,
+    out_: Annotated[Optional[str], typer.Option("--out", help="run directory (default runs/MODEL-DATE-TIME)")] = None,
+    weight: Annotated[Optional[str], typer.Option(help="LAYER:ROW:COL to repair instead of detecting one")] = None,
+    recipe: Annotated[str, typer.Option(help="quick (default: 32 steps of batch 2 at lr 0.3), fast or seed")] = "quick",
+    steps: Annotated[Optional[int], typer.Option(help="optimiser steps (overrides the recipe)")] = None,
+    seeds: Annotated[int, typer.Option(help="patches trained with different seeds (mean and spread)")] = 1,
+    baselines: Annotated[bool, typer.Option(help="oracle, activation restore, random vectors, other row")] = True,
+    sparse: Annotated[bool, typer.Option(help="also train sparse patches (L1, L0) over a sweep of strengths")] = False,
+    eval_tokens: Annotated[int, typer.Option(help="eval-split tokens for the headline metrics")] = 2048,
+    analysis_tokens: Annotated[int, typer.Option(help="eval-split tokens for the analyses")] = 1024,
+    draws: Annotated[int, typer.Option(help="random-k control draws per k")] = 2,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "fp32",
+):
+    """The whole study in one go: detect, ablate, measure, repair with baselines, analyse, report."""
+    import datetime as dt
+    from pathlib import Path
+
+    from superweight.coords import parse_coord
+    from superweight.pipeline import check_new_run_dir, run_pipeline
+
+    coord = parse_coord(weight) if weight else None
+    cfg = _recipe_config(recipe, steps=steps)
+    if min(eval_tokens, analysis_tokens) < 2 or seeds < 1 or draws < 1:
+        raise UsageError("--eval-tokens and --analysis-tokens must be at least 2, --seeds and --draws at least 1")
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = Path(out_ or f"runs/{Path(model).name.removesuffix('.gguf')}-{stamp}")
+    check_new_run_dir(path)
+    data.load_text(corpus, "eval")  # a missing corpus fails before the model loads
+    loaded = _load(model, device, dtype)
+    with _progress() as bar:
+        stage, advance = _stages(bar)
+        results = run_pipeline(loaded, path, coord, cfg, recipe, corpus, eval_tokens, analysis_tokens, draws,
+                               baselines, seeds, sparse, on_stage=stage, on_advance=advance)
+    _print_repair(results, path)
+    _print_analysis(results)
+    if "sparse_training" in results:
+        _print_sparse(results["sparse_training"])
+    t = results["timings"]
+    out.print("Seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in t.items()))
+    out.print(f"Report: {path / 'report.html'}")
+
 
 
 def main() -> None:

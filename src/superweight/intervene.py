@@ -244,6 +244,10 @@ class RowPatch(HookIntervention):
     def parameters(self) -> list[nn.Parameter]:
         return list(self.vectors)
 
+    def vector(self, i: int) -> torch.Tensor:
+        """The vector added to row i at this forward pass (subclasses may gate it)."""
+        return self.vectors[i]
+
     def _hooks(self):
         by_layer: dict[int, list[int]] = {}  # one hook per down-projection, adding all of its patched rows
         for i, (layer, _row) in enumerate(self.rows):
@@ -256,7 +260,7 @@ class RowPatch(HookIntervention):
         def hook(_module, inp, out):
             # fp32 whatever the model runs in (autocast included): the patch is small and precision matters.
             with torch.autocast(out.device.type, enabled=False):
-                d = torch.stack([self.vectors[i] for i in idx])  # [k, d_ff]
+                d = torch.stack([self.vector(i) for i in idx])  # [k, d_ff]
                 delta = inp[0].float() @ d.t()  # [..., k]
                 return out.index_add(-1, rows.to(out.device), delta.to(out.dtype))
 

@@ -24,6 +24,7 @@ from superweight.arch import decoder_layers
 from superweight.data import Window, windows as make_windows
 from superweight.errors import UsageError
 from superweight.intervene import Intervention, Trace, hidden
+from superweight.prefix import Prefix
 
 
 class Metrics(BaseModel):
@@ -104,11 +105,16 @@ def measure(
     stride: int | None = None,
     batch_tokens: int = 2048,
     progress: Callable[[int], None] | None = None,
+    share_below: int = 0,
+    observe: Callable[[str, torch.Tensor, torch.Tensor], None] | None = None,
 ) -> dict[str, Metrics]:
     """Metrics for the base model and each condition over `ids` (1-d token stream).
 
     `channels` lists (layer, row) residual channels whose max |activation| is reported (super activations).
     `progress(n)` is called after each batch with the number of tokens it covered.
+    `share_below=L` promises that no condition touches blocks below L: they run once per batch, in the base
+    pass, and every condition starts from the base's hidden state at block L (`prefix.Prefix`).
+    `observe(name, log_probs [N, V] fp32, labels [N])` sees every pass's scored log-probs ("base" first).
     """
     conditions = dict(conditions or {})
     if "base" in conditions:
@@ -121,6 +127,9 @@ def measure(
     for layer, _row in channels:
         if not 0 <= layer < n_layers:
             raise UsageError(f"channel layer {layer} out of range: the model has {n_layers} layers")
+        if layer < share_below:
+            raise ValueError(f"channel layer {layer} lies below share_below={share_below}: its blocks are skipped")
+    prefix = Prefix(model, share_below)
     wins = make_windows(ids.numel(), max_length, max_length if stride is None else stride)
     accs = {name: _Acc() for name in ["base", *conditions]}
     for batch in _batches(wins, batch_tokens):
@@ -129,15 +138,20 @@ def measure(
         targets = torch.arange(1, length)
         mask = torch.stack([targets + w.begin >= w.score_from for w in batch]).to(device)
         labels = input_ids[:, 1:][mask]
-        base_lp = _forward(model, input_ids, mask, channels, blocks, accs["base"].act)
+        with prefix.capture():
+            base_lp = _forward(model, input_ids, mask, channels, blocks, accs["base"].act)
         _accumulate(accs["base"], base_lp, labels, agree=labels.numel())
+        if observe:
+            observe("base", base_lp, labels)
         if conditions:
             base_top = base_lp.argmax(-1)
             base_p = base_lp.exp()  # shared by every condition's KL
         for name, intervention in conditions.items():
-            with intervention:
+            with intervention, prefix.reuse(prefix.hidden):
                 lp = _forward(model, input_ids, mask, channels, blocks, accs[name].act)
             _accumulate(accs[name], lp, labels, agree=(lp.argmax(-1) == base_top).sum().item())
+            if observe:
+                observe(name, lp, labels)
             # KL(base || cond) = sum_v p_base (log p_base - log p_cond). The difference is taken elementwise
             # (in place: lp is not needed again) so tiny KLs, e.g. of control ablations, survive; the
             # expanded form sum(p log p) - dot(p, lp) loses them to cancellation.

@@ -18,6 +18,7 @@ import torch
 
 from superweight import data, generate
 from superweight.arch import down_projection
+from superweight.analyze import geometry
 from superweight.coords import WeightCoord
 from superweight.errors import UsageError
 from superweight.intervene import Ablation, ActivationRestore, Compose, Intervention, RowPatch
@@ -83,6 +84,7 @@ def run_repair(
     eval_tokens: int = 4096,
     max_length: int = 512,
     baselines: bool = False,
+    seeds: int = 1,
     resume: bool = False,
     checkpoint_every: int = 25,
     on_stage: Callable[[str, int | None], None] | None = None,
@@ -97,6 +99,8 @@ def run_repair(
         "rows": [[l, r] for l, r in rows], "corpus": corpus, "eval_tokens": eval_tokens,
         "max_length": max_length, "baselines": baselines, "checkpoint_every": checkpoint_every,
     }
+    if seeds > 1:  # recorded only when used, so runs made before --seeds existed still resume
+        settings["seeds"] = seeds
     prepare_run_dir(out, settings, resume)
     seqs, mask = training_sequences(tok, corpus, cfg, recipe)
     eval_ids = data.tokenize(tok, data.load_text(corpus, "eval"), eval_tokens)
@@ -111,16 +115,23 @@ def run_repair(
     conditions: dict[str, Intervention] = {"broken": ablation, "patched": Compose(ablation, patch)}
     if baselines:
         conditions.update(_baselines(model, ablation, rows, originals, patch, seqs, mask, cfg, stage, on_step))
+    extra_seeds = {}
+    for seed in range(cfg.seed + 1, cfg.seed + seeds):
+        stage(f"Training patch, seed {seed}", cfg.steps)
+        other, _ = train(model, coords, rows, seqs, mask, cfg.model_copy(update={"seed": seed}), None, on_step=on_step)
+        extra_seeds[seed] = other
+        conditions[f"seed_{seed}"] = Compose(ablation, other)
     channels = sorted({(c.layer, c.row) for c in coords})
     stage("Evaluating", None)
-    metrics = measure(model, eval_ids, conditions, channels, max_length, progress=None)
+    share_below = min([c.layer for c in coords] + [layer for layer, _ in rows])
+    metrics = measure(model, eval_ids, conditions, channels, max_length, share_below=share_below)
     stage("Generating", None)
     gens = generate.compare(model, tok, {"broken": conditions["broken"], "patched": conditions["patched"]},
                             GEN_PROMPTS)
     base = metrics["base"]
     results = {
         "protocol": Protocol.of(loaded, corpus, "eval", base.n_tokens, max_length, max_length,
-                                _describe(coords, rows, baselines)).model_dump(),
+                                _describe(coords, rows, baselines, cfg.seed, seeds)).model_dump(),
         "recipe": recipe,
         "config": cfg.model_dump(),
         "base": base.model_dump(),
@@ -128,14 +139,17 @@ def run_repair(
         "patched": metrics["patched"].model_dump(),
         "recovery": recovery(base, metrics["broken"], metrics["patched"]),
         "training": state.model_dump(),
-        "patch": geometry(model, coords, rows, patch, originals),
+        "patch": geometry(model, coords, rows, patch.vectors, originals),
         "generations": gens,
     }
     if baselines:
         results["baselines"] = {
             name: {**metrics[name].model_dump(), "recovery": recovery(base, metrics["broken"], metrics[name])}
-            for name in conditions if name not in {"broken", "patched"}
+            for name in conditions if name not in {"broken", "patched"} and not name.startswith("seed_")
         }
+    if seeds > 1:
+        patches = {cfg.seed: patch, **extra_seeds}
+        results["seeds"] = seed_spread(model, coords, rows, originals, base, metrics, patches, cfg.seed)
     write_json(out / "results.json", results)
     return results
 
@@ -171,7 +185,22 @@ def _baselines(model, ablation: Ablation, rows, originals, patch, seqs, mask, cf
     }
 
 
-def _describe(coords, rows, baselines) -> dict[str, str]:
+def seed_spread(model, coords, rows, originals, base, metrics, patches: dict[int, RowPatch], first: int) -> dict:
+    """Recovery, norm and cosine of each seed's patch, and their mean and (sample) standard deviation."""
+    values = []
+    for seed, patch in patches.items():
+        m = metrics["patched" if seed == first else f"seed_{seed}"]
+        g = geometry(model, coords, rows, patch.vectors, originals)
+        rec = recovery(base, metrics["broken"], m)
+        values.append({"seed": seed, "nll_gap": rec["nll_gap"], "kl": rec["kl"], "norm": g["norm"],
+                       "cos_original_row": g["cos_original_row"]})
+    keys = ["nll_gap", "kl", "norm", "cos_original_row"]
+    table = torch.tensor([[v[k] for k in keys] for v in values], dtype=torch.float64)
+    return {"values": values, "mean": dict(zip(keys, table.mean(0).tolist())),
+            "std": dict(zip(keys, table.std(0).tolist()))}
+
+
+def _describe(coords, rows, baselines, seed: int, seeds: int) -> dict[str, str]:
     ab = ", ".join(map(str, coords))
     rs = ", ".join(f"{l}:{r}" for l, r in rows)
     d = {"broken": f"ablate {ab}", "patched": f"ablate {ab}, add trained patch on rows {rs}"}
@@ -184,23 +213,6 @@ def _describe(coords, rows, baselines) -> dict[str, str]:
                                              "on the same rows" for i in range(RANDOM_DRAWS)},
             "other_row": "ablate, then a patch trained with the same budget on another (random) row of the layer",
         })
+    for s in range(seed + 1, seed + seeds):
+        d[f"seed_{s}"] = f"ablate, add a patch trained like 'patched' with seed {s}"
     return d
-
-
-def geometry(model, coords, rows, patch: RowPatch, originals) -> dict:
-    """Per patched row: ||d||, cos to the original row, cos to e_col, d[col] vs the deleted value."""
-    out = {}
-    for (layer, row), d in zip(patch.rows, patch.vectors):
-        d = d.detach().float().cpu()
-        w_row = down_projection(model, layer).row(row).float().cpu()  # intact: interventions are off here
-        entry = {"norm": d.norm().item(), "cos_original_row": torch.cosine_similarity(d, w_row, 0).item()}
-        for c, w in zip(coords, originals):
-            if (c.layer, c.row) == (layer, row):
-                entry[f"col{c.col}"] = {
-                    "value_at_col": d[c.col].item(), "deleted_value": w - w * c.scale,
-                    "cos_ablated_direction": (d[c.col] / d.norm()).item() if d.norm() > 0 else 0.0,
-                }
-        top = d.abs().topk(min(8, d.numel()))
-        entry["top_entries"] = [[int(i), d[i].item()] for i in top.indices]
-        out[f"{layer}:{row}"] = entry
-    return out

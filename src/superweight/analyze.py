@@ -1,0 +1,294 @@
+"""What the repair patch is, what it needs, and what it changes: measured on a run directory.
+
+    results = run_analyze(loaded, Path("runs/x"))     # adds patch, sparsity, tokens, neurons, sweep, ...
+    results["sparsity"][0]                            # {"k": 1, "nll_gap": ..., "random": {...}}
+
+Every measurement shares one base pass (`metrics.measure`, blocks below the patched layer run once per batch):
+the broken and patched models, the top-k and random-k sparsified patches, and the scaled weight. The keys it
+adds to results.json are documented in docs/results.md.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from superweight import data
+from superweight.arch import down_projection, final_norm
+from superweight.coords import WeightCoord
+from superweight.errors import SuperweightError
+from superweight.intervene import Ablation, Compose, Intervention, RowPatch
+from superweight.metrics import Metrics, Protocol, measure
+from superweight.models import Loaded
+from superweight.patchfile import PatchData, check_fits, load_patch
+from superweight.repair import recovery
+from superweight.runs import write_json
+
+SWEEP_SCALES = (0.5, 0.0, -1.0, 2.0)
+TOP_TOKENS = 15
+CONTEXT_TOKENS = 12
+
+
+def geometry(model: nn.Module, coords: list[WeightCoord], rows, vectors, originals: list[float]) -> dict:
+    """The first patched row's geometry, flat, with every row's under `rows` (docs/results.md, `patch`).
+
+    Call it with the interventions off: "original row" means the intact weights."""
+    by_row = {}
+    for (layer, row), d in zip(rows, vectors):
+        d = d.detach().float().cpu()
+        norm = d.norm().item()
+        w_row = down_projection(model, layer).row(row).float().cpu()
+        cols = [
+            {"col": c.col, "value_at_col": d[c.col].item(), "deleted_value": w - w * c.scale,
+             "cos_ablated_direction": d[c.col].item() / norm if norm > 0 else 0.0}
+            for c, w in zip(coords, originals) if (c.layer, c.row) == (layer, row)
+        ]
+        top = d.abs().topk(min(16, d.numel())).indices
+        by_row[f"{layer}:{row}"] = {
+            "layer": layer, "row": row, "norm": norm,
+            "cos_original_row": torch.cosine_similarity(d, w_row, 0).item(),
+            **(cols[0] if cols else {}), "cols": cols,
+            "top_entries": [[int(i), d[i].item()] for i in top],
+        }
+    first = next(iter(by_row.values()))
+    return {**first, "rows": by_row}
+
+
+def read_results(run_dir: Path) -> dict:
+    path = run_dir / "results.json"
+    if not path.is_file():
+        raise SuperweightError(f"no results.json in {run_dir}: run `superweight repair --out {run_dir}` first")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def powers_of_two(n: int) -> list[int]:
+    """1, 2, 4, ... below n, then n."""
+    ks, k = [], 1
+    while k < n:
+        ks.append(k)
+        k *= 2
+    return [*ks, n]
+
+
+def keep_entries(vectors: list[torch.Tensor], keep: torch.Tensor) -> list[torch.Tensor]:
+    """The patch with only the entries at `keep` (indices into the concatenated vectors), the rest zero."""
+    flat = torch.cat([v.detach().float().cpu() for v in vectors])
+    out = torch.zeros_like(flat)
+    out[keep] = flat[keep]
+    return list(out.split([v.numel() for v in vectors]))
+
+
+def sparsity_conditions(model, ablation: Ablation, patch: PatchData, draws: int, seed: int = 0):
+    """{"top{k}": ..., "rand{k}_{j}": ...} for k in 1, 2, 4, ..., n: the patch cut to k entries."""
+    flat = torch.cat([v.float() for v in patch.vectors])
+    order = flat.abs().argsort(descending=True)
+    gen = torch.Generator().manual_seed(seed)
+    conditions: dict[str, Intervention] = {}
+    for k in powers_of_two(flat.numel()):
+        conditions[f"top{k}"] = Compose(ablation, RowPatch(model, patch.rows, keep_entries(patch.vectors, order[:k])))
+        if k == flat.numel():
+            continue  # every entry kept: random-k is the same patch
+        for j in range(draws):
+            keep = torch.randperm(flat.numel(), generator=gen)[:k]
+            conditions[f"rand{k}_{j}"] = Compose(ablation, RowPatch(model, patch.rows, keep_entries(patch.vectors, keep)))
+    return conditions
+
+
+def _scored(m: Metrics, base: Metrics, broken: Metrics) -> dict:
+    rec = recovery(base, broken, m)
+    return {"nll": m.nll, "ppl": m.ppl, "kl": m.kl, "nll_gap": rec["nll_gap"], "kl_recovery": rec["kl"]}
+
+
+def sparsity_table(metrics: dict[str, Metrics], n: int, draws: int) -> list[dict]:
+    base, broken = metrics["base"], metrics["broken"]
+    table = []
+    for k in powers_of_two(n):
+        top = _scored(metrics[f"top{k}"], base, broken)
+        runs = [_scored(metrics[f"rand{k}_{j}"], base, broken) for j in range(draws)] if k < n else [top]
+        random = {key: sum(r[key] for r in runs) / len(runs) for key in top}
+        table.append({"k": k, **top, "random": {**random, "draws": len(runs) if k < n else 0}})
+    return table
+
+
+class TokenStats:
+    """Per-target NLL changes summed by token, and mean predicted probabilities, for base/broken/patched."""
+
+    def __init__(self, vocab: int):
+        self.nll: dict[str, list[torch.Tensor]] = {"base": [], "broken": [], "patched": []}
+        self.prob = {name: torch.zeros(vocab, dtype=torch.float64) for name in self.nll}
+        self.labels: list[torch.Tensor] = []
+
+    def __call__(self, name: str, lp: torch.Tensor, labels: torch.Tensor) -> None:
+        if name not in self.nll:
+            return
+        if name == "base":
+            self.labels.append(labels.cpu())
+        self.nll[name].append(-lp.gather(-1, labels[:, None])[:, 0].cpu())
+        self.prob[name] += lp.exp().sum(0).double().cpu()
+
+    def summary(self, tokenizer) -> dict:
+        labels = torch.cat(self.labels)
+        nll = {k: torch.cat(v).double() for k, v in self.nll.items()}
+        vocab = self.prob["base"].numel()
+        counts = torch.bincount(labels, minlength=vocab)
+
+        def by_token(delta: torch.Tensor) -> list[dict]:
+            sums = torch.zeros(vocab, dtype=torch.float64).index_add_(0, labels, delta)
+            return [{"token": _tok(tokenizer, i), "id": i, "count": int(counts[i]), "sum": sums[i].item(),
+                     "mean": sums[i].item() / int(counts[i])} for i in sums.topk(TOP_TOKENS).indices.tolist()]
+
+        n = labels.numel()
+        base_p, broken_p = self.prob["base"] / n, self.prob["broken"] / n
+        delta = broken_p - base_p
+        rising = [{"token": _tok(tokenizer, i), "id": i, "base_prob": base_p[i].item(),
+                   "broken_prob": broken_p[i].item(), "delta": delta[i].item()}
+                  for i in delta.topk(TOP_TOKENS).indices.tolist()]
+        return {"n_tokens": n, "hurt": by_token(nll["broken"] - nll["base"]),
+                "healed": by_token(nll["broken"] - nll["patched"]), "rising": rising}
+
+
+def _tok(tokenizer, i: int) -> str:
+    return tokenizer.decode([i])
+
+
+@torch.no_grad()
+def logit_lens(model: nn.Module, tokenizer, layer: int, row: int, scale: float = 1.0) -> dict:
+    """Tokens a push along residual channel `row` promotes / demotes, read through final norm + unembedding.
+
+    (lens(+e_row) - lens(-e_row)) / 2: the part odd in the push, so LayerNorm biases cancel."""
+    norm, head = final_norm(model), model.get_output_embeddings()
+    p = next(head.parameters())
+    e = torch.zeros(1, 1, down_projection(model, layer).d_model, device=p.device, dtype=p.dtype)
+    e[..., row] = scale
+    logits = ((head(norm(e)) - head(norm(-e))) / 2)[0, 0].float().cpu()
+
+    def items(idx):
+        return [{"token": _tok(tokenizer, i), "id": i, "logit": logits[i].item()} for i in idx.tolist()]
+
+    return {"layer": layer, "row": row, "top": items(logits.topk(TOP_TOKENS).indices),
+            "bottom": items((-logits).topk(TOP_TOKENS).indices)}
+
+
+class _Stop(Exception):
+    """Ends a forward pass once the traced layer has been seen (nothing above it is needed)."""
+
+
+@torch.no_grad()
+def neuron_contexts(model, tokenizer, ids, layer: int, vector: torch.Tensor, neurons: list[int],
+                    max_length: int, n_contexts: int = 5) -> list[dict]:
+    """For each neuron the patch reads, its largest |input| positions in `ids`, with the text before them."""
+    module = down_projection(model, layer).module
+    device = next(model.parameters()).device
+    acts: list[torch.Tensor] = []
+    positions: list[tuple[int, int]] = []  # (global index, position in its window)
+
+    def hook(_m, inp, _out):
+        acts.append(inp[0][0][:, neurons].float().cpu())
+        raise _Stop
+
+    handle = module.register_forward_hook(hook)
+    try:
+        for begin in range(0, ids.numel(), max_length):
+            window = ids[begin : begin + max_length]
+            try:
+                model(input_ids=window[None].to(device), use_cache=False)
+            except _Stop:
+                pass
+            positions += [(begin + p, p) for p in range(window.numel())]
+    finally:
+        handle.remove()
+    x = torch.cat(acts)  # [tokens, len(neurons)]
+    out = []
+    for j, n in enumerate(neurons):
+        d = vector[n].item()
+        contexts = []
+        for t in x[:, j].abs().topk(min(n_contexts, x.shape[0])).indices.tolist():
+            g, pos = positions[t]
+            a = x[t, j].item()
+            contexts.append({
+                "text": tokenizer.decode(ids[max(g - CONTEXT_TOKENS, g - pos) : g].tolist()),
+                "token": _tok(tokenizer, int(ids[g])), "position": pos, "activation": a, "contribution": a * d,
+            })
+        out.append({"neuron": n, "value": d, "contexts": contexts})
+    return out
+
+
+def run_analyze(
+    loaded: Loaded,
+    run_dir: Path,
+    n_tokens: int = 2048,
+    draws: int = 3,
+    max_length: int = 512,
+    top_neurons: int = 5,
+    on_stage: Callable[[str, int | None], None] | None = None,
+    on_tokens: Callable[[int], None] | None = None,
+) -> dict:
+    """Analyse the patch of `run_dir` on `n_tokens` eval tokens; writes and returns the updated results."""
+    stage = on_stage or (lambda *_: None)
+    t0 = time.perf_counter()
+    run_dir = Path(run_dir)
+    results = read_results(run_dir)
+    patch = load_patch(run_dir)
+    model, tok = loaded.model, loaded.tokenizer
+    check_fits(model, patch)
+    corpus = results.get("protocol", {}).get("corpus", data.DEFAULT_CORPUS)
+    ids = data.tokenize(tok, data.load_text(corpus, "eval"), n_tokens)
+    coords = patch.ablated
+    originals = [down_projection(model, c.layer).get(c.row, c.col).item() for c in coords]
+    ablation = Ablation(model, coords)
+    conditions: dict[str, Intervention] = {
+        "broken": ablation, "patched": Compose(ablation, RowPatch(model, patch.rows, patch.vectors)),
+    }
+    conditions.update(sparsity_conditions(model, ablation, patch, draws))
+    first = coords[0]
+    sweep = {f"scale{s:g}": Ablation(model, [first.model_copy(update={"scale": s})]) for s in SWEEP_SCALES}
+    conditions.update(sweep)
+    channels = sorted({(c.layer, c.row) for c in coords})
+    share_below = min([c.layer for c in coords] + [layer for layer, _ in patch.rows])
+    stats = TokenStats(model.get_output_embeddings().weight.shape[0])
+    stage(f"Analysing: {len(conditions)} conditions", n_tokens)
+    metrics = measure(model, ids, conditions, channels, max_length, share_below=share_below, observe=stats,
+                      progress=on_tokens)
+    base, broken = metrics["base"], metrics["broken"]
+    n = sum(v.numel() for v in patch.vectors)
+    stage("Token and neuron views", None)
+    (layer, row), vector = patch.rows[0], patch.vectors[0].float()
+    neurons = vector.abs().topk(min(top_neurons, vector.numel())).indices.tolist()
+    results.update({
+        "patch": geometry(model, coords, patch.rows, patch.vectors, originals),
+        "super_activation": {k: metrics[k].super_activation for k in ("base", "broken", "patched")},
+        "sparsity": sparsity_table(metrics, n, draws),
+        "tokens": {**stats.summary(tok), "logit_lens": logit_lens(model, tok, layer, row)},
+        "neurons": neuron_contexts(model, tok, ids, layer, vector, neurons, max_length),
+        "sweep": [{"scale": 1.0, **_sweep_point(base)}]
+                 + [{"scale": s, **_sweep_point(metrics[f"scale{s:g}"])} for s in SWEEP_SCALES],
+    })
+    results["analysis"] = {
+        "protocol": Protocol.of(loaded, corpus, "eval", base.n_tokens, max_length, max_length, {
+            "broken": f"ablate {', '.join(map(str, coords))}",
+            "patched": "ablate, add the run's patch",
+            "top{k}": "ablate, add the patch keeping its k largest-|d| entries",
+            "rand{k}_{j}": f"ablate, add the patch keeping k random entries (draw j of {draws})",
+            "scale{s}": f"{first} multiplied by s (nothing else changed)",
+        }).model_dump(),
+        "draws": draws,
+        "seconds": time.perf_counter() - t0,
+    }
+    write_json(run_dir / "results.json", results)
+    return results
+
+
+def _sweep_point(m: Metrics) -> dict:
+    return {"nll": m.nll, "ppl": m.ppl if math.isfinite(m.ppl) else None, "kl": m.kl, "top1_agree": m.top1_agree,
+            "super_activation": m.super_activation}
+
+
+def smallest_k(sparsity: list[dict], target: float = 0.9) -> int | None:
+    """The fewest top-k entries that recover `target` of the NLL gap, or None."""
+    return next((p["k"] for p in sparsity if p["nll_gap"] >= target), None)

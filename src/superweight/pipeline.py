@@ -1,0 +1,108 @@
+"""The one-shot job behind `superweight run`: detect -> ablate -> repair with baselines -> analyse -> report.
+
+    results = run_pipeline(loaded, Path("runs/demo"))   # runs/demo/report.html
+
+Each stage is the library function its own command calls (detect.run_detect, repair_job.run_repair,
+analyze.run_analyze, sparsify.run_sparsify, report.write_report); this module only chains them, records
+seconds per stage, and keeps the detection beside the repair in the run directory.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from superweight import data
+from superweight.coords import WeightCoord
+from superweight.errors import SuperweightError, UsageError
+from superweight.models import Loaded
+from superweight.repair import RepairConfig
+from superweight.runs import write_json
+
+# Detection settings for the one-shot run: half the calibration text of `superweight detect` (the damage of a
+# real super weight is 100x its controls', so 1,024 tokens decide it).
+CALIB_TOKENS = 1024
+
+
+def check_new_run_dir(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UsageError(f"{out} already exists: choose another --out (a run is never overwritten)")
+
+
+def run_pipeline(
+    loaded: Loaded,
+    out: Path,
+    weight: WeightCoord | None = None,
+    cfg: RepairConfig | None = None,
+    recipe: str = "quick",
+    corpus: str = data.DEFAULT_CORPUS,
+    eval_tokens: int = 2048,
+    analysis_tokens: int = 1024,
+    draws: int = 2,
+    baselines: bool = True,
+    seeds: int = 1,
+    sparse: bool = False,
+    on_stage: Callable[[str, int | None], None] | None = None,
+    on_advance: Callable[[int, float | None], None] | None = None,
+) -> dict:
+    from superweight.analyze import run_analyze
+    from superweight.detect import run_detect
+    from superweight.repair import RECIPES
+    from superweight.repair_job import run_repair
+    from superweight.report import write_report
+    from superweight.sparsify import run_sparsify
+
+    stage = on_stage or (lambda *_: None)
+    tokens = (lambda n: on_advance(n, None)) if on_advance else None
+    cfg = cfg or RECIPES[recipe]
+    check_new_run_dir(out)
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+    detected = None
+    if weight is None:
+        detected = run_detect(loaded, corpus=corpus, calib_tokens=CALIB_TOKENS,
+                              on_stage=lambda name: stage(f"Detect: {name}", None))
+        confirmed = [c for c in detected.candidates if c.confirmed]
+        if not confirmed:
+            best = detected.candidates[0] if detected.candidates else None
+            hint = f" (strongest candidate {best.coord}, KL {best.kl:.3g})" if best and best.kl is not None else ""
+            raise SuperweightError(f"detection confirmed no super weight in {loaded.spec}{hint}; "
+                                   "pass --weight LAYER:ROW:COL to repair one anyway")
+        weight = confirmed[0].coord  # candidates are ranked by the damage their removal does
+    timings["detect"] = time.perf_counter() - t
+    t = time.perf_counter()
+    rows = [(weight.layer, weight.row)]
+    results = run_repair(loaded, [weight], rows, cfg, recipe, out, corpus, eval_tokens, 512, baselines, seeds,
+                         on_stage=stage, on_advance=on_advance)
+    timings["repair"] = time.perf_counter() - t
+    if detected is not None:
+        write_json(out / "detect.json", detected.model_dump())
+    t = time.perf_counter()
+    results = run_analyze(loaded, out, analysis_tokens, draws, on_stage=stage, on_tokens=tokens)
+    timings["analyze"] = time.perf_counter() - t
+    if sparse:
+        t = time.perf_counter()
+        results = run_sparsify(loaded, out, n_tokens=analysis_tokens, on_stage=stage, on_advance=on_advance)
+        timings["sparsify"] = time.perf_counter() - t
+    results["detect"] = _detect_summary(detected, weight)
+    results["timings"] = timings
+    write_json(out / "results.json", results)
+    stage("Writing the report", None)
+    t = time.perf_counter()
+    write_report(out)
+    results["timings"]["report"] = time.perf_counter() - t
+    write_json(out / "results.json", results)
+    return results
+
+
+def _detect_summary(detected, weight: WeightCoord) -> dict:
+    if detected is None:
+        return {"weight": str(weight), "candidates": [], "protocol": None, "note": "given with --weight"}
+    keep = ("layer", "row", "col", "value", "kl", "ppl_ratio", "control_kl_top", "control_kl_random",
+            "confirmed", "source")
+    return {
+        "weight": str(weight),
+        "candidates": [{k: getattr(c, k) for k in keep} for c in detected.candidates],
+        "protocol": detected.protocol.model_dump() if detected.protocol else None,
+    }

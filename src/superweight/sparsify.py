@@ -1,0 +1,189 @@
+"""Train sparse patches: how few entries of the row patch can repair the model?
+
+Post-hoc top-k (analyze.py) cuts a dense patch; here the sparsity is part of training, over a sweep of
+strengths, and each trained patch is scored by its non-zero count and its recovery. Two objectives:
+
+- `l1`: proximal soft-thresholding after every optimiser step, d <- sign(d) * max(|d| - strength * lr, 0).
+  With Adam each entry moves about lr per step, so `strength` is the fraction of a step shrunk away: an
+  entry survives only where the KL gradient keeps pushing it one way. Exact zeros, no extra parameters.
+- `l0`: a hard-concrete gate per entry (Louizos et al. 2018, "Learning Sparse Neural Networks through L0
+  Regularization", as used in circuit pruning): the patch is d * z, z in [0, 1] sampled by a stretched,
+  clamped concrete distribution with learned log_alpha; the penalty is `strength` x the expected fraction of
+  open gates. At evaluation z is deterministic and exactly 0 for closed gates.
+
+Both start from the run's dense patch (a warm start, as pruning does) and train `steps` more steps.
+
+    results = run_sparsify(loaded, Path("runs/x"))   # results["sparse_training"]["frontier"]
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from superweight import data
+from superweight.intervene import Ablation, Compose, RowPatch
+from superweight.metrics import Protocol, measure
+from superweight.models import Loaded
+from superweight.patchfile import check_fits, load_patch
+from superweight.repair import RepairConfig, recovery, train
+from superweight.repair_job import training_sequences
+from superweight.runs import write_json
+
+DEFAULT_STRENGTHS = {"l1": (0.1, 0.3, 0.6), "l0": (0.03, 0.1, 0.3)}
+# Hard-concrete constants from Louizos et al.: temperature beta, stretch interval (gamma, zeta).
+BETA, GAMMA, ZETA = 2 / 3, -0.1, 1.1
+
+
+class L1Prox:
+    method = "l1"
+
+    def __init__(self, strength: float):
+        self.strength = strength
+
+    def patch(self, model, rows, init) -> RowPatch:
+        return RowPatch(model, rows, init)
+
+    def penalty(self, patch) -> float:
+        return 0.0  # the proximal step does the work
+
+    @torch.no_grad()
+    def after_step(self, patch: RowPatch, lr: float) -> None:
+        for v in patch.vectors:
+            v.copy_(v.sign() * (v.abs() - self.strength * lr).clamp_min(0))
+
+    def final(self, patch: RowPatch) -> list[torch.Tensor]:
+        return [v.detach().clone() for v in patch.vectors]
+
+
+class GatedRowPatch(RowPatch):
+    """A row patch d * z with one hard-concrete gate z per entry (`training` samples z, else deterministic)."""
+
+    def __init__(self, model, rows, vectors, log_alpha: float = 3.0):
+        super().__init__(model, rows, vectors)
+        self.log_alpha = [nn.Parameter(torch.full_like(v, log_alpha)) for v in self.vectors]
+        self.training = True
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [*self.vectors, *self.log_alpha]
+
+    def gate(self, i: int) -> torch.Tensor:
+        la = self.log_alpha[i]
+        if self.training:
+            u = torch.rand_like(la).clamp(1e-6, 1 - 1e-6)
+            s = torch.sigmoid((u.log() - (-u).log1p() + la) / BETA)
+        else:
+            s = torch.sigmoid(la)
+        return (s * (ZETA - GAMMA) + GAMMA).clamp(0, 1)
+
+    def vector(self, i: int) -> torch.Tensor:
+        return self.vectors[i] * self.gate(i)
+
+    def expected_open(self) -> torch.Tensor:
+        """Expected fraction of non-zero gates (the L0 norm / n)."""
+        la = torch.cat(self.log_alpha)
+        return torch.sigmoid(la - BETA * math.log(-GAMMA / ZETA)).mean()
+
+
+class HardConcrete:
+    method = "l0"
+
+    def __init__(self, strength: float):
+        self.strength = strength
+
+    def patch(self, model, rows, init) -> GatedRowPatch:
+        return GatedRowPatch(model, rows, init)
+
+    def penalty(self, patch: GatedRowPatch) -> torch.Tensor:
+        return self.strength * patch.expected_open()
+
+    def after_step(self, patch, lr: float) -> None:
+        pass
+
+    @torch.no_grad()
+    def final(self, patch: GatedRowPatch) -> list[torch.Tensor]:
+        patch.training = False
+        return [patch.vector(i).detach().clone() for i in range(len(patch.vectors))]
+
+
+OBJECTIVES = {"l1": L1Prox, "l0": HardConcrete}
+
+
+def pareto(points: list[dict]) -> list[dict]:
+    """The points no other point beats on both fewer non-zeros and more recovery, by nnz."""
+    front, best = [], -math.inf
+    for p in sorted(points, key=lambda p: (p["nnz"], -p["nll_gap"])):
+        if p["nll_gap"] > best:
+            front.append(p)
+            best = p["nll_gap"]
+    return front
+
+
+def run_sparsify(
+    loaded: Loaded,
+    run_dir: Path,
+    strengths: dict[str, tuple[float, ...]] | None = None,
+    steps: int | None = None,
+    n_tokens: int = 2048,
+    max_length: int = 512,
+    on_stage: Callable[[str, int | None], None] | None = None,
+    on_advance: Callable[[int, float | None], None] | None = None,
+) -> dict:
+    """Train one sparse patch per (method, strength) from the run's patch; score, find the frontier, save."""
+    from superweight.analyze import read_results
+
+    stage = on_stage or (lambda *_: None)
+    run_dir = Path(run_dir)
+    results = read_results(run_dir)
+    patch = load_patch(run_dir)
+    model, tok = loaded.model, loaded.tokenizer
+    check_fits(model, patch)
+    cfg = RepairConfig(**results["config"])
+    steps = steps or max(cfg.steps // 2, 1)
+    cfg = cfg.model_copy(update={"steps": steps, "schedule": "constant"})
+    corpus = results["protocol"]["corpus"]
+    seqs, mask = training_sequences(tok, corpus, cfg, results.get("recipe", "fast"))
+    on_step = (lambda _s, loss: on_advance(1, loss)) if on_advance else None
+    trained = []
+    for method, values in (strengths or DEFAULT_STRENGTHS).items():
+        for strength in values:
+            stage(f"Sparse training: {method}, strength {strength:g}", steps)
+            objective = OBJECTIVES[method](strength)
+            t0 = time.perf_counter()
+            p, _ = train(model, patch.ablated, patch.rows, seqs, mask, cfg, None, on_step=on_step,
+                         init_vectors=patch.vectors, objective=objective)
+            vectors = objective.final(p)
+            trained.append({"method": method, "strength": strength, "vectors": vectors,
+                            "nnz": int(sum((v != 0).sum() for v in vectors)), "seconds": time.perf_counter() - t0})
+    stage("Scoring sparse patches", None)
+    ablation = Ablation(model, patch.ablated)
+    conditions = {"broken": ablation}
+    conditions.update({f"sparse{i}": Compose(ablation, RowPatch(model, patch.rows, t["vectors"]))
+                       for i, t in enumerate(trained)})
+    ids = data.tokenize(tok, data.load_text(corpus, "eval"), n_tokens)
+    share_below = min([c.layer for c in patch.ablated] + [layer for layer, _ in patch.rows])
+    metrics = measure(model, ids, conditions, max_length=max_length, share_below=share_below)
+    base, broken = metrics["base"], metrics["broken"]
+    points = []
+    for i, t in enumerate(trained):
+        m = metrics[f"sparse{i}"]
+        rec = recovery(base, broken, m)
+        points.append({"method": t["method"], "strength": t["strength"], "nnz": t["nnz"], "nll": m.nll,
+                       "ppl": m.ppl, "kl": m.kl, "nll_gap": rec["nll_gap"], "kl_recovery": rec["kl"],
+                       "seconds": t["seconds"]})
+    frontier = pareto(points)
+    results["sparse_training"] = {
+        "protocol": Protocol.of(loaded, corpus, "eval", base.n_tokens, max_length, max_length, {
+            "sparse{i}": "ablate, add the i-th sparse patch (point i)"}).model_dump(),
+        "steps": steps, "lr": cfg.lr,
+        "points": points,
+        "frontier": frontier,
+        "smallest_90": next((p for p in frontier if p["nll_gap"] >= 0.9), None),
+    }
+    write_json(run_dir / "results.json", results)
+    return results

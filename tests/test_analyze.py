@@ -1,0 +1,199 @@
+"""analyze.py and sparsify.py on a planted tiny llama, where the right answers are known."""
+
+from __future__ import annotations
+
+import json
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from superweight import data
+from superweight.analyze import geometry, logit_lens, powers_of_two, run_analyze, smallest_k
+from superweight.arch import down_projection, final_norm
+from superweight.coords import WeightCoord
+from superweight.errors import SuperweightError
+from superweight.intervene import Ablation, Compose, RowPatch
+from superweight.metrics import measure
+from superweight.patchfile import save_patch
+from superweight.runs import write_json
+from superweight.sparsify import GatedRowPatch, HardConcrete, L1Prox, pareto, run_sparsify
+from tiny import assert_identical, hook_count, planted, snapshot, tiny_tokenizer
+
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
+PLANT = (1, 5, 7)
+COORD = WeightCoord(layer=1, row=5, col=7)
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    return SimpleNamespace(model=planted(PLANT), tokenizer=tiny_tokenizer(), spec="tiny", source="memory",
+                           dtype="fp32", device="cpu")
+
+
+def oracle_vector(model) -> torch.Tensor:
+    d = torch.zeros(down_projection(model, 1).d_ff)
+    d[7] = down_projection(model, 1).get(5, 7).item()
+    return d
+
+
+def make_run(tmp_path, loaded, vector, config=None) -> "Path":  # noqa: F821
+    """A run directory holding `vector` as the patch of row 1:5, as `superweight repair` would leave it."""
+    run = tmp_path / "run"
+    run.mkdir()
+    save_patch(run, loaded.model, RowPatch(loaded.model, [(1, 5)], [vector]), [COORD], {"spec": "tiny"})
+    write_json(run / "results.json", {"protocol": {"corpus": "pydoc"}, "recipe": "fast",
+                                      "config": config or {"steps": 4, "batch_size": 2, "seq_len": 32,
+                                                           "train_tokens": 1024, "lr": 0.1}})
+    return run
+
+
+@pytest.fixture(scope="module")
+def oracle_run(tmp_path_factory, loaded):
+    run = make_run(tmp_path_factory.mktemp("oracle"), loaded, oracle_vector(loaded.model))
+    before = snapshot(loaded.model)
+    results = run_analyze(loaded, run, n_tokens=256, draws=2, max_length=64, top_neurons=3)
+    assert_identical(loaded.model, before)
+    assert hook_count(loaded.model) == 0
+    return run, results
+
+
+def test_oracle_patch_geometry_is_the_deleted_weight(oracle_run, loaded):
+    _, results = oracle_run
+    g = results["patch"]
+    w = down_projection(loaded.model, 1).get(5, 7).item()
+    assert (g["layer"], g["row"], g["col"]) == (1, 5, 7)
+    assert g["cos_ablated_direction"] == pytest.approx(1.0)
+    assert g["value_at_col"] == pytest.approx(w) and g["deleted_value"] == pytest.approx(w)
+    assert g["norm"] == pytest.approx(abs(w))
+    row = down_projection(loaded.model, 1).row(5)
+    assert g["cos_original_row"] == pytest.approx((w / row.norm()).item(), rel=1e-5)
+    assert g["top_entries"][0] == [7, pytest.approx(w)]
+    assert set(g["rows"]) == {"1:5"}
+
+
+def test_sparsity_of_the_oracle_needs_one_entry_and_random_k_does_not(oracle_run):
+    _, results = oracle_run
+    sp = results["sparsity"]
+    assert [p["k"] for p in sp] == [1, 2, 4, 8, 16, 32, 64]
+    assert sp[0]["nll_gap"] == pytest.approx(1.0, abs=1e-4) and sp[0]["kl"] < 1e-6
+    assert all(p["nll_gap"] == pytest.approx(1.0, abs=1e-4) for p in sp)  # the other entries are zero
+    # k random entries of a one-hot patch miss the one that matters (seeded draws: 1/64 chance each).
+    assert sp[0]["random"]["nll_gap"] < 0.05 and sp[0]["random"]["draws"] == 2
+    assert sp[-1]["random"] == {**sp[-1]["random"], "draws": 0} and sp[-1]["random"]["nll_gap"] == sp[-1]["nll_gap"]
+    assert smallest_k(sp) == 1
+
+
+def test_super_activation_sweep_tokens_and_neurons(oracle_run, loaded):
+    run, results = oracle_run
+    sa = results["super_activation"]
+    assert sa["patched"] == pytest.approx(sa["base"], rel=1e-5) and sa["broken"] < sa["base"] / 2
+    sweep = {p["scale"]: p for p in results["sweep"]}
+    assert set(sweep) == {1.0, 0.5, 0.0, -1.0, 2.0}
+    assert sweep[1.0]["kl"] == 0 and sweep[0.0]["kl"] > sweep[0.5]["kl"] > 0
+    t = results["tokens"]
+    assert t["n_tokens"] == results["analysis"]["protocol"]["n_tokens"] > 200
+    assert len(t["hurt"]) == len(t["healed"]) == len(t["rising"]) == 15
+    assert t["hurt"][0]["sum"] >= t["hurt"][1]["sum"] > 0
+    # The oracle heals exactly what the ablation hurt (same tokens, same sums).
+    assert [x["id"] for x in t["healed"][:5]] == [x["id"] for x in t["hurt"][:5]]
+    assert t["healed"][0]["sum"] == pytest.approx(t["hurt"][0]["sum"], rel=1e-3)
+    assert sum(x["delta"] for x in t["rising"]) > 0
+    neurons = results["neurons"]
+    assert neurons[0]["neuron"] == 7 and len(neurons[0]["contexts"]) == 5
+    c = neurons[0]["contexts"][0]
+    assert c["contribution"] == pytest.approx(c["activation"] * neurons[0]["value"])
+    assert abs(c["activation"]) >= abs(neurons[0]["contexts"][-1]["activation"])
+    on_disk = json.loads((run / "results.json").read_text())
+    assert on_disk["sparsity"] == results["sparsity"] and on_disk["recipe"] == "fast"  # earlier keys kept
+
+
+def test_logit_lens_is_the_unembedding_column_through_the_norm(loaded):
+    model, tok = loaded.model, loaded.tokenizer
+    lens = logit_lens(model, tok, 1, 5)
+    with torch.no_grad():
+        e = torch.zeros(1, 1, 32)
+        e[..., 5] = 1
+        expected = model.lm_head(final_norm(model)(e))[0, 0]
+    assert lens["top"][0]["id"] == int(expected.argmax())
+    assert lens["bottom"][0]["id"] == int(expected.argmin())
+    assert lens["top"][0]["logit"] == pytest.approx(expected.max().item(), rel=1e-4)
+
+
+def test_share_below_gives_the_same_metrics(loaded):
+    model = loaded.model
+    ids = data.tokenize(loaded.tokenizer, data.load_text("pydoc", "eval"), 200)
+    ab = Ablation(model, [COORD])
+    conditions = {"broken": ab, "patched": Compose(ab, RowPatch(model, [(1, 5)], [oracle_vector(model) / 2]))}
+    full = measure(model, ids, conditions, [(1, 5)], max_length=64)
+    shared = measure(model, ids, conditions, [(1, 5)], max_length=64, share_below=1)
+    for name in full:
+        assert shared[name].nll == pytest.approx(full[name].nll, rel=1e-5)
+        assert shared[name].kl == pytest.approx(full[name].kl, rel=1e-4, abs=1e-7)
+        assert shared[name].super_activation == pytest.approx(full[name].super_activation, rel=1e-5)
+    with pytest.raises(ValueError, match="below share_below"):
+        measure(model, ids, conditions, [(0, 5)], max_length=64, share_below=1)
+
+
+def test_analyze_without_results_is_one_clear_error(tmp_path, loaded):
+    with pytest.raises(SuperweightError, match="no results.json"):
+        run_analyze(loaded, tmp_path)
+
+
+def test_powers_of_two_end_at_n():
+    assert powers_of_two(1) == [1]
+    assert powers_of_two(64) == [1, 2, 4, 8, 16, 32, 64]
+    assert powers_of_two(100) == [1, 2, 4, 8, 16, 32, 64, 100]
+
+
+def test_geometry_of_a_two_row_patch_lists_both(loaded):
+    model = loaded.model
+    vecs = [oracle_vector(model), torch.ones(64)]
+    g = geometry(model, [COORD], [(1, 5), (1, 6)], vecs, [down_projection(model, 1).get(5, 7).item()])
+    assert set(g["rows"]) == {"1:5", "1:6"} and g["row"] == 5
+    assert g["rows"]["1:6"]["cols"] == [] and g["rows"]["1:6"]["norm"] == pytest.approx(8.0)
+
+
+# ------------------------------------------------------------------------------------------------ sparsify
+
+
+def test_pareto_keeps_only_undominated_points():
+    pts = [{"nnz": 10, "nll_gap": 0.5}, {"nnz": 5, "nll_gap": 0.6}, {"nnz": 20, "nll_gap": 0.9},
+           {"nnz": 30, "nll_gap": 0.8}, {"nnz": 5, "nll_gap": 0.2}]
+    assert pareto(pts) == [{"nnz": 5, "nll_gap": 0.6}, {"nnz": 20, "nll_gap": 0.9}]
+
+
+def test_l1_prox_shrinks_toward_exact_zeros(loaded):
+    patch = RowPatch(loaded.model, [(1, 5)], [torch.tensor([0.05, -0.3, 1.0] + [0.0] * 61)])
+    L1Prox(1.0).after_step(patch, lr=0.1)
+    v = patch.vectors[0].detach()
+    assert v[0] == 0 and v[1] == pytest.approx(-0.2) and v[2] == pytest.approx(0.9) and int((v != 0).sum()) == 2
+
+
+def test_hard_concrete_gates_close_exactly_and_penalty_tracks_open_gates(loaded):
+    patch = HardConcrete(1.0).patch(loaded.model, [(1, 5)], [torch.ones(64)])
+    assert isinstance(patch, GatedRowPatch)
+    with torch.no_grad():
+        patch.log_alpha[0][:32] = -10.0
+    final = HardConcrete(1.0).final(patch)[0]
+    assert (final[:32] == 0).all() and (final[32:] == 1).all()
+    assert patch.expected_open().item() == pytest.approx(0.5, abs=0.01)
+    patch.training = True
+    assert 0 < patch.vector(0)[40].item() <= 1  # sampled gates stay in [0, 1]
+
+
+def test_sparsify_trains_sparser_patches_with_stronger_penalties(tmp_path, loaded):
+    dense = oracle_vector(loaded.model) + 0.3 * torch.randn(64, generator=torch.Generator().manual_seed(0))
+    run = make_run(tmp_path, loaded, dense)
+    before = snapshot(loaded.model)
+    results = run_sparsify(loaded, run, {"l1": (0.05, 2.0), "l0": (0.01, 1.0)}, steps=8, n_tokens=256, max_length=64)
+    assert_identical(loaded.model, before)
+    st = results["sparse_training"]
+    pts = {(p["method"], p["strength"]): p for p in st["points"]}
+    assert set(pts) == {("l1", 0.05), ("l1", 2.0), ("l0", 0.01), ("l0", 1.0)}
+    assert pts[("l1", 2.0)]["nnz"] < pts[("l1", 0.05)]["nnz"] <= 64
+    assert all(0 <= p["nnz"] <= 64 and math.isfinite(p["nll_gap"]) for p in st["points"])
+    assert st["frontier"] == pareto(st["points"]) and st["steps"] == 8
+    assert st["smallest_90"] is None or st["smallest_90"]["nll_gap"] >= 0.9

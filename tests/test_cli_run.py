@@ -1,0 +1,117 @@
+"""`superweight run`, `analyze`, `sparsify`, `report` and `compare` on a planted tiny llama directory."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from superweight.cli import app
+from superweight.models import save_model_dir
+from tiny import planted, tiny_tokenizer
+
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+runner = CliRunner()
+SMALL = ["--steps", "6", "--eval-tokens", "256", "--analysis-tokens", "256"]
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def planted_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("planted") / "model"
+    save_model_dir(planted((1, 5, 7)), tiny_tokenizer(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def run_dir(planted_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "full"
+    result = invoke("run", "--model", planted_dir, *SMALL, "--seeds", "2", "--out", out)
+    assert result.exit_code == 0, result.output
+    assert result.output.strip().splitlines()[-1] == f"Report: {out / 'report.html'}"
+    return out
+
+
+def test_run_detects_the_planted_weight_and_writes_every_artifact(run_dir):
+    names = {p.name for p in run_dir.iterdir()}
+    assert {"config.json", "results.json", "detect.json", "patch.safetensors", "train_log.jsonl",
+            "report.html", "report.md", "plots"} <= names
+    res = json.loads((run_dir / "results.json").read_text())
+    assert res["detect"]["weight"] == "1:5:7"
+    assert any(c["confirmed"] and (c["layer"], c["row"], c["col"]) == (1, 5, 7) for c in res["detect"]["candidates"])
+    # A random tiny model predicts near-uniformly, so its PPL barely moves; KL shows the damage and the repair.
+    assert res["broken"]["kl"] > 0.05 and 0 < res["recovery"]["kl"] <= 1
+    assert -1 <= res["patch"]["cos_original_row"] <= 1
+    assert len(res["sparsity"]) == 7 and res["sparsity"][-1]["k"] == 64
+    assert set(res["baselines"]) >= {"oracle", "activation_restore", "other_row"}
+    assert len(res["seeds"]["values"]) == 2 and res["seeds"]["std"]["norm"] >= 0
+    assert {"detect", "repair", "analyze"} <= set(res["timings"])
+    html = (run_dir / "report.html").read_text()
+    assert "data:image/png;base64," in html and f"{res['patched']['ppl']:.2f}" in html
+
+
+def test_run_refuses_an_existing_directory_before_loading(run_dir, planted_dir):
+    before = (run_dir / "results.json").read_bytes()
+    result = invoke("run", "--model", planted_dir, "--out", run_dir)
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines() == [
+        f"Error: {run_dir} already exists: choose another --out (a run is never overwritten)"]
+    assert (run_dir / "results.json").read_bytes() == before
+
+
+def test_run_without_a_confirmed_weight_says_so(tmp_path):
+    model_dir = tmp_path / "plain"
+    save_model_dir(planted(), tiny_tokenizer(), model_dir)  # nothing planted
+    result = invoke("run", "--model", model_dir, *SMALL, "--out", tmp_path / "r")
+    assert result.exit_code == 1
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("Error: detection confirmed no super weight") and "--weight" in line
+
+
+def test_analyze_sparsify_report_and_compare_on_a_repair_run(planted_dir, tmp_path):
+    out = tmp_path / "rep"
+    r = invoke("repair", "--model", planted_dir, "--weight", "1:5:7", "--steps", "6", "--eval-tokens", "256", "--out", out)
+    assert r.exit_code == 0, r.output
+    r = invoke("analyze", out, "--tokens", "256", "--draws", "1")
+    assert r.exit_code == 0, r.output
+    assert "Smallest top-k patch recovering >= 90% of the NLL gap" in r.output
+    r = invoke("sparsify", out, "--l1", "0.5", "--l0", "", "--steps", "3", "--tokens", "256")
+    assert r.exit_code == 0, r.output
+    res = json.loads((out / "results.json").read_text())
+    assert [p["method"] for p in res["sparse_training"]["points"]] == ["l1"]
+    assert res["sparsity"] and res["tokens"]["hurt"]
+    r = invoke("report", out)
+    assert r.exit_code == 0, r.output
+    assert (out / "report.html").is_file() and (out / "plots" / "sparsity.png").is_file()
+    r = invoke("compare", out, out, "--json", tmp_path / "cmp.json")
+    assert r.exit_code == 0, r.output
+    rows = json.loads((tmp_path / "cmp.json").read_text())
+    assert len(rows) == 2 and rows[0]["weight"] == "1:5:7" and rows[0]["nll_gap"] == res["recovery"]["nll_gap"]
+
+
+@pytest.mark.parametrize("args, code, message", [
+    (["analyze", "/no/such/run"], 2, "Error: no such run directory: /no/such/run"),
+    (["report", "/no/such/run"], 2, "Error: no such run directory: /no/such/run"),
+    (["sparsify", "/no/such/run", "--l1", "x"], 2, "Error: invalid --l1 'x': expected comma-separated numbers"),
+    (["sparsify", "/no/such/run", "--l1", "", "--l0", ""], 2, "Error: no strengths given: set --l1 and/or --l0"),
+    (["run", "--recipe", "nope"], 2, "Error: unknown recipe 'nope': use seed, fast, quick"),
+    (["run", "--weight", "1:2"], 2, None),
+    (["compare", "/no/such/run"], 1, None),
+])
+def test_bad_input_is_one_error_line(args, code, message):
+    result = invoke(*args)
+    assert result.exit_code == code, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: ")
+    if message:
+        assert lines[0] == message
+
+
+def test_analyze_of_a_directory_without_a_run(tmp_path):
+    result = invoke("analyze", tmp_path)
+    assert result.exit_code == 1
+    assert result.stderr.strip() == f"Error: no results.json in {tmp_path}: run `superweight repair --out {tmp_path}` first"
