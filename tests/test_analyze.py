@@ -106,6 +106,9 @@ def test_super_activation_sweep_tokens_and_neurons(oracle_run, loaded):
     c = neurons[0]["contexts"][0]
     assert c["contribution"] == pytest.approx(c["activation"] * neurons[0]["value"])
     assert abs(c["activation"]) >= abs(neurons[0]["contexts"][-1]["activation"])
+    po = results["patch_output"]  # the oracle writes exactly what the ablation removed, through neuron 7 only
+    assert po["value"] == pytest.approx(po["removed"], rel=1e-5) and abs(po["value"]) > 10 * po["median_abs"]
+    assert po["top_neurons"][0]["neuron"] == 7 and po["top_neurons"][1]["contribution"] == 0
     on_disk = json.loads((run / "results.json").read_text())
     assert on_disk["sparsity"] == results["sparsity"] and on_disk["recipe"] == "fast"  # earlier keys kept
 

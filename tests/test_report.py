@@ -85,6 +85,8 @@ def _full(gaps=(0.1, 0.3, 0.5, 0.7, 0.85, 0.92, 0.96)) -> dict:
     r["neurons"] = [{"neuron": 42, "value": -2.88, "contexts": [
         {"text": "if a < b:\n    return", "token": " </script>", "position": 9, "activation": 1.5,
          "contribution": -4.32}]}]
+    r["patch_output"] = {"text": "", "token": "<s>", "position": 0, "value": 1234.5, "median_abs": 0.5,
+                         "removed": 2000.0, "top_neurons": [{"neuron": 7, "x": 300.0, "d": 2.0, "contribution": 600.0}]}
     r["sweep"] = [{"scale": s, "nll": 3 + (1 - s) ** 2, "ppl": 20.0 * (1 + (1 - s) ** 2), "kl": (1 - s) ** 2,
                    "top1_agree": 0.9, "super_activation": 20000.0 * s} for s in (-1.0, 0.0, 0.5, 1.0, 2.0)]
     r["timings"] = {"detect": 10.0, "repair": 80.0, "analyze": 3.0}
@@ -156,8 +158,16 @@ def test_numbers_formatted(full_report):
     assert "40 steps, 80 s (2 s/step), final loss 0.2; recipe fast." in md
 
 
+def test_patch_output_is_reported(full_report):
+    _, md, page = full_report
+    assert "Where the patch writes" in page and "token &#x27;&lt;s&gt;&#x27;" in page
+    assert "1,234 (x" not in page and "against a median |x·d| of 0.5" in page
+    assert "the ablation removed 2,000 there" in page
+
+
 def test_sparsity_answers(full_report):
     _, md, page = full_report
+    assert "Smallest top-k patch keeping 90% of the full patch&#x27;s recovery (96.0%): k = 32." in page
     assert "<p>Smallest top-k patch recovering &gt;= 90% of the NLL gap: k = 32 of 64.</p>" in page
     assert "<p>Smallest trained sparse patch recovering &gt;= 90%: nnz = 12 (l1, strength 0.01).</p>" in page
     assert "| 64 | 96.0% | 96.0% | 0.072 | 9.6% | 1.8 |" in md

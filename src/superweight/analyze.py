@@ -180,43 +180,64 @@ class _Stop(Exception):
 
 
 @torch.no_grad()
-def neuron_contexts(model, tokenizer, ids, layer: int, vector: torch.Tensor, neurons: list[int],
-                    max_length: int, n_contexts: int = 5) -> list[dict]:
-    """For each neuron the patch reads, its largest |input| positions in `ids`, with the text before them."""
+def down_inputs(model, ids: torch.Tensor, layer: int, max_length: int) -> tuple[torch.Tensor, list[int]]:
+    """The down-projection input x [tokens, d_ff] of `layer` over `ids` in windows of `max_length`, and each
+    token's position in its window. Forward passes stop at that layer."""
     module = down_projection(model, layer).module
     device = next(model.parameters()).device
     acts: list[torch.Tensor] = []
-    positions: list[tuple[int, int]] = []  # (global index, position in its window)
 
     def hook(_m, inp, _out):
-        acts.append(inp[0][0][:, neurons].float().cpu())
+        acts.append(inp[0].reshape(-1, inp[0].shape[-1]).float().cpu())
         raise _Stop
 
     handle = module.register_forward_hook(hook)
     try:
         for begin in range(0, ids.numel(), max_length):
-            window = ids[begin : begin + max_length]
             try:
-                model(input_ids=window[None].to(device), use_cache=False)
+                model(input_ids=ids[None, begin : begin + max_length].to(device), use_cache=False)
             except _Stop:
                 pass
-            positions += [(begin + p, p) for p in range(window.numel())]
     finally:
         handle.remove()
-    x = torch.cat(acts)  # [tokens, len(neurons)]
+    return torch.cat(acts), [t % max_length for t in range(ids.numel())]
+
+
+def _context(tokenizer, ids: torch.Tensor, g: int, pos: int) -> dict:
+    return {"text": tokenizer.decode(ids[max(g - CONTEXT_TOKENS, g - pos) : g].tolist()),
+            "token": _tok(tokenizer, int(ids[g])), "position": pos}
+
+
+def neuron_contexts(tokenizer, ids, x: torch.Tensor, positions: list[int], vector: torch.Tensor,
+                    neurons: list[int], n_contexts: int = 5) -> list[dict]:
+    """For each neuron the patch reads, the positions of its largest |input| in `ids`, with the text before."""
     out = []
-    for j, n in enumerate(neurons):
+    for n in neurons:
         d = vector[n].item()
         contexts = []
-        for t in x[:, j].abs().topk(min(n_contexts, x.shape[0])).indices.tolist():
-            g, pos = positions[t]
-            a = x[t, j].item()
-            contexts.append({
-                "text": tokenizer.decode(ids[max(g - CONTEXT_TOKENS, g - pos) : g].tolist()),
-                "token": _tok(tokenizer, int(ids[g])), "position": pos, "activation": a, "contribution": a * d,
-            })
+        for g in x[:, n].abs().topk(min(n_contexts, x.shape[0])).indices.tolist():
+            a = x[g, n].item()
+            contexts.append({**_context(tokenizer, ids, g, positions[g]), "activation": a, "contribution": a * d})
         out.append({"neuron": n, "value": d, "contexts": contexts})
     return out
+
+
+def patch_output(tokenizer, ids, x: torch.Tensor, positions: list[int], vector: torch.Tensor,
+                 col: int | None, deleted: float | None, top: int = 10) -> dict:
+    """Where the patch writes: x @ d per token; at its largest, the context, what the ablation removed there
+    (x[col] * deleted value) and the neurons that make up the write."""
+    write = x @ vector.float()
+    g = int(write.abs().argmax())
+    parts = x[g] * vector.float()
+    order = parts.abs().topk(min(top, parts.numel())).indices.tolist()
+    return {
+        **_context(tokenizer, ids, g, positions[g]),
+        "value": write[g].item(),
+        "median_abs": write.abs().median().item(),
+        "removed": x[g, col].item() * deleted if col is not None and deleted is not None else None,
+        "top_neurons": [{"neuron": n, "x": x[g, n].item(), "d": vector[n].item(), "contribution": parts[n].item()}
+                        for n in order],
+    }
 
 
 def run_analyze(
@@ -260,12 +281,16 @@ def run_analyze(
     stage("Token and neuron views", None)
     (layer, row), vector = patch.rows[0], patch.vectors[0].float()
     neurons = vector.abs().topk(min(top_neurons, vector.numel())).indices.tolist()
+    x, positions = down_inputs(model, ids, layer, max_length)
+    col, deleted = next(((c.col, w - w * c.scale) for c, w in zip(coords, originals)
+                         if (c.layer, c.row) == (layer, row)), (None, None))
     results.update({
         "patch": geometry(model, coords, patch.rows, patch.vectors, originals),
         "super_activation": {k: metrics[k].super_activation for k in ("base", "broken", "patched")},
         "sparsity": sparsity_table(metrics, n, draws),
         "tokens": {**stats.summary(tok), "logit_lens": logit_lens(model, tok, layer, row)},
-        "neurons": neuron_contexts(model, tok, ids, layer, vector, neurons, max_length),
+        "neurons": neuron_contexts(tok, ids, x, positions, vector, neurons),
+        "patch_output": patch_output(tok, ids, x, positions, vector, col, deleted),
         "sweep": [{"scale": 1.0, **_sweep_point(base)}]
                  + [{"scale": s, **_sweep_point(metrics[f"scale{s:g}"])} for s in SWEEP_SCALES],
     })

@@ -404,6 +404,16 @@ def _neurons(r: dict, plots) -> list:
                 ("context", lambda c: [(_vis(c.get("text", "")), False), (_vis(c.get("token", "")), True)],
                  list),
                 ("activation x[n]", "activation", _num), ("contribution x[n]·d[n]", "contribution", _num)])]
+    po = r.get("patch_output")
+    if po:
+        where = f"{_vis(po.get('text', ''))}[{_vis(po.get('token', ''))}]"
+        out = [("h", 3, "Where the patch writes"), (
+            "p", f"x·d is largest at position {po.get('position')} of its window, token {_tok(po.get('token'))} "
+                 f"(context: {where}): {_num(po.get('value'))}, against a median |x·d| of "
+                 f"{_num(po.get('median_abs'))} over all tokens; the ablation removed {_num(po.get('removed'))} "
+                 "there (x[col] times the deleted weight). The neurons making up that write:"),
+            _columns(po.get("top_neurons") or [], [("neuron", "neuron", _num), ("x[n]", "x", _num),
+                                                    ("d[n]", "d", _num), ("x[n]·d[n]", "contribution", _num)])] + out
     return [("h", 2, "Neurons the patch listens to")] + out if out else []
 
 
