@@ -179,7 +179,7 @@ def test_hard_concrete_gates_close_exactly_and_penalty_tracks_open_gates(loaded)
     patch = HardConcrete(1.0).patch(loaded.model, [(1, 5)], [torch.ones(64)])
     assert isinstance(patch, GatedRowPatch)
     with torch.no_grad():
-        patch.log_alpha[0][:32] = -10.0
+        patch.p[0][:32] = -10.0
     final = HardConcrete(1.0).final(patch)[0]
     assert (final[:32] == 0).all() and (final[32:] == 1).all()
     assert patch.expected_open().item() == pytest.approx(0.5, abs=0.01)

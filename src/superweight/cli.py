@@ -587,8 +587,8 @@ def _print_analysis(results: dict) -> None:
 @_errors
 def sparsify(
     run_dir: RunDirArg,
-    l1: Annotated[str, typer.Option(help="comma-separated L1 (proximal) strengths; empty to skip")] = "0.1,0.3,0.6",
-    l0: Annotated[str, typer.Option(help="comma-separated hard-concrete L0 strengths; empty to skip")] = "0.03,0.1,0.3",
+    l1: Annotated[str, typer.Option(help="comma-separated L1 (proximal) strengths; empty to skip")] = "0.6,0.8,1",
+    l0: Annotated[str, typer.Option(help="comma-separated hard-concrete L0 strengths; empty to skip")] = "1,3,10",
     steps: Annotated[Optional[int], typer.Option(help="steps per sparse patch (default: half the run's)")] = None,
     tokens: Annotated[int, typer.Option(help="eval-split tokens to score each patch on")] = 2048,
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="model spec (default: the run's own)")] = None,
@@ -625,11 +625,12 @@ def _floats(name: str, text: str) -> tuple[float, ...]:
 
 def _print_sparse(st: dict) -> None:
     table = Table(title=f"Sparse training ({st['steps']} steps each from the dense patch)", box=box.SIMPLE_HEAD)
-    for col in ("method", "strength", "non-zeros", "NLL-gap rec.", "KL", "frontier"):
+    for col in ("method", "strength", "non-zeros", "NLL-gap rec.", "KL", "||d||", "d[col]", "cos(d,e_col)", "frontier"):
         table.add_column(col, justify="left" if col == "method" else "right")
     front = {(p["method"], p["strength"]) for p in st["frontier"]}
     for p in st["points"]:
         table.add_row(p["method"], f"{p['strength']:g}", str(p["nnz"]), f"{p['nll_gap']:.1%}", _fmt(p["kl"]),
+                      _fmt(p.get("norm")), _fmt(p.get("value_at_col")), _fmt(p.get("cos_ablated_direction")),
                       "yes" if (p["method"], p["strength"]) in front else "")
     out.print(table)
     s90 = st["smallest_90"]

@@ -353,7 +353,8 @@ def _sparsity(r: dict, plots) -> list:
         out.append(_columns(st.get("points") or [], [
             ("method", "method", _num), ("strength", "strength", _num), ("nnz", "nnz", _num),
             ("PPL", "ppl", _ppl), ("KL", "kl", _num), ("NLL-gap rec.", "nll_gap", _pct),
-            ("KL rec.", "kl_recovery", _pct), ("seconds", "seconds", _num),
+            ("KL rec.", "kl_recovery", _pct), ("‖d‖", "norm", _num), ("d[col]", "value_at_col", _num),
+            ("cos(d, e_col)", "cos_ablated_direction", _num), ("seconds", "seconds", _num),
             ("on frontier", lambda p: (p.get("method"), p.get("strength")) in front, _num)]))
         found = "none does"
         if s := st.get("smallest_90"):

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from superweight import data
+from superweight.arch import down_projection
 from superweight.intervene import Ablation, Compose, RowPatch
 from superweight.metrics import Protocol, measure
 from superweight.models import Loaded
@@ -35,7 +36,9 @@ from superweight.repair import RepairConfig, recovery, train
 from superweight.repair_job import training_sequences
 from superweight.runs import write_json
 
-DEFAULT_STRENGTHS = {"l1": (0.1, 0.3, 0.6), "l0": (0.03, 0.1, 0.3)}
+DEFAULT_STRENGTHS = {"l1": (0.6, 0.8, 1.0), "l0": (1.0, 3.0, 10.0)}
+# Per sparse patch, what it is: is the sparsest repair the deleted weight itself?
+GEOMETRY_KEYS = ("norm", "cos_original_row", "col", "value_at_col", "deleted_value", "cos_ablated_direction")
 # Hard-concrete constants from Louizos et al.: temperature beta, stretch interval (gamma, zeta).
 BETA, GAMMA, ZETA = 2 / 3, -0.1, 1.1
 
@@ -62,18 +65,27 @@ class L1Prox:
 
 
 class GatedRowPatch(RowPatch):
-    """A row patch d * z with one hard-concrete gate z per entry (`training` samples z, else deterministic)."""
+    """A row patch d * z with one hard-concrete gate z per entry (`training` samples z, else deterministic).
+
+    log_alpha = LOG_ALPHA_SCALE * p with p the trained parameter: Adam moves p ~lr a step, and a gate must
+    travel from open (log_alpha 3) past closed (-2.4) within the few steps a sparse run gets."""
+
+    LOG_ALPHA_SCALE = 5.0
 
     def __init__(self, model, rows, vectors, log_alpha: float = 3.0):
         super().__init__(model, rows, vectors)
-        self.log_alpha = [nn.Parameter(torch.full_like(v, log_alpha)) for v in self.vectors]
+        self.p = [nn.Parameter(torch.full_like(v, log_alpha / self.LOG_ALPHA_SCALE)) for v in self.vectors]
         self.training = True
 
+    @property
+    def log_alpha(self) -> list[torch.Tensor]:
+        return [p * self.LOG_ALPHA_SCALE for p in self.p]
+
     def parameters(self) -> list[nn.Parameter]:
-        return [*self.vectors, *self.log_alpha]
+        return [*self.vectors, *self.p]
 
     def gate(self, i: int) -> torch.Tensor:
-        la = self.log_alpha[i]
+        la = self.p[i] * self.LOG_ALPHA_SCALE
         if self.training:
             u = torch.rand_like(la).clamp(1e-6, 1 - 1e-6)
             s = torch.sigmoid((u.log() - (-u).log1p() + la) / BETA)
@@ -135,7 +147,7 @@ def run_sparsify(
     on_advance: Callable[[int, float | None], None] | None = None,
 ) -> dict:
     """Train one sparse patch per (method, strength) from the run's patch; score, find the frontier, save."""
-    from superweight.analyze import read_results
+    from superweight.analyze import geometry, read_results
 
     stage = on_stage or (lambda *_: None)
     run_dir = Path(run_dir)
@@ -149,6 +161,7 @@ def run_sparsify(
     corpus = results["protocol"]["corpus"]
     seqs, mask = training_sequences(tok, corpus, cfg, results.get("recipe", "fast"))
     on_step = (lambda _s, loss: on_advance(1, loss)) if on_advance else None
+    originals = [down_projection(model, c.layer).get(c.row, c.col).item() for c in patch.ablated]
     trained = []
     for method, values in (strengths or DEFAULT_STRENGTHS).items():
         for strength in values:
@@ -158,8 +171,10 @@ def run_sparsify(
             p, _ = train(model, patch.ablated, patch.rows, seqs, mask, cfg, None, on_step=on_step,
                          init_vectors=patch.vectors, objective=objective)
             vectors = objective.final(p)
+            g = geometry(model, patch.ablated, patch.rows, vectors, originals)
             trained.append({"method": method, "strength": strength, "vectors": vectors,
-                            "nnz": int(sum((v != 0).sum() for v in vectors)), "seconds": time.perf_counter() - t0})
+                            "nnz": int(sum((v != 0).sum() for v in vectors)), "seconds": time.perf_counter() - t0,
+                            "geometry": {k: g.get(k) for k in GEOMETRY_KEYS} | {"top_entries": g["top_entries"][:8]}})
     stage("Scoring sparse patches", None)
     ablation = Ablation(model, patch.ablated)
     conditions = {"broken": ablation}
@@ -175,7 +190,7 @@ def run_sparsify(
         rec = recovery(base, broken, m)
         points.append({"method": t["method"], "strength": t["strength"], "nnz": t["nnz"], "nll": m.nll,
                        "ppl": m.ppl, "kl": m.kl, "nll_gap": rec["nll_gap"], "kl_recovery": rec["kl"],
-                       "seconds": t["seconds"]})
+                       "seconds": t["seconds"], **t["geometry"]})
     frontier = pareto(points)
     results["sparse_training"] = {
         "protocol": Protocol.of(loaded, corpus, "eval", base.n_tokens, max_length, max_length, {
