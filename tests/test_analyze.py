@@ -199,4 +199,7 @@ def test_sparsify_trains_sparser_patches_with_stronger_penalties(tmp_path, loade
     assert pts[("l1", 2.0)]["nnz"] < pts[("l1", 0.05)]["nnz"] <= 64
     assert all(0 <= p["nnz"] <= 64 and math.isfinite(p["nll_gap"]) for p in st["points"])
     assert st["frontier"] == pareto(st["points"]) and st["steps"] == 8
+    for p in st["points"]:  # each sparse patch says what it is, against the deleted weight
+        assert p["col"] == 7 and p["deleted_value"] == pytest.approx(40.0)
+        assert p["norm"] == 0 or abs(p["cos_ablated_direction"] - p["value_at_col"] / p["norm"]) < 1e-6
     assert st["smallest_90"] is None or st["smallest_90"]["nll_gap"] >= 0.9

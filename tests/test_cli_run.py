@@ -30,7 +30,7 @@ def planted_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def run_dir(planted_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "full"
-    result = invoke("run", "--model", planted_dir, *SMALL, "--seeds", "2", "--out", out)
+    result = invoke("run", "--model", planted_dir, *SMALL, "--seeds", "2", "--sparse", "--out", out)
     assert result.exit_code == 0, result.output
     assert result.output.strip().splitlines()[-1] == f"Report: {out / 'report.html'}"
     return out
@@ -49,7 +49,8 @@ def test_run_detects_the_planted_weight_and_writes_every_artifact(run_dir):
     assert len(res["sparsity"]) == 7 and res["sparsity"][-1]["k"] == 64
     assert set(res["baselines"]) >= {"oracle", "activation_restore", "other_row"}
     assert len(res["seeds"]["values"]) == 2 and res["seeds"]["std"]["norm"] >= 0
-    assert {"detect", "repair", "analyze"} <= set(res["timings"])
+    assert {"detect", "repair", "analyze", "sparsify"} <= set(res["timings"])
+    assert len(res["sparse_training"]["points"]) == 6  # 3 L1 and 3 L0 strengths by default
     html = (run_dir / "report.html").read_text()
     assert "data:image/png;base64," in html and f"{res['patched']['ppl']:.2f}" in html
 

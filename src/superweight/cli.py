@@ -588,7 +588,7 @@ def _print_analysis(results: dict) -> None:
 def sparsify(
     run_dir: RunDirArg,
     l1: Annotated[str, typer.Option(help="comma-separated L1 (proximal) strengths; empty to skip")] = "0.6,0.8,1",
-    l0: Annotated[str, typer.Option(help="comma-separated hard-concrete L0 strengths; empty to skip")] = "1,3,10",
+    l0: Annotated[str, typer.Option(help="comma-separated hard-concrete L0 strengths; empty to skip")] = "1,10,30",
     steps: Annotated[Optional[int], typer.Option(help="steps per sparse patch (default: half the run's)")] = None,
     tokens: Annotated[int, typer.Option(help="eval-split tokens to score each patch on")] = 2048,
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="model spec (default: the run's own)")] = None,
@@ -625,7 +625,7 @@ def _floats(name: str, text: str) -> tuple[float, ...]:
 
 def _print_sparse(st: dict) -> None:
     table = Table(title=f"Sparse training ({st['steps']} steps each from the dense patch)", box=box.SIMPLE_HEAD)
-    for col in ("method", "strength", "non-zeros", "NLL-gap rec.", "KL", "||d||", "d[col]", "cos(d,e_col)", "frontier"):
+    for col in ("method", "strength", "non-zeros", "NLL-gap rec.", "KL", "||d||", "d\\[col]", "cos(d,e_col)", "frontier"):
         table.add_column(col, justify="left" if col == "method" else "right")
     front = {(p["method"], p["strength"]) for p in st["frontier"]}
     for p in st["points"]:

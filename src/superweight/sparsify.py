@@ -36,7 +36,7 @@ from superweight.repair import RepairConfig, recovery, train
 from superweight.repair_job import training_sequences
 from superweight.runs import write_json
 
-DEFAULT_STRENGTHS = {"l1": (0.6, 0.8, 1.0), "l0": (1.0, 3.0, 10.0)}
+DEFAULT_STRENGTHS = {"l1": (0.6, 0.8, 1.0), "l0": (1.0, 10.0, 30.0)}
 # Per sparse patch, what it is: is the sparsest repair the deleted weight itself?
 GEOMETRY_KEYS = ("norm", "cos_original_row", "col", "value_at_col", "deleted_value", "cos_ablated_direction")
 # Hard-concrete constants from Louizos et al.: temperature beta, stretch interval (gamma, zeta).
