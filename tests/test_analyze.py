@@ -84,6 +84,7 @@ def test_sparsity_of_the_oracle_needs_one_entry_and_random_k_does_not(oracle_run
     assert sp[0]["random"]["nll_gap"] < 0.05 and sp[0]["random"]["draws"] == 2
     assert sp[-1]["random"] == {**sp[-1]["random"], "draws": 0} and sp[-1]["random"]["nll_gap"] == sp[-1]["nll_gap"]
     assert smallest_k(sp) == 1
+    assert sp[0]["by_contribution"]["nll_gap"] == pytest.approx(1.0, abs=1e-4)  # x*d ranks the one entry first
 
 
 def test_super_activation_sweep_tokens_and_neurons(oracle_run, loaded):

@@ -79,7 +79,7 @@ def test_analyze_sparsify_report_and_compare_on_a_repair_run(planted_dir, tmp_pa
     assert r.exit_code == 0, r.output
     r = invoke("analyze", out, "--tokens", "256", "--draws", "1")
     assert r.exit_code == 0, r.output
-    assert "Smallest top-k patch recovering >= 90% of the NLL gap" in r.output
+    assert "Smallest top-|d| patch recovering >= 90% of the NLL gap" in r.output and "top-|x·d|" in r.output
     r = invoke("sparsify", out, "--l1", "0.5", "--l0", "", "--steps", "3", "--tokens", "256")
     assert r.exit_code == 0, r.output
     res = json.loads((out / "results.json").read_text())

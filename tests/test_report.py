@@ -65,6 +65,7 @@ def _full(gaps=(0.1, 0.3, 0.5, 0.7, 0.85, 0.92, 0.96)) -> dict:
     r["super_activation"] = {"base": 20000.0, "broken": 6000.0, "patched": 15000.0}
     r["sparsity"] = [{"k": k, "nll": 5 - 2 * g, "ppl": 100.0, "kl": 1.8 * (1 - g), "nll_gap": g,
                       "kl_recovery": g,
+                      "by_contribution": {"nll": 3.0, "ppl": 20.0, "kl": 0.05, "nll_gap": 0.97, "kl_recovery": 0.97},
                       "random": {"nll": 5.0, "ppl": 148.0, "kl": 1.8, "nll_gap": g / 10, "kl_recovery": g / 10,
                                  "draws": 4}} for k, g in zip(KS, gaps)]
     point = {"nll": 3.2, "ppl": 24.5, "kl": 0.1, "kl_recovery": 0.94, "seconds": 5.0}
@@ -170,7 +171,8 @@ def test_sparsity_answers(full_report):
     assert "Smallest top-k patch keeping 90% of the full patch&#x27;s recovery (96.0%): k = 32." in page
     assert "<p>Smallest top-k patch recovering &gt;= 90% of the NLL gap: k = 32 of 64.</p>" in page
     assert "<p>Smallest trained sparse patch recovering &gt;= 90%: nnz = 12 (l1, strength 0.01).</p>" in page
-    assert "| 64 | 96.0% | 96.0% | 0.072 | 9.6% | 1.8 |" in md
+    assert "| 64 | 96.0% | 96.0% | 0.072 | 97.0% | 9.6% | 1.8 |" in md
+    assert "Smallest by-|x·d| patch recovering &gt;= 90%: k = 1." in page
 
 
 def test_minimal_run_renders_without_analysis(tmp_path):

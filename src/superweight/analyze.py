@@ -84,19 +84,24 @@ def keep_entries(vectors: list[torch.Tensor], keep: torch.Tensor) -> list[torch.
     return list(out.split([v.numel() for v in vectors]))
 
 
-def sparsity_conditions(model, ablation: Ablation, patch: PatchData, draws: int, seed: int = 0):
-    """{"top{k}": ..., "rand{k}_{j}": ...} for k in 1, 2, 4, ..., n: the patch cut to k entries."""
+def sparsity_conditions(model, ablation: Ablation, patch: PatchData, draws: int, by_contribution: torch.Tensor,
+                        seed: int = 0):
+    """The patch cut to k entries, for k in 1, 2, 4, ..., n: "top{k}" keeps the k largest |d|, "contrib{k}" the
+    k largest |x * d| at the token where the patch writes most, "rand{k}_{j}" k random ones (draw j)."""
     flat = torch.cat([v.float() for v in patch.vectors])
-    order = flat.abs().argsort(descending=True)
+    orders = {"top": flat.abs().argsort(descending=True), "contrib": by_contribution.argsort(descending=True)}
     gen = torch.Generator().manual_seed(seed)
     conditions: dict[str, Intervention] = {}
+
+    def cut(keep):
+        return Compose(ablation, RowPatch(model, patch.rows, keep_entries(patch.vectors, keep)))
+
     for k in powers_of_two(flat.numel()):
-        conditions[f"top{k}"] = Compose(ablation, RowPatch(model, patch.rows, keep_entries(patch.vectors, order[:k])))
-        if k == flat.numel():
-            continue  # every entry kept: random-k is the same patch
-        for j in range(draws):
-            keep = torch.randperm(flat.numel(), generator=gen)[:k]
-            conditions[f"rand{k}_{j}"] = Compose(ablation, RowPatch(model, patch.rows, keep_entries(patch.vectors, keep)))
+        for name, order in orders.items():
+            conditions[f"{name}{k}"] = cut(order[:k])
+        if k < flat.numel():  # with every entry kept, random-k is the same patch
+            for j in range(draws):
+                conditions[f"rand{k}_{j}"] = cut(torch.randperm(flat.numel(), generator=gen)[:k])
     return conditions
 
 
@@ -112,7 +117,8 @@ def sparsity_table(metrics: dict[str, Metrics], n: int, draws: int) -> list[dict
         top = _scored(metrics[f"top{k}"], base, broken)
         runs = [_scored(metrics[f"rand{k}_{j}"], base, broken) for j in range(draws)] if k < n else [top]
         random = {key: sum(r[key] for r in runs) / len(runs) for key in top}
-        table.append({"k": k, **top, "random": {**random, "draws": len(runs) if k < n else 0}})
+        table.append({"k": k, **top, "by_contribution": _scored(metrics[f"contrib{k}"], base, broken),
+                      "random": {**random, "draws": len(runs) if k < n else 0}})
     return table
 
 
@@ -240,6 +246,19 @@ def patch_output(tokenizer, ids, x: torch.Tensor, positions: list[int], vector: 
     }
 
 
+def contribution_scores(model, ids, patch: PatchData, max_length: int) -> tuple[torch.Tensor, dict]:
+    """|x[t, i] * d[i]| for every patch entry (rows concatenated), t the token where that row's write x @ d is
+    largest; and the down-projection inputs per layer, for the token and neuron views."""
+    inputs, scores = {}, []
+    for (layer, _row), v in zip(patch.rows, patch.vectors):
+        if layer not in inputs:
+            inputs[layer] = down_inputs(model, ids, layer, max_length)
+        x = inputs[layer][0]
+        t = int((x @ v.float()).abs().argmax())
+        scores.append((x[t] * v.float()).abs())
+    return torch.cat(scores), inputs
+
+
 def run_analyze(
     loaded: Loaded,
     run_dir: Path,
@@ -266,7 +285,9 @@ def run_analyze(
     conditions: dict[str, Intervention] = {
         "broken": ablation, "patched": Compose(ablation, RowPatch(model, patch.rows, patch.vectors)),
     }
-    conditions.update(sparsity_conditions(model, ablation, patch, draws))
+    stage("Reading the patch's inputs", None)
+    by_contribution, inputs = contribution_scores(model, ids, patch, max_length)
+    conditions.update(sparsity_conditions(model, ablation, patch, draws, by_contribution))
     first = coords[0]
     sweep = {f"scale{s:g}": Ablation(model, [first.model_copy(update={"scale": s})]) for s in SWEEP_SCALES}
     conditions.update(sweep)
@@ -281,7 +302,7 @@ def run_analyze(
     stage("Token and neuron views", None)
     (layer, row), vector = patch.rows[0], patch.vectors[0].float()
     neurons = vector.abs().topk(min(top_neurons, vector.numel())).indices.tolist()
-    x, positions = down_inputs(model, ids, layer, max_length)
+    x, positions = inputs[layer]
     col, deleted = next(((c.col, w - w * c.scale) for c, w in zip(coords, originals)
                          if (c.layer, c.row) == (layer, row)), (None, None))
     results.update({
@@ -299,6 +320,8 @@ def run_analyze(
             "broken": f"ablate {', '.join(map(str, coords))}",
             "patched": "ablate, add the run's patch",
             "top{k}": "ablate, add the patch keeping its k largest-|d| entries",
+            "contrib{k}": "ablate, add the patch keeping the k entries with the largest |x[i] * d[i]| at the token "
+                          "where |x @ d| is largest (the massive-activation token)",
             "rand{k}_{j}": f"ablate, add the patch keeping k random entries (draw j of {draws})",
             "scale{s}": f"{first} multiplied by s (nothing else changed)",
         }).model_dump(),

@@ -561,18 +561,22 @@ def _print_analysis(results: dict) -> None:
     out.print(f"Patch {g['layer']}:{g['row']}: ||d|| = {g['norm']:.3f}, cos(d, original row) = {g['cos_original_row']:.3f}, "
               f"cos(d, e_col) = {g.get('cos_ablated_direction', 0):.3f}, d[{g.get('col')}] = {g.get('value_at_col', 0):.4g} "
               f"(deleted {g.get('deleted_value', 0):.4g})")
-    table = Table(title=f"Top-k sparsified patch vs random-k ({results['analysis']['draws']} draws), "
+    table = Table(title=f"The patch cut to k entries: largest |d|, largest |x·d| at the massive token, random "
+                        f"({results['analysis']['draws']} draws), "
                         f"{results['analysis']['protocol']['n_tokens']:,} tokens", box=box.SIMPLE_HEAD)
-    for col in ("k", "NLL-gap rec.", "KL", "random-k rec.", "random-k KL"):
+    for col in ("k", "top-|d| rec.", "KL", "top-|x·d| rec.", "KL ", "random-k rec.", "KL  "):
         table.add_column(col, justify="right")
     for p in results["sparsity"]:
-        table.add_row(str(p["k"]), f"{p['nll_gap']:.1%}", _fmt(p["kl"]), f"{p['random']['nll_gap']:.1%}",
-                      _fmt(p["random"]["kl"]))
+        c = p["by_contribution"]
+        table.add_row(str(p["k"]), f"{p['nll_gap']:.1%}", _fmt(p["kl"]), f"{c['nll_gap']:.1%}", _fmt(c["kl"]),
+                      f"{p['random']['nll_gap']:.1%}", _fmt(p["random"]["kl"]))
     out.print(table)
     k90 = smallest_k(results["sparsity"])
     dense = results["sparsity"][-1]["nll_gap"]
     k_rel = smallest_k(results["sparsity"], 0.9 * dense) if dense > 0 else None
-    out.print(f"Smallest top-k patch recovering >= 90% of the NLL gap: {k90 if k90 else 'none'}; "
+    k_c = next((p["k"] for p in results["sparsity"] if p["by_contribution"]["nll_gap"] >= 0.9), None)
+    out.print(f"Smallest top-|x·d| patch recovering >= 90% of the NLL gap: {k_c if k_c else 'none'}")
+    out.print(f"Smallest top-|d| patch recovering >= 90% of the NLL gap: {k90 if k90 else 'none'}; "
               f"keeping 90% of the full patch's {dense:.1%}: {k_rel if k_rel else 'none'}")
     t = results["tokens"]
     for key, title in (("hurt", "most hurt by the ablation"), ("healed", "most healed by the patch")):

@@ -174,6 +174,9 @@ def _plot_sparsity(r: dict, log):
         draws = (sp[0].get("random") or {}).get("draws", "?")
         ks = [e["k"] for e in sp]
         ax.plot(ks, [_nan(e.get("nll_gap")) for e in sp], "o-", label="top-k of trained patch")
+        if any("by_contribution" in e for e in sp):
+            ax.plot(ks, [_nan((e.get("by_contribution") or {}).get("nll_gap")) for e in sp], "D-",
+                    color="tab:orange", label="top-k by |x·d| at the massive token")
         ax.plot(ks, [_nan((e.get("random") or {}).get("nll_gap")) for e in sp], "s--", color="tab:gray",
                 label=f"random-k (mean of {draws} draws)")
     for method, marker in (("l1", "^"), ("l0", "v")):
@@ -337,10 +340,17 @@ def _sparsity(r: dict, plots) -> list:
     out = [("h", 2, "Sparsity")] + _img(plots, "sparsity", "NLL-gap recovery against k non-zero entries")
     if sp:
         rand = lambda key: lambda e: (e.get("random") or {}).get(key)  # noqa: E731
+        contrib = lambda key: lambda e: (e.get("by_contribution") or {}).get(key)  # noqa: E731
         out.append(_columns(sp, [("k", "k", _num), ("top-k NLL-gap rec.", "nll_gap", _pct),
                                  ("top-k KL rec.", "kl_recovery", _pct), ("top-k KL", "kl", _num),
+                                 ("by-|x·d| NLL-gap rec.", contrib("nll_gap"), _pct),
                                  ("random-k NLL-gap rec.", rand("nll_gap"), _pct),
                                  ("random-k KL", rand("kl"), _num)]))
+        k_c = next((e["k"] for e in sp if ((e.get("by_contribution") or {}).get("nll_gap") or 0) >= 0.9), None)
+        if any("by_contribution" in e for e in sp):
+            out.append(("p", "Top-k keeps the largest |d| entries; by-|x·d| keeps the entries that write most at the "
+                        "token where the patch writes most (the massive-activation token). Smallest by-|x·d| patch "
+                        "recovering >= 90%: " + (f"k = {k_c}." if k_c is not None else "none does.")))
         k = _k90(sp)
         out.append(("p", "Smallest top-k patch recovering >= 90% of the NLL gap: "
                     + (f"k = {k} of {sp[-1]['k']}." if k is not None else "none does.")))
