@@ -221,7 +221,9 @@ def test_compare_rows(tmp_path):
         "run": None, "model": "tiny/llama (test)", "weight": "3:5:17", "recipe": "fast", "steps": 40, "seed": 0,
         "base_ppl": pytest.approx(20.0855, rel=1e-4), "broken_ppl": pytest.approx(148.413, rel=1e-4),
         "patched_ppl": pytest.approx(22.7599, rel=1e-4), "nll_gap": 0.9375, "kl_recovery": 0.95, "norm": 46.5,
-        "cos_original_row": 0.19, "value_at_col": 2.02, "k90": 32, "sparse_nnz90": 12, "seconds": 80.0}
+        "cos_original_row": 0.19, "value_at_col": 2.02, "k90": 32, "k90_contribution": 1, "sparse_nnz90": 12,
+        "seeds": 3, "seeds_nll_gap_mean": pytest.approx(0.94), "seeds_nll_gap_std": pytest.approx(0.01),
+        "n_tokens": 2048, "seconds": 80.0}
     assert rows[3]["weight"] == "3:5:17"  # from protocol.interventions when there is no detect
     page = write_report(c)[1].read_text()
     assert "NLL gap: none does.</p>" in page and "&gt;= 90%: none does.</p>" in page

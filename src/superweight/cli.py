@@ -669,29 +669,38 @@ def compare(run_dirs: Annotated[list[str], typer.Argument(help="run directories"
         check_writable(json_)
     rows = compare_rows(run_dirs)
     table = Table(title="Runs", box=box.SIMPLE_HEAD)
-    cols = [("run", "run"), ("model", "model"), ("weight", "weight"), ("recipe", "recipe"), ("steps", "steps"),
-            ("seed", "seed"), ("base_ppl", "base PPL"), ("broken_ppl", "broken PPL"), ("patched_ppl", "patched PPL"),
-            ("nll_gap", "NLL-gap rec."), ("kl_recovery", "KL rec."), ("norm", "||d||"),
-            ("cos_original_row", "cos(d,row)"), ("k90", "top-k 90%"), ("sparse_nnz90", "sparse 90%"), ("seconds", "train s")]
-    for _, title in cols:
-        table.add_column(title, justify="left" if title in {"run", "model", "weight", "recipe"} else "right")
+    pct = lambda v: f"{v:.1%}"  # noqa: E731
+    cols = [  # (title, cell)
+        ("run", lambda r: r["run"]), ("model", lambda r: (r["model"] or "-").split(" (")[0].split("/")[-1]),
+        ("weight", lambda r: r["weight"]), ("recipe", lambda r: r["recipe"]), ("steps", lambda r: r["steps"]),
+        ("seed", lambda r: r["seed"]), ("eval tokens", lambda r: r["n_tokens"]),
+        ("base PPL", lambda r: _fmt(r["base_ppl"], 2)),
+        ("broken PPL", lambda r: _fmt(r["broken_ppl"], 2)), ("patched PPL", lambda r: _fmt(r["patched_ppl"], 2)),
+        ("NLL-gap rec.", lambda r: pct(r["nll_gap"])), ("KL rec.", lambda r: pct(r["kl_recovery"])),
+        ("NLL-gap rec. over seeds", lambda r: f"{r['seeds_nll_gap_mean']:.1%} ± {r['seeds_nll_gap_std']:.1%} (n={r['seeds']})"),
+        ("||d||", lambda r: _fmt(r["norm"], 1)), ("cos(d,row)", lambda r: _fmt(r["cos_original_row"])),
+        ("fewest entries for 90%: top-|d|", lambda r: r["k90"]),
+        ("  top-|x·d| at the massive token", lambda r: r["k90_contribution"]),
+        ("  sparse training", lambda r: r["sparse_nnz90"]), ("train s", lambda r: _fmt(r["seconds"], 0)),
+    ]
+    # One column per run, one row per quantity: a few runs with many numbers read best this way round.
+    table.add_column("")
     for r in rows:
-        cells = []
-        for key, _ in cols:
-            v = r.get(key)
-            if v is None:
-                cells.append("-")
-            elif key in {"nll_gap", "kl_recovery"}:
-                cells.append(f"{v:.1%}")
-            elif isinstance(v, float):
-                cells.append(_fmt(v, 2 if "ppl" in key else 3))
-            else:
-                cells.append(str(v))
-        table.add_row(*cells)
+        table.add_column(r["run"], justify="right", overflow="fold")
+    for title, cell in cols[1:]:
+        table.add_row(title, *[_cell(cell, r) for r in rows])
     out.print(table)
     if json_:
         write_json(json_, rows)
         err.print(f"Wrote {json_}")
+
+
+def _cell(cell, row: dict) -> str:
+    try:
+        value = cell(row)
+    except (TypeError, KeyError):  # a value this run does not have
+        value = None
+    return "-" if value is None else str(value)
 
 
 @app.command()

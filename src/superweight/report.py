@@ -538,6 +538,7 @@ def compare_rows(run_dirs: list[str | Path]) -> list[dict]:
         run, r = _load(run_dir)
         rec, p, train = r.get("recovery") or {}, r["patch"], r.get("training") or {}
         smallest = (r.get("sparse_training") or {}).get("smallest_90") or {}
+        seeds = r.get("seeds") or {}
         rows.append({
             "run": run.resolve().name, "model": (r.get("protocol") or {}).get("model"), "weight": _weight(r),
             "recipe": r.get("recipe"), "steps": train.get("steps", (r.get("config") or {}).get("steps")),
@@ -546,7 +547,14 @@ def compare_rows(run_dirs: list[str | Path]) -> list[dict]:
             "patched_ppl": (r.get("patched") or {}).get("ppl"),
             "nll_gap": rec.get("nll_gap"), "kl_recovery": rec.get("kl"), "norm": p.get("norm"),
             "cos_original_row": p.get("cos_original_row"), "value_at_col": p.get("value_at_col"),
-            "k90": _k90(r.get("sparsity") or []), "sparse_nnz90": smallest.get("nnz"),
+            "k90": _k90(r.get("sparsity") or []),
+            "k90_contribution": _k90([{"k": e["k"], **e["by_contribution"]} for e in r.get("sparsity") or []
+                                      if "by_contribution" in e]),
+            "sparse_nnz90": smallest.get("nnz"),
+            "seeds": len(seeds.get("values", [])) or None,
+            "seeds_nll_gap_mean": (seeds.get("mean") or {}).get("nll_gap"),
+            "seeds_nll_gap_std": (seeds.get("std") or {}).get("nll_gap"),
+            "n_tokens": (r.get("protocol") or {}).get("n_tokens"),
             "seconds": train.get("seconds"),
         })
     return rows
