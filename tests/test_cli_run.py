@@ -116,3 +116,12 @@ def test_analyze_of_a_directory_without_a_run(tmp_path):
     result = invoke("analyze", tmp_path)
     assert result.exit_code == 1
     assert result.stderr.strip() == f"Error: no results.json in {tmp_path}: run `superweight repair --out {tmp_path}` first"
+
+
+def test_analyze_of_a_damaged_results_file_is_one_error_and_leaves_it(tmp_path):
+    (tmp_path / "results.json").write_text("{ half")
+    result = invoke("analyze", tmp_path)
+    assert result.exit_code == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"Error: {tmp_path / 'results.json'} is not valid JSON")
+    assert (tmp_path / "results.json").read_text() == "{ half"

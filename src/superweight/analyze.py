@@ -64,7 +64,10 @@ def read_results(run_dir: Path) -> dict:
     path = run_dir / "results.json"
     if not path.is_file():
         raise SuperweightError(f"no results.json in {run_dir}: run `superweight repair --out {run_dir}` first")
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise SuperweightError(f"{path} is not valid JSON ({exc}); was the run interrupted while writing?") from None
 
 
 def powers_of_two(n: int) -> list[int]:
