@@ -173,6 +173,9 @@ def test_sparsity_answers(full_report):
     assert "<p>Smallest trained sparse patch recovering &gt;= 90%: nnz = 12 (l1, strength 0.01).</p>" in page
     assert "| 64 | 96.0% | 96.0% | 0.072 | 97.0% | 9.6% | 1.8 |" in md
     assert "Smallest by-|x·d| patch recovering &gt;= 90%: k = 1." in page
+    assert ("keeping only the 1 with the largest x·d at the massive-activation token recovers 97.0%; keeping the 1 "
+            "largest by magnitude recovers") in page
+    assert "a patch of 12 non-zero entries recovers" in page
 
 
 def test_minimal_run_renders_without_analysis(tmp_path):

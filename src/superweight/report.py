@@ -253,6 +253,15 @@ def _headline(r: dict, plots) -> list:
             text += (f"; a row patch of norm {_num(p.get('norm'))} recovers {_pct(rec.get('nll_gap'))} of the "
                      f"NLL gap (PPL {_ppl(r['patched'].get('ppl'))})")
         out.append(("p", text + "."))
+    sp = sorted(r.get("sparsity") or [], key=lambda e: e["k"])
+    best = next((e for e in sp if ((e.get("by_contribution") or {}).get("nll_gap") or 0) >= 0.9), None)
+    if best:
+        out.append(("p", f"Of the patch's {sp[-1]['k']} entries, keeping only the {best['k']} with the largest x·d "
+                         f"at the massive-activation token recovers {_pct(best['by_contribution']['nll_gap'])}; "
+                         f"keeping the {best['k']} largest by magnitude recovers {_pct(best.get('nll_gap'))}."))
+    if s90 := (r.get("sparse_training") or {}).get("smallest_90"):
+        out.append(("p", f"Trained for sparsity ({s90.get('method')}), a patch of {s90.get('nnz')} non-zero entries "
+                         f"recovers {_pct(s90.get('nll_gap'))}."))
     return out
 
 
