@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -39,7 +40,7 @@ def oracle_vector(model) -> torch.Tensor:
     return d
 
 
-def make_run(tmp_path, loaded, vector, config=None) -> "Path":  # noqa: F821
+def make_run(tmp_path, loaded, vector, config=None) -> Path:
     """A run directory holding `vector` as the patch of row 1:5, as `superweight repair` would leave it."""
     run = tmp_path / "run"
     run.mkdir()

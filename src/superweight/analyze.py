@@ -23,10 +23,11 @@ from superweight import data
 from superweight.arch import down_projection, final_norm
 from superweight.coords import WeightCoord
 from superweight.errors import SuperweightError
-from superweight.intervene import Ablation, Compose, Intervention, RowPatch
+from superweight.intervene import Ablation, Compose, Intervention, RowPatch, intact_values
 from superweight.metrics import Metrics, Protocol, measure
 from superweight.models import Loaded
 from superweight.patchfile import PatchData, check_fits, load_patch
+from superweight.prefix import first_edited_layer
 from superweight.repair import recovery
 from superweight.runs import write_json
 
@@ -283,7 +284,7 @@ def run_analyze(
     corpus = results.get("protocol", {}).get("corpus", data.DEFAULT_CORPUS)
     ids = data.tokenize(tok, data.load_text(corpus, "eval"), n_tokens)
     coords = patch.ablated
-    originals = [down_projection(model, c.layer).get(c.row, c.col).item() for c in coords]
+    originals = intact_values(model, coords)
     ablation = Ablation(model, coords)
     conditions: dict[str, Intervention] = {
         "broken": ablation, "patched": Compose(ablation, RowPatch(model, patch.rows, patch.vectors)),
@@ -295,12 +296,12 @@ def run_analyze(
     sweep = {f"scale{s:g}": Ablation(model, [first.model_copy(update={"scale": s})]) for s in SWEEP_SCALES}
     conditions.update(sweep)
     channels = sorted({(c.layer, c.row) for c in coords})
-    share_below = min([c.layer for c in coords] + [layer for layer, _ in patch.rows])
+    share_below = first_edited_layer(coords, patch.rows)
     stats = TokenStats(model.get_output_embeddings().weight.shape[0])
     stage(f"Analysing: {len(conditions)} conditions", n_tokens)
     metrics = measure(model, ids, conditions, channels, max_length, share_below=share_below, observe=stats,
                       progress=on_tokens)
-    base, broken = metrics["base"], metrics["broken"]
+    base = metrics["base"]
     n = sum(v.numel() for v in patch.vectors)
     stage("Token and neuron views", None)
     (layer, row), vector = patch.rows[0], patch.vectors[0].float()

@@ -125,6 +125,11 @@ def _times(scale: float) -> Edit:
     return lambda w: w * scale
 
 
+def intact_values(model: nn.Module, coords: Iterable[WeightCoord]) -> list[float]:
+    """The current values of the listed weights (call it with no intervention applied)."""
+    return [down_projection(model, c.layer).get(c.row, c.col).item() for c in coords]
+
+
 class Compose(Intervention):
     """Several interventions applied in order and removed in reverse."""
 

@@ -22,6 +22,12 @@ from torch import nn
 from superweight.arch import decoder_layers
 
 
+def first_edited_layer(coords, rows) -> int:
+    """The lowest layer that ablated weights (`WeightCoord`s) or patch rows ((layer, row)) touch: every block
+    below it is the same with and without them, so it can be shared (`Prefix`, `measure(share_below=...)`)."""
+    return min([c.layer for c in coords] + [layer for layer, _ in rows])
+
+
 def _identity(*args, **kwargs):
     return args[0] if args else kwargs["hidden_states"]
 

@@ -28,7 +28,7 @@ from superweight.arch import down_projection
 from superweight.coords import WeightCoord
 from superweight.errors import UsageError
 from superweight.intervene import Ablation, RowPatch
-from superweight.prefix import Prefix
+from superweight.prefix import Prefix, first_edited_layer
 from superweight.runs import write_atomic
 
 
@@ -197,8 +197,7 @@ def train(
     elif run_dir is not None:  # a fresh run: nothing of an earlier run in this directory may survive
         log_path.unlink(missing_ok=True)
         ckpt_path.unlink(missing_ok=True)
-    first = min(min(c.layer for c in coords), min(layer for layer, _ in rows))
-    prefix = Prefix(model, first)
+    prefix = Prefix(model, first_edited_layer(coords, rows))
     vocab = model.get_output_embeddings().weight.shape[0]
     # Teacher log-probs are fixed: keep them (fp16, ~0.01 nats of rounding) when the whole training set
     # fits the budget and will be seen more than once.

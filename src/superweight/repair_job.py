@@ -21,10 +21,11 @@ from superweight.arch import down_projection
 from superweight.analyze import geometry
 from superweight.coords import WeightCoord
 from superweight.errors import UsageError
-from superweight.intervene import Ablation, ActivationRestore, Compose, Intervention, RowPatch
+from superweight.intervene import Ablation, ActivationRestore, Compose, Intervention, RowPatch, intact_values
 from superweight.metrics import Protocol, measure
 from superweight.models import Loaded, model_id
 from superweight.patchfile import save_patch
+from superweight.prefix import first_edited_layer
 from superweight.repair import RepairConfig, recovery, train
 from superweight.runs import write_json
 
@@ -104,7 +105,7 @@ def run_repair(
     prepare_run_dir(out, settings, resume)
     seqs, mask = training_sequences(tok, corpus, cfg, recipe)
     eval_ids = data.tokenize(tok, data.load_text(corpus, "eval"), eval_tokens)
-    originals = [down_projection(model, c.layer).get(c.row, c.col).item() for c in coords]
+    originals = intact_values(model, coords)
 
     on_step = (lambda _step, loss: on_advance(1, loss)) if on_advance else None
     stage("Training patch", cfg.steps)
@@ -123,8 +124,7 @@ def run_repair(
         conditions[f"seed_{seed}"] = Compose(ablation, other)
     channels = sorted({(c.layer, c.row) for c in coords})
     stage("Evaluating", None)
-    share_below = min([c.layer for c in coords] + [layer for layer, _ in rows])
-    metrics = measure(model, eval_ids, conditions, channels, max_length, share_below=share_below)
+    metrics = measure(model, eval_ids, conditions, channels, max_length, share_below=first_edited_layer(coords, rows))
     stage("Generating", None)
     gens = generate.compare(model, tok, {"broken": conditions["broken"], "patched": conditions["patched"]},
                             GEN_PROMPTS)

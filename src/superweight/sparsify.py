@@ -27,11 +27,11 @@ import torch
 from torch import nn
 
 from superweight import data
-from superweight.arch import down_projection
-from superweight.intervene import Ablation, Compose, RowPatch
+from superweight.intervene import Ablation, Compose, RowPatch, intact_values
 from superweight.metrics import Protocol, measure
 from superweight.models import Loaded
 from superweight.patchfile import check_fits, load_patch
+from superweight.prefix import first_edited_layer
 from superweight.repair import RepairConfig, recovery, train
 from superweight.repair_job import training_sequences
 from superweight.runs import write_json
@@ -161,7 +161,7 @@ def run_sparsify(
     corpus = results["protocol"]["corpus"]
     seqs, mask = training_sequences(tok, corpus, cfg, results.get("recipe", "fast"))
     on_step = (lambda _s, loss: on_advance(1, loss)) if on_advance else None
-    originals = [down_projection(model, c.layer).get(c.row, c.col).item() for c in patch.ablated]
+    originals = intact_values(model, patch.ablated)
     trained = []
     for method, values in (strengths or DEFAULT_STRENGTHS).items():
         for strength in values:
@@ -181,8 +181,8 @@ def run_sparsify(
     conditions.update({f"sparse{i}": Compose(ablation, RowPatch(model, patch.rows, t["vectors"]))
                        for i, t in enumerate(trained)})
     ids = data.tokenize(tok, data.load_text(corpus, "eval"), n_tokens)
-    share_below = min([c.layer for c in patch.ablated] + [layer for layer, _ in patch.rows])
-    metrics = measure(model, ids, conditions, max_length=max_length, share_below=share_below)
+    metrics = measure(model, ids, conditions, max_length=max_length,
+                      share_below=first_edited_layer(patch.ablated, patch.rows))
     base, broken = metrics["base"], metrics["broken"]
     points = []
     for i, t in enumerate(trained):
