@@ -11,13 +11,14 @@ import pytest
 import torch
 
 from superweight import data
-from superweight.analyze import geometry, logit_lens, powers_of_two, run_analyze, smallest_k
+from superweight.analyze import geometry, logit_lens, powers_of_two, run_analyze
 from superweight.arch import down_projection, final_norm
 from superweight.coords import WeightCoord
 from superweight.errors import SuperweightError
 from superweight.intervene import Ablation, Compose, RowPatch
 from superweight.metrics import measure
 from superweight.patchfile import save_patch
+from superweight.report import smallest_k
 from superweight.runs import write_json
 from superweight.sparsify import GatedRowPatch, HardConcrete, L1Prox, pareto, run_sparsify
 from tiny import assert_identical, hook_count, planted, snapshot, tiny_tokenizer

@@ -340,7 +340,3 @@ def _sweep_point(m: Metrics) -> dict:
     return {"nll": m.nll, "ppl": m.ppl if math.isfinite(m.ppl) else None, "kl": m.kl, "top1_agree": m.top1_agree,
             "super_activation": m.super_activation}
 
-
-def smallest_k(sparsity: list[dict], target: float = 0.9) -> int | None:
-    """The fewest top-k entries that recover `target` of the NLL gap, or None."""
-    return next((p["k"] for p in sparsity if p["nll_gap"] >= target), None)

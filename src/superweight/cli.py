@@ -555,7 +555,7 @@ def analyze(
 
 
 def _print_analysis(results: dict) -> None:
-    from superweight.analyze import smallest_k
+    from superweight.report import smallest_k
 
     g = results["patch"]
     out.print(f"Patch {g['layer']}:{g['row']}: ||d|| = {g['norm']:.3f}, cos(d, original row) = {g['cos_original_row']:.3f}, "
@@ -574,7 +574,7 @@ def _print_analysis(results: dict) -> None:
     k90 = smallest_k(results["sparsity"])
     dense = results["sparsity"][-1]["nll_gap"]
     k_rel = smallest_k(results["sparsity"], 0.9 * dense) if dense > 0 else None
-    k_c = next((p["k"] for p in results["sparsity"] if p["by_contribution"]["nll_gap"] >= 0.9), None)
+    k_c = smallest_k(results["sparsity"], ranking="by_contribution")
     out.print(f"Smallest top-|x·d| patch recovering >= 90% of the NLL gap: {k_c if k_c else 'none'}")
     out.print(f"Smallest top-|d| patch recovering >= 90% of the NLL gap: {k90 if k90 else 'none'}; "
               f"keeping 90% of the full patch's {dense:.1%}: {k_rel if k_rel else 'none'}")

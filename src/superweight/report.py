@@ -118,9 +118,14 @@ def _conditions(r: dict) -> list[tuple[str, dict, dict]]:
     return out + [(n, m, m.get("recovery") or {}) for n, m in (r.get("baselines") or {}).items()]
 
 
-def _k90(sparsity: list[dict]) -> int | None:
-    return next((e["k"] for e in sorted(sparsity, key=lambda e: e["k"]) if (e.get("nll_gap") or 0) >= 0.9),
-                None)
+def smallest_k(sparsity: list[dict], target: float = 0.9, ranking: str | None = None) -> int | None:
+    """The fewest entries whose cut patch recovers `target` of the NLL gap, or None: entries kept by largest |d|
+    (the top level of each `sparsity` entry), or by `ranking` ("by_contribution", "random")."""
+    for e in sorted(sparsity, key=lambda e: e["k"]):
+        scores = (e.get(ranking) or {}) if ranking else e
+        if (scores.get("nll_gap") or 0) >= target:
+            return e["k"]
+    return None
 
 
 # --- plots: each draws one figure from results (or the train log) and returns it, or None without data ---
@@ -254,8 +259,9 @@ def _headline(r: dict, plots) -> list:
                      f"NLL gap (PPL {_ppl(r['patched'].get('ppl'))})")
         out.append(("p", text + "."))
     sp = sorted(r.get("sparsity") or [], key=lambda e: e["k"])
-    best = next((e for e in sp if ((e.get("by_contribution") or {}).get("nll_gap") or 0) >= 0.9), None)
-    if best:
+    k = smallest_k(sp, ranking="by_contribution")
+    if k is not None:
+        best = next(e for e in sp if e["k"] == k)
         out.append(("p", f"Of the patch's {sp[-1]['k']} entries, keeping only the {best['k']} with the largest x·d "
                          f"at the massive-activation token recovers {_pct(best['by_contribution']['nll_gap'])}; "
                          f"keeping the {best['k']} largest by magnitude recovers {_pct(best.get('nll_gap'))}."))
@@ -355,16 +361,16 @@ def _sparsity(r: dict, plots) -> list:
                                  ("by-|x·d| NLL-gap rec.", contrib("nll_gap"), _pct),
                                  ("random-k NLL-gap rec.", rand("nll_gap"), _pct),
                                  ("random-k KL", rand("kl"), _num)]))
-        k_c = next((e["k"] for e in sp if ((e.get("by_contribution") or {}).get("nll_gap") or 0) >= 0.9), None)
+        k_c = smallest_k(sp, ranking="by_contribution")
         if any("by_contribution" in e for e in sp):
             out.append(("p", "Top-k keeps the largest |d| entries; by-|x·d| keeps the entries that write most at the "
                         "token where the patch writes most (the massive-activation token). Smallest by-|x·d| patch "
                         "recovering >= 90%: " + (f"k = {k_c}." if k_c is not None else "none does.")))
-        k = _k90(sp)
+        k = smallest_k(sp)
         out.append(("p", "Smallest top-k patch recovering >= 90% of the NLL gap: "
                     + (f"k = {k} of {sp[-1]['k']}." if k is not None else "none does.")))
         dense = sp[-1].get("nll_gap") or 0
-        kr = next((e["k"] for e in sp if (e.get("nll_gap") or 0) >= 0.9 * dense), None) if dense > 0 else None
+        kr = smallest_k(sp, 0.9 * dense) if dense > 0 else None
         out.append(("p", f"Smallest top-k patch keeping 90% of the full patch's recovery ({_pct(dense)}): "
                     + (f"k = {kr}." if kr is not None else "none.")))
     if st:
@@ -556,9 +562,8 @@ def compare_rows(run_dirs: list[str | Path]) -> list[dict]:
             "patched_ppl": (r.get("patched") or {}).get("ppl"),
             "nll_gap": rec.get("nll_gap"), "kl_recovery": rec.get("kl"), "norm": p.get("norm"),
             "cos_original_row": p.get("cos_original_row"), "value_at_col": p.get("value_at_col"),
-            "k90": _k90(r.get("sparsity") or []),
-            "k90_contribution": _k90([{"k": e["k"], **e["by_contribution"]} for e in r.get("sparsity") or []
-                                      if "by_contribution" in e]),
+            "k90": smallest_k(r.get("sparsity") or []),
+            "k90_contribution": smallest_k(r.get("sparsity") or [], ranking="by_contribution"),
             "sparse_nnz90": smallest.get("nnz"),
             "seeds": len(seeds.get("values", [])) or None,
             "seeds_nll_gap_mean": (seeds.get("mean") or {}).get("nll_gap"),
