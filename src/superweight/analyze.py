@@ -11,7 +11,6 @@ adds to results.json are documented in docs/results.md.
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -337,6 +336,5 @@ def run_analyze(
 
 
 def _sweep_point(m: Metrics) -> dict:
-    return {"nll": m.nll, "ppl": m.ppl if math.isfinite(m.ppl) else None, "kl": m.kl, "top1_agree": m.top1_agree,
-            "super_activation": m.super_activation}
-
+    return {"nll": m.nll, "ppl": m.ppl, "kl": m.kl, "top1_agree": m.top1_agree,
+            "super_activation": m.super_activation}  # ppl is finite: Metrics caps the exponent
