@@ -85,7 +85,7 @@ class GatedRowPatch(RowPatch):
         return [*self.vectors, *self.p]
 
     def gate(self, i: int) -> torch.Tensor:
-        la = self.p[i] * self.LOG_ALPHA_SCALE
+        la = self.log_alpha[i]
         if self.training:
             u = torch.rand_like(la).clamp(1e-6, 1 - 1e-6)
             s = torch.sigmoid((u.log() - (-u).log1p() + la) / BETA)
