@@ -33,6 +33,7 @@ def run_dir(planted_dir, tmp_path_factory):
     result = invoke("run", "--model", planted_dir, *SMALL, "--seeds", "2", "--sparse", "--out", out)
     assert result.exit_code == 0, result.output
     assert result.output.strip().splitlines()[-1] == f"Report: {out / 'report.html'}"
+    assert "confirmed; repairing 1:5:7 (zeroing it: KL" in result.output
     return out
 
 

@@ -478,7 +478,8 @@ def _print_repair(results: dict, run_dir) -> None:
     out.print(f"Training: {t['steps']} steps, {t['seconds']:.0f} s ({t['s_per_step']:.2f} s/step), "
               f"final KL loss {t['final_loss']:.4f}" + (f", resumed from step {t['resumed_from']}" if t["resumed_from"] is not None else ""))
     for key, g in results["patch"]["rows"].items():
-        cols = "; ".join(f"d[{c['col']}] = {c['value_at_col']:.4g} (deleted {c['deleted_value']:.4g})" for c in g["cols"])
+        cols = "; ".join(f"d[{c['col']}] = {c['value_at_col']:.4g} (deleted {c['deleted_value']:.4g}), "
+                         f"cos(d, e_{c['col']}) = {c['cos_ablated_direction']:.3f}" for c in g["cols"])
         out.print(f"Patch row {key}: ||d|| = {g['norm']:.3f}, cos(d, original row) = {g['cos_original_row']:.3f}; {cols}")
     if "seeds" in results:
         sd = results["seeds"]
@@ -554,13 +555,14 @@ def analyze(
     out.print(f"Updated {path / 'results.json'}")
 
 
-def _print_analysis(results: dict) -> None:
+def _print_analysis(results: dict, patch_line: bool = True) -> None:
     from superweight.report import smallest_k
 
-    g = results["patch"]
-    out.print(f"Patch {g['layer']}:{g['row']}: ||d|| = {g['norm']:.3f}, cos(d, original row) = {g['cos_original_row']:.3f}, "
-              f"cos(d, e_col) = {g.get('cos_ablated_direction', 0):.3f}, d[{g.get('col')}] = {g.get('value_at_col', 0):.4g} "
-              f"(deleted {g.get('deleted_value', 0):.4g})")
+    if patch_line:  # `run` has printed it with the repair
+        g = results["patch"]
+        out.print(f"Patch {g['layer']}:{g['row']}: ||d|| = {g['norm']:.3f}, cos(d, original row) = {g['cos_original_row']:.3f}, "
+                  f"cos(d, e_col) = {g.get('cos_ablated_direction', 0):.3f}, d[{g.get('col')}] = {g.get('value_at_col', 0):.4g} "
+                  f"(deleted {g.get('deleted_value', 0):.4g})")
     table = Table(title=f"The patch cut to k entries: largest |d|, largest |x·d| at the massive token, random "
                         f"({results['analysis']['draws']} draws), "
                         f"{results['analysis']['protocol']['n_tokens']:,} tokens", box=box.SIMPLE_HEAD)
@@ -741,8 +743,14 @@ def run(
         stage, advance = _stages(bar)
         results = run_pipeline(loaded, path, coord, cfg, recipe, corpus, eval_tokens, analysis_tokens, draws,
                                baselines, seeds, sparse, on_stage=stage, on_advance=advance)
+    d = results["detect"]
+    if d["candidates"]:
+        top = next(c for c in d["candidates"] if f"{c['layer']}:{c['row']}:{c['col']}" == d["weight"])
+        out.print(f"Detected {len(d['candidates'])} candidates, {sum(c['confirmed'] for c in d['candidates'])} "
+                  f"confirmed; repairing {d['weight']} (zeroing it: KL {top['kl']:.3g}, PPL x{top['ppl_ratio']:.2f} "
+                  "on the calibration text). Details: detect.json")
     _print_repair(results, path)
-    _print_analysis(results)
+    _print_analysis(results, patch_line=False)
     if "sparse_training" in results:
         _print_sparse(results["sparse_training"])
     t = results["timings"]
