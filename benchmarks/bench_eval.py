@@ -1,4 +1,4 @@
-"""Eval throughput of `superweight.metrics.measure` versus the plain transformers loop a user would write.
+"""Eval throughput of `superweight.measure.metrics.measure` versus the plain transformers loop a user would write.
 
 Both implementations see the SAME tokens (pydoc eval split, tokenised once), the same non-overlapping
 windows of --max-length and the same grouping into batches of ~2048 tokens that `measure` uses, all under
@@ -28,10 +28,11 @@ import time
 import torch
 import torch.nn.functional as F
 
-from superweight import data, models
-from superweight.coords import WeightCoord
-from superweight.intervene import Ablation
-from superweight.metrics import measure
+from superweight.core.coords import WeightCoord
+from superweight.core.intervene import Ablation
+from superweight.io import corpora
+from superweight.io import models
+from superweight.measure.metrics import measure
 
 BATCH_TOKENS = 2048  # measure's default grouping
 LAYER, ROW, COL = 11, 507, 1229
@@ -119,10 +120,10 @@ def main() -> None:
 
     loaded = models.load(args.model)
     model = loaded.model
-    ids = data.tokenize(loaded.tokenizer, data.load_text("pydoc", "eval"), args.tokens)
+    ids = corpora.tokenize(loaded.tokenizer, corpora.load_text("pydoc", "eval"), args.tokens)
     L = args.max_length
     batches = plain_batches(ids, L)
-    n_tokens = sum(w.n_scored for w in data.windows(ids.numel(), L, L))
+    n_tokens = sum(w.n_scored for w in corpora.windows(ids.numel(), L, L))
     warm_ids = ids[: min(ids.numel(), BATCH_TOKENS)]  # warm-up: the first batch only
     warm_batches = plain_batches(warm_ids, L)
     ablation = Ablation(model, [WeightCoord(layer=LAYER, row=ROW, col=COL)])

@@ -1,6 +1,6 @@
-"""Cost of one repair step: `superweight.repair.train` versus the seed's two-copy distillation loop.
+"""Cost of one repair step: `superweight.stages.train.train` versus the seed's two-copy distillation loop.
 
-Both implementations train the same thing on the same batches (`repair.batch_indices`, batch 2 x 128
+Both implementations train the same thing on the same batches (`stages.train.batch_indices`, batch 2 x 128
 tokens, AdamW lr 1e-3 / weight decay 0.01, constant lr): a vector d (length d_ff) added to row `row` of the
 ablated down-projection, out[..., row] += x @ d, fitted by KL(teacher || student) over all tokens.
 
@@ -62,11 +62,12 @@ MODELS = {"smollm2-135m": "11:507:1229", "olmo-1b-shape": "1:1764:1710"}
 def build(name: str, n_seq: int):
     """(model in eval mode with frozen params, [n_seq, SEQ_LEN] token ids)."""
     if name == "smollm2-135m":
-        from superweight import data, models
+        from superweight.io import corpora
+        from superweight.io import models
 
         loaded = models.load(name)
-        ids = data.tokenize(loaded.tokenizer, data.load_text("pydoc", "train"), n_seq * SEQ_LEN)
-        return loaded.model, data.pack(ids, SEQ_LEN)
+        ids = corpora.tokenize(loaded.tokenizer, corpora.load_text("pydoc", "train"), n_seq * SEQ_LEN)
+        return loaded.model, corpora.pack(ids, SEQ_LEN)
     from transformers import OlmoConfig, OlmoForCausalLM
 
     cfg = OlmoConfig(  # allenai/OLMo-1B-0724-hf
@@ -84,8 +85,8 @@ def build(name: str, n_seq: int):
 def run_ours(model, seqs, coord, steps, stamps, losses, cached=False):
     """cached=True: one batch of sequences repeated, so every step after the first reuses the cached teacher
     (the steady state of a multi-epoch recipe such as `fast`); otherwise the cache is off."""
-    from superweight.coords import parse_coord
-    from superweight.repair import RepairConfig, train
+    from superweight.core.coords import parse_coord
+    from superweight.stages.train import RepairConfig, train
 
     c = parse_coord(coord)
     if cached:
@@ -103,8 +104,8 @@ def run_ours(model, seqs, coord, steps, stamps, losses, cached=False):
 
 
 def run_seed(model, seqs, coord, steps, stamps, losses):
-    from superweight.coords import parse_coord
-    from superweight.repair import batch_indices
+    from superweight.core.coords import parse_coord
+    from superweight.stages.train import batch_indices
 
     c = parse_coord(coord)
     teacher = copy.deepcopy(model)  # intact copy

@@ -1,4 +1,4 @@
-"""analyze.py and sparsify.py on a planted tiny llama, where the right answers are known."""
+"""stages/analyze.py and stages/sparsify.py on a planted tiny llama, where the right answers are known."""
 
 from __future__ import annotations
 
@@ -10,17 +10,18 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from superweight import data
-from superweight.analyze import geometry, logit_lens, powers_of_two, run_analyze
-from superweight.arch import down_projection, final_norm
-from superweight.coords import WeightCoord
+from superweight.core.arch import down_projection, final_norm
+from superweight.core.coords import WeightCoord
+from superweight.core.intervene import Ablation, Compose, RowPatch
 from superweight.errors import SuperweightError
-from superweight.intervene import Ablation, Compose, RowPatch
-from superweight.metrics import measure
-from superweight.patchfile import save_patch
+from superweight.io import corpora
+from superweight.io.patchfile import save_patch
+from superweight.io.rundir import write_json
+from superweight.measure.geometry import geometry
+from superweight.measure.metrics import measure
 from superweight.report import smallest_k
-from superweight.runs import write_json
-from superweight.sparsify import GatedRowPatch, HardConcrete, L1Prox, pareto, run_sparsify
+from superweight.stages.analyze import logit_lens, powers_of_two, run_analyze
+from superweight.stages.sparsify import GatedRowPatch, HardConcrete, L1Prox, pareto, run_sparsify
 from tiny import assert_identical, hook_count, planted, snapshot, tiny_tokenizer
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
@@ -130,7 +131,7 @@ def test_logit_lens_is_the_unembedding_column_through_the_norm(loaded):
 
 def test_share_below_gives_the_same_metrics(loaded):
     model = loaded.model
-    ids = data.tokenize(loaded.tokenizer, data.load_text("pydoc", "eval"), 200)
+    ids = corpora.tokenize(loaded.tokenizer, corpora.load_text("pydoc", "eval"), 200)
     ab = Ablation(model, [COORD])
     conditions = {"broken": ab, "patched": Compose(ab, RowPatch(model, [(1, 5)], [oracle_vector(model) / 2]))}
     full = measure(model, ids, conditions, [(1, 5)], max_length=64)

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import tiny
-from superweight import arch
+from superweight.core import arch
 from superweight.errors import CoordinateError, SuperweightError, UnsupportedArchitectureError, UsageError
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
@@ -240,7 +240,7 @@ def test_gemma3_multimodal_wrapper():
 
 
 def test_tiny_model_dir_loads(tiny_model_dir):
-    from superweight import models
+    from superweight.io import models
 
     loaded = models.load(str(tiny_model_dir))
     assert arch.family(loaded.model) == "llama"

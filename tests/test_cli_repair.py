@@ -8,9 +8,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from superweight import models
 from superweight.cli import app
-from superweight.patchfile import apply_patch, load_patch
+from superweight.io import models
+from superweight.io.patchfile import apply_patch, load_patch
 from tiny import save_tiny_model_dir
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")

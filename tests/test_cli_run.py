@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from superweight.cli import app
-from superweight.models import save_model_dir
+from superweight.io.models import save_model_dir
 from tiny import planted, tiny_tokenizer
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")

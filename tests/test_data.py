@@ -1,4 +1,4 @@
-"""data.py: corpora, their paragraph-level split, tokenisation, sliding windows and packing."""
+"""io/corpora.py: corpora, their paragraph-level split, tokenisation, sliding windows and packing."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import tiny
-from superweight import data
 from superweight.errors import CorpusError, SuperweightError, UsageError
+from superweight.io import corpora
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -22,13 +22,13 @@ def paragraphs(text: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def pydoc_splits() -> dict[str, str]:
-    return {s: data.load_text("pydoc", s) for s in ("train", "eval", "all")}
+    return {s: corpora.load_text("pydoc", s) for s in ("train", "eval", "all")}
 
 
 def test_pydoc_split_is_deterministic(pydoc_splits):
     for split, text in pydoc_splits.items():
-        assert data.load_text("pydoc", split) == text
-    assert data.load_text("pydoc") == pydoc_splits["eval"]  # eval is the default split
+        assert corpora.load_text("pydoc", split) == text
+    assert corpora.load_text("pydoc") == pydoc_splits["eval"]  # eval is the default split
 
 
 def test_pydoc_split_is_a_disjoint_paragraph_partition(pydoc_splits):
@@ -66,15 +66,15 @@ def _write_paragraphs(path, tag: str, n: int) -> list[str]:
 def test_text_file(tmp_path):
     paras = _write_paragraphs(tmp_path / "a.txt", "alpha", 60)
     spec = f"text:{tmp_path / 'a.txt'}"
-    assert paragraphs(data.load_text(spec, "all")) == paras
-    train, eval_ = paragraphs(data.load_text(spec, "train")), paragraphs(data.load_text(spec, "eval"))
+    assert paragraphs(corpora.load_text(spec, "all")) == paras
+    train, eval_ = paragraphs(corpora.load_text(spec, "train")), paragraphs(corpora.load_text(spec, "eval"))
     assert set(train).isdisjoint(eval_) and sorted(train + eval_) == sorted(paras)
     assert eval_ == [p for p in paras if zlib.crc32(p.encode()) % 10 == 0]
 
 
 def test_text_file_crlf(tmp_path):
     (tmp_path / "w.txt").write_bytes(b"first para\r\nsame para\r\n\r\nsecond para\r\n")
-    assert paragraphs(data.load_text(f"text:{tmp_path / 'w.txt'}", "all")) == ["first para\nsame para", "second para"]
+    assert paragraphs(corpora.load_text(f"text:{tmp_path / 'w.txt'}", "all")) == ["first para\nsame para", "second para"]
 
 
 def test_text_directory_and_glob(tmp_path):
@@ -82,11 +82,11 @@ def test_text_directory_and_glob(tmp_path):
     b = _write_paragraphs(tmp_path / "corpus" / "sub" / "b.txt", "beta", 5)
     c = _write_paragraphs(tmp_path / "corpus" / "c.md", "gamma", 5)
     # A directory: every *.txt below it, in sorted path order; other extensions ignored.
-    assert paragraphs(data.load_text(f"text:{tmp_path / 'corpus'}", "all")) == a + b
+    assert paragraphs(corpora.load_text(f"text:{tmp_path / 'corpus'}", "all")) == a + b
     # A glob: exactly what it matches.
-    assert paragraphs(data.load_text(f"text:{tmp_path / 'corpus' / '*.md'}", "all")) == c
-    assert paragraphs(data.load_text(f"text:{tmp_path / 'corpus' / '*'}", "all")) == a + c  # files only
-    assert paragraphs(data.load_text(f"text:{tmp_path / 'corpus' / '**' / '*.txt'}", "all")) == a + b
+    assert paragraphs(corpora.load_text(f"text:{tmp_path / 'corpus' / '*.md'}", "all")) == c
+    assert paragraphs(corpora.load_text(f"text:{tmp_path / 'corpus' / '*'}", "all")) == a + c  # files only
+    assert paragraphs(corpora.load_text(f"text:{tmp_path / 'corpus' / '**' / '*.txt'}", "all")) == a + b
 
 
 def _one_line_error(exc_type, fn, *args) -> str:
@@ -99,54 +99,54 @@ def _one_line_error(exc_type, fn, *args) -> str:
 
 def test_text_errors(tmp_path):
     missing = tmp_path / "nope.txt"
-    assert str(missing) in _one_line_error(CorpusError, data.load_text, f"text:{missing}", "all")
-    _one_line_error(CorpusError, data.load_text, f"text:{tmp_path / 'nothing-*.txt'}", "all")
+    assert str(missing) in _one_line_error(CorpusError, corpora.load_text, f"text:{missing}", "all")
+    _one_line_error(CorpusError, corpora.load_text, f"text:{tmp_path / 'nothing-*.txt'}", "all")
     (tmp_path / "empty.txt").write_text("")
-    _one_line_error(CorpusError, data.load_text, f"text:{tmp_path / 'empty.txt'}", "all")
+    _one_line_error(CorpusError, corpora.load_text, f"text:{tmp_path / 'empty.txt'}", "all")
     (tmp_path / "blank.txt").write_text("\n\n  \n\t\n")
-    _one_line_error(CorpusError, data.load_text, f"text:{tmp_path / 'blank.txt'}", "eval")
+    _one_line_error(CorpusError, corpora.load_text, f"text:{tmp_path / 'blank.txt'}", "eval")
     (tmp_path / "nodir").mkdir()
     (tmp_path / "nodir" / "x.md").write_text("not a txt")
-    _one_line_error(CorpusError, data.load_text, f"text:{tmp_path / 'nodir'}", "all")
+    _one_line_error(CorpusError, corpora.load_text, f"text:{tmp_path / 'nodir'}", "all")
     # Text exists, but none of it falls in the requested split.
     para = next(f"only paragraph {i}" for i in range(100) if zlib.crc32(f"only paragraph {i}".encode()) % 10)
     (tmp_path / "one.txt").write_text(para)
-    assert data.load_text(f"text:{tmp_path / 'one.txt'}", "train") == para
-    assert "--split all" in _one_line_error(CorpusError, data.load_text, f"text:{tmp_path / 'one.txt'}", "eval")
+    assert corpora.load_text(f"text:{tmp_path / 'one.txt'}", "train") == para
+    assert "--split all" in _one_line_error(CorpusError, corpora.load_text, f"text:{tmp_path / 'one.txt'}", "eval")
     assert CorpusError.exit_code == 1 and issubclass(CorpusError, SuperweightError)
 
 
 def test_unknown_corpus_or_split():
-    msg = _one_line_error(UsageError, data.load_text, "bogus", "eval")
+    msg = _one_line_error(UsageError, corpora.load_text, "bogus", "eval")
     assert "bogus" in msg and "pydoc" in msg
-    msg = _one_line_error(UsageError, data.load_text, "pydoc", "validation")
+    msg = _one_line_error(UsageError, corpora.load_text, "pydoc", "validation")
     assert "validation" in msg and "train" in msg
-    _one_line_error(UsageError, data.load_text, "pydoc", "")
+    _one_line_error(UsageError, corpora.load_text, "pydoc", "")
     assert UsageError.exit_code == 2
 
 
 def test_unknown_split_wikitext2():
     pytest.importorskip("datasets")
-    _one_line_error(UsageError, data.load_text, "wikitext2", "dev")
+    _one_line_error(UsageError, corpora.load_text, "wikitext2", "dev")
 
 
 # -------------------------------------------------------------------------------------------------- tokenize
 
 def test_tokenize():
     tok = tiny.tiny_tokenizer()
-    text = data.load_text("pydoc", "eval")
-    ids = data.tokenize(tok, text, 300)
+    text = corpora.load_text("pydoc", "eval")
+    ids = corpora.tokenize(tok, text, 300)
     assert ids.dtype == torch.long and ids.shape == (300,)
     full = tok(text[:5000], add_special_tokens=False)["input_ids"]
     assert ids.tolist() == full[:300]
     assert int(ids.max()) < len(tok)
-    short = data.tokenize(tok, "def f(x): return x")
+    short = corpora.tokenize(tok, "def f(x): return x")
     assert short.tolist() == tok("def f(x): return x", add_special_tokens=False)["input_ids"]
     for bad in (0, 1, -5):
         with pytest.raises(UsageError):
-            data.tokenize(tok, text, bad)
+            corpora.tokenize(tok, text, bad)
     with pytest.raises(CorpusError):
-        data.tokenize(tok, "a")
+        corpora.tokenize(tok, "a")
 
 
 # -------------------------------------------------------------------------------------------------- windows
@@ -165,7 +165,7 @@ def hf_reference(n: int, max_length: int, stride: int) -> list[list[int]]:
     return [w for w in out if w]
 
 
-def scored(w: data.Window) -> list[int]:
+def scored(w: corpora.Window) -> list[int]:
     return [t for t in range(w.begin + 1, w.end) if t >= w.score_from]
 
 
@@ -177,9 +177,9 @@ COMBOS = [
 
 @pytest.mark.parametrize("n, max_length, stride", COMBOS)
 def test_windows_match_hf_recipe(n, max_length, stride):
-    from superweight.metrics import n_scored
+    from superweight.measure.metrics import n_scored
 
-    wins = data.windows(n, max_length, stride)
+    wins = corpora.windows(n, max_length, stride)
     assert wins
     counts = [0] * n
     for w in wins:
@@ -203,44 +203,44 @@ def test_windows_match_hf_recipe(n, max_length, stride):
 
 
 def test_windows_overlap_gives_context():
-    wins = data.windows(20, 8, 4)
+    wins = corpora.windows(20, 8, 4)
     assert [(w.begin, w.end, w.score_from) for w in wins] == [(0, 8, 0), (4, 12, 8), (8, 16, 12), (12, 20, 16)]
 
 
 def test_windows_short_stream():
-    assert [(w.begin, w.end) for w in data.windows(5, 512, 512)] == [(0, 5)]
-    assert [(w.begin, w.end) for w in data.windows(5, 512, 3)] == [(0, 5)]
-    assert data.windows(1, 4, 4) == [] and data.windows(0, 4, 4) == []
+    assert [(w.begin, w.end) for w in corpora.windows(5, 512, 512)] == [(0, 5)]
+    assert [(w.begin, w.end) for w in corpora.windows(5, 512, 3)] == [(0, 5)]
+    assert corpora.windows(1, 4, 4) == [] and corpora.windows(0, 4, 4) == []
 
 
 @pytest.mark.parametrize("max_length, stride", [(1, 1), (0, 1), (-3, 1), (8, 0), (8, -1), (8, 9)])
 def test_windows_bad_arguments(max_length, stride):
     with pytest.raises(UsageError):
-        data.windows(100, max_length, stride)
+        corpora.windows(100, max_length, stride)
 
 
 # -------------------------------------------------------------------------------------------------- pack
 
 def test_pack():
     ids = torch.arange(23)
-    rows = data.pack(ids, 5)
+    rows = corpora.pack(ids, 5)
     assert rows.shape == (4, 5)
     assert rows.flatten().tolist() == list(range(20))  # ragged tail dropped, order kept
-    assert data.pack(torch.arange(5), 5).tolist() == [[0, 1, 2, 3, 4]]
-    assert data.pack(torch.arange(40)[::2], 4).tolist() == [[0, 2, 4, 6], [8, 10, 12, 14], [16, 18, 20, 22],
+    assert corpora.pack(torch.arange(5), 5).tolist() == [[0, 1, 2, 3, 4]]
+    assert corpora.pack(torch.arange(40)[::2], 4).tolist() == [[0, 2, 4, 6], [8, 10, 12, 14], [16, 18, 20, 22],
                                                            [24, 26, 28, 30], [32, 34, 36, 38]]
     with pytest.raises(CorpusError):
-        data.pack(torch.arange(4), 5)
+        corpora.pack(torch.arange(4), 5)
 
 
 def test_check_windows():
-    data.check_windows(2)
-    data.check_windows(512, None)
-    data.check_windows(512, 1)
-    data.check_windows(512, 512)
+    corpora.check_windows(2)
+    corpora.check_windows(512, None)
+    corpora.check_windows(512, 1)
+    corpora.check_windows(512, 512)
     for max_length, stride in [(1, None), (0, None), (8, 0), (8, 9), (8, -2)]:
         with pytest.raises(UsageError):
-            data.check_windows(max_length, stride)
+            corpora.check_windows(max_length, stride)
 
 
 # ------------------------------------------------------------------------------- known bugs (see report)
@@ -256,10 +256,10 @@ def test_tokenize_long_tokens_still_gives_max_tokens():
     tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]")
     text = " ".join(words * 20)  # 1000 tokens
     assert len(tok(text, add_special_tokens=False)["input_ids"]) == 1000
-    assert data.tokenize(tok, text, 200).numel() == 200
+    assert corpora.tokenize(tok, text, 200).numel() == 200
 
 
 def test_text_directory_skips_subdirectories_named_txt(tmp_path):
     a = _write_paragraphs(tmp_path / "corpus" / "a.txt", "alpha", 3)
     b = _write_paragraphs(tmp_path / "corpus" / "old.txt" / "b.txt", "beta", 3)
-    assert paragraphs(data.load_text(f"text:{tmp_path / 'corpus'}", "all")) == a + b
+    assert paragraphs(corpora.load_text(f"text:{tmp_path / 'corpus'}", "all")) == a + b

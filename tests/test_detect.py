@@ -7,8 +7,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from superweight import data, detect
-from superweight.arch import down_projections
+from superweight.core.arch import down_projections
+from superweight.io import corpora
+from superweight.stages import detect
 from tiny import planted, tiny_model, tiny_tokenizer
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
@@ -24,12 +25,12 @@ def tok():
 
 @pytest.fixture(scope="module")
 def calib(tok):
-    return data.tokenize(tok, data.load_text("pydoc", "train"), 1024)
+    return corpora.tokenize(tok, corpora.load_text("pydoc", "train"), 1024)
 
 
 def run(model, tok, calib, **kw):
     loaded = SimpleNamespace(model=model, tokenizer=tok, spec="tiny", source="memory", dtype="fp32", device="cpu")
-    return detect.run_detect(loaded, ids=calib, max_length=128, **kw)
+    return detect.run_detect(loaded, detect.DetectConfig(max_length=128, **kw), ids=calib)
 
 
 def coords(cands, confirmed_only=True):
@@ -46,7 +47,7 @@ def test_planted_weight_is_found_and_confirmed_alone(tok, calib):
 
 
 def test_two_planted_weights_are_both_found_by_iteration(tok, calib):
-    result = run(planted(PLANT_A, PLANT_B), tok, calib, attribution_method=None)
+    result = run(planted(PLANT_A, PLANT_B), tok, calib, attribution=None)
     spikes = [c for c in result.candidates if c.source.startswith("spike")]
     assert coords(spikes, confirmed_only=False) == {PLANT_A, PLANT_B}
     assert coords(result.candidates) == {PLANT_A, PLANT_B}
@@ -61,7 +62,7 @@ def test_unplanted_model_confirms_nothing(tok, calib):
 
 def test_forced_candidates_on_unplanted_model_are_rejected_by_controls(tok, calib):
     # spike_ratio 1 turns every layer into a "candidate": verification must still confirm none.
-    result = run(planted(), tok, calib, spike_ratio=1.0, attribution_method=None, max_candidates=3)
+    result = run(planted(), tok, calib, spike_ratio=1.0, attribution=None, max_candidates=3)
     assert len(result.candidates) == 3
     assert not any(c.confirmed for c in result.candidates)
 
@@ -95,7 +96,7 @@ def test_published_coordinates_are_reported(tok, calib):
     loaded = SimpleNamespace(model=planted(PLANT_A), tokenizer=tok, spec="smollm2-135m", source="m",
                              dtype="fp32", device="cpu")
     # The tiny model is not SmolLM2, so its published weight (layer 11) is out of range: reported, not found.
-    result = detect.run_detect(loaded, ids=calib, max_length=128, attribution_method=None)
+    result = detect.run_detect(loaded, detect.DetectConfig(max_length=128, attribution=None), ids=calib)
     assert result.published == [{"layer": 11, "row": 507, "col": 1229, "detected": False, "confirmed": False}]
 
 
@@ -117,5 +118,5 @@ def test_planted_weight_in_gpt2_conv1d_is_found_at_the_right_coordinate(tok, cal
         model.transformer.h[layer].mlp.c_fc.weight[:, col] *= 8  # Conv1D: [d_model, d_ff]
     down_projections(model)[layer].set(row, col, 40.0)  # stored as c_proj.weight[col, row]
     assert model.transformer.h[layer].mlp.c_proj.weight[col, row] == 40.0
-    result = run(model, tok, calib, attribution_method=None)
+    result = run(model, tok, calib, attribution=None)
     assert coords(result.candidates) == {PLANT_A}

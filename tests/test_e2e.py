@@ -8,11 +8,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from superweight import data, detect, models
-from superweight.arch import down_projection
-from superweight.coords import parse_coord
-from superweight.intervene import Ablation
-from superweight.metrics import measure
+from superweight.core.arch import down_projection
+from superweight.core.coords import parse_coord
+from superweight.core.intervene import Ablation
+from superweight.io import corpora
+from superweight.io import models
+from superweight.measure.metrics import measure
+from superweight.stages import detect
 
 pytestmark = pytest.mark.slow
 SUPER = parse_coord("11:507:1229")
@@ -52,7 +54,7 @@ def test_loaded_model_shape_and_super_weight(smol):
 
 def test_ablation_collapses_the_model_and_comes_off_exactly(smol):
     before = down_projection(smol.model, 11).weight.clone()
-    ids = data.tokenize(smol.tokenizer, data.load_text("pydoc", "eval"), 1024)
+    ids = corpora.tokenize(smol.tokenizer, corpora.load_text("pydoc", "eval"), 1024)
     out = measure(smol.model, ids, {"ablated": Ablation(smol.model, [SUPER])}, channels=[(11, 507)])
     base, broken = out["base"], out["ablated"]
     assert broken.ppl > 3 * base.ppl
@@ -62,8 +64,8 @@ def test_ablation_collapses_the_model_and_comes_off_exactly(smol):
 
 
 def test_detect_ranks_the_known_super_weight_first_and_confirmed(smol):
-    ids = data.tokenize(smol.tokenizer, data.load_text("pydoc", "train"), 1024)
-    result = detect.run_detect(smol, ids=ids, attribution_method=None, max_candidates=3)
+    ids = corpora.tokenize(smol.tokenizer, corpora.load_text("pydoc", "train"), 1024)
+    result = detect.run_detect(smol, detect.DetectConfig(attribution=None, max_candidates=3), ids=ids)
     top = result.candidates[0]
     assert (top.layer, top.row, top.col, top.confirmed) == (11, 507, 1229, True)
     assert result.published[0]["confirmed"] is True
@@ -85,15 +87,16 @@ def test_cli_eval_on_the_embedded_model(smol, monkeypatch, tmp_path):
 
 
 def test_short_repair_on_the_embedded_model_recovers_and_round_trips(smol, tmp_path):
-    from superweight.intervene import Compose
-    from superweight.patchfile import apply_patch, load_patch, save_patch
-    from superweight.repair import RepairConfig, recovery, train
+    from superweight.core.intervene import Compose
+    from superweight.io.patchfile import apply_patch, load_patch, save_patch
+    from superweight.measure.recovery import recovery
+    from superweight.stages.train import RepairConfig, train
 
     cfg = RepairConfig(steps=12, batch_size=4, seq_len=128, train_tokens=4096)  # 32 sequences: cached after 8 steps
-    seqs = data.pack(data.tokenize(smol.tokenizer, data.load_text("pydoc", "train"), cfg.train_tokens), 128)
+    seqs = corpora.pack(corpora.tokenize(smol.tokenizer, corpora.load_text("pydoc", "train"), cfg.train_tokens), 128)
     patch, state = train(smol.model, [SUPER], [(11, 507)], seqs, None, cfg, tmp_path, checkpoint_every=6)
     assert state.teacher_cached
-    ids = data.tokenize(smol.tokenizer, data.load_text("pydoc", "eval"), 512)
+    ids = corpora.tokenize(smol.tokenizer, corpora.load_text("pydoc", "eval"), 512)
     out = measure(smol.model, ids, {"broken": Ablation(smol.model, [SUPER]),
                                     "patched": Compose(Ablation(smol.model, [SUPER]), patch)})
     rec = recovery(out["base"], out["broken"], out["patched"])

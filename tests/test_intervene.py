@@ -7,10 +7,10 @@ import torch
 
 import tiny
 from tiny import assert_identical, snapshot
-from superweight.arch import down_projection, down_projections
-from superweight.coords import WeightCoord, parse_coord, parse_coords
+from superweight.core.arch import down_projection, down_projections
+from superweight.core.coords import WeightCoord, parse_coord, parse_coords
+from superweight.core.intervene import Ablation, Compose, NoIntervention, Spread, Trace, hidden
 from superweight.errors import CoordinateError, UsageError
-from superweight.intervene import Ablation, Compose, NoIntervention, Spread, Trace, hidden
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 

@@ -8,10 +8,11 @@ import pytest
 import torch
 
 import tiny
-from superweight import arch, data
-from superweight.coords import WeightCoord
-from superweight.intervene import Ablation, NoIntervention
-from superweight.metrics import Metrics, measure, n_scored
+from superweight.core import arch
+from superweight.core.coords import WeightCoord
+from superweight.core.intervene import Ablation, NoIntervention
+from superweight.io import corpora
+from superweight.measure.metrics import Metrics, measure, n_scored
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -24,7 +25,7 @@ PLANTED = 200.0
 
 @pytest.fixture(scope="module")
 def ids() -> torch.Tensor:
-    ids = data.tokenize(tiny.tiny_tokenizer(), data.load_text("pydoc", "eval"), N_TOKENS)
+    ids = corpora.tokenize(tiny.tiny_tokenizer(), corpora.load_text("pydoc", "eval"), N_TOKENS)
     assert ids.numel() == N_TOKENS
     return ids
 

@@ -8,10 +8,10 @@ import torch
 
 import tiny
 from tiny import assert_identical, hook_count, planted, snapshot
-from superweight.arch import down_projection
-from superweight.coords import WeightCoord
+from superweight.core.arch import down_projection
+from superweight.core.coords import WeightCoord
+from superweight.core.intervene import ActivationRestore, Ablation, RowPatch, Trace
 from superweight.errors import CoordinateError
-from superweight.intervene import ActivationRestore, Ablation, RowPatch, Trace
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 

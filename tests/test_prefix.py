@@ -6,10 +6,10 @@ import pytest
 import torch
 
 import tiny
-from superweight.arch import decoder_layers, down_projection
-from superweight.coords import WeightCoord
-from superweight.intervene import Ablation
-from superweight.prefix import Prefix
+from superweight.core.arch import decoder_layers, down_projection
+from superweight.core.coords import WeightCoord
+from superweight.core.intervene import Ablation
+from superweight.core.prefix import Prefix
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 

@@ -5,7 +5,7 @@ Sources: Yu et al. 2024 (Apple), table 1 and appendix; SmolLM2-135M measured on 
 
 from __future__ import annotations
 
-from superweight.coords import WeightCoord
+from superweight.core.coords import WeightCoord
 
 PUBLISHED: dict[str, list[tuple[int, int, int]]] = {
     "allenai/OLMo-1B-0724-hf": [(1, 1764, 1710), (2, 1764, 8041)],

@@ -1,4 +1,14 @@
-"""Where results go, and how: atomic JSON writes and the provenance stamped on every result."""
+"""The run directory, and how files get there: atomic JSON writes and the provenance stamped on every result.
+
+RUN_DIR/
+  config.json        what was asked (recipe, model, weights, rows, corpus); a resumed run must match it
+  train_log.jsonl    one line per step: step, loss, lr, seconds
+  checkpoints/last.pt
+  patch.safetensors + patch_config.json   (io/patchfile.py)
+  results.json       the run record, which each stage extends (docs/results.md)
+  detect.json        the full detection (`superweight run`)
+  report.md, report.html, plots/*.png
+"""
 
 from __future__ import annotations
 
@@ -11,7 +21,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from superweight.errors import UsageError
+from superweight.errors import SuperweightError, UsageError
 
 
 def check_writable(path: str | os.PathLike) -> Path:
@@ -80,3 +90,36 @@ def provenance() -> dict:
         "python": platform.python_version(),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def check_new_run_dir(out: Path) -> None:
+    """Refuse a directory that exists and is not empty: a run is never overwritten."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UsageError(f"{out} already exists: choose another --out (a run is never overwritten)")
+
+
+def prepare_run_dir(out: Path, settings: dict, resume: bool) -> None:
+    """Refuse to overwrite another run; on resume, insist on the same settings."""
+    config_path = out / "config.json"
+    if resume:
+        if not config_path.is_file():
+            raise UsageError(f"nothing to resume in {out}: no config.json")
+        old = json.loads(config_path.read_text(encoding="utf-8"))
+        new = json.loads(json.dumps(settings))  # as it would read back from disk (tuples become lists)
+        if old != new:
+            changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+            raise UsageError(f"--resume with other settings than {config_path}: {', '.join(changed)} differ")
+        return
+    if out.exists() and any(out.iterdir()):
+        raise UsageError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
+    write_json(config_path, settings)
+
+
+def read_results(run_dir: Path) -> dict:
+    path = run_dir / "results.json"
+    if not path.is_file():
+        raise SuperweightError(f"no results.json in {run_dir}: run `superweight repair --out {run_dir}` first")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise SuperweightError(f"{path} is not valid JSON ({exc}); was the run interrupted while writing?") from None

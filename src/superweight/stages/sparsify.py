@@ -26,15 +26,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from superweight import data
-from superweight.intervene import Ablation, Compose, RowPatch, intact_values
-from superweight.metrics import Protocol, measure
-from superweight.models import Loaded
-from superweight.patchfile import check_fits, load_patch
-from superweight.prefix import first_edited_layer
-from superweight.repair import RepairConfig, recovery, train
-from superweight.repair_job import training_sequences
-from superweight.runs import write_json
+from superweight.core.intervene import Ablation, Compose, RowPatch, intact_values
+from superweight.core.prefix import first_edited_layer
+from superweight.io import corpora
+from superweight.io.models import Loaded
+from superweight.io.patchfile import check_fits, load_patch
+from superweight.io.rundir import read_results, write_json
+from superweight.measure.geometry import geometry
+from superweight.measure.metrics import Protocol, measure
+from superweight.measure.recovery import recovery
+from superweight.stages.train import RepairConfig, train, training_sequences
 
 DEFAULT_STRENGTHS = {"l1": (0.6, 0.8, 1.0), "l0": (1.0, 10.0, 30.0)}
 # Per sparse patch, what it is: is the sparsest repair the deleted weight itself?
@@ -147,8 +148,6 @@ def run_sparsify(
     on_advance: Callable[[int, float | None], None] | None = None,
 ) -> dict:
     """Train one sparse patch per (method, strength) from the run's patch; score, find the frontier, save."""
-    from superweight.analyze import geometry, read_results
-
     stage = on_stage or (lambda *_: None)
     run_dir = Path(run_dir)
     results = read_results(run_dir)
@@ -159,7 +158,7 @@ def run_sparsify(
     steps = steps or max(cfg.steps // 2, 1)
     cfg = cfg.model_copy(update={"steps": steps, "schedule": "constant"})
     corpus = results["protocol"]["corpus"]
-    seqs, mask = training_sequences(tok, corpus, cfg, results.get("recipe", "fast"))
+    seqs, mask = training_sequences(tok, corpus, cfg)
     on_step = (lambda _s, loss: on_advance(1, loss)) if on_advance else None
     originals = intact_values(model, patch.ablated)
     trained = []
@@ -180,7 +179,7 @@ def run_sparsify(
     conditions = {"broken": ablation}
     conditions.update({f"sparse{i}": Compose(ablation, RowPatch(model, patch.rows, t["vectors"]))
                        for i, t in enumerate(trained)})
-    ids = data.tokenize(tok, data.load_text(corpus, "eval"), n_tokens)
+    ids = corpora.tokenize(tok, corpora.load_text(corpus, "eval"), n_tokens)
     metrics = measure(model, ids, conditions, max_length=max_length,
                       share_below=first_edited_layer(patch.ablated, patch.rows))
     base, broken = metrics["base"], metrics["broken"]

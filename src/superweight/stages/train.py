@@ -13,6 +13,7 @@ the data order is a pure function of (seed, step), so no data state needs saving
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import Callable
@@ -24,12 +25,13 @@ import torch.nn.functional as F
 from pydantic import BaseModel, Field
 from torch import nn
 
-from superweight.arch import down_projection
-from superweight.coords import WeightCoord
+from superweight.core.arch import down_projection
+from superweight.core.coords import WeightCoord
+from superweight.core.intervene import Ablation, RowPatch
+from superweight.core.prefix import Prefix, first_edited_layer
 from superweight.errors import UsageError
-from superweight.intervene import Ablation, RowPatch
-from superweight.prefix import Prefix, first_edited_layer
-from superweight.runs import write_atomic
+from superweight.io import corpora
+from superweight.io.rundir import write_atomic
 
 
 class RepairConfig(BaseModel):
@@ -51,6 +53,11 @@ class RepairConfig(BaseModel):
     teacher_cache_mb: int = Field(
         2048, description="cache teacher log-probs (fp16) and prefix states across epochs when they fit"
     )
+    data: Literal["packed", "lines"] = Field(
+        "packed", description="packed: the train split cut into full seq_len rows (no padding); lines: one "
+                              "wikitext line per sequence, right-padded and masked (the seed write-up's; "
+                              "wikitext2 only, other corpora are packed)"
+    )
 
     def model_post_init(self, _ctx) -> None:
         for name in ("steps", "batch_size", "seq_len", "train_tokens"):
@@ -64,7 +71,7 @@ RECIPES: dict[str, RepairConfig] = {
     # The write-up's settings: AdamW lr 1e-3 (weight decay 0.01), batch 2 x 128 tokens, 404 steps.
     "seed": RepairConfig(
         steps=404, batch_size=2, seq_len=128, lr=1e-3, weight_decay=0.01, optimizer="adamw", schedule="constant",
-        train_tokens=404 * 2 * 128,
+        train_tokens=404 * 2 * 128, data="lines",
     ),
     # docs/recipes.md: Adam(W) at lr 0.1 (100x the seed's) with cosine decay, batch 4 x 128, 80 steps (1/5 of
     # the seed's) over 16k tokens (4 epochs, so the teacher is computed once and cached) reaches ~93% NLL-gap
@@ -84,15 +91,34 @@ RECIPES: dict[str, RepairConfig] = {
 }
 
 
-def batch_indices(step: int, batch_size: int, n: int, seed: int, _perms: dict = {}) -> list[int]:  # noqa: B006
+def training_sequences(tokenizer, corpus: str, cfg: RepairConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """[N, T] ids and mask (None when packed): `cfg.data` says how the train split becomes sequences."""
+    if cfg.data == "lines" and corpus == "wikitext2":
+        lines = [ln for ln in corpora.load_text(corpus, "train[:2%]").split("\n") if ln.strip()]
+        rows = [tokenizer(ln, add_special_tokens=False)["input_ids"][: cfg.seq_len] for ln in lines]
+        rows = [r for r in rows if len(r) >= 2]
+        ids = torch.full((len(rows), cfg.seq_len), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = torch.tensor(r)
+            mask[i, : len(r)] = 1
+        return ids, mask
+    ids = corpora.tokenize(tokenizer, corpora.load_text(corpus, "train"), cfg.train_tokens)
+    return corpora.pack(ids, cfg.seq_len), None
+
+
+@functools.lru_cache(maxsize=64)
+def epoch_order(n: int, seed: int, epoch: int) -> tuple[int, ...]:
+    """The order of the n sequences in one epoch: a seeded permutation, cached (every step of an epoch asks)."""
+    return tuple(torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist())
+
+
+def batch_indices(step: int, batch_size: int, n: int, seed: int) -> list[int]:
     """The sequence indices of one step: a fresh seeded permutation per epoch, a pure function of the step."""
     out = []
     for g in range(step * batch_size, (step + 1) * batch_size):
         epoch, j = divmod(g, n)
-        key = (n, seed, epoch)
-        if key not in _perms:
-            _perms[key] = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-        out.append(int(_perms[key][j]))
+        out.append(epoch_order(n, seed, epoch)[j])
     return out
 
 
@@ -267,12 +293,3 @@ def _truncate_log(path: Path | None, step: int) -> None:
     lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
     kept = [ln for ln in lines if json.loads(ln)["step"] <= step]
     path.write_text("".join(ln + "\n" for ln in kept), encoding="utf-8")
-
-
-def recovery(base, broken, patched) -> dict[str, float]:
-    """NLL-gap closure and KL closure (1 = fully repaired, 0 = as broken)."""
-    gap = broken.nll - base.nll
-    return {
-        "nll_gap": (broken.nll - patched.nll) / gap if gap else float("nan"),
-        "kl": 1 - patched.kl / broken.kl if broken.kl else float("nan"),
-    }

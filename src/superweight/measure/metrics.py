@@ -3,7 +3,7 @@
 `measure` runs each batch once with no intervention (the base) and once per named condition, so every
 condition is compared against the same base log-probabilities without a second model in memory:
 
-    ids = data.tokenize(tok, data.load_text("pydoc", "eval"), 4096)
+    ids = corpora.tokenize(tok, corpora.load_text("pydoc", "eval"), 4096)
     out = measure(model, ids, {"ablated": Ablation(model, coords)}, channels=[(11, 507)])
     out["base"].ppl, out["ablated"].ppl, out["ablated"].kl
 
@@ -20,11 +20,11 @@ import torch
 from pydantic import BaseModel, Field
 from torch import nn
 
-from superweight.arch import decoder_layers
-from superweight.data import Window, windows as make_windows
+from superweight.core.arch import decoder_layers
+from superweight.core.intervene import Intervention, Trace, hidden
+from superweight.core.prefix import Prefix
 from superweight.errors import UsageError
-from superweight.intervene import Intervention, Trace, hidden
-from superweight.prefix import Prefix
+from superweight.io.corpora import Window, windows as make_windows
 
 
 class Metrics(BaseModel):
@@ -191,8 +191,8 @@ class Protocol(BaseModel):
     def of(cls, loaded, corpus: str, split: str, n_tokens: int, max_length: int, stride: int,
            interventions: dict[str, str]) -> "Protocol":
         """The protocol of a measurement on a loaded model (`models.Loaded`), stamped with provenance."""
-        from superweight.models import model_id
-        from superweight.runs import provenance
+        from superweight.io.models import model_id
+        from superweight.io.rundir import provenance
 
         return cls(
             model=model_id(loaded), model_source=loaded.source, corpus=corpus, split=split, n_tokens=n_tokens,

@@ -6,11 +6,12 @@ from collections.abc import Callable
 
 from pydantic import BaseModel
 
-from superweight import data, generate
-from superweight.coords import WeightCoord
-from superweight.intervene import Ablation
-from superweight.metrics import Metrics, Protocol, measure
-from superweight.models import Loaded
+from superweight.core.coords import WeightCoord
+from superweight.core.intervene import Ablation
+from superweight.io import corpora
+from superweight.io.models import Loaded
+from superweight.measure import generate
+from superweight.measure.metrics import Metrics, Protocol, measure
 
 
 class EvalResult(BaseModel):
@@ -23,7 +24,7 @@ class EvalResult(BaseModel):
 def run_eval(
     loaded: Loaded,
     coords: list[WeightCoord],
-    corpus: str = data.DEFAULT_CORPUS,
+    corpus: str = corpora.DEFAULT_CORPUS,
     split: str = "eval",
     max_tokens: int = 4096,
     max_length: int = 512,
@@ -39,7 +40,7 @@ def run_eval(
     stride = max_length if stride is None else stride
     ablation = Ablation(model, coords) if coords else None  # validates coordinates before any work
     if ids is None:
-        ids = data.tokenize(tok, data.load_text(corpus, split), max_tokens)
+        ids = corpora.tokenize(tok, corpora.load_text(corpus, split), max_tokens)
     conditions = {"ablated": ablation} if ablation else {}
     channels = sorted({(c.layer, c.row) for c in coords})
     results = measure(model, ids, conditions, channels, max_length, stride, progress=on_tokens)

@@ -2,7 +2,7 @@
 
     results = run_pipeline(loaded, Path("runs/demo"))   # runs/demo/report.html
 
-Each stage is the library function its own command calls (detect.run_detect, repair_job.run_repair,
+Each stage is the library function its own command calls (detect.run_detect, repair.run_repair,
 analyze.run_analyze, sparsify.run_sparsify, report.write_report); this module only chains them, records
 seconds per stage, and keeps the detection beside the repair in the run directory.
 """
@@ -13,21 +13,16 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from superweight import data
-from superweight.coords import WeightCoord
-from superweight.errors import SuperweightError, UsageError
-from superweight.models import Loaded
-from superweight.repair import RepairConfig
-from superweight.runs import write_json
+from superweight.core.coords import WeightCoord
+from superweight.errors import SuperweightError
+from superweight.io import corpora
+from superweight.io.models import Loaded
+from superweight.io.rundir import check_new_run_dir, write_json
+from superweight.stages.train import RepairConfig
 
 # Detection settings for the one-shot run: a quarter of the calibration text of `superweight detect` (the damage of a
 # real super weight is ~1000x its controls', so 512 tokens decide it; the 5-minute budget needs the time).
 CALIB_TOKENS = 512
-
-
-def check_new_run_dir(out: Path) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UsageError(f"{out} already exists: choose another --out (a run is never overwritten)")
 
 
 def run_pipeline(
@@ -36,7 +31,7 @@ def run_pipeline(
     weight: WeightCoord | None = None,
     cfg: RepairConfig | None = None,
     recipe: str = "quick",
-    corpus: str = data.DEFAULT_CORPUS,
+    corpus: str = corpora.DEFAULT_CORPUS,
     eval_tokens: int = 2048,
     analysis_tokens: int = 1024,
     draws: int = 2,
@@ -46,12 +41,12 @@ def run_pipeline(
     on_stage: Callable[[str, int | None], None] | None = None,
     on_advance: Callable[[int, float | None], None] | None = None,
 ) -> dict:
-    from superweight.analyze import run_analyze
-    from superweight.detect import run_detect
-    from superweight.repair import RECIPES
-    from superweight.repair_job import run_repair
     from superweight.report import write_report
-    from superweight.sparsify import run_sparsify
+    from superweight.stages.analyze import run_analyze
+    from superweight.stages.detect import DetectConfig, run_detect
+    from superweight.stages.repair import run_repair
+    from superweight.stages.sparsify import run_sparsify
+    from superweight.stages.train import RECIPES
 
     stage = on_stage or (lambda *_: None)
     tokens = (lambda n: on_advance(n, None)) if on_advance else None
@@ -61,7 +56,7 @@ def run_pipeline(
     t = time.perf_counter()
     detected = None
     if weight is None:
-        detected = run_detect(loaded, corpus=corpus, calib_tokens=CALIB_TOKENS,
+        detected = run_detect(loaded, DetectConfig(corpus=corpus, calib_tokens=CALIB_TOKENS),
                               on_stage=lambda name: stage(f"Detect: {name}", None))
         confirmed = [c for c in detected.candidates if c.confirmed]
         if not confirmed:

@@ -1,4 +1,4 @@
-"""repair.py: KL-distilled row patches on a planted tiny llama, the data order, the loss, and resume."""
+"""stages/train.py: KL-distilled row patches on a planted tiny llama, the data order, the loss, and resume."""
 
 from __future__ import annotations
 
@@ -16,12 +16,13 @@ import torch
 
 import tiny
 from tiny import assert_identical, hook_count, planted, snapshot
-from superweight import data
-from superweight.coords import WeightCoord
+from superweight.core.coords import WeightCoord
+from superweight.core.intervene import Ablation, Compose
 from superweight.errors import UsageError
-from superweight.intervene import Ablation, Compose
-from superweight.metrics import measure
-from superweight.repair import RepairConfig, batch_indices, kl_loss, recovery, train
+from superweight.io import corpora
+from superweight.measure.metrics import measure
+from superweight.measure.recovery import recovery
+from superweight.stages.train import RepairConfig, batch_indices, epoch_order, kl_loss, train
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -38,14 +39,14 @@ def read_log(run_dir: Path) -> list[dict]:
 def ids():
     tok = tiny.tiny_tokenizer()
     return {
-        "train": data.tokenize(tok, data.load_text("pydoc", "train"), 2048),
-        "eval": data.tokenize(tok, data.load_text("pydoc", "eval"), 1024),
+        "train": corpora.tokenize(tok, corpora.load_text("pydoc", "train"), 2048),
+        "eval": corpora.tokenize(tok, corpora.load_text("pydoc", "eval"), 1024),
     }
 
 
 @pytest.fixture(scope="module")
 def seqs(ids):
-    return data.pack(ids["train"], 32)  # [64, 32]
+    return corpora.pack(ids["train"], 32)  # [64, 32]
 
 
 # ----------------------------------------------------------------------------------------------- training
@@ -144,7 +145,8 @@ def test_batch_indices_are_a_pure_function_of_step_batch_n_seed():
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(12345)
         backward = [batch_indices(s, batch, n, 2) for s in reversed(range(20))][::-1]
-    fresh = [batch_indices(s, batch, n, 2, {}) for s in range(20)]  # bypass the memo
+    epoch_order.cache_clear()  # bypass the memo
+    fresh = [batch_indices(s, batch, n, 2) for s in range(20)]
     assert forward == backward == fresh
     assert forward != [batch_indices(s, batch, n, 3) for s in range(20)]
     assert [i for b in forward for i in b] != [i % n for i in range(20 * batch)]  # actually shuffled
@@ -207,8 +209,8 @@ RESUME_SCRIPT = textwrap.dedent('''
     import torch
 
     torch.set_num_threads(1)
-    from superweight.coords import WeightCoord
-    from superweight.repair import RepairConfig, train
+    from superweight.core.coords import WeightCoord
+    from superweight.stages.train import RepairConfig, train
 
     base, sequences = Path(sys.argv[1]), torch.load(sys.argv[2])
     planted((1, 5, 7))  # resolve transformers' lazy imports here once, not in every child
@@ -261,7 +263,7 @@ def test_a_killed_run_resumes_bit_for_bit(tmp_path, ids):
     seqs_path = tmp_path / "seqs.pt"
     # 16 sequences, batch 4, 12 steps: each is seen 3 times, so the teacher cache is in use and the resumed
     # run (empty cache, restarting in epoch 2) must rebuild exactly the targets the uninterrupted run cached.
-    torch.save(data.pack(ids["train"], 16)[:16].clone(), seqs_path)
+    torch.save(corpora.pack(ids["train"], 16)[:16].clone(), seqs_path)
     for d in ("killed", "full"):
         (tmp_path / d).mkdir()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in [str(TESTS_DIR), os.environ.get("PYTHONPATH")] if p)}

@@ -18,8 +18,8 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from superweight.arch import DownProj, down_projection
-from superweight.coords import WeightCoord
+from superweight.core.arch import DownProj, down_projection
+from superweight.core.coords import WeightCoord
 from superweight.errors import CoordinateError
 
 

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from superweight.intervene import Intervention
+from superweight.core.intervene import Intervention
 
 # The seed write-up's eight prompts, plus a quote-closing and a code prompt.
 DEFAULT_PROMPTS = [

@@ -19,10 +19,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from superweight.arch import down_projection, family
-from superweight.coords import WeightCoord
+from superweight.core.arch import down_projection, family
+from superweight.core.coords import WeightCoord
+from superweight.core.intervene import Ablation, Compose, Intervention, RowPatch
 from superweight.errors import SuperweightError
-from superweight.intervene import Ablation, Compose, Intervention, RowPatch
 
 PATCH_FILE = "patch.safetensors"
 CONFIG_FILE = "patch_config.json"
@@ -56,7 +56,7 @@ class PatchData:
 
 def save_patch(run_dir: Path, model: nn.Module, patch: RowPatch, ablated: list[WeightCoord], meta: dict) -> None:
     """Write the vectors and their config (sorted, indented JSON) into `run_dir`."""
-    from superweight.runs import provenance, write_atomic, write_json
+    from superweight.io.rundir import provenance, write_atomic, write_json
 
     tensors = {f"layer{l}.row{r}": v.detach().cpu().float().contiguous() for (l, r), v in zip(patch.rows, patch.vectors)}
     write_atomic(run_dir / PATCH_FILE, lambda tmp: save_file(tensors, str(tmp)))
@@ -75,7 +75,7 @@ def save_patch(run_dir: Path, model: nn.Module, patch: RowPatch, ablated: list[W
 
 def load_patch(path: str | Path) -> PatchData:
     """Read a patch from a run directory (or its safetensors file); missing keys are an error."""
-    from superweight.coords import parse_coord
+    from superweight.core.coords import parse_coord
 
     path = Path(path)
     if not path.exists():

@@ -19,7 +19,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from superweight.arch import decoder_layers
+from superweight.core.arch import decoder_layers
 
 
 def first_edited_layer(coords, rows) -> int:

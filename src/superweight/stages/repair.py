@@ -1,52 +1,35 @@
-"""The repair command's job: run directory, data, training, baselines, evaluation, artifacts.
+"""The repair stage: run directory, data, training, baselines, evaluation, artifacts.
 
-RUN_DIR/
-  config.json        what was asked (recipe, model, weights, rows, corpus); a resumed run must match it
-  train_log.jsonl    one line per step: step, loss, lr, seconds
-  checkpoints/last.pt
-  patch.safetensors + patch_config.json
-  results.json       base / broken / patched metrics, recovery, training, baselines, patch geometry
+    results = run_repair(loaded, [coord], [(11, 507)], RECIPES["fast"], "fast", Path("runs/x"))
+
+Writes config.json, train_log.jsonl, checkpoints/last.pt, patch.safetensors + patch_config.json and
+results.json (base / broken / patched metrics, recovery, training, baselines, patch geometry) into the run
+directory (io/rundir.py).
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from superweight import data, generate
-from superweight.arch import down_projection
-from superweight.analyze import geometry
-from superweight.coords import WeightCoord
-from superweight.errors import UsageError
-from superweight.intervene import Ablation, ActivationRestore, Compose, Intervention, RowPatch, intact_values
-from superweight.metrics import Protocol, measure
-from superweight.models import Loaded, model_id
-from superweight.patchfile import save_patch
-from superweight.prefix import first_edited_layer
-from superweight.repair import RepairConfig, recovery, train
-from superweight.runs import write_json
+from superweight.core.arch import down_projection
+from superweight.core.coords import WeightCoord
+from superweight.core.intervene import Ablation, ActivationRestore, Compose, Intervention, RowPatch, intact_values
+from superweight.core.prefix import first_edited_layer
+from superweight.io import corpora
+from superweight.io.models import Loaded, model_id
+from superweight.io.patchfile import save_patch
+from superweight.io.rundir import prepare_run_dir, write_json
+from superweight.measure import generate
+from superweight.measure.geometry import geometry
+from superweight.measure.metrics import Protocol, measure
+from superweight.measure.recovery import recovery
+from superweight.stages.train import RepairConfig, train, training_sequences
 
 GEN_PROMPTS = generate.DEFAULT_PROMPTS[:5]
 RANDOM_DRAWS = 3
-
-
-def training_sequences(tokenizer, corpus: str, cfg: RepairConfig, recipe: str):
-    """[N, T] ids and mask: one wikitext line per sequence for the seed recipe, else packed text."""
-    if recipe == "seed" and corpus == "wikitext2":
-        lines = [ln for ln in data.load_text(corpus, "train[:2%]").split("\n") if ln.strip()]
-        rows = [tokenizer(ln, add_special_tokens=False)["input_ids"][: cfg.seq_len] for ln in lines]
-        rows = [r for r in rows if len(r) >= 2]
-        ids = torch.full((len(rows), cfg.seq_len), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, r in enumerate(rows):
-            ids[i, : len(r)] = torch.tensor(r)
-            mask[i, : len(r)] = 1
-        return ids, mask
-    ids = data.tokenize(tokenizer, data.load_text(corpus, "train"), cfg.train_tokens)
-    return data.pack(ids, cfg.seq_len), None
 
 
 def _other_row(row: int, d_model: int, seed: int) -> int:
@@ -57,23 +40,6 @@ def _other_row(row: int, d_model: int, seed: int) -> int:
             return r
 
 
-def prepare_run_dir(out: Path, settings: dict, resume: bool) -> None:
-    """Refuse to overwrite another run; on resume, insist on the same settings."""
-    config_path = out / "config.json"
-    if resume:
-        if not config_path.is_file():
-            raise UsageError(f"nothing to resume in {out}: no config.json")
-        old = json.loads(config_path.read_text(encoding="utf-8"))
-        new = json.loads(json.dumps(settings))  # as it would read back from disk (tuples become lists)
-        if old != new:
-            changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-            raise UsageError(f"--resume with other settings than {config_path}: {', '.join(changed)} differ")
-        return
-    if out.exists() and any(out.iterdir()):
-        raise UsageError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
-    write_json(config_path, settings)
-
-
 def run_repair(
     loaded: Loaded,
     coords: list[WeightCoord],
@@ -81,7 +47,7 @@ def run_repair(
     cfg: RepairConfig,
     recipe: str,
     out: Path,
-    corpus: str = data.DEFAULT_CORPUS,
+    corpus: str = corpora.DEFAULT_CORPUS,
     eval_tokens: int = 4096,
     max_length: int = 512,
     baselines: bool = False,
@@ -103,8 +69,8 @@ def run_repair(
     if seeds > 1:  # recorded only when used, so runs made before --seeds existed still resume
         settings["seeds"] = seeds
     prepare_run_dir(out, settings, resume)
-    seqs, mask = training_sequences(tok, corpus, cfg, recipe)
-    eval_ids = data.tokenize(tok, data.load_text(corpus, "eval"), eval_tokens)
+    seqs, mask = training_sequences(tok, corpus, cfg)
+    eval_ids = corpora.tokenize(tok, corpora.load_text(corpus, "eval"), eval_tokens)
     originals = intact_values(model, coords)
 
     on_step = (lambda _step, loss: on_advance(1, loss)) if on_advance else None

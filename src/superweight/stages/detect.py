@@ -17,16 +17,17 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Callable
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, Field
 from torch import nn
 
-from superweight import data
-from superweight.arch import DownProj, down_projections
-from superweight.coords import WeightCoord
-from superweight.intervene import Ablation, Intervention, Trace
-from superweight.metrics import Metrics, Protocol, measure
+from superweight.core.arch import DownProj, down_projections
+from superweight.core.coords import WeightCoord
+from superweight.core.intervene import Ablation, Intervention, Trace
+from superweight.io import corpora
+from superweight.measure.metrics import Metrics, Protocol, measure
 
 DEFAULT_PROMPTS = [
     "Apple Inc. is a worldwide tech company.",  # the paper's prompt
@@ -155,7 +156,7 @@ def attribution(
     mean next-token NLL (one backward pass; estimates the first-order loss change of zeroing the weight).
     """
     dps = down_projections(model)
-    batch = data.pack(ids, min(max_length, ids.numel()))
+    batch = corpora.pack(ids, min(max_length, ids.numel()))
     device = next(model.parameters()).device
     if method == "activation":
         scores = _activation_scores(model, dps, batch.to(device))
@@ -279,45 +280,57 @@ def field_meanings() -> dict[str, str]:
     return {name: f.description or "" for name, f in Candidate.model_fields.items() if f.description}
 
 
+class DetectConfig(BaseModel):
+    """Detection settings (`superweight detect`'s options); the defaults are the command's."""
+
+    prompts: list[str] | None = Field(None, description="scan prompts (None: the paper's + 3, DEFAULT_PROMPTS)")
+    max_candidates: int = Field(8, description="most spike-scan rounds (one weight each)")
+    spike_ratio: float = Field(50.0, description="a layer is an outlier when its output spike is this many "
+                                                 "times the median layer's")
+    attribution: Literal["activation", "gradient"] | None = Field(
+        "activation", description="activation (|W|*max|x|), gradient (|w*dL/dw|) or None (spike scan only)")
+    attribution_top: int = Field(3, description="attribution candidates to verify")
+    verify: bool = Field(True, description="measure each candidate's damage vs controls")
+    corpus: str = Field(corpora.DEFAULT_CORPUS, description="calibration corpus")
+    split: str = Field("train", description="calibration split")
+    calib_tokens: int = Field(2048, description="calibration tokens for attribution and verification")
+    max_length: int = Field(512, description="window length in tokens")
+    min_kl: float = Field(0.1, description="least KL (nats/token) for a confirmed super weight")
+    control_factor: float = Field(10.0, description="confirmed KL must be this many times the worse control's")
+    seed: int = Field(0, description="seed of the random control weights")
+
+
 def run_detect(
     loaded,
-    prompts: list[str] | None = None,
-    max_candidates: int = 8,
-    spike_ratio: float = 50.0,
-    attribution_method: str | None = "activation",
-    attribution_top: int = 3,
-    do_verify: bool = True,
-    corpus: str = data.DEFAULT_CORPUS,
-    split: str = "train",
-    calib_tokens: int = 2048,
-    max_length: int = 512,
-    min_kl: float = 0.1,
-    control_factor: float = 10.0,
-    seed: int = 0,
+    cfg: DetectConfig | None = None,
     ids: torch.Tensor | None = None,
     on_stage: Callable[[str], None] | None = None,
     on_tokens: Callable[[int], None] | None = None,
 ) -> DetectResult:
-    """The whole detection job: iterate spikes, add attribution candidates, verify, rank."""
+    """The whole detection job: iterate spikes, add attribution candidates, verify, rank.
+
+    `ids`: calibration tokens already read (else `cfg.calib_tokens` of `cfg.corpus`/`cfg.split`)."""
     from superweight.known import published
 
+    cfg = cfg or DetectConfig()
     model, tok = loaded.model, loaded.tokenizer
     stage = on_stage or (lambda _s: None)
+    prompts = cfg.prompts or DEFAULT_PROMPTS
     stage("Scanning spikes")
-    spikes, rounds = iterate_spikes(model, tok, prompts or DEFAULT_PROMPTS, spike_ratio, max_candidates)
-    needs_text = do_verify or attribution_method
-    if needs_text and ids is None:
-        ids = data.tokenize(tok, data.load_text(corpus, split), calib_tokens)
+    spikes, rounds = iterate_spikes(model, tok, prompts, cfg.spike_ratio, cfg.max_candidates)
+    if (cfg.verify or cfg.attribution) and ids is None:
+        ids = corpora.tokenize(tok, corpora.load_text(cfg.corpus, cfg.split), cfg.calib_tokens)
     attributed: list[Candidate] = []
-    if attribution_method:
-        stage(f"Attribution ({attribution_method})")
-        attributed = attribution(model, ids, attribution_method, attribution_top, max_length)
+    if cfg.attribution:
+        stage(f"Attribution ({cfg.attribution})")
+        attributed = attribution(model, ids, cfg.attribution, cfg.attribution_top, cfg.max_length)
     candidates = merge(spikes, attributed)
     protocol = None
-    if do_verify and candidates:
+    if cfg.verify and candidates:
         stage(f"Verifying {len(candidates)} candidates")
-        candidates, base = verify(model, ids, candidates, min_kl, control_factor, max_length, seed, on_tokens)
-        protocol = Protocol.of(loaded, corpus, split, base.n_tokens, max_length, max_length,
+        candidates, base = verify(model, ids, candidates, cfg.min_kl, cfg.control_factor, cfg.max_length, cfg.seed,
+                                  on_tokens)
+        protocol = Protocol.of(loaded, cfg.corpus, cfg.split, base.n_tokens, cfg.max_length, cfg.max_length,
                                {"each candidate": "zeroed alone", "controls": "zeroed alone"})
     found = {(c.layer, c.row, c.col): c for c in candidates}
     known = [
@@ -326,9 +339,9 @@ def run_detect(
         for c in published(loaded.spec)
     ]
     settings = {
-        "prompts": prompts or DEFAULT_PROMPTS, "spike_ratio": spike_ratio, "max_candidates": max_candidates,
-        "attribution": attribution_method, "attribution_top": attribution_top, "verify": do_verify,
-        "min_kl": min_kl, "control_factor": control_factor, "seed": seed,
+        "prompts": prompts, "spike_ratio": cfg.spike_ratio, "max_candidates": cfg.max_candidates,
+        "attribution": cfg.attribution, "attribution_top": cfg.attribution_top, "verify": cfg.verify,
+        "min_kl": cfg.min_kl, "control_factor": cfg.control_factor, "seed": cfg.seed,
     }
     return DetectResult(protocol=protocol, settings=settings, rounds=rounds, candidates=candidates,
                         published=known, field_meanings=field_meanings())

@@ -11,12 +11,13 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
-from superweight import data, generate
-from superweight.arch import down_projection
-from superweight.coords import WeightCoord
-from superweight.intervene import Ablation, Intervention, Spread
-from superweight.metrics import Metrics, Protocol, measure
-from superweight.models import Loaded
+from superweight.core.arch import down_projection
+from superweight.core.coords import WeightCoord
+from superweight.core.intervene import Ablation, Intervention, Spread
+from superweight.io import corpora
+from superweight.io.models import Loaded
+from superweight.measure import generate
+from superweight.measure.metrics import Metrics, Protocol, measure
 
 
 class SweepPoint(BaseModel):
@@ -39,7 +40,7 @@ def run_sweep(
     coord: WeightCoord,
     scales: list[float] = (1.0, 0.5, 0.0, -1.0, 2.0),
     spread: int | None = 8,
-    corpus: str = data.DEFAULT_CORPUS,
+    corpus: str = corpora.DEFAULT_CORPUS,
     split: str = "eval",
     max_tokens: int = 4096,
     max_length: int = 512,
@@ -59,7 +60,7 @@ def run_sweep(
     if spread:
         conditions[f"spread{spread}"] = Spread(model, plain, spread)
     if ids is None:
-        ids = data.tokenize(tok, data.load_text(corpus, split), max_tokens)
+        ids = corpora.tokenize(tok, corpora.load_text(corpus, split), max_tokens)
     results = measure(model, ids, conditions, [(coord.layer, coord.row)], max_length, progress=on_tokens)
     gens = generate.compare(model, tok, conditions, prompts, max_new_tokens, progress=on_prompt)
     points = [

@@ -1,6 +1,6 @@
 """Weight coordinates written `LAYER:ROW:COL[@SCALE]`, e.g. `11:507:1229` or `11:507:1229@0.5`.
 
-ROW is the residual channel (d_model side), COL the intermediate neuron (d_ff side); see arch.py.
+ROW is the residual channel (d_model side), COL the intermediate neuron (d_ff side); see core/arch.py.
 """
 
 from __future__ import annotations

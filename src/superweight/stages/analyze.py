@@ -10,7 +10,6 @@ adds to results.json are documented in docs/results.md.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,56 +17,20 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from superweight import data
-from superweight.arch import down_projection, final_norm
-from superweight.coords import WeightCoord
-from superweight.errors import SuperweightError
-from superweight.intervene import Ablation, Compose, Intervention, RowPatch, intact_values
-from superweight.metrics import Metrics, Protocol, measure
-from superweight.models import Loaded
-from superweight.patchfile import PatchData, check_fits, load_patch
-from superweight.prefix import first_edited_layer
-from superweight.repair import recovery
-from superweight.runs import write_json
+from superweight.core.arch import down_projection, final_norm
+from superweight.core.intervene import Ablation, Compose, Intervention, RowPatch, intact_values
+from superweight.core.prefix import first_edited_layer
+from superweight.io import corpora
+from superweight.io.models import Loaded
+from superweight.io.patchfile import PatchData, check_fits, load_patch
+from superweight.io.rundir import read_results, write_json
+from superweight.measure.geometry import geometry
+from superweight.measure.metrics import Metrics, Protocol, measure
+from superweight.measure.recovery import recovery
 
 SWEEP_SCALES = (0.5, 0.0, -1.0, 2.0)
 TOP_TOKENS = 15
 CONTEXT_TOKENS = 12
-
-
-def geometry(model: nn.Module, coords: list[WeightCoord], rows, vectors, originals: list[float]) -> dict:
-    """The first patched row's geometry, flat, with every row's under `rows` (docs/results.md, `patch`).
-
-    Call it with the interventions off: "original row" means the intact weights."""
-    by_row = {}
-    for (layer, row), d in zip(rows, vectors):
-        d = d.detach().float().cpu()
-        norm = d.norm().item()
-        w_row = down_projection(model, layer).row(row).float().cpu()
-        cols = [
-            {"col": c.col, "value_at_col": d[c.col].item(), "deleted_value": w - w * c.scale,
-             "cos_ablated_direction": d[c.col].item() / norm if norm > 0 else 0.0}
-            for c, w in zip(coords, originals) if (c.layer, c.row) == (layer, row)
-        ]
-        top = d.abs().topk(min(16, d.numel())).indices
-        by_row[f"{layer}:{row}"] = {
-            "layer": layer, "row": row, "norm": norm,
-            "cos_original_row": torch.cosine_similarity(d, w_row, 0).item(),
-            **(cols[0] if cols else {}), "cols": cols,
-            "top_entries": [[int(i), d[i].item()] for i in top],
-        }
-    first = next(iter(by_row.values()))
-    return {**first, "rows": by_row}
-
-
-def read_results(run_dir: Path) -> dict:
-    path = run_dir / "results.json"
-    if not path.is_file():
-        raise SuperweightError(f"no results.json in {run_dir}: run `superweight repair --out {run_dir}` first")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise SuperweightError(f"{path} is not valid JSON ({exc}); was the run interrupted while writing?") from None
 
 
 def powers_of_two(n: int) -> list[int]:
@@ -280,8 +243,8 @@ def run_analyze(
     patch = load_patch(run_dir)
     model, tok = loaded.model, loaded.tokenizer
     check_fits(model, patch)
-    corpus = results.get("protocol", {}).get("corpus", data.DEFAULT_CORPUS)
-    ids = data.tokenize(tok, data.load_text(corpus, "eval"), n_tokens)
+    corpus = results.get("protocol", {}).get("corpus", corpora.DEFAULT_CORPUS)
+    ids = corpora.tokenize(tok, corpora.load_text(corpus, "eval"), n_tokens)
     coords = patch.ablated
     originals = intact_values(model, coords)
     ablation = Ablation(model, coords)

@@ -1,0 +1,100 @@
+"""`analyze`, `sparsify`, `report` and `compare`: study a run directory that `repair` or `run` wrote."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from superweight.cli.common import (
+    DeviceOpt, DtypeOpt, JsonOpt, RunDirArg, app, check_run_dir, err, errors, floats, load_model, out, progress,
+    stage_tasks,
+)
+from superweight.errors import UsageError
+from superweight.report import terminal
+
+
+@app.command()
+@errors
+def analyze(
+    run_dir: RunDirArg,
+    tokens: Annotated[int, typer.Option(help="eval-split tokens to analyse on")] = 2048,
+    draws: Annotated[int, typer.Option(help="random-k control draws per k")] = 3,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="model spec (default: the run's own)")] = None,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "fp32",
+):
+    """Patch geometry, top-k sparsity with a random-k control, token and neuron views, scale sweep."""
+    from superweight.stages.analyze import run_analyze
+
+    path, spec = check_run_dir(run_dir)
+    if tokens < 2 or draws < 1:
+        raise UsageError("--tokens must be at least 2 and --draws at least 1")
+    loaded = load_model(model or spec, device, dtype)
+    with progress() as bar:
+        stage, advance = stage_tasks(bar)
+        results = run_analyze(loaded, path, tokens, draws, on_stage=stage, on_tokens=advance)
+    terminal.print_analysis(out, results)
+    out.print(f"Updated {path / 'results.json'}")
+
+
+@app.command()
+@errors
+def sparsify(
+    run_dir: RunDirArg,
+    l1: Annotated[str, typer.Option(help="comma-separated L1 (proximal) strengths; empty to skip")] = "0.6,0.8,1",
+    l0: Annotated[str, typer.Option(help="comma-separated hard-concrete L0 strengths; empty to skip")] = "1,10,30",
+    steps: Annotated[Optional[int], typer.Option(help="steps per sparse patch (default: half the run's)")] = None,
+    tokens: Annotated[int, typer.Option(help="eval-split tokens to score each patch on")] = 2048,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="model spec (default: the run's own)")] = None,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "fp32",
+):
+    """Train sparse patches (L1, hard-concrete L0) over a sweep of strengths; the recovery-vs-size frontier."""
+    from superweight.stages.sparsify import run_sparsify
+
+    strengths = {"l1": floats("--l1", l1), "l0": floats("--l0", l0)}
+    strengths = {k: v for k, v in strengths.items() if v}
+    if not strengths:
+        raise UsageError("no strengths given: set --l1 and/or --l0")
+    if steps is not None and steps < 1:
+        raise UsageError(f"--steps must be at least 1, got {steps}")
+    path, spec = check_run_dir(run_dir)
+    loaded = load_model(model or spec, device, dtype)
+    with progress() as bar:
+        stage, advance = stage_tasks(bar)
+        results = run_sparsify(loaded, path, strengths, steps, tokens, on_stage=stage, on_advance=advance)
+    terminal.print_sparse(out, results["sparse_training"])
+    out.print(f"Updated {path / 'results.json'}")
+
+
+@app.command()
+@errors
+def report(run_dir: RunDirArg):
+    """Write report.html (self-contained) and report.md (with plots/*.png) for a run directory."""
+    from pathlib import Path
+
+    from superweight.report import write_report
+
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise UsageError(f"no such run directory: {path}")
+    md, page = write_report(path)
+    out.print(f"Wrote {md}")
+    out.print(f"Report: {page}")
+
+
+@app.command()
+@errors
+def compare(run_dirs: Annotated[list[str], typer.Argument(help="run directories")], json_: JsonOpt = None):
+    """One table across runs (seeds, recipes, models): PPLs, recovery, patch geometry, sparsity."""
+    from superweight.io.rundir import check_writable, write_json
+    from superweight.report import compare_rows
+
+    if json_:
+        check_writable(json_)
+    rows = compare_rows(run_dirs)
+    terminal.print_compare(out, rows)
+    if json_:
+        write_json(json_, rows)
+        err.print(f"Wrote {json_}")

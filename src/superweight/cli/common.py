@@ -1,0 +1,155 @@
+"""What every command shares: the app, the consoles, option types, the error boundary, progress displays and the
+small parsers that check option values before any model loads."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from superweight.errors import SuperweightError, UsageError
+from superweight.io.models import DEFAULT_MODEL
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Detect, ablate, measure and repair super weights in causal language models.",
+)
+# Piped output (files, CI logs) gets room for the wide tables instead of rich's 80-column fallback.
+# emoji=False: a coordinate such as 29:100:1126 must not turn into "29💯1126".
+out = Console(width=None if sys.stdout.isatty() else 140, emoji=False)
+err = Console(stderr=True, emoji=False)
+
+# Options shared by several commands.
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="smollm2-135m, a hub id, a model directory or a .gguf file")]
+DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, cuda:N, mps or auto")]
+DtypeOpt = Annotated[str, typer.Option(help="fp32, bf16 or fp16 (log-softmax is always fp32)")]
+CorpusOpt = Annotated[str, typer.Option(help="pydoc, wikitext2 or text:PATH (file, directory or glob)")]
+SplitOpt = Annotated[str, typer.Option(help="train, eval or all (wikitext2: train, validation, test)")]
+JsonOpt = Annotated[Optional[str], typer.Option("--json", help="write the full result as JSON to this path")]
+RunDirArg = Annotated[str, typer.Argument(help="a run directory written by `superweight repair` or `run`")]
+
+
+def errors(fn):
+    """Turn domain errors into one line and an exit code, at the CLI boundary only."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except SuperweightError as exc:
+            if os.environ.get("SUPERWEIGHT_DEBUG"):
+                raise
+            err.print(f"Error: {exc}", markup=False, highlight=False, soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            err.print("Interrupted.")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TextColumn("eta"), TimeRemainingColumn(), console=err, transient=True,
+        # Off when stderr is not a terminal: a log needs no bar, and an error line then stands alone.
+        disable=not err.is_terminal,
+    )
+
+
+def token_and_prompt_tasks(bar: Progress, n_tokens: int, n_prompts: int):
+    """Two progress tasks (scored tokens, generations) and the callbacks that advance them."""
+    tokens = bar.add_task("Scoring tokens", total=n_tokens)
+    prompts = bar.add_task("Generating", total=n_prompts)
+    return (lambda n: bar.advance(tokens, n)), (lambda n: bar.advance(prompts, n))
+
+
+def stage_tasks(bar: Progress):
+    """One progress task that follows a job's stages: (stage(name, total), advance(n, loss)) callbacks."""
+    task = bar.add_task("Preparing", total=None)
+    current = {"name": "Preparing"}
+
+    def stage(name: str, total: int | None = None) -> None:
+        current["name"] = name
+        bar.update(task, description=name, total=total, completed=0)
+
+    def advance(n: int, loss: float | None = None) -> None:
+        note = f" (KL {loss:.4f})" if loss is not None else ""
+        bar.update(task, advance=n, description=current["name"] + note)
+
+    return stage, advance
+
+
+def write_result(json_: str | None, result) -> None:
+    if json_:
+        from superweight.io.rundir import write_json
+
+        write_json(json_, result.model_dump())
+        err.print(f"Wrote {json_}")
+
+
+def load_model(model: str, device: str, dtype: str):
+    from superweight.io import models
+
+    with err.status(f"Loading {model} ({dtype}, {device})..."):
+        return models.load(model, device=device, dtype=dtype)
+
+
+def recipe_config(recipe: str, **overrides):
+    """A recipe's settings with the options given on the command line (None = keep the recipe's)."""
+    from superweight.stages.train import RECIPES, RepairConfig
+
+    if recipe not in RECIPES:
+        raise UsageError(f"unknown recipe '{recipe}': use {', '.join(RECIPES)}")
+    try:
+        return RepairConfig(**{**RECIPES[recipe].model_dump(), **{k: v for k, v in overrides.items() if v is not None}})
+    except ValueError as exc:
+        raise UsageError(f"invalid training option: {str(exc).splitlines()[-1].strip()}") from None
+
+
+def parse_rows(texts: list[str]) -> list[tuple[int, int]]:
+    rows = []
+    for t in texts:
+        parts = t.strip().split(":")
+        if len(parts) != 2 or not all(p.isdigit() for p in parts):
+            raise UsageError(f"invalid patch row '{t}': expected LAYER:ROW, e.g. 11:507")
+        rows.append((int(parts[0]), int(parts[1])))
+    return rows
+
+
+def floats(name: str, text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise UsageError(f"invalid {name} '{text}': expected comma-separated numbers") from None
+    if any(v <= 0 for v in values):
+        raise UsageError(f"{name} strengths must be positive")
+    return values
+
+
+def check_run_dir(run_dir: str):
+    """The run directory and the model spec it was made with, checked before any model loads."""
+    from pathlib import Path
+
+    from superweight.io.patchfile import load_patch
+    from superweight.stages.analyze import read_results
+
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise UsageError(f"no such run directory: {path}")
+    read_results(path)
+    return path, load_patch(path).config.get("spec", DEFAULT_MODEL)

@@ -1,0 +1,196 @@
+"""`info`, `eval`, `detect` and `sweep`: look at a model, and at what one weight does."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from superweight.cli.common import (
+    CorpusOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, SplitOpt, app, err, errors, load_model, out, progress,
+    token_and_prompt_tasks, write_result,
+)
+from superweight.errors import UsageError
+from superweight.io import corpora
+from superweight.io.models import DEFAULT_MODEL
+from superweight.report import terminal
+
+
+@app.command()
+@errors
+def info(model: ModelOpt = DEFAULT_MODEL, device: DeviceOpt = "cpu", dtype: DtypeOpt = "fp32",
+         json_: JsonOpt = None):
+    """Architecture, sizes and down-projection names of a model."""
+    from dataclasses import asdict
+
+    from superweight.core.arch import describe
+    from superweight.io.rundir import check_writable, write_json
+    from superweight.known import published
+
+    if json_:
+        check_writable(json_)
+    loaded = load_model(model, device, dtype)
+    desc = describe(loaded.model)
+    known = published(model)
+    terminal.print_info(out, model, loaded.source, desc, known)
+    if json_:
+        write_json(json_, {**asdict(desc), "source": loaded.source, "published": [c.model_dump() for c in known]})
+
+
+@app.command("eval")
+@errors
+def eval_(
+    model: ModelOpt = DEFAULT_MODEL,
+    corpus: CorpusOpt = corpora.DEFAULT_CORPUS,
+    split: SplitOpt = "eval",
+    ablate: Annotated[Optional[list[str]], typer.Option(
+        help="LAYER:ROW:COL[@SCALE] (repeatable); default: the model's published super weights")] = None,
+    max_tokens: Annotated[int, typer.Option(help="tokens of the corpus to evaluate")] = 4096,
+    max_length: Annotated[int, typer.Option(help="window length in tokens")] = 512,
+    stride: Annotated[Optional[int], typer.Option(help="window stride (default: max-length, no overlap)")] = None,
+    prompt: Annotated[Optional[list[str]], typer.Option(help="generation prompt (repeatable); default: ten built-in")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="greedy tokens per generation")] = 20,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "fp32",
+    json_: JsonOpt = None,
+):
+    """Base vs ablated: NLL, PPL, KL, top-1 agreement, super activation, and generations side by side."""
+    from superweight.core.coords import parse_coords
+    from superweight.io.rundir import check_writable
+    from superweight.known import published
+    from superweight.measure.generate import DEFAULT_PROMPTS
+    from superweight.measure.metrics import n_scored
+    from superweight.stages.evaluate import run_eval
+
+    # Everything that can be checked without the model is checked before the (slow) load.
+    coords = parse_coords(ablate) if ablate else published(model)
+    corpora.check_windows(max_length, stride)
+    if max_tokens < 2:
+        raise UsageError(f"--max-tokens must be at least 2, got {max_tokens}")
+    if json_:
+        check_writable(json_)
+    text = corpora.load_text(corpus, split)
+    loaded = load_model(model, device, dtype)
+    if not coords:
+        err.print("No --ablate given and no published super weight for this model: base metrics only.",
+                  soft_wrap=True)
+    ids = corpora.tokenize(loaded.tokenizer, text, max_tokens)
+    prompts = prompt or DEFAULT_PROMPTS
+    with progress() as bar:
+        on_tokens, on_prompt = token_and_prompt_tasks(bar, n_scored(ids.numel(), max_length, stride), len(prompts))
+        result = run_eval(
+            loaded, coords, corpus, split, max_tokens, max_length, stride, prompts, max_new_tokens, ids=ids,
+            on_tokens=on_tokens, on_prompt=on_prompt,
+        )
+    terminal.print_eval(out, result)
+    write_result(json_, result)
+
+
+@app.command()
+@errors
+def detect(
+    model: ModelOpt = DEFAULT_MODEL,
+    prompt: Annotated[Optional[list[str]], typer.Option(help="scan prompt (repeatable); default: the paper's + 3")] = None,
+    max_candidates: Annotated[int, typer.Option(help="most spike-scan rounds (one weight each)")] = 8,
+    spike_ratio: Annotated[float, typer.Option(help="a layer is an outlier when its output spike is this many times the median layer's")] = 50.0,
+    attribution: Annotated[str, typer.Option(help="activation (|W|*max|x|), gradient (|w*dL/dw|) or none")] = "activation",
+    attribution_top: Annotated[int, typer.Option(help="attribution candidates to verify")] = 3,
+    verify: Annotated[bool, typer.Option("--verify/--no-verify", help="measure each candidate's damage vs controls")] = True,
+    corpus: CorpusOpt = corpora.DEFAULT_CORPUS,
+    split: Annotated[str, typer.Option(help="calibration split")] = "train",
+    calib_tokens: Annotated[int, typer.Option(help="calibration tokens for attribution and verification")] = 2048,
+    max_length: Annotated[int, typer.Option(help="window length in tokens")] = 512,
+    min_kl: Annotated[float, typer.Option(help="least KL (nats/token) for a confirmed super weight")] = 0.1,
+    control_factor: Annotated[float, typer.Option(help="confirmed KL must be this many times the worse control's")] = 10.0,
+    seed: int = 0,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "fp32",
+    json_: JsonOpt = None,
+):
+    """Find super weights: iterative spike scan + attribution, each confirmed by the damage its removal does."""
+    from superweight.io.rundir import check_writable
+    from superweight.measure.metrics import n_scored
+    from superweight.stages.detect import DetectConfig, run_detect
+
+    if attribution not in {"activation", "gradient", "none"}:
+        raise UsageError(f"unknown attribution '{attribution}': use activation, gradient or none")
+    corpora.check_windows(max_length)
+    if calib_tokens < 2:
+        raise UsageError(f"--calib-tokens must be at least 2, got {calib_tokens}")
+    cfg = DetectConfig(
+        prompts=prompt, max_candidates=max_candidates, spike_ratio=spike_ratio,
+        attribution=None if attribution == "none" else attribution, attribution_top=attribution_top, verify=verify,
+        corpus=corpus, split=split, calib_tokens=calib_tokens, max_length=max_length, min_kl=min_kl,
+        control_factor=control_factor, seed=seed,
+    )
+    if json_:
+        check_writable(json_)
+    text = corpora.load_text(corpus, split) if (verify or attribution != "none") else None
+    loaded = load_model(model, device, dtype)
+    ids = corpora.tokenize(loaded.tokenizer, text, calib_tokens) if text is not None else None
+    with progress() as bar:
+        task = bar.add_task("Detecting", total=None)
+
+        def stage(name: str) -> None:
+            total = n_scored(ids.numel(), max_length) if name.startswith("Verifying") else None
+            bar.update(task, description=name, total=total, completed=0)
+
+        result = run_detect(loaded, cfg, ids=ids, on_stage=stage, on_tokens=lambda n: bar.advance(task, n))
+    terminal.print_detect(out, result)
+    write_result(json_, result)
+
+
+@app.command()
+@errors
+def sweep(
+    weight: Annotated[str, typer.Option(help="LAYER:ROW:COL of the weight to scale")],
+    model: ModelOpt = DEFAULT_MODEL,
+    scales: Annotated[str, typer.Option(help="comma-separated factors")] = "1,0.5,0,-1,2",
+    spread: Annotated[int, typer.Option(help="also zero it and add value/N to the next N columns (0: skip)")] = 8,
+    corpus: CorpusOpt = corpora.DEFAULT_CORPUS,
+    split: SplitOpt = "eval",
+    max_tokens: Annotated[int, typer.Option(help="tokens of the corpus to evaluate")] = 4096,
+    max_length: Annotated[int, typer.Option(help="window length in tokens")] = 512,
+    prompt: Annotated[Optional[list[str]], typer.Option(help="generation prompt (repeatable)")] = None,
+    max_new_tokens: int = 20,
+    plot: Annotated[Optional[str], typer.Option(help="PNG path (default runs/sweep/L-R-C.png)")] = None,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "fp32",
+    json_: JsonOpt = None,
+):
+    """Scale one weight (and spread it): NLL/PPL/KL/top-1 and generations per scale, plus a PNG plot."""
+    from superweight.core.coords import parse_coord
+    from superweight.io.rundir import check_writable
+    from superweight.measure.generate import DEFAULT_PROMPTS
+    from superweight.measure.metrics import n_scored
+    from superweight.stages.sweep import plot as plot_sweep, run_sweep
+
+    coord = parse_coord(weight)
+    if "@" in weight:
+        raise UsageError("--weight takes LAYER:ROW:COL without @SCALE; give factors with --scales")
+    try:
+        factors = [float(x) for x in scales.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"invalid --scales '{scales}': expected comma-separated numbers, e.g. 1,0.5,0,-1,2") from None
+    if not factors:
+        raise UsageError("--scales is empty")
+    if spread < 0:
+        raise UsageError(f"--spread must be >= 0, got {spread}")
+    corpora.check_windows(max_length)
+    png = plot or f"runs/sweep/{coord.layer}-{coord.row}-{coord.col}.png"
+    for path in filter(None, [json_, png]):
+        check_writable(path)
+    text = corpora.load_text(corpus, split)
+    loaded = load_model(model, device, dtype)
+    ids = corpora.tokenize(loaded.tokenizer, text, max_tokens)
+    prompts = prompt or DEFAULT_PROMPTS
+    with progress() as bar:
+        on_tokens, on_prompt = token_and_prompt_tasks(bar, n_scored(ids.numel(), max_length), len(prompts))
+        result = run_sweep(
+            loaded, coord, factors, spread or None, corpus, split, max_tokens, max_length, prompts,
+            max_new_tokens, ids=ids, on_tokens=on_tokens, on_prompt=on_prompt,
+        )
+    terminal.print_sweep(out, result)
+    plot_sweep(result, png)
+    err.print(f"Wrote {png}")
+    write_result(json_, result)

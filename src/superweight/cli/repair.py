@@ -1,0 +1,96 @@
+"""`repair` and `apply`: train a patch for ablated weights, and merge it into a standalone model."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from superweight.cli.common import (
+    CorpusOpt, DeviceOpt, DtypeOpt, ModelOpt, app, errors, load_model, out, parse_rows, progress, recipe_config,
+    stage_tasks,
+)
+from superweight.errors import UsageError
+from superweight.io import corpora
+from superweight.io.models import DEFAULT_MODEL
+from superweight.report import terminal
+
+
+@app.command()
+@errors
+def repair(
+    weight: Annotated[list[str], typer.Option(help="LAYER:ROW:COL to ablate (repeatable)")],
+    patch_row: Annotated[Optional[list[str]], typer.Option(
+        help="LAYER:ROW to patch (repeatable); default: each ablated weight's row")] = None,
+    model: ModelOpt = DEFAULT_MODEL,
+    corpus: CorpusOpt = corpora.DEFAULT_CORPUS,
+    recipe: Annotated[str, typer.Option(help="fast (default), quick (the one-shot run's), sgd (quick with SGD) or seed (the write-up's)")] = "fast",
+    steps: Annotated[Optional[int], typer.Option(help="optimiser steps (overrides the recipe)")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="sequences per step")] = None,
+    seq_len: Annotated[Optional[int], typer.Option(help="tokens per sequence")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="learning rate")] = None,
+    optimizer: Annotated[Optional[str], typer.Option(help="adamw, adam or sgd")] = None,
+    kl: Annotated[Optional[str], typer.Option(help="forward (KL(teacher||student)) or reverse")] = None,
+    temperature: Annotated[Optional[float], typer.Option(help="softmax temperature")] = None,
+    init: Annotated[Optional[str], typer.Option(help="zero or random")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="random seed")] = None,
+    out_: Annotated[Optional[str], typer.Option("--out", help="run directory (default runs/repair-L-R-C)")] = None,
+    resume: Annotated[bool, typer.Option(help="continue the run in --out from its last checkpoint")] = False,
+    checkpoint_every: Annotated[int, typer.Option(help="checkpoint every K steps")] = 25,
+    baselines: Annotated[bool, typer.Option(help="also oracle, activation restore, random vector, other row")] = False,
+    seeds: Annotated[int, typer.Option(help="train this many patches (seeds SEED, SEED+1, ...): mean and spread")] = 1,
+    eval_tokens: Annotated[int, typer.Option(help="eval-split tokens for the before/after metrics")] = 4096,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "fp32",
+):
+    """Train a row patch that repairs the ablated model by KL distillation against the intact one."""
+    from pathlib import Path
+
+    from superweight.core.coords import parse_coords
+    from superweight.stages.repair import run_repair
+
+    coords = parse_coords(weight)
+    rows = parse_rows(patch_row) if patch_row else sorted({(c.layer, c.row) for c in coords})
+    cfg = recipe_config(recipe, steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, optimizer=optimizer,
+                         kl=kl, temperature=temperature, init=init, seed=seed)
+    if checkpoint_every < 1:
+        raise UsageError(f"--checkpoint-every must be at least 1, got {checkpoint_every}")
+    if eval_tokens < 2:
+        raise UsageError(f"--eval-tokens must be at least 2, got {eval_tokens}")
+    if seeds < 1:
+        raise UsageError(f"--seeds must be at least 1, got {seeds}")
+    first = coords[0]
+    run_dir = Path(out_ or f"runs/repair-{first.layer}-{first.row}-{first.col}")
+    corpora.load_text(corpus, "eval")  # a missing corpus fails before the model loads
+    loaded = load_model(model, device, dtype)
+    with progress() as bar:
+        stage, advance = stage_tasks(bar)
+        results = run_repair(loaded, coords, rows, cfg, recipe, run_dir, corpus, eval_tokens, 512, baselines,
+                             seeds, resume, checkpoint_every, on_stage=stage, on_advance=advance)
+    terminal.print_repair(out, results, run_dir)
+
+
+@app.command("apply")
+@errors
+def apply_(
+    patch: Annotated[str, typer.Option(help="run directory (or patch.safetensors) of a repair")],
+    export: Annotated[str, typer.Option(help="new directory for the merged model (save_pretrained layout)")],
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="model spec (default: the patch's own)")] = None,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "fp32",
+):
+    """Merge a patch into the ablated model and write it as a standalone model directory."""
+    from pathlib import Path
+
+    from superweight.io.models import save_model_dir
+    from superweight.io.patchfile import load_patch, merge_into_weights
+
+    data_ = load_patch(patch)
+    target = Path(export)
+    if target.exists():
+        raise UsageError(f"--export {target} exists already; choose a new directory")
+    loaded = load_model(model or data_.config.get("spec", DEFAULT_MODEL), device, dtype)
+    merge_into_weights(loaded.model, data_)
+    save_model_dir(loaded.model, loaded.tokenizer, target)
+    out.print(f"Wrote the patched model ({', '.join(map(str, data_.ablated))} ablated, rows "
+              f"{', '.join(f'{l}:{r}' for l, r in data_.rows)} patched) to {target}")

@@ -1,0 +1,57 @@
+"""`run`: the whole study in one command (stages/pipeline.py)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from superweight.cli.common import (
+    CorpusOpt, DeviceOpt, DtypeOpt, ModelOpt, app, errors, load_model, out, progress, recipe_config, stage_tasks,
+)
+from superweight.errors import UsageError
+from superweight.io import corpora
+from superweight.io.models import DEFAULT_MODEL
+from superweight.report import terminal
+
+
+@app.command()
+@errors
+def run(
+    model: ModelOpt = DEFAULT_MODEL,
+    corpus: CorpusOpt = corpora.DEFAULT_CORPUS,
+    out_: Annotated[Optional[str], typer.Option("--out", help="run directory (default runs/MODEL-DATE-TIME)")] = None,
+    weight: Annotated[Optional[str], typer.Option(help="LAYER:ROW:COL to repair instead of detecting one")] = None,
+    recipe: Annotated[str, typer.Option(help="quick (default: 32 steps of batch 2, Adam lr 0.3), sgd, fast or seed")] = "quick",
+    steps: Annotated[Optional[int], typer.Option(help="optimiser steps (overrides the recipe)")] = None,
+    seeds: Annotated[int, typer.Option(help="patches trained with different seeds (mean and spread)")] = 1,
+    baselines: Annotated[bool, typer.Option(help="oracle, activation restore, random vectors, other row")] = True,
+    sparse: Annotated[bool, typer.Option(help="also train sparse patches (L1, L0) over a sweep of strengths")] = False,
+    eval_tokens: Annotated[int, typer.Option(help="eval-split tokens for the headline metrics")] = 2048,
+    analysis_tokens: Annotated[int, typer.Option(help="eval-split tokens for the analyses")] = 1024,
+    draws: Annotated[int, typer.Option(help="random-k control draws per k")] = 2,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "fp32",
+):
+    """The whole study in one go: detect, ablate, measure, repair with baselines, analyse, report."""
+    import datetime as dt
+    from pathlib import Path
+
+    from superweight.core.coords import parse_coord
+    from superweight.io.rundir import check_new_run_dir
+    from superweight.stages.pipeline import run_pipeline
+
+    coord = parse_coord(weight) if weight else None
+    cfg = recipe_config(recipe, steps=steps)
+    if min(eval_tokens, analysis_tokens) < 2 or seeds < 1 or draws < 1:
+        raise UsageError("--eval-tokens and --analysis-tokens must be at least 2, --seeds and --draws at least 1")
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = Path(out_ or f"runs/{Path(model).name.removesuffix('.gguf')}-{stamp}")
+    check_new_run_dir(path)
+    corpora.load_text(corpus, "eval")  # a missing corpus fails before the model loads
+    loaded = load_model(model, device, dtype)
+    with progress() as bar:
+        stage, advance = stage_tasks(bar)
+        results = run_pipeline(loaded, path, coord, cfg, recipe, corpus, eval_tokens, analysis_tokens, draws,
+                               baselines, seeds, sparse, on_stage=stage, on_advance=advance)
+    terminal.print_run(out, results, path)

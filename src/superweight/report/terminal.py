@@ -1,0 +1,237 @@
+"""Terminal tables and lines for each command's result (rich), printed on the console the CLI passes in.
+
+    print_repair(Console(), results, Path("runs/x"))
+"""
+
+from __future__ import annotations
+
+from rich import box
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from superweight.report.load import smallest_k
+
+
+def fmt(x: float | None, digits: int = 3) -> str:
+    if x is None:
+        return "-"
+    return f"{x:,.{digits}f}" if abs(x) < 1e5 else f"{x:.3e}"
+
+
+def print_info(out: Console, spec: str, source: str, desc, known: list) -> None:
+    table = Table(title=f"{spec}", show_header=False)
+    table.add_row("source", source)
+    table.add_row("family", desc.family)
+    table.add_row("class", desc.model_class)
+    table.add_row("layers", str(desc.n_layers))
+    table.add_row("d_model (rows)", str(desc.d_model))
+    table.add_row("d_ff (cols)", str(desc.d_ff))
+    table.add_row("parameters", f"{desc.n_params:,}")
+    table.add_row("down-projections", f"{desc.down_proj_names[0]} ... {desc.down_proj_names[-1]}")
+    table.add_row("published super weights", ", ".join(map(str, known)) or "none recorded")
+    out.print(table)
+
+
+def print_eval(out: Console, result) -> None:
+    p = result.protocol
+    table = Table(title=f"{p.model}: {p.corpus}/{p.split}, {p.n_tokens:,} tokens, "
+                        f"windows {p.max_length}/{p.stride}, {p.dtype}")
+    table.add_column("condition")
+    for col in ("NLL", "PPL", "KL(base||·)", "top-1 agree", "super act."):
+        table.add_column(col, justify="right")
+    rows = [("base", result.base)]
+    if result.ablated:
+        rows.append((p.interventions["ablated"], result.ablated))
+    for name, m in rows:
+        table.add_row(name, fmt(m.nll), fmt(m.ppl, 2), fmt(m.kl), f"{m.top1_agree:.1%}",
+                      fmt(m.super_activation, 1))
+    out.print(table)
+    if result.base and result.ablated:
+        out.print(f"PPL ratio ablated/base: {result.ablated.ppl / result.base.ppl:.2f}x")
+    print_generations(out, result.generations)
+
+
+def print_generations(out: Console, rows: list[dict[str, str]]) -> None:
+    gen = Table(title="Greedy generations", show_lines=True)
+    for col in rows[0] if rows else []:
+        gen.add_column(col, overflow="fold")
+    for row in rows:
+        # Text(): generated text is data, never rich markup ("[1, 2, 3" must print as is).
+        gen.add_row(*[Text(repr(v)[1:-1] if k == "prompt" else v) for k, v in row.items()])
+    out.print(gen)
+
+
+def print_detect(out: Console, result) -> None:
+    p = result.protocol
+    title = "Super-weight candidates"
+    if p:
+        title += f" (damage on {p.corpus}/{p.split}, {p.n_tokens:,} tokens)"
+    table = Table(title=title, box=box.SIMPLE_HEAD)
+    cols = ["L:R:C", "W", "in", "out", "×med", "KL", "PPL×", "ctrl KL", "confirmed", "found by"]
+    for c in cols:
+        table.add_column(c, justify="left" if c in {"L:R:C", "found by", "confirmed"} else "right", no_wrap=True)
+    for c in result.candidates:
+        ctrl = "-" if c.control_kl_top is None else f"{c.control_kl_top:.1g}/{c.control_kl_random:.1g}"
+        table.add_row(
+            f"{c.layer}:{c.row}:{c.col}", f"{c.value:.3g}", fmt(c.in_spike, 0), fmt(c.out_spike, 0),
+            fmt(c.spike_ratio, 0), fmt(c.kl, 3), fmt(c.ppl_ratio, 2), ctrl,
+            "[bold green]yes[/]" if c.confirmed else ("no" if c.kl is not None else "not verified"),
+            c.source.replace("attribution:", "attr:").replace("(round ", "r").rstrip(")"),
+        )
+    out.print(table)
+    out.print(
+        "W: the weight; in/out: max |input| at its column and max |output| at its row of the down-projection "
+        "in the scan; ×med: that output spike over the median layer's; KL: mean KL(base || weight zeroed), "
+        "nats/token; PPL×: PPL with it zeroed / base PPL; ctrl KL: the same for the largest-|W| other weight "
+        "/ a random weight of the same matrix. "
+        f"Confirmed: KL >= {result.settings['min_kl']} and >= {result.settings['control_factor']:g}× the worse "
+        "control. found by: spike scan round n, or attribution method."
+    )
+    if result.candidates and result.candidates[0].kl is not None and not any(c.confirmed for c in result.candidates):
+        out.print("[bold]No candidate is confirmed: none does damage far above its controls.[/]")
+    if not result.candidates:
+        out.print("[bold]No candidates: no layer's spike stands out and attribution was off.[/]")
+    if result.published:
+        known = ", ".join(
+            f"{k['layer']}:{k['row']}:{k['col']} ({'confirmed' if k['confirmed'] else 'detected' if k['detected'] else 'not found'})"
+            for k in result.published
+        )
+        out.print(f"Published super weights for this model: {known}")
+
+
+def print_sweep(out: Console, result) -> None:
+    p = result.protocol
+    table = Table(title=f"Sweep of {result.weight} (W = {result.value:.4g}): {p.corpus}/{p.split}, "
+                        f"{p.n_tokens:,} tokens")
+    for col in ("condition", "NLL", "PPL", "KL(base||·)", "top-1 agree", "super act."):
+        table.add_column(col, justify="left" if col == "condition" else "right")
+    for label, m in [("base", result.base)] + [(pt.label, pt.metrics) for pt in result.points]:
+        table.add_row(label, fmt(m.nll), fmt(m.ppl, 2), fmt(m.kl), f"{m.top1_agree:.1%}",
+                      fmt(m.super_activation, 1))
+    out.print(table)
+    print_generations(out, result.generations)
+
+
+def print_repair(out: Console, results: dict, run_dir) -> None:
+    p = results["protocol"]
+    table = Table(title=f"Repair ({results['recipe']} recipe): {p['corpus']}/eval, {p['n_tokens']:,} tokens")
+    for col in ("condition", "NLL", "PPL", "KL(base||·)", "top-1 agree", "super act.", "NLL-gap rec.", "KL rec."):
+        table.add_column(col, justify="left" if col == "condition" else "right")
+    rows = [("base", results["base"], None), ("broken", results["broken"], None),
+            ("patched", results["patched"], results["recovery"])]
+    rows += [(name, m, m["recovery"]) for name, m in results.get("baselines", {}).items()]
+    for name, m, rec in rows:
+        table.add_row(name, fmt(m["nll"]), fmt(m["ppl"], 2), fmt(m["kl"]), f"{m['top1_agree']:.1%}",
+                      fmt(m["super_activation"], 1), f"{rec['nll_gap']:.1%}" if rec else "",
+                      f"{rec['kl']:.1%}" if rec else "")
+    out.print(table)
+    t = results["training"]
+    out.print(f"Training: {t['steps']} steps, {t['seconds']:.0f} s ({t['s_per_step']:.2f} s/step), "
+              f"final KL loss {t['final_loss']:.4f}" + (f", resumed from step {t['resumed_from']}" if t["resumed_from"] is not None else ""))
+    for key, g in results["patch"]["rows"].items():
+        cols = "; ".join(f"d[{c['col']}] = {c['value_at_col']:.4g} (deleted {c['deleted_value']:.4g}), "
+                         f"cos(d, e_{c['col']}) = {c['cos_ablated_direction']:.3f}" for c in g["cols"])
+        out.print(f"Patch row {key}: ||d|| = {g['norm']:.3f}, cos(d, original row) = {g['cos_original_row']:.3f}; {cols}")
+    if "seeds" in results:
+        sd = results["seeds"]
+        out.print(f"Over {len(sd['values'])} seeds: NLL-gap recovery {sd['mean']['nll_gap']:.1%} ± {sd['std']['nll_gap']:.1%}, "
+                  f"||d|| {sd['mean']['norm']:.3g} ± {sd['std']['norm']:.2g}, "
+                  f"cos(d, row) {sd['mean']['cos_original_row']:.3f} ± {sd['std']['cos_original_row']:.3f}")
+    out.print(f"Run directory: {run_dir}")
+
+
+def print_analysis(out: Console, results: dict, patch_line: bool = True) -> None:
+    if patch_line:  # `run` has printed it with the repair
+        g = results["patch"]
+        out.print(f"Patch {g['layer']}:{g['row']}: ||d|| = {g['norm']:.3f}, cos(d, original row) = {g['cos_original_row']:.3f}, "
+                  f"cos(d, e_col) = {g.get('cos_ablated_direction', 0):.3f}, d[{g.get('col')}] = {g.get('value_at_col', 0):.4g} "
+                  f"(deleted {g.get('deleted_value', 0):.4g})")
+    table = Table(title=f"The patch cut to k entries: largest |d|, largest |x·d| at the massive token, random "
+                        f"({results['analysis']['draws']} draws), "
+                        f"{results['analysis']['protocol']['n_tokens']:,} tokens", box=box.SIMPLE_HEAD)
+    for col in ("k", "top-|d| rec.", "KL", "top-|x·d| rec.", "KL ", "random-k rec.", "KL  "):
+        table.add_column(col, justify="right")
+    for p in results["sparsity"]:
+        c = p["by_contribution"]
+        table.add_row(str(p["k"]), f"{p['nll_gap']:.1%}", fmt(p["kl"]), f"{c['nll_gap']:.1%}", fmt(c["kl"]),
+                      f"{p['random']['nll_gap']:.1%}", fmt(p["random"]["kl"]))
+    out.print(table)
+    k90 = smallest_k(results["sparsity"])
+    dense = results["sparsity"][-1]["nll_gap"]
+    k_rel = smallest_k(results["sparsity"], 0.9 * dense) if dense > 0 else None
+    k_c = smallest_k(results["sparsity"], ranking="by_contribution")
+    out.print(f"Smallest top-|x·d| patch recovering >= 90% of the NLL gap: {k_c if k_c else 'none'}")
+    out.print(f"Smallest top-|d| patch recovering >= 90% of the NLL gap: {k90 if k90 else 'none'}; "
+              f"keeping 90% of the full patch's {dense:.1%}: {k_rel if k_rel else 'none'}")
+    t = results["tokens"]
+    for key, title in (("hurt", "most hurt by the ablation"), ("healed", "most healed by the patch")):
+        out.print(f"Tokens {title}: " + ", ".join(f"{x['token']!r} ({x['sum']:+.1f})" for x in t[key][:8]), soft_wrap=True)
+    out.print("Tokens rising in the broken model: " + ", ".join(f"{x['token']!r}" for x in t["rising"][:8]), soft_wrap=True)
+    lens = t["logit_lens"]
+    out.print(f"Logit lens of channel {lens['row']}: + " + ", ".join(repr(x["token"]) for x in lens["top"][:8])
+              + " | - " + ", ".join(repr(x["token"]) for x in lens["bottom"][:8]), soft_wrap=True)
+
+
+def print_sparse(out: Console, st: dict) -> None:
+    table = Table(title=f"Sparse training ({st['steps']} steps each from the dense patch)", box=box.SIMPLE_HEAD)
+    for col in ("method", "strength", "non-zeros", "NLL-gap rec.", "KL", "||d||", "d\\[col]", "cos(d,e_col)", "frontier"):
+        table.add_column(col, justify="left" if col == "method" else "right")
+    front = {(p["method"], p["strength"]) for p in st["frontier"]}
+    for p in st["points"]:
+        table.add_row(p["method"], f"{p['strength']:g}", str(p["nnz"]), f"{p['nll_gap']:.1%}", fmt(p["kl"]),
+                      fmt(p.get("norm")), fmt(p.get("value_at_col")), fmt(p.get("cos_ablated_direction")),
+                      "yes" if (p["method"], p["strength"]) in front else "")
+    out.print(table)
+    s90 = st["smallest_90"]
+    out.print("Smallest trained sparse patch recovering >= 90%: "
+              + (f"{s90['nnz']} non-zeros ({s90['method']}, strength {s90['strength']:g})" if s90 else "none"))
+
+
+def print_compare(out: Console, rows: list[dict]) -> None:
+    table = Table(title="Runs", box=box.SIMPLE_HEAD)
+    pct = lambda v: f"{v:.1%}"  # noqa: E731
+    cols = [  # (title, cell)
+        ("run", lambda r: r["run"]), ("model", lambda r: (r["model"] or "-").split(" (")[0].split("/")[-1]),
+        ("weight", lambda r: r["weight"]), ("recipe", lambda r: r["recipe"]), ("steps", lambda r: r["steps"]),
+        ("seed", lambda r: r["seed"]), ("eval tokens", lambda r: r["n_tokens"]),
+        ("base PPL", lambda r: fmt(r["base_ppl"], 2)),
+        ("broken PPL", lambda r: fmt(r["broken_ppl"], 2)), ("patched PPL", lambda r: fmt(r["patched_ppl"], 2)),
+        ("NLL-gap rec.", lambda r: pct(r["nll_gap"])), ("KL rec.", lambda r: pct(r["kl_recovery"])),
+        ("NLL-gap rec. over seeds", lambda r: f"{r['seeds_nll_gap_mean']:.1%} ± {r['seeds_nll_gap_std']:.1%} (n={r['seeds']})"),
+        ("||d||", lambda r: fmt(r["norm"], 1)), ("cos(d,row)", lambda r: fmt(r["cos_original_row"])),
+        ("fewest entries for 90%: top-|d|", lambda r: r["k90"]),
+        ("  top-|x·d| at the massive token", lambda r: r["k90_contribution"]),
+        ("  sparse training", lambda r: r["sparse_nnz90"]), ("train s", lambda r: fmt(r["seconds"], 0)),
+    ]
+    # One column per run, one row per quantity: a few runs with many numbers read best this way round.
+    table.add_column("")
+    for r in rows:
+        table.add_column(r["run"], justify="right", overflow="fold")
+    for title, cell in cols[1:]:
+        table.add_row(title, *[_cell(cell, r) for r in rows])
+    out.print(table)
+
+
+def _cell(cell, row: dict) -> str:
+    try:
+        value = cell(row)
+    except (TypeError, KeyError):  # a value this run does not have
+        value = None
+    return "-" if value is None else str(value)
+
+
+def print_run(out: Console, results: dict, path) -> None:
+    d = results["detect"]
+    if d["candidates"]:
+        top = next(c for c in d["candidates"] if f"{c['layer']}:{c['row']}:{c['col']}" == d["weight"])
+        out.print(f"Detected {len(d['candidates'])} candidates, {sum(c['confirmed'] for c in d['candidates'])} "
+                  f"confirmed; repairing {d['weight']} (zeroing it: KL {top['kl']:.3g}, PPL x{top['ppl_ratio']:.2f} "
+                  "on the calibration text). Details: detect.json")
+    print_repair(out, results, path)
+    print_analysis(out, results, patch_line=False)
+    if "sparse_training" in results:
+        print_sparse(out, results["sparse_training"])
+    t = results["timings"]
+    out.print("Seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in t.items()))
+    out.print(f"Report: {path / 'report.html'}")

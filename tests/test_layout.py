@@ -1,0 +1,117 @@
+"""The package layout: every module imports on its own, imports point one way, no module grows past ~400 lines."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "superweight"
+# Layers, lowest first: a module may import from its own layer or a lower one (cli -> stages/report ->
+# measure -> io/core). stages and report share a layer; the report never reads a stage's code, only its
+# record (pipeline, the one stage that ends in a report, calls write_report).
+LAYERS = {"errors": 0, "": 0, "core": 1, "io": 2, "known": 2, "measure": 3, "stages": 4, "report": 4, "cli": 5}
+MAX_LINES = 400
+
+
+def modules() -> list[str]:
+    out = []
+    for path in sorted(SRC.rglob("*.py")):
+        parts = list(path.relative_to(SRC.parent).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts.pop()
+        if parts[-1] != "__main__":
+            out.append(".".join(parts))
+    return out
+
+
+def layer(module: str) -> int:
+    parts = module.split(".")
+    return LAYERS[parts[1] if len(parts) > 1 else ""]
+
+
+def imports(module: str) -> set[str]:
+    """Every superweight module `module` imports, at any depth (function-level imports included)."""
+    path = SRC.parent / Path(*module.split("."))
+    path = path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("superweight"):
+            for alias in node.names:  # `from superweight.io import corpora` imports a module
+                sub = f"{node.module}.{alias.name}"
+                found.add(sub if sub in ALL else node.module)
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("superweight")}
+    return found - {module}
+
+
+ALL = modules()
+
+
+def test_every_module_imports_alone_in_a_fresh_process():
+    # One interpreter loads the third-party libraries once, then forks a child per module: each child starts
+    # with no superweight module loaded, so an import cycle or a missing import shows as that module's failure.
+    script = textwrap.dedent("""
+        import os, sys, traceback
+        import torch, transformers, typer, rich, pydantic, safetensors  # shared, loaded once
+        failed = []
+        for name in sys.argv[1:]:
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    __import__(name)
+                except BaseException:
+                    traceback.print_exc()
+                    os._exit(1)
+                os._exit(0)
+            _, status = os.waitpid(pid, 0)
+            if status:
+                failed.append(name)
+        print("FAILED:", " ".join(failed))
+        sys.exit(1 if failed else 0)
+    """)
+    result = subprocess.run([sys.executable, "-c", script, *ALL], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert len(ALL) > 30
+
+
+@pytest.mark.parametrize("module", ALL)
+def test_imports_point_one_way(module):
+    upward = sorted(m for m in imports(module) if layer(m) > layer(module))
+    assert not upward, f"{module} imports a higher layer: {upward}"
+    if module.startswith("superweight.report"):
+        assert not any(m.startswith("superweight.stages") for m in imports(module))
+
+
+def test_no_import_cycles():
+    graph = {m: {i for i in imports(m) if i in ALL} for m in ALL}
+    state: dict[str, int] = {}
+
+    def visit(m, path):
+        state[m] = 1
+        for n in graph[m]:
+            if state.get(n) == 1:
+                raise AssertionError("import cycle: " + " -> ".join(path[path.index(n):] + [n]))
+            if n not in state:
+                visit(n, path + [n])
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [m])
+
+
+def test_no_module_is_too_long():
+    long = {str(p.relative_to(SRC)): n for p in SRC.rglob("*.py")
+            if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_LINES}
+    assert not long, long
+
+
+def test_python_m_superweight_cli_runs():
+    result = subprocess.run([sys.executable, "-m", "superweight.cli", "--help"], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0 and "repair" in result.stdout, result.stderr
