@@ -68,3 +68,77 @@ def torch_single_thread():
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+# ---------------------------------------------------------------- real run directories, made once per session
+# Written by the CLI on a planted tiny llama (super weight 1:5:7), so the report, compare and record tests read
+# what the stages really write (tests/test_roundtrip.py, tests/test_report.py, tests/test_cli_run.py).
+PLANT = (1, 5, 7)
+SMALL_REPAIR = ["--steps", "4", "--batch-size", "2", "--seq-len", "32", "--eval-tokens", "256"]
+
+
+def invoke_cli(*args):
+    from typer.testing import CliRunner
+
+    from superweight.cli import app
+
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, (args, result.output, result.exception)
+    return result
+
+
+@pytest.fixture(scope="session")
+def planted_dir(tmp_path_factory) -> Path:
+    from superweight.io.models import save_model_dir
+    from tiny import planted, tiny_tokenizer
+
+    path = tmp_path_factory.mktemp("planted") / "model"
+    save_model_dir(planted(PLANT), tiny_tokenizer(), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def pipeline_run(planted_dir, tmp_path_factory) -> tuple[Path, object]:
+    """`superweight run` with detection, baselines, two seeds and sparse training: every part of the record."""
+    import torch
+
+    out = tmp_path_factory.mktemp("runs") / "full"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = invoke_cli("run", "--model", planted_dir, "--steps", "6", "--eval-tokens", "256",
+                            "--analysis-tokens", "256", "--seeds", "2", "--sparse", "--out", out)
+    finally:
+        torch.set_num_threads(threads)
+    return out, result
+
+
+@pytest.fixture(scope="session")
+def repair_runs(planted_dir, tmp_path_factory) -> dict[str, tuple[Path, list]]:
+    """Run directories made by `repair` (then `analyze` / `sparsify` where noted), with each command's output:
+    one_row (baselines, 2 seeds, analysed, sparsified), two_rows (--patch-row 1:5 and 1:9, analysed,
+    sparsified), two_weights (1:5:7 and 1:9:3 ablated, each row patched; repair only), minimal (repair only)."""
+    import torch
+
+    root = tmp_path_factory.mktemp("repairs")
+    plans = {
+        "one_row": (["--weight", "1:5:7", "--baselines", "--seeds", "2"], True),
+        "two_rows": (["--weight", "1:5:7", "--patch-row", "1:5", "--patch-row", "1:9"], True),
+        "two_weights": (["--weight", "1:5:7", "--weight", "1:9:3"], False),
+        "minimal": (["--weight", "1:5:7"], False),
+    }
+    runs = {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for name, (args, study) in plans.items():
+            out = root / name
+            outputs = [invoke_cli("repair", "--model", planted_dir, *args, *SMALL_REPAIR, "--out", out).output]
+            if study:
+                outputs.append(invoke_cli("analyze", out, "--tokens", "256", "--draws", "1").output)
+                outputs.append(invoke_cli("sparsify", out, "--l1", "0.5", "--l0", "10", "--steps", "2",
+                                          "--tokens", "256").output)
+            runs[name] = (out, outputs)
+    finally:
+        torch.set_num_threads(threads)
+    return runs

@@ -16,12 +16,13 @@ from superweight.core.intervene import Ablation, Compose, RowPatch
 from superweight.errors import SuperweightError
 from superweight.io import corpora
 from superweight.io.patchfile import save_patch
-from superweight.io.rundir import write_json
+from superweight.io.record import SparsityPoint, smallest_k
 from superweight.measure.geometry import geometry
 from superweight.measure.metrics import measure
-from superweight.report import smallest_k
 from superweight.stages.analyze import logit_lens, powers_of_two, run_analyze
+from superweight.stages.repair import run_repair
 from superweight.stages.sparsify import GatedRowPatch, HardConcrete, L1Prox, pareto, run_sparsify
+from superweight.stages.train import RepairConfig
 from tiny import assert_identical, hook_count, planted, snapshot, tiny_tokenizer
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
@@ -42,14 +43,12 @@ def oracle_vector(model) -> torch.Tensor:
     return d
 
 
-def make_run(tmp_path, loaded, vector, config=None) -> Path:
-    """A run directory holding `vector` as the patch of row 1:5, as `superweight repair` would leave it."""
+def make_run(tmp_path, loaded, vector) -> Path:
+    """A run directory made by a short `repair` of 1:5:7 on row 1:5, then holding `vector` as its patch."""
     run = tmp_path / "run"
-    run.mkdir()
+    cfg = RepairConfig(steps=4, batch_size=2, seq_len=32, train_tokens=1024, lr=0.1)
+    run_repair(loaded, [COORD], [(1, 5)], cfg, "fast", run, eval_tokens=64, max_length=64)
     save_patch(run, loaded.model, RowPatch(loaded.model, [(1, 5)], [vector]), [COORD], {"spec": "tiny"})
-    write_json(run / "results.json", {"protocol": {"corpus": "pydoc"}, "recipe": "fast",
-                                      "config": config or {"steps": 4, "batch_size": 2, "seq_len": 32,
-                                                           "train_tokens": 1024, "lr": 0.1}})
     return run
 
 
@@ -57,10 +56,10 @@ def make_run(tmp_path, loaded, vector, config=None) -> Path:
 def oracle_run(tmp_path_factory, loaded):
     run = make_run(tmp_path_factory.mktemp("oracle"), loaded, oracle_vector(loaded.model))
     before = snapshot(loaded.model)
-    results = run_analyze(loaded, run, n_tokens=256, draws=2, max_length=64, top_neurons=3)
+    record = run_analyze(loaded, run, n_tokens=256, draws=2, max_length=64, top_neurons=3)
     assert_identical(loaded.model, before)
     assert hook_count(loaded.model) == 0
-    return run, results
+    return run, record.model_dump(mode="json")  # the record as results.json holds it
 
 
 def test_oracle_patch_geometry_is_the_deleted_weight(oracle_run, loaded):
@@ -74,7 +73,7 @@ def test_oracle_patch_geometry_is_the_deleted_weight(oracle_run, loaded):
     row = down_projection(loaded.model, 1).row(5)
     assert g["cos_original_row"] == pytest.approx((w / row.norm()).item(), rel=1e-5)
     assert g["top_entries"][0] == [7, pytest.approx(w)]
-    assert set(g["rows"]) == {"1:5"}
+    assert [f"{r['layer']}:{r['row']}" for r in g["rows"]] == ["1:5"]
 
 
 def test_sparsity_of_the_oracle_needs_one_entry_and_random_k_does_not(oracle_run):
@@ -86,7 +85,7 @@ def test_sparsity_of_the_oracle_needs_one_entry_and_random_k_does_not(oracle_run
     # k random entries of a one-hot patch miss the one that matters (seeded draws: 1/64 chance each).
     assert sp[0]["random"]["nll_gap"] < 0.05 and sp[0]["random"]["draws"] == 2
     assert sp[-1]["random"] == {**sp[-1]["random"], "draws": 0} and sp[-1]["random"]["nll_gap"] == sp[-1]["nll_gap"]
-    assert smallest_k(sp) == 1
+    assert smallest_k([SparsityPoint(**p) for p in sp]) == 1
     assert sp[0]["by_contribution"]["nll_gap"] == pytest.approx(1.0, abs=1e-4)  # x*d ranks the one entry first
 
 
@@ -159,8 +158,8 @@ def test_geometry_of_a_two_row_patch_lists_both(loaded):
     model = loaded.model
     vecs = [oracle_vector(model), torch.ones(64)]
     g = geometry(model, [COORD], [(1, 5), (1, 6)], vecs, [down_projection(model, 1).get(5, 7).item()])
-    assert set(g["rows"]) == {"1:5", "1:6"} and g["row"] == 5
-    assert g["rows"]["1:6"]["cols"] == [] and g["rows"]["1:6"]["norm"] == pytest.approx(8.0)
+    assert [r.key for r in g.rows] == ["1:5", "1:6"] and g.row == 5
+    assert g.rows[1].cols == [] and g.rows[1].norm == pytest.approx(8.0)
 
 
 # ------------------------------------------------------------------------------------------------ sparsify
@@ -197,7 +196,7 @@ def test_sparsify_trains_sparser_patches_with_stronger_penalties(tmp_path, loade
     before = snapshot(loaded.model)
     results = run_sparsify(loaded, run, {"l1": (0.05, 2.0), "l0": (0.01, 1.0)}, steps=8, n_tokens=256, max_length=64)
     assert_identical(loaded.model, before)
-    st = results["sparse_training"]
+    st = results.sparse_training.model_dump()
     pts = {(p["method"], p["strength"]): p for p in st["points"]}
     assert set(pts) == {("l1", 0.05), ("l1", 2.0), ("l0", 0.01), ("l0", 1.0)}
     assert pts[("l1", 2.0)]["nnz"] < pts[("l1", 0.05)]["nnz"] <= 64

@@ -21,17 +21,8 @@ def invoke(*args):
 
 
 @pytest.fixture(scope="module")
-def planted_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("planted") / "model"
-    save_model_dir(planted((1, 5, 7)), tiny_tokenizer(), path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def run_dir(planted_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs") / "full"
-    result = invoke("run", "--model", planted_dir, *SMALL, "--seeds", "2", "--sparse", "--out", out)
-    assert result.exit_code == 0, result.output
+def run_dir(pipeline_run):
+    out, result = pipeline_run  # `run --seeds 2 --sparse` on the planted model (conftest.py)
     assert result.output.strip().splitlines()[-1] == f"Report: {out / 'report.html'}"
     assert "confirmed; repairing 1:5:7 (zeroing it: KL" in result.output
     return out

@@ -100,7 +100,7 @@ def test_short_repair_on_the_embedded_model_recovers_and_round_trips(smol, tmp_p
     out = measure(smol.model, ids, {"broken": Ablation(smol.model, [SUPER]),
                                     "patched": Compose(Ablation(smol.model, [SUPER]), patch)})
     rec = recovery(out["base"], out["broken"], out["patched"])
-    assert rec["kl"] > 0.4 and rec["nll_gap"] > 0.4  # 12 steps already close much of the gap
+    assert rec.kl > 0.4 and rec.nll_gap > 0.4  # 12 steps already close much of the gap
     save_patch(tmp_path, smol.model, patch, [SUPER], {"model": "smollm2-135m", "spec": "smollm2-135m"})
     live = apply_patch(smol.model, load_patch(tmp_path))
     try:

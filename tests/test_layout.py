@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 import textwrap
@@ -115,3 +116,19 @@ def test_python_m_superweight_cli_runs():
     result = subprocess.run([sys.executable, "-m", "superweight.cli", "--help"], capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0 and "repair" in result.stdout, result.stderr
+
+
+def test_readme_module_map_matches_the_tree():
+    readme = (SRC.parents[1] / "README.md").read_text(encoding="utf-8")
+    layout = readme.split("\n## Layout\n")[1].split("\n## ")[0]  # its table: | `folder/` | `module.py` ... |
+    rows = {line.split("|")[1].strip().strip("`"): line for line in layout.splitlines()
+            if line.startswith(("| `", "| (top)"))}
+    listed, found = set(), set()
+    for folder, line in rows.items():
+        prefix = "" if folder == "(top)" else folder
+        listed |= {prefix + name for name in re.findall(r"`(\w+\.py)`", line.split("|", 2)[2])}
+    for path in SRC.rglob("*.py"):
+        rel = path.relative_to(SRC).as_posix()
+        if path.name not in ("__init__.py", "__main__.py"):
+            found.add(rel)
+    assert listed == found

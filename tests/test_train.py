@@ -78,7 +78,7 @@ def test_training_reduces_the_loss_and_repairs_the_model(ids, seqs):
     rec = recovery(res["base"], res["broken"], res["patched"])
     assert res["broken"].kl > 0.1
     assert res["patched"].kl < res["broken"].kl
-    assert rec["kl"] > 0.3, rec
+    assert rec.kl > 0.3, rec
     assert_identical(model, before)
     assert hook_count(model) == 0
 

@@ -33,8 +33,8 @@ def analyze(
     loaded = load_model(model or spec, device, dtype)
     with progress() as bar:
         stage, advance = stage_tasks(bar)
-        results = run_analyze(loaded, path, tokens, draws, on_stage=stage, on_tokens=advance)
-    terminal.print_analysis(out, results)
+        record = run_analyze(loaded, path, tokens, draws, on_stage=stage, on_tokens=advance)
+    terminal.print_analysis(out, record)
     out.print(f"Updated {path / 'results.json'}")
 
 
@@ -63,8 +63,8 @@ def sparsify(
     loaded = load_model(model or spec, device, dtype)
     with progress() as bar:
         stage, advance = stage_tasks(bar)
-        results = run_sparsify(loaded, path, strengths, steps, tokens, on_stage=stage, on_advance=advance)
-    terminal.print_sparse(out, results["sparse_training"])
+        record = run_sparsify(loaded, path, strengths, steps, tokens, on_stage=stage, on_advance=advance)
+    terminal.print_sparse(out, record.sparse_training)
     out.print(f"Updated {path / 'results.json'}")
 
 
@@ -96,5 +96,5 @@ def compare(run_dirs: Annotated[list[str], typer.Argument(help="run directories"
     rows = compare_rows(run_dirs)
     terminal.print_compare(out, rows)
     if json_:
-        write_json(json_, rows)
+        write_json(json_, [r.model_dump() for r in rows])
         err.print(f"Wrote {json_}")

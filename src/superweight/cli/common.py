@@ -146,10 +146,10 @@ def check_run_dir(run_dir: str):
     from pathlib import Path
 
     from superweight.io.patchfile import load_patch
-    from superweight.stages.analyze import read_results
+    from superweight.io.rundir import read_record
 
     path = Path(run_dir)
     if not path.is_dir():
         raise UsageError(f"no such run directory: {path}")
-    read_results(path)
+    read_record(path)  # a missing, damaged or unreadable record fails before the model loads
     return path, load_patch(path).config.get("spec", DEFAULT_MODEL)

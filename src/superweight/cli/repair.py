@@ -65,9 +65,9 @@ def repair(
     loaded = load_model(model, device, dtype)
     with progress() as bar:
         stage, advance = stage_tasks(bar)
-        results = run_repair(loaded, coords, rows, cfg, recipe, run_dir, corpus, eval_tokens, 512, baselines,
+        record = run_repair(loaded, coords, rows, cfg, recipe, run_dir, corpus, eval_tokens, 512, baselines,
                              seeds, resume, checkpoint_every, on_stage=stage, on_advance=advance)
-    terminal.print_repair(out, results, run_dir)
+    terminal.print_repair(out, record, run_dir)
 
 
 @app.command("apply")

@@ -52,6 +52,6 @@ def run(
     loaded = load_model(model, device, dtype)
     with progress() as bar:
         stage, advance = stage_tasks(bar)
-        results = run_pipeline(loaded, path, coord, cfg, recipe, corpus, eval_tokens, analysis_tokens, draws,
+        record = run_pipeline(loaded, path, coord, cfg, recipe, corpus, eval_tokens, analysis_tokens, draws,
                                baselines, seeds, sparse, on_stage=stage, on_advance=advance)
-    terminal.print_run(out, results, path)
+    terminal.print_run(out, record, path)

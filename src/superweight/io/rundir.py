@@ -1,13 +1,17 @@
-"""The run directory, and how files get there: atomic JSON writes and the provenance stamped on every result.
+"""The run directory: the one place that names its files, reads and writes the run record, writes atomically
+and stamps provenance.
 
 RUN_DIR/
   config.json        what was asked (recipe, model, weights, rows, corpus); a resumed run must match it
   train_log.jsonl    one line per step: step, loss, lr, seconds
   checkpoints/last.pt
   patch.safetensors + patch_config.json   (io/patchfile.py)
-  results.json       the run record, which each stage extends (docs/results.md)
+  results.json       the run record (io/record.py), which each stage extends (docs/results.md)
   detect.json        the full detection (`superweight run`)
   report.md, report.html, plots/*.png
+
+    record = read_record(run_dir)          # migrated from older formats, or one clear error
+    write_record(run_dir, record)          # atomic
 """
 
 from __future__ import annotations
@@ -22,6 +26,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 from superweight.errors import SuperweightError, UsageError
+from superweight.io.record import RunRecord, parse
+
+CONFIG = "config.json"
+RESULTS = "results.json"
+TRAIN_LOG = "train_log.jsonl"
+CHECKPOINT = "checkpoints/last.pt"
+DETECT = "detect.json"
+REPORT_MD, REPORT_HTML, PLOTS = "report.md", "report.html", "plots"
 
 
 def check_writable(path: str | os.PathLike) -> Path:
@@ -100,7 +112,7 @@ def check_new_run_dir(out: Path) -> None:
 
 def prepare_run_dir(out: Path, settings: dict, resume: bool) -> None:
     """Refuse to overwrite another run; on resume, insist on the same settings."""
-    config_path = out / "config.json"
+    config_path = out / CONFIG
     if resume:
         if not config_path.is_file():
             raise UsageError(f"nothing to resume in {out}: no config.json")
@@ -115,11 +127,36 @@ def prepare_run_dir(out: Path, settings: dict, resume: bool) -> None:
     write_json(config_path, settings)
 
 
-def read_results(run_dir: Path) -> dict:
-    path = run_dir / "results.json"
+def read_record(run_dir: str | os.PathLike) -> RunRecord:
+    """The run record in RUN_DIR/results.json, lifted to the current schema (io/record.migrate)."""
+    run_dir = Path(run_dir)
+    path = run_dir / RESULTS
     if not path.is_file():
         raise SuperweightError(f"no results.json in {run_dir}: run `superweight repair --out {run_dir}` first")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise SuperweightError(f"{path} is not valid JSON ({exc}); was the run interrupted while writing?") from None
+    return parse(data, str(path))
+
+
+def write_record(run_dir: str | os.PathLike, record: RunRecord) -> Path:
+    """Write RUN_DIR/results.json atomically; parts of stages that have not run are left out."""
+    absent = {name for name in RunRecord.model_fields if getattr(record, name) is None}
+    return write_json(Path(run_dir) / RESULTS, record.model_dump(exclude=absent))
+
+
+def read_train_log(run_dir: str | os.PathLike) -> list[dict]:
+    """The train log's entries ({step, loss, lr, seconds}); [] when there is none."""
+    path = Path(run_dir) / TRAIN_LOG
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a run killed mid-write leaves half a last line; the curve without it is still right
+        if isinstance(entry, dict) and "step" in entry and "loss" in entry:
+            out.append(entry)
+    return out

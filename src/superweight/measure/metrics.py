@@ -17,7 +17,6 @@ import math
 from collections.abc import Callable
 
 import torch
-from pydantic import BaseModel, Field
 from torch import nn
 
 from superweight.core.arch import decoder_layers
@@ -25,20 +24,9 @@ from superweight.core.intervene import Intervention, Trace, hidden
 from superweight.core.prefix import Prefix
 from superweight.errors import UsageError
 from superweight.io.corpora import Window, windows as make_windows
-
-
-class Metrics(BaseModel):
-    nll: float = Field(description="mean next-token negative log-likelihood (nats) over scored tokens")
-    ppl: float = Field(description="exp(nll)")
-    kl: float = Field(description="mean KL(base || this) per scored token, nats; 0 for base")
-    top1_agree: float = Field(description="fraction of scored tokens whose argmax matches the base model's")
-    super_activation: float | None = Field(
-        None, description="max |value| over the watched residual channels after their layer (all positions)"
-    )
-    super_activation_by_channel: dict[str, float] = Field(
-        default_factory=dict, description="'LAYER:ROW' -> max |residual[..., ROW]| after block LAYER"
-    )
-    n_tokens: int = Field(description="number of scored tokens")
+from superweight.io.models import model_id
+from superweight.io.record import Metrics, Protocol
+from superweight.io.rundir import provenance
 
 
 class _Acc:
@@ -172,30 +160,11 @@ def n_scored(n_tokens: int, max_length: int, stride: int | None = None) -> int:
     return sum(w.n_scored for w in make_windows(n_tokens, max_length, max_length if stride is None else stride))
 
 
-class Protocol(BaseModel):
-    """How a set of numbers was produced; stored beside them."""
-
-    model: str
-    model_source: str
-    corpus: str
-    split: str
-    n_tokens: int = Field(description="scored tokens per condition")
-    max_length: int
-    stride: int
-    dtype: str
-    device: str
-    interventions: dict[str, str] = Field(default_factory=dict, description="condition name -> what it does")
-    provenance: dict = Field(default_factory=dict)
-
-    @classmethod
-    def of(cls, loaded, corpus: str, split: str, n_tokens: int, max_length: int, stride: int,
-           interventions: dict[str, str]) -> "Protocol":
-        """The protocol of a measurement on a loaded model (`models.Loaded`), stamped with provenance."""
-        from superweight.io.models import model_id
-        from superweight.io.rundir import provenance
-
-        return cls(
-            model=model_id(loaded), model_source=loaded.source, corpus=corpus, split=split, n_tokens=n_tokens,
-            max_length=max_length, stride=stride, dtype=loaded.dtype, device=loaded.device,
-            interventions=interventions, provenance=provenance(),
-        )
+def protocol_of(loaded, corpus: str, split: str, n_tokens: int, max_length: int, stride: int,
+                interventions: dict[str, str]) -> Protocol:
+    """The protocol of a measurement on a loaded model (`models.Loaded`), stamped with provenance."""
+    return Protocol(
+        model=model_id(loaded), model_source=loaded.source, corpus=corpus, split=split, n_tokens=n_tokens,
+        max_length=max_length, stride=stride, dtype=loaded.dtype, device=loaded.device,
+        interventions=interventions, provenance=provenance(),
+    )

@@ -1,35 +1,38 @@
 """Turn a run directory into plots, a markdown report and one self-contained HTML page.
 
     md, page = write_report("runs/xb")         # runs/xb/report.md, runs/xb/report.html, runs/xb/plots/*.png
-    rows = compare_rows(["runs/xb", "runs/xc"])  # one flat dict per run, for a comparison table
+    rows = compare_rows(["runs/xb", "runs/xc"])  # one CompareRow per run, for a comparison table
     print(md.read_text())
 
-The document is built once as a list of blocks (heading, paragraph, table, image) and rendered twice, so the
-two files cannot drift. Sections only hold plain text; the renderers escape every string, so a token such as
-'</script>' is shown, never obeyed. Each section appears only when its keys exist (see docs/results.md).
+The report reads the run record (io/rundir.read_record), never a stage's code. The document is built once as a
+list of blocks (sections.py: heading, paragraph, table, image) and rendered twice (render.py), so the two
+files cannot drift. Sections only hold plain text; the renderers escape every string, so a token such as
+'</script>' is shown, never obeyed. Each section appears only when its stage has run (see docs/results.md).
+terminal.py prints each command's result on the console.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from superweight.io.rundir import write_atomic
-from superweight.report.compare import compare_rows
-from superweight.report.load import load_run, smallest_k, train_log
+from superweight.io.record import smallest_k
+from superweight.io.rundir import PLOTS, REPORT_HTML, REPORT_MD, read_record, read_train_log, write_atomic
+from superweight.report.compare import CompareRow, compare_rows
 from superweight.report.plots import draw_plots
 from superweight.report.render import render_html, render_md
 from superweight.report.sections import SECTIONS
 
-__all__ = ["compare_rows", "smallest_k", "write_report"]
+__all__ = ["CompareRow", "compare_rows", "smallest_k", "write_report"]
 
 
 def write_report(run_dir: str | Path) -> tuple[Path, Path]:
     """Write RUN_DIR/plots/*.png, RUN_DIR/report.md and a self-contained RUN_DIR/report.html.
 
     Returns (report.md, report.html). Raises SuperweightError when RUN_DIR has no readable results.json."""
-    run, r = load_run(run_dir)
-    plots = draw_plots(r, train_log(run / "train_log.jsonl"), run / "plots")
-    blocks = [b for section in SECTIONS for b in section(r, plots)]
+    run = Path(run_dir)
+    record = read_record(run)
+    plots = draw_plots(record, read_train_log(run), run / PLOTS)
+    blocks = [b for section in SECTIONS for b in section(record, plots)]
     md, page = render_md(blocks), render_html(blocks, plots)
-    return (write_atomic(run / "report.md", lambda tmp: tmp.write_text(md, encoding="utf-8")),
-            write_atomic(run / "report.html", lambda tmp: tmp.write_text(page, encoding="utf-8")))
+    return (write_atomic(run / REPORT_MD, lambda tmp: tmp.write_text(md, encoding="utf-8")),
+            write_atomic(run / REPORT_HTML, lambda tmp: tmp.write_text(page, encoding="utf-8")))

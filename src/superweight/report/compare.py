@@ -4,32 +4,55 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from superweight.report.load import load_run, smallest_k, weight_of
+from pydantic import BaseModel
+
+from superweight.io.record import smallest_k
+from superweight.io.rundir import read_record
 
 
-def compare_rows(run_dirs: list[str | Path]) -> list[dict]:
-    """One flat dict per run directory, for a table comparing runs (missing values are None)."""
+class CompareRow(BaseModel):
+    """One run, flattened; None where the run has no such value (e.g. no analysis, one seed)."""
+
+    run: str
+    model: str
+    weight: str
+    recipe: str
+    steps: int
+    seed: int | None
+    base_ppl: float
+    broken_ppl: float
+    patched_ppl: float
+    nll_gap: float
+    kl_recovery: float
+    norm: float
+    cos_original_row: float
+    value_at_col: float | None
+    k90: int | None
+    k90_contribution: int | None
+    sparse_nnz90: int | None
+    seeds: int | None
+    seeds_nll_gap_mean: float | None
+    seeds_nll_gap_std: float | None
+    n_tokens: int
+    seconds: float
+
+
+def compare_rows(run_dirs: list[str | Path]) -> list[CompareRow]:
+    """One row per run directory, in the order given."""
     rows = []
     for run_dir in run_dirs:
-        run, r = load_run(run_dir)
-        rec, p, train = r.get("recovery") or {}, r["patch"], r.get("training") or {}
-        smallest = (r.get("sparse_training") or {}).get("smallest_90") or {}
-        seeds = r.get("seeds") or {}
-        rows.append({
-            "run": run.resolve().name, "model": (r.get("protocol") or {}).get("model"), "weight": weight_of(r),
-            "recipe": r.get("recipe"), "steps": train.get("steps", (r.get("config") or {}).get("steps")),
-            "seed": (r.get("config") or {}).get("seed"), "base_ppl": (r.get("base") or {}).get("ppl"),
-            "broken_ppl": (r.get("broken") or {}).get("ppl"),
-            "patched_ppl": (r.get("patched") or {}).get("ppl"),
-            "nll_gap": rec.get("nll_gap"), "kl_recovery": rec.get("kl"), "norm": p.get("norm"),
-            "cos_original_row": p.get("cos_original_row"), "value_at_col": p.get("value_at_col"),
-            "k90": smallest_k(r.get("sparsity") or []),
-            "k90_contribution": smallest_k(r.get("sparsity") or [], ranking="by_contribution"),
-            "sparse_nnz90": smallest.get("nnz"),
-            "seeds": len(seeds.get("values", [])) or None,
-            "seeds_nll_gap_mean": (seeds.get("mean") or {}).get("nll_gap"),
-            "seeds_nll_gap_std": (seeds.get("std") or {}).get("nll_gap"),
-            "n_tokens": (r.get("protocol") or {}).get("n_tokens"),
-            "seconds": train.get("seconds"),
-        })
+        r = read_record(Path(run_dir))
+        smallest = r.sparse_training.smallest_90 if r.sparse_training else None
+        rows.append(CompareRow(
+            run=Path(run_dir).resolve().name, model=r.protocol.model, weight=r.weight, recipe=r.recipe,
+            steps=r.training.steps, seed=r.config.get("seed"), base_ppl=r.base.ppl, broken_ppl=r.broken.ppl,
+            patched_ppl=r.patched.ppl, nll_gap=r.recovery.nll_gap, kl_recovery=r.recovery.kl, norm=r.patch.norm,
+            cos_original_row=r.patch.cos_original_row, value_at_col=r.patch.value_at_col,
+            k90=smallest_k(r.sparsity or []), k90_contribution=smallest_k(r.sparsity or [], ranking="by_contribution"),
+            sparse_nnz90=smallest.nnz if smallest else None,
+            seeds=len(r.seeds.values) if r.seeds else None,
+            seeds_nll_gap_mean=r.seeds.mean.nll_gap if r.seeds else None,
+            seeds_nll_gap_std=r.seeds.std.nll_gap if r.seeds else None,
+            n_tokens=r.protocol.n_tokens, seconds=r.training.seconds,
+        ))
     return rows

@@ -1,12 +1,12 @@
-"""The report's plots: each draws one figure from results (or the train log) and returns it, or None without
-data; `draw_plots` writes every one the data allows as plots/NAME.png."""
+"""The report's plots: each draws one figure from the run record (or the train log) and returns it, or None
+without data; `draw_plots` writes every one the data allows as plots/NAME.png."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from superweight.io.record import RunRecord
 from superweight.io.rundir import write_atomic
-from superweight.report.load import conditions
 
 
 def _figure(ncols: int = 1):
@@ -17,11 +17,7 @@ def _figure(ncols: int = 1):
     return fig, fig.subplots(1, ncols)
 
 
-def _nan(x) -> float:
-    return float("nan") if x is None else x
-
-
-def _plot_loss(r: dict, log: list[dict]):
+def _plot_loss(r: RunRecord, log: list[dict]):
     if not log:
         return None
     fig, ax = _figure()
@@ -32,14 +28,12 @@ def _plot_loss(r: dict, log: list[dict]):
     return fig
 
 
-def _plot_ppl_kl(r: dict, log):
-    conds = [(n, m) for n, m, _ in conditions(r) if m.get("ppl") is not None]
-    if not conds:
-        return None
+def _plot_ppl_kl(r: RunRecord, log):
+    conds = [(n, m) for n, m, _ in r.conditions()]
     fig, (a, b) = _figure(2)
     color = {"base": "tab:green", "broken": "tab:red", "patched": "tab:blue"}
-    kl = [(n, m["kl"]) for n, m in conds if n != "base" and (m.get("kl") or 0) > 0]  # log axis: no zeros
-    for ax, bars, title in ((a, [(n, m["ppl"]) for n, m in conds], "PPL"), (b, kl, "KL(base || cond.)")):
+    kl = [(n, m.kl) for n, m in conds if n != "base" and m.kl > 0]  # log axis: no zeros
+    for ax, bars, title in ((a, [(n, m.ppl) for n, m in conds], "PPL"), (b, kl, "KL(base || cond.)")):
         names = [n for n, _ in bars]
         ax.bar(names, [v for _, v in bars], color=[color.get(n, "tab:gray") for n in names])
         ax.set(yscale="log", title=title)
@@ -48,30 +42,28 @@ def _plot_ppl_kl(r: dict, log):
     return fig
 
 
-def _plot_sparsity(r: dict, log):
+def _plot_sparsity(r: RunRecord, log):
     from matplotlib.ticker import ScalarFormatter
 
-    sp, st = sorted(r.get("sparsity") or [], key=lambda e: e["k"]), r.get("sparse_training") or {}
-    if not sp and not st.get("points"):
+    sp = sorted(r.sparsity or [], key=lambda e: e.k)
+    points, frontier = (r.sparse_training.points, r.sparse_training.frontier) if r.sparse_training else ([], [])
+    if not sp and not points:
         return None
     fig, ax = _figure()
     if sp:
-        draws = (sp[0].get("random") or {}).get("draws", "?")
-        ks = [e["k"] for e in sp]
-        ax.plot(ks, [_nan(e.get("nll_gap")) for e in sp], "o-", label="top-k of trained patch")
-        if any("by_contribution" in e for e in sp):
-            ax.plot(ks, [_nan((e.get("by_contribution") or {}).get("nll_gap")) for e in sp], "D-",
-                    color="tab:orange", label="top-k by |x·d| at the massive token")
-        ax.plot(ks, [_nan((e.get("random") or {}).get("nll_gap")) for e in sp], "s--", color="tab:gray",
-                label=f"random-k (mean of {draws} draws)")
+        ks = [e.k for e in sp]
+        ax.plot(ks, [e.nll_gap for e in sp], "o-", label="top-k of trained patch")
+        ax.plot(ks, [e.by_contribution.nll_gap for e in sp], "D-", color="tab:orange",
+                label="top-k by |x·d| at the massive token")
+        ax.plot(ks, [e.random.nll_gap for e in sp], "s--", color="tab:gray",
+                label=f"random-k (mean of {sp[0].random.draws} draws)")
     for method, marker in (("l1", "^"), ("l0", "v")):
-        pts = [p for p in st.get("points") or [] if p.get("method") == method and p.get("nnz")]
+        pts = [p for p in points if p.method == method and p.nnz]
         if pts:
-            ax.scatter([p["nnz"] for p in pts], [p["nll_gap"] for p in pts], marker=marker,
-                       label=f"trained {method}")
-    front = sorted((p for p in st.get("frontier") or [] if p.get("nnz")), key=lambda p: p["nnz"])
+            ax.scatter([p.nnz for p in pts], [p.nll_gap for p in pts], marker=marker, label=f"trained {method}")
+    front = sorted((p for p in frontier if p.nnz), key=lambda p: p.nnz)
     if front:
-        ax.step([p["nnz"] for p in front], [p["nll_gap"] for p in front], where="post", color="tab:purple",
+        ax.step([p.nnz for p in front], [p.nll_gap for p in front], where="post", color="tab:purple",
                 label="sparse-training frontier")
     ax.axhline(1.0, ls="--", lw=0.8, color="k", label="full recovery")
     ax.axhline(0.9, ls="--", lw=0.8, color="tab:red", label="90%")
@@ -82,13 +74,12 @@ def _plot_sparsity(r: dict, log):
     return fig
 
 
-def _plot_sweep(r: dict, log):
-    sweep = sorted((s for s in r.get("sweep") or [] if s.get("ppl") and s.get("scale") is not None),
-                   key=lambda s: s["scale"])
+def _plot_sweep(r: RunRecord, log):
+    sweep = sorted((s for s in r.sweep or [] if s.ppl), key=lambda s: s.scale)
     if not sweep:
         return None
     fig, ax = _figure()
-    ax.plot([s["scale"] for s in sweep], [s["ppl"] for s in sweep], "o-")
+    ax.plot([s.scale for s in sweep], [s.ppl for s in sweep], "o-")
     ax.set(yscale="log", xlabel="scale of the super weight (1 = unchanged, 0 = ablated)", ylabel="perplexity")
     return fig
 
@@ -96,7 +87,7 @@ def _plot_sweep(r: dict, log):
 PLOTS = {"loss": _plot_loss, "ppl_kl": _plot_ppl_kl, "sparsity": _plot_sparsity, "sweep": _plot_sweep}
 
 
-def draw_plots(r: dict, log: list[dict], out: Path) -> dict[str, Path]:
+def draw_plots(r: RunRecord, log: list[dict], out: Path) -> dict[str, Path]:
     """Draw every plot the data allows into out/NAME.png; return {NAME: path}."""
     plots = {}
     for name, draw in PLOTS.items():

@@ -10,7 +10,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from superweight.report.load import smallest_k
+from superweight.io.record import RunRecord, SparseTraining, smallest_k
+from superweight.report.compare import CompareRow
 
 
 def fmt(x: float | None, digits: int = 3) -> str:
@@ -113,82 +114,79 @@ def print_sweep(out: Console, result) -> None:
     print_generations(out, result.generations)
 
 
-def print_repair(out: Console, results: dict, run_dir) -> None:
-    p = results["protocol"]
-    table = Table(title=f"Repair ({results['recipe']} recipe): {p['corpus']}/eval, {p['n_tokens']:,} tokens")
+def print_repair(out: Console, r: RunRecord, run_dir) -> None:
+    p = r.protocol
+    table = Table(title=f"Repair ({r.recipe} recipe): {p.corpus}/eval, {p.n_tokens:,} tokens")
     for col in ("condition", "NLL", "PPL", "KL(base||·)", "top-1 agree", "super act.", "NLL-gap rec.", "KL rec."):
         table.add_column(col, justify="left" if col == "condition" else "right")
-    rows = [("base", results["base"], None), ("broken", results["broken"], None),
-            ("patched", results["patched"], results["recovery"])]
-    rows += [(name, m, m["recovery"]) for name, m in results.get("baselines", {}).items()]
-    for name, m, rec in rows:
-        table.add_row(name, fmt(m["nll"]), fmt(m["ppl"], 2), fmt(m["kl"]), f"{m['top1_agree']:.1%}",
-                      fmt(m["super_activation"], 1), f"{rec['nll_gap']:.1%}" if rec else "",
-                      f"{rec['kl']:.1%}" if rec else "")
+    for name, m, rec in r.conditions():
+        table.add_row(name, fmt(m.nll), fmt(m.ppl, 2), fmt(m.kl), f"{m.top1_agree:.1%}",
+                      fmt(m.super_activation, 1), f"{rec.nll_gap:.1%}" if rec else "",
+                      f"{rec.kl:.1%}" if rec else "")
     out.print(table)
-    t = results["training"]
-    out.print(f"Training: {t['steps']} steps, {t['seconds']:.0f} s ({t['s_per_step']:.2f} s/step), "
-              f"final KL loss {t['final_loss']:.4f}" + (f", resumed from step {t['resumed_from']}" if t["resumed_from"] is not None else ""))
-    for key, g in results["patch"]["rows"].items():
-        cols = "; ".join(f"d[{c['col']}] = {c['value_at_col']:.4g} (deleted {c['deleted_value']:.4g}), "
-                         f"cos(d, e_{c['col']}) = {c['cos_ablated_direction']:.3f}" for c in g["cols"])
-        out.print(f"Patch row {key}: ||d|| = {g['norm']:.3f}, cos(d, original row) = {g['cos_original_row']:.3f}; {cols}")
-    if "seeds" in results:
-        sd = results["seeds"]
-        out.print(f"Over {len(sd['values'])} seeds: NLL-gap recovery {sd['mean']['nll_gap']:.1%} ± {sd['std']['nll_gap']:.1%}, "
-                  f"||d|| {sd['mean']['norm']:.3g} ± {sd['std']['norm']:.2g}, "
-                  f"cos(d, row) {sd['mean']['cos_original_row']:.3f} ± {sd['std']['cos_original_row']:.3f}")
+    t = r.training
+    out.print(f"Training: {t.steps} steps, {t.seconds:.0f} s ({t.s_per_step:.2f} s/step), "
+              f"final KL loss {t.final_loss:.4f}"
+              + (f", resumed from step {t.resumed_from}" if t.resumed_from is not None else ""))
+    for g in r.patch.rows:
+        cols = "; ".join(f"d[{c.col}] = {c.value_at_col:.4g} (deleted {c.deleted_value:.4g}), "
+                         f"cos(d, e_{c.col}) = {c.cos_ablated_direction:.3f}" for c in g.cols)
+        out.print(f"Patch row {g.key}: ||d|| = {g.norm:.3f}, cos(d, original row) = {g.cos_original_row:.3f}; {cols}")
+    if sd := r.seeds:
+        out.print(f"Over {len(sd.values)} seeds: NLL-gap recovery {sd.mean.nll_gap:.1%} ± {sd.std.nll_gap:.1%}, "
+                  f"||d|| {sd.mean.norm:.3g} ± {sd.std.norm:.2g}, "
+                  f"cos(d, row) {sd.mean.cos_original_row:.3f} ± {sd.std.cos_original_row:.3f}")
     out.print(f"Run directory: {run_dir}")
 
 
-def print_analysis(out: Console, results: dict, patch_line: bool = True) -> None:
+def print_analysis(out: Console, r: RunRecord, patch_line: bool = True) -> None:
     if patch_line:  # `run` has printed it with the repair
-        g = results["patch"]
-        out.print(f"Patch {g['layer']}:{g['row']}: ||d|| = {g['norm']:.3f}, cos(d, original row) = {g['cos_original_row']:.3f}, "
-                  f"cos(d, e_col) = {g.get('cos_ablated_direction', 0):.3f}, d[{g.get('col')}] = {g.get('value_at_col', 0):.4g} "
-                  f"(deleted {g.get('deleted_value', 0):.4g})")
+        g = r.patch
+        out.print(f"Patch {g.key}: ||d|| = {g.norm:.3f}, cos(d, original row) = {g.cos_original_row:.3f}, "
+                  f"cos(d, e_col) = {g.cos_ablated_direction or 0:.3f}, d[{g.col}] = {g.value_at_col or 0:.4g} "
+                  f"(deleted {g.deleted_value or 0:.4g})")
+    sp = r.sparsity or []
     table = Table(title=f"The patch cut to k entries: largest |d|, largest |x·d| at the massive token, random "
-                        f"({results['analysis']['draws']} draws), "
-                        f"{results['analysis']['protocol']['n_tokens']:,} tokens", box=box.SIMPLE_HEAD)
+                        f"({r.analysis.draws} draws), {r.analysis.protocol.n_tokens:,} tokens", box=box.SIMPLE_HEAD)
     for col in ("k", "top-|d| rec.", "KL", "top-|x·d| rec.", "KL ", "random-k rec.", "KL  "):
         table.add_column(col, justify="right")
-    for p in results["sparsity"]:
-        c = p["by_contribution"]
-        table.add_row(str(p["k"]), f"{p['nll_gap']:.1%}", fmt(p["kl"]), f"{c['nll_gap']:.1%}", fmt(c["kl"]),
-                      f"{p['random']['nll_gap']:.1%}", fmt(p["random"]["kl"]))
+    for p in sp:
+        c = p.by_contribution
+        table.add_row(str(p.k), f"{p.nll_gap:.1%}", fmt(p.kl), f"{c.nll_gap:.1%}", fmt(c.kl),
+                      f"{p.random.nll_gap:.1%}", fmt(p.random.kl))
     out.print(table)
-    k90 = smallest_k(results["sparsity"])
-    dense = results["sparsity"][-1]["nll_gap"]
-    k_rel = smallest_k(results["sparsity"], 0.9 * dense) if dense > 0 else None
-    k_c = smallest_k(results["sparsity"], ranking="by_contribution")
+    k90 = smallest_k(sp)
+    dense = sp[-1].nll_gap
+    k_rel = smallest_k(sp, 0.9 * dense) if dense > 0 else None
+    k_c = smallest_k(sp, ranking="by_contribution")
     out.print(f"Smallest top-|x·d| patch recovering >= 90% of the NLL gap: {k_c if k_c else 'none'}")
     out.print(f"Smallest top-|d| patch recovering >= 90% of the NLL gap: {k90 if k90 else 'none'}; "
               f"keeping 90% of the full patch's {dense:.1%}: {k_rel if k_rel else 'none'}")
-    t = results["tokens"]
-    for key, title in (("hurt", "most hurt by the ablation"), ("healed", "most healed by the patch")):
-        out.print(f"Tokens {title}: " + ", ".join(f"{x['token']!r} ({x['sum']:+.1f})" for x in t[key][:8]), soft_wrap=True)
-    out.print("Tokens rising in the broken model: " + ", ".join(f"{x['token']!r}" for x in t["rising"][:8]), soft_wrap=True)
-    lens = t["logit_lens"]
-    out.print(f"Logit lens of channel {lens['row']}: + " + ", ".join(repr(x["token"]) for x in lens["top"][:8])
-              + " | - " + ", ".join(repr(x["token"]) for x in lens["bottom"][:8]), soft_wrap=True)
+    t = r.tokens
+    for rows, title in ((t.hurt, "most hurt by the ablation"), (t.healed, "most healed by the patch")):
+        out.print(f"Tokens {title}: " + ", ".join(f"{x.token!r} ({x.sum:+.1f})" for x in rows[:8]), soft_wrap=True)
+    out.print("Tokens rising in the broken model: " + ", ".join(f"{x.token!r}" for x in t.rising[:8]), soft_wrap=True)
+    lens = t.logit_lens
+    out.print(f"Logit lens of channel {lens.row}: + " + ", ".join(repr(x.token) for x in lens.top[:8])
+              + " | - " + ", ".join(repr(x.token) for x in lens.bottom[:8]), soft_wrap=True)
 
 
-def print_sparse(out: Console, st: dict) -> None:
-    table = Table(title=f"Sparse training ({st['steps']} steps each from the dense patch)", box=box.SIMPLE_HEAD)
+def print_sparse(out: Console, st: SparseTraining) -> None:
+    table = Table(title=f"Sparse training ({st.steps} steps each from the dense patch)", box=box.SIMPLE_HEAD)
     for col in ("method", "strength", "non-zeros", "NLL-gap rec.", "KL", "||d||", "d\\[col]", "cos(d,e_col)", "frontier"):
         table.add_column(col, justify="left" if col == "method" else "right")
-    front = {(p["method"], p["strength"]) for p in st["frontier"]}
-    for p in st["points"]:
-        table.add_row(p["method"], f"{p['strength']:g}", str(p["nnz"]), f"{p['nll_gap']:.1%}", fmt(p["kl"]),
-                      fmt(p.get("norm")), fmt(p.get("value_at_col")), fmt(p.get("cos_ablated_direction")),
-                      "yes" if (p["method"], p["strength"]) in front else "")
+    front = {(p.method, p.strength) for p in st.frontier}
+    for p in st.points:
+        table.add_row(p.method, f"{p.strength:g}", str(p.nnz), f"{p.nll_gap:.1%}", fmt(p.kl), fmt(p.norm),
+                      fmt(p.value_at_col), fmt(p.cos_ablated_direction), "yes" if (p.method, p.strength) in front else "")
     out.print(table)
-    s90 = st["smallest_90"]
+    s90 = st.smallest_90
     out.print("Smallest trained sparse patch recovering >= 90%: "
-              + (f"{s90['nnz']} non-zeros ({s90['method']}, strength {s90['strength']:g})" if s90 else "none"))
+              + (f"{s90.nnz} non-zeros ({s90.method}, strength {s90.strength:g})" if s90 else "none"))
 
 
-def print_compare(out: Console, rows: list[dict]) -> None:
+def print_compare(out: Console, compared: list[CompareRow]) -> None:
+    rows = [r.model_dump() for r in compared]
     table = Table(title="Runs", box=box.SIMPLE_HEAD)
     pct = lambda v: f"{v:.1%}"  # noqa: E731
     cols = [  # (title, cell)
@@ -221,17 +219,16 @@ def _cell(cell, row: dict) -> str:
     return "-" if value is None else str(value)
 
 
-def print_run(out: Console, results: dict, path) -> None:
-    d = results["detect"]
-    if d["candidates"]:
-        top = next(c for c in d["candidates"] if f"{c['layer']}:{c['row']}:{c['col']}" == d["weight"])
-        out.print(f"Detected {len(d['candidates'])} candidates, {sum(c['confirmed'] for c in d['candidates'])} "
-                  f"confirmed; repairing {d['weight']} (zeroing it: KL {top['kl']:.3g}, PPL x{top['ppl_ratio']:.2f} "
+def print_run(out: Console, r: RunRecord, path) -> None:
+    d = r.detect
+    if d and d.candidates:
+        top = next(c for c in d.candidates if f"{c.layer}:{c.row}:{c.col}" == d.weight)
+        out.print(f"Detected {len(d.candidates)} candidates, {sum(c.confirmed for c in d.candidates)} "
+                  f"confirmed; repairing {d.weight} (zeroing it: KL {top.kl:.3g}, PPL x{top.ppl_ratio:.2f} "
                   "on the calibration text). Details: detect.json")
-    print_repair(out, results, path)
-    print_analysis(out, results, patch_line=False)
-    if "sparse_training" in results:
-        print_sparse(out, results["sparse_training"])
-    t = results["timings"]
-    out.print("Seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in t.items()))
+    print_repair(out, r, path)
+    print_analysis(out, r, patch_line=False)
+    if r.sparse_training:
+        print_sparse(out, r.sparse_training)
+    out.print("Seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in (r.timings or {}).items()))
     out.print(f"Report: {path / 'report.html'}")

@@ -1,11 +1,11 @@
 """What the repair patch is, what it needs, and what it changes: measured on a run directory.
 
-    results = run_analyze(loaded, Path("runs/x"))     # adds patch, sparsity, tokens, neurons, sweep, ...
-    results["sparsity"][0]                            # {"k": 1, "nll_gap": ..., "random": {...}}
+    record = run_analyze(loaded, Path("runs/x"))      # adds patch, sparsity, tokens, neurons, sweep, ...
+    record.sparsity[0]                                # SparsityPoint(k=1, nll_gap=..., random=...)
 
 Every measurement shares one base pass (`metrics.measure`, blocks below the patched layer run once per batch):
 the broken and patched models, the top-k and random-k sparsified patches, and the scaled weight. The keys it
-adds to results.json are documented in docs/results.md.
+adds to the run record are documented in docs/results.md.
 """
 
 from __future__ import annotations
@@ -23,9 +23,10 @@ from superweight.core.prefix import first_edited_layer
 from superweight.io import corpora
 from superweight.io.models import Loaded
 from superweight.io.patchfile import PatchData, check_fits, load_patch
-from superweight.io.rundir import read_results, write_json
+from superweight.io.rundir import read_record, write_record
 from superweight.measure.geometry import geometry
-from superweight.measure.metrics import Metrics, Protocol, measure
+from superweight.io.record import Metrics, RunRecord
+from superweight.measure.metrics import measure, protocol_of
 from superweight.measure.recovery import recovery
 
 SWEEP_SCALES = (0.5, 0.0, -1.0, 2.0)
@@ -73,7 +74,7 @@ def sparsity_conditions(model, ablation: Ablation, patch: PatchData, draws: int,
 
 def _scored(m: Metrics, base: Metrics, broken: Metrics) -> dict:
     rec = recovery(base, broken, m)
-    return {"nll": m.nll, "ppl": m.ppl, "kl": m.kl, "nll_gap": rec["nll_gap"], "kl_recovery": rec["kl"]}
+    return {"nll": m.nll, "ppl": m.ppl, "kl": m.kl, "nll_gap": rec.nll_gap, "kl_recovery": rec.kl}
 
 
 def sparsity_table(metrics: dict[str, Metrics], n: int, draws: int) -> list[dict]:
@@ -234,16 +235,16 @@ def run_analyze(
     top_neurons: int = 5,
     on_stage: Callable[[str, int | None], None] | None = None,
     on_tokens: Callable[[int], None] | None = None,
-) -> dict:
-    """Analyse the patch of `run_dir` on `n_tokens` eval tokens; writes and returns the updated results."""
+) -> RunRecord:
+    """Analyse the patch of `run_dir` on `n_tokens` eval tokens; writes and returns the updated record."""
     stage = on_stage or (lambda *_: None)
     t0 = time.perf_counter()
     run_dir = Path(run_dir)
-    results = read_results(run_dir)
+    record = read_record(run_dir)
     patch = load_patch(run_dir)
     model, tok = loaded.model, loaded.tokenizer
     check_fits(model, patch)
-    corpus = results.get("protocol", {}).get("corpus", corpora.DEFAULT_CORPUS)
+    corpus = record.protocol.corpus
     ids = corpora.tokenize(tok, corpora.load_text(corpus, "eval"), n_tokens)
     coords = patch.ablated
     originals = intact_values(model, coords)
@@ -271,7 +272,7 @@ def run_analyze(
     x, positions = inputs[layer]
     col, deleted = next(((c.col, w - w * c.scale) for c, w in zip(coords, originals)
                          if (c.layer, c.row) == (layer, row)), (None, None))
-    results.update({
+    analysis = {
         "patch": geometry(model, coords, patch.rows, patch.vectors, originals),
         "super_activation": {k: metrics[k].super_activation for k in ("base", "broken", "patched")},
         "sparsity": sparsity_table(metrics, n, draws),
@@ -280,9 +281,9 @@ def run_analyze(
         "patch_output": patch_output(tok, ids, x, positions, vector, col, deleted),
         "sweep": [{"scale": 1.0, **_sweep_point(base)}]
                  + [{"scale": s, **_sweep_point(metrics[f"scale{s:g}"])} for s in SWEEP_SCALES],
-    })
-    results["analysis"] = {
-        "protocol": Protocol.of(loaded, corpus, "eval", base.n_tokens, max_length, max_length, {
+    }
+    analysis["analysis"] = {
+        "protocol": protocol_of(loaded, corpus, "eval", base.n_tokens, max_length, max_length, {
             "broken": f"ablate {', '.join(map(str, coords))}",
             "patched": "ablate, add the run's patch",
             "top{k}": "ablate, add the patch keeping its k largest-|d| entries",
@@ -290,12 +291,13 @@ def run_analyze(
                           "where |x @ d| is largest (the massive-activation token)",
             "rand{k}_{j}": f"ablate, add the patch keeping k random entries (draw j of {draws})",
             "scale{s}": f"{first} multiplied by s (nothing else changed)",
-        }).model_dump(),
+        }),
         "draws": draws,
         "seconds": time.perf_counter() - t0,
     }
-    write_json(run_dir / "results.json", results)
-    return results
+    record = RunRecord.model_validate(record.model_dump() | analysis)
+    write_record(run_dir, record)
+    return record
 
 
 def _sweep_point(m: Metrics) -> dict:

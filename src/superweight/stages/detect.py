@@ -27,7 +27,8 @@ from superweight.core.arch import DownProj, down_projections
 from superweight.core.coords import WeightCoord
 from superweight.core.intervene import Ablation, Intervention, Trace
 from superweight.io import corpora
-from superweight.measure.metrics import Metrics, Protocol, measure
+from superweight.io.record import Metrics, Protocol
+from superweight.measure.metrics import measure, protocol_of
 
 DEFAULT_PROMPTS = [
     "Apple Inc. is a worldwide tech company.",  # the paper's prompt
@@ -330,7 +331,7 @@ def run_detect(
         stage(f"Verifying {len(candidates)} candidates")
         candidates, base = verify(model, ids, candidates, cfg.min_kl, cfg.control_factor, cfg.max_length, cfg.seed,
                                   on_tokens)
-        protocol = Protocol.of(loaded, cfg.corpus, cfg.split, base.n_tokens, cfg.max_length, cfg.max_length,
+        protocol = protocol_of(loaded, cfg.corpus, cfg.split, base.n_tokens, cfg.max_length, cfg.max_length,
                                {"each candidate": "zeroed alone", "controls": "zeroed alone"})
     found = {(c.layer, c.row, c.col): c for c in candidates}
     known = [

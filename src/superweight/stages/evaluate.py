@@ -11,7 +11,8 @@ from superweight.core.intervene import Ablation
 from superweight.io import corpora
 from superweight.io.models import Loaded
 from superweight.measure import generate
-from superweight.measure.metrics import Metrics, Protocol, measure
+from superweight.io.record import Metrics, Protocol
+from superweight.measure.metrics import measure, protocol_of
 
 
 class EvalResult(BaseModel):
@@ -45,7 +46,7 @@ def run_eval(
     channels = sorted({(c.layer, c.row) for c in coords})
     results = measure(model, ids, conditions, channels, max_length, stride, progress=on_tokens)
     gens = generate.compare(model, tok, conditions, prompts, max_new_tokens, progress=on_prompt)
-    protocol = Protocol.of(
+    protocol = protocol_of(
         loaded, corpus, split, results["base"].n_tokens, max_length, stride,
         {"ablated": "ablate " + ", ".join(map(str, coords))} if coords else {},
     )

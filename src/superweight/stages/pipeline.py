@@ -1,6 +1,6 @@
 """The one-shot job behind `superweight run`: detect -> ablate -> repair with baselines -> analyse -> report.
 
-    results = run_pipeline(loaded, Path("runs/demo"))   # runs/demo/report.html
+    record = run_pipeline(loaded, Path("runs/demo"))    # runs/demo/report.html
 
 Each stage is the library function its own command calls (detect.run_detect, repair.run_repair,
 analyze.run_analyze, sparsify.run_sparsify, report.write_report); this module only chains them, records
@@ -17,7 +17,8 @@ from superweight.core.coords import WeightCoord
 from superweight.errors import SuperweightError
 from superweight.io import corpora
 from superweight.io.models import Loaded
-from superweight.io.rundir import check_new_run_dir, write_json
+from superweight.io.record import CandidateSummary, DetectSummary, RunRecord
+from superweight.io.rundir import DETECT, check_new_run_dir, write_json, write_record
 from superweight.stages.train import RepairConfig
 
 # Detection settings for the one-shot run: a quarter of the calibration text of `superweight detect` (the damage of a
@@ -40,7 +41,7 @@ def run_pipeline(
     sparse: bool = False,
     on_stage: Callable[[str, int | None], None] | None = None,
     on_advance: Callable[[int, float | None], None] | None = None,
-) -> dict:
+) -> RunRecord:
     from superweight.report import write_report
     from superweight.stages.analyze import run_analyze
     from superweight.stages.detect import DetectConfig, run_detect
@@ -68,36 +69,31 @@ def run_pipeline(
     timings["detect"] = time.perf_counter() - t
     t = time.perf_counter()
     rows = [(weight.layer, weight.row)]
-    results = run_repair(loaded, [weight], rows, cfg, recipe, out, corpus, eval_tokens, 512, baselines, seeds,
-                         on_stage=stage, on_advance=on_advance)
+    run_repair(loaded, [weight], rows, cfg, recipe, out, corpus, eval_tokens, 512, baselines, seeds,
+               on_stage=stage, on_advance=on_advance)
     timings["repair"] = time.perf_counter() - t
     if detected is not None:
-        write_json(out / "detect.json", detected.model_dump())
+        write_json(out / DETECT, detected.model_dump())
     t = time.perf_counter()
-    results = run_analyze(loaded, out, analysis_tokens, draws, on_stage=stage, on_tokens=tokens)
+    record = run_analyze(loaded, out, analysis_tokens, draws, on_stage=stage, on_tokens=tokens)
     timings["analyze"] = time.perf_counter() - t
     if sparse:
         t = time.perf_counter()
-        results = run_sparsify(loaded, out, n_tokens=analysis_tokens, on_stage=stage, on_advance=on_advance)
+        record = run_sparsify(loaded, out, n_tokens=analysis_tokens, on_stage=stage, on_advance=on_advance)
         timings["sparsify"] = time.perf_counter() - t
-    results["detect"] = _detect_summary(detected, weight)
-    results["timings"] = timings
-    write_json(out / "results.json", results)
+    record = record.model_copy(update={"detect": _detect_summary(detected, weight), "timings": timings})
+    write_record(out, record)
     stage("Writing the report", None)
     t = time.perf_counter()
     write_report(out)
-    results["timings"]["report"] = time.perf_counter() - t
-    write_json(out / "results.json", results)
-    return results
+    record.timings["report"] = time.perf_counter() - t
+    write_record(out, record)
+    return record
 
 
-def _detect_summary(detected, weight: WeightCoord) -> dict:
+def _detect_summary(detected, weight: WeightCoord) -> DetectSummary:
     if detected is None:
-        return {"weight": str(weight), "candidates": [], "protocol": None, "note": "given with --weight"}
-    keep = ("layer", "row", "col", "value", "kl", "ppl_ratio", "control_kl_top", "control_kl_random",
-            "confirmed", "source")
-    return {
-        "weight": str(weight),
-        "candidates": [{k: getattr(c, k) for k in keep} for c in detected.candidates],
-        "protocol": detected.protocol.model_dump() if detected.protocol else None,
-    }
+        return DetectSummary(weight=str(weight), note="given with --weight")
+    keep = set(CandidateSummary.model_fields)
+    return DetectSummary(weight=str(weight), candidates=[c.model_dump(include=keep) for c in detected.candidates],
+                         protocol=detected.protocol)

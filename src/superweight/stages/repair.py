@@ -21,10 +21,11 @@ from superweight.core.prefix import first_edited_layer
 from superweight.io import corpora
 from superweight.io.models import Loaded, model_id
 from superweight.io.patchfile import save_patch
-from superweight.io.rundir import prepare_run_dir, write_json
+from superweight.io.record import Baseline, RunRecord, SeedStats, Seeds, SeedValue
+from superweight.io.rundir import prepare_run_dir, write_record
 from superweight.measure import generate
 from superweight.measure.geometry import geometry
-from superweight.measure.metrics import Protocol, measure
+from superweight.measure.metrics import measure, protocol_of
 from superweight.measure.recovery import recovery
 from superweight.stages.train import RepairConfig, train, training_sequences
 
@@ -56,7 +57,7 @@ def run_repair(
     checkpoint_every: int = 25,
     on_stage: Callable[[str, int | None], None] | None = None,
     on_advance: Callable[[int, float | None], None] | None = None,
-) -> dict:
+) -> RunRecord:
     model, tok = loaded.model, loaded.tokenizer
     stage = on_stage or (lambda *_: None)
     ablation = Ablation(model, coords)  # validates coordinates first
@@ -95,29 +96,23 @@ def run_repair(
     gens = generate.compare(model, tok, {"broken": conditions["broken"], "patched": conditions["patched"]},
                             GEN_PROMPTS)
     base = metrics["base"]
-    results = {
-        "protocol": Protocol.of(loaded, corpus, "eval", base.n_tokens, max_length, max_length,
-                                _describe(coords, rows, baselines, cfg.seed, seeds)).model_dump(),
-        "recipe": recipe,
-        "config": cfg.model_dump(),
-        "base": base.model_dump(),
-        "broken": metrics["broken"].model_dump(),
-        "patched": metrics["patched"].model_dump(),
-        "recovery": recovery(base, metrics["broken"], metrics["patched"]),
-        "training": state.model_dump(),
-        "patch": geometry(model, coords, rows, patch.vectors, originals),
-        "generations": gens,
-    }
+    record = RunRecord(
+        protocol=protocol_of(loaded, corpus, "eval", base.n_tokens, max_length, max_length,
+                             _describe(coords, rows, baselines, cfg.seed, seeds)),
+        recipe=recipe, config=cfg.model_dump(), base=base, broken=metrics["broken"], patched=metrics["patched"],
+        recovery=recovery(base, metrics["broken"], metrics["patched"]), training=state,
+        patch=geometry(model, coords, rows, patch.vectors, originals), generations=gens,
+    )
     if baselines:
-        results["baselines"] = {
-            name: {**metrics[name].model_dump(), "recovery": recovery(base, metrics["broken"], metrics[name])}
+        record.baselines = {
+            name: Baseline(**metrics[name].model_dump(), recovery=recovery(base, metrics["broken"], metrics[name]))
             for name in conditions if name not in {"broken", "patched"} and not name.startswith("seed_")
         }
     if seeds > 1:
         patches = {cfg.seed: patch, **extra_seeds}
-        results["seeds"] = seed_spread(model, coords, rows, originals, base, metrics, patches, cfg.seed)
-    write_json(out / "results.json", results)
-    return results
+        record.seeds = seed_spread(model, coords, rows, originals, base, metrics, patches, cfg.seed)
+    write_record(out, record)
+    return record
 
 
 def _baselines(model, ablation: Ablation, rows, originals, patch, seqs, mask, cfg, stage, on_step):
@@ -151,19 +146,19 @@ def _baselines(model, ablation: Ablation, rows, originals, patch, seqs, mask, cf
     }
 
 
-def seed_spread(model, coords, rows, originals, base, metrics, patches: dict[int, RowPatch], first: int) -> dict:
+def seed_spread(model, coords, rows, originals, base, metrics, patches: dict[int, RowPatch], first: int) -> Seeds:
     """Recovery, norm and cosine of each seed's patch, and their mean and (sample) standard deviation."""
     values = []
     for seed, patch in patches.items():
         m = metrics["patched" if seed == first else f"seed_{seed}"]
         g = geometry(model, coords, rows, patch.vectors, originals)
         rec = recovery(base, metrics["broken"], m)
-        values.append({"seed": seed, "nll_gap": rec["nll_gap"], "kl": rec["kl"], "norm": g["norm"],
-                       "cos_original_row": g["cos_original_row"]})
-    keys = ["nll_gap", "kl", "norm", "cos_original_row"]
-    table = torch.tensor([[v[k] for k in keys] for v in values], dtype=torch.float64)
-    return {"values": values, "mean": dict(zip(keys, table.mean(0).tolist())),
-            "std": dict(zip(keys, table.std(0).tolist()))}
+        values.append(SeedValue(seed=seed, nll_gap=rec.nll_gap, kl=rec.kl, norm=g.norm,
+                                cos_original_row=g.cos_original_row))
+    keys = list(SeedStats.model_fields)
+    table = torch.tensor([[getattr(v, k) for k in keys] for v in values], dtype=torch.float64)
+    return Seeds(values=values, mean=SeedStats(**dict(zip(keys, table.mean(0).tolist()))),
+                 std=SeedStats(**dict(zip(keys, table.std(0).tolist()))))
 
 
 def _describe(coords, rows, baselines, seed: int, seeds: int) -> dict[str, str]:

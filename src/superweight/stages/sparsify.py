@@ -13,7 +13,7 @@ strengths, and each trained patch is scored by its non-zero count and its recove
 
 Both start from the run's dense patch (a warm start, as pruning does) and train `steps` more steps.
 
-    results = run_sparsify(loaded, Path("runs/x"))   # results["sparse_training"]["frontier"]
+    record = run_sparsify(loaded, Path("runs/x"))    # record.sparse_training.frontier
 """
 
 from __future__ import annotations
@@ -31,9 +31,10 @@ from superweight.core.prefix import first_edited_layer
 from superweight.io import corpora
 from superweight.io.models import Loaded
 from superweight.io.patchfile import check_fits, load_patch
-from superweight.io.rundir import read_results, write_json
+from superweight.io.record import RunRecord, SparseTraining
+from superweight.io.rundir import read_record, write_record
 from superweight.measure.geometry import geometry
-from superweight.measure.metrics import Protocol, measure
+from superweight.measure.metrics import measure, protocol_of
 from superweight.measure.recovery import recovery
 from superweight.stages.train import RepairConfig, train, training_sequences
 
@@ -146,18 +147,18 @@ def run_sparsify(
     max_length: int = 512,
     on_stage: Callable[[str, int | None], None] | None = None,
     on_advance: Callable[[int, float | None], None] | None = None,
-) -> dict:
+) -> RunRecord:
     """Train one sparse patch per (method, strength) from the run's patch; score, find the frontier, save."""
     stage = on_stage or (lambda *_: None)
     run_dir = Path(run_dir)
-    results = read_results(run_dir)
+    record = read_record(run_dir)
     patch = load_patch(run_dir)
     model, tok = loaded.model, loaded.tokenizer
     check_fits(model, patch)
-    cfg = RepairConfig(**results["config"])
+    cfg = RepairConfig(**record.config)
     steps = steps or max(cfg.steps // 2, 1)
     cfg = cfg.model_copy(update={"steps": steps, "schedule": "constant"})
-    corpus = results["protocol"]["corpus"]
+    corpus = record.protocol.corpus
     seqs, mask = training_sequences(tok, corpus, cfg)
     on_step = (lambda _s, loss: on_advance(1, loss)) if on_advance else None
     originals = intact_values(model, patch.ablated)
@@ -173,7 +174,7 @@ def run_sparsify(
             g = geometry(model, patch.ablated, patch.rows, vectors, originals)
             trained.append({"method": method, "strength": strength, "vectors": vectors,
                             "nnz": int(sum((v != 0).sum() for v in vectors)), "seconds": time.perf_counter() - t0,
-                            "geometry": {k: g.get(k) for k in GEOMETRY_KEYS} | {"top_entries": g["top_entries"][:8]}})
+                            "geometry": {k: getattr(g, k) for k in GEOMETRY_KEYS} | {"top_entries": g.top_entries[:8]}})
     stage("Scoring sparse patches", None)
     ablation = Ablation(model, patch.ablated)
     conditions = {"broken": ablation}
@@ -188,16 +189,17 @@ def run_sparsify(
         m = metrics[f"sparse{i}"]
         rec = recovery(base, broken, m)
         points.append({"method": t["method"], "strength": t["strength"], "nnz": t["nnz"], "nll": m.nll,
-                       "ppl": m.ppl, "kl": m.kl, "nll_gap": rec["nll_gap"], "kl_recovery": rec["kl"],
+                       "ppl": m.ppl, "kl": m.kl, "nll_gap": rec.nll_gap, "kl_recovery": rec.kl,
                        "seconds": t["seconds"], **t["geometry"]})
     frontier = pareto(points)
-    results["sparse_training"] = {
-        "protocol": Protocol.of(loaded, corpus, "eval", base.n_tokens, max_length, max_length, {
-            "sparse{i}": "ablate, add the i-th sparse patch (point i)"}).model_dump(),
+    sparse = SparseTraining.model_validate({
+        "protocol": protocol_of(loaded, corpus, "eval", base.n_tokens, max_length, max_length, {
+            "sparse{i}": "ablate, add the i-th sparse patch (point i)"}),
         "steps": steps, "lr": cfg.lr,
         "points": points,
         "frontier": frontier,
         "smallest_90": next((p for p in frontier if p["nll_gap"] >= 0.9), None),
-    }
-    write_json(run_dir / "results.json", results)
-    return results
+    })
+    record = record.model_copy(update={"sparse_training": sparse})
+    write_record(run_dir, record)
+    return record

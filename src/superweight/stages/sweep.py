@@ -17,7 +17,8 @@ from superweight.core.intervene import Ablation, Intervention, Spread
 from superweight.io import corpora
 from superweight.io.models import Loaded
 from superweight.measure import generate
-from superweight.measure.metrics import Metrics, Protocol, measure
+from superweight.io.record import Metrics, Protocol
+from superweight.measure.metrics import measure, protocol_of
 
 
 class SweepPoint(BaseModel):
@@ -67,7 +68,7 @@ def run_sweep(
         SweepPoint(label=name, scale=float(name[1:]) if name.startswith("x") else None, metrics=results[name])
         for name in conditions
     ]
-    protocol = Protocol.of(
+    protocol = protocol_of(
         loaded, corpus, split, results["base"].n_tokens, max_length, max_length,
         {
             **{f"x{s:g}": f"W[{coord.row},{coord.col}] of layer {coord.layer} times {s:g}" for s in scales},

@@ -31,7 +31,8 @@ from superweight.core.intervene import Ablation, RowPatch
 from superweight.core.prefix import Prefix, first_edited_layer
 from superweight.errors import UsageError
 from superweight.io import corpora
-from superweight.io.rundir import write_atomic
+from superweight.io.record import Training
+from superweight.io.rundir import CHECKPOINT, TRAIN_LOG, write_atomic
 
 
 class RepairConfig(BaseModel):
@@ -158,15 +159,6 @@ def _lr(step: int, cfg: RepairConfig) -> float:
     return cfg.lr
 
 
-class TrainState(BaseModel):
-    steps: int
-    seconds: float
-    s_per_step: float
-    final_loss: float
-    resumed_from: int | None = None
-    teacher_cached: bool
-
-
 def train(
     model: nn.Module,
     coords: list[WeightCoord],
@@ -180,7 +172,7 @@ def train(
     on_step: Callable[[int, float], None] | None = None,
     init_vectors: list[torch.Tensor] | None = None,
     objective=None,
-) -> tuple[RowPatch, TrainState]:
+) -> tuple[RowPatch, Training]:
     """Train patch vectors on `rows` so the model with `coords` ablated imitates the intact model.
 
     `sequences` [N, T] token ids (packed, or right-padded with `mask` [N, T] marking real tokens).
@@ -203,8 +195,8 @@ def train(
     opt = _optimizer(patch.parameters(), cfg)
     start = 0
     rows_key, coords_key = [list(r) for r in patch.rows], [str(c) for c in coords]
-    ckpt_path = run_dir / "checkpoints" / "last.pt" if run_dir else None
-    log_path = run_dir / "train_log.jsonl" if run_dir else None
+    ckpt_path = run_dir / CHECKPOINT if run_dir else None
+    log_path = run_dir / TRAIN_LOG if run_dir else None
     if resume:
         if ckpt_path is None or not ckpt_path.is_file():
             raise UsageError(f"nothing to resume: no checkpoint in {run_dir}")
@@ -280,7 +272,7 @@ def train(
     done = cfg.steps - start
     for v in patch.parameters():
         v.requires_grad_(False)
-    return patch, TrainState(
+    return patch, Training(
         steps=cfg.steps, seconds=seconds, s_per_step=seconds / max(done, 1), final_loss=loss_value,
         resumed_from=start if resume else None, teacher_cached=cache_fits,
     )

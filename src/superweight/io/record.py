@@ -1,0 +1,394 @@
+"""The run record: everything a run directory's results.json holds, as pydantic models, versioned.
+
+    record = RunRecord.model_validate(migrate(json.loads(text)))   # what io/rundir.read_record does
+    record.patched.ppl, record.patch.rows[1].norm, record.sparsity[0].by_contribution.nll_gap
+
+Each stage fills its part and leaves the rest as it found it: `repair` the conditions, recovery, training and
+patch geometry; `analyze` the analyses; `sparsify` sparse_training; `run` detect and timings (the keys and
+what they mean: docs/results.md). Metrics and Protocol are defined here, beside the record that stores them,
+and measure/metrics.py produces them.
+
+Version 1 is the untyped results.json written before the record had a schema (no `schema_version` key);
+`migrate` lifts it to the current version, or refuses it in one line.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from superweight.errors import SuperweightError
+
+SCHEMA_VERSION = 2
+
+
+class Record(BaseModel):
+    """Base of every part: unknown keys are an error (a typo or a drifted writer shows at once)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+# --- measurements and how they were made ---
+class Metrics(Record):
+    nll: float = Field(description="mean next-token negative log-likelihood (nats) over scored tokens")
+    ppl: float = Field(description="exp(nll)")
+    kl: float = Field(description="mean KL(base || this) per scored token, nats; 0 for base")
+    top1_agree: float = Field(description="fraction of scored tokens whose argmax matches the base model's")
+    super_activation: float | None = Field(
+        None, description="max |value| over the watched residual channels after their layer (all positions)"
+    )
+    super_activation_by_channel: dict[str, float] = Field(
+        default_factory=dict, description="'LAYER:ROW' -> max |residual[..., ROW]| after block LAYER"
+    )
+    n_tokens: int = Field(description="number of scored tokens")
+
+
+class Protocol(Record):
+    """How a set of numbers was produced; stored beside them (measure/metrics.protocol_of makes one)."""
+
+    model: str
+    model_source: str
+    corpus: str
+    split: str
+    n_tokens: int = Field(description="scored tokens per condition")
+    max_length: int
+    stride: int
+    dtype: str
+    device: str
+    interventions: dict[str, str] = Field(default_factory=dict, description="condition name -> what it does")
+    provenance: dict[str, Any] = Field(default_factory=dict)
+
+
+class Recovery(Record):
+    nll_gap: float = Field(description="(NLL_broken - NLL_x) / (NLL_broken - NLL_base)")
+    kl: float = Field(description="1 - KL_x / KL_broken")
+
+
+class Baseline(Metrics):
+    recovery: Recovery
+
+
+class Training(Record):
+    steps: int
+    seconds: float
+    s_per_step: float
+    final_loss: float
+    resumed_from: int | None = None
+    teacher_cached: bool
+
+
+# --- the patch ---
+class ColGeometry(Record):
+    col: int = Field(description="an ablated column in this row")
+    value_at_col: float = Field(description="d[col]")
+    deleted_value: float = Field(description="what the ablation removed from W[row, col]")
+    cos_ablated_direction: float = Field(description="cos(d, e_col)")
+
+
+class RowGeometry(Record):
+    """One patched row; the ablated column's fields are those of the first ablated weight in this row."""
+
+    layer: int
+    row: int
+    norm: float
+    cos_original_row: float = Field(description="cos(d, the intact W[row, :])")
+    col: int | None = None
+    value_at_col: float | None = None
+    deleted_value: float | None = None
+    cos_ablated_direction: float | None = None
+    cols: list[ColGeometry] = Field(default_factory=list)
+    top_entries: list[tuple[int, float]] = Field(default_factory=list, description="[neuron, d[neuron]] by |d|")
+
+    @property
+    def key(self) -> str:
+        return f"{self.layer}:{self.row}"
+
+
+class PatchGeometry(RowGeometry):
+    """The first patched row's geometry at the top level (the headline's), and every row's in `rows`."""
+
+    rows: list[RowGeometry]
+
+
+class SeedStats(Record):
+    nll_gap: float
+    kl: float
+    norm: float
+    cos_original_row: float
+
+
+class SeedValue(Record):
+    seed: int
+    nll_gap: float
+    kl: float
+    norm: float
+    cos_original_row: float
+
+
+class Seeds(Record):
+    values: list[SeedValue] = Field(description="one per seed; the first is the saved patch")
+    mean: SeedStats
+    std: SeedStats = Field(description="sample standard deviation")
+
+
+# --- analyses (`analyze`) ---
+class Scored(Record):
+    nll: float
+    ppl: float
+    kl: float
+    nll_gap: float
+    kl_recovery: float
+
+
+class RandomScored(Scored):
+    draws: int
+
+
+class SparsityPoint(Record):
+    """The patch cut to its k largest-|d| entries (top level), its k largest |x·d| (by_contribution), k random."""
+
+    k: int
+    nll: float
+    ppl: float
+    kl: float
+    nll_gap: float
+    kl_recovery: float
+    by_contribution: Scored
+    random: RandomScored
+
+
+class TokenSum(Record):
+    token: str
+    id: int
+    count: int
+    sum: float
+    mean: float
+
+
+class TokenRise(Record):
+    token: str
+    id: int
+    base_prob: float
+    broken_prob: float
+    delta: float
+
+
+class LensToken(Record):
+    token: str
+    id: int
+    logit: float
+
+
+class LogitLens(Record):
+    layer: int
+    row: int
+    top: list[LensToken]
+    bottom: list[LensToken]
+
+
+class Tokens(Record):
+    n_tokens: int
+    hurt: list[TokenSum]
+    healed: list[TokenSum]
+    rising: list[TokenRise]
+    logit_lens: LogitLens
+
+
+class Context(Record):
+    text: str
+    token: str
+    position: int
+    activation: float
+    contribution: float
+
+
+class Neuron(Record):
+    neuron: int
+    value: float
+    contexts: list[Context]
+
+
+class WriteNeuron(Record):
+    neuron: int
+    x: float
+    d: float
+    contribution: float
+
+
+class PatchOutput(Record):
+    text: str
+    token: str
+    position: int
+    value: float = Field(description="x @ d at the token where it is largest")
+    median_abs: float
+    removed: float | None = Field(description="x[col] * deleted value there")
+    top_neurons: list[WriteNeuron]
+
+
+class ScalePoint(Record):
+    scale: float
+    nll: float
+    ppl: float
+    kl: float
+    top1_agree: float
+    super_activation: float | None = None
+
+
+class Analysis(Record):
+    protocol: Protocol
+    draws: int
+    seconds: float
+
+
+# --- sparse training (`sparsify`) ---
+class SparsePoint(Record):
+    method: str
+    strength: float
+    nnz: int
+    nll: float
+    ppl: float
+    kl: float
+    nll_gap: float
+    kl_recovery: float
+    seconds: float
+    norm: float | None = None
+    cos_original_row: float | None = None
+    col: int | None = None
+    value_at_col: float | None = None
+    deleted_value: float | None = None
+    cos_ablated_direction: float | None = None
+    top_entries: list[tuple[int, float]] = Field(default_factory=list)
+
+
+class SparseTraining(Record):
+    protocol: Protocol
+    steps: int
+    lr: float
+    points: list[SparsePoint]
+    frontier: list[SparsePoint]
+    smallest_90: SparsePoint | None
+
+
+# --- detection (`run`) ---
+class CandidateSummary(Record):
+    layer: int
+    row: int
+    col: int
+    value: float
+    kl: float | None = None
+    ppl_ratio: float | None = None
+    control_kl_top: float | None = None
+    control_kl_random: float | None = None
+    confirmed: bool
+    source: str
+
+
+class DetectSummary(Record):
+    weight: str
+    candidates: list[CandidateSummary] = Field(default_factory=list)
+    protocol: Protocol | None = None
+    note: str | None = None
+
+
+class RunRecord(Record):
+    """results.json. `repair` writes the fields up to `seeds`; the rest stay None until their stage runs."""
+
+    schema_version: int = SCHEMA_VERSION
+    protocol: Protocol
+    recipe: str
+    config: dict[str, Any] = Field(description="the training settings (stages/train.RepairConfig)")
+    base: Metrics
+    broken: Metrics
+    patched: Metrics
+    recovery: Recovery
+    training: Training
+    patch: PatchGeometry
+    generations: list[dict[str, str]] = Field(default_factory=list)
+    baselines: dict[str, Baseline] | None = None
+    seeds: Seeds | None = None
+    # analyze
+    super_activation: dict[str, float | None] | None = None
+    sparsity: list[SparsityPoint] | None = None
+    tokens: Tokens | None = None
+    neurons: list[Neuron] | None = None
+    patch_output: PatchOutput | None = None
+    sweep: list[ScalePoint] | None = None
+    analysis: Analysis | None = None
+    # sparsify
+    sparse_training: SparseTraining | None = None
+    # run
+    detect: DetectSummary | None = None
+    timings: dict[str, float] | None = None
+
+    def conditions(self) -> list[tuple[str, Metrics, Recovery | None]]:
+        """(name, metrics, recovery) for base, broken, patched and every baseline."""
+        out = [("base", self.base, None), ("broken", self.broken, None), ("patched", self.patched, self.recovery)]
+        return out + [(n, m, m.recovery) for n, m in (self.baselines or {}).items()]
+
+    @property
+    def weight(self) -> str:
+        """The weight detection chose, else the ablated weights as `repair` was given them ("1:5:7, 1:9:3")."""
+        if self.detect is not None:
+            return self.detect.weight
+        return self.protocol.interventions.get("broken", "").removeprefix("ablate ")
+
+
+def smallest_k(sparsity: list[SparsityPoint], target: float = 0.9, ranking: str | None = None) -> int | None:
+    """The fewest entries whose cut patch recovers `target` of the NLL gap, or None: entries kept by largest |d|
+    (the top level of each point), or by `ranking` ("by_contribution", "random")."""
+    for e in sorted(sparsity, key=lambda e: e.k):
+        if (getattr(e, ranking) if ranking else e).nll_gap >= target:
+            return e.k
+    return None
+
+
+# --- reading older records ---
+def migrate(data: Any, where: str = "results.json") -> dict:
+    """Lift a results.json of any known version to the current one (a new dict); refuse anything else in one
+    line. Version 1 (no schema_version): patch.rows keyed "LAYER:ROW" (or, older still, the whole patch keyed
+    by row), and no config.data (the seed recipe read one wikitext line per sequence)."""
+    if not isinstance(data, dict):
+        raise SuperweightError(f"{where} holds no results object")
+    version = data.get("schema_version", 1)
+    if not isinstance(version, int) or version < 1:
+        raise SuperweightError(f"{where} has no valid schema_version ({version!r})")
+    if version > SCHEMA_VERSION:
+        raise SuperweightError(f"{where} has schema version {version}, newer than this superweight reads "
+                               f"({SCHEMA_VERSION}): upgrade superweight")
+    if version == 1:
+        try:
+            data = {**data, "schema_version": SCHEMA_VERSION, "patch": _patch_v1(data.get("patch") or {})}
+        except (TypeError, ValueError, AttributeError) as exc:
+            raise SuperweightError(f"{where} is not a run record superweight can read (patch: {exc})") from None
+        if isinstance(data.get("config"), dict) and "data" not in data["config"]:
+            data["config"] = {**data["config"], "data": "lines" if data.get("recipe") == "seed" else "packed"}
+    return data
+
+
+def _patch_v1(p: dict) -> dict:
+    if p and "norm" not in p:  # the oldest: {"11:507": {norm, ..., "col1229": {...}}}, one row
+        key, old = next(iter(p.items()))
+        layer, _, row = str(key).partition(":")
+        p = {k: v for k, v in old.items() if not k.startswith("col")} | {"layer": int(layer), "row": int(row)}
+        for k, v in old.items():
+            if k.startswith("col") and isinstance(v, dict):
+                p |= v | {"col": int(k[3:])}
+                break
+    rows = p.get("rows")
+    if isinstance(rows, dict):
+        rows = list(rows.values())
+    if rows is None and p:
+        rows = [{k: v for k, v in p.items() if k != "rows"}]
+    return {**p, "rows": rows or []}
+
+
+def parse(data: Any, where: str = "results.json") -> RunRecord:
+    """A RunRecord from results.json's parsed JSON, migrated; a record that does not fit is one error line."""
+    try:
+        return RunRecord.model_validate(migrate(data, where))
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        at = ".".join(str(x) for x in first["loc"])
+        raise SuperweightError(f"{where} is not a run record superweight can read ({at}: {first['msg']}; "
+                               f"{exc.error_count()} problem(s))") from None
