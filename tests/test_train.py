@@ -115,7 +115,7 @@ def test_log_and_checkpoint_of_a_plain_run(tmp_path, seqs):
     log = read_log(tmp_path)
     assert [r["step"] for r in log] == [1, 2, 3, 4, 5]
     assert [r["lr"] for r in log] == pytest.approx([0.25, 0.5, 0.5, 0.5, 0.5])
-    ckpt = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
     assert ckpt["step"] == 5  # the last step is always checkpointed
     assert torch.equal(ckpt["vectors"][0], patch.vectors[0])
     assert ckpt["config"] == cfg.model_dump()
@@ -249,7 +249,7 @@ RESUME_SCRIPT = textwrap.dedent('''
         _, status = os.waitpid(pid, 0)
         print(json.dumps({"run": name, "returncode": os.waitstatus_to_exitcode(status)}), flush=True)
         if name == "killed":  # what the kill left behind, before the resume touches it
-            ckpt = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)
+            ckpt = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
             log = [json.loads(ln)["step"] for ln in (run_dir / "train_log.jsonl").read_text().splitlines()]
             print(json.dumps({"ckpt_step": ckpt["step"], "log_steps": log,
                               "patch_saved": (run_dir / "patch.pt").exists()}), flush=True)
@@ -289,7 +289,7 @@ def test_a_killed_run_resumes_bit_for_bit(tmp_path, ids):
     assert [r["step"] for r in log] == list(range(1, 13))  # the resume dropped the unsaved step-7 line
     assert [r["loss"] for r in log] == [r["loss"] for r in full_log]
     assert [r["lr"] for r in log] == [r["lr"] for r in full_log]
-    assert torch.load(killed_dir / "checkpoints" / "last.pt", weights_only=False)["step"] == 12
+    assert torch.load(killed_dir / "checkpoints" / "last.pt", weights_only=True)["step"] == 12
 
 
 def test_resume_with_other_settings_or_nothing_to_resume_is_a_usage_error(tmp_path, seqs):
@@ -301,20 +301,33 @@ def test_resume_with_other_settings_or_nothing_to_resume_is_a_usage_error(tmp_pa
         train(model, COORDS, [(1, 5)], seqs[:8], None, cfg.model_copy(update={"lr": 0.4}),
               run_dir=tmp_path, resume=True)
     with pytest.raises(UsageError, match="nothing to resume"):
-        train(model, COORDS, [(1, 5)], seqs[:8], None, cfg, run_dir=tmp_path / "empty", resume=True)
-    with pytest.raises(UsageError, match="nothing to resume"):
         train(model, COORDS, [(1, 5)], seqs[:8], None, cfg, run_dir=None, resume=True)
     assert [r["step"] for r in read_log(tmp_path)] == [1, 2, 3]  # failed resumes touched nothing
     assert_identical(model, before)
     assert hook_count(model) == 0
 
 
+def test_resume_before_the_first_checkpoint_starts_at_step_0(tmp_path, seqs):
+    model = planted(PLANT)
+    cfg = RepairConfig(steps=3, batch_size=4, seq_len=32, lr=0.5)
+    want, _ = train(model, COORDS, [(1, 5)], seqs[:8], None, cfg, run_dir=tmp_path / "fresh")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "train_log.jsonl").write_text('{"step": 1, "loss": 0.5, "lr": 0.5, "seconds": 0.1}\n{"st')
+    got, state = train(model, COORDS, [(1, 5)], seqs[:8], None, cfg, run_dir=tmp_path / "empty", resume=True)
+    assert state.resumed_from == 0
+    assert torch.equal(got.vectors[0], want.vectors[0])
+    assert [r["step"] for r in read_log(tmp_path / "empty")] == [1, 2, 3]  # the stale line and the torn one went
+
+
 def test_resume_of_a_finished_run_is_a_no_op(tmp_path, seqs):
     model = planted(PLANT)
     cfg = RepairConfig(steps=3, batch_size=4, seq_len=32, lr=0.5)
     first, _ = train(model, COORDS, [(1, 5)], seqs[:8], None, cfg, run_dir=tmp_path)
+    seconds = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)["seconds"]
     again, state = train(model, COORDS, [(1, 5)], seqs[:8], None, cfg, run_dir=tmp_path, resume=True)
     assert state.resumed_from == 3
+    # The training record survives: the last loss and the seconds come from the checkpoint, not NaN and ~0.
+    assert state.final_loss == read_log(tmp_path)[-1]["loss"] and state.seconds >= seconds > 0
     assert torch.equal(first.vectors[0], again.vectors[0])
     assert [r["step"] for r in read_log(tmp_path)] == [1, 2, 3]
 

@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from superweight.cli.common import (
+    DeviceMapOpt, MaxMemoryOpt, OffloadOpt,
     DeviceOpt, DtypeOpt, JsonOpt, RunDirArg, app, check_run_dir, err, errors, floats, load_model, out, progress,
     stage_tasks,
 )
@@ -22,7 +23,10 @@ def analyze(
     draws: Annotated[int, typer.Option(help="random-k control draws per k")] = 3,
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="model spec (default: the run's own)")] = None,
     device: DeviceOpt = "cpu",
-    dtype: DtypeOpt = "fp32",
+    dtype: DtypeOpt = "auto",
+    device_map: DeviceMapOpt = None,
+    max_memory: MaxMemoryOpt = None,
+    offload_folder: OffloadOpt = None,
 ):
     """Patch geometry, top-k sparsity with a random-k control, token and neuron views, scale sweep."""
     from superweight.stages.analyze import run_analyze
@@ -30,7 +34,7 @@ def analyze(
     path, spec = check_run_dir(run_dir)
     if tokens < 2 or draws < 1:
         raise UsageError("--tokens must be at least 2 and --draws at least 1")
-    loaded = load_model(model or spec, device, dtype)
+    loaded = load_model(model or spec, device, dtype, device_map, max_memory, offload_folder)
     with progress() as bar:
         stage, advance = stage_tasks(bar)
         record = run_analyze(loaded, path, tokens, draws, on_stage=stage, on_tokens=advance)
@@ -48,7 +52,10 @@ def sparsify(
     tokens: Annotated[int, typer.Option(help="eval-split tokens to score each patch on")] = 2048,
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="model spec (default: the run's own)")] = None,
     device: DeviceOpt = "cpu",
-    dtype: DtypeOpt = "fp32",
+    dtype: DtypeOpt = "auto",
+    device_map: DeviceMapOpt = None,
+    max_memory: MaxMemoryOpt = None,
+    offload_folder: OffloadOpt = None,
 ):
     """Train sparse patches (L1, hard-concrete L0) over a sweep of strengths; the recovery-vs-size frontier."""
     from superweight.stages.sparsify import run_sparsify
@@ -59,8 +66,10 @@ def sparsify(
         raise UsageError("no strengths given: set --l1 and/or --l0")
     if steps is not None and steps < 1:
         raise UsageError(f"--steps must be at least 1, got {steps}")
+    if tokens < 2:
+        raise UsageError(f"--tokens must be at least 2, got {tokens}")
     path, spec = check_run_dir(run_dir)
-    loaded = load_model(model or spec, device, dtype)
+    loaded = load_model(model or spec, device, dtype, device_map, max_memory, offload_folder)
     with progress() as bar:
         stage, advance = stage_tasks(bar)
         record = run_sparsify(loaded, path, strengths, steps, tokens, on_stage=stage, on_advance=advance)

@@ -9,6 +9,7 @@ import sys
 from typing import Annotated, Optional
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -36,7 +37,15 @@ err = Console(stderr=True, emoji=False)
 # Options shared by several commands.
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="smollm2-135m, a hub id, a model directory or a .gguf file")]
 DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, cuda:N, mps or auto")]
-DtypeOpt = Annotated[str, typer.Option(help="fp32, bf16 or fp16 (log-softmax is always fp32)")]
+DtypeOpt = Annotated[str, typer.Option(
+    help="auto (bf16 on CUDA with bf16 and on CPUs with native bf16 matmul, else fp32), fp32, bf16 or fp16; "
+         "the patch, loss and log-softmax are always fp32")]
+DeviceMapOpt = Annotated[Optional[str], typer.Option(
+    help="spread the model over devices with accelerate: auto, balanced, or a JSON map {module: device} "
+         "(a string or a file); overrides --device")]
+MaxMemoryOpt = Annotated[Optional[str], typer.Option(
+    help="with --device-map: memory per device, e.g. 0=20GiB,1=20GiB,cpu=60GiB")]
+OffloadOpt = Annotated[Optional[str], typer.Option(help="with --device-map: folder for disk-offloaded weights")]
 CorpusOpt = Annotated[str, typer.Option(help="pydoc, wikitext2 or text:PATH (file, directory or glob)")]
 SplitOpt = Annotated[str, typer.Option(help="train, eval or all (wikitext2: train, validation, test)")]
 JsonOpt = Annotated[Optional[str], typer.Option("--json", help="write the full result as JSON to this path")]
@@ -102,11 +111,22 @@ def write_result(json_: str | None, result) -> None:
         err.print(f"Wrote {json_}")
 
 
-def load_model(model: str, device: str, dtype: str):
+def load_model(model: str, device: str, dtype: str, device_map: str | None = None, max_memory: str | None = None,
+               offload_folder: str | None = None):
+    """Load a model; say once which dtype `--dtype auto` chose and why (the protocol records it too)."""
     from superweight.io import models
+    from superweight.stages.distributed import process_device
 
-    with err.status(f"Loading {model} ({dtype}, {device})..."):
-        return models.load(model, device=device, dtype=dtype)
+    device = process_device(device)  # under `accelerate launch`, each process's own GPU
+    where = f"device map {device_map}" if device_map else device
+    with err.status(f"Loading {model} ({dtype}, {where})..."):
+        loaded = models.load(model, device=device, dtype=dtype, device_map=device_map, max_memory=max_memory,
+                             offload_folder=offload_folder)
+    if loaded.dtype_reason:
+        err.print(f"dtype auto: {loaded.dtype} ({loaded.dtype_reason})", markup=False, highlight=False)
+    if device_map:
+        err.print(f"device map {device_map}: {loaded.device}", markup=False, highlight=False)
+    return loaded
 
 
 def recipe_config(recipe: str, **overrides):
@@ -117,8 +137,19 @@ def recipe_config(recipe: str, **overrides):
         raise UsageError(f"unknown recipe '{recipe}': use {', '.join(RECIPES)}")
     try:
         return RepairConfig(**{**RECIPES[recipe].model_dump(), **{k: v for k, v in overrides.items() if v is not None}})
-    except ValueError as exc:
-        raise UsageError(f"invalid training option: {str(exc).splitlines()[-1].strip()}") from None
+    except ValidationError as exc:
+        raise UsageError(option_error(exc)) from None
+
+
+def option_error(exc: ValidationError) -> str:
+    """A settings model's first validation error as an option error: "invalid --optimizer 'lion': use
+    'adamw', 'adam' or 'sgd'" (pydantic's own text names a help URL, not the option)."""
+    first = exc.errors()[0]
+    option = "--" + "-".join(str(x) for x in first["loc"]).replace("_", "-")
+    expected = (first.get("ctx") or {}).get("expected")
+    if expected:
+        return f"invalid {option} {first['input']!r}: use {expected}"
+    return f"invalid {option} {first['input']!r}: {first['msg'][0].lower()}{first['msg'][1:]}"
 
 
 def parse_rows(texts: list[str]) -> list[tuple[int, int]]:

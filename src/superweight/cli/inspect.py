@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from superweight.cli.common import (
+    DeviceMapOpt, MaxMemoryOpt, OffloadOpt,
     CorpusOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, SplitOpt, app, err, errors, load_model, out, progress,
     token_and_prompt_tasks, write_result,
 )
@@ -18,8 +19,9 @@ from superweight.report import terminal
 
 @app.command()
 @errors
-def info(model: ModelOpt = DEFAULT_MODEL, device: DeviceOpt = "cpu", dtype: DtypeOpt = "fp32",
-         json_: JsonOpt = None):
+def info(model: ModelOpt = DEFAULT_MODEL, device: DeviceOpt = "cpu", dtype: DtypeOpt = "auto",
+         json_: JsonOpt = None, device_map: DeviceMapOpt = None, max_memory: MaxMemoryOpt = None,
+         offload_folder: OffloadOpt = None):
     """Architecture, sizes and down-projection names of a model."""
     from dataclasses import asdict
 
@@ -29,7 +31,7 @@ def info(model: ModelOpt = DEFAULT_MODEL, device: DeviceOpt = "cpu", dtype: Dtyp
 
     if json_:
         check_writable(json_)
-    loaded = load_model(model, device, dtype)
+    loaded = load_model(model, device, dtype, device_map, max_memory, offload_folder)
     desc = describe(loaded.model)
     known = published(model)
     terminal.print_info(out, model, loaded.source, desc, known)
@@ -51,7 +53,10 @@ def eval_(
     prompt: Annotated[Optional[list[str]], typer.Option(help="generation prompt (repeatable); default: ten built-in")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="greedy tokens per generation")] = 20,
     device: DeviceOpt = "cpu",
-    dtype: DtypeOpt = "fp32",
+    dtype: DtypeOpt = "auto",
+    device_map: DeviceMapOpt = None,
+    max_memory: MaxMemoryOpt = None,
+    offload_folder: OffloadOpt = None,
     json_: JsonOpt = None,
 ):
     """Base vs ablated: NLL, PPL, KL, top-1 agreement, super activation, and generations side by side."""
@@ -67,10 +72,12 @@ def eval_(
     corpora.check_windows(max_length, stride)
     if max_tokens < 2:
         raise UsageError(f"--max-tokens must be at least 2, got {max_tokens}")
+    if max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     if json_:
         check_writable(json_)
     text = corpora.load_text(corpus, split)
-    loaded = load_model(model, device, dtype)
+    loaded = load_model(model, device, dtype, device_map, max_memory, offload_folder)
     if not coords:
         err.print("No --ablate given and no published super weight for this model: base metrics only.",
                   soft_wrap=True)
@@ -104,7 +111,10 @@ def detect(
     control_factor: Annotated[float, typer.Option(help="confirmed KL must be this many times the worse control's")] = 10.0,
     seed: int = 0,
     device: DeviceOpt = "cpu",
-    dtype: DtypeOpt = "fp32",
+    dtype: DtypeOpt = "auto",
+    device_map: DeviceMapOpt = None,
+    max_memory: MaxMemoryOpt = None,
+    offload_folder: OffloadOpt = None,
     json_: JsonOpt = None,
 ):
     """Find super weights: iterative spike scan + attribution, each confirmed by the damage its removal does."""
@@ -117,6 +127,14 @@ def detect(
     corpora.check_windows(max_length)
     if calib_tokens < 2:
         raise UsageError(f"--calib-tokens must be at least 2, got {calib_tokens}")
+    for name, value, least in [("--max-candidates", max_candidates, 1), ("--attribution-top", attribution_top, 0)]:
+        if value < least:
+            raise UsageError(f"{name} must be at least {least}, got {value}")
+    for name, value in [("--spike-ratio", spike_ratio), ("--control-factor", control_factor)]:
+        if not value > 0:
+            raise UsageError(f"{name} must be positive, got {value:g}")
+    if not min_kl >= 0:
+        raise UsageError(f"--min-kl must be at least 0, got {min_kl:g}")
     cfg = DetectConfig(
         prompts=prompt, max_candidates=max_candidates, spike_ratio=spike_ratio,
         attribution=None if attribution == "none" else attribution, attribution_top=attribution_top, verify=verify,
@@ -126,7 +144,7 @@ def detect(
     if json_:
         check_writable(json_)
     text = corpora.load_text(corpus, split) if (verify or attribution != "none") else None
-    loaded = load_model(model, device, dtype)
+    loaded = load_model(model, device, dtype, device_map, max_memory, offload_folder)
     ids = corpora.tokenize(loaded.tokenizer, text, calib_tokens) if text is not None else None
     with progress() as bar:
         task = bar.add_task("Detecting", total=None)
@@ -155,7 +173,10 @@ def sweep(
     max_new_tokens: int = 20,
     plot: Annotated[Optional[str], typer.Option(help="PNG path (default runs/sweep/L-R-C.png)")] = None,
     device: DeviceOpt = "cpu",
-    dtype: DtypeOpt = "fp32",
+    dtype: DtypeOpt = "auto",
+    device_map: DeviceMapOpt = None,
+    max_memory: MaxMemoryOpt = None,
+    offload_folder: OffloadOpt = None,
     json_: JsonOpt = None,
 ):
     """Scale one weight (and spread it): NLL/PPL/KL/top-1 and generations per scale, plus a PNG plot."""
@@ -176,12 +197,15 @@ def sweep(
         raise UsageError("--scales is empty")
     if spread < 0:
         raise UsageError(f"--spread must be >= 0, got {spread}")
+    if max_tokens < 2 or max_new_tokens < 1:
+        raise UsageError(f"--max-tokens must be at least 2 and --max-new-tokens at least 1, got {max_tokens} "
+                         f"and {max_new_tokens}")
     corpora.check_windows(max_length)
     png = plot or f"runs/sweep/{coord.layer}-{coord.row}-{coord.col}.png"
     for path in filter(None, [json_, png]):
         check_writable(path)
     text = corpora.load_text(corpus, split)
-    loaded = load_model(model, device, dtype)
+    loaded = load_model(model, device, dtype, device_map, max_memory, offload_folder)
     ids = corpora.tokenize(loaded.tokenizer, text, max_tokens)
     prompts = prompt or DEFAULT_PROMPTS
     with progress() as bar:

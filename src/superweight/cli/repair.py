@@ -7,7 +7,8 @@ from typing import Annotated, Optional
 import typer
 
 from superweight.cli.common import (
-    CorpusOpt, DeviceOpt, DtypeOpt, ModelOpt, app, errors, load_model, out, parse_rows, progress, recipe_config,
+    DeviceMapOpt, MaxMemoryOpt, OffloadOpt,
+    CorpusOpt, DeviceOpt, DtypeOpt, ModelOpt, app, err, errors, load_model, out, parse_rows, progress, recipe_config,
     stage_tasks,
 )
 from superweight.errors import UsageError
@@ -41,13 +42,18 @@ def repair(
     seeds: Annotated[int, typer.Option(help="train this many patches (seeds SEED, SEED+1, ...): mean and spread")] = 1,
     eval_tokens: Annotated[int, typer.Option(help="eval-split tokens for the before/after metrics")] = 4096,
     device: DeviceOpt = "cpu",
-    dtype: DtypeOpt = "fp32",
+    dtype: DtypeOpt = "auto",
+    device_map: DeviceMapOpt = None,
+    max_memory: MaxMemoryOpt = None,
+    offload_folder: OffloadOpt = None,
 ):
     """Train a row patch that repairs the ablated model by KL distillation against the intact one."""
     from pathlib import Path
 
     from superweight.core.coords import parse_coords
-    from superweight.stages.repair import run_repair
+    from superweight.io.rundir import check_run_dir_for, read_record
+    from superweight.stages import distributed
+    from superweight.stages.repair import repair_settings, run_repair
 
     coords = parse_coords(weight)
     rows = parse_rows(patch_row) if patch_row else sorted({(c.layer, c.row) for c in coords})
@@ -61,13 +67,23 @@ def repair(
         raise UsageError(f"--seeds must be at least 1, got {seeds}")
     first = coords[0]
     run_dir = Path(out_ or f"runs/repair-{first.layer}-{first.row}-{first.col}")
-    corpora.load_text(corpus, "eval")  # a missing corpus fails before the model loads
-    loaded = load_model(model, device, dtype)
-    with progress() as bar:
+    settings = repair_settings(model, recipe, cfg, coords, rows, corpus, eval_tokens, 512, baselines,
+                               checkpoint_every, seeds)
+    if check_run_dir_for(run_dir, settings, resume) == "finished" and resume:
+        err.print(f"{run_dir} is finished already (results.json): nothing to resume, nothing changed.",
+                  soft_wrap=True)
+        terminal.print_repair(out, read_record(run_dir), run_dir)
+        return
+    corpora.load_text(corpus, "train")  # a missing or unreadable corpus fails before the model loads
+    corpora.load_text(corpus, "eval")
+    loaded = load_model(model, device, dtype, device_map, max_memory, offload_folder)
+    dp = distributed.current()  # under `accelerate launch`: only process 0 writes run_dir and prints
+    with progress() as bar, dp.run_dir_for(run_dir, resume) as own_dir:
         stage, advance = stage_tasks(bar)
-        record = run_repair(loaded, coords, rows, cfg, recipe, run_dir, corpus, eval_tokens, 512, baselines,
+        record = run_repair(loaded, coords, rows, cfg, recipe, own_dir, corpus, eval_tokens, 512, baselines,
                              seeds, resume, checkpoint_every, on_stage=stage, on_advance=advance)
-    terminal.print_repair(out, record, run_dir)
+    if dp.is_main:
+        terminal.print_repair(out, record, run_dir)
 
 
 @app.command("apply")
@@ -77,19 +93,24 @@ def apply_(
     export: Annotated[str, typer.Option(help="new directory for the merged model (save_pretrained layout)")],
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="model spec (default: the patch's own)")] = None,
     device: DeviceOpt = "cpu",
-    dtype: DtypeOpt = "fp32",
+    dtype: DtypeOpt = "auto",
+    device_map: DeviceMapOpt = None,
+    max_memory: MaxMemoryOpt = None,
+    offload_folder: OffloadOpt = None,
 ):
     """Merge a patch into the ablated model and write it as a standalone model directory."""
     from pathlib import Path
 
     from superweight.io.models import save_model_dir
     from superweight.io.patchfile import load_patch, merge_into_weights
+    from superweight.io.rundir import check_writable
 
     data_ = load_patch(patch)
     target = Path(export)
-    if target.exists():
+    if target.exists() or target.is_symlink():  # a dangling symlink too: the export would replace it
         raise UsageError(f"--export {target} exists already; choose a new directory")
-    loaded = load_model(model or data_.config.get("spec", DEFAULT_MODEL), device, dtype)
+    check_writable(target)
+    loaded = load_model(model or data_.config.get("spec", DEFAULT_MODEL), device, dtype, device_map, max_memory, offload_folder)
     merge_into_weights(loaded.model, data_)
     save_model_dir(loaded.model, loaded.tokenizer, target)
     out.print(f"Wrote the patched model ({', '.join(map(str, data_.ablated))} ablated, rows "

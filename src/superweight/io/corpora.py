@@ -59,6 +59,24 @@ def _text_files(path: str) -> list[Path]:
     return files
 
 
+def _read_utf8(path: Path, corpus: str) -> str:
+    """A text file's contents; a file that is not UTF-8 text (a bad byte, or a NUL as binaries have) is an
+    error naming it and the first offending byte's offset, never replacement characters scored as text."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise CorpusError(f"cannot read corpus '{corpus}': {exc}") from exc
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise CorpusError(f"{path} is not UTF-8 text: byte 0x{data[exc.start]:02x} at offset {exc.start} "
+                          f"({exc.reason})") from None
+    nul = data.find(b"\0")
+    if nul >= 0:
+        raise CorpusError(f"{path} is not UTF-8 text: byte 0x00 at offset {nul} (a binary file?)")
+    return text.removeprefix("\ufeff")  # a byte-order mark is not text
+
+
 def _wikitext(split: str) -> str:
     try:
         import datasets
@@ -86,10 +104,7 @@ def load_text(corpus: str = DEFAULT_CORPUS, split: str = "eval") -> str:
             raw = _pydoc_text()
         elif corpus.startswith("text:"):
             files = _text_files(corpus[len("text:"):])
-            try:
-                raw = "\n\n".join(f.read_text(encoding="utf-8", errors="replace") for f in files)
-            except OSError as exc:
-                raise CorpusError(f"cannot read corpus '{corpus}': {exc}") from exc
+            raw = "\n\n".join(_read_utf8(f, corpus) for f in files)
             if not raw.strip():
                 raise CorpusError(f"corpus '{corpus}' is empty")
         else:

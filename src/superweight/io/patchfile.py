@@ -74,8 +74,11 @@ def save_patch(run_dir: Path, model: nn.Module, patch: RowPatch, ablated: list[W
 
 
 def load_patch(path: str | Path) -> PatchData:
-    """Read a patch from a run directory (or its safetensors file); missing keys are an error."""
+    """Read a patch from a run directory (or its safetensors file). A missing or damaged file, or a config
+    without the keys a patch needs, is one error line naming the file."""
     from superweight.core.coords import parse_coord
+    from superweight.errors import CoordinateError
+    from superweight.io.rundir import read_json
 
     path = Path(path)
     if not path.exists():
@@ -84,22 +87,35 @@ def load_patch(path: str | Path) -> PatchData:
     cfg_path, file_path = run_dir / CONFIG_FILE, run_dir / PATCH_FILE
     if not cfg_path.is_file() or not file_path.is_file():
         raise SuperweightError(f"no patch in {run_dir}: need {PATCH_FILE} and {CONFIG_FILE}")
-    config = json.loads(cfg_path.read_text(encoding="utf-8"))
-    tensors = load_file(str(file_path))
-    rows = [tuple(r) for r in config["rows"]]
+    config = read_json(cfg_path, "patch config")
+    if not isinstance(config, dict):
+        raise SuperweightError(f"{cfg_path} holds no patch config object")
+    try:
+        rows = [(int(r[0]), int(r[1])) for r in config["rows"] if len(r) == 2]
+        ablated = [parse_coord(str(c)) for c in config["ablated"]]
+        if len(rows) != len(config["rows"]) or not rows or "fingerprint" not in config:
+            raise ValueError
+    except (KeyError, TypeError, ValueError, CoordinateError):
+        raise SuperweightError(f"{cfg_path} is not a patch config: it needs 'rows' ([[layer, row], ...]), "
+                               "'ablated' (LAYER:ROW:COL coordinates) and 'fingerprint'") from None
+    try:
+        tensors = load_file(str(file_path))
+    except Exception as exc:  # safetensors' own error type, OSError, ...: a damaged file either way
+        text = str(exc).strip().splitlines()
+        raise SuperweightError(f"{file_path} is damaged ({text[0] if text else type(exc).__name__})") from None
     names = [f"layer{l}.row{r}" for l, r in rows]
     missing = [n for n in names if n not in tensors]
     if missing:
         raise SuperweightError(f"patch file {file_path} lacks vectors {', '.join(missing)}")
+    bad = [n for n in names if tensors[n].dim() != 1 or not torch.isfinite(tensors[n]).all()]
+    if bad:
+        raise SuperweightError(f"patch file {file_path}: {', '.join(bad)} not a finite vector")
     extra = sorted(set(tensors) - set(names))
     if extra:
         import logging
 
         logging.getLogger("superweight").warning("superweight: ignoring unknown tensors in patch: %s", extra)
-    return PatchData(
-        rows=rows, vectors=[tensors[n] for n in names],
-        ablated=[parse_coord(c) for c in config["ablated"]], config=config,
-    )
+    return PatchData(rows=rows, vectors=[tensors[n] for n in names], ablated=ablated, config=config)
 
 
 def check_fits(model: nn.Module, patch: PatchData) -> None:

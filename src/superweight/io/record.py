@@ -56,13 +56,16 @@ class Protocol(Record):
     stride: int
     dtype: str
     device: str
+    dtype_reason: str | None = Field(None, description="why --dtype auto chose this dtype (None: given by the user)")
+    device_map: str | None = Field(None, description="--device-map as given, when layers were spread or offloaded")
     interventions: dict[str, str] = Field(default_factory=dict, description="condition name -> what it does")
     provenance: dict[str, Any] = Field(default_factory=dict)
 
 
 class Recovery(Record):
-    nll_gap: float = Field(description="(NLL_broken - NLL_x) / (NLL_broken - NLL_base)")
-    kl: float = Field(description="1 - KL_x / KL_broken")
+    nll_gap: float | None = Field(description="(NLL_broken - NLL_x) / (NLL_broken - NLL_base); null when the "
+                                              "ablation left the NLL unchanged (nothing to recover)")
+    kl: float | None = Field(description="1 - KL_x / KL_broken; null when KL_broken is 0")
 
 
 class Baseline(Metrics):
@@ -73,7 +76,8 @@ class Training(Record):
     steps: int
     seconds: float
     s_per_step: float
-    final_loss: float
+    final_loss: float | None = Field(description="the last step's loss; null only for a resumed run whose "
+                                                 "checkpoint predates storing it")
     resumed_from: int | None = None
     teacher_cached: bool
 

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import logging
+import math
 import os
 import platform
 import subprocess
@@ -34,14 +36,20 @@ TRAIN_LOG = "train_log.jsonl"
 CHECKPOINT = "checkpoints/last.pt"
 DETECT = "detect.json"
 REPORT_MD, REPORT_HTML, PLOTS = "report.md", "report.html", "plots"
+log = logging.getLogger("superweight")
 
 
 def check_writable(path: str | os.PathLike) -> Path:
-    """Fail early (before any long work) when `path`'s directory cannot take a file."""
+    """Fail early (before any long work) when `path` cannot become a file: it is a directory, or its
+    nearest existing ancestor is a file or not writable (missing directories are made when writing)."""
     path = Path(path)
     if path.is_dir():
         raise UsageError(f"output path '{path}' is a directory")
-    parent = path.parent if str(path.parent) else Path(".")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if parent.exists() and not parent.is_dir():
+        raise UsageError(f"cannot write '{path}': '{parent}' is a file, not a directory")
     if parent.exists() and not os.access(parent, os.W_OK):
         raise UsageError(f"cannot write to directory '{parent}'")
     return path
@@ -71,9 +79,38 @@ def _umask() -> int:
 
 
 def write_json(path: str | os.PathLike, data) -> Path:
-    """Write indented JSON atomically (see write_atomic)."""
-    text = json.dumps(data, indent=2, sort_keys=False, ensure_ascii=False) + "\n"
+    """Write indented, strict JSON atomically (see write_atomic). JSON has no NaN or infinity: such a value
+    is written as null and named in a warning (readers and docs/results.md say what null means)."""
+    nulled: list[str] = []
+    text = json.dumps(_finite(data, "", nulled), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+    if nulled:
+        log.warning("superweight: %s: %s not finite, written as null", path, ", ".join(nulled))
     return write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def _finite(value, where: str, nulled: list[str]):
+    """`value` with every NaN / infinite float replaced by None (their paths appended to `nulled`)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        nulled.append(f"{where or 'value'} ({value})")
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v, f"{where}.{k}" if where else str(k), nulled) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v, f"{where}[{i}]", nulled) for i, v in enumerate(value)]
+    return value
+
+
+def read_json(path: str | os.PathLike, what: str = "file"):
+    """Parsed JSON of a run-directory file; a missing, unreadable or damaged one is one error line."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SuperweightError(f"{path} is missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise SuperweightError(f"{path} is not valid JSON ({exc}); was the run interrupted while writing?") from None
+    except OSError as exc:
+        raise SuperweightError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
 
 
 def _git_hash() -> str | None:
@@ -110,21 +147,53 @@ def check_new_run_dir(out: Path) -> None:
         raise UsageError(f"{out} already exists: choose another --out (a run is never overwritten)")
 
 
-def prepare_run_dir(out: Path, settings: dict, resume: bool) -> None:
-    """Refuse to overwrite another run; on resume, insist on the same settings."""
-    config_path = out / CONFIG
-    if resume:
-        if not config_path.is_file():
-            raise UsageError(f"nothing to resume in {out}: no config.json")
-        old = json.loads(config_path.read_text(encoding="utf-8"))
-        new = json.loads(json.dumps(settings))  # as it would read back from disk (tuples become lists)
-        if old != new:
-            changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-            raise UsageError(f"--resume with other settings than {config_path}: {', '.join(changed)} differ")
-        return
-    if out.exists() and any(out.iterdir()):
-        raise UsageError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
-    write_json(config_path, settings)
+def run_state(out: Path) -> str:
+    """What a run directory holds, for the rules of `check_run_dir_for`:
+    "new" (absent or empty), "started" (config.json, no checkpoint yet: nothing of value to lose),
+    "trained" (a checkpoint, no results.json), "finished" (results.json) or "other" (files, no config.json)."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file, not a run directory")
+    if not out.exists() or not any(out.iterdir()):
+        return "new"
+    if (out / RESULTS).is_file():
+        return "finished"
+    if not (out / CONFIG).is_file():
+        return "other"
+    return "trained" if (out / CHECKPOINT).is_file() else "started"
+
+
+def check_run_dir_for(out: Path, settings: dict, resume: bool) -> str:
+    """Check (writing nothing) that a run with `settings` may start or resume in `out`; returns its state.
+
+    A fresh run takes a new directory, or one whose run stopped before its first checkpoint (it restarts);
+    any other run is never overwritten. `--resume` continues from the last checkpoint, from step 0 when
+    there is none yet, and of a finished run changes nothing; the settings must be the same."""
+    state = run_state(out)
+    if state == "other":
+        raise UsageError(f"{out} holds files but no {CONFIG}: not a run directory; choose another --out")
+    if not resume:
+        if state in {"trained", "finished"}:
+            raise UsageError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
+        return state
+    if state == "new":
+        return state
+    old = read_json(out / CONFIG, "run settings")
+    new = json.loads(json.dumps(settings))  # as it would read back from disk (tuples become lists)
+    if not isinstance(old, dict):
+        raise SuperweightError(f"{out / CONFIG} holds no settings object")
+    if old != new:
+        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        raise UsageError(f"--resume with other settings than {out / CONFIG}: {', '.join(changed)} differ")
+    return state
+
+
+def prepare_run_dir(out: Path, settings: dict, resume: bool) -> str:
+    """`check_run_dir_for`, then write config.json for a run that starts (call it once the inputs are known
+    to be good, so a late error leaves no directory behind that looks like a run)."""
+    state = check_run_dir_for(out, settings, resume)
+    if state in {"new", "started"}:
+        write_json(out / CONFIG, settings)
+    return state
 
 
 def read_record(run_dir: str | os.PathLike) -> RunRecord:
@@ -133,11 +202,7 @@ def read_record(run_dir: str | os.PathLike) -> RunRecord:
     path = run_dir / RESULTS
     if not path.is_file():
         raise SuperweightError(f"no results.json in {run_dir}: run `superweight repair --out {run_dir}` first")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise SuperweightError(f"{path} is not valid JSON ({exc}); was the run interrupted while writing?") from None
-    return parse(data, str(path))
+    return parse(read_json(path, "results"), str(path))
 
 
 def write_record(run_dir: str | os.PathLike, record: RunRecord) -> Path:
@@ -152,11 +217,11 @@ def read_train_log(run_dir: str | os.PathLike) -> list[dict]:
     if not path.is_file():
         return []
     out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
             entry = json.loads(line)
         except json.JSONDecodeError:
             continue  # a run killed mid-write leaves half a last line; the curve without it is still right
-        if isinstance(entry, dict) and "step" in entry and "loss" in entry:
+        if isinstance(entry, dict) and isinstance(entry.get("step"), int) and "loss" in entry:
             out.append(entry)
     return out

@@ -19,7 +19,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from superweight.core.arch import decoder_layers
+from superweight.core.arch import decoder_layers, input_device
 from superweight.core.intervene import Intervention, Trace, hidden
 from superweight.core.prefix import Prefix
 from superweight.errors import UsageError
@@ -107,7 +107,7 @@ def measure(
     conditions = dict(conditions or {})
     if "base" in conditions:
         raise ValueError("'base' is reserved for the model with no intervention")
-    device = next(model.parameters()).device
+    device = input_device(model)
     blocks = decoder_layers(model)
     if ids.numel() < 2:
         raise UsageError(f"need at least 2 tokens to score, got {ids.numel()}")
@@ -117,6 +117,7 @@ def measure(
             raise UsageError(f"channel layer {layer} out of range: the model has {n_layers} layers")
         if layer < share_below:
             raise ValueError(f"channel layer {layer} lies below share_below={share_below}: its blocks are skipped")
+    check_context(model, min(max_length, ids.numel()), max_length)
     prefix = Prefix(model, share_below)
     wins = make_windows(ids.numel(), max_length, max_length if stride is None else stride)
     accs = {name: _Acc() for name in ["base", *conditions]}
@@ -155,6 +156,22 @@ def _accumulate(acc: _Acc, lp, labels, agree: int) -> None:
     acc.n += labels.numel()
 
 
+def context_length(model: nn.Module) -> int | None:
+    """The longest sequence the model was built for (config.max_position_embeddings), None if unknown."""
+    value = getattr(model.config, "max_position_embeddings", None)
+    return value if isinstance(value, int) and value > 0 else None
+
+
+def check_context(model: nn.Module, length: int, given: int | None = None, option: str = "--max-length") -> None:
+    """Refuse windows of `length` tokens longer than the model's context: positions past it score garbage
+    silently. `given` is the option's value when the window is shorter than it (few tokens)."""
+    context = context_length(model)
+    if context is not None and length > context:
+        given = length if given is None else given
+        raise UsageError(f"{option} {given} is longer than the model's context ({context} tokens, "
+                         f"max_position_embeddings): use {option} {context} or less")
+
+
 def n_scored(n_tokens: int, max_length: int, stride: int | None = None) -> int:
     """How many targets `measure` scores for a stream of n_tokens (for progress totals)."""
     return sum(w.n_scored for w in make_windows(n_tokens, max_length, max_length if stride is None else stride))
@@ -166,5 +183,6 @@ def protocol_of(loaded, corpus: str, split: str, n_tokens: int, max_length: int,
     return Protocol(
         model=model_id(loaded), model_source=loaded.source, corpus=corpus, split=split, n_tokens=n_tokens,
         max_length=max_length, stride=stride, dtype=loaded.dtype, device=loaded.device,
-        interventions=interventions, provenance=provenance(),
+        dtype_reason=getattr(loaded, "dtype_reason", None), device_map=getattr(loaded, "device_map", None), interventions=interventions,
+        provenance=provenance(),
     )

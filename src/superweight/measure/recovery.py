@@ -9,9 +9,10 @@ from superweight.io.record import Metrics, Recovery
 
 
 def recovery(base: Metrics, broken: Metrics, patched: Metrics) -> Recovery:
-    """NLL-gap closure and KL closure (1 = fully repaired, 0 = as broken)."""
+    """NLL-gap closure and KL closure (1 = fully repaired, 0 = as broken); None where the ablation did no
+    damage of that kind (strict JSON has no NaN: results.json says null, and docs/results.md why)."""
     gap = broken.nll - base.nll
     return Recovery(
-        nll_gap=(broken.nll - patched.nll) / gap if gap else float("nan"),
-        kl=1 - patched.kl / broken.kl if broken.kl else float("nan"),
+        nll_gap=(broken.nll - patched.nll) / gap if gap else None,
+        kl=1 - patched.kl / broken.kl if broken.kl else None,
     )

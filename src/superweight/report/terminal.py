@@ -121,12 +121,12 @@ def print_repair(out: Console, r: RunRecord, run_dir) -> None:
         table.add_column(col, justify="left" if col == "condition" else "right")
     for name, m, rec in r.conditions():
         table.add_row(name, fmt(m.nll), fmt(m.ppl, 2), fmt(m.kl), f"{m.top1_agree:.1%}",
-                      fmt(m.super_activation, 1), f"{rec.nll_gap:.1%}" if rec else "",
-                      f"{rec.kl:.1%}" if rec else "")
+                      fmt(m.super_activation, 1), f"{rec.nll_gap:.1%}" if rec and rec.nll_gap is not None else "",
+                      f"{rec.kl:.1%}" if rec and rec.kl is not None else "")
     out.print(table)
     t = r.training
     out.print(f"Training: {t.steps} steps, {t.seconds:.0f} s ({t.s_per_step:.2f} s/step), "
-              f"final KL loss {t.final_loss:.4f}"
+              + (f"final KL loss {t.final_loss:.4f}" if t.final_loss is not None else "final KL loss unknown")
               + (f", resumed from step {t.resumed_from}" if t.resumed_from is not None else ""))
     for g in r.patch.rows:
         cols = "; ".join(f"d[{c.col}] = {c.value_at_col:.4g} (deleted {c.deleted_value:.4g}), "

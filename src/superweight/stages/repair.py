@@ -18,14 +18,15 @@ from superweight.core.arch import down_projection
 from superweight.core.coords import WeightCoord
 from superweight.core.intervene import Ablation, ActivationRestore, Compose, Intervention, RowPatch, intact_values
 from superweight.core.prefix import first_edited_layer
+from superweight.errors import UsageError
 from superweight.io import corpora
 from superweight.io.models import Loaded, model_id
 from superweight.io.patchfile import save_patch
 from superweight.io.record import Baseline, RunRecord, SeedStats, Seeds, SeedValue
-from superweight.io.rundir import prepare_run_dir, write_record
+from superweight.io.rundir import check_run_dir_for, prepare_run_dir, read_record, write_record
 from superweight.measure import generate
 from superweight.measure.geometry import geometry
-from superweight.measure.metrics import measure, protocol_of
+from superweight.measure.metrics import check_context, measure, protocol_of
 from superweight.measure.recovery import recovery
 from superweight.stages.train import RepairConfig, train, training_sequences
 
@@ -58,21 +59,29 @@ def run_repair(
     on_stage: Callable[[str, int | None], None] | None = None,
     on_advance: Callable[[int, float | None], None] | None = None,
 ) -> RunRecord:
+    """Train, evaluate and save a patch in the run directory `out` (see the module docstring).
+
+    Everything is checked before the first file is written: the run directory (io/rundir.check_run_dir_for),
+    the coordinates and rows, the context length, and the corpus (enough text for one training batch).
+    `resume` continues from the last checkpoint (step 0 if none was made); on a finished run it returns the
+    record as it is and changes nothing."""
     model, tok = loaded.model, loaded.tokenizer
     stage = on_stage or (lambda *_: None)
+    settings = repair_settings(loaded.spec, recipe, cfg, coords, rows, corpus, eval_tokens, max_length, baselines,
+                               checkpoint_every, seeds)
+    if check_run_dir_for(out, settings, resume) == "finished" and resume:
+        return read_record(out)
     ablation = Ablation(model, coords)  # validates coordinates first
     RowPatch(model, rows)  # validates rows
-    settings = {
-        "model": loaded.spec, "recipe": recipe, "config": cfg.model_dump(), "ablate": [str(c) for c in coords],
-        "rows": [[l, r] for l, r in rows], "corpus": corpus, "eval_tokens": eval_tokens,
-        "max_length": max_length, "baselines": baselines, "checkpoint_every": checkpoint_every,
-    }
-    if seeds > 1:  # recorded only when used, so runs made before --seeds existed still resume
-        settings["seeds"] = seeds
-    prepare_run_dir(out, settings, resume)
+    originals = intact_values(model, coords)
+    if all(w == w * c.scale for c, w in zip(coords, originals)):
+        raise UsageError(f"ablating {', '.join(map(str, coords))} changes nothing (value "
+                         f"{', '.join(f'{w:g}' for w in originals)}): there is no damage to repair")
+    check_context(model, cfg.seq_len, option="--seq-len")
     seqs, mask = training_sequences(tok, corpus, cfg)
     eval_ids = corpora.tokenize(tok, corpora.load_text(corpus, "eval"), eval_tokens)
-    originals = intact_values(model, coords)
+    check_context(model, min(max_length, eval_ids.numel()), max_length)
+    prepare_run_dir(out, settings, resume)
 
     on_step = (lambda _step, loss: on_advance(1, loss)) if on_advance else None
     stage("Training patch", cfg.steps)
@@ -113,6 +122,19 @@ def run_repair(
         record.seeds = seed_spread(model, coords, rows, originals, base, metrics, patches, cfg.seed)
     write_record(out, record)
     return record
+
+
+def repair_settings(spec: str, recipe: str, cfg: RepairConfig, coords: list[WeightCoord], rows, corpus: str,
+                    eval_tokens: int, max_length: int, baselines: bool, checkpoint_every: int, seeds: int) -> dict:
+    """What config.json records, and what a resumed run must match (the CLI checks it before the model loads)."""
+    settings = {
+        "model": spec, "recipe": recipe, "config": cfg.model_dump(), "ablate": [str(c) for c in coords],
+        "rows": [[l, r] for l, r in rows], "corpus": corpus, "eval_tokens": eval_tokens,
+        "max_length": max_length, "baselines": baselines, "checkpoint_every": checkpoint_every,
+    }
+    if seeds > 1:  # recorded only when used, so runs made before --seeds existed still resume
+        settings["seeds"] = seeds
+    return settings
 
 
 def _baselines(model, ablation: Ablation, rows, originals, patch, seqs, mask, cfg, stage, on_step):

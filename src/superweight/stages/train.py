@@ -7,14 +7,15 @@ per batch (teacher pass) and are reused by the student (`prefix.Prefix`). Only t
     cfg = RECIPES["fast"]
     state = train(model, coords, rows=[(11, 507)], sequences=seqs, cfg=cfg, run_dir=Path("runs/x"))
 
-Checkpoints (patch, optimiser, RNG, step) make a killed run resume to the same patch, bit for bit on CPU:
-the data order is a pure function of (seed, step), so no data state needs saving beyond the step.
+Checkpoints (patch, optimiser, RNG, step, seconds; io/checkpoint.py) make a killed run resume to the same
+patch, bit for bit on CPU: the data order is a pure function of (seed, step), so no data state needs saving
+beyond the step.
 """
 
 from __future__ import annotations
 
 import functools
-import json
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,14 +26,15 @@ import torch.nn.functional as F
 from pydantic import BaseModel, Field
 from torch import nn
 
-from superweight.core.arch import down_projection
+from superweight.core.arch import down_projection, input_device
 from superweight.core.coords import WeightCoord
 from superweight.core.intervene import Ablation, RowPatch
 from superweight.core.prefix import Prefix, first_edited_layer
-from superweight.errors import UsageError
-from superweight.io import corpora
+from superweight.errors import SuperweightError, UsageError
+from superweight.io import checkpoint, corpora
 from superweight.io.record import Training
-from superweight.io.rundir import CHECKPOINT, TRAIN_LOG, write_atomic
+from superweight.stages import distributed
+from superweight.stages.precondition import PreconditionedPatch, preconditioners
 
 
 class RepairConfig(BaseModel):
@@ -54,6 +56,13 @@ class RepairConfig(BaseModel):
     teacher_cache_mb: int = Field(
         2048, description="cache teacher log-probs (fp16) and prefix states across epochs when they fit"
     )
+    space: Literal["weight", "whitened", "diagonal"] = Field(
+        "weight", description="coordinates the optimiser works in: weight (d itself) or scale-free d = P u "
+                              "(whitened: P from the input correlations, diagonal: per-neuron RMS; "
+                              "stages/precondition.py)"
+    )
+    damping: float = Field(1.0, description="whitened space: lambda added to the input correlation matrix")
+    precondition_tokens: int = Field(4096, description="training tokens that estimate the preconditioner")
     data: Literal["packed", "lines"] = Field(
         "packed", description="packed: the train split cut into full seq_len rows (no padding); lines: one "
                               "wikitext line per sequence, right-padded and masked (the seed write-up's; "
@@ -182,7 +191,8 @@ def train(
     """
     if objective is not None and run_dir is not None:
         raise ValueError("sparse objectives train without a run directory")
-    device = next(model.parameters()).device
+    device = input_device(model)
+    dp = distributed.current()  # one process, or this one's share under `accelerate launch`
     n = sequences.shape[0]
     if mask is None:
         mask = torch.ones_like(sequences)
@@ -191,41 +201,36 @@ def train(
     sizes = [down_projection(model, layer).d_ff for layer, _ in rows]
     init = [torch.zeros(f) if cfg.init == "zero" else torch.randn(f) * 1e-3 for f in sizes]
     init = init_vectors if init_vectors is not None else init
-    patch = objective.patch(model, rows, init) if objective else RowPatch(model, rows, init)
+    t_start = time.perf_counter()
+    if cfg.space != "weight":
+        precond = preconditioners(model, coords, rows, sequences, mask, cfg.space, cfg.damping,
+                                  cfg.precondition_tokens)
+        patch = (objective.patch(model, rows, init, precond) if objective
+                 else PreconditionedPatch(model, rows, precond, init_vectors))
+    else:
+        patch = objective.patch(model, rows, init) if objective else RowPatch(model, rows, init)
+    setup_seconds = time.perf_counter() - t_start
     opt = _optimizer(patch.parameters(), cfg)
-    start = 0
     rows_key, coords_key = [list(r) for r in patch.rows], [str(c) for c in coords]
-    ckpt_path = run_dir / CHECKPOINT if run_dir else None
-    log_path = run_dir / TRAIN_LOG if run_dir else None
+    expect = {"config": cfg.model_dump(), "rows": rows_key, "coords": coords_key}
+    resumed = checkpoint.Resumed()
     if resume:
-        if ckpt_path is None or not ckpt_path.is_file():
-            raise UsageError(f"nothing to resume: no checkpoint in {run_dir}")
-        ckpt = torch.load(ckpt_path, weights_only=False)
-        if ckpt["config"] != cfg.model_dump():
-            raise UsageError("the checkpoint was made with other training settings; resume with the same options")
-        if ckpt.get("rows") != rows_key or ckpt.get("coords") != coords_key:
-            raise UsageError("the checkpoint was made for other patch rows or ablated weights; resume with the same ones")
-        with torch.no_grad():
-            for v, saved in zip(patch.vectors, ckpt["vectors"]):
-                v.copy_(saved)
-        opt.load_state_dict(ckpt["optimizer"])
-        torch.set_rng_state(ckpt["rng"])
-        start = ckpt["step"]
-        _truncate_log(log_path, start)
+        if run_dir is None:
+            raise UsageError("nothing to resume: no run directory given")
+        resumed = checkpoint.restore(run_dir, patch.vectors, opt, expect)  # step 0 before the first checkpoint
     elif run_dir is not None:  # a fresh run: nothing of an earlier run in this directory may survive
-        log_path.unlink(missing_ok=True)
-        ckpt_path.unlink(missing_ok=True)
+        checkpoint.clear(run_dir)
+    start = resumed.step
     prefix = Prefix(model, first_edited_layer(coords, rows))
     vocab = model.get_output_embeddings().weight.shape[0]
     # Teacher log-probs are fixed: keep them (fp16, ~0.01 nats of rounding) when the whole training set
     # fits the budget and will be seen more than once.
     cache_fits = n * sequences.shape[1] * vocab * 2 <= cfg.teacher_cache_mb * 2**20 and cfg.steps * cfg.batch_size > n
     cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-    t0, loss_value = time.perf_counter(), float("nan")
-    if log_path:
-        log_path.parent.mkdir(parents=True, exist_ok=True)
+    t0, loss_value = time.perf_counter(), resumed.loss
+    elapsed = lambda: resumed.seconds + setup_seconds + time.perf_counter() - t0  # noqa: E731 (across resumes)
     for step in range(start, cfg.steps):
-        idx = batch_indices(step, cfg.batch_size, n, cfg.seed)
+        idx = dp.shard(batch_indices(step, cfg.batch_size, n, cfg.seed))
         ids, m = sequences[idx].to(device), mask[idx].to(device)
         if all(i in cache for i in idx):
             teacher_lp = torch.stack([cache[i][0] for i in idx]).float()
@@ -246,42 +251,32 @@ def train(
             group["lr"] = _lr(step, cfg)
         with ablation, patch, prefix.reuse(hidden):
             student = model(input_ids=ids, attention_mask=m, use_cache=False).logits
-            loss = kl_loss(teacher_lp, student, m, cfg)
+            loss = dp.share_of_mean(kl_loss(teacher_lp, student, m, cfg), m)
             if objective:
-                loss = loss + objective.penalty(patch)
+                loss = loss + objective.penalty(patch) / dp.world
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        dp.all_reduce_grads(patch.parameters())
         opt.step()
         if objective:
             objective.after_step(patch, _lr(step, cfg))
-        loss_value = loss.item()
-        if log_path:
-            with open(log_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps({"step": step + 1, "loss": loss_value, "lr": _lr(step, cfg),
-                                    "seconds": round(time.perf_counter() - t0, 3)}) + "\n")
-        if ckpt_path and ((step + 1) % checkpoint_every == 0 or step + 1 == cfg.steps):
-            checkpoint = {
-                "step": step + 1, "vectors": [v.detach().clone() for v in patch.vectors],
-                "optimizer": opt.state_dict(), "rng": torch.get_rng_state(), "config": cfg.model_dump(),
-                "rows": rows_key, "coords": coords_key,
-            }
-            write_atomic(ckpt_path, lambda tmp: torch.save(checkpoint, tmp))
+        loss_value = dp.sum(loss.detach()).item()
+        if not math.isfinite(loss_value):
+            raise SuperweightError(f"training diverged at step {step + 1} (loss {loss_value}): try a lower --lr")
+        if run_dir is not None:
+            checkpoint.log_step(run_dir, {"step": step + 1, "loss": loss_value, "lr": _lr(step, cfg),
+                                          "seconds": round(elapsed(), 3)})
+            if (step + 1) % checkpoint_every == 0 or step + 1 == cfg.steps:
+                checkpoint.save(run_dir, step + 1, patch.vectors, opt, expect, elapsed(), loss_value)
         if on_step:
             on_step(step + 1, loss_value)
-    seconds = time.perf_counter() - t0
-    done = cfg.steps - start
+    seconds = elapsed()
     for v in patch.parameters():
         v.requires_grad_(False)
+    if isinstance(patch, PreconditionedPatch):  # the result is in weight units, whatever training used
+        patch = RowPatch(model, patch.rows, patch.weights())
     return patch, Training(
-        steps=cfg.steps, seconds=seconds, s_per_step=seconds / max(done, 1), final_loss=loss_value,
+        steps=cfg.steps, seconds=seconds, s_per_step=seconds / cfg.steps, final_loss=loss_value,
         resumed_from=start if resume else None, teacher_cached=cache_fits,
     )
 
-
-def _truncate_log(path: Path | None, step: int) -> None:
-    """Drop log lines after the checkpoint a run resumes from, so the log matches the patch."""
-    if not path or not path.is_file():
-        return
-    lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
-    kept = [ln for ln in lines if json.loads(ln)["step"] <= step]
-    path.write_text("".join(ln + "\n" for ln in kept), encoding="utf-8")
