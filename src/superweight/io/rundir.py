@@ -17,6 +17,7 @@ RUN_DIR/
 from __future__ import annotations
 
 import datetime as _dt
+import glob
 import json
 import logging
 import math
@@ -60,6 +61,8 @@ def write_atomic(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     mid-write) sees the old file or the new one, never half of either."""
     path = check_writable(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):  # left by a writer that was killed
+        stale.unlink(missing_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
