@@ -274,3 +274,27 @@ def test_a_run_stopped_before_its_first_checkpoint_restarts_or_resumes(places, t
     assert Path(restarted, "patch.safetensors").read_bytes() == want
     record = json.loads(Path(restarted, "results.json").read_text())
     assert record["training"]["resumed_from"] is None and record["training"]["seconds"] > 0
+
+
+def test_a_killed_run_continues_with_resume(planted_dir, tmp_path, monkeypatch):
+    import superweight.stages.analyze as analyze
+
+    out = tmp_path / "run"
+    args = ["run", "--model", str(planted_dir), "--weight", "1:5:7", "--steps", "4", "--eval-tokens", "128",
+            "--analysis-tokens", "128", "--no-baselines", "--out", str(out), *FP32]
+
+    def interrupted(*_a, **_k):
+        raise KeyboardInterrupt  # stops the process after the repair, as a kill would
+
+    with monkeypatch.context() as m:
+        m.setattr(analyze, "run_analyze", interrupted)
+        assert CliRunner().invoke(app, args).exit_code == 130
+    patch = (out / "patch.safetensors").read_bytes()
+    refused = CliRunner().invoke(app, args)
+    assert refused.exit_code == 2 and "a killed `run` continues with --resume" in refused.stderr
+    result = CliRunner().invoke(app, [*args, "--resume"])
+    assert result.exit_code == 0, result.output
+    assert (out / "report.html").is_file() and (out / "patch.safetensors").read_bytes() == patch
+    assert json.loads((out / "results.json").read_text())["timings"]["report"] >= 0
+    again = CliRunner().invoke(app, [*args, "--resume"])
+    assert again.exit_code == 0 and "finished already" in again.stderr

@@ -7,7 +7,8 @@ from typing import Annotated, Optional
 import typer
 
 from superweight.cli.common import (
-    CorpusOpt, DeviceOpt, DtypeOpt, ModelOpt, app, errors, load_model, out, progress, recipe_config, stage_tasks,
+    DeviceMapOpt, MaxMemoryOpt, OffloadOpt,
+    CorpusOpt, DeviceOpt, DtypeOpt, ModelOpt, app, err, errors, load_model, out, progress, recipe_config, stage_tasks,
 )
 from superweight.errors import UsageError
 from superweight.io import corpora
@@ -30,15 +31,20 @@ def run(
     eval_tokens: Annotated[int, typer.Option(help="eval-split tokens for the headline metrics")] = 2048,
     analysis_tokens: Annotated[int, typer.Option(help="eval-split tokens for the analyses")] = 1024,
     draws: Annotated[int, typer.Option(help="random-k control draws per k")] = 2,
+    resume: Annotated[bool, typer.Option(help="continue a run killed in --out (same options): the repair resumes "
+                                              "from its checkpoint, the stages after it run again")] = False,
     device: DeviceOpt = "cpu",
-    dtype: DtypeOpt = "fp32",
+    dtype: DtypeOpt = "auto",
+    device_map: DeviceMapOpt = None,
+    max_memory: MaxMemoryOpt = None,
+    offload_folder: OffloadOpt = None,
 ):
     """The whole study in one go: detect, ablate, measure, repair with baselines, analyse, report."""
     import datetime as dt
     from pathlib import Path
 
     from superweight.core.coords import parse_coord
-    from superweight.io.rundir import check_new_run_dir
+    from superweight.io.rundir import check_new_run_dir, read_record, run_state
     from superweight.stages.pipeline import run_pipeline
 
     coord = parse_coord(weight) if weight else None
@@ -47,11 +53,19 @@ def run(
         raise UsageError("--eval-tokens and --analysis-tokens must be at least 2, --seeds and --draws at least 1")
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     path = Path(out_ or f"runs/{Path(model).name.removesuffix('.gguf')}-{stamp}")
-    check_new_run_dir(path)
+    if resume and out_ is None:
+        raise UsageError("--resume needs the --out of the run to continue")
+    if not resume:
+        check_new_run_dir(path)
+    elif run_state(path) == "other":
+        raise UsageError(f"{path} holds files but no config.json: not a run directory; choose another --out")
+    elif (path / "report.html").is_file() and (read_record(path).timings or {}).get("report") is not None:
+        err.print(f"{path} is finished already (report.html): nothing to resume, nothing changed.", soft_wrap=True)
+        return
     corpora.load_text(corpus, "eval")  # a missing corpus fails before the model loads
-    loaded = load_model(model, device, dtype)
+    loaded = load_model(model, device, dtype, device_map, max_memory, offload_folder)
     with progress() as bar:
         stage, advance = stage_tasks(bar)
         record = run_pipeline(loaded, path, coord, cfg, recipe, corpus, eval_tokens, analysis_tokens, draws,
-                               baselines, seeds, sparse, on_stage=stage, on_advance=advance)
+                               baselines, seeds, sparse, on_stage=stage, on_advance=advance, resume=resume)
     terminal.print_run(out, record, path)

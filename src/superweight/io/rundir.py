@@ -147,7 +147,9 @@ def provenance() -> dict:
 def check_new_run_dir(out: Path) -> None:
     """Refuse a directory that exists and is not empty: a run is never overwritten."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UsageError(f"{out} already exists: choose another --out (a run is never overwritten)")
+        unfinished = (out / CONFIG).is_file() and not (out / REPORT_HTML).is_file()
+        hint = "; a killed `run` continues with --resume" if unfinished else ""
+        raise UsageError(f"{out} already exists: choose another --out (a run is never overwritten){hint}")
 
 
 def run_state(out: Path) -> str:

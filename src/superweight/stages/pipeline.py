@@ -41,7 +41,10 @@ def run_pipeline(
     sparse: bool = False,
     on_stage: Callable[[str, int | None], None] | None = None,
     on_advance: Callable[[int, float | None], None] | None = None,
+    resume: bool = False,
 ) -> RunRecord:
+    """`resume` continues a run killed in `out`: detection runs again (it is deterministic), the repair
+    resumes from its checkpoint (or keeps its finished results), and the later stages run again."""
     from superweight.report import write_report
     from superweight.stages.analyze import run_analyze
     from superweight.stages.detect import DetectConfig, run_detect
@@ -52,24 +55,25 @@ def run_pipeline(
     stage = on_stage or (lambda *_: None)
     tokens = (lambda n: on_advance(n, None)) if on_advance else None
     cfg = cfg or RECIPES[recipe]
-    check_new_run_dir(out)
+    if not resume:
+        check_new_run_dir(out)
     timings: dict[str, float] = {}
     t = time.perf_counter()
     detected = None
     if weight is None:
         detected = run_detect(loaded, DetectConfig(corpus=corpus, calib_tokens=CALIB_TOKENS),
                               on_stage=lambda name: stage(f"Detect: {name}", None))
-        confirmed = [c for c in detected.candidates if c.confirmed]
-        if not confirmed:
+        chosen = _choose(detected.candidates)
+        if chosen is None:
             best = detected.candidates[0] if detected.candidates else None
             hint = f" (strongest candidate {best.coord}, KL {best.kl:.3g})" if best and best.kl is not None else ""
-            raise SuperweightError(f"detection confirmed no super weight in {loaded.spec}{hint}; "
+            raise SuperweightError(f"detection found no super weight and no sensitive weight in {loaded.spec}{hint}; "
                                    "pass --weight LAYER:ROW:COL to repair one anyway")
-        weight = confirmed[0].coord  # candidates are ranked by the damage their removal does
+        weight = chosen.coord
     timings["detect"] = time.perf_counter() - t
     t = time.perf_counter()
     rows = [(weight.layer, weight.row)]
-    run_repair(loaded, [weight], rows, cfg, recipe, out, corpus, eval_tokens, 512, baselines, seeds,
+    run_repair(loaded, [weight], rows, cfg, recipe, out, corpus, eval_tokens, 512, baselines, seeds, resume,
                on_stage=stage, on_advance=on_advance)
     timings["repair"] = time.perf_counter() - t
     if detected is not None:
@@ -91,9 +95,20 @@ def run_pipeline(
     return record
 
 
+def _choose(candidates):
+    """The most damaging super weight, else the most damaging sensitive weight, else None (candidates come
+    ranked by the damage their removal does)."""
+    for wanted in ("super weight", "sensitive weight"):
+        found = [c for c in candidates if c.grade == wanted]
+        if found:
+            return found[0]
+    return None
+
+
 def _detect_summary(detected, weight: WeightCoord) -> DetectSummary:
     if detected is None:
         return DetectSummary(weight=str(weight), note="given with --weight")
     keep = set(CandidateSummary.model_fields)
-    return DetectSummary(weight=str(weight), candidates=[c.model_dump(include=keep) for c in detected.candidates],
-                         protocol=detected.protocol)
+    chosen = next(c for c in detected.candidates if c.coord == weight)
+    return DetectSummary(weight=str(weight), grade=chosen.grade, protocol=detected.protocol,
+                         candidates=[c.model_dump(include=keep) for c in detected.candidates])
