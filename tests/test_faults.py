@@ -251,6 +251,8 @@ def test_killed_runs_resume_to_the_uninterrupted_patch(tiny_model_dir, tmp_path)
         assert got.keys() == want.keys() and all(got[n].equal(want[n]) for n in want), (point, k)
         record = read_record(out)
         assert record.training.final_loss is not None and record.training.seconds > 0
+        if (left / "checkpoints" / "last.pt").is_file():  # the seconds before the kill still count
+            assert record.training.seconds > checkpoint.load(left)["seconds"] > 0, (point, k)
         assert [e["step"] for e in read_train_log(out)] == list(range(1, STEPS + 1))
         assert not list(out.rglob("*.tmp")), (point, k, list(out.rglob("*.tmp")))  # the rewrite removed them
         if point == "report_write":

@@ -63,8 +63,7 @@ class Protocol(Record):
 
 
 class Recovery(Record):
-    nll_gap: float | None = Field(description="(NLL_broken - NLL_x) / (NLL_broken - NLL_base); null when the "
-                                              "ablation left the NLL unchanged (nothing to recover)")
+    nll_gap: float | None = Field(description="(NLL_broken - NLL_x) / (NLL_broken - NLL_base); null if no gap")
     kl: float | None = Field(description="1 - KL_x / KL_broken; null when KL_broken is 0")
 
 
@@ -76,8 +75,7 @@ class Training(Record):
     steps: int
     seconds: float
     s_per_step: float
-    final_loss: float | None = Field(description="the last step's loss; null only for a resumed run whose "
-                                                 "checkpoint predates storing it")
+    final_loss: float | None = Field(description="last step's loss; null: resumed from an old checkpoint")
     resumed_from: int | None = None
     teacher_cached: bool
 
@@ -88,6 +86,8 @@ class ColGeometry(Record):
     value_at_col: float = Field(description="d[col]")
     deleted_value: float = Field(description="what the ablation removed from W[row, col]")
     cos_ablated_direction: float = Field(description="cos(d, e_col)")
+    value_ratio: float | None = Field(None, description="d[col] / deleted value (invariant)")
+    write_cos_ablated: float | None = Field(None, description="cos(x·d, x[col]) over tokens (invariant)")
 
 
 class RowGeometry(Record):
@@ -103,6 +103,14 @@ class RowGeometry(Record):
     cos_ablated_direction: float | None = None
     cols: list[ColGeometry] = Field(default_factory=list)
     top_entries: list[tuple[int, float]] = Field(default_factory=list, description="[neuron, d[neuron]] by |d|")
+    # Invariant under rescaling a neuron without changing the model (measure/geometry.py):
+    value_ratio: float | None = Field(None, description="d[col] / deleted value")
+    write_cos_ablated: float | None = Field(None, description="cos(x·d, x[col]) over tokens")
+    balanced_norm: float | None = Field(None, description="‖d‖ in the balanced parametrization (core/reparam)")
+    write_rms: float | None = Field(None, description="RMS over tokens of what the patch writes, x·d")
+    write_cos_original_row: float | None = Field(None, description="cos(x·d, x·w_row) over tokens")
+    top_writes: list[tuple[int, float]] = Field(default_factory=list,
+                                                description="[neuron, RMS of x_j d_j] by what each entry writes")
 
     @property
     def key(self) -> str:
@@ -285,11 +293,13 @@ class CandidateSummary(Record):
     control_kl_top: float | None = None
     control_kl_random: float | None = None
     confirmed: bool
+    grade: str | None = Field(None, description="super weight / sensitive weight / none (stages/detect.GRADES)")
     source: str
 
 
 class DetectSummary(Record):
     weight: str
+    grade: str | None = Field(None, description="the chosen weight's grade; None when given with --weight")
     candidates: list[CandidateSummary] = Field(default_factory=list)
     protocol: Protocol | None = None
     note: str | None = None
