@@ -79,6 +79,8 @@ ROWS = [
      "ablating 1:5:7@1 changes nothing"),
     ("repair", "corpus too short for one sequence", [*REPAIR, "--corpus", "text:{short}", "--out", "{tmp}/new"], 1, "need at least 32 tokens to pack one sequence"),
     ("repair", "--out naming a file", [*REPAIR, "--out", "{file}"], 2, "--out {file} is a file, not a run directory"),
+    ("repair", "--out under a file", [*REPAIR, "--out", "{file}/run"], 2,
+     "cannot write '{file}/run/config.json': '{file}' is a file, not a directory"),
     ("repair", "--out holding other files", [*REPAIR, "--out", "{others}"], 2,
      "{others} holds files but no config.json: not a run directory; choose another --out"),
     ("repair", "--out holding a run", [*REPAIR, "--out", "{run}"], 2,
@@ -130,6 +132,8 @@ ROWS = [
     ("run", "bad --weight", ["run", *M, "--weight", "1:2"], 2, "invalid weight coordinate '1:2'"),
     ("run", "--seeds 0", ["run", *M, "--seeds", "0"], 2, "--eval-tokens and --analysis-tokens must be at least 2"),
     ("run", "--out holding a run", ["run", *M, "--out", "{run}"], 2, "{run} already exists: choose another --out"),
+    ("run", "--out under a file", ["run", *M, "--out", "{file}/run"], 2,
+     "cannot write '{file}/run/config.json': '{file}' is a file, not a directory"),
     ("run", "--out naming a file", ["run", *M, "--out", "{file}"], 2, "{file} already exists: choose another --out"),
 ]
 
@@ -298,3 +302,16 @@ def test_a_killed_run_continues_with_resume(planted_dir, tmp_path, monkeypatch):
     assert json.loads((out / "results.json").read_text())["timings"]["report"] >= 0
     again = CliRunner().invoke(app, [*args, "--resume"])
     assert again.exit_code == 0 and "finished already" in again.stderr
+
+
+def test_json_is_strict_a_nan_is_null_and_named(tmp_path, caplog):
+    from superweight.io.record import Metrics
+    from superweight.io.rundir import write_json
+    from superweight.measure.recovery import recovery
+
+    write_json(tmp_path / "x.json", {"a": [1.0, float("nan")], "b": {"c": float("inf")}})
+    text = (tmp_path / "x.json").read_text()
+    assert json.loads(text, parse_constant=lambda c: pytest.fail(c)) == {"a": [1.0, None], "b": {"c": None}}
+    assert "a[1] (nan), b.c (inf) not finite, written as null" in caplog.text
+    same = Metrics(nll=2.0, ppl=7.39, kl=0.0, top1_agree=1.0, n_tokens=10)
+    assert recovery(same, same, same).model_dump() == {"nll_gap": None, "kl": None}  # no damage: null, not NaN

@@ -150,6 +150,7 @@ def check_new_run_dir(out: Path) -> None:
         unfinished = (out / CONFIG).is_file() and not (out / REPORT_HTML).is_file()
         hint = "; a killed `run` continues with --resume" if unfinished else ""
         raise UsageError(f"{out} already exists: choose another --out (a run is never overwritten){hint}")
+    check_writable(out / CONFIG)  # e.g. --out under a file: refused now, not after the model loads
 
 
 def run_state(out: Path) -> str:
@@ -174,6 +175,7 @@ def check_run_dir_for(out: Path, settings: dict, resume: bool) -> str:
     any other run is never overwritten. `--resume` continues from the last checkpoint, from step 0 when
     there is none yet, and of a finished run changes nothing; the settings must be the same."""
     state = run_state(out)
+    check_writable(out / CONFIG)
     if state == "other":
         raise UsageError(f"{out} holds files but no {CONFIG}: not a run directory; choose another --out")
     if not resume:
