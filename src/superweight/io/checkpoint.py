@@ -3,7 +3,7 @@
     clear(run_dir)                                   # a fresh run: no log or checkpoint of an earlier one
     state = restore(run_dir, vectors, opt, expect)   # resume: step 0 when no checkpoint was made yet
     log_step(run_dir, {"step": 7, "loss": 0.3, "lr": 0.1, "seconds": 1.2})
-    save(run_dir, Checkpoint(step=7, ...), vectors, opt)
+    save(run_dir, 7, vectors, opt, expect, seconds=1.2, loss=0.3)   # atomic
 
 `checkpoints/last.pt` is read with `torch.load(weights_only=True)`: tensors, numbers, strings, lists and
 dicts only, so a crafted file cannot run code (it is refused in one line). The checkpoint holds everything a
