@@ -1,7 +1,16 @@
 """What a patch is, against the weights it repairs: norm, cosines, d[col] vs the deleted value, top entries.
 
-    g = geometry(model, coords, rows, patch.vectors, intact_values(model, coords))
-    g.norm, g.rows[1].cos_original_row
+    g = geometry(model, coords, rows, patch.vectors, intact_values(model, coords), inputs={11: x})
+    g.norm, g.rows[1].cos_original_row, g.write_rms
+
+Two kinds of numbers. ‖d‖, cos(d, row), cos(d, e_col) and the top |d| entries depend on the parametrization:
+rescaling neuron j without changing the model (`core/reparam.rescale_mlp`, d_j -> d_j / a_j) moves them. Their
+invariant counterparts do not, so results stay comparable across models and rescalings:
+- `balanced_norm`: ‖d‖ in the MLP's balanced parametrization (d_j * n_j, `core/reparam.neuron_balance`);
+- `value_ratio`: d[col] / the deleted value;
+- with `inputs` (the down-projection's input x [tokens, d_ff] per layer), what the patch writes, x · d:
+  `write_rms` (its RMS over those tokens), `write_cos_original_row` (cos(x·d, x·w) over tokens),
+  `write_cos_ablated` (cos(x·d, x[col])), and `top_writes` (neurons by the RMS of x_j d_j).
 """
 
 from __future__ import annotations
@@ -11,10 +20,17 @@ from torch import nn
 
 from superweight.core.arch import down_projection
 from superweight.core.coords import WeightCoord
+from superweight.core.reparam import neuron_balance
+from superweight.errors import UnsupportedArchitectureError
 from superweight.io.record import ColGeometry, PatchGeometry, RowGeometry
 
 
-def geometry(model: nn.Module, coords: list[WeightCoord], rows, vectors, originals: list[float]) -> PatchGeometry:
+def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
+    return torch.cosine_similarity(a.double(), b.double(), 0).item()
+
+
+def geometry(model: nn.Module, coords: list[WeightCoord], rows, vectors, originals: list[float],
+             inputs: dict[int, torch.Tensor] | None = None) -> PatchGeometry:
     """Every patched row's geometry, in the order of `rows`, and the first row's at the top level
     (docs/results.md, `patch`). Call it with the interventions off: "original row" means the intact weights."""
     out = []
@@ -22,14 +38,30 @@ def geometry(model: nn.Module, coords: list[WeightCoord], rows, vectors, origina
         d = d.detach().float().cpu()
         norm = d.norm().item()
         w_row = down_projection(model, layer).row(row).float().cpu()
+        x = None if inputs is None or layer not in inputs else inputs[layer].float().cpu()
+        write = None if x is None else x @ d
         cols = [
             ColGeometry(col=c.col, value_at_col=d[c.col].item(), deleted_value=w - w * c.scale,
-                        cos_ablated_direction=d[c.col].item() / norm if norm > 0 else 0.0)
+                        cos_ablated_direction=d[c.col].item() / norm if norm > 0 else 0.0,
+                        value_ratio=d[c.col].item() / (w - w * c.scale) if w - w * c.scale else None,
+                        write_cos_ablated=None if write is None else _cos(write, x[:, c.col]))
             for c, w in zip(coords, originals) if (c.layer, c.row) == (layer, row)
         ]
         top = d.abs().topk(min(16, d.numel())).indices
+        invariant = {}
+        try:
+            invariant["balanced_norm"] = (d * neuron_balance(model, layer)).norm().item()
+        except UnsupportedArchitectureError:  # GELU MLPs have no function-preserving neuron scale
+            pass
+        if write is not None:
+            per_neuron = (x * d).pow(2).mean(0).sqrt()
+            invariant |= {"write_rms": write.pow(2).mean().sqrt().item(),
+                          "write_cos_original_row": _cos(write, x @ w_row),
+                          "top_writes": [(int(i), per_neuron[i].item())
+                                         for i in per_neuron.topk(min(16, d.numel())).indices]}
         out.append(RowGeometry(
             layer=layer, row=row, norm=norm, cos_original_row=torch.cosine_similarity(d, w_row, 0).item(),
             **(cols[0].model_dump() if cols else {}), cols=cols, top_entries=[(int(i), d[i].item()) for i in top],
+            **invariant,
         ))
     return PatchGeometry(**out[0].model_dump(), rows=out)

@@ -7,6 +7,7 @@ renderers (render.py) escape it. Each section appears only when its stage has ru
 from __future__ import annotations
 
 from superweight.io.record import RunRecord, smallest_k
+from superweight.measure.grade import GRADES, grade_words
 from superweight.report.format import num, pct, ppl, tok, value, vis
 
 
@@ -30,10 +31,16 @@ def _img(plots: dict, name: str, alt: str) -> list:
 
 def _headline(r: RunRecord, plots) -> list:
     p, model = r.patch, r.protocol.model.split(" (")[0]
-    out = [("h", 1, f"Super weight {r.weight} in {model}"), (
+    grade = r.detect.grade if r.detect else None
+    title = {"super weight": "Super weight", "sensitive weight": "Sensitive weight (not a super weight)",
+             "none": "Weight (not a super weight)"}.get(grade, "Ablated weight")
+    size = f"writing {num(p.write_rms)} RMS into the row" if p.write_rms is not None else f"of norm {num(p.norm)}"
+    out = [("h", 1, f"{title} {r.weight} in {model}"), (
         "p", f"Zeroing W[{r.weight}] (layer:row:col of the MLP down-projection) takes PPL from {ppl(r.base.ppl)} "
-             f"to {ppl(r.broken.ppl)}; a row patch of norm {num(p.norm)} recovers {pct(r.recovery.nll_gap)} of the "
+             f"to {ppl(r.broken.ppl)}; a row patch {size} recovers {pct(r.recovery.nll_gap)} of the "
              f"NLL gap (PPL {ppl(r.patched.ppl)}).")]
+    if grade:
+        out.append(("p", f"Detection grades it {grade_words(grade)}: {GRADES[grade]}."))
     sp = sorted(r.sparsity or [], key=lambda e: e.k)
     k = smallest_k(sp, ranking="by_contribution")
     if k is not None:
@@ -76,11 +83,12 @@ def _detection(r: RunRecord, plots) -> list:
     d = r.detect
     if not d:
         return []
-    return [("h", 2, "Detection"), ("p", f"Chosen weight: {d.weight}."), _columns(
+    grades = "; ".join(f"{k}: {v}" for k, v in GRADES.items())
+    return [("h", 2, "Detection"), ("p", f"Chosen weight: {d.weight}, {grade_words(d.grade)}."), _columns(
         d.candidates,
         [("layer", "layer", num), ("row", "row", num), ("col", "col", num), ("value", "value", num),
          ("KL", "kl", num), ("PPL ratio", "ppl_ratio", num), ("confirmed", "confirmed", num),
-         ("source", "source", num)])]
+         ("grade", lambda c: c.grade or "-", str), ("source", "source", num)]), ("p", f"Grades: {grades}.")]
 
 
 def _training(r: RunRecord, plots) -> list:
@@ -98,11 +106,21 @@ def _bars(r: RunRecord, plots) -> list:
 
 def _patch(r: RunRecord, plots) -> list:
     p = r.patch
-    facts = {"layer, row": f"{p.layer}, {p.row}", "norm ‖d‖": num(p.norm),
-             "cos(d, original row)": num(p.cos_original_row), "ablated column": num(p.col),
+    facts = {"layer, row": f"{p.layer}, {p.row}", "ablated column": num(p.col),
+             "RMS write x·d (invariant)": num(p.write_rms),
+             "cos(x·d, x·w_row) (invariant)": num(p.write_cos_original_row),
+             "cos(x·d, x[col]) (invariant)": num(p.write_cos_ablated),
+             "d[col] / deleted value (invariant)": num(p.value_ratio),
+             "‖d‖ balanced (invariant)": num(p.balanced_norm),
+             "norm ‖d‖": num(p.norm), "cos(d, original row)": num(p.cos_original_row),
              "cos(d, e_col)": num(p.cos_ablated_direction),
              "d[col] vs deleted value": f"{num(p.value_at_col)} vs {num(p.deleted_value)}"}
-    out = [("h", 2, "The patch"), _kv(facts, str)]
+    out = [("h", 2, "The patch"), _kv(facts, str), (
+        "p", "Invariant: unchanged when a neuron's input is scaled by a and its down-projection column by 1/a, "
+             "which leaves the model's function as it is (superweight.core.reparam). x·d is what the patch "
+             "writes into the row at each eval token; the balanced norm is ‖d‖ after rescaling every neuron to "
+             "equal in and out weight norms. ‖d‖, cos(d, ·) and the |d| ranking depend on the "
+             "parametrization.")]
     if len(p.cols) > 1:
         out.append(_columns(p.cols, [("col", "col", num), ("d[col]", "value_at_col", num),
                                      ("deleted value", "deleted_value", num),
@@ -110,9 +128,13 @@ def _patch(r: RunRecord, plots) -> list:
     if len(p.rows) > 1:
         out.append(_columns(p.rows, [("layer", "layer", num), ("row", "row", num), ("norm", "norm", num),
                                      ("cos(d, original row)", "cos_original_row", num)]))
+    if p.top_writes:
+        top = [[n, num(v)] for n, v in p.top_writes]
+        out += [("p", "Entries that write most (RMS of x_j·d_j over tokens, invariant):"),
+                _table(["neuron", "RMS x_j·d_j"], top)]
     if p.top_entries:
         top = [[n, num(v)] for n, v in p.top_entries]
-        out += [("p", "Largest entries of d:"), _table(["neuron", "d[neuron]"], top)]
+        out += [("p", "Largest entries of d (parametrization-dependent):"), _table(["neuron", "d[neuron]"], top)]
     return out
 
 
@@ -128,8 +150,9 @@ def _sparsity(r: RunRecord, plots) -> list:
                                  ("random-k NLL-gap rec.", lambda e: e.random.nll_gap, pct),
                                  ("random-k KL", lambda e: e.random.kl, num)]))
         k_c = smallest_k(sp, ranking="by_contribution")
-        out.append(("p", "Top-k keeps the largest |d| entries; by-|x·d| keeps the entries that write most at the "
-                    "token where the patch writes most (the massive-activation token). Smallest by-|x·d| patch "
+        out.append(("p", "Top-k keeps the largest |d| entries (parametrization-dependent); by-|x·d| keeps the "
+                    "entries that write most at the token where the patch writes most (the massive-activation "
+                    "token; invariant). Smallest by-|x·d| patch "
                     "recovering >= 90%: " + (f"k = {k_c}." if k_c is not None else "none does.")))
         k = smallest_k(sp)
         out.append(("p", "Smallest top-k patch recovering >= 90% of the NLL gap: "

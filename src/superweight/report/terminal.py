@@ -11,6 +11,7 @@ from rich.table import Table
 from rich.text import Text
 
 from superweight.io.record import RunRecord, SparseTraining, smallest_k
+from superweight.measure.grade import GRADES, grade_words
 from superweight.report.compare import CompareRow
 
 
@@ -69,28 +70,35 @@ def print_detect(out: Console, result) -> None:
     if p:
         title += f" (damage on {p.corpus}/{p.split}, {p.n_tokens:,} tokens)"
     table = Table(title=title, box=box.SIMPLE_HEAD)
-    cols = ["L:R:C", "W", "in", "out", "×med", "KL", "PPL×", "ctrl KL", "confirmed", "found by"]
+    cols = ["L:R:C", "W", "in", "out", "×med", "KL", "PPL×", "ctrl KL", "confirmed", "grade", "found by"]
     for c in cols:
-        table.add_column(c, justify="left" if c in {"L:R:C", "found by", "confirmed"} else "right", no_wrap=True)
+        table.add_column(c, justify="left" if c in {"L:R:C", "found by", "confirmed", "grade"} else "right",
+                         no_wrap=True)
     for c in result.candidates:
         ctrl = "-" if c.control_kl_top is None else f"{c.control_kl_top:.1g}/{c.control_kl_random:.1g}"
         table.add_row(
             f"{c.layer}:{c.row}:{c.col}", f"{c.value:.3g}", fmt(c.in_spike, 0), fmt(c.out_spike, 0),
             fmt(c.spike_ratio, 0), fmt(c.kl, 3), fmt(c.ppl_ratio, 2), ctrl,
             "[bold green]yes[/]" if c.confirmed else ("no" if c.kl is not None else "not verified"),
+            {"super weight": "[bold]super weight[/]"}.get(c.grade, c.grade or "-"),
             c.source.replace("attribution:", "attr:").replace("(round ", "r").rstrip(")"),
         )
     out.print(table)
     out.print(
         "W: the weight; in/out: max |input| at its column and max |output| at its row of the down-projection "
         "in the scan; ×med: that output spike over the median layer's; KL: mean KL(base || weight zeroed), "
-        "nats/token; PPL×: PPL with it zeroed / base PPL; ctrl KL: the same for the largest-|W| other weight "
-        "/ a random weight of the same matrix. "
+        "nats/token; PPL×: PPL with it zeroed / base PPL; ctrl KL: the same for the other weight that writes "
+        "most (|W|·max|x|) / a random weight of the same matrix. "
         f"Confirmed: KL >= {result.settings['min_kl']} and >= {result.settings['control_factor']:g}× the worse "
-        "control. found by: spike scan round n, or attribution method."
+        "control. Grade: " + "; ".join(f"{k}: {v}" for k, v in GRADES.items()) +
+        ". found by: spike scan round n, or attribution method."
     )
-    if result.candidates and result.candidates[0].kl is not None and not any(c.confirmed for c in result.candidates):
-        out.print("[bold]No candidate is confirmed: none does damage far above its controls.[/]")
+    verified = [c for c in result.candidates if c.kl is not None]
+    if verified and not any(c.grade == "super weight" for c in verified):
+        sensitive = [c for c in verified if c.grade == "sensitive weight"]
+        out.print("[bold]No super weight: " + (
+            f"the most damaging weight, {sensitive[0].coord} (PPL x{sensitive[0].ppl_ratio:.2f}), is a sensitive "
+            "weight, not a collapse.[/]" if sensitive else "no candidate does damage far above its controls.[/]"))
     if not result.candidates:
         out.print("[bold]No candidates: no layer's spike stands out and attribution was off.[/]")
     if result.published:
@@ -132,6 +140,10 @@ def print_repair(out: Console, r: RunRecord, run_dir) -> None:
         cols = "; ".join(f"d[{c.col}] = {c.value_at_col:.4g} (deleted {c.deleted_value:.4g}), "
                          f"cos(d, e_{c.col}) = {c.cos_ablated_direction:.3f}" for c in g.cols)
         out.print(f"Patch row {g.key}: ||d|| = {g.norm:.3f}, cos(d, original row) = {g.cos_original_row:.3f}; {cols}")
+        if g.write_rms is not None:
+            out.print(f"  invariant: RMS write x·d = {g.write_rms:.4g}, cos(x·d, x·w_row) = "
+                      f"{g.write_cos_original_row:.3f}, cos(x·d, x[col]) = {fmt(g.write_cos_ablated, 3)}, "
+                      f"d[col]/deleted = {fmt(g.value_ratio, 3)}, balanced ||d|| = {fmt(g.balanced_norm, 3)}")
     if sd := r.seeds:
         out.print(f"Over {len(sd.values)} seeds: NLL-gap recovery {sd.mean.nll_gap:.1%} ± {sd.std.nll_gap:.1%}, "
                   f"||d|| {sd.mean.norm:.3g} ± {sd.std.norm:.2g}, "
@@ -224,8 +236,8 @@ def print_run(out: Console, r: RunRecord, path) -> None:
     if d and d.candidates:
         top = next(c for c in d.candidates if f"{c.layer}:{c.row}:{c.col}" == d.weight)
         out.print(f"Detected {len(d.candidates)} candidates, {sum(c.confirmed for c in d.candidates)} "
-                  f"confirmed; repairing {d.weight} (zeroing it: KL {top.kl:.3g}, PPL x{top.ppl_ratio:.2f} "
-                  "on the calibration text). Details: detect.json")
+                  f"confirmed; repairing {d.weight}, {grade_words(d.grade)} (zeroing it: KL {top.kl:.3g}, PPL "
+                  f"x{top.ppl_ratio:.2f} on the calibration text). Details: detect.json")
     print_repair(out, r, path)
     print_analysis(out, r, patch_line=False)
     if r.sparse_training:

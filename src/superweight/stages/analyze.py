@@ -25,6 +25,7 @@ from superweight.io.models import Loaded
 from superweight.io.patchfile import PatchData, check_fits, load_patch
 from superweight.io.rundir import read_record, write_record
 from superweight.measure.geometry import geometry
+from superweight.measure.inputs import down_inputs
 from superweight.io.record import Metrics, RunRecord
 from superweight.measure.metrics import measure, protocol_of
 from superweight.measure.recovery import recovery
@@ -148,34 +149,6 @@ def logit_lens(model: nn.Module, tokenizer, layer: int, row: int, scale: float =
             "bottom": items((-logits).topk(TOP_TOKENS).indices)}
 
 
-class _Stop(Exception):
-    """Ends a forward pass once the traced layer has been seen (nothing above it is needed)."""
-
-
-@torch.no_grad()
-def down_inputs(model, ids: torch.Tensor, layer: int, max_length: int) -> tuple[torch.Tensor, list[int]]:
-    """The down-projection input x [tokens, d_ff] of `layer` over `ids` in windows of `max_length`, and each
-    token's position in its window. Forward passes stop at that layer."""
-    module = down_projection(model, layer).module
-    device = next(model.parameters()).device
-    acts: list[torch.Tensor] = []
-
-    def hook(_m, inp, _out):
-        acts.append(inp[0].reshape(-1, inp[0].shape[-1]).float().cpu())
-        raise _Stop
-
-    handle = module.register_forward_hook(hook)
-    try:
-        for begin in range(0, ids.numel(), max_length):
-            try:
-                model(input_ids=ids[None, begin : begin + max_length].to(device), use_cache=False)
-            except _Stop:
-                pass
-    finally:
-        handle.remove()
-    return torch.cat(acts), [t % max_length for t in range(ids.numel())]
-
-
 def _context(tokenizer, ids: torch.Tensor, g: int, pos: int) -> dict:
     return {"text": tokenizer.decode(ids[max(g - CONTEXT_TOKENS, g - pos) : g].tolist()),
             "token": _tok(tokenizer, int(ids[g])), "position": pos}
@@ -268,12 +241,14 @@ def run_analyze(
     n = sum(v.numel() for v in patch.vectors)
     stage("Token and neuron views", None)
     (layer, row), vector = patch.rows[0], patch.vectors[0].float()
-    neurons = vector.abs().topk(min(top_neurons, vector.numel())).indices.tolist()
     x, positions = inputs[layer]
+    # The neurons that write most (RMS of x_j d_j over tokens): the same neurons however the MLP is scaled.
+    neurons = (x * vector).pow(2).mean(0).topk(min(top_neurons, vector.numel())).indices.tolist()
     col, deleted = next(((c.col, w - w * c.scale) for c, w in zip(coords, originals)
                          if (c.layer, c.row) == (layer, row)), (None, None))
     analysis = {
-        "patch": geometry(model, coords, patch.rows, patch.vectors, originals),
+        "patch": geometry(model, coords, patch.rows, patch.vectors, originals,
+                          {layer: xs for layer, (xs, _) in inputs.items()}),
         "super_activation": {k: metrics[k].super_activation for k in ("base", "broken", "patched")},
         "sparsity": sparsity_table(metrics, n, draws),
         "tokens": {**stats.summary(tok), "logit_lens": logit_lens(model, tok, layer, row)},

@@ -9,8 +9,16 @@
 3. Attribution, for architectures whose spikes hide (post-norm Gemma): score every weight by
    `|W[r,c]| * max_t |x_t[c]|` over calibration text (or first-order `|w * dL/dw|`), take the top few.
 4. Verification: zero each candidate alone and measure KL(base || ablated) and the PPL ratio on a
-   calibration slice, beside two controls from the same matrix: the largest-magnitude other weight, and a
-   random weight. `confirmed` needs KL >= `min_kl` and >= `control_factor` x the worse control.
+   calibration slice, beside two controls from the same matrix: the other weight that writes most
+   (|W[r,c]| * max_t |x_t[c]|), and a random weight. `confirmed` needs KL >= `min_kl` and >= `control_factor` x
+   the worse control.
+5. Grade (`grade`): what the damage makes of the weight, by the thresholds in GRADES below: a super weight
+   (removal collapses the model), a sensitive weight (above its controls, but the model survives), or none.
+
+Every score is a property of the function, not of the parametrization: output spikes, contributions
+|W[r,c] x[c]| and KL do not change when a neuron's input is scaled by a and its column by 1/a
+(`core/reparam.py`; tests/test_reparam.py checks detection on a rescaled model). Only the reported `in_value`
+/ `in_col` (the paper's largest-input rule) and `value` (W itself) follow the scale.
 """
 
 from __future__ import annotations
@@ -23,11 +31,13 @@ import torch
 from pydantic import BaseModel, Field
 from torch import nn
 
-from superweight.core.arch import DownProj, down_projections
+from superweight.core.arch import DownProj, down_projections, input_device
 from superweight.core.coords import WeightCoord
 from superweight.core.intervene import Ablation, Intervention, Trace
 from superweight.io import corpora
 from superweight.io.record import Metrics, Protocol
+from superweight.measure.grade import grade
+from superweight.measure.inputs import down_inputs
 from superweight.measure.metrics import measure, protocol_of
 
 DEFAULT_PROMPTS = [
@@ -63,10 +73,12 @@ class Candidate(BaseModel):
     attribution: float | None = Field(None, description="attribution score (method in source)")
     kl: float | None = Field(None, description="KL(base || this weight zeroed), nats/token, calibration text")
     ppl_ratio: float | None = Field(None, description="PPL with this weight zeroed / base PPL")
-    control_kl_top: float | None = Field(None, description="KL when zeroing the largest-|W| other weight")
+    control_kl_top: float | None = Field(None, description="KL when zeroing the other weight that writes most "
+                                                           "(|W[r,c]| * max_t |x_t[c]|)")
     control_kl_random: float | None = Field(None, description="KL when zeroing a random weight")
     controls: list[str] = Field(default_factory=list, description="the control coordinates [top, random]")
     confirmed: bool = Field(False, description="KL >= min_kl and >= control_factor x the worse control")
+    grade: str | None = Field(None, description="super weight / sensitive weight / none (GRADES), when verified")
 
     @property
     def coord(self) -> WeightCoord:
@@ -87,7 +99,7 @@ def scan(model: nn.Module, tokenizer, prompts: list[str]) -> list[LayerSpike]:
     """Per-layer spike statistics of every down-projection over the prompts (maxima over all prompts)."""
     dps = down_projections(model)
     best: dict[int, LayerSpike] = {}
-    device = next(model.parameters()).device
+    device = input_device(model)
     for p_index, prompt in enumerate(prompts):
         def record(layer, inp, out, p_index=p_index):
             # [T, d_ff] and [T, d_model] of the single sequence (OPT flattens batch and time before fc2).
@@ -158,7 +170,7 @@ def attribution(
     """
     dps = down_projections(model)
     batch = corpora.pack(ids, min(max_length, ids.numel()))
-    device = next(model.parameters()).device
+    device = input_device(model)
     if method == "activation":
         scores = _activation_scores(model, dps, batch.to(device))
     elif method == "gradient":
@@ -209,16 +221,19 @@ def _gradient_scores(model, dps: list[DownProj], batch) -> list[torch.Tensor]:
     return out
 
 
-def _controls(dp: DownProj, exclude: set[tuple[int, int]], seed: int) -> tuple[WeightCoord, WeightCoord]:
-    """(largest-|W| weight of the matrix not in `exclude`, a random weight not in `exclude`)."""
-    mags = dp.matrix.detach().abs().flatten().float()
-    k = min(len(exclude) + 1, mags.numel())
+def _controls(dp: DownProj, xmax: torch.Tensor, exclude: set[tuple[int, int]],
+              seed: int) -> tuple[WeightCoord, WeightCoord]:
+    """(the other weight of the matrix that writes most, |W[r,c]| * max_t |x_t[c]|, and a random weight), both
+    outside `exclude`. Ranking by what a weight writes, not by |W|, keeps the control the same weight when the
+    model is rescaled without changing its function (`core/reparam.py`): |W| alone follows the scale."""
+    scores = (dp.matrix.detach().float().abs() * xmax.to(dp.matrix.device)[None, :]).flatten()
+    k = min(len(exclude) + 1, scores.numel())
     top = next(
-        divmod(i, dp.d_ff) for i in mags.topk(k).indices.tolist() if divmod(i, dp.d_ff) not in exclude
+        divmod(i, dp.d_ff) for i in scores.topk(k).indices.tolist() if divmod(i, dp.d_ff) not in exclude
     )
     gen = torch.Generator().manual_seed(seed + dp.layer)
     while True:
-        i = int(torch.randint(mags.numel(), (1,), generator=gen))
+        i = int(torch.randint(scores.numel(), (1,), generator=gen))
         rand = divmod(i, dp.d_ff)
         if rand not in exclude:
             break
@@ -246,7 +261,8 @@ def verify(
     for c in candidates:
         conditions[f"cand:{c.coord}"] = Ablation(model, [c.coord])
     for layer, exclude in cand_by_layer.items():
-        top, rand = _controls(dps[layer], exclude, seed)
+        xmax = down_inputs(model, ids, layer, max_length)[0].abs().max(0).values
+        top, rand = _controls(dps[layer], xmax, exclude, seed)
         controls[layer] = [str(top), str(rand)]
         conditions[f"top:{layer}"] = Ablation(model, [top])
         conditions[f"rand:{layer}"] = Ablation(model, [rand])
@@ -260,6 +276,7 @@ def verify(
         out.append(c.model_copy(update={
             "kl": m.kl, "ppl_ratio": m.ppl / base.ppl, "control_kl_top": top_kl, "control_kl_random": rand_kl,
             "confirmed": confirmed, "controls": controls[c.layer],
+            "grade": grade(m.kl, m.ppl / base.ppl, max(top_kl, rand_kl), confirmed, control_factor),
         }))
     return sorted(out, key=lambda c: -c.kl), base
 

@@ -26,6 +26,7 @@ from superweight.io.record import Baseline, RunRecord, SeedStats, Seeds, SeedVal
 from superweight.io.rundir import check_run_dir_for, prepare_run_dir, read_record, write_record
 from superweight.measure import generate
 from superweight.measure.geometry import geometry
+from superweight.measure.inputs import patch_inputs
 from superweight.measure.metrics import check_context, measure, protocol_of
 from superweight.measure.recovery import recovery
 from superweight.stages.train import RepairConfig, train, training_sequences
@@ -105,12 +106,13 @@ def run_repair(
     gens = generate.compare(model, tok, {"broken": conditions["broken"], "patched": conditions["patched"]},
                             GEN_PROMPTS)
     base = metrics["base"]
+    inputs = patch_inputs(model, coords, rows, eval_ids, max_length)
     record = RunRecord(
         protocol=protocol_of(loaded, corpus, "eval", base.n_tokens, max_length, max_length,
                              _describe(coords, rows, baselines, cfg.seed, seeds)),
         recipe=recipe, config=cfg.model_dump(), base=base, broken=metrics["broken"], patched=metrics["patched"],
         recovery=recovery(base, metrics["broken"], metrics["patched"]), training=state,
-        patch=geometry(model, coords, rows, patch.vectors, originals), generations=gens,
+        patch=geometry(model, coords, rows, patch.vectors, originals, inputs), generations=gens,
     )
     if baselines:
         record.baselines = {

@@ -36,8 +36,10 @@ from superweight.io.rundir import read_record, write_record
 from superweight.measure.geometry import geometry
 from superweight.measure.metrics import measure, protocol_of
 from superweight.measure.recovery import recovery
+from superweight.stages.precondition import PreconditionedPatch, identity
 from superweight.stages.train import RepairConfig, train, training_sequences
 
+SPARSE_ADAM_LR = 0.3  # the `quick` recipe's Adam lr, whose patches the default strengths were tuned on
 DEFAULT_STRENGTHS = {"l1": (0.6, 0.8, 1.0), "l0": (1.0, 10.0, 30.0)}
 # Per sparse patch, what it is: is the sparsest repair the deleted weight itself?
 GEOMETRY_KEYS = ("norm", "cos_original_row", "col", "value_at_col", "deleted_value", "cos_ablated_direction")
@@ -51,22 +53,24 @@ class L1Prox:
     def __init__(self, strength: float):
         self.strength = strength
 
-    def patch(self, model, rows, init) -> RowPatch:
-        return RowPatch(model, rows, init)
+    def patch(self, model, rows, init, precond=None) -> PreconditionedPatch:
+        return PreconditionedPatch(model, rows, precond or identity(model, rows), init)
 
     def penalty(self, patch) -> float:
         return 0.0  # the proximal step does the work
 
     @torch.no_grad()
-    def after_step(self, patch: RowPatch, lr: float) -> None:
+    def after_step(self, patch: PreconditionedPatch, lr: float) -> None:
+        # On the trained coordinates u (d = P u, entry by entry for diagonal P): in the balanced space the
+        # threshold means the same at every parametrization of the model.
         for v in patch.vectors:
             v.copy_(v.sign() * (v.abs() - self.strength * lr).clamp_min(0))
 
-    def final(self, patch: RowPatch) -> list[torch.Tensor]:
-        return [v.detach().clone() for v in patch.vectors]
+    def final(self, patch: PreconditionedPatch) -> list[torch.Tensor]:
+        return patch.weights()
 
 
-class GatedRowPatch(RowPatch):
+class GatedRowPatch(PreconditionedPatch):
     """A row patch d * z with one hard-concrete gate z per entry (`training` samples z, else deterministic).
 
     log_alpha = LOG_ALPHA_SCALE * p with p the trained parameter: Adam moves p ~lr a step, and a gate must
@@ -74,8 +78,8 @@ class GatedRowPatch(RowPatch):
 
     LOG_ALPHA_SCALE = 5.0
 
-    def __init__(self, model, rows, vectors, log_alpha: float = 3.0):
-        super().__init__(model, rows, vectors)
+    def __init__(self, model, rows, vectors, precond=None, log_alpha: float = 3.0):
+        super().__init__(model, rows, precond or identity(model, rows), vectors)
         self.p = [nn.Parameter(torch.full_like(v, log_alpha / self.LOG_ALPHA_SCALE)) for v in self.vectors]
         self.training = True
 
@@ -96,7 +100,7 @@ class GatedRowPatch(RowPatch):
         return (s * (ZETA - GAMMA) + GAMMA).clamp(0, 1)
 
     def vector(self, i: int) -> torch.Tensor:
-        return self.vectors[i] * self.gate(i)
+        return super().vector(i) * self.gate(i)
 
     def expected_open(self) -> torch.Tensor:
         """Expected fraction of non-zero gates (the L0 norm / n)."""
@@ -110,8 +114,8 @@ class HardConcrete:
     def __init__(self, strength: float):
         self.strength = strength
 
-    def patch(self, model, rows, init) -> GatedRowPatch:
-        return GatedRowPatch(model, rows, init)
+    def patch(self, model, rows, init, precond=None) -> GatedRowPatch:
+        return GatedRowPatch(model, rows, init, precond)
 
     def penalty(self, patch: GatedRowPatch) -> torch.Tensor:
         return self.strength * patch.expected_open()
@@ -158,6 +162,10 @@ def run_sparsify(
     cfg = RepairConfig(**record.config)
     steps = steps or max(cfg.steps // 2, 1)
     cfg = cfg.model_copy(update={"steps": steps, "schedule": "constant"})
+    if cfg.optimizer not in ("adam", "adamw"):
+        # The strengths are fractions of an Adam step and the gates need Adam's steps to close; in the run's
+        # coordinates (cfg.space, balanced for the default recipe) Adam is as scale-free as the run was.
+        cfg = cfg.model_copy(update={"optimizer": "adam", "lr": SPARSE_ADAM_LR})
     corpus = record.protocol.corpus
     seqs, mask = training_sequences(tok, corpus, cfg)
     on_step = (lambda _s, loss: on_advance(1, loss)) if on_advance else None

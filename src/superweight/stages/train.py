@@ -45,7 +45,10 @@ class RepairConfig(BaseModel):
     seq_len: int = Field(128, description="tokens per sequence")
     lr: float = Field(0.1, description="learning rate")
     weight_decay: float = Field(0.0, description="AdamW weight decay")
-    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
+    optimizer: Literal["adamw", "adam", "sgd", "sps"] = Field(
+        "adamw", description="sps: stochastic Polyak steps, lr = min(loss / (polyak_c * |grad|^2), lr) (plain SGD "
+                             "otherwise; KL's minimum is 0), so the step follows the loss, not its units")
+    polyak_c: float = Field(1.0, description="sps: the c in loss / (c |grad|^2); larger is more cautious")
     schedule: Literal["constant", "cosine"] = Field("cosine", description="lr schedule (cosine decays to 0)")
     warmup: int = Field(0, description="linear warm-up steps")
     kl: Literal["forward", "reverse"] = Field("forward", description="forward: KL(teacher||student)")
@@ -56,10 +59,10 @@ class RepairConfig(BaseModel):
     teacher_cache_mb: int = Field(
         2048, description="cache teacher log-probs (fp16) and prefix states across epochs when they fit"
     )
-    space: Literal["weight", "whitened", "diagonal"] = Field(
+    space: Literal["weight", "balanced", "whitened", "diagonal"] = Field(
         "weight", description="coordinates the optimiser works in: weight (d itself) or scale-free d = P u "
-                              "(whitened: P from the input correlations, diagonal: per-neuron RMS; "
-                              "stages/precondition.py)"
+                              "(balanced: each neuron's in/out weight-norm balance; whitened: the input "
+                              "correlations; diagonal: per-neuron input RMS; stages/precondition.py)"
     )
     damping: float = Field(1.0, description="whitened space: lambda added to the input correlation matrix")
     precondition_tokens: int = Field(4096, description="training tokens that estimate the preconditioner")
@@ -154,9 +157,18 @@ def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
 def _optimizer(params, cfg: RepairConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9)
+    if cfg.optimizer == "sps":  # the step size is set each step (_polyak_lr)
+        return torch.optim.SGD(params, lr=cfg.lr)
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr)
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _polyak_lr(opt: torch.optim.Optimizer, loss: torch.Tensor, cap: float, c: float) -> None:
+    """Stochastic Polyak step size (Loizou et al. 2021, SPS_max with f* = 0): loss / (c |g|^2), at most `cap`."""
+    sq = sum(float(p.grad.pow(2).sum()) for g in opt.param_groups for p in g["params"] if p.grad is not None)
+    for group in opt.param_groups:
+        group["lr"] = min(cap, float(loss) / (c * sq)) if sq > 0 else 0.0
 
 
 def _lr(step: int, cfg: RepairConfig) -> float:
@@ -257,6 +269,8 @@ def train(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         dp.all_reduce_grads(patch.parameters())
+        if cfg.optimizer == "sps":
+            _polyak_lr(opt, dp.sum(loss.detach()), _lr(step, cfg), cfg.polyak_c)
         opt.step()
         if objective:
             objective.after_step(patch, _lr(step, cfg))
@@ -273,7 +287,7 @@ def train(
     seconds = elapsed()
     for v in patch.parameters():
         v.requires_grad_(False)
-    if isinstance(patch, PreconditionedPatch):  # the result is in weight units, whatever training used
+    if objective is None and isinstance(patch, PreconditionedPatch):  # in weight units, whatever training used
         patch = RowPatch(model, patch.rows, patch.weights())
     return patch, Training(
         steps=cfg.steps, seconds=seconds, s_per_step=seconds / cfg.steps, final_loss=loss_value,

@@ -1,0 +1,209 @@
+"""Function-preserving rescaling (core/reparam.py), and what must not move under it: the trained repair in the
+balanced space, detection's scores and grade, sparse training, and the invariant geometry."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from superweight.core.arch import down_projection
+from superweight.core.coords import WeightCoord
+from superweight.core.intervene import Ablation, Compose
+from superweight.core.reparam import FIRST_PROJECTION, neuron_balance, rescale_mlp
+from superweight.errors import UnsupportedArchitectureError, UsageError
+from superweight.io import corpora
+from superweight.measure.geometry import geometry
+from superweight.measure.grade import SUPER_PPL_RATIO, grade
+from superweight.measure.inputs import patch_inputs
+from superweight.stages import detect
+from superweight.stages.sparsify import HardConcrete, L1Prox
+from superweight.stages.train import RepairConfig, train
+from tiny import FAMILIES, planted, tiny_model, tiny_tokenizer
+
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
+GATED = sorted(set(FIRST_PROJECTION) - {"opt"})
+PLANT = (1, 5, 7)
+
+
+def factors(d_ff: int, seed: int = 0, spread: float = 2.0) -> torch.Tensor:
+    """Log-normal per-neuron factors (spread 2: from ~1/50 to ~50), a few negative for the gated MLPs."""
+    return torch.exp(torch.randn(d_ff, generator=torch.Generator().manual_seed(seed)) * spread)
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids, use_cache=False).logits
+
+
+@pytest.fixture(scope="module")
+def ids():
+    return torch.randint(2, 300, (2, 24), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("family", GATED + ["opt"])
+def test_rescaling_preserves_logits_and_moves_the_weight_by_its_factor(family, ids):
+    model = tiny_model(family, seed=3)
+    before = logits(model, ids)
+    dp = down_projection(model, 1)
+    w = dp.matrix.detach().clone()
+    a = factors(dp.d_ff)
+    if family not in ("opt",):
+        a[::7] *= -1  # linear in up_proj: any non-zero factor
+    rescale_mlp(model, 1, a)
+    after = logits(model, ids)
+    assert torch.allclose(before, after, atol=1e-4, rtol=1e-4), (before - after).abs().max()
+    # the same coordinates address the same weight, divided by its neuron's factor
+    assert torch.allclose(dp.matrix, w / a[None, :], rtol=1e-5)
+    assert not torch.allclose(dp.matrix, w)
+    rescale_mlp(model, 1, 1 / a)
+    assert torch.allclose(logits(model, ids), before, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gpt_neox"])
+def test_gelu_mlps_cannot_be_rescaled(family):
+    with pytest.raises(UnsupportedArchitectureError, match="GELU"):
+        rescale_mlp(tiny_model(family), 0, 2.0)
+
+
+def test_bad_factors_are_refused():
+    model = tiny_model("llama")
+    d_ff = down_projection(model, 0).d_ff
+    with pytest.raises(UsageError, match="factors"):
+        rescale_mlp(model, 0, torch.ones(d_ff + 1))
+    with pytest.raises(UsageError, match="non-zero"):
+        rescale_mlp(model, 0, 0.0)
+    with pytest.raises(UsageError, match="positive"):
+        rescale_mlp(tiny_model("opt"), 0, -1.0)
+
+
+def test_neuron_balance_follows_the_factors():
+    model = tiny_model("llama", seed=2)
+    n = neuron_balance(model, 0)
+    a = factors(n.numel()).abs()
+    rescale_mlp(model, 0, a)
+    assert torch.allclose(neuron_balance(model, 0), n * a, rtol=1e-4)
+    rescale_mlp(model, 0, 1 / neuron_balance(model, 0))  # balance it
+    assert torch.allclose(neuron_balance(model, 0), torch.ones_like(n), rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def seqs():
+    tok = tiny_tokenizer()
+    ids = corpora.tokenize(tok, corpora.load_text("pydoc", "train"), 1024)
+    return corpora.pack(ids, 64)
+
+
+def _repair(model, seqs, cfg):
+    coord = WeightCoord(layer=PLANT[0], row=PLANT[1], col=PLANT[2])
+    patch, _ = train(model, [coord], [(PLANT[0], PLANT[1])], seqs, None, cfg)
+    return coord, patch
+
+
+@pytest.mark.parametrize("optimizer", ["sps", "sgd", "adam"])
+def test_balanced_training_gives_the_same_repair_at_every_scale(seqs, optimizer):
+    cfg = RepairConfig(steps=6, batch_size=2, seq_len=64, lr=0.05, optimizer=optimizer, space="balanced")
+    model = planted(PLANT)
+    d_ff = down_projection(model, PLANT[0]).d_ff
+    coord, p1 = _repair(model, seqs, cfg)
+    ref = p1.vectors[0].detach().clone()
+    a = factors(d_ff, seed=5).abs()
+    rescale_mlp(model, PLANT[0], a)
+    _, p2 = _repair(model, seqs, cfg)
+    # what the patch writes is the same: d_j scales by 1 / a_j (the patch file holds weight units)
+    assert ref.abs().max() > 0
+    assert torch.allclose(p2.vectors[0] * a, ref, rtol=1e-3, atol=1e-5 * ref.abs().max())
+
+
+def test_weight_space_training_is_not_scale_free(seqs):
+    """The control: the same optimiser on d itself lands elsewhere once the model is rescaled."""
+    cfg = RepairConfig(steps=6, batch_size=2, seq_len=64, lr=0.05, optimizer="sgd", space="weight")
+    model = planted(PLANT)
+    a = factors(down_projection(model, PLANT[0]).d_ff, seed=5).abs()
+    _, p1 = _repair(model, seqs, cfg)
+    rescale_mlp(model, PLANT[0], a)
+    _, p2 = _repair(model, seqs, cfg)
+    assert not torch.allclose(p2.vectors[0] * a, p1.vectors[0], rtol=1e-2)
+
+
+@pytest.mark.parametrize("objective", [L1Prox(0.5), HardConcrete(10.0)])
+def test_sparse_training_keeps_the_same_entries_at_every_scale(seqs, objective):
+    cfg = RepairConfig(steps=4, batch_size=2, seq_len=64, lr=0.3, optimizer="adam", space="balanced", seed=1)
+    model = planted(PLANT)
+    coord, dense = _repair(model, seqs, cfg)
+    rows = [(PLANT[0], PLANT[1])]
+
+    def sparse():
+        torch.manual_seed(0)
+        p, _ = train(model, [coord], rows, seqs, None, cfg, init_vectors=[v.detach() for v in dense.vectors],
+                     objective=objective)
+        return objective.final(p)[0]
+
+    first = sparse()
+    a = factors(first.numel(), seed=7).abs()
+    rescale_mlp(model, PLANT[0], a)
+    dense.vectors[0].data /= a  # the same patch in the rescaled model's units
+    second = sparse()
+    assert torch.equal(first != 0, second != 0)
+    assert torch.allclose(second * a, first, rtol=1e-3, atol=1e-4 * first.abs().max())
+
+
+def test_invariant_geometry_does_not_move_and_the_plain_one_does(seqs):
+    model = planted(PLANT)
+    coord = WeightCoord(layer=PLANT[0], row=PLANT[1], col=PLANT[2])
+    rows = [(PLANT[0], PLANT[1])]
+    d = torch.randn(down_projection(model, PLANT[0]).d_ff, generator=torch.Generator().manual_seed(0))
+    d[PLANT[2]] = 30.0
+    ids = seqs.flatten()[:256]
+
+    def geo(vec):
+        orig = [down_projection(model, PLANT[0]).get(PLANT[1], PLANT[2]).item()]
+        return geometry(model, [coord], rows, [vec], orig, patch_inputs(model, [coord], rows, ids, 128))
+
+    g1 = geo(d)
+    a = factors(d.numel(), seed=9).abs()
+    rescale_mlp(model, PLANT[0], a)
+    g2 = geo(d / a)
+    for key in ("balanced_norm", "write_rms", "write_cos_original_row", "write_cos_ablated", "value_ratio"):
+        assert getattr(g1, key) == pytest.approx(getattr(g2, key), rel=1e-3), key
+    assert [i for i, _ in g1.top_writes] == [i for i, _ in g2.top_writes]
+    for key in ("norm", "cos_original_row", "cos_ablated_direction"):
+        assert getattr(g1, key) != pytest.approx(getattr(g2, key), rel=1e-2), key
+
+
+def test_detection_is_the_same_on_a_rescaled_model():
+    tok = tiny_tokenizer()
+    calib = corpora.tokenize(tok, corpora.load_text("pydoc", "train"), 1024)
+
+    def run(model):
+        loaded = SimpleNamespace(model=model, tokenizer=tok, spec="tiny", source="memory", dtype="fp32", device="cpu")
+        return detect.run_detect(loaded, detect.DetectConfig(max_length=128), ids=calib).candidates
+
+    model = planted(PLANT)
+    first = run(model)
+    for layer in range(len(model.model.layers)):  # every layer, each neuron by its own factor
+        rescale_mlp(model, layer, factors(model.config.intermediate_size, seed=layer, spread=1.5).abs())
+    second = run(model)
+    assert [(c.layer, c.row, c.col) for c in first] == [(c.layer, c.row, c.col) for c in second]
+    assert (first[0].layer, first[0].row, first[0].col) == PLANT and first[0].grade == second[0].grade
+    for c1, c2 in zip(first, second):
+        assert c1.kl == pytest.approx(c2.kl, rel=1e-3, abs=1e-6)
+        assert c1.controls == c2.controls  # the controls are the same weights, not the largest |W|
+
+
+def test_grades():
+    assert grade(1.5, 5.0, 1e-4, True, 10) == "super weight"
+    assert grade(0.2, SUPER_PPL_RATIO * 0.6, 1e-4, True, 10) == "sensitive weight"  # ~+20% PPL: not a super weight
+    assert grade(0.05, 1.05, 1e-4, False, 10) == "sensitive weight"
+    assert grade(0.05, 1.05, 0.01, False, 10) == "none"  # within the controls' reach
+    assert grade(0.001, 1.001, 0.0, False, 10) == "none"  # negligible
+
+
+def test_unplanted_model_has_no_super_weight():
+    tok = tiny_tokenizer()
+    calib = corpora.tokenize(tok, corpora.load_text("pydoc", "train"), 1024)
+    loaded = SimpleNamespace(model=planted(), tokenizer=tok, spec="tiny", source="memory", dtype="fp32", device="cpu")
+    cands = detect.run_detect(loaded, detect.DetectConfig(max_length=128), ids=calib).candidates
+    assert cands and not any(c.grade == "super weight" for c in cands)
