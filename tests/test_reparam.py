@@ -102,7 +102,7 @@ def _repair(model, seqs, cfg):
     return coord, patch
 
 
-@pytest.mark.parametrize("optimizer", ["sps", "sgd", "adam"])
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
 def test_balanced_training_gives_the_same_repair_at_every_scale(seqs, optimizer):
     cfg = RepairConfig(steps=6, batch_size=2, seq_len=64, lr=0.05, optimizer=optimizer, space="balanced")
     model = planted(PLANT)

@@ -25,7 +25,7 @@ def repair(
         help="LAYER:ROW to patch (repeatable); default: each ablated weight's row")] = None,
     model: ModelOpt = DEFAULT_MODEL,
     corpus: CorpusOpt = corpora.DEFAULT_CORPUS,
-    recipe: Annotated[str, typer.Option(help="fast (default), quick (the one-shot run's), sgd (quick with SGD) or seed (the write-up's)")] = "fast",
+    recipe: Annotated[str, typer.Option(help="balanced (default: scale-free, SGD in the balanced coordinates), quick (Adam), sgd, fast or seed (the write-up's); docs/recipes.md")] = "balanced",
     steps: Annotated[Optional[int], typer.Option(help="optimiser steps (overrides the recipe)")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="sequences per step")] = None,
     seq_len: Annotated[Optional[int], typer.Option(help="tokens per sequence")] = None,
@@ -69,7 +69,10 @@ def repair(
     run_dir = Path(out_ or f"runs/repair-{first.layer}-{first.row}-{first.col}")
     settings = repair_settings(model, recipe, cfg, coords, rows, corpus, eval_tokens, 512, baselines,
                                checkpoint_every, seeds)
-    if check_run_dir_for(run_dir, settings, resume) == "finished" and resume:
+    dp = distributed.current()  # under `accelerate launch`: only process 0 writes run_dir and prints
+    state = check_run_dir_for(run_dir, settings, resume)
+    dp.barrier()  # every process has seen run_dir as it was before process 0 writes into it
+    if state == "finished" and resume:
         err.print(f"{run_dir} is finished already (results.json): nothing to resume, nothing changed.",
                   soft_wrap=True)
         terminal.print_repair(out, read_record(run_dir), run_dir)
@@ -77,7 +80,9 @@ def repair(
     corpora.load_text(corpus, "train")  # a missing or unreadable corpus fails before the model loads
     corpora.load_text(corpus, "eval")
     loaded = load_model(model, device, dtype, device_map, max_memory, offload_folder)
-    dp = distributed.current()  # under `accelerate launch`: only process 0 writes run_dir and prints
+    if dp.world > 1 and dp.is_main:
+        err.print(f"data-parallel: {dp.world} processes share each batch of {cfg.batch_size} sequences",
+                  markup=False, highlight=False)
     with progress() as bar, dp.run_dir_for(run_dir, resume) as own_dir:
         stage, advance = stage_tasks(bar)
         record = run_repair(loaded, coords, rows, cfg, recipe, own_dir, corpus, eval_tokens, 512, baselines,

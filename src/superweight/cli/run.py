@@ -23,7 +23,7 @@ def run(
     corpus: CorpusOpt = corpora.DEFAULT_CORPUS,
     out_: Annotated[Optional[str], typer.Option("--out", help="run directory (default runs/MODEL-DATE-TIME)")] = None,
     weight: Annotated[Optional[str], typer.Option(help="LAYER:ROW:COL to repair instead of detecting one")] = None,
-    recipe: Annotated[str, typer.Option(help="quick (default: 32 steps of batch 2, Adam lr 0.3), sgd, fast or seed")] = "quick",
+    recipe: Annotated[str, typer.Option(help="balanced (default: scale-free, 32 steps of batch 2), quick (Adam), sgd, fast or seed; docs/recipes.md")] = "balanced",
     steps: Annotated[Optional[int], typer.Option(help="optimiser steps (overrides the recipe)")] = None,
     seeds: Annotated[int, typer.Option(help="patches trained with different seeds (mean and spread)")] = 1,
     baselines: Annotated[bool, typer.Option(help="oracle, activation restore, random vectors, other row")] = True,

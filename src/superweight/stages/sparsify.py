@@ -3,7 +3,8 @@
 Post-hoc top-k (analyze.py) cuts a dense patch; here the sparsity is part of training, over a sweep of
 strengths, and each trained patch is scored by its non-zero count and its recovery. Two objectives:
 
-- `l1`: proximal soft-thresholding after every optimiser step, d <- sign(d) * max(|d| - strength * lr, 0).
+- `l1`: proximal soft-thresholding after every optimiser step, u <- sign(u) * max(|u| - strength * lr, 0), on
+  the run's training coordinates u (d itself, or the balanced d_j = u_j / n_j of the default recipe).
   With Adam each entry moves about lr per step, so `strength` is the fraction of a step shrunk away: an
   entry survives only where the KL gradient keeps pushing it one way. Exact zeros, no extra parameters.
 - `l0`: a hard-concrete gate per entry (Louizos et al. 2018, "Learning Sparse Neural Networks through L0
@@ -36,7 +37,7 @@ from superweight.io.rundir import read_record, write_record
 from superweight.measure.geometry import geometry
 from superweight.measure.metrics import measure, protocol_of
 from superweight.measure.recovery import recovery
-from superweight.stages.precondition import PreconditionedPatch, identity
+from superweight.stages.precondition import PreconditionedPatch
 from superweight.stages.train import RepairConfig, train, training_sequences
 
 SPARSE_ADAM_LR = 0.3  # the `quick` recipe's Adam lr, whose patches the default strengths were tuned on
@@ -53,8 +54,8 @@ class L1Prox:
     def __init__(self, strength: float):
         self.strength = strength
 
-    def patch(self, model, rows, init, precond=None) -> PreconditionedPatch:
-        return PreconditionedPatch(model, rows, precond or identity(model, rows), init)
+    def patch(self, model, rows, init, p=None) -> PreconditionedPatch:
+        return PreconditionedPatch(model, rows, p, init)
 
     def penalty(self, patch) -> float:
         return 0.0  # the proximal step does the work
@@ -78,8 +79,8 @@ class GatedRowPatch(PreconditionedPatch):
 
     LOG_ALPHA_SCALE = 5.0
 
-    def __init__(self, model, rows, vectors, precond=None, log_alpha: float = 3.0):
-        super().__init__(model, rows, precond or identity(model, rows), vectors)
+    def __init__(self, model, rows, vectors, p=None, log_alpha: float = 3.0):
+        super().__init__(model, rows, p, vectors)
         self.p = [nn.Parameter(torch.full_like(v, log_alpha / self.LOG_ALPHA_SCALE)) for v in self.vectors]
         self.training = True
 
@@ -114,8 +115,8 @@ class HardConcrete:
     def __init__(self, strength: float):
         self.strength = strength
 
-    def patch(self, model, rows, init, precond=None) -> GatedRowPatch:
-        return GatedRowPatch(model, rows, init, precond)
+    def patch(self, model, rows, init, p=None) -> GatedRowPatch:
+        return GatedRowPatch(model, rows, init, p)
 
     def penalty(self, patch: GatedRowPatch) -> torch.Tensor:
         return self.strength * patch.expected_open()
