@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 
 from superweight.cli import app
 from superweight.errors import SuperweightError
-from superweight.io.record import SCHEMA_VERSION, RunRecord, migrate
+from superweight.io.migrate import migrate
+from superweight.io.record import SCHEMA_VERSION, RunRecord
 from superweight.io.rundir import read_record, write_record
 from superweight.report import terminal, write_report
 

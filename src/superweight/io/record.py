@@ -9,16 +9,15 @@ what they mean: docs/results.md). Metrics and Protocol are defined here, beside 
 and measure/metrics.py produces them.
 
 Version 1 is the untyped results.json written before the record had a schema (no `schema_version` key);
-`migrate` lifts it to the current version, or refuses it in one line.
+io/migrate.py lifts it to the current version, or refuses it in one line.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from superweight.errors import SuperweightError
 
 SCHEMA_VERSION = 2
 
@@ -103,14 +102,13 @@ class RowGeometry(Record):
     cos_ablated_direction: float | None = None
     cols: list[ColGeometry] = Field(default_factory=list)
     top_entries: list[tuple[int, float]] = Field(default_factory=list, description="[neuron, d[neuron]] by |d|")
-    # Invariant under rescaling a neuron without changing the model (measure/geometry.py):
-    value_ratio: float | None = Field(None, description="d[col] / deleted value")
-    write_cos_ablated: float | None = Field(None, description="cos(x·d, x[col]) over tokens")
-    balanced_norm: float | None = Field(None, description="‖d‖ in the balanced parametrization (core/reparam)")
-    write_rms: float | None = Field(None, description="RMS over tokens of what the patch writes, x·d")
-    write_cos_original_row: float | None = Field(None, description="cos(x·d, x·w_row) over tokens")
-    top_writes: list[tuple[int, float]] = Field(default_factory=list,
-                                                description="[neuron, RMS of x_j d_j] by what each entry writes")
+    # Invariant under rescaling a neuron without changing the model (measure/geometry.py says what each is):
+    value_ratio: float | None = None
+    write_cos_ablated: float | None = None
+    balanced_norm: float | None = None
+    write_rms: float | None = None
+    write_cos_original_row: float | None = None
+    top_writes: list[tuple[int, float]] = Field(default_factory=list)
 
     @property
     def key(self) -> str:
@@ -355,54 +353,3 @@ def smallest_k(sparsity: list[SparsityPoint], target: float = 0.9, ranking: str 
         if (getattr(e, ranking) if ranking else e).nll_gap >= target:
             return e.k
     return None
-
-
-# --- reading older records ---
-def migrate(data: Any, where: str = "results.json") -> dict:
-    """Lift a results.json of any known version to the current one (a new dict); refuse anything else in one
-    line. Version 1 (no schema_version): patch.rows keyed "LAYER:ROW" (or, older still, the whole patch keyed
-    by row), and no config.data (the seed recipe read one wikitext line per sequence)."""
-    if not isinstance(data, dict):
-        raise SuperweightError(f"{where} holds no results object")
-    version = data.get("schema_version", 1)
-    if not isinstance(version, int) or version < 1:
-        raise SuperweightError(f"{where} has no valid schema_version ({version!r})")
-    if version > SCHEMA_VERSION:
-        raise SuperweightError(f"{where} has schema version {version}, newer than this superweight reads "
-                               f"({SCHEMA_VERSION}): upgrade superweight")
-    if version == 1:
-        try:
-            data = {**data, "schema_version": SCHEMA_VERSION, "patch": _patch_v1(data.get("patch") or {})}
-        except (TypeError, ValueError, AttributeError) as exc:
-            raise SuperweightError(f"{where} is not a run record superweight can read (patch: {exc})") from None
-        if isinstance(data.get("config"), dict) and "data" not in data["config"]:
-            data["config"] = {**data["config"], "data": "lines" if data.get("recipe") == "seed" else "packed"}
-    return data
-
-
-def _patch_v1(p: dict) -> dict:
-    if p and "norm" not in p:  # the oldest: {"11:507": {norm, ..., "col1229": {...}}}, one row
-        key, old = next(iter(p.items()))
-        layer, _, row = str(key).partition(":")
-        p = {k: v for k, v in old.items() if not k.startswith("col")} | {"layer": int(layer), "row": int(row)}
-        for k, v in old.items():
-            if k.startswith("col") and isinstance(v, dict):
-                p |= v | {"col": int(k[3:])}
-                break
-    rows = p.get("rows")
-    if isinstance(rows, dict):
-        rows = list(rows.values())
-    if rows is None and p:
-        rows = [{k: v for k, v in p.items() if k != "rows"}]
-    return {**p, "rows": rows or []}
-
-
-def parse(data: Any, where: str = "results.json") -> RunRecord:
-    """A RunRecord from results.json's parsed JSON, migrated; a record that does not fit is one error line."""
-    try:
-        return RunRecord.model_validate(migrate(data, where))
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        at = ".".join(str(x) for x in first["loc"])
-        raise SuperweightError(f"{where} is not a run record superweight can read ({at}: {first['msg']}; "
-                               f"{exc.error_count()} problem(s))") from None

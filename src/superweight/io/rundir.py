@@ -29,7 +29,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from superweight.errors import SuperweightError, UsageError
-from superweight.io.record import RunRecord, parse
+from superweight.io.migrate import parse
+from superweight.io.record import RunRecord
 
 CONFIG = "config.json"
 RESULTS = "results.json"
@@ -204,7 +205,7 @@ def prepare_run_dir(out: Path, settings: dict, resume: bool) -> str:
 
 
 def read_record(run_dir: str | os.PathLike) -> RunRecord:
-    """The run record in RUN_DIR/results.json, lifted to the current schema (io/record.migrate)."""
+    """The run record in RUN_DIR/results.json, lifted to the current schema (io/migrate.py)."""
     run_dir = Path(run_dir)
     path = run_dir / RESULTS
     if not path.is_file():
