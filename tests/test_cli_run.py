@@ -24,7 +24,7 @@ def invoke(*args):
 def run_dir(pipeline_run):
     out, result = pipeline_run  # `run --seeds 2 --sparse` on the planted model (conftest.py)
     assert result.output.strip().splitlines()[-1] == f"Report: {out / 'report.html'}"
-    assert "confirmed; repairing 1:5:7 (zeroing it: KL" in result.output
+    assert "confirmed; repairing 1:5:7, a super weight (zeroing it: KL" in result.output
     return out
 
 
@@ -62,7 +62,7 @@ def test_run_without_a_confirmed_weight_says_so(tmp_path):
     result = invoke("run", "--model", model_dir, *SMALL, "--out", tmp_path / "r")
     assert result.exit_code == 1
     line = result.stderr.strip().splitlines()[-1]
-    assert line.startswith("Error: detection confirmed no super weight") and "--weight" in line
+    assert line.startswith("Error: detection found no super weight and no sensitive weight") and "--weight" in line
 
 
 def test_analyze_sparsify_report_and_compare_on_a_repair_run(planted_dir, tmp_path):
@@ -91,7 +91,7 @@ def test_analyze_sparsify_report_and_compare_on_a_repair_run(planted_dir, tmp_pa
     (["report", "/no/such/run"], 2, "Error: no such run directory: /no/such/run"),
     (["sparsify", "/no/such/run", "--l1", "x"], 2, "Error: invalid --l1 'x': expected comma-separated numbers"),
     (["sparsify", "/no/such/run", "--l1", "", "--l0", ""], 2, "Error: no strengths given: set --l1 and/or --l0"),
-    (["run", "--recipe", "nope"], 2, "Error: unknown recipe 'nope': use seed, fast, quick, sgd"),
+    (["run", "--recipe", "nope"], 2, "Error: unknown recipe 'nope': use seed, fast, quick, sgd, balanced"),
     (["run", "--weight", "1:2"], 2, None),
     (["compare", "/no/such/run"], 1, None),
 ])

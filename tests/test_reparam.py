@@ -196,6 +196,8 @@ def test_detection_is_the_same_on_a_rescaled_model():
 def test_grades():
     assert grade(1.5, 5.0, 1e-4, True, 10) == "super weight"
     assert grade(0.2, SUPER_PPL_RATIO * 0.6, 1e-4, True, 10) == "sensitive weight"  # ~+20% PPL: not a super weight
+    assert grade(0.9, 1.1, 1e-4, True, 10) == "super weight"  # a collapse that the PPL ratio understates
+    assert grade(0.9, 1.1, 1e-4, False, 10) == "sensitive weight"  # not confirmed against its controls
     assert grade(0.05, 1.05, 1e-4, False, 10) == "sensitive weight"
     assert grade(0.05, 1.05, 0.01, False, 10) == "none"  # within the controls' reach
     assert grade(0.001, 1.001, 0.0, False, 10) == "none"  # negligible

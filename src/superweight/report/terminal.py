@@ -209,6 +209,8 @@ def print_compare(out: Console, compared: list[CompareRow]) -> None:
         ("broken PPL", lambda r: fmt(r["broken_ppl"], 2)), ("patched PPL", lambda r: fmt(r["patched_ppl"], 2)),
         ("NLL-gap rec.", lambda r: pct(r["nll_gap"])), ("KL rec.", lambda r: pct(r["kl_recovery"])),
         ("NLL-gap rec. over seeds", lambda r: f"{r['seeds_nll_gap_mean']:.1%} ± {r['seeds_nll_gap_std']:.1%} (n={r['seeds']})"),
+        ("RMS write x·d (invariant)", lambda r: fmt(r["write_rms"], 1)),
+        ("balanced ||d|| (invariant)", lambda r: fmt(r["balanced_norm"], 2)),
         ("||d||", lambda r: fmt(r["norm"], 1)), ("cos(d,row)", lambda r: fmt(r["cos_original_row"])),
         ("fewest entries for 90%: top-|d|", lambda r: r["k90"]),
         ("  top-|x·d| at the massive token", lambda r: r["k90_contribution"]),
