@@ -44,6 +44,9 @@ def _offline_hub(monkeypatch, _hf_home):
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(_hf_home))
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    # `--dtype auto` (the CLI default) would pick bf16 on CPUs with avx512_bf16: tests compare fp32 numbers
+    # whatever the machine (tests/test_dtype_devices.py tests the choice itself).
+    monkeypatch.setenv("SUPERWEIGHT_AUTO_DTYPE", "fp32")
 
 
 @pytest.fixture(scope="session")

@@ -82,14 +82,24 @@ class DownProj:
 
     @property
     def weight(self) -> torch.Tensor:
-        """The stored parameter (transposed for Conv1D); prefer `get`/`set`/`row` to index it."""
-        return self.module.weight
+        """The stored weight the forward pass reads (transposed for Conv1D); prefer `get`/`set`/`row`.
+
+        Usually the parameter itself. When accelerate offloads the module (`device_map` with "cpu" or "disk"
+        entries), the parameter sits on the meta device between passes and the hook's `weights_map` holds
+        the values; see `offloaded_weight`.
+        """
+        return offloaded_weight(self.module) if self.module.weight.is_meta else self.module.weight
 
     @property
     def matrix(self) -> torch.Tensor:
         """A [d_model, d_ff] view of the weight (no copy)."""
-        w = self.module.weight
+        w = self.weight
         return w.t() if self.transposed else w
+
+    @property
+    def device(self) -> torch.device:
+        """Where this layer computes (its own device, or the execution device of its offload hook)."""
+        return execution_device(self.module)
 
     @property
     def d_model(self) -> int:
@@ -127,6 +137,49 @@ class DownProj:
     def set_row(self, row: int, values: torch.Tensor) -> None:
         with torch.no_grad():
             self.matrix[row].copy_(values)
+
+
+def offloaded_weight(module: nn.Module, name: str = "weight") -> torch.Tensor:
+    """The tensor an accelerate-offloaded module loads into `name` at each forward pass.
+
+    The hook's `weights_map` reads disk-offloaded tensors afresh from the offload folder on every access, so an
+    in-place edit there would be lost. The first access therefore keeps a RAM copy in the loader's
+    `state_dict`, which accelerate reads first (`OffloadedWeightsLoader.__getitem__`): from then on reads and
+    writes go to the one tensor the forward pass uses. CPU-offloaded tensors already live there.
+    """
+    hook = getattr(module, "_hf_hook", None)
+    weights_map = getattr(hook, "weights_map", None)
+    if weights_map is None:
+        raise UnsupportedArchitectureError(f"{type(module).__name__}.{name} is on the meta device without an offload hook")
+    loader, key = getattr(weights_map, "dataset", None), getattr(weights_map, "prefix", "") + name
+    state = getattr(loader, "state_dict", None)
+    if isinstance(state, dict):
+        if key not in state:
+            state[key] = weights_map[name].clone()
+        return state[key]
+    return weights_map[name]
+
+
+def stored(module: nn.Module, name: str = "weight") -> torch.Tensor:
+    """`module.<name>` as the forward pass reads it: the tensor itself, or its offloaded copy (`offloaded_weight`)."""
+    tensor = getattr(module, name)
+    return offloaded_weight(module, name) if tensor is not None and tensor.is_meta else tensor
+
+
+def execution_device(module: nn.Module) -> torch.device:
+    """The device `module` computes on: its offload hook's execution device, else its first real tensor's."""
+    hook_device = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
+    if hook_device is not None:
+        return torch.device(hook_device if not isinstance(hook_device, int) else f"cuda:{hook_device}")
+    for t in module.parameters():
+        if not t.is_meta:
+            return t.device
+    return torch.device("cpu")
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """Where token ids go: the device of the input embeddings (works when layers are spread or offloaded)."""
+    return execution_device(model.get_input_embeddings())
 
 
 def down_projections(model: nn.Module) -> list[DownProj]:

@@ -235,7 +235,6 @@ class RowPatch(HookIntervention):
             dp = down_projection(model, layer)
             dp.check(row)
             self._dps.append(dp)
-        device = self._dps[0].weight.device if self._dps else None
         if vectors is None:
             vectors = [torch.zeros(dp.d_ff) for dp in self._dps]
         if len(vectors) != len(self.rows):
@@ -244,7 +243,8 @@ class RowPatch(HookIntervention):
         for dp, v in zip(self._dps, vectors):
             if tuple(v.shape) != (dp.d_ff,):
                 raise CoordinateError(f"patch vector for layer {dp.layer} has shape {tuple(v.shape)}, need ({dp.d_ff},)")
-            self.vectors.append(nn.Parameter(v.detach().to(device=device, dtype=torch.float32).clone()))
+            # On its own layer's device, so a model spread over devices (device_map) computes it in place.
+            self.vectors.append(nn.Parameter(v.detach().to(device=dp.device, dtype=torch.float32).clone()))
 
     def parameters(self) -> list[nn.Parameter]:
         return list(self.vectors)
@@ -266,8 +266,8 @@ class RowPatch(HookIntervention):
             # fp32 whatever the model runs in (autocast included): the patch is small and precision matters.
             with torch.autocast(out.device.type, enabled=False):
                 d = torch.stack([self.vector(i) for i in idx])  # [k, d_ff]
-                delta = inp[0].float() @ d.t()  # [..., k]
-                return out.index_add(-1, rows.to(out.device), delta.to(out.dtype))
+                delta = inp[0].to(d.device).float() @ d.t()  # [..., k]
+                return out.index_add(-1, rows.to(out.device), delta.to(out.device, out.dtype))
 
         return hook
 

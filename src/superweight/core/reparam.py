@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from superweight.core.arch import down_projection, family
+from superweight.core.arch import down_projection, family, stored
 from superweight.errors import UnsupportedArchitectureError, UsageError
 
 # family -> (path of the MLP's first projection inside a block, offset of x's rows in its output)
@@ -57,7 +57,7 @@ def rescale_mlp(model: nn.Module, layer: int, factors: float | torch.Tensor) -> 
     first = dp.block.get_submodule(FIRST_PROJECTION[fam])
     offset = dp.d_ff if fam == "phi3" else 0
     rows = slice(offset, offset + dp.d_ff)
-    w = first.weight
+    w = stored(first)  # the offloaded copy when accelerate offloads the layer (--device-map)
     w[rows] = (w[rows].float() * a[:, None].to(w.device)).to(w.dtype)
     if getattr(first, "bias", None) is not None:
         b = first.bias
@@ -79,6 +79,6 @@ def neuron_balance(model: nn.Module, layer: int) -> torch.Tensor:
         raise UnsupportedArchitectureError(f"{fam}'s {CANNOT[fam]} MLP has no function-preserving neuron scale")
     dp = down_projection(model, layer)
     offset = dp.d_ff if fam == "phi3" else 0
-    first = dp.block.get_submodule(FIRST_PROJECTION[fam]).weight[offset : offset + dp.d_ff].float()
+    first = stored(dp.block.get_submodule(FIRST_PROJECTION[fam]))[offset : offset + dp.d_ff].float()
     down = dp.matrix.float().norm(dim=0)
     return (first.norm(dim=1) / down.clamp_min(1e-30)).sqrt().cpu()

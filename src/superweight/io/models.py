@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from superweight.errors import ModelLoadError, UsageError
+from superweight.io.placement import choose_dtype, device_map_kwargs, map_kind
 
 DEFAULT_MODEL = "smollm2-135m"
 EMBEDDED = {
@@ -45,6 +46,8 @@ class Loaded:
     dtype: str
     device: str
     cache: str | None = None  # the cache entry it was read from, if any (see load)
+    dtype_reason: str | None = None  # why --dtype auto chose `dtype` (None when the user named it)
+    device_map: str | None = None  # --device-map as given (layers spread over devices or offloaded)
 
 
 def embedded_gguf(alias: str) -> Path:
@@ -96,51 +99,64 @@ def resolve_spec(spec: str) -> tuple[str, str | None, str]:
     return spec, None, "hub"
 
 
-def load(spec: str = DEFAULT_MODEL, device: str = "cpu", dtype: str = "fp32") -> Loaded:
+def load(spec: str = DEFAULT_MODEL, device: str = "cpu", dtype: str = "fp32", device_map: str | None = None,
+         max_memory: str | None = None, offload_folder: str | None = None) -> Loaded:
     """Load `spec` once, in eval mode with gradients off for every parameter.
+
+    `dtype="auto"` picks bf16 where the hardware multiplies it natively, else fp32 (`choose_dtype`).
+    `device_map` ("auto", "balanced" or a JSON object {module: device}) spreads the layers over GPUs, the CPU and
+    the disk with accelerate's big-model dispatch (see `device_map_kwargs`); `device` is then ignored.
 
     A GGUF model is dequantised by transformers (`gguf_file=`) the first time; the result (fp32 weights,
     config, tokenizer) is kept in the cache (see `cache_dir`), so later loads take ~1 s instead of ~25 s of
     GGUF parsing. The cached copy is bit-identical (a test checks); `SUPERWEIGHT_CACHE=off` disables it.
     """
-    if dtype not in DTYPES:
-        raise UsageError(f"unknown dtype '{dtype}': use {', '.join(DTYPES)}")
-    device = resolve_device(device)
+    if dtype not in DTYPES and dtype != "auto":
+        raise UsageError(f"unknown dtype '{dtype}': use auto, {', '.join(DTYPES)}")
+    placement = device_map_kwargs(device_map, max_memory, offload_folder)
+    device = resolve_device(device) if not placement else map_kind(placement["device_map"])
+    reason = None
+    if dtype == "auto":
+        dtype, reason = choose_dtype(device)
     where, gguf_file, kind = resolve_spec(spec)
     source = os.path.join(where, gguf_file) if gguf_file else where
     cached = gguf_cache_dir(Path(source)) if gguf_file else None
+    if cached is not None and not (cached / "config.json").is_file() and (dtype, device, placement) != ("fp32", "cpu", {}):
+        load(spec)  # convert the GGUF once (fp32 on the CPU, into the cache); then read the cache as asked
     loaded_from_cache = False
     if cached is not None and (cached / "config.json").is_file():
         try:
-            tokenizer, model = _from_pretrained(str(cached), None, dtype, device)
+            tokenizer, model = _from_pretrained(str(cached), None, dtype, device, placement)
             loaded_from_cache = True
         except Exception as exc:  # a damaged cache entry is rebuilt from the GGUF, never fatal
             log.warning("superweight: ignoring damaged cache %s (%s)", cached, str(exc).splitlines()[0])
             shutil.rmtree(cached, ignore_errors=True)
     if not loaded_from_cache:
         try:
-            tokenizer, model = _from_pretrained(where, gguf_file, dtype, device)
+            tokenizer, model = _from_pretrained(where, gguf_file, dtype, device, placement)
         except (OSError, ValueError, KeyError, ImportError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ModelLoadError(f"could not load model '{spec}' ({kind}): {first}") from exc
-        if cached is not None and dtype == "fp32" and device == "cpu":
+        if cached is not None and dtype == "fp32" and device == "cpu" and not placement:
             _write_cache(model, tokenizer, cached)
     model.eval()
     model.requires_grad_(False)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if placement:
+        device = "+".join(sorted({str(v) for v in getattr(model, "hf_device_map", {}).values()})) or device
     return Loaded(model=model, tokenizer=tokenizer, spec=spec, source=source, dtype=dtype, device=device,
-                  cache=str(cached) if loaded_from_cache else None)
+                  cache=str(cached) if loaded_from_cache else None, dtype_reason=reason, device_map=device_map)
 
 
-def _from_pretrained(where: str, gguf_file: str | None, dtype: str, device: str):
+def _from_pretrained(where: str, gguf_file: str | None, dtype: str, device: str, placement: dict | None = None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    kwargs = {"dtype": DTYPES[dtype]}
+    kwargs = {"dtype": DTYPES[dtype], **(placement or {})}
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
-    if device != "cpu":
+    if device != "cpu" and not placement:
         kwargs["device_map"] = device  # load straight onto the accelerator: no second copy in RAM
     hf_logging.disable_progress_bar()
     verbosity = hf_logging.get_verbosity()
@@ -193,7 +209,16 @@ def save_model_dir(model: nn.Module, tokenizer, target: Path) -> None:
             del config.quantization_config  # the copy is plain weights, not a GGUF checkpoint
         config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})  # handles tied weights
+        if any(p.is_meta for p in model.parameters()):  # offloaded (--device-map): transformers reads the
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+            try:
+                model.save_pretrained(tmp)  # weights back from accelerate's hooks, edits included, by shard
+            finally:
+                hf_logging.enable_progress_bar()
+        else:
+            save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})  # handles tied weights
         os.rename(tmp, target)
     finally:
         if tmp.exists():

@@ -7,6 +7,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from superweight.core.arch import input_device
 from superweight.core.intervene import Intervention
 
 # The seed write-up's eight prompts, plus a quote-closing and a code prompt.
@@ -27,7 +28,7 @@ DEFAULT_PROMPTS = [
 @torch.no_grad()
 def greedy(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int = 20) -> str:
     """The greedy continuation of `prompt` (new text only)."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     enc = tokenizer(prompt, return_tensors="pt").to(device)
     out = model.generate(
         **enc,
