@@ -130,3 +130,39 @@ def test_cli_run_on_the_embedded_model_writes_the_report(smol, monkeypatch, tmp_
     html = (out / "report.html").read_text()
     for section in ("Sparsity", "Tokens", "Generations", "Protocol"):
         assert section in html
+
+
+def test_detection_and_repair_are_the_same_on_a_rescaled_embedded_model(smol):
+    """Layer 11's MLP rescaled per neuron without changing the function: detection finds 11:507:1229 first,
+    graded a super weight, with the same KL; the default recipe's patch writes the same (issue 9)."""
+    from types import SimpleNamespace
+
+    from superweight.core.reparam import rescale_mlp
+    from superweight.stages.train import RECIPES, train, training_sequences
+
+    model, tok = smol.model, smol.tokenizer
+    loaded = SimpleNamespace(model=model, tokenizer=tok, spec="smollm2-135m", source="embedded", dtype="fp32",
+                             device="cpu")
+    cfg = detect.DetectConfig(calib_tokens=512, attribution=None)
+    repair = RECIPES["balanced"].model_copy(update={"steps": 4})
+    seqs, mask = training_sequences(tok, "pydoc", repair)
+    a = torch.exp(1.5 * torch.randn(down_projection(model, 11).d_ff, generator=torch.Generator().manual_seed(0)))
+
+    def study():
+        top = detect.run_detect(loaded, cfg).candidates[0]
+        patch, _ = train(model, [SUPER], [(11, 507)], seqs, mask, repair)
+        return top, patch.vectors[0].detach().clone()
+
+    mlp = down_projection(model, 11).block.mlp
+    intact = {k: v.clone() for k, v in mlp.state_dict().items()}
+    first, d1 = study()
+    try:
+        rescale_mlp(model, 11, a)
+        second, d2 = study()
+    finally:
+        mlp.load_state_dict(intact)
+    assert (first.layer, first.row, first.col) == (second.layer, second.row, second.col) == (11, 507, 1229)
+    assert first.grade == second.grade == "super weight"
+    assert second.kl == pytest.approx(first.kl, rel=1e-3)
+    assert second.value == pytest.approx(first.value / a[1229].item(), rel=1e-5)  # the weight itself moved
+    assert torch.allclose(d2 * a, d1, rtol=1e-3, atol=1e-3 * d1.abs().max().item())  # the same write
