@@ -95,7 +95,10 @@ def repair(
 @errors
 def apply_(
     patch: Annotated[str, typer.Option(help="run directory (or patch.safetensors) of a repair")],
-    export: Annotated[str, typer.Option(help="new directory for the merged model (save_pretrained layout)")],
+    export: Annotated[Optional[str], typer.Option(help="new directory for the merged model (save_pretrained layout)")] = None,
+    peft: Annotated[Optional[str], typer.Option(
+        help="new directory for a PEFT LoRA adapter on the intact base model (adapter_config.json + adapter_model.safetensors)")] = None,
+    ablation_only: Annotated[bool, typer.Option(help="with --peft: the adapter that only ablates (breaks the model)")] = False,
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="model spec (default: the patch's own)")] = None,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "auto",
@@ -103,20 +106,37 @@ def apply_(
     max_memory: MaxMemoryOpt = None,
     offload_folder: OffloadOpt = None,
 ):
-    """Merge a patch into the ablated model and write it as a standalone model directory."""
+    """Merge a patch into the ablated model and write it as a standalone model directory (--export), or write it
+    as a PEFT LoRA adapter for the intact model (--peft)."""
     from pathlib import Path
 
     from superweight.io.models import save_model_dir
     from superweight.io.patchfile import load_patch, merge_into_weights
     from superweight.io.rundir import check_writable
 
+    if not export and not peft:
+        raise UsageError("give --export DIR (a merged model) and/or --peft DIR (a LoRA adapter)")
+    if ablation_only and not peft:
+        raise UsageError("--ablation-only applies to --peft (the adapter that only ablates)")
+    if export and peft and Path(export).resolve() == Path(peft).resolve():
+        raise UsageError("--export and --peft need two different directories")
     data_ = load_patch(patch)
-    target = Path(export)
-    if target.exists() or target.is_symlink():  # a dangling symlink too: the export would replace it
-        raise UsageError(f"--export {target} exists already; choose a new directory")
-    check_writable(target)
+    for opt, target in (("--export", export), ("--peft", peft)):
+        if target and (Path(target).exists() or Path(target).is_symlink()):  # a dangling symlink would be replaced
+            raise UsageError(f"{opt} {target} exists already; choose a new directory")
+        if target:
+            check_writable(target)
     loaded = load_model(model or data_.config.get("spec", DEFAULT_MODEL), device, dtype, device_map, max_memory, offload_folder)
-    merge_into_weights(loaded.model, data_)
-    save_model_dir(loaded.model, loaded.tokenizer, target)
-    out.print(f"Wrote the patched model ({', '.join(map(str, data_.ablated))} ablated, rows "
-              f"{', '.join(f'{l}:{r}' for l, r in data_.rows)} patched) to {target}")
+    what = (f"{', '.join(map(str, data_.ablated))} ablated, rows {', '.join(f'{l}:{r}' for l, r in data_.rows)} "
+            "patched")
+    if peft:  # first: the adapter is made against the intact weights
+        from superweight.io.peft import write_peft
+
+        config = write_peft(loaded, data_, Path(peft), ablation_only)
+        done = f"{', '.join(map(str, data_.ablated))} ablated only" if ablation_only else what
+        out.print(f"Wrote a LoRA adapter ({done}; rank {config['r']} on {', '.join(config['target_modules'])}) "
+                  f"for the intact {loaded.source} to {peft}")
+    if export:
+        merge_into_weights(loaded.model, data_)
+        save_model_dir(loaded.model, loaded.tokenizer, Path(export))
+        out.print(f"Wrote the patched model ({what}) to {export}")
