@@ -50,6 +50,11 @@ CorpusOpt = Annotated[str, typer.Option(help="pydoc, wikitext2 or text:PATH (fil
 SplitOpt = Annotated[str, typer.Option(help="train, eval or all (wikitext2: train, validation, test)")]
 JsonOpt = Annotated[Optional[str], typer.Option("--json", help="write the full result as JSON to this path")]
 RunDirArg = Annotated[str, typer.Argument(help="a run directory written by `superweight repair` or `run`")]
+TasksOpt = Annotated[Optional[str], typer.Option(
+    help="zero-shot lm-evaluation-harness tasks per condition, comma-separated: arc_easy,piqa,... "
+         "(needs pip install -e '.[lm-eval]')")]
+IncludePathOpt = Annotated[Optional[str], typer.Option(help="with --tasks: a folder of local task YAML files")]
+TaskLimitOpt = Annotated[Optional[int], typer.Option(help="with --tasks: score at most N items per task")]
 
 
 def errors(fn):
@@ -122,7 +127,7 @@ def load_model(model: str, device: str, dtype: str, device_map: str | None = Non
     with err.status(f"Loading {model} ({dtype}, {where})..."):
         loaded = models.load(model, device=device, dtype=dtype, device_map=device_map, max_memory=max_memory,
                              offload_folder=offload_folder)
-    if loaded.dtype_reason:
+    if loaded.dtype_reason and "pinned by" not in loaded.dtype_reason:  # a pinned choice needs no explaining
         err.print(f"dtype auto: {loaded.dtype} ({loaded.dtype_reason})", markup=False, highlight=False)
     if device_map:
         err.print(f"device map {device_map}: {loaded.device}", markup=False, highlight=False)
@@ -184,3 +189,15 @@ def check_run_dir(run_dir: str):
         raise UsageError(f"no such run directory: {path}")
     read_record(path)  # a missing, damaged or unreadable record fails before the model loads
     return path, load_patch(path).config.get("spec", DEFAULT_MODEL)
+
+
+def task_spec(tasks: str | None, include_path: str | None, limit: int | None):
+    """The checked --tasks (measure.tasks.TaskSpec), or None; fails before any model loads."""
+    if tasks is None:
+        if include_path is not None or limit is not None:
+            raise UsageError("--include-path and --task-limit go with --tasks")
+        return None
+    from superweight.measure.tasks import prepare_tasks
+
+    with err.status("Finding lm-eval tasks..."):
+        return prepare_tasks(tasks, include_path, limit)

@@ -9,7 +9,7 @@ import typer
 from superweight.cli.common import (
     DeviceMapOpt, MaxMemoryOpt, OffloadOpt,
     CorpusOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, SplitOpt, app, err, errors, load_model, out, progress,
-    token_and_prompt_tasks, write_result,
+    token_and_prompt_tasks, write_result, IncludePathOpt, TaskLimitOpt, TasksOpt, task_spec,
 )
 from superweight.errors import UsageError
 from superweight.io import corpora
@@ -52,6 +52,11 @@ def eval_(
     stride: Annotated[Optional[int], typer.Option(help="window stride (default: max-length, no overlap)")] = None,
     prompt: Annotated[Optional[list[str]], typer.Option(help="generation prompt (repeatable); default: ten built-in")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="greedy tokens per generation")] = 20,
+    patch: Annotated[Optional[str], typer.Option(
+        help="run directory of a repair: also the patched model (and its ablation instead of --ablate)")] = None,
+    tasks: TasksOpt = None,
+    include_path: IncludePathOpt = None,
+    task_limit: TaskLimitOpt = None,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "auto",
     device_map: DeviceMapOpt = None,
@@ -59,8 +64,10 @@ def eval_(
     offload_folder: OffloadOpt = None,
     json_: JsonOpt = None,
 ):
-    """Base vs ablated: NLL, PPL, KL, top-1 agreement, super activation, and generations side by side."""
+    """Base vs ablated (vs patched): NLL, PPL, KL, top-1 agreement, super activation, generations side by side,
+    and zero-shot task accuracies with --tasks."""
     from superweight.core.coords import parse_coords
+    from superweight.io.patchfile import load_patch
     from superweight.io.rundir import check_writable
     from superweight.known import published
     from superweight.measure.generate import DEFAULT_PROMPTS
@@ -68,7 +75,10 @@ def eval_(
     from superweight.stages.evaluate import run_eval
 
     # Everything that can be checked without the model is checked before the (slow) load.
-    coords = parse_coords(ablate) if ablate else published(model)
+    if patch and ablate:
+        raise UsageError("--patch brings its own ablation; give --ablate or --patch, not both")
+    patch_data = load_patch(patch) if patch else None
+    coords = patch_data.ablated if patch_data else parse_coords(ablate) if ablate else published(model)
     corpora.check_windows(max_length, stride)
     if max_tokens < 2:
         raise UsageError(f"--max-tokens must be at least 2, got {max_tokens}")
@@ -77,6 +87,7 @@ def eval_(
     if json_:
         check_writable(json_)
     text = corpora.load_text(corpus, split)
+    task_set = task_spec(tasks, include_path, task_limit)
     loaded = load_model(model, device, dtype, device_map, max_memory, offload_folder)
     if not coords:
         err.print("No --ablate given and no published super weight for this model: base metrics only.",
@@ -85,9 +96,11 @@ def eval_(
     prompts = prompt or DEFAULT_PROMPTS
     with progress() as bar:
         on_tokens, on_prompt = token_and_prompt_tasks(bar, n_scored(ids.numel(), max_length, stride), len(prompts))
+        lm_bar = bar.add_task("lm-eval tasks", total=None, visible=task_set is not None)
         result = run_eval(
             loaded, coords, corpus, split, max_tokens, max_length, stride, prompts, max_new_tokens, ids=ids,
-            on_tokens=on_tokens, on_prompt=on_prompt,
+            on_tokens=on_tokens, on_prompt=on_prompt, patch=patch_data, tasks=task_set,
+            on_task=lambda name: bar.update(lm_bar, description=f"lm-eval tasks: {name}"),
         )
     terminal.print_eval(out, result)
     write_result(json_, result)

@@ -303,6 +303,21 @@ class DetectSummary(Record):
     note: str | None = None
 
 
+# --- zero-shot tasks (`--tasks` on eval / repair / run: lm-evaluation-harness, measure/tasks.py) ---
+class TaskScore(Record):
+    value: float
+    stderr: float | None = Field(None, description="the harness's standard error; None where it gives none")
+
+
+class TaskResults(Record):
+    """The same model's lm-eval metrics per condition (base, broken or ablated, patched)."""
+
+    harness: str = Field(description="lm-eval version")
+    tasks: dict[str, dict[str, Any]] = Field(description="task -> version, n_shot, samples (items scored)")
+    settings: dict[str, Any] = Field(description="limit, include_path, batch_size, softmax_dtype")
+    scores: dict[str, dict[str, dict[str, TaskScore]]] = Field(description="condition -> task -> metric -> score")
+
+
 class RunRecord(Record):
     """results.json. `repair` writes the fields up to `seeds`; the rest stay None until their stage runs."""
 
@@ -319,6 +334,7 @@ class RunRecord(Record):
     generations: list[dict[str, str]] = Field(default_factory=list)
     baselines: dict[str, Baseline] | None = None
     seeds: Seeds | None = None
+    tasks: TaskResults | None = None  # repair / run --tasks
     # analyze
     super_activation: dict[str, float | None] | None = None
     sparsity: list[SparsityPoint] | None = None

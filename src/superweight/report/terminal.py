@@ -45,6 +45,8 @@ def print_eval(out: Console, result) -> None:
     rows = [("base", result.base)]
     if result.ablated:
         rows.append((p.interventions["ablated"], result.ablated))
+    if result.patched:
+        rows.append(("patched", result.patched))
     for name, m in rows:
         table.add_row(name, fmt(m.nll), fmt(m.ppl, 2), fmt(m.kl), f"{m.top1_agree:.1%}",
                       fmt(m.super_activation, 1))
@@ -52,6 +54,28 @@ def print_eval(out: Console, result) -> None:
     if result.base and result.ablated:
         out.print(f"PPL ratio ablated/base: {result.ablated.ppl / result.base.ppl:.2f}x")
     print_generations(out, result.generations)
+    if result.tasks:
+        print_tasks(out, result.tasks)
+
+
+def print_tasks(out: Console, tasks) -> None:
+    """One row per task and metric, one column per condition: value ± the harness's standard error."""
+    conditions = list(tasks.scores)
+    samples = ", ".join(f"{t} {i['samples']}" for t, i in tasks.tasks.items() if i.get("samples") is not None)
+    table = Table(title=f"Zero-shot tasks (lm-eval {tasks.harness}; items: {samples or '?'})")
+    table.add_column("task")
+    table.add_column("metric")
+    for c in conditions:
+        table.add_column(c, justify="right")
+    base = tasks.scores.get("base", {})
+    for task, metrics in base.items():
+        for metric in metrics:
+            cells = []
+            for c in conditions:
+                sc = tasks.scores[c].get(task, {}).get(metric)
+                cells.append("-" if sc is None else f"{sc.value:.3f}" + (f" ± {sc.stderr:.3f}" if sc.stderr else ""))
+            table.add_row(task, metric, *cells)
+    out.print(table)
 
 
 def print_generations(out: Console, rows: list[dict[str, str]]) -> None:

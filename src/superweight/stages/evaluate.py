@@ -1,4 +1,5 @@
-"""The eval job: base vs ablated metrics on a corpus, plus greedy generations side by side."""
+"""The eval job: base vs ablated (and patched) metrics on a corpus, greedy generations side by side, and
+zero-shot task accuracies through lm-evaluation-harness when tasks are given (measure/tasks.py)."""
 
 from __future__ import annotations
 
@@ -7,19 +8,23 @@ from collections.abc import Callable
 from pydantic import BaseModel
 
 from superweight.core.coords import WeightCoord
-from superweight.core.intervene import Ablation
+from superweight.core.intervene import Ablation, Compose, RowPatch
 from superweight.io import corpora
 from superweight.io.models import Loaded
 from superweight.measure import generate
-from superweight.io.record import Metrics, Protocol
+from superweight.io.patchfile import PatchData, check_fits
+from superweight.io.record import Metrics, Protocol, TaskResults
 from superweight.measure.metrics import measure, protocol_of
+from superweight.measure.tasks import TaskSpec, run_tasks
 
 
 class EvalResult(BaseModel):
     protocol: Protocol
     base: Metrics
     ablated: Metrics | None
+    patched: Metrics | None = None
     generations: list[dict[str, str]]
+    tasks: TaskResults | None = None
 
 
 def run_eval(
@@ -35,19 +40,30 @@ def run_eval(
     ids=None,
     on_tokens: Callable[[int], None] | None = None,
     on_prompt: Callable[[int], None] | None = None,
+    patch: PatchData | None = None,
+    tasks: TaskSpec | None = None,
+    on_task: Callable[[str], None] | None = None,
 ) -> EvalResult:
-    """Measure the base model and the model with `coords` ablated (if any) on one corpus split."""
+    """Measure the base model and the model with `coords` ablated (if any) on one corpus split; with `patch`
+    (io.patchfile.load_patch) also the patched model; with `tasks` (measure.tasks.prepare_tasks) each
+    condition's zero-shot task metrics."""
     model, tok = loaded.model, loaded.tokenizer
     stride = max_length if stride is None else stride
     ablation = Ablation(model, coords) if coords else None  # validates coordinates before any work
+    conditions = {"ablated": ablation} if ablation else {}
+    if patch is not None:
+        check_fits(model, patch)
+        conditions["patched"] = Compose(Ablation(model, patch.ablated), RowPatch(model, patch.rows, patch.vectors))
     if ids is None:
         ids = corpora.tokenize(tok, corpora.load_text(corpus, split), max_tokens)
-    conditions = {"ablated": ablation} if ablation else {}
     channels = sorted({(c.layer, c.row) for c in coords})
     results = measure(model, ids, conditions, channels, max_length, stride, progress=on_tokens)
     gens = generate.compare(model, tok, conditions, prompts, max_new_tokens, progress=on_prompt)
-    protocol = protocol_of(
-        loaded, corpus, split, results["base"].n_tokens, max_length, stride,
-        {"ablated": "ablate " + ", ".join(map(str, coords))} if coords else {},
-    )
-    return EvalResult(protocol=protocol, base=results["base"], ablated=results.get("ablated"), generations=gens)
+    described = {"ablated": "ablate " + ", ".join(map(str, coords))} if coords else {}
+    if patch is not None:
+        described["patched"] = (f"ablate {', '.join(map(str, patch.ablated))}, add the patch on rows "
+                                f"{', '.join(f'{l}:{r}' for l, r in patch.rows)}")
+    protocol = protocol_of(loaded, corpus, split, results["base"].n_tokens, max_length, stride, described)
+    scores = run_tasks(loaded, tasks, conditions, on_condition=on_task) if tasks is not None else None
+    return EvalResult(protocol=protocol, base=results["base"], ablated=results.get("ablated"),
+                      patched=results.get("patched"), generations=gens, tasks=scores)
