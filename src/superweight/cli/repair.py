@@ -9,7 +9,7 @@ import typer
 from superweight.cli.common import (
     DeviceMapOpt, MaxMemoryOpt, OffloadOpt,
     CorpusOpt, DeviceOpt, DtypeOpt, ModelOpt, app, err, errors, load_model, out, parse_rows, progress, recipe_config,
-    stage_tasks,
+    stage_tasks, IncludePathOpt, TaskLimitOpt, TasksOpt, task_spec,
 )
 from superweight.errors import UsageError
 from superweight.io import corpora
@@ -41,6 +41,9 @@ def repair(
     baselines: Annotated[bool, typer.Option(help="also oracle, activation restore, random vector, other row")] = False,
     seeds: Annotated[int, typer.Option(help="train this many patches (seeds SEED, SEED+1, ...): mean and spread")] = 1,
     eval_tokens: Annotated[int, typer.Option(help="eval-split tokens for the before/after metrics")] = 4096,
+    tasks: TasksOpt = None,
+    include_path: IncludePathOpt = None,
+    task_limit: TaskLimitOpt = None,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "auto",
     device_map: DeviceMapOpt = None,
@@ -79,6 +82,7 @@ def repair(
         return
     corpora.load_text(corpus, "train")  # a missing or unreadable corpus fails before the model loads
     corpora.load_text(corpus, "eval")
+    task_set = task_spec(tasks, include_path, task_limit)
     loaded = load_model(model, device, dtype, device_map, max_memory, offload_folder)
     if dp.world > 1 and dp.is_main:
         err.print(f"data-parallel: {dp.world} processes share each batch of {cfg.batch_size} sequences",
@@ -86,7 +90,8 @@ def repair(
     with progress() as bar, dp.run_dir_for(run_dir, resume) as own_dir:
         stage, advance = stage_tasks(bar)
         record = run_repair(loaded, coords, rows, cfg, recipe, own_dir, corpus, eval_tokens, 512, baselines,
-                             seeds, resume, checkpoint_every, on_stage=stage, on_advance=advance)
+                             seeds, resume, checkpoint_every, on_stage=stage, on_advance=advance,
+                             tasks=task_set if dp.is_main else None)
     if dp.is_main:
         terminal.print_repair(out, record, run_dir)
 

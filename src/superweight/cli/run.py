@@ -9,6 +9,7 @@ import typer
 from superweight.cli.common import (
     DeviceMapOpt, MaxMemoryOpt, OffloadOpt,
     CorpusOpt, DeviceOpt, DtypeOpt, ModelOpt, app, err, errors, load_model, out, progress, recipe_config, stage_tasks,
+    IncludePathOpt, TaskLimitOpt, TasksOpt, task_spec,
 )
 from superweight.errors import UsageError
 from superweight.io import corpora
@@ -33,6 +34,9 @@ def run(
     draws: Annotated[int, typer.Option(help="random-k control draws per k")] = 2,
     resume: Annotated[bool, typer.Option(help="continue a run killed in --out (same options): the repair resumes "
                                               "from its checkpoint, the stages after it run again")] = False,
+    tasks: TasksOpt = None,
+    include_path: IncludePathOpt = None,
+    task_limit: TaskLimitOpt = None,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "auto",
     device_map: DeviceMapOpt = None,
@@ -63,9 +67,11 @@ def run(
         err.print(f"{path} is finished already (report.html): nothing to resume, nothing changed.", soft_wrap=True)
         return
     corpora.load_text(corpus, "eval")  # a missing corpus fails before the model loads
+    task_set = task_spec(tasks, include_path, task_limit)
     loaded = load_model(model, device, dtype, device_map, max_memory, offload_folder)
     with progress() as bar:
         stage, advance = stage_tasks(bar)
         record = run_pipeline(loaded, path, coord, cfg, recipe, corpus, eval_tokens, analysis_tokens, draws,
-                               baselines, seeds, sparse, on_stage=stage, on_advance=advance, resume=resume)
+                               baselines, seeds, sparse, on_stage=stage, on_advance=advance, resume=resume,
+                               tasks=task_set)
     terminal.print_run(out, record, path)

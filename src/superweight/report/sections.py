@@ -67,6 +67,23 @@ def _summary(r: RunRecord, plots) -> list:
         ("KL recovery", lambda c: c[2] and c[2].kl, pct)]), ("p", note)]
 
 
+def _tasks(r: RunRecord, plots) -> list:
+    t = r.tasks
+    if not t:
+        return []
+    conds = list(t.scores)
+    rows = []
+    for task, metrics in t.scores.get("base", {}).items():
+        for metric in metrics:
+            cells = [t.scores[c].get(task, {}).get(metric) for c in conds]
+            rows.append([task, metric] + ["-" if sc is None else num(sc.value) + (f" ± {num(sc.stderr)}" if sc.stderr
+                                                                                  else "") for sc in cells])
+    items = ", ".join(f"{k}: {v.get('samples')} items, {v.get('n_shot')}-shot" for k, v in t.tasks.items())
+    return [("h", 2, "Zero-shot tasks"), _table(["task", "metric"] + conds, rows),
+            ("p", f"lm-evaluation-harness {t.harness} on the same model per condition ({items}); "
+                  "value ± the harness's standard error.")]
+
+
 def _seeds(r: RunRecord, plots) -> list:
     s = r.seeds
     if not s or not s.values:
@@ -251,5 +268,5 @@ def _protocol(r: RunRecord, plots) -> list:
     return [("h", 2, "Protocol and versions")] + out
 
 
-SECTIONS = (_headline, _summary, _seeds, _detection, _training, _bars, _patch, _sparsity, _sweep, _tokens,
+SECTIONS = (_headline, _summary, _tasks, _seeds, _detection, _training, _bars, _patch, _sparsity, _sweep, _tokens,
             _neurons, _generations, _protocol)

@@ -172,6 +172,8 @@ def print_repair(out: Console, r: RunRecord, run_dir) -> None:
         out.print(f"Over {len(sd.values)} seeds: NLL-gap recovery {sd.mean.nll_gap:.1%} ± {sd.std.nll_gap:.1%}, "
                   f"||d|| {sd.mean.norm:.3g} ± {sd.std.norm:.2g}, "
                   f"cos(d, row) {sd.mean.cos_original_row:.3f} ± {sd.std.cos_original_row:.3f}")
+    if r.tasks:
+        print_tasks(out, r.tasks)
     out.print(f"Run directory: {run_dir}")
 
 

@@ -42,9 +42,11 @@ def run_pipeline(
     on_stage: Callable[[str, int | None], None] | None = None,
     on_advance: Callable[[int, float | None], None] | None = None,
     resume: bool = False,
+    tasks=None,
 ) -> RunRecord:
     """`resume` continues a run killed in `out`: detection runs again (it is deterministic), the repair
-    resumes from its checkpoint (or keeps its finished results), and the later stages run again."""
+    resumes from its checkpoint (or keeps its finished results), and the later stages run again. `tasks`
+    (measure.tasks.prepare_tasks) adds zero-shot task metrics of base, broken and patched to the repair."""
     from superweight.report import write_report
     from superweight.stages.analyze import run_analyze
     from superweight.stages.detect import DetectConfig, run_detect
@@ -74,7 +76,7 @@ def run_pipeline(
     t = time.perf_counter()
     rows = [(weight.layer, weight.row)]
     run_repair(loaded, [weight], rows, cfg, recipe, out, corpus, eval_tokens, 512, baselines, seeds, resume,
-               on_stage=stage, on_advance=on_advance)
+               on_stage=stage, on_advance=on_advance, tasks=tasks)
     timings["repair"] = time.perf_counter() - t
     if detected is not None:
         write_json(out / DETECT, detected.model_dump())

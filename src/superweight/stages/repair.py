@@ -29,6 +29,7 @@ from superweight.measure.geometry import geometry
 from superweight.measure.inputs import patch_inputs
 from superweight.measure.metrics import check_context, measure, protocol_of
 from superweight.measure.recovery import recovery
+from superweight.measure.tasks import TaskSpec, run_tasks
 from superweight.stages.train import RepairConfig, train, training_sequences
 
 GEN_PROMPTS = generate.DEFAULT_PROMPTS[:5]
@@ -59,8 +60,10 @@ def run_repair(
     checkpoint_every: int = 25,
     on_stage: Callable[[str, int | None], None] | None = None,
     on_advance: Callable[[int, float | None], None] | None = None,
+    tasks: TaskSpec | None = None,
 ) -> RunRecord:
-    """Train, evaluate and save a patch in the run directory `out` (see the module docstring).
+    """Train, evaluate and save a patch in the run directory `out` (see the module docstring); with `tasks`
+    (measure.tasks.prepare_tasks) also the zero-shot task metrics of base, broken and patched (`record.tasks`).
 
     Everything is checked before the first file is written: the run directory (io/rundir.check_run_dir_for),
     the coordinates and rows, the context length, and the corpus (enough text for one training batch).
@@ -122,6 +125,9 @@ def run_repair(
     if seeds > 1:
         patches = {cfg.seed: patch, **extra_seeds}
         record.seeds = seed_spread(model, coords, rows, originals, base, metrics, patches, cfg.seed)
+    if tasks is not None:
+        record.tasks = run_tasks(loaded, tasks, {"broken": conditions["broken"], "patched": conditions["patched"]},
+                                 on_condition=lambda name: stage(f"lm-eval tasks: {name}", None))
     write_record(out, record)
     return record
 
