@@ -76,8 +76,8 @@ def _tasks(r: RunRecord, plots) -> list:
     for task, metrics in t.scores.get("base", {}).items():
         for metric in metrics:
             cells = [t.scores[c].get(task, {}).get(metric) for c in conds]
-            rows.append([task, metric] + ["-" if sc is None else num(sc.value) + (f" ± {num(sc.stderr)}" if sc.stderr
-                                                                                  else "") for sc in cells])
+            rows.append([task, metric] + ["-" if sc is None else f"{sc.value:.3f}" + (
+                f" ± {sc.stderr:.3f}" if sc.stderr is not None else "") for sc in cells])
     items = ", ".join(f"{k}: {v.get('samples')} items, {v.get('n_shot')}-shot" for k, v in t.tasks.items())
     return [("h", 2, "Zero-shot tasks"), _table(["task", "metric"] + conds, rows),
             ("p", f"lm-evaluation-harness {t.harness} on the same model per condition ({items}); "

@@ -73,7 +73,7 @@ def print_tasks(out: Console, tasks) -> None:
             cells = []
             for c in conditions:
                 sc = tasks.scores[c].get(task, {}).get(metric)
-                cells.append("-" if sc is None else f"{sc.value:.3f}" + (f" ± {sc.stderr:.3f}" if sc.stderr else ""))
+                cells.append("-" if sc is None else f"{sc.value:.3f}" + (f" ± {sc.stderr:.3f}" if sc.stderr is not None else ""))
             table.add_row(task, metric, *cells)
     out.print(table)
 
