@@ -43,7 +43,8 @@ def test_eval_writes_protocol_and_both_conditions(tiny_model_dir, tmp_path):
                     "--json", out)
     assert result.exit_code == 0, result.output
     doc = json.loads(out.read_text())
-    assert set(doc) == {"protocol", "base", "ablated", "generations"}
+    assert set(doc) == {"protocol", "base", "ablated", "patched", "generations", "tasks"}
+    assert doc["patched"] is None and doc["tasks"] is None  # no --patch, no --tasks
     for key in ("nll", "ppl", "kl", "top1_agree", "super_activation"):
         assert key in doc["base"] and key in doc["ablated"]
     p = doc["protocol"]
