@@ -114,8 +114,10 @@ class TokenStats:
 
         def by_token(delta: torch.Tensor) -> list[dict]:
             sums = torch.zeros(vocab, dtype=torch.float64).index_add_(0, labels, delta)
+            ranked = sums.masked_fill(counts == 0, -torch.inf)  # only tokens that occur (small vocabularies)
+            top = ranked.topk(min(TOP_TOKENS, int((counts > 0).sum()))).indices.tolist()
             return [{"token": _tok(tokenizer, i), "id": i, "count": int(counts[i]), "sum": sums[i].item(),
-                     "mean": sums[i].item() / int(counts[i])} for i in sums.topk(TOP_TOKENS).indices.tolist()]
+                     "mean": sums[i].item() / int(counts[i])} for i in top]
 
         n = labels.numel()
         base_p, broken_p = self.prob["base"] / n, self.prob["broken"] / n
