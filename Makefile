@@ -28,6 +28,7 @@ bench: setup
 	$(BIN)/python benchmarks/bench_eval.py
 	$(BIN)/python benchmarks/bench_repair.py
 	$(BIN)/python benchmarks/bench_run.py
+	$(BIN)/python benchmarks/bench_transfer.py
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info src/*.egg-info
