@@ -166,8 +166,8 @@ def print_repair(out: Console, r: RunRecord, run_dir) -> None:
         out.print(f"Patch row {g.key}: ||d|| = {g.norm:.3f}, cos(d, original row) = {g.cos_original_row:.3f}; {cols}")
         if g.write_rms is not None:
             out.print(f"  invariant: RMS write x·d = {g.write_rms:.4g}, cos(x·d, x·w_row) = "
-                      f"{g.write_cos_original_row:.3f}, cos(x·d, x[col]) = {fmt(g.write_cos_ablated, 3)}, "
-                      f"d[col]/deleted = {fmt(g.value_ratio, 3)}, balanced ||d|| = {fmt(g.balanced_norm, 3)}")
+                      f"{g.write_cos_original_row:.3f}, cos(x·d, x\\[{g.col}]) = {fmt(g.write_cos_ablated, 3)}, "
+                      f"d\\[{g.col}]/deleted = {fmt(g.value_ratio, 3)}, balanced ||d|| = {fmt(g.balanced_norm, 3)}")
     if sd := r.seeds:
         out.print(f"Over {len(sd.values)} seeds: NLL-gap recovery {sd.mean.nll_gap:.1%} ± {sd.std.nll_gap:.1%}, "
                   f"||d|| {sd.mean.norm:.3g} ± {sd.std.norm:.2g}, "
