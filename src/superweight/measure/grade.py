@@ -8,7 +8,6 @@ The thresholds and their reasons live here only; `stages/detect.py` grades each 
 
 from __future__ import annotations
 
-# What a weight's measured damage makes of it: the thresholds, their reasons, and the words every output uses.
 # A super weight in the paper's sense collapses the model when zeroed: Llama-7B's PPL goes from 5.7 to over
 # 1,000 (Yu et al. 2024), OLMo-1B's from 17 to 2,884, the embedded SmolLM2-135M's from 17 to 131 (x7.5). A
 # weight far above its controls that costs a model 10-50% of perplexity is a sensitive weight, not a collapse.

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from superweight.core.arch import down_projection, input_device
+from superweight.core.intervene import Ablation
 
 
 class _Stop(Exception):
@@ -46,7 +47,5 @@ def patch_inputs(model: nn.Module, coords, rows, ids: torch.Tensor, max_length: 
                  max_tokens: int = 2048) -> dict[int, torch.Tensor]:
     """x [tokens, d_ff] for each patched layer over the first `max_tokens` of `ids`, read with the weights in
     `coords` ablated: what the patch reads (measure/geometry.py's write-based numbers)."""
-    from superweight.core.intervene import Ablation
-
     with Ablation(model, coords):
         return {layer: down_inputs(model, ids[:max_tokens], layer, max_length)[0] for layer in {l for l, _ in rows}}

@@ -12,7 +12,7 @@
    calibration slice, beside two controls from the same matrix: the other weight that writes most
    (|W[r,c]| * max_t |x_t[c]|), and a random weight. `confirmed` needs KL >= `min_kl` and >= `control_factor` x
    the worse control.
-5. Grade (`grade`): what the damage makes of the weight, by the thresholds in GRADES below: a super weight
+5. Grade (`grade`): what the damage makes of the weight, by the thresholds in measure/grade.py: a super weight
    (removal collapses the model), a sensitive weight (above its controls, but the model survives), or none.
 
 Every score is a property of the function, not of the parametrization: output spikes, contributions

@@ -97,12 +97,11 @@ RECIPES: dict[str, RepairConfig] = {
     "sgd": RepairConfig(steps=32, batch_size=2, lr=0.1, optimizer="sgd", train_tokens=4096),
     # The default of `repair` and `run`: `sgd`'s budget (32 steps of batch 2 x 128), SGD with momentum in the
     # balanced coordinates (stages/precondition.py), so the result is the same at every function-preserving
-    # rescaling of the MLP: 99.6% on the embedded model at every scale where `quick` ranges from -110% to 95%
+    # rescaling of the MLP: 99.7% on the embedded model at every scale where `quick` ranges from -90% to 100%
     # (benchmarks/bench_transfer.py, docs/recipes.md). lr 0.3: 0.1 under-trains the super neuron (n = 1.72, so
     # its steps are 3x smaller than in weight units: 92.7%); 3.0 overshoots (the loss bounces back from 0.002).
     "balanced": RepairConfig(steps=32, batch_size=2, lr=0.3, optimizer="sgd", space="balanced", train_tokens=4096),
 }
-DEFAULT_RECIPE = "balanced"
 
 
 def training_sequences(tokenizer, corpus: str, cfg: RepairConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
