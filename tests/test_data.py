@@ -263,3 +263,38 @@ def test_text_directory_skips_subdirectories_named_txt(tmp_path):
     a = _write_paragraphs(tmp_path / "corpus" / "a.txt", "alpha", 3)
     b = _write_paragraphs(tmp_path / "corpus" / "old.txt" / "b.txt", "beta", 3)
     assert paragraphs(corpora.load_text(f"text:{tmp_path / 'corpus'}", "all")) == a + b
+
+
+# --------------------------------------------------------------------------------------------------- BOS
+
+def test_windows_with_bos_score_every_token_once():
+    ws = corpora.windows(20, 8, bos=True)
+    assert all(w.bos and w.end - w.begin <= 7 for w in ws)
+    assert [(w.begin, w.end) for w in ws] == [(0, 7), (7, 14), (14, 20)]
+    assert sum(w.end - w.score_from for w in ws) == 20
+
+
+def test_pack_with_bos_starts_every_row_with_it():
+    rows = corpora.pack(torch.arange(10, 30), 5, bos=1)
+    assert rows.shape == (5, 5) and (rows[:, 0] == 1).all()
+    assert rows[0, 1:].tolist() == [10, 11, 12, 13]
+
+
+class _Tok:
+    def __init__(self, bos_id, adds):
+        self.bos_token_id, self._adds = bos_id, adds
+
+    def __call__(self, text, add_special_tokens=True):
+        ids = [5, 6]
+        return {"input_ids": ([self.bos_token_id] if add_special_tokens and self._adds else []) + ids}
+
+
+@pytest.mark.parametrize("mode, adds, want", [("auto", True, 2), ("auto", False, None), ("on", False, 2),
+                                              ("off", True, None)])
+def test_bos_token_modes(mode, adds, want):
+    assert corpora.bos_token(_Tok(2, adds), mode) == want
+
+
+def test_bos_on_without_a_bos_token_is_a_usage_error():
+    with pytest.raises(UsageError):
+        corpora.bos_token(_Tok(None, False), "on")

