@@ -72,8 +72,9 @@ def _take(run_dir: Path) -> FileLock:
                 lock.acquire()
             except Timeout:
                 raise RunDirInUseError(_in_use(run_dir)) from None
-            except OSError as exc:
-                raise SuperweightError(f"cannot lock run directory {run_dir}: {exc.strerror or exc}") from None
+            except (OSError, NotImplementedError) as exc:  # e.g. a file system without locks (older filelock)
+                why = getattr(exc, "strerror", None) or exc
+                raise SuperweightError(f"cannot lock run directory {run_dir}: {why}") from None
             with suppress(OSError):
                 if os.path.samestat(os.fstat(pin), os.stat(path)):
                     return lock
