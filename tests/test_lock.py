@@ -118,10 +118,10 @@ def test_a_sigkilled_holder_never_blocks_the_next_writer(finished, tiny_model_di
 
 
 def test_a_run_that_fails_early_leaves_no_directory(tiny_model_dir, tmp_path):
-    out = tmp_path / "x"
+    out = tmp_path / "runs" / "x"
     result = _invoke([*REPAIR, "--model", str(tiny_model_dir), "--weight", "9:0:0", "--out", str(out)])
     assert result.exit_code == 2 and "out of range" in result.stderr
-    assert not out.exists()  # made for the lock, removed with it
+    assert not (tmp_path / "runs").exists()  # made for the lock, removed with it
 
 
 # A real `superweight repair` that stops while loading its model (holding the lock) until told to go on.
@@ -244,12 +244,18 @@ CONVERT = textwrap.dedent("""
 """)
 
 
-def test_two_processes_converting_one_gguf_convert_it_once(tiny_model_dir, tmp_path):
+def test_two_processes_converting_one_gguf_convert_it_once(tiny_model_dir, tmp_path, monkeypatch):
+    from superweight.io.models import gguf_cache_dir
+
     gguf = tmp_path / "tiny.gguf"
     gguf.write_bytes(b"GGUF stand-in: only its hash matters here")
     marks = tmp_path / "marks"
     marks.mkdir()
-    env = {**os.environ, "SUPERWEIGHT_CACHE": str(tmp_path / "cache")}
+    monkeypatch.setenv("SUPERWEIGHT_CACHE", str(tmp_path / "cache"))
+    stale = gguf_cache_dir(gguf).with_name(f".{gguf_cache_dir(gguf).name}.killed")  # a killed converter's temp copy
+    stale.mkdir(parents=True)
+    (stale / "config.json").write_text("{")
+    env = dict(os.environ)
     procs = [subprocess.Popen([sys.executable, "-c", CONVERT, str(gguf), str(tiny_model_dir), str(marks), me],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for me in "ab"]
     results = []
@@ -262,5 +268,6 @@ def test_two_processes_converting_one_gguf_convert_it_once(tiny_model_dir, tmp_p
     assert results[0]["weights"] == results[1]["weights"]
     entries = list((tmp_path / "cache" / "gguf").iterdir())
     assert sorted(p.name.endswith(".lock") for p in entries) == [False, True]  # the entry and its lock, no temp copy
+    assert not stale.exists()
     entry = next(p for p in entries if not p.name.endswith(".lock"))
     assert {"config.json", "model.safetensors"} <= {p.name for p in entry.iterdir()}

@@ -31,9 +31,10 @@ from superweight.io.rundir import LOCK, LOCK_HOLDER, write_json
 def hold_run_dir(run_dir: str | os.PathLike, command: str) -> Iterator[Path]:
     """Hold RUN_DIR's writer lock for the block (made with the directory when it is missing), or refuse at once
     with one error line: the directory is in use, by which process, since when. A directory that this call made
-    is removed again at the end if nothing but the lock went into it (a command that failed early)."""
+    (and each missing parent) is removed again at the end if nothing but the lock went into it (a command that
+    failed early)."""
     run_dir = Path(run_dir)
-    made = not run_dir.exists()
+    made = [d for d in (run_dir, *run_dir.parents) if not d.exists()]  # deepest first
     lock = _take(run_dir)
     try:
         write_json(run_dir / LOCK_HOLDER, {
@@ -46,9 +47,9 @@ def hold_run_dir(run_dir: str | os.PathLike, command: str) -> Iterator[Path]:
             for name in (LOCK_HOLDER, LOCK):  # while still held: the next writer makes them anew
                 with suppress(OSError):
                     (run_dir / name).unlink(missing_ok=True)
-            if made:
+            for directory in made:
                 with suppress(OSError):
-                    run_dir.rmdir()  # only if empty
+                    directory.rmdir()  # only if empty
         finally:
             lock.release()
 

@@ -11,6 +11,7 @@ A spec is one of:
 from __future__ import annotations
 
 import copy
+import glob
 import hashlib
 import importlib.util
 import logging
@@ -246,6 +247,8 @@ def _write_cache(model: nn.Module, tokenizer, target: Path) -> None:
     """Keep the dequantised model for next time (call it holding the entry's lock); a failure only costs speed."""
     if target.exists():
         return  # another process wrote it first
+    for stale in target.parent.glob(f".{glob.escape(target.name)}.*"):  # a converter killed while writing
+        shutil.rmtree(stale, ignore_errors=True)
     try:
         save_model_dir(model, tokenizer, target)
     except OSError as exc:
