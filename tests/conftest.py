@@ -145,3 +145,29 @@ def repair_runs(planted_dir, tmp_path_factory) -> dict[str, tuple[Path, list]]:
     finally:
         torch.set_num_threads(threads)
     return runs
+
+
+# ---------------------------------------------------------------- another process that holds run directories
+_HOLD = """
+import contextlib, sys
+from superweight.io.lock import hold_run_dir
+with contextlib.ExitStack() as stack:
+    for d in sys.argv[1:]:
+        stack.enter_context(hold_run_dir(d, "repair"))
+    print("held", flush=True)
+    sys.stdin.read()  # until the test closes stdin or kills this process
+"""
+
+
+def hold_elsewhere(*run_dirs):
+    """A separate process that holds the writer lock of each run directory (as `superweight repair` would) until it
+    is killed or its stdin is closed; returns the Popen once every lock is held."""
+    import subprocess
+
+    proc = subprocess.Popen([sys.executable, "-c", _HOLD, *map(str, run_dirs)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    line = proc.stdout.readline().strip()
+    if line != "held":
+        proc.kill()
+        raise RuntimeError(f"the holder did not take the locks: {line!r}")
+    return proc

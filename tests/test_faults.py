@@ -1,7 +1,8 @@
 """Fault injection: `superweight repair` (and `report`) killed with SIGKILL at seeded random moments - while
 loading, training, logging, writing a checkpoint, evaluating, generating, writing the patch or the results, and
-writing the report. After each kill every file in the run directory must parse, and `repair --resume` (or a
-rerun of `report`) must end with the patch of an uninterrupted run, bit for bit.
+writing the report. After each kill every file in the run directory must parse, the lock the killed process held
+must not block, and `repair --resume` (or a rerun of `report`) must end with the patch of an uninterrupted run,
+bit for bit.
 
 One driver process imports torch and superweight once and makes the uninterrupted run itself (which also pays
 every first-call cost once); each other run is a forked child that arms one kill point by wrapping a function,
@@ -23,7 +24,7 @@ import pytest
 from safetensors.torch import load_file
 
 from superweight.io import checkpoint
-from superweight.io.rundir import read_record, read_train_log
+from superweight.io.rundir import LOCK, LOCK_HOLDER, read_record, read_train_log
 
 TESTS_DIR = Path(__file__).resolve().parent
 STEPS, CHECKPOINT_EVERY = 6, 2
@@ -240,6 +241,9 @@ def test_killed_runs_resume_to_the_uninterrupted_patch(tiny_model_dir, tmp_path)
         assert status[f"{point}:killed"] == -signal.SIGKILL, (point, k, runs.get(f"{point}:killed"))
         left = out.with_name(out.name + ".after-kill")
         _every_file_parses(left)  # what the kill left, as it left it
+        # The killed process held the run directory: its lock file and holder are left, its lock is not.
+        holder = json.loads((left / LOCK_HOLDER).read_text())
+        assert (left / LOCK).exists() and holder["command"] == ("report" if point == "report_write" else "repair")
         if point == "log_line":
             assert not (left / "train_log.jsonl").read_text().endswith("\n")  # the kill did tear a line
         if point == "report_write":
@@ -255,5 +259,6 @@ def test_killed_runs_resume_to_the_uninterrupted_patch(tiny_model_dir, tmp_path)
             assert record.training.seconds > checkpoint.load(left)["seconds"] > 0, (point, k)
         assert [e["step"] for e in read_train_log(out)] == list(range(1, STEPS + 1))
         assert not list(out.rglob("*.tmp")), (point, k, list(out.rglob("*.tmp")))  # the rewrite removed them
+        assert not (out / LOCK).exists() and not (out / LOCK_HOLDER).exists()  # the next run took it, then let go
         if point == "report_write":
             assert "<html" in (out / "report.html").read_text() and (out / "report.md").read_text().strip()

@@ -97,6 +97,9 @@ ROWS = [
      "{part_ckpt}/checkpoints/last.pt is not a complete checkpoint: missing or malformed vectors, optimizer, rng"),
     ("repair", "--resume, damaged config.json", [*REPAIR, "--out", "{cut_config}", "--resume"], 1,
      "{cut_config}/config.json is not valid JSON"),
+    ("repair", "--out in use by another process", [*REPAIR, "--out", "{busy_new}"], 1,
+     "{busy_new} is in use by process"),
+    ("repair", "--resume of a run in use", [*REPAIR, "--out", "{busy}", "--resume"], 1, "{busy} is in use by process"),
     ("apply", "no such patch", ["apply", "--patch", "/no/such", "--export", "{tmp}/m"], 1,
      "no such patch (run directory or patch.safetensors): /no/such"),
     ("apply", "--export exists", ["apply", "--patch", "{run}", "--export", "{tmp}"], 2, "--export {tmp} exists already"),
@@ -116,14 +119,17 @@ ROWS = [
     ("analyze", "patch_config.json without rows", ["analyze", "{rowless}"], 1,
      "{rowless}/patch_config.json is not a patch config"),
     ("analyze", "--tokens 1", ["analyze", "{run}", "--tokens", "1"], 2, "--tokens must be at least 2"),
+    ("analyze", "a run directory in use", ["analyze", "{busy}"], 1, "{busy} is in use by process"),
     ("sparsify", "bad --l1", ["sparsify", "{run}", "--l1", "x"], 2, "invalid --l1 'x': expected comma-separated numbers"),
     ("sparsify", "no strengths", ["sparsify", "{run}", "--l1", "", "--l0", ""], 2, "no strengths given: set --l1 and/or --l0"),
     ("sparsify", "--tokens 1", ["sparsify", "{run}", "--tokens", "1"], 2, "--tokens must be at least 2, got 1"),
     ("sparsify", "truncated patch.safetensors", ["sparsify", "{cut_patch}"], 1, "{cut_patch}/patch.safetensors is damaged ("),
+    ("sparsify", "a run directory in use", ["sparsify", "{busy}"], 1, "{busy} is in use by process"),
     ("report", "no such run directory", ["report", "/no/such/run"], 2, "no such run directory: /no/such/run"),
     ("report", "a directory without results.json", ["report", "{tmp}"], 1, "no results.json in {tmp}"),
     ("report", "results.json from a newer superweight", ["report", "{future}"], 1,
      "{future}/results.json has schema version 99, newer than this superweight reads"),
+    ("report", "a run directory in use", ["report", "{busy}"], 1, "{busy} is in use by process"),
     ("compare", "no such run directory", ["compare", "/no/such/run"], 1, "no results.json in /no/such/run"),
     ("compare", "damaged results.json", ["compare", "{run}", "{cut_results}"], 1,
      "{cut_results}/results.json is not valid JSON"),
@@ -135,13 +141,16 @@ ROWS = [
     ("run", "--out under a file", ["run", *M, "--out", "{file}/run"], 2,
      "cannot write '{file}/run/config.json': '{file}' is a file, not a directory"),
     ("run", "--out naming a file", ["run", *M, "--out", "{file}"], 2, "{file} already exists: choose another --out"),
+    ("run", "--out in use by another process", ["run", *M, "--out", "{busy_new}"], 1, "{busy_new} is in use by process"),
+    ("run", "--resume of a run in use", ["run", *M, "--out", "{busy}", "--resume"], 1, "{busy} is in use by process"),
 ]
 
 # How docs/errors.md writes each placeholder.
-DOC_NAMES = {"model": "MODEL", "other": "OTHER_MODEL", "tmp": "DIR", "others": "DIR", "dangling": "LINK",
+DOC_NAMES = {"model": "MODEL", "other": "OTHER_MODEL", "tmp": "DIR", "others": "DIR", "busy_new": "DIR",
+             "dangling": "LINK",
              **{k: "FILE" for k in ("file", "latin1", "binary", "short")},
              **{k: "RUN" for k in ("run", "evil_ckpt", "cut_ckpt", "part_ckpt", "cut_config", "cut_patch",
-                                   "cut_patch_config", "rowless", "cut_results", "future")}}
+                                   "cut_patch_config", "rowless", "cut_results", "future", "busy")}}
 
 
 class Evil:
@@ -160,7 +169,8 @@ def _hashes(root: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def places(tiny_model_dir, tmp_path_factory) -> dict[str, str]:
+def places(tiny_model_dir, tmp_path_factory):
+    from conftest import hold_elsewhere
     from tiny import save_tiny_model_dir
 
     root = tmp_path_factory.mktemp("matrix")
@@ -218,12 +228,19 @@ def places(tiny_model_dir, tmp_path_factory) -> dict[str, str]:
     p["short"] = str(root / "short.txt")
     p["other"] = str(save_tiny_model_dir(root / "other_model", family="llama", seed=1))
     p["sentinel"] = str(root / "SENTINEL")
-    return p
+    # Held by another process (as a running `repair` would): the finished run's copy and a new run's directory.
+    copy("busy")
+    p["busy_new"] = str(root / "busy_new")
+    holder = hold_elsewhere(p["busy"], p["busy_new"])
+    yield p
+    holder.kill()
+    holder.wait()
 
 
 @pytest.mark.parametrize("command, what, args, code, message", ROWS, ids=[f"{r[0]}: {r[1]}" for r in ROWS])
 def test_bad_input_is_one_line_and_changes_nothing(places, command, what, args, code, message):
-    before = {name: _hashes(Path(places[name])) for name in ("run", "evil_ckpt", "cut_ckpt", "part_ckpt", "others")}
+    before = {name: _hashes(Path(places[name]))
+              for name in ("run", "evil_ckpt", "cut_ckpt", "part_ckpt", "others", "busy", "busy_new")}
     result = CliRunner().invoke(app, [a.format(**places) for a in args])
     lines = result.stderr.strip().splitlines()
     assert result.exit_code == code, (result.exit_code, result.output)

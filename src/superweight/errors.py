@@ -27,3 +27,7 @@ class UnsupportedArchitectureError(SuperweightError):
 
 class CorpusError(SuperweightError):
     """A corpus spec that names no text, or only empty text."""
+
+
+class RunDirInUseError(SuperweightError):
+    """A run directory that another process is writing to (io/lock.py): one writer at a time."""

@@ -12,6 +12,7 @@ from superweight.cli.common import (
     stage_tasks,
 )
 from superweight.errors import UsageError
+from superweight.io.lock import hold_run_dir
 from superweight.report import terminal
 
 
@@ -34,10 +35,11 @@ def analyze(
     path, spec = check_run_dir(run_dir)
     if tokens < 2 or draws < 1:
         raise UsageError("--tokens must be at least 2 and --draws at least 1")
-    loaded = load_model(model or spec, device, dtype, device_map, max_memory, offload_folder)
-    with progress() as bar:
-        stage, advance = stage_tasks(bar)
-        record = run_analyze(loaded, path, tokens, draws, on_stage=stage, on_tokens=advance)
+    with hold_run_dir(path, "analyze"):  # one writer, or refused here, before the model loads
+        loaded = load_model(model or spec, device, dtype, device_map, max_memory, offload_folder)
+        with progress() as bar:
+            stage, advance = stage_tasks(bar)
+            record = run_analyze(loaded, path, tokens, draws, on_stage=stage, on_tokens=advance)
     terminal.print_analysis(out, record)
     out.print(f"Updated {path / 'results.json'}")
 
@@ -69,10 +71,11 @@ def sparsify(
     if tokens < 2:
         raise UsageError(f"--tokens must be at least 2, got {tokens}")
     path, spec = check_run_dir(run_dir)
-    loaded = load_model(model or spec, device, dtype, device_map, max_memory, offload_folder)
-    with progress() as bar:
-        stage, advance = stage_tasks(bar)
-        record = run_sparsify(loaded, path, strengths, steps, tokens, on_stage=stage, on_advance=advance)
+    with hold_run_dir(path, "sparsify"):  # one writer, or refused here, before the model loads
+        loaded = load_model(model or spec, device, dtype, device_map, max_memory, offload_folder)
+        with progress() as bar:
+            stage, advance = stage_tasks(bar)
+            record = run_sparsify(loaded, path, strengths, steps, tokens, on_stage=stage, on_advance=advance)
     terminal.print_sparse(out, record.sparse_training)
     out.print(f"Updated {path / 'results.json'}")
 
@@ -83,12 +86,15 @@ def report(run_dir: RunDirArg):
     """Write report.html (self-contained) and report.md (with plots/*.png) for a run directory."""
     from pathlib import Path
 
+    from superweight.io.rundir import read_record
     from superweight.report import write_report
 
     path = Path(run_dir)
     if not path.is_dir():
         raise UsageError(f"no such run directory: {path}")
-    md, page = write_report(path)
+    read_record(path)  # a directory that holds no run is refused before it is locked
+    with hold_run_dir(path, "report"):  # one writer: a report is never drawn from a run that is being written
+        md, page = write_report(path)
     out.print(f"Wrote {md}")
     out.print(f"Report: {page}")
 

@@ -53,7 +53,10 @@ def repair(
     """Train a row patch that repairs the ablated model by KL distillation against the intact one."""
     from pathlib import Path
 
+    from contextlib import nullcontext
+
     from superweight.core.coords import parse_coords
+    from superweight.io.lock import hold_run_dir
     from superweight.io.rundir import check_run_dir_for, read_record
     from superweight.stages import distributed
     from superweight.stages.repair import repair_settings, run_repair
@@ -73,25 +76,27 @@ def repair(
     settings = repair_settings(model, recipe, cfg, coords, rows, corpus, eval_tokens, 512, baselines,
                                checkpoint_every, seeds)
     dp = distributed.current()  # under `accelerate launch`: only process 0 writes run_dir and prints
-    state = check_run_dir_for(run_dir, settings, resume)
-    dp.barrier()  # every process has seen run_dir as it was before process 0 writes into it
-    if state == "finished" and resume:
-        err.print(f"{run_dir} is finished already (results.json): nothing to resume, nothing changed.",
-                  soft_wrap=True)
-        terminal.print_repair(out, read_record(run_dir), run_dir)
-        return
-    corpora.load_text(corpus, "train")  # a missing or unreadable corpus fails before the model loads
-    corpora.load_text(corpus, "eval")
-    task_set = task_spec(tasks, include_path, task_limit)
-    loaded = load_model(model, device, dtype, device_map, max_memory, offload_folder)
-    if dp.world > 1 and dp.is_main:
-        err.print(f"data-parallel: {dp.world} processes share each batch of {cfg.batch_size} sequences",
-                  markup=False, highlight=False)
-    with progress() as bar, dp.run_dir_for(run_dir, resume) as own_dir:
-        stage, advance = stage_tasks(bar)
-        record = run_repair(loaded, coords, rows, cfg, recipe, own_dir, corpus, eval_tokens, 512, baselines,
-                             seeds, resume, checkpoint_every, on_stage=stage, on_advance=advance,
-                             tasks=task_set if dp.is_main else None)
+    check_run_dir_for(run_dir, settings, resume)  # refused before the directory is made or locked
+    with hold_run_dir(run_dir, "repair") if dp.is_main else nullcontext():  # one writer, or refused here
+        state = check_run_dir_for(run_dir, settings, resume)  # again, now that no other writer can change it
+        dp.barrier()  # every process has seen run_dir as it was before process 0 writes into it
+        if state == "finished" and resume:
+            err.print(f"{run_dir} is finished already (results.json): nothing to resume, nothing changed.",
+                      soft_wrap=True)
+            terminal.print_repair(out, read_record(run_dir), run_dir)
+            return
+        corpora.load_text(corpus, "train")  # a missing or unreadable corpus fails before the model loads
+        corpora.load_text(corpus, "eval")
+        task_set = task_spec(tasks, include_path, task_limit)
+        loaded = load_model(model, device, dtype, device_map, max_memory, offload_folder)
+        if dp.world > 1 and dp.is_main:
+            err.print(f"data-parallel: {dp.world} processes share each batch of {cfg.batch_size} sequences",
+                      markup=False, highlight=False)
+        with progress() as bar, dp.run_dir_for(run_dir, resume) as own_dir:
+            stage, advance = stage_tasks(bar)
+            record = run_repair(loaded, coords, rows, cfg, recipe, own_dir, corpus, eval_tokens, 512, baselines,
+                                 seeds, resume, checkpoint_every, on_stage=stage, on_advance=advance,
+                                 tasks=task_set if dp.is_main else None)
     if dp.is_main:
         terminal.print_repair(out, record, run_dir)
 

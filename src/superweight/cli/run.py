@@ -48,7 +48,7 @@ def run(
     from pathlib import Path
 
     from superweight.core.coords import parse_coord
-    from superweight.io.rundir import check_new_run_dir, read_record, run_state
+    from superweight.io.lock import hold_run_dir
     from superweight.stages.pipeline import run_pipeline
 
     coord = parse_coord(weight) if weight else None
@@ -59,19 +59,31 @@ def run(
     path = Path(out_ or f"runs/{Path(model).name.removesuffix('.gguf')}-{stamp}")
     if resume and out_ is None:
         raise UsageError("--resume needs the --out of the run to continue")
+    _check_out(path, resume)  # refused before the directory is made or locked
+    with hold_run_dir(path, "run"):  # one writer, or refused here, before the model loads
+        if _check_out(path, resume) == "finished":  # again, now that no other writer can change it
+            err.print(f"{path} is finished already (report.html): nothing to resume, nothing changed.",
+                      soft_wrap=True)
+            return
+        corpora.load_text(corpus, "eval")  # a missing corpus fails before the model loads
+        task_set = task_spec(tasks, include_path, task_limit)
+        loaded = load_model(model, device, dtype, device_map, max_memory, offload_folder)
+        with progress() as bar:
+            stage, advance = stage_tasks(bar)
+            record = run_pipeline(loaded, path, coord, cfg, recipe, corpus, eval_tokens, analysis_tokens, draws,
+                                   baselines, seeds, sparse, on_stage=stage, on_advance=advance, resume=resume,
+                                   tasks=task_set)
+    terminal.print_run(out, record, path)
+
+
+def _check_out(path, resume: bool) -> str | None:
+    """Refuse an --out that a fresh run or --resume may not write into; "finished" for a finished run."""
+    from superweight.io.rundir import check_new_run_dir, read_record, run_state
+
     if not resume:
         check_new_run_dir(path)
     elif run_state(path) == "other":
         raise UsageError(f"{path} holds files but no config.json: not a run directory; choose another --out")
     elif (path / "report.html").is_file() and (read_record(path).timings or {}).get("report") is not None:
-        err.print(f"{path} is finished already (report.html): nothing to resume, nothing changed.", soft_wrap=True)
-        return
-    corpora.load_text(corpus, "eval")  # a missing corpus fails before the model loads
-    task_set = task_spec(tasks, include_path, task_limit)
-    loaded = load_model(model, device, dtype, device_map, max_memory, offload_folder)
-    with progress() as bar:
-        stage, advance = stage_tasks(bar)
-        record = run_pipeline(loaded, path, coord, cfg, recipe, corpus, eval_tokens, analysis_tokens, draws,
-                               baselines, seeds, sparse, on_stage=stage, on_advance=advance, resume=resume,
-                               tasks=task_set)
-    terminal.print_run(out, record, path)
+        return "finished"
+    return None

@@ -13,12 +13,14 @@ A spec is one of:
 from __future__ import annotations
 
 import copy
+import glob
 import hashlib
 import importlib.util
 import logging
 import os
 import shutil
 import tempfile
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +28,7 @@ import torch
 from torch import nn
 
 from superweight.errors import ModelLoadError, UsageError
+from superweight.io.lock import cache_entry_lock
 from superweight.io.placement import choose_dtype, device_map_kwargs, map_kind
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -159,7 +162,9 @@ def load(spec: str = DEFAULT_MODEL, device: str = "cpu", dtype: str = "fp32", de
 
     A GGUF model is dequantised by transformers (`gguf_file=`) the first time; the result (fp32 weights,
     config, tokenizer) is kept in the cache (see `cache_dir`), so later loads take ~1 s instead of ~25 s of
-    GGUF parsing. The cached copy is bit-identical (a test checks); `SUPERWEIGHT_CACHE=off` disables it.
+    GGUF parsing. The cached copy is bit-identical (a test checks); `SUPERWEIGHT_CACHE=off` disables it. Each
+    entry has a lock (io/lock.py): of two processes converting the same GGUF, one converts, the other waits and
+    then reads the cache.
     """
     if dtype not in DTYPES and dtype != "auto":
         raise UsageError(f"unknown dtype '{dtype}': use auto, {', '.join(DTYPES)}")
@@ -171,24 +176,28 @@ def load(spec: str = DEFAULT_MODEL, device: str = "cpu", dtype: str = "fp32", de
     where, gguf_file, kind = resolve_spec(spec)
     source = os.path.join(where, gguf_file) if gguf_file else where
     cached = gguf_cache_dir(Path(source)) if gguf_file else None
-    if cached is not None and not (cached / "config.json").is_file() and (dtype, device, placement) != ("fp32", "cpu", {}):
-        load(spec)  # convert the GGUF once (fp32 on the CPU, into the cache); then read the cache as asked
+    plain = (dtype, device, placement) == ("fp32", "cpu", {})  # what the cache holds
+    tokenizer = model = None
+    if cached is not None and not (cached / "config.json").is_file():
+        with cache_entry_lock(cached):  # one converter per GGUF: another process's conversion is waited for
+            if not (cached / "config.json").is_file():  # (and then read, not done again)
+                tokenizer, model = _read(spec, kind, where, gguf_file, "fp32", "cpu", {})
+                _write_cache(model, tokenizer, cached)  # convert the GGUF once; then read the cache as asked
+                if not plain:
+                    tokenizer = model = None
     loaded_from_cache = False
-    if cached is not None and (cached / "config.json").is_file():
+    if model is None and cached is not None and (cached / "config.json").is_file():
         try:
             tokenizer, model = _from_pretrained(str(cached), None, dtype, device, placement)
             loaded_from_cache = True
         except Exception as exc:  # a damaged cache entry is rebuilt from the GGUF, never fatal
             log.warning("superweight: ignoring damaged cache %s (%s)", cached, str(exc).splitlines()[0])
-            shutil.rmtree(cached, ignore_errors=True)
-    if not loaded_from_cache:
-        try:
-            tokenizer, model = _from_pretrained(where, gguf_file, dtype, device, placement)
-        except (OSError, ValueError, KeyError, ImportError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ModelLoadError(f"could not load model '{spec}' ({kind}): {first}") from exc
-        if cached is not None and dtype == "fp32" and device == "cpu" and not placement:
-            _write_cache(model, tokenizer, cached)
+            _drop_cache_entry(cached)
+    if model is None:
+        tokenizer, model = _read(spec, kind, where, gguf_file, dtype, device, placement)
+        if cached is not None and plain:
+            with cache_entry_lock(cached):
+                _write_cache(model, tokenizer, cached)
     model.eval()
     model.requires_grad_(False)
     if tokenizer.pad_token_id is None:
@@ -197,6 +206,15 @@ def load(spec: str = DEFAULT_MODEL, device: str = "cpu", dtype: str = "fp32", de
         device = "+".join(sorted({str(v) for v in getattr(model, "hf_device_map", {}).values()})) or device
     return Loaded(model=model, tokenizer=tokenizer, spec=spec, source=source, dtype=dtype, device=device,
                   cache=str(cached) if loaded_from_cache else None, dtype_reason=reason, device_map=device_map)
+
+
+def _read(spec: str, kind: str, where: str, gguf_file: str | None, dtype: str, device: str, placement: dict):
+    """(tokenizer, model) from the spec itself (not the cache); what cannot be loaded is one ModelLoadError."""
+    try:
+        return _from_pretrained(where, gguf_file, dtype, device, placement)
+    except (OSError, ValueError, KeyError, ImportError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"could not load model '{spec}' ({kind}): {first}") from exc
 
 
 def _from_pretrained(where: str, gguf_file: str | None, dtype: str, device: str, placement: dict | None = None):
@@ -276,12 +294,25 @@ def save_model_dir(model: nn.Module, tokenizer, target: Path) -> None:
 
 
 def _write_cache(model: nn.Module, tokenizer, target: Path) -> None:
-    """Keep the dequantised model for next time; a failure only costs speed."""
+    """Keep the dequantised model for next time (call it holding the entry's lock); a failure only costs speed."""
+    if target.exists():
+        return  # another process wrote it first
+    for stale in target.parent.glob(f".{glob.escape(target.name)}.*"):  # a converter killed while writing
+        shutil.rmtree(stale, ignore_errors=True)
     try:
         save_model_dir(model, tokenizer, target)
     except OSError as exc:
         if not target.exists():
             log.warning("superweight: could not cache the converted model in %s (%s)", target.parent, exc)
+
+
+def _drop_cache_entry(target: Path) -> None:
+    """Remove a cache entry that failed to load, unless another process has already replaced it."""
+    with suppress(OSError):
+        damaged = target.stat()
+        with cache_entry_lock(target):
+            if os.path.samestat(target.stat(), damaged):
+                shutil.rmtree(target, ignore_errors=True)
 
 
 def _quiet_gguf_progress():

@@ -9,6 +9,7 @@ RUN_DIR/
   results.json       the run record (io/record.py), which each stage extends (docs/results.md)
   detect.json        the full detection (`superweight run`)
   report.md, report.html, plots/*.png
+  .superweight.lock, .superweight.lock.json   while a command writes here (io/lock.py: one writer at a time)
 
     record = read_record(run_dir)          # migrated from older formats, or one clear error
     write_record(run_dir, record)          # atomic
@@ -38,6 +39,7 @@ TRAIN_LOG = "train_log.jsonl"
 CHECKPOINT = "checkpoints/last.pt"
 DETECT = "detect.json"
 REPORT_MD, REPORT_HTML, PLOTS = "report.md", "report.html", "plots"
+LOCK, LOCK_HOLDER = ".superweight.lock", ".superweight.lock.json"  # io/lock.py; not part of the run
 log = logging.getLogger("superweight")
 
 
@@ -145,9 +147,14 @@ def provenance() -> dict:
     }
 
 
+def holds_files(out: Path) -> bool:
+    """Whether the directory `out` holds anything besides a writer's lock (io/lock.py)."""
+    return any(not p.name.startswith(LOCK) for p in out.iterdir())
+
+
 def check_new_run_dir(out: Path) -> None:
     """Refuse a directory that exists and is not empty: a run is never overwritten."""
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if out.exists() and (not out.is_dir() or holds_files(out)):
         unfinished = (out / CONFIG).is_file() and not (out / REPORT_HTML).is_file()
         hint = "; a killed `run` continues with --resume" if unfinished else ""
         raise UsageError(f"{out} already exists: choose another --out (a run is never overwritten){hint}")
@@ -156,11 +163,11 @@ def check_new_run_dir(out: Path) -> None:
 
 def run_state(out: Path) -> str:
     """What a run directory holds, for the rules of `check_run_dir_for`:
-    "new" (absent or empty), "started" (config.json, no checkpoint yet: nothing of value to lose),
+    "new" (absent, empty or only a lock), "started" (config.json, no checkpoint yet: nothing of value to lose),
     "trained" (a checkpoint, no results.json), "finished" (results.json) or "other" (files, no config.json)."""
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file, not a run directory")
-    if not out.exists() or not any(out.iterdir()):
+    if not out.exists() or not holds_files(out):
         return "new"
     if (out / RESULTS).is_file():
         return "finished"
