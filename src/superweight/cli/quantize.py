@@ -73,11 +73,11 @@ def quantize(
     json_: JsonOpt = None,
 ):
     """Fake-quantize every decoder linear (RTN, per block), with the super weights held out, clipped or restored."""
-    from superweight.core.quant import check_levels, parse_bits, parse_blocks, parse_clip
+    from superweight.core.quant import check_blocks, check_levels, parse_bits, parse_blocks, parse_clip
     from superweight.io.patchfile import load_patch
     from superweight.io.rundir import check_writable
     from superweight.measure.metrics import n_scored
-    from superweight.stages.quantize import parse_activations, run_quantize
+    from superweight.stages.quantize import parse_activations, run_quantize, shapes_before_load
 
     # Every option is checked before the (slow) load.
     bit_list, blocks, clip_spec = parse_bits(bits), parse_blocks(block), parse_clip(clip)
@@ -90,6 +90,9 @@ def quantize(
     for path in filter(None, [json_, plot]):
         check_writable(path)
     patch_data = load_patch(patch) if patch else None
+    shapes = shapes_before_load(model)
+    if shapes:
+        check_blocks(blocks, shapes)
     text = corpora.load_text(corpus, split)
     task_set = task_spec(tasks, include_path, task_limit)
     loaded = load_model(model, device, dtype)

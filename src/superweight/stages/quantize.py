@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -84,6 +85,33 @@ def parse_activations(text: str | None) -> tuple[int, str] | None:
         raise UsageError(f"invalid --activations '{text}': use int8 (down-projection inputs) or int8:all "
                          "(every linear input); 2 to 8 bits")
     return int(kind[3:]), which or "down"
+
+
+def shapes_before_load(spec: str) -> list[tuple[int, int]] | None:
+    """The [out, in] shapes of the decoder linears from the model's config alone (a weightless meta-device
+    build), so that --block is checked before the weights load; None when the config is not at hand (a GGUF
+    file not yet converted, a hub id not in the cache): the check then runs right after the load."""
+    import os
+
+    from superweight.core.arch import decoder_linears
+    from superweight.io.models import gguf_cache_dir, resolve_spec
+
+    try:
+        where, gguf_file, _kind = resolve_spec(spec)
+        if gguf_file:
+            cached = gguf_cache_dir(Path(where) / gguf_file)
+            where = str(cached) if cached is not None else None
+        if where is None or not os.path.isfile(os.path.join(where, "config.json")):
+            return None
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        config = AutoConfig.from_pretrained(where, local_files_only=True)
+        with torch.device("meta"):
+            meta = AutoModelForCausalLM.from_config(config)
+        return [tuple(m.weight.shape[::-1] if type(m).__name__ == "Conv1D" else m.weight.shape)
+                for _, m in decoder_linears(meta)]
+    except Exception:  # any trouble here only postpones the check to after the load
+        return None
 
 
 def _kept(coords: list[WeightCoord], q: QuantizedWeights, model) -> list[KeptWeight]:
