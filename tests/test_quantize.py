@@ -238,3 +238,33 @@ def test_quantize_bad_input_is_one_line(tiny_model_dir, args, pattern):
     assert result.exit_code == 2, (result.output, result.exception)
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and re.search(pattern, lines[0]), result.stderr
+
+
+def test_run_quantize_adds_a_report_section_and_quantize_patch_scores_the_repaired_model(planted_dir, tmp_path):
+    run = tmp_path / "run"
+    result = CliRunner().invoke(app, [
+        "run", "--model", str(planted_dir), "--weight", "1:5:7", "--steps", "3", "--eval-tokens", "256",
+        "--analysis-tokens", "128", "--draws", "1", "--no-baselines", "--quantize", "--out", str(run),
+        "--dtype", "fp32"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads((run / "quantize.json").read_text())
+    assert doc["keep"] == ["1:5:7"] and doc["keep_source"] == "given"
+    assert {r["block"] for r in doc["rows"]} == {"64", "128", "256", "channel"}
+    page = (run / "report.html").read_text()
+    assert "<h2>Quantization</h2>" in page and 'alt="PPL against block size' in page
+    assert (run / "plots" / "quantize.png").is_file()
+    assert "## Quantization" in (run / "report.md").read_text()
+
+    out = tmp_path / "patched.json"
+    model_before = {p.name: p.read_bytes() for p in planted_dir.iterdir() if p.is_file()}
+    result = CliRunner().invoke(app, [
+        "quantize", "--model", str(planted_dir), "--patch", str(run), "--keep", "1:5:7", "--bits", "4",
+        "--block", "32", "--clip", "none", "--max-tokens", "256", "--max-length", "64", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(out.read_text())
+    assert [r["name"] for r in doc["rows"]] == ["4b/32/rtn", "4b/32/held"]  # --clip none: no clipped conditions
+    assert [r["name"] for r in doc["patched_rows"]] == ["4b/32/patched-rtn", "4b/32/patched-merged"]
+    assert doc["patched"]["kl"] > 0
+    merged, side = doc["patched_rows"][1], doc["patched_rows"][0]
+    assert merged["kl"] != side["kl"]  # quantizing the patch's row is a different model
+    assert {p.name: p.read_bytes() for p in planted_dir.iterdir() if p.is_file()} == model_before

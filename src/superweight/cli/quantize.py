@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from superweight.cli.common import (
-    CorpusOpt, DeviceOpt, DtypeOpt, IncludePathOpt, JsonOpt, ModelOpt, SplitOpt, TaskLimitOpt, TasksOpt, app, err,
+    CorpusOpt, DeviceOpt, IncludePathOpt, JsonOpt, ModelOpt, SplitOpt, TaskLimitOpt, TasksOpt, app, err,
     errors, load_model, out, progress, task_spec, write_result,
 )
 from superweight.errors import UsageError
@@ -69,7 +69,9 @@ def quantize(
     include_path: IncludePathOpt = None,
     task_limit: TaskLimitOpt = None,
     device: DeviceOpt = "cpu",
-    dtype: DtypeOpt = "auto",
+    dtype: Annotated[str, typer.Option(
+        help="fp32 (default: fake-quantized values are then exact), auto, bf16 or fp16 (each dequantized value "
+             "is rounded again to the model's dtype)")] = "fp32",
     json_: JsonOpt = None,
 ):
     """Fake-quantize every decoder linear (RTN, per block), with the super weights held out, clipped or restored."""

@@ -82,3 +82,16 @@ class QuantResult(Record):
     tasks: TaskResults | None = None
     report: QuantReport = Field(default_factory=QuantReport)
     seconds: float | None = None
+
+
+QUANTIZE_FILE = "quantize.json"  # in a run directory: written by `run --quantize`, read by the report
+
+
+def read_quantize(run_dir) -> QuantResult | None:
+    """A run directory's quantize.json, or None when `run` was not given --quantize."""
+    from pathlib import Path
+
+    from superweight.io.rundir import read_json
+
+    path = Path(run_dir) / QUANTIZE_FILE
+    return QuantResult.model_validate(read_json(path, "quantize result")) if path.is_file() else None
