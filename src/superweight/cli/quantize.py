@@ -32,6 +32,17 @@ def parse_keep(text: str):
     return coords, "given"
 
 
+def parse_protect(text: str | None, clip) -> list[int]:
+    if text is None:
+        return []
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not parts or not all(p.isdigit() and int(p) >= 1 for p in parts):
+        raise UsageError(f"invalid --protect '{text}': expected comma-separated counts of at least 1, e.g. 16,128")
+    if clip is None:
+        raise UsageError("--protect restores clipped weights: give a --clip method too")
+    return sorted({int(p) for p in parts})
+
+
 def auto_keep(loaded, spec: str):
     """The published super weights of `spec` (known.py), else the confirmed ones `detect` finds."""
     from superweight.known import published
@@ -57,6 +68,9 @@ def quantize(
     clip: Annotated[str, typer.Option(help="none, tensor:P, block:P (fraction clipped), zscore:Z or iqr:K")] = "tensor:1e-4",
     keep: Annotated[str, typer.Option(help="super weights to protect: auto (published, else detected), none, or "
                                            "LAYER:ROW:COL,...")] = "auto",
+    protect: Annotated[Optional[str], typer.Option(
+        help="with --clip: also K,... conditions that restore the K clipped weights changing their layer's output "
+             "most ((|w| - threshold) x max|x|, on train-split tokens) besides the super weights")] = None,
     activations: Annotated[Optional[str], typer.Option(
         help="also quantize activations per tensor: int8 (down-projection inputs) or int8:all (every linear input)")] = None,
     patch: Annotated[Optional[str], typer.Option(help="a repair's run directory: the repaired model too")] = None,
@@ -85,6 +99,7 @@ def quantize(
     bit_list, blocks, clip_spec = parse_bits(bits), parse_blocks(block), parse_clip(clip)
     check_levels(levels, bit_list)
     coords, source = parse_keep(keep)
+    protect_k = parse_protect(protect, clip_spec)
     acts = parse_activations(activations)
     corpora.check_windows(max_length)
     if max_tokens < 2:
@@ -106,7 +121,7 @@ def quantize(
         lm_bar = bar.add_task("lm-eval tasks", total=None, visible=task_set is not None)
         result = run_quantize(
             loaded, bit_list, blocks, levels, clip_spec, coords, source, acts, corpus, split, max_tokens, max_length,
-            ids=ids, patch=patch_data, tasks=task_set, on_tokens=lambda n: bar.advance(task, n),
+            ids=ids, patch=patch_data, tasks=task_set, protect=protect_k, on_tokens=lambda n: bar.advance(task, n),
             on_condition=lambda name: bar.update(task, description=f"Scoring {name}"),
             on_task=lambda name: bar.update(lm_bar, description=f"lm-eval tasks: {name}"),
         )

@@ -71,10 +71,16 @@ class QuantizedWeights(_Hooks):
     """Every decoder linear weight fake-quantized with `spec`; `keep` weights handled by `mode` (core/quant.py)."""
 
     def __init__(self, model: nn.Module, spec: QuantSpec, keep: Iterable[WeightCoord] = (), mode: str = "none",
-                 eager: bool = False):
+                 eager: bool = False, extra: dict[nn.Module, list[tuple[int, int]]] | None = None):
+        """`extra`: more kept weights of any decoder linear, (row, col) of its [out, in] matrix, handled like `keep`
+        but without per-weight diagnostics in `stats` (e.g. the clipped outliers that matter most)."""
         self.spec, self.mode, self.eager = spec, mode, eager
         self.targets = decoder_linears(model)
         self.keep = keep_map(model, keep)  # validated before anything is touched
+        self._diagnose = {m: len(v) for m, v in self.keep.items()}
+        for module, pairs in (extra or {}).items():
+            self.keep[module] = self.keep.get(module, []) + [p for p in pairs if p not in self.keep.get(module, [])]
+        self.n_extra = sum(len(v) for v in (extra or {}).values())
         self.stats: dict[str, TensorStats] = {}
         self._saved: dict[str, torch.Tensor] = {}
 
@@ -86,7 +92,8 @@ class QuantizedWeights(_Hooks):
             return
         matrix = linear_matrix(module)
         self._saved[name] = matrix.detach().clone()
-        q, self.stats[name] = fake_quantize(self._saved[name], self.spec, self.keep.get(module, []), self.mode)
+        q, self.stats[name] = fake_quantize(self._saved[name], self.spec, self.keep.get(module, []), self.mode,
+                                            diagnose=self._diagnose.get(module, 0))
         with torch.no_grad():
             matrix.copy_(q)
 

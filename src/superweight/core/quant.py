@@ -165,7 +165,7 @@ def effective_bits(bits: int, shapes: list[tuple[int, int]], block: int | str, n
     return (bits * weights + 2 * SCALE_BITS * groups + KEPT_BITS * n_kept) / weights
 
 
-def _grouped(matrix: torch.Tensor, block: int | str) -> tuple[torch.Tensor, int]:
+def grouped(matrix: torch.Tensor, block: int | str) -> tuple[torch.Tensor, int]:
     """An fp32 copy of `matrix` as [groups, size] (padded with its last value), and the number of real weights."""
     out, inn = matrix.shape
     flat = torch.empty((out, inn), dtype=torch.float32, device=matrix.device)
@@ -211,12 +211,13 @@ def clip_threshold(a: torch.Tensor, clip: Clip, n: int) -> torch.Tensor | None:
 
 
 def fake_quantize(matrix: torch.Tensor, spec: QuantSpec, keep: list[tuple[int, int]] = (),
-                  mode: str = "none") -> tuple[torch.Tensor, TensorStats]:
-    """The dequantized [out, in] matrix in fp32 (a new tensor; `matrix` is only read) and what happened."""
+                  mode: str = "none", diagnose: int | None = None) -> tuple[torch.Tensor, TensorStats]:
+    """The dequantized [out, in] matrix in fp32 (a new tensor; `matrix` is only read) and what happened.
+    `diagnose`: how many of the first kept weights get a `KeptStat` (default all)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     out, inn = matrix.shape
-    g, n = _grouped(matrix, spec.block)
+    g, n = grouped(matrix, spec.block)
     where = [_position(r * inn + c, spec.block, inn) for r, c in keep]
     held = mode == "hold" and bool(where)
     gi = torch.tensor([p[0] for p in where], dtype=torch.long, device=g.device)
@@ -258,9 +259,10 @@ def fake_quantize(matrix: torch.Tensor, spec: QuantSpec, keep: list[tuple[int, i
     if mode in ("hold", "restore") and where:
         g[gi, gj] = original
     flat = g.view(-1)[:n]
-    if where:
-        x = _grouped(matrix, spec.block)[0]
-        for (r, c), (i, j, _lo, _sp), w0, step in zip(keep, stats_before, original.tolist(), steps):
+    if where and diagnose != 0:
+        x = grouped(matrix, spec.block)[0]
+        todo = list(zip(keep, stats_before, original.tolist(), steps))[:diagnose]
+        for (r, c), (i, j, _lo, _sp), w0, step in todo:
             others = torch.ones(g.shape[1], dtype=torch.bool, device=g.device)
             others[gj[gi == i]] = False
             real = min(g.shape[1], n - i * g.shape[1])

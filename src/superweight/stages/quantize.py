@@ -114,6 +114,57 @@ def shapes_before_load(spec: str) -> list[tuple[int, int]] | None:
         return None
 
 
+def input_absmax(model: nn.Module, ids: torch.Tensor, max_length: int = 512) -> dict[nn.Module, torch.Tensor]:
+    """max |x| per input column of every decoder linear over `ids` (calibration tokens)."""
+    from superweight.core.arch import decoder_linears, input_device
+    from superweight.core.intervene import Trace
+
+    xmax: dict[nn.Module, torch.Tensor] = {}
+
+    def record(module, inp, _out):
+        v = inp[0].detach().abs().flatten(0, -2).amax(0).float()
+        xmax[module] = torch.maximum(xmax[module], v) if module in xmax else v
+
+    with Trace({m: m for _, m in decoder_linears(model)}, record), torch.no_grad():
+        for begin in range(0, ids.numel() - 1, max_length):
+            model(input_ids=ids[begin: begin + max_length][None].to(input_device(model)), use_cache=False)
+    return xmax
+
+
+def damaging_outliers(model: nn.Module, spec: QuantSpec, xmax: dict[nn.Module, torch.Tensor], k: int,
+                      exclude: list[WeightCoord] = ()) -> list[tuple[nn.Module, int, int]]:
+    """(module, row, col) of the k weights whose clipping changes a layer's output most, most damaging first: largest (|w| - threshold) * max|x[col]| over
+    every decoder linear (the clipped excess times the largest input it meets), super weights excluded."""
+    from superweight.core.arch import decoder_linears, linear_matrix
+    from superweight.core.quant import clip_threshold, grouped
+
+    skip = {(down_projection(model, c.layer).module, c.row, c.col) for c in exclude}
+    found: list[tuple[float, nn.Module, int, int]] = []
+    for _, module in decoder_linears(model):
+        matrix = linear_matrix(module).detach()
+        inn = matrix.shape[1]
+        g, n = grouped(matrix, spec.block)
+        a = g.abs()
+        thr = clip_threshold(a, spec.clip, n)
+        if thr is None:
+            continue
+        excess = (a - thr).clamp_min_(0).view(-1)[:n]
+        idx = excess.nonzero().squeeze(1)
+        if not idx.numel():
+            continue
+        damage = excess[idx] * xmax[module].to(excess.device)[idx % inn]
+        top = damage.topk(min(k + len(skip), damage.numel()))
+        found += [(d, module, i // inn, i % inn) for d, i in zip(top.values.tolist(), idx[top.indices].tolist())]
+    return [f[1:] for f in sorted((f for f in found if f[1:] not in skip), key=lambda f: -f[0])[:k]]
+
+
+def by_module(picked: list[tuple[nn.Module, int, int]]) -> dict[nn.Module, list[tuple[int, int]]]:
+    out: dict[nn.Module, list[tuple[int, int]]] = {}
+    for module, r, c in picked:
+        out.setdefault(module, []).append((r, c))
+    return out
+
+
 def _kept(coords: list[WeightCoord], q: QuantizedWeights, model) -> list[KeptWeight]:
     out = []
     for c in coords:
@@ -162,6 +213,8 @@ def run_quantize(
     ids=None,
     patch: PatchData | None = None,
     tasks=None,
+    protect: list[int] = (),
+    calib_ids=None,
     on_tokens: Callable[[int], None] | None = None,
     on_condition: Callable[[str], None] | None = None,
     on_task: Callable[[str], None] | None = None,
@@ -182,6 +235,19 @@ def run_quantize(
                 clipped, mode = CONDITIONS[c]
                 spec = QuantSpec(b, blk, levels, clip if clipped else None)
                 plan[f"{b}b/{blk}/{c}"] = (b, blk, c, QuantizedWeights(model, spec, keep, mode))
+    if clip is not None and protect:
+        if calib_ids is None:
+            calib_ids = corpora.tokenize(loaded.tokenizer, corpora.load_text(corpus, "train"), 1024)
+        xmax = input_absmax(model, calib_ids, max_length)
+        for blk in blocks:
+            ranked = damaging_outliers(model, QuantSpec(bits[0], blk, levels, clip), xmax, max(protect), keep)
+            for b in bits:
+                for k in protect:
+                    spec = QuantSpec(b, blk, levels, clip)
+                    q = QuantizedWeights(model, spec, keep, "restore", extra=by_module(ranked[:k]))
+                    plan[f"{b}b/{blk}/clip+top{k}"] = (b, blk, f"clip+top{k}", q)
+    order = {b: i for i, b in enumerate(bits)}, {blk: i for i, blk in enumerate(blocks)}
+    plan = dict(sorted(plan.items(), key=lambda kv: (order[0][kv[1][0]], order[1][kv[1][1]])))  # stable
     conditions: dict[str, Intervention] = {n: q for n, (*_, q) in plan.items()}
     described = {n: f"{q.spec}; super weights: {q.mode}" for n, q in conditions.items()}
     acts: dict[str, tuple[int, str, bool]] = {}
@@ -221,7 +287,7 @@ def run_quantize(
 
     def row_of(name, b, blk, cond, q, mode, clipped, ref=None) -> QuantRow:
         m = results[name]
-        n_kept = len(keep) if mode != "none" else 0
+        n_kept = len(keep) + q.n_extra if mode != "none" else 0
         return QuantRow(
             **m.model_dump(), name=name, condition=cond, bits=b, block=str(blk), levels=levels,
             clip=str(clip) if clipped else None, keep=mode, n_clipped=q.n_clipped(), n_kept=n_kept,
@@ -230,7 +296,7 @@ def run_quantize(
 
     rows: list[QuantRow] = []
     for name, (b, blk, c, q) in plan.items():
-        clipped, mode = CONDITIONS[c]
+        clipped, mode = CONDITIONS.get(c, (True, "restore"))
         ref = results[f"{b}b/{blk}/rtn"] if c != "rtn" else None
         rows.append(row_of(name, b, blk, c, q, mode, clipped, ref))
     by_name = {r.name: r for r in rows}
