@@ -268,3 +268,21 @@ def test_run_quantize_adds_a_report_section_and_quantize_patch_scores_the_repair
     merged, side = doc["patched_rows"][1], doc["patched_rows"][0]
     assert merged["kl"] != side["kl"]  # quantizing the patch's row is a different model
     assert {p.name: p.read_bytes() for p in planted_dir.iterdir() if p.is_file()} == model_before
+
+
+def test_damaging_outliers_rank_the_planted_super_weight_first_and_only_pick_clipped_weights():
+    from superweight.core.arch import down_projection, linear_matrix
+    from superweight.stages.quantize import damaging_outliers, input_absmax
+
+    model = planted((1, 5, 7))
+    xmax = input_absmax(model, torch.arange(128) % 300, max_length=64)
+    spec = QuantSpec(4, 16, clip=Clip("tensor", 0.001))
+    ranked = damaging_outliers(model, spec, xmax, 5)
+    down = down_projection(model, 1).module
+    assert ranked[0] == (down, 5, 7)
+    assert len(ranked) == 5 and len(set(ranked)) == 5
+    for module, r, c in ranked:  # each one is among the int(0.001 x size) largest |w| of its matrix
+        w = linear_matrix(module).abs()
+        k = int(0.001 * w.numel())
+        assert k >= 1 and w[r, c] >= w.reshape(-1).topk(k).values[-1]
+    assert (down, 5, 7) not in damaging_outliers(model, spec, xmax, 5, exclude=[PLANT])
