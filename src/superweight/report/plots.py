@@ -105,9 +105,11 @@ def quantize_figure(result):
     fig, axes = _figure(len(figs))
     axes = axes if len(figs) > 1 else [axes]
     for ax, f in zip(axes, figs):
-        for label, ys in f.series.items():
-            style = "k--" if label.startswith("fp") else "o-"
-            ax.plot(f.x, [float("nan") if y is None else y for y in ys], style, label=label)
+        markers = "os^vDPX*hp<>"
+        for i, (label, ys) in enumerate(f.series.items()):
+            style = "k--" if label.startswith("fp") else f"{markers[i % len(markers)]}-"
+            ax.plot(f.x, [float("nan") if y is None else y for y in ys], style, label=label,
+                    markersize=7 - (i % 3) * 1.5, alpha=0.85)  # sizes differ so that equal lines stay visible
         ax.set(xlabel=f.x_label, ylabel=f.y_label, title=f.title, yscale="log" if f.log_y else "linear")
         ax.title.set_fontsize(8)
         ax.legend(fontsize=6)
