@@ -286,3 +286,19 @@ def test_damaging_outliers_rank_the_planted_super_weight_first_and_only_pick_cli
         k = int(0.001 * w.numel())
         assert k >= 1 and w[r, c] >= w.reshape(-1).topk(k).values[-1]
     assert (down, 5, 7) not in damaging_outliers(model, spec, xmax, 5, exclude=[PLANT])
+
+
+def test_quantize_tasks_score_each_condition_and_restore_the_model(planted_dir, tmp_path):
+    pytest.importorskip("lm_eval")
+    from pathlib import Path
+
+    tasks = Path(__file__).parent / "data" / "tasks"
+    out = tmp_path / "t.json"
+    result = CliRunner().invoke(app, [
+        "quantize", "--model", str(planted_dir), "--keep", "1:5:7", "--bits", "3", "--block", "tensor",
+        "--clip", "tensor:0.001", "--max-tokens", "128", "--max-length", "64", "--tasks", "superweight_easy_mc",
+        "--include-path", str(tasks), "--task-limit", "8", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    scores = json.loads(out.read_text())["tasks"]["scores"]
+    assert list(scores) == ["base", "3b/tensor/rtn", "3b/tensor/held", "3b/tensor/clip", "3b/tensor/clip+restore"]
+    assert all(0 <= s["superweight_easy_mc"]["acc"]["value"] <= 1 for s in scores.values())
