@@ -29,6 +29,7 @@ bench: setup
 	$(BIN)/python benchmarks/bench_repair.py
 	$(BIN)/python benchmarks/bench_run.py
 	$(BIN)/python benchmarks/bench_transfer.py
+	$(BIN)/python benchmarks/bench_quantize.py
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info src/*.egg-info

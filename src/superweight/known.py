@@ -1,6 +1,8 @@
 """Published super-weight coordinates (layer, row, col), keyed by hub id; see DESIGN.md.
 
-Sources: Yu et al. 2024 (Apple), table 1 and appendix; SmolLM2-135M measured on the embedded GGUF.
+Sources: Yu et al. 2024, "The Super Weight in Large Language Models" (Apple), table 1 and appendix, and the
+coordinates published with its code (Apple's `ml-superweight` repository): Llama-30B, and Meta-Llama-3-8B and
+its Instruct model (the same three weights); SmolLM2-135M measured on the embedded GGUF.
 """
 
 from __future__ import annotations
@@ -13,6 +15,9 @@ PUBLISHED: dict[str, list[tuple[int, int, int]]] = {
     "huggyllama/llama-7b": [(2, 3968, 7003)],
     "mistralai/Mistral-7B-v0.1": [(1, 2070, 7310)],
     "huggyllama/llama-13b": [(2, 2231, 2278), (2, 2231, 6939)],
+    "huggyllama/llama-30b": [(3, 5633, 12817), (3, 5633, 17439), (10, 5633, 14386)],
+    "meta-llama/Meta-Llama-3-8B": [(1, 788, 2427), (1, 1384, 2427), (1, 4062, 2427)],
+    "meta-llama/Meta-Llama-3-8B-Instruct": [(1, 788, 2427), (1, 1384, 2427), (1, 4062, 2427)],
     "microsoft/Phi-3-mini-4k-instruct": [
         (2, 525, 808), (2, 1693, 808), (2, 1113, 808), (4, 525, 2723), (4, 1113, 2723), (4, 1693, 2723),
     ],

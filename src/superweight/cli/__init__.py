@@ -5,12 +5,12 @@ option values, 1 otherwise). Set SUPERWEIGHT_DEBUG=1 to see the traceback instea
 
 One module per command group registers its commands on `app` (common.py), in the order `--help` lists them:
 inspect.py (info, eval, detect, sweep), repair.py (repair, apply), analysis.py (analyze, sparsify, report,
-compare), run.py (run). Terminal tables live in report/terminal.py.
+compare), run.py (run), quantize.py (quantize). Terminal tables live in report/terminal.py.
 """
 
 from __future__ import annotations
 
-from superweight.cli import analysis, inspect, repair, run  # noqa: F401  (registers the commands, in order)
+from superweight.cli import analysis, inspect, quantize, repair, run  # noqa: F401  (registers the commands, in order)
 from superweight.cli.common import app, err, out
 
 __all__ = ["app", "err", "main", "out"]

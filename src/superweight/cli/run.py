@@ -34,6 +34,8 @@ def run(
     draws: Annotated[int, typer.Option(help="random-k control draws per k")] = 2,
     resume: Annotated[bool, typer.Option(help="continue a run killed in --out (same options): the repair resumes "
                                               "from its checkpoint, the stages after it run again")] = False,
+    quantize: Annotated[bool, typer.Option(help="also 4-bit RTN at blocks 64/128/256/channel with the super weight "
+                                                 "held, clipped and restored (quantize.json, a report section)")] = False,
     tasks: TasksOpt = None,
     include_path: IncludePathOpt = None,
     task_limit: TaskLimitOpt = None,
@@ -72,7 +74,7 @@ def run(
             stage, advance = stage_tasks(bar)
             record = run_pipeline(loaded, path, coord, cfg, recipe, corpus, eval_tokens, analysis_tokens, draws,
                                    baselines, seeds, sparse, on_stage=stage, on_advance=advance, resume=resume,
-                                   tasks=task_set)
+                                   tasks=task_set, quantize=quantize)
     terminal.print_run(out, record, path)
 
 

@@ -205,6 +205,21 @@ def down_projection(model: nn.Module, layer: int) -> DownProj:
     return dps[layer]
 
 
+def decoder_linears(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module) of every linear layer inside the decoder blocks (attention and MLP; never the embeddings,
+    norms or lm_head): what weight quantization touches. GPT-2's Conv1D counts (see `linear_matrix`)."""
+    layers = decoder_layers(model)
+    prefix = next(n for n, m in model.named_modules() if m is layers)
+    return [(f"{prefix}.{i}.{name}", m) for i, block in enumerate(layers) for name, m in block.named_modules()
+            if isinstance(m, nn.Linear) or _is_conv1d(m)]
+
+
+def linear_matrix(module: nn.Module) -> torch.Tensor:
+    """The [out, in] view of a linear layer's stored weight (no copy; Conv1D stores [in, out])."""
+    w = stored(module)
+    return w.t() if _is_conv1d(module) else w
+
+
 # family -> candidate paths of the norm applied before the unembedding (for the logit lens).
 FINAL_NORMS = {
     "gpt2": ("transformer.ln_f",),

@@ -18,9 +18,10 @@ from pathlib import Path
 from superweight.io.record import smallest_k
 from superweight.io.rundir import PLOTS, REPORT_HTML, REPORT_MD, read_record, read_train_log, write_atomic
 from superweight.report.compare import CompareRow, compare_rows
-from superweight.report.plots import draw_plots
+from superweight.io.quantrecord import read_quantize
+from superweight.report.plots import draw_plots, save_quantize_plot
 from superweight.report.render import render_html, render_md
-from superweight.report.sections import SECTIONS
+from superweight.report.sections import SECTIONS, quantize_section
 
 __all__ = ["CompareRow", "compare_rows", "smallest_k", "write_report"]
 
@@ -32,7 +33,13 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
     run = Path(run_dir)
     record = read_record(run)
     plots = draw_plots(record, read_train_log(run), run / PLOTS)
+    quantized = read_quantize(run)  # `run --quantize`
+    if quantized is not None and (path := save_quantize_plot(quantized, run / PLOTS / "quantize.png")):
+        plots["quantize"] = path
     blocks = [b for section in SECTIONS for b in section(record, plots)]
+    if quantized is not None:  # before the closing protocol section
+        at = next((i for i, b in enumerate(blocks) if b[:3] == ("h", 2, "Protocol and versions")), len(blocks))
+        blocks[at:at] = quantize_section(quantized, plots)
     md, page = render_md(blocks), render_html(blocks, plots)
     return (write_atomic(run / REPORT_MD, lambda tmp: tmp.write_text(md, encoding="utf-8")),
             write_atomic(run / REPORT_HTML, lambda tmp: tmp.write_text(page, encoding="utf-8")))

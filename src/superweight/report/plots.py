@@ -95,3 +95,29 @@ def draw_plots(r: RunRecord, log: list[dict], out: Path) -> dict[str, Path]:
         if fig is not None:
             plots[name] = write_atomic(out / f"{name}.png", lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     return plots
+
+
+def quantize_figure(result):
+    """PPL against block size (log y), a line per condition, a panel per bit width (result: io.quantrecord)."""
+    figs = result.report.figures
+    if not figs:
+        return None
+    fig, axes = _figure(len(figs))
+    axes = axes if len(figs) > 1 else [axes]
+    for ax, f in zip(axes, figs):
+        markers = "os^vDPX*hp<>"
+        for i, (label, ys) in enumerate(f.series.items()):
+            style = "k--" if label.startswith("fp") else f"{markers[i % len(markers)]}-"
+            ax.plot(f.x, [float("nan") if y is None else y for y in ys], style, label=label,
+                    markersize=7 - (i % 3) * 1.5, alpha=0.85)  # sizes differ so that equal lines stay visible
+        ax.set(xlabel=f.x_label, ylabel=f.y_label, title=f.title, yscale="log" if f.log_y else "linear")
+        ax.title.set_fontsize(8)
+        ax.legend(fontsize=6)
+    return fig
+
+
+def save_quantize_plot(result, path) -> Path | None:
+    fig = quantize_figure(result)
+    if fig is None:
+        return None
+    return write_atomic(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=110))

@@ -268,5 +268,20 @@ def _protocol(r: RunRecord, plots) -> list:
     return [("h", 2, "Protocol and versions")] + out
 
 
+def quantize_section(q, plots) -> list:
+    """`run --quantize` (io/quantrecord.QuantResult): the table, the figure and what changed the super weight."""
+    rows = [[x.name, ppl(x.ppl), num(x.kl), pct(x.top1_agree), pct(x.recovery.nll_gap) if x.recovery else "-",
+             f"{x.n_clipped:,}", str(x.n_kept), f"{x.effective_bits:.3f}"] for x in q.rows + q.patched_rows]
+    rows += [[a.name, ppl(a.ppl), num(a.kl), pct(a.top1_agree), pct(a.recovery.nll_gap) if a.recovery else "-",
+              "-", "-", "-"] for a in q.activations]
+    return [("h", 2, "Quantization"),
+            ("p", f"Round-to-nearest fake quantization of every decoder linear weight; fp PPL {ppl(q.base.ppl)} on "
+                  f"{q.base.n_tokens:,} tokens; super weights {', '.join(q.keep) or 'none'} ({q.keep_source}). "
+                  "Recovery is against plain RTN at the same bits and block."),
+            _table(["condition", "PPL", "KL", "top-1", "recovery vs RTN", "clipped", "kept", "bits/weight"], rows),
+            *_img(plots, "quantize", "PPL against block size, a line per condition"),
+            *[("p", n) for n in q.report.notes]]
+
+
 SECTIONS = (_headline, _summary, _tasks, _seeds, _detection, _training, _bars, _patch, _sparsity, _sweep, _tokens,
             _neurons, _generations, _protocol)

@@ -272,3 +272,31 @@ def print_run(out: Console, r: RunRecord, path) -> None:
         print_sparse(out, r.sparse_training)
     out.print("Seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in (r.timings or {}).items()))
     out.print(f"Report: {path / 'report.html'}")
+
+
+def print_quantize(out: Console, r) -> None:
+    """The quantize table (stages/quantize.py): one row per condition, then what each did to the super weight."""
+    p = r.protocol
+    table = Table(title=f"{p.model}: {p.corpus}/{p.split}, {p.n_tokens:,} tokens; fp PPL {r.base.ppl:.2f}; "
+                        f"super weights {', '.join(r.keep) or 'none'} ({r.keep_source})", box=box.SIMPLE_HEAD)
+    for col in ("condition", "PPL", "KL(base||·)", "top-1", "recovery vs RTN", "clipped", "kept", "bits/weight"):
+        table.add_column(col, justify="left" if col == "condition" else "right")
+    for row in r.rows + r.patched_rows:
+        rec = row.recovery.nll_gap if row.recovery else None
+        table.add_row(row.name, fmt(row.ppl, 2), fmt(row.kl), f"{row.top1_agree:.1%}",
+                      "-" if rec is None else f"{rec:.1%}", f"{row.n_clipped:,}", str(row.n_kept),
+                      f"{row.effective_bits:.3f}")
+    for a in r.activations:
+        rec = a.recovery.nll_gap if a.recovery else None
+        table.add_row(a.name, fmt(a.ppl, 2), fmt(a.kl), f"{a.top1_agree:.1%}", "-" if rec is None else f"{rec:.1%}",
+                      "-", "-", "-")
+    if r.patched is not None:
+        table.add_row("patched (fp)", fmt(r.patched.ppl, 2), fmt(r.patched.kl), f"{r.patched.top1_agree:.1%}",
+                      "-", "-", "-", "-")
+    out.print(table)
+    out.print("recovery vs RTN: (NLL_rtn - NLL) / (NLL_rtn - NLL_fp) at the same bits and block; "
+              "activation rows: against the same quantization without the hold.", markup=False, highlight=False)
+    for note in r.report.notes:
+        out.print(Text(note))
+    if r.tasks:
+        print_tasks(out, r.tasks)

@@ -43,10 +43,13 @@ def run_pipeline(
     on_advance: Callable[[int, float | None], None] | None = None,
     resume: bool = False,
     tasks=None,
+    quantize: bool = False,
 ) -> RunRecord:
     """`resume` continues a run killed in `out`: detection runs again (it is deterministic), the repair
     resumes from its checkpoint (or keeps its finished results), and the later stages run again. `tasks`
-    (measure.tasks.prepare_tasks) adds zero-shot task metrics of base, broken and patched to the repair."""
+    (measure.tasks.prepare_tasks) adds zero-shot task metrics of base, broken and patched to the repair. `quantize`
+    adds 4-bit RTN at blocks 64, 128, 256 and per channel with the repaired weight protected (stages/quantize.py):
+    quantize.json, and a section and figure in the report."""
     from superweight.report import write_report
     from superweight.stages.analyze import run_analyze
     from superweight.stages.detect import DetectConfig, run_detect
@@ -87,6 +90,17 @@ def run_pipeline(
         t = time.perf_counter()
         record = run_sparsify(loaded, out, n_tokens=analysis_tokens, on_stage=stage, on_advance=on_advance)
         timings["sparsify"] = time.perf_counter() - t
+    if quantize:
+        from superweight.io.quantrecord import QUANTIZE_FILE
+        from superweight.stages.quantize import run_quantize
+
+        t = time.perf_counter()
+        stage("Quantizing (4-bit RTN, blocks 64/128/256/channel)", None)
+        quantized = run_quantize(loaded, [4], [64, 128, 256, "channel"], keep=[weight],
+                                 keep_source="detected" if detected is not None else "given", corpus=corpus,
+                                 max_tokens=eval_tokens, on_condition=lambda name: stage(f"Quantizing: {name}", None))
+        write_json(out / QUANTIZE_FILE, quantized.model_dump())
+        timings["quantize"] = time.perf_counter() - t
     record = record.model_copy(update={"detect": _detect_summary(detected, weight), "timings": timings})
     write_record(out, record)
     stage("Writing the report", None)

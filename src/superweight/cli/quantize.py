@@ -1,0 +1,134 @@
+"""`quantize`: round-to-nearest fake quantization with the super weights in mind (stages/quantize.py)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from superweight.cli.common import (
+    CorpusOpt, DeviceOpt, IncludePathOpt, JsonOpt, ModelOpt, SplitOpt, TaskLimitOpt, TasksOpt, app, err,
+    errors, load_model, out, progress, task_spec, write_result,
+)
+from superweight.errors import UsageError
+from superweight.io import corpora
+from superweight.io.models import DEFAULT_MODEL
+from superweight.report import terminal
+
+
+def parse_keep(text: str):
+    """'auto', 'none' or LAYER:ROW:COL,...: (coordinates or None for auto, source)."""
+    from superweight.core.coords import parse_coords
+    from superweight.errors import CoordinateError
+
+    if text in ("auto", "none"):
+        return (None if text == "auto" else []), text
+    try:
+        coords = parse_coords([t for t in text.split(",") if t.strip()])
+    except CoordinateError as exc:
+        raise UsageError(f"invalid --keep: {exc}") from None
+    if any(c.scale != 0.0 for c in coords):
+        raise UsageError(f"invalid --keep '{text}': give LAYER:ROW:COL without @SCALE")
+    return coords, "given"
+
+
+def parse_protect(text: str | None, clip) -> list[int]:
+    if text is None:
+        return []
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not parts or not all(p.isdigit() and int(p) >= 1 for p in parts):
+        raise UsageError(f"invalid --protect '{text}': expected comma-separated counts of at least 1, e.g. 16,128")
+    if clip is None:
+        raise UsageError("--protect restores clipped weights: give a --clip method too")
+    return sorted({int(p) for p in parts})
+
+
+def auto_keep(loaded, spec: str):
+    """The published super weights of `spec` (known.py), else the confirmed ones `detect` finds."""
+    from superweight.known import published
+
+    known = published(spec)
+    if known:
+        return known, "published"
+    from superweight.stages.detect import DetectConfig, run_detect
+
+    with err.status("No published super weights: detecting..."):
+        found = run_detect(loaded, DetectConfig(calib_tokens=512))
+    coords = [c.coord for c in found.candidates if c.confirmed]
+    return coords, "detected" if coords else "none"
+
+
+@app.command()
+@errors
+def quantize(
+    model: ModelOpt = DEFAULT_MODEL,
+    bits: Annotated[str, typer.Option(help="weight bits, comma-separated, each 2-8")] = "4",
+    block: Annotated[str, typer.Option(help="block sizes, comma-separated: integers, channel, tensor")] = "64,128,256,channel",
+    levels: Annotated[str, typer.Option(help="int (min-max RTN) or nf (NormalFloat NF3/NF4, computed by hand)")] = "int",
+    clip: Annotated[str, typer.Option(help="none, tensor:P, block:P (fraction clipped), zscore:Z or iqr:K")] = "tensor:1e-4",
+    keep: Annotated[str, typer.Option(help="super weights to protect: auto (published, else detected), none, or "
+                                           "LAYER:ROW:COL,...")] = "auto",
+    protect: Annotated[Optional[str], typer.Option(
+        help="with --clip: also K,... conditions that restore the K clipped weights changing their layer's output "
+             "most ((|w| - threshold) x max|x|, on train-split tokens) besides the super weights")] = None,
+    activations: Annotated[Optional[str], typer.Option(
+        help="also quantize activations per tensor: int8 (down-projection inputs) or int8:all (every linear input)")] = None,
+    patch: Annotated[Optional[str], typer.Option(help="a repair's run directory: the repaired model too")] = None,
+    corpus: CorpusOpt = corpora.DEFAULT_CORPUS,
+    split: SplitOpt = "eval",
+    max_tokens: Annotated[int, typer.Option(help="tokens of the corpus to score")] = 2048,
+    max_length: Annotated[int, typer.Option(help="window length in tokens")] = 512,
+    plot: Annotated[Optional[str], typer.Option(help="PNG of PPL against block size")] = None,
+    tasks: TasksOpt = None,
+    include_path: IncludePathOpt = None,
+    task_limit: TaskLimitOpt = None,
+    device: DeviceOpt = "cpu",
+    dtype: Annotated[str, typer.Option(
+        help="fp32 (default: fake-quantized values are then exact), auto, bf16 or fp16 (each dequantized value "
+             "is rounded again to the model's dtype)")] = "fp32",
+    json_: JsonOpt = None,
+):
+    """Fake-quantize every decoder linear (RTN, per block), with the super weights held out, clipped or restored."""
+    from superweight.core.quant import check_blocks, check_levels, parse_bits, parse_blocks, parse_clip
+    from superweight.io.patchfile import load_patch
+    from superweight.io.rundir import check_writable
+    from superweight.measure.metrics import n_scored
+    from superweight.stages.quantize import parse_activations, run_quantize, shapes_before_load
+
+    # Every option is checked before the (slow) load.
+    bit_list, blocks, clip_spec = parse_bits(bits), parse_blocks(block), parse_clip(clip)
+    check_levels(levels, bit_list)
+    coords, source = parse_keep(keep)
+    protect_k = parse_protect(protect, clip_spec)
+    acts = parse_activations(activations)
+    corpora.check_windows(max_length)
+    if max_tokens < 2:
+        raise UsageError(f"--max-tokens must be at least 2, got {max_tokens}")
+    for path in filter(None, [json_, plot]):
+        check_writable(path)
+    patch_data = load_patch(patch) if patch else None
+    shapes = shapes_before_load(model)
+    if shapes:
+        check_blocks(blocks, shapes)
+    text = corpora.load_text(corpus, split)
+    task_set = task_spec(tasks, include_path, task_limit)
+    loaded = load_model(model, device, dtype)
+    if coords is None:
+        coords, source = auto_keep(loaded, model)
+    ids = corpora.tokenize(loaded.tokenizer, text, max_tokens)
+    with progress() as bar:
+        task = bar.add_task("Quantizing", total=n_scored(ids.numel(), max_length))
+        lm_bar = bar.add_task("lm-eval tasks", total=None, visible=task_set is not None)
+        result = run_quantize(
+            loaded, bit_list, blocks, levels, clip_spec, coords, source, acts, corpus, split, max_tokens, max_length,
+            ids=ids, patch=patch_data, tasks=task_set, protect=protect_k, on_tokens=lambda n: bar.advance(task, n),
+            on_condition=lambda name: bar.update(task, description=f"Scoring {name}"),
+            on_task=lambda name: bar.update(lm_bar, description=f"lm-eval tasks: {name}"),
+        )
+    terminal.print_quantize(out, result)
+    if plot:
+        from superweight.report.plots import save_quantize_plot
+
+        save_quantize_plot(result, plot)
+        err.print(f"Wrote {plot}")
+    write_result(json_, result)
