@@ -36,6 +36,7 @@ class Resumed:
     step: int = 0
     seconds: float = 0.0
     loss: float | None = None
+    check: dict | None = None  # the held-out check's state (best patch, backoffs), when the run kept one
 
 
 def clear(run_dir: Path) -> None:
@@ -45,10 +46,13 @@ def clear(run_dir: Path) -> None:
 
 
 def save(run_dir: Path, step: int, vectors, optimizer: torch.optim.Optimizer, expect: dict, seconds: float,
-         loss: float) -> None:
-    """Write checkpoints/last.pt atomically. `expect` holds config, rows and coords (see `restore`)."""
+         loss: float, check: dict | None = None) -> None:
+    """Write checkpoints/last.pt atomically. `expect` holds config, rows and coords (see `restore`); `check`
+    the held-out check's state (plain data and tensors)."""
     state = {"step": step, "vectors": [v.detach().cpu().clone() for v in vectors], "optimizer": optimizer.state_dict(),
              "rng": torch.get_rng_state(), "seconds": seconds, "loss": loss, **expect}
+    if check is not None:
+        state["check"] = check
     write_atomic(run_dir / CHECKPOINT, lambda tmp: torch.save(state, tmp))
 
 
@@ -102,7 +106,8 @@ def restore(run_dir: Path, vectors, optimizer: torch.optim.Optimizer, expect: di
     loss = state.get("loss")
     if loss is None and kept:
         loss = kept[-1].get("loss")  # checkpoints written before the loss was stored
-    return Resumed(step=state["step"], seconds=float(state.get("seconds", 0.0)), loss=loss)
+    check = state.get("check") if isinstance(state.get("check"), dict) else None
+    return Resumed(step=state["step"], seconds=float(state.get("seconds", 0.0)), loss=loss, check=check)
 
 
 def log_step(run_dir: Path, entry: dict) -> None:

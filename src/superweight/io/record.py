@@ -14,7 +14,7 @@ io/migrate.py lifts it to the current version, or refuses it in one line.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -66,17 +66,43 @@ class Recovery(Record):
     kl: float | None = Field(description="1 - KL_x / KL_broken; null when KL_broken is 0")
 
 
+Verdict = Literal["repaired", "partial", "failed"]
+REPAIRED = 0.9  # both recoveries at least this: "repaired"
+
+
+def verdict_of(rec: Recovery) -> Verdict:
+    """repaired: NLL-gap and KL recovery >= 90%; failed: the patched model is no better than the broken one on
+    either (recovery <= 0, a patch that does harm); partial: in between. A missing number does not count."""
+    values = [v for v in (rec.nll_gap, rec.kl) if v is not None]
+    if any(v <= 0 for v in values):
+        return "failed"
+    return "repaired" if all(v >= REPAIRED for v in values) else "partial"
+
+
 class Baseline(Metrics):
     recovery: Recovery
 
 
+class Check(Record):
+    """The held-out check of a training run: KL(intact || ablated + patch) on rows of the train split that
+    training never sees. The patch handed over is the best one checked, so never worse than no patch there."""
+
+    tokens: int = Field(description="scored tokens of the held-out rows")
+    broken_kl: float = Field(description="KL with no patch (the ablated model)")
+    best_kl: float = Field(description="KL of the patch handed over")
+    best_step: int = Field(description="the step it was taken at (0: no patch beat the ablated model)")
+    backoffs: int = Field(0, description="times the patch was worse than none and training went back to the best "
+                                         "patch with a 5x smaller lr")
+
+
 class Training(Record):
-    steps: int
+    steps: int = Field(description="optimiser steps (lbfgs: loss evaluations) run")
     seconds: float
     s_per_step: float
     final_loss: float | None = Field(description="last step's loss; null: resumed from an old checkpoint")
     resumed_from: int | None = None
     teacher_cached: bool
+    check: Check | None = Field(None, description="the held-out check (null: too few training rows, or older runs)")
 
 
 # --- the patch ---
@@ -329,6 +355,8 @@ class RunRecord(Record):
     broken: Metrics
     patched: Metrics
     recovery: Recovery
+    verdict: Verdict | None = Field(None, description="repaired / partial / failed, from `recovery` (verdict_of); "
+                                                      "null in runs made before it existed")
     training: Training
     patch: PatchGeometry
     generations: list[dict[str, str]] = Field(default_factory=list)

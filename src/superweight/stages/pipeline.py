@@ -31,7 +31,7 @@ def run_pipeline(
     out: Path,
     weight: WeightCoord | None = None,
     cfg: RepairConfig | None = None,
-    recipe: str = "balanced",
+    recipe: str = "lbfgs",
     corpus: str = corpora.DEFAULT_CORPUS,
     eval_tokens: int = 2048,
     analysis_tokens: int = 1024,

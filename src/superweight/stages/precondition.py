@@ -1,4 +1,11 @@
-"""Scale-free coordinates for a row patch: train u, with d_j = u_j / n_j in the MLP's balanced parametrization.
+"""Scale-free coordinates for a row patch: train u, with d = p * u for a per-neuron scale p.
+
+Two choices of p are scale-free. The column one, p_j = ‖W[:, j]‖ (the down-projection's column norms), follows
+all three function-preserving symmetries of a pre-norm transformer (core/reparam.py): rescaling neuron j by
+a_j (W[:, j] / a_j, so p_j / a_j, as the equivalent patch d_j / a_j), scaling the residual stream by c (W * c,
+so p * c, as d * c) and moving a norm's gain into the projections that read it (W and x unchanged). The loss
+is then the same function of u at every parametrization, and so is an optimiser's path. The balanced one
+below follows only the first.
 
 The loss sees the patch d only through x · d (x: the down-projection's input). Rescaling neuron j
 (`core/reparam.rescale_mlp`: x_j -> a_j x_j, W[:, j] -> W[:, j] / a_j) leaves the model's function alone, but
@@ -28,11 +35,16 @@ from superweight.errors import UnsupportedArchitectureError
 
 
 def scales(model: nn.Module, rows: list[tuple[int, int]], space: str) -> list[torch.Tensor]:
-    """Per patch row, p [d_ff] with d = p * u: ones in the weight space, 1 / n in the balanced one."""
+    """Per patch row, p [d_ff] with d = p * u: ones in the weight space, 1 / n in the balanced one, the
+    down-projection's column norms ‖W[:, j]‖ in the column one (a zero column keeps 1: nothing to scale by)."""
     out = []
     for layer, _ in rows:
-        p = torch.ones(down_projection(model, layer).d_ff)
-        if space == "balanced":
+        dp = down_projection(model, layer)
+        p = torch.ones(dp.d_ff)
+        if space == "column":
+            norms = dp.matrix.float().norm(dim=0).cpu()
+            p = torch.where(norms > 0, norms, torch.ones_like(norms))
+        elif space == "balanced":
             try:
                 p = 1 / neuron_balance(model, layer)
             except UnsupportedArchitectureError:  # GELU: the weight space is the only one

@@ -22,7 +22,7 @@ from superweight.errors import UsageError
 from superweight.io import corpora
 from superweight.io.models import Loaded, model_id
 from superweight.io.patchfile import save_patch
-from superweight.io.record import Baseline, RunRecord, SeedStats, Seeds, SeedValue
+from superweight.io.record import Baseline, RunRecord, SeedStats, Seeds, SeedValue, verdict_of
 from superweight.io.rundir import check_run_dir_for, prepare_run_dir, read_record, write_record
 from superweight.measure import generate
 from superweight.measure.geometry import geometry
@@ -115,6 +115,7 @@ def run_repair(
                              _describe(coords, rows, baselines, cfg.seed, seeds)),
         recipe=recipe, config=cfg.model_dump(), base=base, broken=metrics["broken"], patched=metrics["patched"],
         recovery=recovery(base, metrics["broken"], metrics["patched"]), training=state,
+        verdict=verdict_of(recovery(base, metrics["broken"], metrics["patched"])),
         patch=geometry(model, coords, rows, patch.vectors, originals, inputs), generations=gens,
     )
     if baselines:
