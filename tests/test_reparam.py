@@ -1,5 +1,6 @@
-"""Function-preserving rescaling (core/reparam.py), and what must not move under it: the trained repair in the
-balanced space, detection's scores and grade, sparse training, and the invariant geometry."""
+"""Function-preserving reparametrizations (core/reparam.py: one MLP's neurons, the residual stream, the norms'
+gains), and what must not move under them: the trained repair in the balanced space, detection's scores and
+grade, sparse training, and the invariant geometry."""
 
 from __future__ import annotations
 
@@ -8,10 +9,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from superweight.core.arch import down_projection
+from superweight.core.arch import decoder_layers, down_projection, family as family_of
 from superweight.core.coords import WeightCoord
 from superweight.core.intervene import Ablation, Compose
-from superweight.core.reparam import FIRST_PROJECTION, neuron_balance, rescale_mlp
+from superweight.core.reparam import FIRST_PROJECTION, move_norm_gain, neuron_balance, rescale_mlp, rescale_residual
 from superweight.errors import UnsupportedArchitectureError, UsageError
 from superweight.io import corpora
 from superweight.measure.geometry import geometry
@@ -20,7 +21,7 @@ from superweight.measure.inputs import patch_inputs
 from superweight.stages import detect
 from superweight.stages.sparsify import HardConcrete, L1Prox
 from superweight.stages.train import RepairConfig, train
-from tiny import FAMILIES, planted, tiny_model, tiny_tokenizer
+from tiny import D_MODEL, FAMILIES, planted, tiny_model, tiny_tokenizer
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -87,6 +88,141 @@ def test_neuron_balance_follows_the_factors():
     assert torch.allclose(neuron_balance(model, 0), n * a, rtol=1e-4)
     rescale_mlp(model, 0, 1 / neuron_balance(model, 0))  # balance it
     assert torch.allclose(neuron_balance(model, 0), torch.ones_like(n), rtol=1e-4)
+
+
+def perturbed(model):
+    """`model` with every 1-d parameter (biases, norm gains) moved off its initial 0 or 1, so that a bias or
+    gain left out of a symmetry shows."""
+    gen = torch.Generator().manual_seed(11)
+    for p in model.parameters():
+        if p.dim() == 1:
+            p.add_(torch.randn(p.shape, generator=gen) * 0.2)
+    return model
+
+
+def eps_free(model):
+    """`model` with its norms' eps out of the way: rescale_residual is exact only up to eps, and the tiny models'
+    residual (embeddings ~0.02, mean h^2 ~4e-4) at c = 1e-2 falls to ~4e-8, below rms_norm_eps = 1e-6. Each norm's
+    eps goes to 1e-12; OLMo's LayerNorm hard-codes eps = 1e-5 in its forward, so there the residual is lifted
+    first (x 1e4, itself a rescale_residual) to stay far above it at c = 1e-2."""
+    for module in model.modules():
+        for name in ("eps", "variance_epsilon"):
+            if isinstance(getattr(module, name, None), float):
+                setattr(module, name, 1e-12)
+    if family_of(model) == "olmo":
+        rescale_residual(model, 1e4)
+    return model
+
+
+NO_GAIN = {"olmo"}  # OLMo v1's LayerNorm has no gain to move
+
+
+@pytest.mark.parametrize("c", [1e-2, 30.0])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_rescaling_the_residual_stream_preserves_logits(family, c, ids):
+    model = eps_free(perturbed(tiny_model(family, seed=3)))
+    before = logits(model, ids)
+    emb = model.get_input_embeddings().weight.detach().clone()
+    dp = down_projection(model, 0)
+    w = dp.matrix.detach().clone()
+    rescale_residual(model, c)
+    after = logits(model, ids)
+    assert torch.allclose(before, after, atol=1e-4, rtol=1e-4), (before - after).abs().max()
+    assert torch.allclose(model.get_input_embeddings().weight, emb * c, rtol=1e-6)
+    if family not in ("gemma2", "gemma3", "olmo2"):  # those scale their post-norms' gains instead
+        assert torch.allclose(dp.matrix, w * c, rtol=1e-6)  # a super weight: the same coordinates, c times larger
+    rescale_residual(model, 1 / c)
+    assert torch.allclose(logits(model, ids), before, atol=1e-4, rtol=1e-4)
+
+
+def gains():
+    return [0.1, 10.0, torch.rand(D_MODEL, generator=torch.Generator().manual_seed(4)) * 5 + 0.1]
+
+
+@pytest.mark.parametrize("b", range(3), ids=["0.1", "10", "per-channel"])
+@pytest.mark.parametrize("family", sorted(set(FAMILIES) - NO_GAIN))
+def test_moving_the_norm_gains_preserves_logits(family, b, ids):
+    model = perturbed(tiny_model(family, seed=3))  # no eps involved: the norms see the same input
+    before = logits(model, ids)
+    b = gains()[b]
+    move_norm_gain(model, b)
+    assert torch.allclose(before, logits(model, ids), atol=1e-4, rtol=1e-4)
+    move_norm_gain(model, 1 / torch.as_tensor(b))
+    assert torch.allclose(before, logits(model, ids), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", GATED + ["opt"])
+def test_the_three_symmetries_compose(family, ids):
+    model = eps_free(perturbed(tiny_model(family, seed=3)))
+    before = logits(model, ids)
+    rescale_residual(model, 1e-2)
+    if family not in NO_GAIN:
+        move_norm_gain(model, gains()[2])
+    for layer in range(len(decoder_layers(model))):
+        rescale_mlp(model, layer, factors(down_projection(model, layer).d_ff, seed=layer, spread=1.0).abs())
+    rescale_residual(model, 30.0)
+    assert torch.allclose(before, logits(model, ids), atol=1e-4, rtol=1e-4), (before - logits(model, ids)).abs().max()
+
+
+@pytest.mark.parametrize("family", ["gpt2", "opt", "gemma3"])
+def test_tied_embeddings_are_untied_first(family, ids):
+    model = eps_free(tiny_model(family, seed=3, tie_word_embeddings=True))
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    assert head.weight is emb.weight
+    before, w = logits(model, ids), emb.weight.detach().clone()
+    rescale_residual(model, 30.0)
+    assert model.get_output_embeddings().weight is not model.get_input_embeddings().weight
+    assert torch.equal(model.get_output_embeddings().weight, w)  # the unembedding does not scale
+    assert torch.allclose(model.get_input_embeddings().weight, w * 30.0)
+    assert model.config.tie_word_embeddings is False and not model.all_tied_weights_keys
+    model.tie_weights()  # nothing re-ties them
+    assert model.get_output_embeddings().weight is not model.get_input_embeddings().weight
+    assert torch.allclose(before, logits(model, ids), atol=1e-4, rtol=1e-4)
+
+
+def test_tied_embeddings_survive_a_save_and_load(tmp_path, ids):
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_model("gpt2", seed=3)
+    before = logits(model, ids)
+    move_norm_gain(model, 10.0)  # the final norm's gain moves into lm_head
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert torch.allclose(before, logits(loaded, ids), atol=1e-4, rtol=1e-4)
+
+
+def test_weights_keep_their_dtype(ids):
+    model = tiny_model("llama", seed=3).to(torch.bfloat16)
+    before = logits(model, ids).float()
+    rescale_residual(model, 4.0)
+    move_norm_gain(model, 2.0)  # powers of two: exact in bf16 too
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert torch.allclose(before, logits(model, ids).float(), atol=2e-2)
+
+
+def test_olmo_has_no_norm_gain_to_move():
+    with pytest.raises(UnsupportedArchitectureError, match="olmo's LayerNorm has no gain"):
+        move_norm_gain(tiny_model("olmo"), 2.0)
+
+
+def test_opt_without_pure_pre_norm_residual_is_refused():
+    with pytest.raises(UnsupportedArchitectureError, match="do_layer_norm_before"):
+        rescale_residual(tiny_model("opt", do_layer_norm_before=False), 2.0)
+    with pytest.raises(UnsupportedArchitectureError, match="project_in"):
+        move_norm_gain(tiny_model("opt", word_embed_proj_dim=16), 2.0)
+
+
+def test_bad_scales_are_refused():
+    model = tiny_model("llama")
+    for c in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(UsageError, match="positive"):
+            rescale_residual(model, c)
+    with pytest.raises(UsageError, match="non-zero"):
+        move_norm_gain(model, 0.0)
+    with pytest.raises(UsageError, match="non-zero"):
+        move_norm_gain(model, torch.tensor([float("inf")] * D_MODEL))
+    with pytest.raises(UsageError, match="gain factors"):
+        move_norm_gain(model, torch.ones(D_MODEL + 1))
 
 
 @pytest.fixture(scope="module")
@@ -191,6 +327,30 @@ def test_detection_is_the_same_on_a_rescaled_model():
     for c1, c2 in zip(first, second):
         assert c1.kl == pytest.approx(c2.kl, rel=1e-3, abs=1e-6)
         assert c1.controls == c2.controls  # the controls are the same weights, not the largest |W|
+
+
+@pytest.mark.parametrize("symmetry", ["residual", "norm gain"])
+def test_detection_is_the_same_under_the_whole_network_symmetries(symmetry):
+    tok = tiny_tokenizer()
+    calib = corpora.tokenize(tok, corpora.load_text("pydoc", "train"), 1024)
+
+    def run(model):
+        loaded = SimpleNamespace(model=model, tokenizer=tok, spec="tiny", source="memory", dtype="fp32", device="cpu")
+        return detect.run_detect(loaded, detect.DetectConfig(max_length=128), ids=calib).candidates
+
+    model = eps_free(planted(PLANT))  # rms_norm_eps would matter at c = 1e-2 (see eps_free)
+    first = run(model)
+    if symmetry == "residual":
+        rescale_residual(model, 1e-2)  # every down-projection 100x smaller, the same function
+    else:
+        move_norm_gain(model, gains()[2])  # per channel
+    second = run(model)
+    assert [(c.layer, c.row, c.col) for c in first] == [(c.layer, c.row, c.col) for c in second]
+    assert (first[0].layer, first[0].row, first[0].col) == PLANT and first[0].grade == second[0].grade
+    for c1, c2 in zip(first, second):
+        assert c1.grade == c2.grade
+        assert c1.kl == pytest.approx(c2.kl, rel=1e-3, abs=1e-6)
+        assert c1.controls == c2.controls
 
 
 def test_grades():
