@@ -179,7 +179,7 @@ def _optimizer(params, cfg: RepairConfig, lr_scale: float = 1.0) -> torch.optim.
         # max_eval bounds the loss evaluations (line-search trials included) to the step budget; the tolerances
         # stop it early once the loss no longer moves.
         return torch.optim.LBFGS(params, lr=lr, max_iter=cfg.steps, max_eval=cfg.steps, history_size=20,
-                                 line_search_fn="strong_wolfe", tolerance_grad=1e-9, tolerance_change=1e-12)
+                                 line_search_fn="strong_wolfe", tolerance_grad=1e-9, tolerance_change=1e-6)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=0.9)
     if cfg.optimizer == "adam":
@@ -446,5 +446,14 @@ def _lbfgs(model, teacher, dp, n, ablation, patch, prefix, opt, cfg, log, start)
         log(len(evals), value, cfg.lr)
         return torch.tensor(value if math.isfinite(value) else float("inf"))
 
+    # lr scales the first step only (along -gradient, where nothing else sets the scale); from the second
+    # iteration on the quasi-Newton step, which the curvature pairs scale, is tried first (lr 1), so an lr far
+    # off costs a few line-search evaluations, not the result. The second call re-evaluates the loss once.
+    group = opt.param_groups[0]
+    group.update(max_iter=1, max_eval=cfg.steps)
     opt.step(closure)
+    left = cfg.steps - len(evals) - 1
+    if left > 0:
+        group.update(lr=1.0, max_iter=left, max_eval=left)
+        opt.step(closure)
     return evals[-1], len(evals)
