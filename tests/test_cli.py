@@ -188,3 +188,30 @@ def test_detect_no_verify_reports_unverified_candidates(tiny_model_dir, tmp_path
     assert doc["protocol"] is None and len(doc["candidates"]) == 2
     assert all(c["kl"] is None and c["confirmed"] is False for c in doc["candidates"])
     assert "not verified" in result.stdout
+
+
+def test_eval_and_detect_with_bos_on_record_it(tiny_model_dir, tmp_path):
+    # The tiny tokenizer adds no BOS by itself (auto: none); --bos on puts its BOS (id 0) first in every window.
+    out = tmp_path / "eval.json"
+    result = invoke("eval", "--model", tiny_model_dir, "--ablate", "1:5:7", *FAST, "--bos", "on", "--json", out)
+    assert result.exit_code == 0, result.output
+    p = json.loads(out.read_text())["protocol"]
+    # Windows of a BOS and 63 tokens: every one of the 192 tokens is scored, the first from the BOS alone.
+    assert (p["bos"], p["n_tokens"], p["max_length"], p["stride"]) == (0, 192, 64, 63)
+    assert "after BOS" in result.stdout
+    auto = tmp_path / "auto.json"
+    assert invoke("eval", "--model", tiny_model_dir, *FAST, "--json", auto).exit_code == 0
+    assert json.loads(auto.read_text())["protocol"]["bos"] is None
+    out = tmp_path / "d.json"
+    result = invoke("detect", "--model", tiny_model_dir, "--calib-tokens", "256", "--bos", "on", "--json", out)
+    assert result.exit_code == 0, result.output
+    assert json.loads(out.read_text())["protocol"]["bos"] == 0
+
+
+@pytest.mark.parametrize("command", ["info", "eval", "detect", "sweep", "quantize", "repair", "run"])
+def test_unknown_bos_mode_is_one_line(tiny_model_dir, tmp_path, command):
+    extra = {"sweep": ["--weight", "1:5:7"], "repair": ["--weight", "1:5:7", "--out", tmp_path / "r"],
+             "run": ["--out", tmp_path / "r"]}.get(command, [])
+    result = invoke(command, "--model", tiny_model_dir, *extra, "--bos", "bogus")
+    assert_one_line_error(result, 2, r"unknown --bos 'bogus': use auto, on, off")
+    assert not (tmp_path / "r").exists()

@@ -121,3 +121,19 @@ def test_token_counts_are_checked_under_their_option_names(tiny_model_dir, tmp_p
     assert result.exit_code == 2 and result.stderr == "Error: --eval-tokens must be at least 2, got 1\n"
     result = invoke("detect", "--model", tiny_model_dir, "--calib-tokens", "1")
     assert result.exit_code == 2 and result.stderr == "Error: --calib-tokens must be at least 2, got 1\n"
+
+
+def test_repair_with_bos_on_records_it_and_later_commands_follow_the_run(tiny_model_dir, tmp_path):
+    out = tmp_path / "bos"
+    result = invoke("repair", "--model", tiny_model_dir, *FAST, "--bos", "on", "--out", out)
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "config.json").read_text())["bos"] == "on"
+    res = json.loads((out / "results.json").read_text())
+    assert res["protocol"]["bos"] == 0 and res["base"]["n_tokens"] == 128  # every eval token, from the BOS on
+    again = invoke("repair", "--model", tiny_model_dir, *FAST, "--out", out, "--resume")  # --bos: the run's
+    assert again.exit_code == 0 and "is finished already" in again.stderr, again.output
+    other = invoke("repair", "--model", tiny_model_dir, *FAST, "--bos", "off", "--out", out, "--resume")
+    assert other.exit_code == 2 and "bos differ" in other.stderr
+    result = invoke("analyze", out, "--tokens", "128", "--draws", "1")
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "results.json").read_text())["analysis"]["protocol"]["bos"] == 0

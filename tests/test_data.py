@@ -298,3 +298,26 @@ def test_bos_token_modes(mode, adds, want):
 def test_bos_on_without_a_bos_token_is_a_usage_error():
     with pytest.raises(UsageError):
         corpora.bos_token(_Tok(None, False), "on")
+
+
+def test_training_sequences_start_every_row_with_the_bos(monkeypatch):
+    from superweight.stages.train import RepairConfig, training_sequences
+
+    tok = tiny.tiny_tokenizer()
+    cfg = RepairConfig(seq_len=16, train_tokens=256)
+    plain, mask = training_sequences(tok, "pydoc", cfg)
+    rows, mask_bos = training_sequences(tok, "pydoc", cfg, bos=0)
+    assert mask is None and mask_bos is None and plain.shape[1] == rows.shape[1] == 16
+    assert (rows[:, 0] == 0).all()
+    assert rows[:, 1:].flatten().tolist() == plain.flatten()[: rows.shape[0] * 15].tolist()  # the same text
+
+    # "lines" data (wikitext2's lines, one a row): the BOS first, then the line; the BOS counts as a real token.
+    monkeypatch.setattr(corpora, "load_text", lambda corpus, split: "the first line\n\nand a second line here\n")
+    cfg = RepairConfig(seq_len=8, data="lines")
+    lines, mask = training_sequences(tok, "wikitext2", cfg)
+    lines_bos, mask_bos = training_sequences(tok, "wikitext2", cfg, bos=0)
+    assert lines.shape == lines_bos.shape == (2, 8) and (lines_bos[:, 0] == 0).all()
+    for i in range(2):
+        n = int(mask[i].sum())
+        assert int(mask_bos[i].sum()) == min(n + 1, 8) and mask_bos[i, 0] == 1
+        assert lines_bos[i, 1 : n + 1].tolist() == lines[i, : min(n, 7)].tolist()

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from superweight.cli.common import (
-    DeviceMapOpt, MaxMemoryOpt, OffloadOpt,
+    DeviceMapOpt, MaxMemoryOpt, OffloadOpt, RunBosOpt, run_bos,
     DeviceOpt, DtypeOpt, JsonOpt, RunDirArg, app, check_run_dir, err, errors, floats, load_model, out, progress,
     stage_tasks,
 )
@@ -28,6 +28,7 @@ def analyze(
     device_map: DeviceMapOpt = None,
     max_memory: MaxMemoryOpt = None,
     offload_folder: OffloadOpt = None,
+    bos: RunBosOpt = None,
 ):
     """Patch geometry, top-k sparsity with a random-k control, token and neuron views, scale sweep."""
     from superweight.stages.analyze import run_analyze
@@ -35,8 +36,9 @@ def analyze(
     path, spec = check_run_dir(run_dir)
     if tokens < 2 or draws < 1:
         raise UsageError("--tokens must be at least 2 and --draws at least 1")
+    bos = run_bos(path, bos)  # the run's own, unless given
     with hold_run_dir(path, "analyze"):  # one writer, or refused here, before the model loads
-        loaded = load_model(model or spec, device, dtype, device_map, max_memory, offload_folder)
+        loaded = load_model(model or spec, device, dtype, device_map, max_memory, offload_folder, bos)
         with progress() as bar:
             stage, advance = stage_tasks(bar)
             record = run_analyze(loaded, path, tokens, draws, on_stage=stage, on_tokens=advance)
@@ -58,6 +60,7 @@ def sparsify(
     device_map: DeviceMapOpt = None,
     max_memory: MaxMemoryOpt = None,
     offload_folder: OffloadOpt = None,
+    bos: RunBosOpt = None,
 ):
     """Train sparse patches (L1, hard-concrete L0) over a sweep of strengths; the recovery-vs-size frontier."""
     from superweight.stages.sparsify import run_sparsify
@@ -71,8 +74,9 @@ def sparsify(
     if tokens < 2:
         raise UsageError(f"--tokens must be at least 2, got {tokens}")
     path, spec = check_run_dir(run_dir)
+    bos = run_bos(path, bos)  # the run's own, unless given
     with hold_run_dir(path, "sparsify"):  # one writer, or refused here, before the model loads
-        loaded = load_model(model or spec, device, dtype, device_map, max_memory, offload_folder)
+        loaded = load_model(model or spec, device, dtype, device_map, max_memory, offload_folder, bos)
         with progress() as bar:
             stage, advance = stage_tasks(bar)
             record = run_sparsify(loaded, path, strengths, steps, tokens, on_stage=stage, on_advance=advance)

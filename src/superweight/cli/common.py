@@ -46,6 +46,11 @@ DeviceMapOpt = Annotated[Optional[str], typer.Option(
 MaxMemoryOpt = Annotated[Optional[str], typer.Option(
     help="with --device-map: memory per device, e.g. 0=20GiB,1=20GiB,cpu=60GiB")]
 OffloadOpt = Annotated[Optional[str], typer.Option(help="with --device-map: folder for disk-offloaded weights")]
+BOS_HELP = ("start every window and training row with the BOS token: auto follows the tokenizer (Gemma, Llama add "
+            "one; SmolLM2, GPT-2 do not), on, off")
+BosOpt = Annotated[str, typer.Option("--bos", help=BOS_HELP)]
+RunBosOpt = Annotated[Optional[str], typer.Option(
+    "--bos", help=BOS_HELP + "; default auto, or what the run did when continuing one")]
 CorpusOpt = Annotated[str, typer.Option(help="pydoc, wikitext2 or text:PATH (file, directory or glob)")]
 SplitOpt = Annotated[str, typer.Option(help="train, eval or all (wikitext2: train, validation, test)")]
 JsonOpt = Annotated[Optional[str], typer.Option("--json", help="write the full result as JSON to this path")]
@@ -116,8 +121,27 @@ def write_result(json_: str | None, result) -> None:
         err.print(f"Wrote {json_}")
 
 
+def check_bos(bos: str) -> str:
+    """The --bos mode, checked before any slow work (models.load checks it again)."""
+    from superweight.io.corpora import BOS_MODES
+
+    if bos not in BOS_MODES:
+        raise UsageError(f"unknown --bos '{bos}': use {', '.join(BOS_MODES)}")
+    return bos
+
+
+def run_bos(path, bos: str | None) -> str:
+    """--bos for a command that continues a run directory: as given, else what the run's record says its windows
+    started with ("on" when a BOS, "off" when none, as in records made before --bos existed)."""
+    if bos is not None:
+        return check_bos(bos)
+    from superweight.io.rundir import read_record
+
+    return "off" if read_record(path).protocol.bos is None else "on"
+
+
 def load_model(model: str, device: str, dtype: str, device_map: str | None = None, max_memory: str | None = None,
-               offload_folder: str | None = None):
+               offload_folder: str | None = None, bos: str = "auto"):
     """Load a model; say once which dtype `--dtype auto` chose and why (the protocol records it too)."""
     from superweight.io import models
     from superweight.stages.distributed import process_device
@@ -126,7 +150,7 @@ def load_model(model: str, device: str, dtype: str, device_map: str | None = Non
     where = f"device map {device_map}" if device_map else device
     with err.status(f"Loading {model} ({dtype}, {where})..."):
         loaded = models.load(model, device=device, dtype=dtype, device_map=device_map, max_memory=max_memory,
-                             offload_folder=offload_folder)
+                             offload_folder=offload_folder, bos=bos)
     if loaded.dtype_reason and "pinned by" not in loaded.dtype_reason:  # a pinned choice needs no explaining
         err.print(f"dtype auto: {loaded.dtype} ({loaded.dtype_reason})", markup=False, highlight=False)
     if device_map:

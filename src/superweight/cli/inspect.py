@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from superweight.cli.common import (
-    DeviceMapOpt, MaxMemoryOpt, OffloadOpt,
+    BosOpt, DeviceMapOpt, MaxMemoryOpt, OffloadOpt, check_bos,
     CorpusOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, SplitOpt, app, err, errors, load_model, out, progress,
     token_and_prompt_tasks, write_result, IncludePathOpt, TaskLimitOpt, TasksOpt, task_spec,
 )
@@ -21,7 +21,7 @@ from superweight.report import terminal
 @errors
 def info(model: ModelOpt = DEFAULT_MODEL, device: DeviceOpt = "cpu", dtype: DtypeOpt = "auto",
          json_: JsonOpt = None, device_map: DeviceMapOpt = None, max_memory: MaxMemoryOpt = None,
-         offload_folder: OffloadOpt = None):
+         offload_folder: OffloadOpt = None, bos: BosOpt = "auto"):
     """Architecture, sizes and down-projection names of a model."""
     from dataclasses import asdict
 
@@ -29,9 +29,10 @@ def info(model: ModelOpt = DEFAULT_MODEL, device: DeviceOpt = "cpu", dtype: Dtyp
     from superweight.io.rundir import check_writable, write_json
     from superweight.known import published
 
+    check_bos(bos)
     if json_:
         check_writable(json_)
-    loaded = load_model(model, device, dtype, device_map, max_memory, offload_folder)
+    loaded = load_model(model, device, dtype, device_map, max_memory, offload_folder, bos)
     desc = describe(loaded.model)
     known = published(model)
     terminal.print_info(out, model, loaded.source, desc, known)
@@ -62,6 +63,7 @@ def eval_(
     device_map: DeviceMapOpt = None,
     max_memory: MaxMemoryOpt = None,
     offload_folder: OffloadOpt = None,
+    bos: BosOpt = "auto",
     json_: JsonOpt = None,
 ):
     """Base vs ablated (vs patched): NLL, PPL, KL, top-1 agreement, super activation, generations side by side,
@@ -80,6 +82,7 @@ def eval_(
     patch_data = load_patch(patch) if patch else None
     coords = patch_data.ablated if patch_data else parse_coords(ablate) if ablate else published(model)
     corpora.check_windows(max_length, stride)
+    check_bos(bos)
     if max_tokens < 2:
         raise UsageError(f"--max-tokens must be at least 2, got {max_tokens}")
     if max_new_tokens < 1:
@@ -88,14 +91,15 @@ def eval_(
         check_writable(json_)
     text = corpora.load_text(corpus, split)
     task_set = task_spec(tasks, include_path, task_limit)
-    loaded = load_model(model, device, dtype, device_map, max_memory, offload_folder)
+    loaded = load_model(model, device, dtype, device_map, max_memory, offload_folder, bos)
     if not coords:
         err.print("No --ablate given and no published super weight for this model: base metrics only.",
                   soft_wrap=True)
     ids = corpora.tokenize(loaded.tokenizer, text, max_tokens)
     prompts = prompt or DEFAULT_PROMPTS
     with progress() as bar:
-        on_tokens, on_prompt = token_and_prompt_tasks(bar, n_scored(ids.numel(), max_length, stride), len(prompts))
+        total = n_scored(ids.numel(), max_length, stride, loaded.bos is not None)
+        on_tokens, on_prompt = token_and_prompt_tasks(bar, total, len(prompts))
         lm_bar = bar.add_task("lm-eval tasks", total=None, visible=task_set is not None)
         result = run_eval(
             loaded, coords, corpus, split, max_tokens, max_length, stride, prompts, max_new_tokens, ids=ids,
@@ -128,6 +132,7 @@ def detect(
     device_map: DeviceMapOpt = None,
     max_memory: MaxMemoryOpt = None,
     offload_folder: OffloadOpt = None,
+    bos: BosOpt = "auto",
     json_: JsonOpt = None,
 ):
     """Find super weights: iterative spike scan + attribution, each confirmed by the damage its removal does."""
@@ -138,6 +143,7 @@ def detect(
     if attribution not in {"activation", "gradient", "none"}:
         raise UsageError(f"unknown attribution '{attribution}': use activation, gradient or none")
     corpora.check_windows(max_length)
+    check_bos(bos)
     if calib_tokens < 2:
         raise UsageError(f"--calib-tokens must be at least 2, got {calib_tokens}")
     for name, value, least in [("--max-candidates", max_candidates, 1), ("--attribution-top", attribution_top, 0)]:
@@ -157,13 +163,14 @@ def detect(
     if json_:
         check_writable(json_)
     text = corpora.load_text(corpus, split) if (verify or attribution != "none") else None
-    loaded = load_model(model, device, dtype, device_map, max_memory, offload_folder)
+    loaded = load_model(model, device, dtype, device_map, max_memory, offload_folder, bos)
     ids = corpora.tokenize(loaded.tokenizer, text, calib_tokens) if text is not None else None
     with progress() as bar:
         task = bar.add_task("Detecting", total=None)
 
         def stage(name: str) -> None:
-            total = n_scored(ids.numel(), max_length) if name.startswith("Verifying") else None
+            verifying = name.startswith("Verifying")
+            total = n_scored(ids.numel(), max_length, bos=loaded.bos is not None) if verifying else None
             bar.update(task, description=name, total=total, completed=0)
 
         result = run_detect(loaded, cfg, ids=ids, on_stage=stage, on_tokens=lambda n: bar.advance(task, n))
@@ -190,6 +197,7 @@ def sweep(
     device_map: DeviceMapOpt = None,
     max_memory: MaxMemoryOpt = None,
     offload_folder: OffloadOpt = None,
+    bos: BosOpt = "auto",
     json_: JsonOpt = None,
 ):
     """Scale one weight (and spread it): NLL/PPL/KL/top-1 and generations per scale, plus a PNG plot."""
@@ -214,15 +222,17 @@ def sweep(
         raise UsageError(f"--max-tokens must be at least 2 and --max-new-tokens at least 1, got {max_tokens} "
                          f"and {max_new_tokens}")
     corpora.check_windows(max_length)
+    check_bos(bos)
     png = plot or f"runs/sweep/{coord.layer}-{coord.row}-{coord.col}.png"
     for path in filter(None, [json_, png]):
         check_writable(path)
     text = corpora.load_text(corpus, split)
-    loaded = load_model(model, device, dtype, device_map, max_memory, offload_folder)
+    loaded = load_model(model, device, dtype, device_map, max_memory, offload_folder, bos)
     ids = corpora.tokenize(loaded.tokenizer, text, max_tokens)
     prompts = prompt or DEFAULT_PROMPTS
     with progress() as bar:
-        on_tokens, on_prompt = token_and_prompt_tasks(bar, n_scored(ids.numel(), max_length), len(prompts))
+        on_tokens, on_prompt = token_and_prompt_tasks(
+            bar, n_scored(ids.numel(), max_length, bos=loaded.bos is not None), len(prompts))
         result = run_sweep(
             loaded, coord, factors, spread or None, corpus, split, max_tokens, max_length, prompts,
             max_new_tokens, ids=ids, on_tokens=on_tokens, on_prompt=on_prompt,

@@ -7,8 +7,8 @@ from typing import Annotated, Optional
 import typer
 
 from superweight.cli.common import (
-    CorpusOpt, DeviceOpt, IncludePathOpt, JsonOpt, ModelOpt, SplitOpt, TaskLimitOpt, TasksOpt, app, err,
-    errors, load_model, out, progress, task_spec, write_result,
+    BosOpt, CorpusOpt, DeviceOpt, IncludePathOpt, JsonOpt, ModelOpt, SplitOpt, TaskLimitOpt, TasksOpt, app, check_bos,
+    err, errors, load_model, out, progress, task_spec, write_result,
 )
 from superweight.errors import UsageError
 from superweight.io import corpora
@@ -86,6 +86,7 @@ def quantize(
     dtype: Annotated[str, typer.Option(
         help="fp32 (default: fake-quantized values are then exact), auto, bf16 or fp16 (each dequantized value "
              "is rounded again to the model's dtype)")] = "fp32",
+    bos: BosOpt = "auto",
     json_: JsonOpt = None,
 ):
     """Fake-quantize every decoder linear (RTN, per block), with the super weights held out, clipped or restored."""
@@ -102,6 +103,7 @@ def quantize(
     protect_k = parse_protect(protect, clip_spec)
     acts = parse_activations(activations)
     corpora.check_windows(max_length)
+    check_bos(bos)
     if max_tokens < 2:
         raise UsageError(f"--max-tokens must be at least 2, got {max_tokens}")
     for path in filter(None, [json_, plot]):
@@ -112,12 +114,12 @@ def quantize(
         check_blocks(blocks, shapes)
     text = corpora.load_text(corpus, split)
     task_set = task_spec(tasks, include_path, task_limit)
-    loaded = load_model(model, device, dtype)
+    loaded = load_model(model, device, dtype, bos=bos)
     if coords is None:
         coords, source = auto_keep(loaded, model)
     ids = corpora.tokenize(loaded.tokenizer, text, max_tokens)
     with progress() as bar:
-        task = bar.add_task("Quantizing", total=n_scored(ids.numel(), max_length))
+        task = bar.add_task("Quantizing", total=n_scored(ids.numel(), max_length, bos=loaded.bos is not None))
         lm_bar = bar.add_task("lm-eval tasks", total=None, visible=task_set is not None)
         result = run_quantize(
             loaded, bit_list, blocks, levels, clip_spec, coords, source, acts, corpus, split, max_tokens, max_length,

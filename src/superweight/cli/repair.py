@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from superweight.cli.common import (
-    DeviceMapOpt, MaxMemoryOpt, OffloadOpt,
+    BosOpt, DeviceMapOpt, MaxMemoryOpt, OffloadOpt, RunBosOpt, check_bos,
     CorpusOpt, DeviceOpt, DtypeOpt, ModelOpt, app, err, errors, load_model, out, parse_rows, progress, recipe_config,
     stage_tasks, IncludePathOpt, TaskLimitOpt, TasksOpt, task_spec,
 )
@@ -49,6 +49,7 @@ def repair(
     device_map: DeviceMapOpt = None,
     max_memory: MaxMemoryOpt = None,
     offload_folder: OffloadOpt = None,
+    bos: RunBosOpt = None,
 ):
     """Train a row patch that repairs the ablated model by KL distillation against the intact one."""
     from pathlib import Path
@@ -59,7 +60,7 @@ def repair(
     from superweight.io.lock import hold_run_dir
     from superweight.io.rundir import check_run_dir_for, read_record
     from superweight.stages import distributed
-    from superweight.stages.repair import repair_settings, run_repair
+    from superweight.stages.repair import recorded_bos, repair_settings, run_repair
 
     coords = parse_coords(weight)
     rows = parse_rows(patch_row) if patch_row else sorted({(c.layer, c.row) for c in coords})
@@ -73,8 +74,9 @@ def repair(
         raise UsageError(f"--seeds must be at least 1, got {seeds}")
     first = coords[0]
     run_dir = Path(out_ or f"runs/repair-{first.layer}-{first.row}-{first.col}")
+    bos = check_bos(bos) if bos is not None else recorded_bos(run_dir) if resume else "auto"
     settings = repair_settings(model, recipe, cfg, coords, rows, corpus, eval_tokens, 512, baselines,
-                               checkpoint_every, seeds)
+                               checkpoint_every, seeds, bos)
     dp = distributed.current()  # under `accelerate launch`: only process 0 writes run_dir and prints
     check_run_dir_for(run_dir, settings, resume)  # refused before the directory is made or locked
     with hold_run_dir(run_dir, "repair") if dp.is_main else nullcontext():  # one writer, or refused here
@@ -88,7 +90,7 @@ def repair(
         corpora.load_text(corpus, "train")  # a missing or unreadable corpus fails before the model loads
         corpora.load_text(corpus, "eval")
         task_set = task_spec(tasks, include_path, task_limit)
-        loaded = load_model(model, device, dtype, device_map, max_memory, offload_folder)
+        loaded = load_model(model, device, dtype, device_map, max_memory, offload_folder, bos)
         if dp.world > 1 and dp.is_main:
             err.print(f"data-parallel: {dp.world} processes share each batch of {cfg.batch_size} sequences",
                       markup=False, highlight=False)
@@ -115,6 +117,7 @@ def apply_(
     device_map: DeviceMapOpt = None,
     max_memory: MaxMemoryOpt = None,
     offload_folder: OffloadOpt = None,
+    bos: BosOpt = "auto",
 ):
     """Merge a patch into the ablated model and write it as a standalone model directory (--export), or write it
     as a PEFT LoRA adapter for the intact model (--peft)."""
@@ -126,6 +129,7 @@ def apply_(
 
     if not export and not peft:
         raise UsageError("give --export DIR (a merged model) and/or --peft DIR (a LoRA adapter)")
+    check_bos(bos)
     if ablation_only and not peft:
         raise UsageError("--ablation-only applies to --peft (the adapter that only ablates)")
     if export and peft and Path(export).resolve() == Path(peft).resolve():
@@ -136,7 +140,8 @@ def apply_(
             raise UsageError(f"{opt} {target} exists already; choose a new directory")
         if target:
             check_writable(target)
-    loaded = load_model(model or data_.config.get("spec", DEFAULT_MODEL), device, dtype, device_map, max_memory, offload_folder)
+    loaded = load_model(model or data_.config.get("spec", DEFAULT_MODEL), device, dtype, device_map, max_memory,
+                        offload_folder, bos)
     what = (f"{', '.join(map(str, data_.ablated))} ablated, rows {', '.join(f'{l}:{r}' for l, r in data_.rows)} "
             "patched")
     if peft:  # first: the adapter is made against the intact weights

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from superweight.cli.common import (
-    DeviceMapOpt, MaxMemoryOpt, OffloadOpt,
+    DeviceMapOpt, MaxMemoryOpt, OffloadOpt, RunBosOpt, check_bos,
     CorpusOpt, DeviceOpt, DtypeOpt, ModelOpt, app, err, errors, load_model, out, progress, recipe_config, stage_tasks,
     IncludePathOpt, TaskLimitOpt, TasksOpt, task_spec,
 )
@@ -44,6 +44,7 @@ def run(
     device_map: DeviceMapOpt = None,
     max_memory: MaxMemoryOpt = None,
     offload_folder: OffloadOpt = None,
+    bos: RunBosOpt = None,
 ):
     """The whole study in one go: detect, ablate, measure, repair with baselines, analyse, report."""
     import datetime as dt
@@ -52,6 +53,7 @@ def run(
     from superweight.core.coords import parse_coord
     from superweight.io.lock import hold_run_dir
     from superweight.stages.pipeline import run_pipeline
+    from superweight.stages.repair import recorded_bos
 
     coord = parse_coord(weight) if weight else None
     cfg = recipe_config(recipe, steps=steps)
@@ -62,6 +64,7 @@ def run(
     if resume and out_ is None:
         raise UsageError("--resume needs the --out of the run to continue")
     _check_out(path, resume)  # refused before the directory is made or locked
+    bos = check_bos(bos) if bos is not None else recorded_bos(path) if resume else "auto"  # resumed: the run's
     with hold_run_dir(path, "run"):  # one writer, or refused here, before the model loads
         if _check_out(path, resume) == "finished":  # again, now that no other writer can change it
             err.print(f"{path} is finished already (report.html): nothing to resume, nothing changed.",
@@ -69,7 +72,7 @@ def run(
             return
         corpora.load_text(corpus, "eval")  # a missing corpus fails before the model loads
         task_set = task_spec(tasks, include_path, task_limit)
-        loaded = load_model(model, device, dtype, device_map, max_memory, offload_folder)
+        loaded = load_model(model, device, dtype, device_map, max_memory, offload_folder, bos)
         with progress() as bar:
             stage, advance = stage_tasks(bar)
             record = run_pipeline(loaded, path, coord, cfg, recipe, corpus, eval_tokens, analysis_tokens, draws,

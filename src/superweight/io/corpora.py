@@ -12,7 +12,7 @@ Corpus specs:
 Every split also accepts `all`. Text is joined with blank lines, tokenised once without special tokens and
 cut into windows the way HF's "perplexity of fixed-length models" guide does.
 
-BOS: models whose tokenizer starts every text with a BOS token (Gemma, Llama, Mistral, Phi-3) never saw a
+BOS: models whose tokenizer starts every text with a BOS token (Gemma, Llama, Mistral) never saw a
 sequence without it, and score text very differently without it (Gemma-3-270M: PPL 48 without, 19 with, on the
 same targets). `bos_token` says which token to put first (`--bos auto|on|off`, auto follows the tokenizer);
 `windows(..., bos=True)` and `pack(..., bos=...)` then start every window and training row with it, and the

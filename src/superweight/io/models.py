@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from superweight.errors import ModelLoadError, UsageError
+from superweight.io.corpora import BOS_MODES, bos_token
 from superweight.io.lock import cache_entry_lock
 from superweight.io.placement import choose_dtype, device_map_kwargs, map_kind
 
@@ -63,6 +64,8 @@ class Loaded:
     cache: str | None = None  # the cache entry it was read from, if any (see load)
     dtype_reason: str | None = None  # why --dtype auto chose `dtype` (None when the user named it)
     device_map: str | None = None  # --device-map as given (layers spread over devices or offloaded)
+    bos_mode: str = "auto"  # --bos as given: auto, on or off (io/corpora.bos_token)
+    bos: int | None = None  # the token every window and training row starts with (None: none), set by load
 
 
 def embedded_gguf(alias: str) -> Path:
@@ -153,7 +156,7 @@ def resolve_spec(spec: str) -> tuple[str, str | None, str]:
 
 
 def load(spec: str = DEFAULT_MODEL, device: str = "cpu", dtype: str = "fp32", device_map: str | None = None,
-         max_memory: str | None = None, offload_folder: str | None = None) -> Loaded:
+         max_memory: str | None = None, offload_folder: str | None = None, bos: str = "auto") -> Loaded:
     """Load `spec` once, in eval mode with gradients off for every parameter.
 
     `dtype="auto"` picks bf16 where the hardware multiplies it natively, else fp32 (`choose_dtype`).
@@ -165,9 +168,14 @@ def load(spec: str = DEFAULT_MODEL, device: str = "cpu", dtype: str = "fp32", de
     GGUF parsing. The cached copy is bit-identical (a test checks); `SUPERWEIGHT_CACHE=off` disables it. Each
     entry has a lock (io/lock.py): of two processes converting the same GGUF, one converts, the other waits and
     then reads the cache.
+
+    `bos` (auto, on or off) says whether every window and training row starts with the BOS token
+    (io/corpora.bos_token); the token id is worked out once here, into `Loaded.bos`.
     """
     if dtype not in DTYPES and dtype != "auto":
         raise UsageError(f"unknown dtype '{dtype}': use auto, {', '.join(DTYPES)}")
+    if bos not in BOS_MODES:
+        raise UsageError(f"unknown --bos '{bos}': use {', '.join(BOS_MODES)}")
     placement = device_map_kwargs(device_map, max_memory, offload_folder)
     device = resolve_device(device) if not placement else map_kind(placement["device_map"])
     reason = None
@@ -205,7 +213,8 @@ def load(spec: str = DEFAULT_MODEL, device: str = "cpu", dtype: str = "fp32", de
     if placement:
         device = "+".join(sorted({str(v) for v in getattr(model, "hf_device_map", {}).values()})) or device
     return Loaded(model=model, tokenizer=tokenizer, spec=spec, source=source, dtype=dtype, device=device,
-                  cache=str(cached) if loaded_from_cache else None, dtype_reason=reason, device_map=device_map)
+                  cache=str(cached) if loaded_from_cache else None, dtype_reason=reason, device_map=device_map,
+                  bos_mode=bos, bos=bos_token(tokenizer, bos))
 
 
 def _read(spec: str, kind: str, where: str, gguf_file: str | None, dtype: str, device: str, placement: dict):

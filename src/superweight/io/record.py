@@ -57,6 +57,7 @@ class Protocol(Record):
     device: str
     dtype_reason: str | None = Field(None, description="why --dtype auto chose this dtype (None: given by the user)")
     device_map: str | None = Field(None, description="--device-map as given, when layers were spread or offloaded")
+    bos: int | None = Field(None, description="token id every window starts with (None: none)")
     interventions: dict[str, str] = Field(default_factory=dict, description="condition name -> what it does")
     provenance: dict[str, Any] = Field(default_factory=dict)
 

@@ -3,7 +3,9 @@
     x, positions = down_inputs(model, ids, layer=11, max_length=512)     # 1-D ids, in windows
     write = x @ d                                                        # the patch's write at each token
 
-Forward passes stop at that layer: nothing above it is computed.
+Forward passes stop at that layer: nothing above it is computed. With `bos` (io/corpora.bos_token) every window
+starts with the BOS token, as `measure` reads them: a BOS and max_length - 1 tokens of text. x then has a row
+for each BOS too (where massive activations tend to sit): `seen_ids` gives the token of every row.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from torch import nn
 
 from superweight.core.arch import down_projection, input_device
 from superweight.core.intervene import Ablation
+from superweight.io.corpora import with_bos
 
 
 class _Stop(Exception):
@@ -20,9 +23,11 @@ class _Stop(Exception):
 
 
 @torch.no_grad()
-def down_inputs(model: nn.Module, ids: torch.Tensor, layer: int, max_length: int = 512) -> tuple[torch.Tensor, list[int]]:
-    """The down-projection input x [tokens, d_ff] (fp32, CPU) of `layer` over the 1-D `ids` in windows of
-    `max_length`, and each token's position in its window."""
+def down_inputs(model: nn.Module, ids: torch.Tensor, layer: int, max_length: int = 512,
+                bos: int | None = None) -> tuple[torch.Tensor, list[int]]:
+    """The down-projection input x [positions, d_ff] (fp32, CPU) of `layer` over the 1-D `ids` in windows of
+    `max_length` (each starting with a `bos` token, when given), and each row's position in its window. Row r
+    reads token `seen_ids(ids, max_length, bos)[r]` (that is ids[r] without a BOS)."""
     module = down_projection(model, layer).module
     device = input_device(model)
     acts: list[torch.Tensor] = []
@@ -32,20 +37,37 @@ def down_inputs(model: nn.Module, ids: torch.Tensor, layer: int, max_length: int
         raise _Stop
 
     handle = module.register_forward_hook(hook)
+    positions: list[int] = []
     try:
-        for begin in range(0, ids.numel(), max_length):
+        for window in _windows(ids, max_length, bos):
+            positions.extend(range(window.numel()))
             try:
-                model(input_ids=ids[None, begin : begin + max_length].to(device), use_cache=False)
+                model(input_ids=window[None].to(device), use_cache=False)
             except _Stop:
                 pass
     finally:
         handle.remove()
-    return torch.cat(acts), [t % max_length for t in range(ids.numel())]
+    return torch.cat(acts), positions
+
+
+def _windows(ids: torch.Tensor, max_length: int, bos: int | None) -> list[torch.Tensor]:
+    """The windows the model reads: max_length tokens, or a BOS and max_length - 1 tokens."""
+    span = max_length - (bos is not None)
+    if span < 1:
+        raise ValueError(f"max_length must be at least 2 with a BOS, got {max_length}")
+    return [with_bos(ids[None, begin : begin + span], bos)[0] for begin in range(0, ids.numel(), span)]
+
+
+def seen_ids(ids: torch.Tensor, max_length: int = 512, bos: int | None = None) -> torch.Tensor:
+    """The tokens `down_inputs` reads, in its row order: `ids` with a BOS before each window (`ids` without)."""
+    return ids if bos is None else torch.cat(_windows(ids, max_length, bos))
 
 
 def patch_inputs(model: nn.Module, coords, rows, ids: torch.Tensor, max_length: int = 512,
-                 max_tokens: int = 2048) -> dict[int, torch.Tensor]:
-    """x [tokens, d_ff] for each patched layer over the first `max_tokens` of `ids`, read with the weights in
-    `coords` ablated: what the patch reads (measure/geometry.py's write-based numbers)."""
+                 max_tokens: int = 2048, bos: int | None = None) -> dict[int, torch.Tensor]:
+    """x [positions, d_ff] for each patched layer over the first `max_tokens` of `ids` (windows starting with
+    `bos`, when given), read with the weights in `coords` ablated: what the patch reads (measure/geometry.py's
+    write-based numbers)."""
     with Ablation(model, coords):
-        return {layer: down_inputs(model, ids[:max_tokens], layer, max_length)[0] for layer in {l for l, _ in rows}}
+        return {layer: down_inputs(model, ids[:max_tokens], layer, max_length, bos)[0]
+                for layer in {l for l, _ in rows}}

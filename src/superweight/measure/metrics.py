@@ -181,10 +181,15 @@ def n_scored(n_tokens: int, max_length: int, stride: int | None = None, bos: boo
 
 def protocol_of(loaded, corpus: str, split: str, n_tokens: int, max_length: int, stride: int,
                 interventions: dict[str, str]) -> Protocol:
-    """The protocol of a measurement on a loaded model (`models.Loaded`), stamped with provenance."""
+    """The protocol of a measurement on a loaded model (`models.Loaded`), stamped with provenance. With a BOS
+    (`loaded.bos`) a window holds max_length - 1 tokens of text, so the stride recorded is at most that (what
+    `measure` uses)."""
+    bos = getattr(loaded, "bos", None)
+    if bos is not None:
+        stride = min(stride, max_length - 1)
     return Protocol(
         model=model_id(loaded), model_source=loaded.source, corpus=corpus, split=split, n_tokens=n_tokens,
         max_length=max_length, stride=stride, dtype=loaded.dtype, device=loaded.device,
-        dtype_reason=getattr(loaded, "dtype_reason", None), device_map=getattr(loaded, "device_map", None), interventions=interventions,
-        provenance=provenance(),
+        dtype_reason=getattr(loaded, "dtype_reason", None), device_map=getattr(loaded, "device_map", None),
+        bos=bos, interventions=interventions, provenance=provenance(),
     )

@@ -255,6 +255,8 @@ def _protocol(r: RunRecord, plots) -> list:
     pr = r.protocol
     main = pr.model_dump(include={"model", "model_source", "corpus", "split", "n_tokens", "dtype", "device"})
     main["max_length / stride"] = f"{pr.max_length} / {pr.stride}"
+    if pr.bos is not None:
+        main["BOS token (first in every window)"] = pr.bos
     out = [_kv(main)]
     if pr.interventions:
         out.append(_table(["condition", "intervention"], list(map(list, pr.interventions.items()))))

@@ -38,7 +38,7 @@ def print_info(out: Console, spec: str, source: str, desc, known: list) -> None:
 def print_eval(out: Console, result) -> None:
     p = result.protocol
     table = Table(title=f"{p.model}: {p.corpus}/{p.split}, {p.n_tokens:,} tokens, "
-                        f"windows {p.max_length}/{p.stride}, {p.dtype}")
+                        f"windows {p.max_length}/{p.stride}{' after BOS' if p.bos is not None else ''}, {p.dtype}")
     table.add_column("condition")
     for col in ("NLL", "PPL", "KL(base||·)", "top-1 agree", "super act."):
         table.add_column(col, justify="right")

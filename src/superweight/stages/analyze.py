@@ -25,9 +25,9 @@ from superweight.io.models import Loaded
 from superweight.io.patchfile import PatchData, check_fits, load_patch
 from superweight.io.rundir import read_record, write_record
 from superweight.measure.geometry import geometry
-from superweight.measure.inputs import down_inputs
+from superweight.measure.inputs import down_inputs, seen_ids
 from superweight.io.record import Metrics, RunRecord
-from superweight.measure.metrics import measure, protocol_of
+from superweight.measure.metrics import measure, n_scored, protocol_of
 from superweight.measure.recovery import recovery
 
 SWEEP_SCALES = (0.5, 0.0, -1.0, 2.0)
@@ -188,13 +188,15 @@ def patch_output(tokenizer, ids, x: torch.Tensor, positions: list[int], vector: 
     }
 
 
-def contribution_scores(model, ids, patch: PatchData, max_length: int) -> tuple[torch.Tensor, dict]:
+def contribution_scores(model, ids, patch: PatchData, max_length: int,
+                        bos: int | None = None) -> tuple[torch.Tensor, dict]:
     """|x[t, i] * d[i]| for every patch entry (rows concatenated), t the token where that row's write x @ d is
-    largest; and the down-projection inputs per layer, for the token and neuron views."""
+    largest; and the down-projection inputs per layer, for the token and neuron views (windows start with `bos`
+    when given: x has a row per BOS too, see measure/inputs.seen_ids)."""
     inputs, scores = {}, []
     for (layer, _row), v in zip(patch.rows, patch.vectors):
         if layer not in inputs:
-            inputs[layer] = down_inputs(model, ids, layer, max_length)
+            inputs[layer] = down_inputs(model, ids, layer, max_length, bos)
         x = inputs[layer][0]
         t = int((x @ v.float()).abs().argmax())
         scores.append((x[t] * v.float()).abs())
@@ -220,6 +222,7 @@ def run_analyze(
     model, tok = loaded.model, loaded.tokenizer
     check_fits(model, patch)
     corpus = record.protocol.corpus
+    bos = getattr(loaded, "bos", None)
     ids = corpora.tokenize(tok, corpora.load_text(corpus, "eval"), n_tokens)
     coords = patch.ablated
     originals = intact_values(model, coords)
@@ -228,7 +231,7 @@ def run_analyze(
         "broken": ablation, "patched": Compose(ablation, RowPatch(model, patch.rows, patch.vectors)),
     }
     stage("Reading the patch's inputs", None)
-    by_contribution, inputs = contribution_scores(model, ids, patch, max_length)
+    by_contribution, inputs = contribution_scores(model, ids, patch, max_length, bos)
     conditions.update(sparsity_conditions(model, ablation, patch, draws, by_contribution))
     first = coords[0]
     sweep = {f"scale{s:g}": Ablation(model, [first.model_copy(update={"scale": s})]) for s in SWEEP_SCALES}
@@ -236,14 +239,15 @@ def run_analyze(
     channels = sorted({(c.layer, c.row) for c in coords})
     share_below = first_edited_layer(coords, patch.rows)
     stats = TokenStats(model.get_output_embeddings().weight.shape[0])
-    stage(f"Analysing: {len(conditions)} conditions", n_tokens)
+    stage(f"Analysing: {len(conditions)} conditions", n_scored(ids.numel(), max_length, bos=bos is not None))
     metrics = measure(model, ids, conditions, channels, max_length, share_below=share_below, observe=stats,
-                      progress=on_tokens)
+                      progress=on_tokens, bos=bos)
     base = metrics["base"]
     n = sum(v.numel() for v in patch.vectors)
     stage("Token and neuron views", None)
     (layer, row), vector = patch.rows[0], patch.vectors[0].float()
     x, positions = inputs[layer]
+    seen = seen_ids(ids, max_length, bos)  # the token of each row of x
     # The neurons that write most (RMS of x_j d_j over tokens): the same neurons however the MLP is scaled.
     neurons = (x * vector).pow(2).mean(0).topk(min(top_neurons, vector.numel())).indices.tolist()
     col, deleted = next(((c.col, w - w * c.scale) for c, w in zip(coords, originals)
@@ -254,8 +258,8 @@ def run_analyze(
         "super_activation": {k: metrics[k].super_activation for k in ("base", "broken", "patched")},
         "sparsity": sparsity_table(metrics, n, draws),
         "tokens": {**stats.summary(tok), "logit_lens": logit_lens(model, tok, layer, row)},
-        "neurons": neuron_contexts(tok, ids, x, positions, vector, neurons),
-        "patch_output": patch_output(tok, ids, x, positions, vector, col, deleted),
+        "neurons": neuron_contexts(tok, seen, x, positions, vector, neurons),
+        "patch_output": patch_output(tok, seen, x, positions, vector, col, deleted),
         "sweep": [{"scale": 1.0, **_sweep_point(base)}]
                  + [{"scale": s, **_sweep_point(metrics[f"scale{s:g}"])} for s in SWEEP_SCALES],
     }

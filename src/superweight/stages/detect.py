@@ -162,14 +162,16 @@ def iterate_spikes(
 
 def attribution(
     model: nn.Module, ids: torch.Tensor, method: str = "activation", top: int = 3, max_length: int = 512,
+    bos: int | None = None,
 ) -> list[Candidate]:
-    """The `top` weights over all down-projections by attribution score on the token stream `ids`.
+    """The `top` weights over all down-projections by attribution score on the token stream `ids` (in rows that
+    start with `bos`, when given).
 
     activation: |W[r,c]| * max_t |x_t[c]| (cheap; no gradients). gradient: |W[r,c] * dL/dW[r,c]| with L the
     mean next-token NLL (one backward pass; estimates the first-order loss change of zeroing the weight).
     """
     dps = down_projections(model)
-    batch = corpora.pack(ids, min(max_length, ids.numel()))
+    batch = corpora.pack(ids, min(max_length, ids.numel() + (bos is not None)), bos)
     device = input_device(model)
     if method == "activation":
         scores = _activation_scores(model, dps, batch.to(device))
@@ -250,8 +252,10 @@ def verify(
     max_length: int = 512,
     seed: int = 0,
     progress: Callable[[int], None] | None = None,
+    bos: int | None = None,
 ) -> tuple[list[Candidate], Metrics]:
-    """Measure each candidate's damage beside its matrix's controls; return them ranked by KL, and base."""
+    """Measure each candidate's damage beside its matrix's controls; return them ranked by KL, and base. `bos`:
+    the token every window starts with (io/corpora.bos_token), None for none."""
     dps = down_projections(model)
     cand_by_layer: dict[int, set[tuple[int, int]]] = {}
     for c in candidates:
@@ -261,12 +265,12 @@ def verify(
     for c in candidates:
         conditions[f"cand:{c.coord}"] = Ablation(model, [c.coord])
     for layer, exclude in cand_by_layer.items():
-        xmax = down_inputs(model, ids, layer, max_length)[0].abs().max(0).values
+        xmax = down_inputs(model, ids, layer, max_length, bos)[0].abs().max(0).values
         top, rand = _controls(dps[layer], xmax, exclude, seed)
         controls[layer] = [str(top), str(rand)]
         conditions[f"top:{layer}"] = Ablation(model, [top])
         conditions[f"rand:{layer}"] = Ablation(model, [rand])
-    results = measure(model, ids, conditions, max_length=max_length, progress=progress)
+    results = measure(model, ids, conditions, max_length=max_length, progress=progress, bos=bos)
     base = results["base"]
     out = []
     for c in candidates:
@@ -332,6 +336,7 @@ def run_detect(
 
     cfg = cfg or DetectConfig()
     model, tok = loaded.model, loaded.tokenizer
+    bos = getattr(loaded, "bos", None)
     stage = on_stage or (lambda _s: None)
     prompts = cfg.prompts or DEFAULT_PROMPTS
     stage("Scanning spikes")
@@ -341,13 +346,13 @@ def run_detect(
     attributed: list[Candidate] = []
     if cfg.attribution:
         stage(f"Attribution ({cfg.attribution})")
-        attributed = attribution(model, ids, cfg.attribution, cfg.attribution_top, cfg.max_length)
+        attributed = attribution(model, ids, cfg.attribution, cfg.attribution_top, cfg.max_length, bos)
     candidates = merge(spikes, attributed)
     protocol = None
     if cfg.verify and candidates:
         stage(f"Verifying {len(candidates)} candidates")
         candidates, base = verify(model, ids, candidates, cfg.min_kl, cfg.control_factor, cfg.max_length, cfg.seed,
-                                  on_tokens)
+                                  on_tokens, bos)
         protocol = protocol_of(loaded, cfg.corpus, cfg.split, base.n_tokens, cfg.max_length, cfg.max_length,
                                {"each candidate": "zeroed alone", "controls": "zeroed alone"})
     found = {(c.layer, c.row, c.col): c for c in candidates}

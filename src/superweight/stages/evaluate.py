@@ -57,7 +57,8 @@ def run_eval(
     if ids is None:
         ids = corpora.tokenize(tok, corpora.load_text(corpus, split), max_tokens)
     channels = sorted({(c.layer, c.row) for c in coords})
-    results = measure(model, ids, conditions, channels, max_length, stride, progress=on_tokens)
+    results = measure(model, ids, conditions, channels, max_length, stride, progress=on_tokens,
+                      bos=getattr(loaded, "bos", None))
     gens = generate.compare(model, tok, conditions, prompts, max_new_tokens, progress=on_prompt)
     described = {"ablated": "ablate " + ", ".join(map(str, coords))} if coords else {}
     if patch is not None:

@@ -114,8 +114,10 @@ def shapes_before_load(spec: str) -> list[tuple[int, int]] | None:
         return None
 
 
-def input_absmax(model: nn.Module, ids: torch.Tensor, max_length: int = 512) -> dict[nn.Module, torch.Tensor]:
-    """max |x| per input column of every decoder linear over `ids` (calibration tokens)."""
+def input_absmax(model: nn.Module, ids: torch.Tensor, max_length: int = 512,
+                 bos: int | None = None) -> dict[nn.Module, torch.Tensor]:
+    """max |x| per input column of every decoder linear over `ids` (calibration tokens), in windows that start
+    with `bos` when given."""
     from superweight.core.arch import decoder_linears, input_device
     from superweight.core.intervene import Trace
 
@@ -126,8 +128,10 @@ def input_absmax(model: nn.Module, ids: torch.Tensor, max_length: int = 512) -> 
         xmax[module] = torch.maximum(xmax[module], v) if module in xmax else v
 
     with Trace({m: m for _, m in decoder_linears(model)}, record), torch.no_grad():
-        for begin in range(0, ids.numel() - 1, max_length):
-            model(input_ids=ids[begin: begin + max_length][None].to(input_device(model)), use_cache=False)
+        span = max_length - (bos is not None)
+        for begin in range(0, ids.numel() - 1, span):
+            window = corpora.with_bos(ids[begin: begin + span][None], bos)
+            model(input_ids=window.to(input_device(model)), use_cache=False)
     return xmax
 
 
@@ -238,7 +242,7 @@ def run_quantize(
     if clip is not None and protect:
         if calib_ids is None:
             calib_ids = corpora.tokenize(loaded.tokenizer, corpora.load_text(corpus, "train"), 1024)
-        xmax = input_absmax(model, calib_ids, max_length)
+        xmax = input_absmax(model, calib_ids, max_length, getattr(loaded, "bos", None))
         for blk in blocks:
             ranked = damaging_outliers(model, QuantSpec(bits[0], blk, levels, clip), xmax, max(protect), keep)
             for b in bits:
@@ -281,7 +285,8 @@ def run_quantize(
         ids = corpora.tokenize(loaded.tokenizer, corpora.load_text(corpus, split), max_tokens)
     channels = sorted({(c.layer, c.row) for c in keep})
     announced = {n: Announced(n, c, on_condition) for n, c in conditions.items()}
-    results = measure(model, ids, announced, channels, max_length, progress=on_tokens)
+    results = measure(model, ids, announced, channels, max_length, progress=on_tokens,
+                      bos=getattr(loaded, "bos", None))
     base = results["base"]
     n_weights = sum(o * i for o, i in shapes)
 

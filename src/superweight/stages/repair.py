@@ -71,8 +71,9 @@ def run_repair(
     record as it is and changes nothing."""
     model, tok = loaded.model, loaded.tokenizer
     stage = on_stage or (lambda *_: None)
+    bos = getattr(loaded, "bos", None)
     settings = repair_settings(loaded.spec, recipe, cfg, coords, rows, corpus, eval_tokens, max_length, baselines,
-                               checkpoint_every, seeds)
+                               checkpoint_every, seeds, getattr(loaded, "bos_mode", "auto"))
     if check_run_dir_for(out, settings, resume) == "finished" and resume:
         return read_record(out)
     ablation = Ablation(model, coords)  # validates coordinates first
@@ -82,7 +83,7 @@ def run_repair(
         raise UsageError(f"ablating {', '.join(map(str, coords))} changes nothing (value "
                          f"{', '.join(f'{w:g}' for w in originals)}): there is no damage to repair")
     check_context(model, cfg.seq_len, option="--seq-len")
-    seqs, mask = training_sequences(tok, corpus, cfg)
+    seqs, mask = training_sequences(tok, corpus, cfg, bos)
     eval_ids = corpora.tokenize(tok, corpora.load_text(corpus, "eval"), eval_tokens)
     check_context(model, min(max_length, eval_ids.numel()), max_length)
     prepare_run_dir(out, settings, resume)
@@ -104,12 +105,13 @@ def run_repair(
         conditions[f"seed_{seed}"] = Compose(ablation, other)
     channels = sorted({(c.layer, c.row) for c in coords})
     stage("Evaluating", None)
-    metrics = measure(model, eval_ids, conditions, channels, max_length, share_below=first_edited_layer(coords, rows))
+    metrics = measure(model, eval_ids, conditions, channels, max_length, share_below=first_edited_layer(coords, rows),
+                      bos=bos)
     stage("Generating", None)
     gens = generate.compare(model, tok, {"broken": conditions["broken"], "patched": conditions["patched"]},
                             GEN_PROMPTS)
     base = metrics["base"]
-    inputs = patch_inputs(model, coords, rows, eval_ids, max_length)
+    inputs = patch_inputs(model, coords, rows, eval_ids, max_length, bos=bos)
     record = RunRecord(
         protocol=protocol_of(loaded, corpus, "eval", base.n_tokens, max_length, max_length,
                              _describe(coords, rows, baselines, cfg.seed, seeds)),
@@ -134,7 +136,8 @@ def run_repair(
 
 
 def repair_settings(spec: str, recipe: str, cfg: RepairConfig, coords: list[WeightCoord], rows, corpus: str,
-                    eval_tokens: int, max_length: int, baselines: bool, checkpoint_every: int, seeds: int) -> dict:
+                    eval_tokens: int, max_length: int, baselines: bool, checkpoint_every: int, seeds: int,
+                    bos: str = "auto") -> dict:
     """What config.json records, and what a resumed run must match (the CLI checks it before the model loads)."""
     settings = {
         "model": spec, "recipe": recipe, "config": cfg.model_dump(), "ablate": [str(c) for c in coords],
@@ -143,7 +146,19 @@ def repair_settings(spec: str, recipe: str, cfg: RepairConfig, coords: list[Weig
     }
     if seeds > 1:  # recorded only when used, so runs made before --seeds existed still resume
         settings["seeds"] = seeds
+    if bos != "auto":  # likewise: --bos as given, recorded when not the default
+        settings["bos"] = bos
     return settings
+
+
+def recorded_bos(out: Path) -> str:
+    """The --bos a run in `out` was started with (config.json; "auto" when it records none, or there is no run)."""
+    from superweight.io.rundir import CONFIG, read_json
+
+    if not (Path(out) / CONFIG).is_file():
+        return "auto"
+    settings = read_json(Path(out) / CONFIG, "run settings")
+    return settings.get("bos", "auto") if isinstance(settings, dict) else "auto"
 
 
 def _baselines(model, ablation: Ablation, rows, originals, patch, seqs, mask, cfg, stage, on_step):

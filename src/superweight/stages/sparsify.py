@@ -168,7 +168,8 @@ def run_sparsify(
         # coordinates (cfg.space, balanced for the default recipe) Adam is as scale-free as the run was.
         cfg = cfg.model_copy(update={"optimizer": "adam", "lr": SPARSE_ADAM_LR})
     corpus = record.protocol.corpus
-    seqs, mask = training_sequences(tok, corpus, cfg)
+    bos = getattr(loaded, "bos", None)
+    seqs, mask = training_sequences(tok, corpus, cfg, bos)
     on_step = (lambda _s, loss: on_advance(1, loss)) if on_advance else None
     originals = intact_values(model, patch.ablated)
     trained = []
@@ -191,7 +192,7 @@ def run_sparsify(
                        for i, t in enumerate(trained)})
     ids = corpora.tokenize(tok, corpora.load_text(corpus, "eval"), n_tokens)
     metrics = measure(model, ids, conditions, max_length=max_length,
-                      share_below=first_edited_layer(patch.ablated, patch.rows))
+                      share_below=first_edited_layer(patch.ablated, patch.rows), bos=bos)
     base, broken = metrics["base"], metrics["broken"]
     points = []
     for i, t in enumerate(trained):

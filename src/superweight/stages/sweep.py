@@ -62,7 +62,8 @@ def run_sweep(
         conditions[f"spread{spread}"] = Spread(model, plain, spread)
     if ids is None:
         ids = corpora.tokenize(tok, corpora.load_text(corpus, split), max_tokens)
-    results = measure(model, ids, conditions, [(coord.layer, coord.row)], max_length, progress=on_tokens)
+    results = measure(model, ids, conditions, [(coord.layer, coord.row)], max_length, progress=on_tokens,
+                      bos=getattr(loaded, "bos", None))
     gens = generate.compare(model, tok, conditions, prompts, max_new_tokens, progress=on_prompt)
     points = [
         SweepPoint(label=name, scale=float(name[1:]) if name.startswith("x") else None, metrics=results[name])

@@ -119,11 +119,14 @@ RECIPES: dict[str, RepairConfig] = {
 }
 
 
-def training_sequences(tokenizer, corpus: str, cfg: RepairConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """[N, T] ids and mask (None when packed): `cfg.data` says how the train split becomes sequences."""
+def training_sequences(tokenizer, corpus: str, cfg: RepairConfig,
+                       bos: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """[N, T] ids and mask (None when packed): `cfg.data` says how the train split becomes sequences. `bos`
+    (io/corpora.bos_token): a token id every row starts with, followed by T - 1 tokens of text; None for none."""
     if cfg.data == "lines" and corpus == "wikitext2":
         lines = [ln for ln in corpora.load_text(corpus, "train[:2%]").split("\n") if ln.strip()]
-        rows = [tokenizer(ln, add_special_tokens=False)["input_ids"][: cfg.seq_len] for ln in lines]
+        head = [] if bos is None else [bos]
+        rows = [(head + tokenizer(ln, add_special_tokens=False)["input_ids"])[: cfg.seq_len] for ln in lines]
         rows = [r for r in rows if len(r) >= 2]
         ids = torch.full((len(rows), cfg.seq_len), tokenizer.pad_token_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
@@ -132,7 +135,7 @@ def training_sequences(tokenizer, corpus: str, cfg: RepairConfig) -> tuple[torch
             mask[i, : len(r)] = 1
         return ids, mask
     ids = corpora.tokenize(tokenizer, corpora.load_text(corpus, "train"), cfg.train_tokens)
-    return corpora.pack(ids, cfg.seq_len), None
+    return corpora.pack(ids, cfg.seq_len, bos), None
 
 
 @functools.lru_cache(maxsize=64)
