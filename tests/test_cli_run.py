@@ -97,7 +97,7 @@ def test_analyze_sparsify_report_and_compare_on_a_repair_run(planted_dir, tmp_pa
     (["report", "/no/such/run"], 2, "Error: no such run directory: /no/such/run"),
     (["sparsify", "/no/such/run", "--l1", "x"], 2, "Error: invalid --l1 'x': expected comma-separated numbers"),
     (["sparsify", "/no/such/run", "--l1", "", "--l0", ""], 2, "Error: no strengths given: set --l1 and/or --l0"),
-    (["run", "--recipe", "nope"], 2, "Error: unknown recipe 'nope': use seed, fast, quick, sgd, balanced"),
+    (["run", "--recipe", "nope"], 2, "Error: unknown recipe 'nope': use seed, fast, quick, sgd, balanced, lbfgs"),
     (["run", "--weight", "1:2"], 2, None),
     (["compare", "/no/such/run"], 1, None),
 ])

@@ -19,7 +19,7 @@ from superweight.errors import UsageError
 from superweight.io.patchfile import load_patch
 from superweight.stages.distributed import DataParallel
 
-REPAIR = ["repair", "--weight", "1:5:7", "--steps", "3", "--batch-size", "4", "--seq-len", "32",
+REPAIR = ["repair", "--recipe", "balanced", "--weight", "1:5:7", "--steps", "3", "--batch-size", "4", "--seq-len", "32",
           "--eval-tokens", "128", "--dtype", "fp32"]
 
 

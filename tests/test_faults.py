@@ -28,7 +28,7 @@ from superweight.io.rundir import LOCK, LOCK_HOLDER, read_record, read_train_log
 
 TESTS_DIR = Path(__file__).resolve().parent
 STEPS, CHECKPOINT_EVERY = 6, 2
-REPAIR = ["repair", "--weight", "1:5:7", "--steps", str(STEPS), "--batch-size", "2", "--seq-len", "32",
+REPAIR = ["repair", "--recipe", "balanced", "--weight", "1:5:7", "--steps", str(STEPS), "--batch-size", "2", "--seq-len", "32",
           "--eval-tokens", "128", "--checkpoint-every", str(CHECKPOINT_EVERY), "--dtype", "fp32"]
 
 # kill point -> how many times its function is called in one uninterrupted repair (the moment is drawn from these)

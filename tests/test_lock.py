@@ -28,7 +28,7 @@ from superweight.io.rundir import LOCK, LOCK_HOLDER, read_record, read_train_log
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 TESTS_DIR = Path(__file__).resolve().parent
 STEPS = 4
-REPAIR = ["repair", "--weight", "1:5:7", "--steps", str(STEPS), "--batch-size", "2", "--seq-len", "32",
+REPAIR = ["repair", "--recipe", "balanced", "--weight", "1:5:7", "--steps", str(STEPS), "--batch-size", "2", "--seq-len", "32",
           "--eval-tokens", "128", "--checkpoint-every", "2", "--dtype", "fp32"]
 RUN = ["--weight", "1:5:7", "--steps", "2", "--eval-tokens", "128", "--analysis-tokens", "128", "--no-baselines",
        "--dtype", "fp32"]

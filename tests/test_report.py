@@ -86,8 +86,8 @@ def test_numbers_formatted(full_report):
     r = read_record(run)
     headline = md.split("\n\n")[1]
     assert headline == (f"Zeroing W\\[1:5:7\\] (layer:row:col of the MLP down-projection) takes PPL from "
-                        f"{ppl(r.base.ppl)} to {ppl(r.broken.ppl)}; a row patch writing {num(r.patch.write_rms)} "
-                        "RMS into the row "
+                        f"{ppl(r.base.ppl)} to {ppl(r.broken.ppl)}; a row patch writing {num(r.patch.write_vs_removed)}x "
+                        "what the ablation removed (RMS over tokens) "
                         f"recovers {pct(r.recovery.nll_gap)} of the NLL gap (PPL {ppl(r.patched.ppl)}).")
     p = r.patched
     assert re.search(rf'<td>patched</td><td class="num">{re.escape(num(p.nll))}</td>'
@@ -99,7 +99,7 @@ def test_numbers_formatted(full_report):
             f"{num(mean.norm)} ± {num(std.norm)} |") in md
     t = r.training
     assert (f"{t.steps} steps, {num(t.seconds)} s ({num(t.s_per_step)} s/step), final loss {num(t.final_loss)}; "
-            "recipe balanced.") in md
+            f"recipe {r.recipe}.") in md
 
 
 def test_patch_output_is_reported(full_report):
@@ -205,12 +205,12 @@ def test_compare_rows(repair_runs, pipeline_run):
         for x in records]
     r, x = rows[0], records[0]
     assert r.model_dump() | {"run": None} == {
-        "run": None, "model": x.protocol.model, "weight": "1:5:7", "recipe": "balanced", "steps": 4, "seed": 0,
+        "run": None, "model": x.protocol.model, "weight": "1:5:7", "recipe": x.recipe, "steps": x.training.steps, "seed": 0,
         "base_ppl": x.base.ppl, "broken_ppl": x.broken.ppl, "patched_ppl": x.patched.ppl,
         "nll_gap": x.recovery.nll_gap, "kl_recovery": x.recovery.kl, "norm": x.patch.norm,
         "cos_original_row": x.patch.cos_original_row, "value_at_col": x.patch.value_at_col,
-        "write_rms": x.patch.write_rms, "balanced_norm": x.patch.balanced_norm,
-        "k90": smallest_k(x.sparsity), "k90_contribution": smallest_k(x.sparsity, ranking="by_contribution"),
+        "write_rms": x.patch.write_rms, "write_vs_removed": x.patch.write_vs_removed,
+        "balanced_norm": x.patch.balanced_norm, "k90": smallest_k(x.sparsity), "k90_contribution": smallest_k(x.sparsity, ranking="by_contribution"),
         "sparse_nnz90": rows[0].sparse_nnz90, "seeds": 2, "seeds_nll_gap_mean": x.seeds.mean.nll_gap,
         "seeds_nll_gap_std": x.seeds.std.nll_gap, "n_tokens": x.protocol.n_tokens, "seconds": x.training.seconds}
     assert rows[3].weight == "1:5:7" and rows[3].k90 is None  # from protocol.interventions when there is no detect

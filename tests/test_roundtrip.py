@@ -66,8 +66,8 @@ def test_every_record_reads_back_as_written(all_runs, tmp_path):
 def test_what_each_run_holds(all_runs):
     one, two, weights, minimal, full = (read_record(all_runs[n]) for n in
                                         ("one_row", "two_rows", "two_weights", "minimal", "pipeline"))
-    assert set(one.baselines) == {"oracle", "activation_restore", "random_same_norm_1", "random_same_norm_2",
-                                  "random_same_norm_3", "other_row"}
+    assert set(one.baselines) == {"oracle", "activation_restore", "random_same_write_1", "random_same_write_2",
+                                  "random_same_write_3", "other_row"}
     assert [v.seed for v in one.seeds.values] == [0, 1] and one.sparse_training.points[0].method == "l1"
     assert two.baselines is None and two.seeds is None and len(two.sparsity) == 8  # 1, 2, ..., 64 and 128
     assert [(g.key, [c.col for c in g.cols]) for g in weights.patch.rows] == [("1:5", [7]), ("1:9", [3])]

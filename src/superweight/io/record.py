@@ -67,19 +67,7 @@ class Recovery(Record):
     kl: float | None = Field(description="1 - KL_x / KL_broken; null when KL_broken is 0")
 
 
-Verdict = Literal["repaired", "partial", "failed"]
-REPAIRED = 0.9  # both recoveries at least this: "repaired"
-
-
-def verdict_of(rec: Recovery) -> Verdict:
-    """repaired: NLL-gap and KL recovery >= 90%; failed: the patched model is no better than the broken one on
-    either (recovery <= 0, a patch that does harm); partial: in between. A missing number does not count."""
-    values = [v for v in (rec.nll_gap, rec.kl) if v is not None]
-    if any(v <= 0 for v in values):
-        return "failed"
-    return "repaired" if all(v >= REPAIRED for v in values) else "partial"
-
-
+Verdict = Literal["repaired", "partial", "failed"]  # measure/recovery.verdict_of
 class Baseline(Metrics):
     recovery: Recovery
 
@@ -134,6 +122,8 @@ class RowGeometry(Record):
     write_cos_ablated: float | None = None
     balanced_norm: float | None = None
     write_rms: float | None = None
+    write_vs_removed: float | None = Field(None, description="RMS(x·d) / RMS(x[col] · deleted value): invariant to "
+                                                             "neuron, residual-stream and norm-gain rescaling")
     write_cos_original_row: float | None = None
     top_writes: list[tuple[int, float]] = Field(default_factory=list)
 

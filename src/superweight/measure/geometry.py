@@ -11,6 +11,12 @@ invariant counterparts do not, so results stay comparable across models and resc
 - with `inputs` (the down-projection's input x [tokens, d_ff] per layer), what the patch writes, x · d:
   `write_rms` (its RMS over those tokens), `write_cos_original_row` (cos(x·d, x·w) over tokens),
   `write_cos_ablated` (cos(x·d, x[col])), and `top_writes` (neurons by the RMS of x_j d_j).
+
+Which symmetry each survives (core/reparam.py has all three): the neuron rescaling moves none of the invariant
+ones; scaling the residual stream by c scales `write_rms`, `top_writes` and `balanced_norm` by c (they are sizes
+in the residual's units), and `write_vs_removed` = RMS(x·d) / RMS(x[col] · deleted value), what the patch
+writes over what the ablation removed, does not move under any of the three, nor do the cosines and
+`value_ratio`. Moving a norm's gain changes none of them (x and W stay as they are).
 """
 
 from __future__ import annotations
@@ -55,7 +61,9 @@ def geometry(model: nn.Module, coords: list[WeightCoord], rows, vectors, origina
             pass
         if write is not None:
             per_neuron = (x * d).pow(2).mean(0).sqrt()
-            invariant |= {"write_rms": write.pow(2).mean().sqrt().item(),
+            removed = sum((x[:, c.col] * c.deleted_value for c in cols), torch.zeros(x.shape[0]))  # what ablation took
+            write_rms, removed_rms = write.pow(2).mean().sqrt().item(), removed.pow(2).mean().sqrt().item()
+            invariant |= {"write_rms": write_rms, "write_vs_removed": write_rms / removed_rms if removed_rms else None,
                           "write_cos_original_row": _cos(write, x @ w_row),
                           "top_writes": [(int(i), per_neuron[i].item())
                                          for i in per_neuron.topk(min(16, d.numel())).indices]}

@@ -1,11 +1,23 @@
 """Recovery: how much of the damage an ablation did a condition undoes (1 = fully repaired, 0 = as broken).
 
     recovery(base, broken, patched)   # Recovery(nll_gap=0.93, kl=0.95)
+    verdict_of(rec)                   # "repaired" / "partial" / "failed"
 """
 
 from __future__ import annotations
 
-from superweight.io.record import Metrics, Recovery
+from superweight.io.record import Metrics, Recovery, Verdict
+
+REPAIRED = 0.9  # both recoveries at least this: "repaired"
+
+
+def verdict_of(rec: Recovery) -> Verdict:
+    """repaired: NLL-gap and KL recovery >= 90%; failed: the patched model is no better than the broken one on
+    either (recovery <= 0, a patch that does harm); partial: in between. A missing number does not count."""
+    values = [v for v in (rec.nll_gap, rec.kl) if v is not None]
+    if any(v <= 0 for v in values):
+        return "failed"
+    return "repaired" if all(v >= REPAIRED for v in values) else "partial"
 
 
 def recovery(base: Metrics, broken: Metrics, patched: Metrics) -> Recovery:

@@ -27,6 +27,7 @@ class CompareRow(BaseModel):
     norm: float
     cos_original_row: float
     write_rms: float | None
+    write_vs_removed: float | None
     balanced_norm: float | None
     value_at_col: float | None
     k90: int | None
@@ -50,7 +51,7 @@ def compare_rows(run_dirs: list[str | Path]) -> list[CompareRow]:
             steps=r.training.steps, seed=r.config.get("seed"), base_ppl=r.base.ppl, broken_ppl=r.broken.ppl,
             patched_ppl=r.patched.ppl, nll_gap=r.recovery.nll_gap, kl_recovery=r.recovery.kl, norm=r.patch.norm,
             cos_original_row=r.patch.cos_original_row, value_at_col=r.patch.value_at_col,
-            write_rms=r.patch.write_rms, balanced_norm=r.patch.balanced_norm,
+            write_rms=r.patch.write_rms, write_vs_removed=r.patch.write_vs_removed, balanced_norm=r.patch.balanced_norm,
             k90=smallest_k(r.sparsity or []), k90_contribution=smallest_k(r.sparsity or [], ranking="by_contribution"),
             sparse_nnz90=smallest.nnz if smallest else None,
             seeds=len(r.seeds.values) if r.seeds else None,

@@ -34,11 +34,18 @@ def _headline(r: RunRecord, plots) -> list:
     grade = r.detect.grade if r.detect else None
     title = {"super weight": "Super weight", "sensitive weight": "Sensitive weight (not a super weight)",
              "none": "Weight (not a super weight)"}.get(grade, "Ablated weight")
-    size = f"writing {num(p.write_rms)} RMS into the row" if p.write_rms is not None else f"of norm {num(p.norm)}"
+    size = (f"writing {num(p.write_vs_removed)}x what the ablation removed (RMS over tokens)"
+            if p.write_vs_removed is not None else
+            f"writing {num(p.write_rms)} RMS into the row" if p.write_rms is not None else f"of norm {num(p.norm)}")
     out = [("h", 1, f"{title} {r.weight} in {model}"), (
         "p", f"Zeroing W[{r.weight}] (layer:row:col of the MLP down-projection) takes PPL from {ppl(r.base.ppl)} "
              f"to {ppl(r.broken.ppl)}; a row patch {size} recovers {pct(r.recovery.nll_gap)} of the "
              f"NLL gap (PPL {ppl(r.patched.ppl)}).")]
+    if r.verdict == "failed":
+        out.append(("p", "Verdict: failed. The patched model is no better than the broken one on the eval tokens; "
+                         "do not use this patch."))
+    elif r.verdict:
+        out.append(("p", f"Verdict: {r.verdict} (repaired: NLL-gap and KL recovery both at least 90%)."))
     if grade:
         out.append(("p", f"Detection grades it {grade_words(grade)}: {GRADES[grade]}."))
     sp = sorted(r.sparsity or [], key=lambda e: e.k)
@@ -124,7 +131,8 @@ def _bars(r: RunRecord, plots) -> list:
 def _patch(r: RunRecord, plots) -> list:
     p = r.patch
     facts = {"layer, row": f"{p.layer}, {p.row}", "ablated column": num(p.col),
-             "RMS write x·d (invariant)": num(p.write_rms),
+             "write / removed: RMS(x·d) / RMS(x[col]·deleted) (invariant to every rescaling)": num(p.write_vs_removed),
+             "RMS write x·d (invariant to neuron rescaling; scales with the residual stream)": num(p.write_rms),
              "cos(x·d, x·w_row) (invariant)": num(p.write_cos_original_row),
              "cos(x·d, x[col]) (invariant)": num(p.write_cos_ablated),
              "d[col] / deleted value (invariant)": num(p.value_ratio),

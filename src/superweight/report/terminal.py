@@ -157,6 +157,18 @@ def print_repair(out: Console, r: RunRecord, run_dir) -> None:
                       f"{rec.kl:.1%}" if rec and rec.kl is not None else "")
     out.print(table)
     t = r.training
+    if r.verdict:
+        style = {"repaired": "green", "partial": "yellow", "failed": "bold red"}[r.verdict]
+        out.print(f"[{style}]Verdict: {r.verdict}[/{style}] " + {
+            "repaired": "(NLL-gap and KL recovery >= 90%)", "partial": "(better than the broken model, < 90% recovered)",
+            "failed": "(the patched model is no better than the broken one on the eval tokens: do not use this patch)",
+        }[r.verdict])
+    if t.check is not None:
+        c = t.check
+        out.print(f"Held-out check ({c.tokens} train-split tokens never trained on): KL {c.broken_kl:.4g} with no "
+                  f"patch, {c.best_kl:.4g} with the patch kept (step {c.best_step})"
+                  + (f"; {c.backoffs} back-off(s): the patch did worse than none, lr cut 5x each" if c.backoffs else "")
+                  + ("; no patch beat none: the patch is zero" if c.best_step == 0 else ""))
     out.print(f"Training: {t.steps} steps, {t.seconds:.0f} s ({t.s_per_step:.2f} s/step), "
               + (f"final KL loss {t.final_loss:.4f}" if t.final_loss is not None else "final KL loss unknown")
               + (f", resumed from step {t.resumed_from}" if t.resumed_from is not None else ""))
@@ -165,7 +177,8 @@ def print_repair(out: Console, r: RunRecord, run_dir) -> None:
                          f"cos(d, e_{c.col}) = {c.cos_ablated_direction:.3f}" for c in g.cols)
         out.print(f"Patch row {g.key}: ||d|| = {g.norm:.3f}, cos(d, original row) = {g.cos_original_row:.3f}; {cols}")
         if g.write_rms is not None:
-            out.print(f"  invariant: RMS write x·d = {g.write_rms:.4g}, cos(x·d, x·w_row) = "
+            out.print(f"  invariant: write / removed = {fmt(g.write_vs_removed, 3)} (RMS of x·d over x\\[col]·deleted), "
+                      f"RMS write x·d = {g.write_rms:.4g} (in residual units), cos(x·d, x·w_row) = "
                       f"{g.write_cos_original_row:.3f}, cos(x·d, x\\[{g.col}]) = {fmt(g.write_cos_ablated, 3)}, "
                       f"d\\[{g.col}]/deleted = {fmt(g.value_ratio, 3)}, balanced ||d|| = {fmt(g.balanced_norm, 3)}")
     if sd := r.seeds:
@@ -235,7 +248,8 @@ def print_compare(out: Console, compared: list[CompareRow]) -> None:
         ("broken PPL", lambda r: fmt(r["broken_ppl"], 2)), ("patched PPL", lambda r: fmt(r["patched_ppl"], 2)),
         ("NLL-gap rec.", lambda r: pct(r["nll_gap"])), ("KL rec.", lambda r: pct(r["kl_recovery"])),
         ("NLL-gap rec. over seeds", lambda r: f"{r['seeds_nll_gap_mean']:.1%} ± {r['seeds_nll_gap_std']:.1%} (n={r['seeds']})"),
-        ("RMS write x·d (invariant)", lambda r: fmt(r["write_rms"], 1)),
+        ("write / removed (invariant)", lambda r: fmt(r.get("write_vs_removed"), 3)),
+        ("RMS write x·d (residual units)", lambda r: fmt(r["write_rms"], 1)),
         ("balanced ||d|| (invariant)", lambda r: fmt(r["balanced_norm"], 2)),
         ("||d||", lambda r: fmt(r["norm"], 1)), ("cos(d,row)", lambda r: fmt(r["cos_original_row"])),
         ("fewest entries for 90%: top-|d|", lambda r: r["k90"]),

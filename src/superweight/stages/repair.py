@@ -22,13 +22,13 @@ from superweight.errors import UsageError
 from superweight.io import corpora
 from superweight.io.models import Loaded, model_id
 from superweight.io.patchfile import save_patch
-from superweight.io.record import Baseline, RunRecord, SeedStats, Seeds, SeedValue, verdict_of
+from superweight.io.record import Baseline, RunRecord, SeedStats, Seeds, SeedValue
 from superweight.io.rundir import check_run_dir_for, prepare_run_dir, read_record, write_record
 from superweight.measure import generate
 from superweight.measure.geometry import geometry
-from superweight.measure.inputs import patch_inputs
+from superweight.measure.inputs import down_inputs, patch_inputs
 from superweight.measure.metrics import check_context, measure, protocol_of
-from superweight.measure.recovery import recovery
+from superweight.measure.recovery import recovery, verdict_of
 from superweight.measure.tasks import TaskSpec, run_tasks
 from superweight.stages.train import RepairConfig, train, training_sequences
 
@@ -162,7 +162,7 @@ def recorded_bos(out: Path) -> str:
 
 
 def _baselines(model, ablation: Ablation, rows, originals, patch, seqs, mask, cfg, stage, on_step):
-    """Oracle, the paper's activation restore, random vectors of the patch's norm, another row trained."""
+    """Oracle, the paper's activation restore, random vectors writing as much as the patch, another row trained."""
     coords = ablation.coords
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     oracle_vectors = []
@@ -172,13 +172,17 @@ def _baselines(model, ablation: Ablation, rows, originals, patch, seqs, mask, cf
             if (c.layer, c.row) == (layer, row):
                 v[c.col] += w - w * c.scale
         oracle_vectors.append(v)
-    # Several draws: with a large patch norm one draw's sign at the super column decides a lot (see notes).
+    # Several draws: with a large patch one draw's sign at the super column decides a lot (see notes). Each
+    # draw writes as much into its row as the patch does (the same RMS of x · v over two training rows), a size
+    # that no rescaling of the model changes, where the same ‖v‖ would depend on the parametrization.
+    xs = {layer: down_inputs(model, seqs[:2].flatten(), layer, seqs.shape[1])[0] for layer, _ in rows}
     random_draws = []
     for _ in range(RANDOM_DRAWS):
         vectors = []
-        for v in patch.vectors:
+        for (layer, _), v in zip(rows, patch.vectors):
             r = torch.randn(v.numel(), generator=gen)
-            vectors.append(r / r.norm() * v.detach().norm().cpu())
+            write, drawn = (xs[layer] @ v.detach().float().cpu()).norm(), (xs[layer] @ r).norm()
+            vectors.append(r * (write / drawn) if drawn > 0 else r / r.norm() * v.detach().norm().cpu())
         random_draws.append(vectors)
     other = [(layer, _other_row(row, down_projection(model, layer).d_model, cfg.seed)) for layer, row in rows]
     stage(f"Baseline: training rows {', '.join(f'{l}:{r}' for l, r in other)}", cfg.steps)
@@ -186,7 +190,7 @@ def _baselines(model, ablation: Ablation, rows, originals, patch, seqs, mask, cf
     return {
         "oracle": Compose(ablation, RowPatch(model, rows, oracle_vectors)),
         "activation_restore": Compose(ablation, ActivationRestore(model, coords, originals)),
-        **{f"random_same_norm_{i + 1}": Compose(ablation, RowPatch(model, rows, vectors))
+        **{f"random_same_write_{i + 1}": Compose(ablation, RowPatch(model, rows, vectors))
            for i, vectors in enumerate(random_draws)},
         "other_row": Compose(ablation, other_patch),
     }
@@ -216,8 +220,8 @@ def _describe(coords, rows, baselines, seed: int, seeds: int) -> dict[str, str]:
             "oracle": "ablate, then put the deleted values back through the patch rows",
             "activation_restore": "ablate, then restore the super activation only (positions where the weight's "
                                   "contribution is >= 10% of its batch maximum)",
-            **{f"random_same_norm_{i + 1}": f"ablate, then add random vector #{i + 1} of the trained patch's norm "
-                                             "on the same rows" for i in range(RANDOM_DRAWS)},
+            **{f"random_same_write_{i + 1}": f"ablate, then add random vector #{i + 1} on the same rows, writing "
+                                              "as much as the trained patch (RMS of x·v)" for i in range(RANDOM_DRAWS)},
             "other_row": "ablate, then a patch trained with the same budget on another (random) row of the layer",
         })
     for s in range(seed + 1, seed + seeds):
