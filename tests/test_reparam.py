@@ -369,3 +369,36 @@ def test_unplanted_model_has_no_super_weight():
     loaded = SimpleNamespace(model=planted(), tokenizer=tok, spec="tiny", source="memory", dtype="fp32", device="cpu")
     cands = detect.run_detect(loaded, detect.DetectConfig(max_length=128), ids=calib).candidates
     assert cands and not any(c.grade == "super weight" for c in cands)
+
+
+SYMMETRIES = {
+    "residual": lambda m, d_ff: rescale_residual(m, 10.0),
+    "gain": lambda m, d_ff: move_norm_gain(m, 0.1),
+    "neuron": lambda m, d_ff: rescale_mlp(m, PLANT[0], factors(d_ff, seed=5).abs()),
+    "all": lambda m, d_ff: (rescale_residual(m, 0.1), move_norm_gain(m, 10.0),
+                            rescale_mlp(m, PLANT[0], factors(d_ff, seed=5).abs())),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SYMMETRIES))
+def test_the_default_repair_is_the_same_under_every_symmetry(seqs, name):
+    """lbfgs in column coordinates: what the patch writes (x·d) and its held-out KL do not move."""
+    from superweight.measure.inputs import down_inputs
+    from superweight.stages.train import RECIPES
+
+    cfg = RECIPES["lbfgs"].model_copy(update={"seq_len": 64, "steps": 8})
+    model = eps_free(planted(PLANT))
+    d_ff = down_projection(model, PLANT[0]).d_ff
+    probe = seqs[:1].flatten()
+    coord = WeightCoord(layer=PLANT[0], row=PLANT[1], col=PLANT[2])
+    p1, s1 = train(model, [coord], [(PLANT[0], PLANT[1])], seqs, None, cfg)
+    x1, _ = down_inputs(model, probe, PLANT[0])
+    write1 = x1 @ p1.vectors[0].detach()
+    SYMMETRIES[name](model, d_ff)
+    p2, s2 = train(model, [coord], [(PLANT[0], PLANT[1])], seqs, None, cfg)
+    x2, _ = down_inputs(model, probe, PLANT[0])
+    write2 = x2 @ p2.vectors[0].detach()
+    scale = {"residual": 10.0, "all": 0.1}.get(name, 1.0)  # the write is in the residual's units
+    assert s1.check.best_kl < 0.5 * s1.check.broken_kl  # it did repair
+    assert s2.check.best_kl == pytest.approx(s1.check.best_kl, rel=2e-2, abs=1e-6)
+    assert torch.allclose(write2, scale * write1, rtol=2e-2, atol=2e-2 * scale * write1.abs().max())

@@ -346,3 +346,44 @@ def test_a_fresh_run_starts_a_fresh_log(tmp_path, seqs):
     train(model, COORDS, [(1, 5)], seqs[:8], None, cfg, run_dir=tmp_path)
     train(model, COORDS, [(1, 5)], seqs[:8], None, cfg, run_dir=tmp_path)
     assert [r["step"] for r in read_log(tmp_path)] == [1, 2, 3]
+
+
+# ------------------------------------------------------------------------------- never worse than no patch
+
+def test_verdicts():
+    from superweight.io.record import Recovery
+    from superweight.measure.recovery import verdict_of
+
+    assert verdict_of(Recovery(nll_gap=0.99, kl=0.95)) == "repaired"
+    assert verdict_of(Recovery(nll_gap=0.99, kl=0.5)) == "partial"
+    assert verdict_of(Recovery(nll_gap=1.2, kl=-0.4)) == "failed"  # closer in NLL, further from the intact model
+    assert verdict_of(Recovery(nll_gap=None, kl=0.95)) == "repaired"
+
+
+@pytest.mark.parametrize("recipe, lr", [("balanced", 300.0), ("quick", 300.0), ("lbfgs", 1e4)])
+def test_an_lr_far_too_high_backs_off_and_is_never_worse_than_no_patch(recipe, lr):
+    from superweight.stages.train import RECIPES
+    from tiny import planted
+
+    model = planted((1, 5, 7))
+    seqs = torch.randint(2, 300, (12, 32), generator=torch.Generator().manual_seed(0))
+    cfg = RECIPES[recipe].model_copy(update={"lr": lr, "steps": 8, "seq_len": 32})
+    patch, state = train(model, [WeightCoord(layer=1, row=5, col=7)], [(1, 5)], seqs, None, cfg)
+    c = state.check
+    assert c is not None and c.best_kl <= c.broken_kl and torch.isfinite(patch.vectors[0]).all()
+    if recipe != "lbfgs":  # far too high: later patches did worse, and the handed-over one is an earlier one
+        assert c.backoffs >= 1 or c.best_step < cfg.steps
+
+
+def test_the_check_keeps_no_patch_when_every_patch_does_harm(monkeypatch):
+    """A patch that only ever hurts is not handed over: the best patch checked is zero."""
+    from superweight.stages.train import RECIPES
+    from tiny import planted
+
+    model = planted((1, 5, 7))
+    seqs = torch.randint(2, 300, (12, 32), generator=torch.Generator().manual_seed(0))
+    cfg = RECIPES["balanced"].model_copy(update={"lr": 1e6, "steps": 4, "seq_len": 32})
+    patch, state = train(model, [WeightCoord(layer=1, row=5, col=7)], [(1, 5)], seqs, None, cfg)
+    if state.check.best_step == 0:
+        assert patch.vectors[0].abs().max() == 0
+    assert state.check.best_kl <= state.check.broken_kl
