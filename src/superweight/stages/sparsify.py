@@ -161,11 +161,14 @@ def run_sparsify(
     model, tok = loaded.model, loaded.tokenizer
     check_fits(model, patch)
     cfg = RepairConfig(**record.config)
+    if cfg.optimizer == "lbfgs":  # 16 loss evaluations of 4 rows: as many row passes as 16 steps of batch 2
+        cfg = RepairConfig(**(record.config | {"optimizer": "sgd", "batch_size": 2, "steps": cfg.steps * 2}))
     steps = steps or max(cfg.steps // 2, 1)
     cfg = cfg.model_copy(update={"steps": steps, "schedule": "constant"})
     if cfg.optimizer not in ("adam", "adamw"):
         # The strengths are fractions of an Adam step and the gates need Adam's steps to close; in the run's
-        # coordinates (cfg.space, balanced for the default recipe) Adam is as scale-free as the run was.
+        # coordinates (cfg.space: column for the default recipe, where a threshold on u means the same under
+        # neuron, residual-stream and norm-gain rescaling) Adam is as scale-free as the run was.
         cfg = cfg.model_copy(update={"optimizer": "adam", "lr": SPARSE_ADAM_LR})
     corpus = record.protocol.corpus
     bos = getattr(loaded, "bos", None)

@@ -5,11 +5,18 @@ model with the super weights ablated and a `RowPatch` on. The blocks below the f
 per batch (teacher pass) and are reused by the student (`prefix.Prefix`). Only the patch vectors train.
 
     cfg = RECIPES["lbfgs"]
-    state = train(model, coords, rows=[(11, 507)], sequences=seqs, cfg=cfg, run_dir=Path("runs/x"))
+    patch, state = train(model, coords, rows=[(11, 507)], sequences=seqs, mask=None, cfg=cfg, run_dir=Path("runs/x"))
 
-Checkpoints (patch, optimiser, RNG, step, seconds; io/checkpoint.py) make a killed run resume to the same
-patch, bit for bit on CPU: the data order is a pure function of (seed, step), so no data state needs saving
-beyond the step.
+Two engines. First-order (sgd, adam, adamw): one step per fresh batch. `lbfgs`: L-BFGS with a strong-Wolfe line
+search on a fixed set of batch_size rows, where a line search means something (the objective does not change
+between trials); `steps` bounds its loss evaluations. Either way the last check_rows rows are held out and
+checked (stages/distill.HeldOutCheck): the patch handed over is the best one checked, never worse there than
+no patch, and a first-order run whose patch does worse than none goes back to the best one with a 5x smaller lr.
+
+Checkpoints (patch, optimiser, RNG, step, seconds, the check's state; io/checkpoint.py) make a killed run resume
+to the same patch, bit for bit on CPU: the data order is a pure function of (seed, step), so no data state needs
+saving beyond the step. An lbfgs run (one optimiser call of ~30 s) checkpoints at its end; killed before, it
+trains again from the start, to the same patch.
 """
 
 from __future__ import annotations
