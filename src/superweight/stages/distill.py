@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -23,13 +22,10 @@ from superweight.core.arch import input_device
 from superweight.core.prefix import Prefix
 from superweight.io.record import Check
 
-if TYPE_CHECKING:
-    from superweight.stages.train import RepairConfig
-
 BACKOFF = 0.2  # lr factor after a patch checked worse than none
 
 
-def kl_loss(teacher_lp: torch.Tensor, student_logits: torch.Tensor, mask: torch.Tensor, cfg: RepairConfig):
+def kl_loss(teacher_lp: torch.Tensor, student_logits: torch.Tensor, mask: torch.Tensor, cfg):
     """Mean per-token KL over real (mask == 1) positions, in fp32; scaled by T^2."""
     s_lp = _scaled(student_logits, cfg.temperature).log_softmax(-1)
     # F.kl_div(input, target) = exp(target) * (target - input): one vocab-sized temporary, not three.
@@ -52,7 +48,7 @@ class Teacher:
     """The intact model's log-probs and the shared prefix states of training rows, computed once per row and
     kept (fp16 log-probs) when `keep`."""
 
-    def __init__(self, model, prefix: Prefix, sequences, mask, cfg: RepairConfig, keep: bool):
+    def __init__(self, model, prefix: Prefix, sequences, mask, cfg, keep: bool):
         self.model, self.prefix, self.sequences, self.mask, self.cfg, self.keep = model, prefix, sequences, mask, cfg, keep
         self.device = input_device(model)
         self.cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
