@@ -1,0 +1,133 @@
+"""`census`: `detect` on many models, one at a time, into one table that resumes (stages/census.py)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from superweight.cli import inspect as _inspect  # noqa: F401  (detect is registered first: census follows it)
+from superweight.cli.common import (
+    BosOpt, CorpusOpt, DeviceMapOpt, DeviceOpt, DtypeOpt, MaxMemoryOpt, OffloadOpt, app, check_bos, err, errors,
+    load_model, out, progress,
+)
+from superweight.errors import UsageError
+from superweight.io import corpora
+
+
+@app.command()
+@errors
+def census(
+    models: Annotated[Optional[list[str]], typer.Argument(
+        help="model specs, as --model takes them (smollm2-135m, a hub id, a directory, a .gguf file)",
+        show_default=False)] = None,
+    models_file: Annotated[Optional[str], typer.Option(
+        help="a file of model specs, one a line (blank lines and # comments skipped); adds to MODELS")] = None,
+    out_: Annotated[Optional[str], typer.Option(
+        "--out", help="census directory (default runs/census-DATE); a rerun on it skips the models done, and "
+                      "several processes (one model each) may share it")] = None,
+    prompt: Annotated[Optional[list[str]], typer.Option(
+        help="scan prompt (repeatable); default: the paper's + 3")] = None,
+    max_candidates: Annotated[int, typer.Option(help="most spike-scan rounds (one weight each)")] = 8,
+    attribution_top: Annotated[int, typer.Option(help="attribution candidates to verify")] = 3,
+    corpus: CorpusOpt = corpora.DEFAULT_CORPUS,
+    split: Annotated[str, typer.Option(help="calibration split")] = "train",
+    calib_tokens: Annotated[int, typer.Option(help="calibration tokens for attribution and verification")] = 2048,
+    max_length: Annotated[int, typer.Option(help="window length in tokens")] = 512,
+    seed: int = 0,
+    table_only: Annotated[bool, typer.Option(
+        "--table-only", help="detect nothing: rewrite and print the table from the results in --out (the merge "
+                             "after a job array); MODELS, if given, come first and in that order")] = False,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "auto",
+    device_map: DeviceMapOpt = None,
+    max_memory: MaxMemoryOpt = None,
+    offload_folder: OffloadOpt = None,
+    bos: BosOpt = "auto",
+):
+    """Detect super weights in many models, one in memory at a time: one table (CSV, Markdown, terminal).
+
+    Per model: the super weights found (else its most damaging weight), their KL, PPL ratio, grade and depth,
+    and whether they match the published ones. A rerun on the same --out skips the models already done. A
+    model that fails is an error row and the census goes on; the exit code is then 1 (0 when every model has a
+    result). docs/census.md runs a census on a cluster.
+    """
+    import datetime as dt
+    from pathlib import Path
+
+    from superweight.io.models import DTYPES, resolve_device
+    from superweight.io.placement import device_map_kwargs
+    from superweight.measure.metrics import n_scored
+    from superweight.report.census import print_census
+    from superweight.stages import census as stage
+    from superweight.stages.detect import DetectConfig, run_detect
+
+    # Everything that can be checked without a model is checked before the first (slow) load.
+    specs = stage.unique([*(models or []), *(stage.read_models_file(models_file) if models_file else [])])
+    if table_only:
+        if not out_:
+            raise UsageError("--table-only needs --out: the census directory to read")
+        where = Path(out_)
+        print_census(out, stage.table_only(where, specs), where)
+        err.print(f"Wrote {where / stage.CENSUS_CSV} and {where / stage.CENSUS_MD}", markup=False, highlight=False)
+        return
+    if not specs:
+        raise UsageError("no models given: name them (superweight census MODEL...) or pass --models-file FILE")
+    corpora.check_windows(max_length)
+    check_bos(bos)
+    if calib_tokens < 2:
+        raise UsageError(f"--calib-tokens must be at least 2, got {calib_tokens}")
+    for name, value, least in [("--max-candidates", max_candidates, 1), ("--attribution-top", attribution_top, 0)]:
+        if value < least:
+            raise UsageError(f"{name} must be at least {least}, got {value}")
+    if dtype != "auto" and dtype not in DTYPES:
+        raise UsageError(f"unknown dtype '{dtype}': use auto, {', '.join(DTYPES)}")
+    if not device_map_kwargs(device_map, max_memory, offload_folder):
+        resolve_device(device)
+    cfg = DetectConfig(prompts=prompt, max_candidates=max_candidates, attribution_top=attribution_top,
+                       corpus=corpus, split=split, calib_tokens=calib_tokens, max_length=max_length, seed=seed)
+    settings = {**cfg.model_dump(), "dtype": dtype, "bos": bos}
+    where = Path(out_ or f"runs/census-{dt.date.today().isoformat()}")
+    stage.check_census_dir(where, settings)
+    text = corpora.load_text(corpus, split)
+    stage.start(where, settings)
+
+    def load(spec: str):
+        return load_model(spec, device, dtype, device_map, max_memory, offload_folder, bos)
+
+    def detect(loaded):
+        ids = corpora.tokenize(loaded.tokenizer, text, calib_tokens)
+        with progress() as bar:
+            task = bar.add_task("Detecting", total=None)
+
+            def on_stage(name: str) -> None:
+                total = n_scored(ids.numel(), max_length, bos=loaded.bos is not None) if name.startswith(
+                    "Verifying") else None
+                bar.update(task, description=f"{loaded.spec}: {name}", total=total, completed=0)
+
+            return run_detect(loaded, cfg, ids=ids, on_stage=on_stage, on_tokens=lambda n: bar.advance(task, n))
+
+    def note(event: str, _spec: str, line: str) -> None:
+        err.print(f"Error: {line}" if event == "error" else line, markup=False, highlight=False, soft_wrap=True)
+
+    outcome = stage.run_census(specs, where, settings, load, detect, note)
+    print_census(out, outcome.rows, where)
+    if outcome.tables_written:
+        err.print(f"Wrote {where / stage.CENSUS_CSV} and {where / stage.CENSUS_MD}", markup=False, highlight=False)
+    else:
+        err.print(f"The tables in {where} were not rewritten: another process held it for "
+                  f"{stage.LOCK_WAIT_S:.0f} s. The models' records are kept; a rerun writes them.",
+                  markup=False, highlight=False, soft_wrap=True)
+    if outcome.failed:
+        raise typer.Exit(1)
+
+
+def _after_detect() -> None:
+    """List census right after detect in --help (commands are listed in the order they are registered)."""
+    commands = app.registered_commands
+    names = [(c.name or c.callback.__name__) for c in commands]
+    if "detect" in names and names[-1] == "census":
+        commands.insert(names.index("detect") + 1, commands.pop())
+
+
+_after_detect()
