@@ -225,7 +225,8 @@ def sink_view(
         layers.append(SinkLayer(layer=j, conditions=per, entropy_undone=undone))
     breaks, restored = summarize(layers)
     return Sinks(
-        channel=f"{channel[0]}:{channel[1]}", window=window, windows=len(wins), n_tokens=sum(w.end - w.begin for w in wins),
+        channel=f"{channel[0]}:{channel[1]}", window=window, windows=len(wins),
+        n_tokens=sum(w.end - w.begin for w in wins),
         threshold=threshold, massive_fraction=MASSIVE_FRACTION, break_drop=BREAK_DROP, positions=positions,
         layers=layers, breaks_at=breaks, restored=restored, seconds=time.perf_counter() - t0)
 

@@ -63,10 +63,12 @@ def _headline(r: RunRecord, plots) -> list:
 
 
 def _sink_tokens(sk) -> str:
-    common = max(set(map(tuple, sk.positions)), key=sk.positions.count) if sk.positions else ()
-    where = ", ".join(map(str, common)) or "none"
-    same = sum(tuple(p) == common for p in sk.positions)
-    return f"position {where}" + ("" if same == len(sk.positions) else f" in {same} of {len(sk.positions)} windows")
+    """'position 0', 'position 0, and others in 3 of 8 windows', or 'a position that varies by window'."""
+    sets = [set(p) for p in sk.positions]
+    common = set.intersection(*sets) if sets else set()
+    more = sum(bool(p - common) for p in sets)
+    where = f"position {', '.join(map(str, sorted(common)))}" if common else "a position that varies by window"
+    return where + (f", and others in {more} of {len(sets)} windows" if common and more else "")
 
 
 def largest_sink_change(sk):
@@ -87,15 +89,15 @@ def sink_sentences(r: RunRecord) -> list[str]:
         c = sk.layers[sk.breaks_at].conditions
         also = ("" if big.layer == sk.breaks_at else f"; its largest change is at layer {big.layer}, from "
                 f"{b['base'].sink_mass:.2f} to {b['broken'].sink_mass:.2f}")
-        first = (f"Mechanism: with the weight zeroed, the attention sink (the massive-activation token, {tokens}) "
+        first = (f"Mechanism: with the weight zeroed, the attention sink (sink tokens: {tokens}) "
                  f"breaks at layer {sk.breaks_at}: the heads' mean attention mass on it falls from "
                  f"{c['base'].sink_mass:.2f} to {c['broken'].sink_mass:.2f}, and the share of heads with a sink "
                  f"(mass > {sk.threshold:g}) from {pct(c['base'].sink_heads)} to {pct(c['broken'].sink_heads)}"
                  f"{also}.")
     else:
-        first = (f"Mechanism: zeroing the weight does not break the attention sink ({tokens}): no layer's mean "
-                 f"sink mass falls below {1 - sk.break_drop:g}x the intact model's; it changes most at layer "
-                 f"{big.layer}, from {b['base'].sink_mass:.2f} to {b['broken'].sink_mass:.2f}.")
+        first = (f"Mechanism: zeroing the weight does not break the attention sink (sink tokens: {tokens}): no "
+                 f"layer's mean sink mass falls below {1 - sk.break_drop:g}x the intact model's; it changes most at "
+                 f"layer {big.layer}, from {b['base'].sink_mass:.2f} to {b['broken'].sink_mass:.2f}.")
     if "patched" not in sk.layers[0].conditions:
         return [first]
     undone = [e.entropy_undone for e in sk.layers if e.entropy_undone is not None]
@@ -277,7 +279,7 @@ def _sinks(r: RunRecord, plots) -> list:
                + [f"‖h‖ massive {c}" for c in conds] + ["‖h‖ typical base", "entropy change undone"])
     big = largest_sink_change(sk)
     note = (f"Sink tokens: where |residual channel {sk.channel}| reaches {sk.massive_fraction:g}x its window maximum "
-            f"in the intact model (mostly {_sink_tokens(sk)}){', and the BOS' if r.protocol.bos is not None else ''}; "
+            f"in the intact model (here: {_sink_tokens(sk)}){', and the BOS' if r.protocol.bos is not None else ''}; "
             f"{sk.windows} windows of {sk.window} tokens. Sink mass: a head's attention on the sink tokens, mean "
             "over the queries after the first sink; the table gives the mean over heads (± spread in the figure) "
             f"and the share of heads whose mass exceeds {sk.threshold:g}. ‖h‖: the residual-stream norm after the "
