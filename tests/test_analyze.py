@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from pathlib import Path
@@ -9,6 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from rich.console import Console
 
 from superweight.core.arch import down_projection, final_norm
 from superweight.core.coords import WeightCoord
@@ -19,6 +21,9 @@ from superweight.io.patchfile import save_patch
 from superweight.io.record import SparsityPoint, smallest_k
 from superweight.measure.geometry import geometry
 from superweight.measure.metrics import measure
+from superweight.io.rundir import read_record
+from superweight.report import write_report
+from superweight.report.terminal import print_analysis
 from superweight.stages.analyze import logit_lens, powers_of_two, run_analyze
 from superweight.stages.repair import run_repair
 from superweight.stages.sparsify import GatedRowPatch, HardConcrete, L1Prox, pareto, run_sparsify
@@ -114,6 +119,27 @@ def test_super_activation_sweep_tokens_and_neurons(oracle_run, loaded):
     assert po["top_neurons"][0]["neuron"] == 7 and po["top_neurons"][1]["contribution"] == 0
     on_disk = json.loads((run / "results.json").read_text())
     assert on_disk["sparsity"] == results["sparsity"] and on_disk["recipe"] == "fast"  # earlier keys kept
+
+
+def test_the_sink_view_is_in_the_record_the_report_and_the_terminal(oracle_run, loaded):
+    run, results = oracle_run
+    sk = results["sinks"]
+    assert sk["channel"] == "1:5" and sk["window"] == 64 and sk["windows"] == 4 and sk["n_tokens"] == 256
+    assert [e["layer"] for e in sk["layers"]] == list(range(6))
+    assert all(set(e["conditions"]) == {"base", "broken", "patched"} for e in sk["layers"])
+    base = [e["conditions"]["base"] for e in sk["layers"]]
+    broken = [e["conditions"]["broken"] for e in sk["layers"]]
+    assert broken[1] != base[1] and broken[0] == base[0]  # the norm after the planted block changes
+    assert all(broken[j]["sink_mass"] != base[j]["sink_mass"] for j in range(2, 6))
+    assert all(e["entropy_undone"] == pytest.approx(1.0, abs=1e-3) for e in sk["layers"][2:])  # the oracle
+    assert loaded.model.config._attn_implementation == "eager"  # as the tiny model was built, put back
+    md = write_report(run)[0].read_text()
+    assert "## Attention sinks: how the damage travels" in md and "](plots/sinks.png)" in md
+    headline = md.split("## Summary")[0]
+    assert "Mechanism: " in headline and "The patch " in headline
+    buf = io.StringIO()
+    print_analysis(Console(file=buf, width=200), read_record(run))
+    assert "Attention sink per layer from the ablated layer 1 on" in buf.getvalue() and "Mechanism: " in buf.getvalue()
 
 
 def test_logit_lens_is_the_unembedding_column_through_the_norm(loaded):

@@ -27,13 +27,13 @@ def full_report(pipeline_run):
 
 
 SECTIONS = ["Summary", "Seeds", "Detection", "Training", "Perplexity and KL", "The patch", "Sparsity",
-            "Scale sweep", "Tokens", "Neurons the patch listens to", "Generations", "Protocol and versions"]
+            "Scale sweep", "Attention sinks: how the damage travels", "Tokens", "Neurons the patch listens to", "Generations", "Protocol and versions"]
 
 
 def test_report_files_and_plots(full_report):
     run, md, page = full_report
     assert (run / "report.md").is_file() and (run / "report.html").is_file()
-    for name in ("loss", "ppl_kl", "sparsity", "sweep"):
+    for name in ("loss", "ppl_kl", "sparsity", "sweep", "sinks"):
         assert (run / "plots" / f"{name}.png").read_bytes().startswith(b"\x89PNG"), name
         assert f"](plots/{name}.png)" in md
     assert not list(run.glob(".*.tmp")) and not list((run / "plots").glob(".*.tmp"))
@@ -42,7 +42,7 @@ def test_report_files_and_plots(full_report):
 def test_html_is_self_contained(full_report):
     _, _, page = full_report
     assert 'src="plots/' not in page and "<img src=\"plots/" not in page
-    assert page.count('src="data:image/png;base64,') == 4
+    assert page.count('src="data:image/png;base64,') == 5
     assert "<script" not in page and "<link" not in page
 
 

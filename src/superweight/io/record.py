@@ -18,6 +18,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from superweight.io.sinkrecord import Sinks
+
 
 SCHEMA_VERSION = 2
 
@@ -361,6 +363,7 @@ class RunRecord(Record):
     neurons: list[Neuron] | None = None
     patch_output: PatchOutput | None = None
     sweep: list[ScalePoint] | None = None
+    sinks: Sinks | None = None
     analysis: Analysis | None = None
     # sparsify
     sparse_training: SparseTraining | None = None

@@ -84,7 +84,32 @@ def _plot_sweep(r: RunRecord, log):
     return fig
 
 
-PLOTS = {"loss": _plot_loss, "ppl_kl": _plot_ppl_kl, "sparsity": _plot_sparsity, "sweep": _plot_sweep}
+def _plot_sinks(r: RunRecord, log):
+    sk = r.sinks
+    if not sk or not sk.layers:
+        return None
+    fig, ax = _figure()
+    xs = [e.layer for e in sk.layers]
+    style = {"base": ("tab:green", "o-"), "broken": ("tab:red", "s-"), "patched": ("tab:blue", "^--")}
+    for name in sk.layers[0].conditions:
+        color, fmt = style.get(name, ("tab:gray", "o-"))
+        mean = [e.conditions[name].sink_mass for e in sk.layers]
+        std = [e.conditions[name].sink_mass_std for e in sk.layers]
+        ax.plot(xs, mean, fmt, color=color, label=name, markersize=4)
+        ax.fill_between(xs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], color=color,
+                        alpha=0.12, lw=0)
+    ax.axvline(int(sk.channel.split(":")[0]), ls=":", lw=0.8, color="k", label="ablated layer")
+    if sk.breaks_at is not None:
+        ax.axvline(sk.breaks_at, ls="--", lw=0.8, color="tab:red", label="sink breaks")
+    ax.set(xlabel="layer", ylabel="attention mass on the sink token(s)", ylim=(0, 1),
+           title="attention sink per layer (mean over heads; band: ± std over heads)")
+    ax.title.set_fontsize(9)
+    ax.legend(fontsize=7)
+    return fig
+
+
+PLOTS = {"loss": _plot_loss, "ppl_kl": _plot_ppl_kl, "sparsity": _plot_sparsity, "sweep": _plot_sweep,
+         "sinks": _plot_sinks}
 
 
 def draw_plots(r: RunRecord, log: list[dict], out: Path) -> dict[str, Path]:

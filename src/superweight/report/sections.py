@@ -58,7 +58,61 @@ def _headline(r: RunRecord, plots) -> list:
     if r.sparse_training and (s90 := r.sparse_training.smallest_90):
         out.append(("p", f"Trained for sparsity ({s90.method}), a patch of {s90.nnz} non-zero entries "
                          f"recovers {pct(s90.nll_gap)}."))
+    out += [("p", line) for line in sink_sentences(r)]
     return out
+
+
+def _sink_tokens(sk) -> str:
+    """'position 0', 'position 0, and others in 3 of 8 windows', or 'a position that varies by window'."""
+    sets = [set(p) for p in sk.positions]
+    common = set.intersection(*sets) if sets else set()
+    more = sum(bool(p - common) for p in sets)
+    where = f"position {', '.join(map(str, sorted(common)))}" if common else "a position that varies by window"
+    return where + (f", and others in {more} of {len(sets)} windows" if common and more else "")
+
+
+def largest_sink_change(sk):
+    """The layer whose mean sink mass the ablation changes most (broken - base), or None."""
+    return max(sk.layers, key=lambda e: abs(e.conditions["broken"].sink_mass - e.conditions["base"].sink_mass),
+               default=None)
+
+
+def sink_sentences(r: RunRecord) -> list[str]:
+    """The headline's two sentences on the mechanism: where the sink breaks, and whether the patch restores it."""
+    sk = r.sinks
+    if not sk or not sk.layers or "broken" not in sk.layers[0].conditions:
+        return []
+    tokens = _sink_tokens(sk)
+    big = largest_sink_change(sk)
+    b = big.conditions
+    if sk.breaks_at is not None:
+        c = sk.layers[sk.breaks_at].conditions
+        also = ("" if big.layer == sk.breaks_at else f"; its largest change is at layer {big.layer}, from "
+                f"{b['base'].sink_mass:.2f} to {b['broken'].sink_mass:.2f}")
+        first = (f"Mechanism: with the weight zeroed, the attention sink (sink tokens: {tokens}) "
+                 f"breaks at layer {sk.breaks_at}: the heads' mean attention mass on it falls from "
+                 f"{c['base'].sink_mass:.2f} to {c['broken'].sink_mass:.2f}, and the share of heads with a sink "
+                 f"(mass > {sk.threshold:g}) from {pct(c['base'].sink_heads)} to {pct(c['broken'].sink_heads)}"
+                 f"{also}.")
+    else:
+        first = (f"Mechanism: zeroing the weight does not break the attention sink (sink tokens: {tokens}): no "
+                 f"layer's mean sink mass falls below {1 - sk.break_drop:g}x the intact model's; it changes most at "
+                 f"layer {big.layer}, from {b['base'].sink_mass:.2f} to {b['broken'].sink_mass:.2f}.")
+    if "patched" not in sk.layers[0].conditions:
+        return [first]
+    undone = [e.entropy_undone for e in sk.layers if e.entropy_undone is not None]
+    ent = (f"; it undoes {pct(sum(undone) / len(undone))} of the attention-entropy change, mean over the "
+           f"{len(undone)} layers the ablation changes" if undone else "")
+    if sk.breaks_at is None:
+        second = f"The patch leaves the sink as it was{ent}."
+    else:
+        c = sk.layers[sk.breaks_at].conditions
+        verb = ("restores it" if sk.restored is not None and sk.restored >= 0.9 else
+                "partly restores it" if sk.restored is not None and sk.restored >= 0.5 else
+                "does not restore it: it reaches the loss another way")
+        second = (f"The patch {verb}: from layer {sk.breaks_at} on it gives back {pct(sk.restored)} of the lost "
+                  f"sink mass (layer {sk.breaks_at}: {c['patched'].sink_mass:.2f}){ent}.")
+    return [first, second]
 
 
 def _summary(r: RunRecord, plots) -> list:
@@ -209,6 +263,35 @@ def _sweep(r: RunRecord, plots) -> list:
          ("top-1 agree", "top1_agree", pct), ("super act.", "super_activation", num)])]
 
 
+def _sinks(r: RunRecord, plots) -> list:
+    sk = r.sinks
+    if not sk or not sk.layers:
+        return []
+    conds = list(sk.layers[0].conditions)
+
+    def cells(e, field, fmt):
+        return [fmt(getattr(e.conditions[c], field)) for c in conds]
+
+    mass = lambda x: f"{x:.3f}"  # noqa: E731
+    rows = [[e.layer] + cells(e, "sink_mass", mass) + cells(e, "sink_heads", pct) + cells(e, "norm_massive", num)
+            + [num(e.conditions["base"].norm_typical), pct(e.entropy_undone)] for e in sk.layers]
+    headers = (["layer"] + [f"sink mass {c}" for c in conds] + [f"heads with sink {c}" for c in conds]
+               + [f"‖h‖ massive {c}" for c in conds] + ["‖h‖ typical base", "entropy change undone"])
+    big = largest_sink_change(sk)
+    note = (f"Sink tokens: where |residual channel {sk.channel}| reaches {sk.massive_fraction:g}x its window maximum "
+            f"in the intact model (here: {_sink_tokens(sk)}){', and the BOS' if r.protocol.bos is not None else ''}; "
+            f"{sk.windows} windows of {sk.window} tokens. Sink mass: a head's attention on the sink tokens, mean "
+            "over the queries after the first sink; the table gives the mean over heads (± spread in the figure) "
+            f"and the share of heads whose mass exceeds {sk.threshold:g}. ‖h‖: the residual-stream norm after the "
+            "block at the massive-activation token, and the median over the other tokens (typical). Entropy change "
+            "undone: 1 - Σ_h|H_patched - H_base| / Σ_h|H_broken - H_base| over heads. The sink breaks where the "
+            f"broken sink mass falls below {1 - sk.break_drop:g}x the base's"
+            + (f"; the largest change is at layer {big.layer}." if big else "."))
+    return [("h", 2, "Attention sinks: how the damage travels")] + _img(
+        plots, "sinks", "attention mass on the sink token per layer: base, broken, patched") + [
+        ("p", note), _table(headers, rows)]
+
+
 def _tokens(r: RunRecord, plots, n: int = 10) -> list:
     t = r.tokens
     if not t:
@@ -293,5 +376,5 @@ def quantize_section(q, plots) -> list:
             *[("p", n) for n in q.report.notes]]
 
 
-SECTIONS = (_headline, _summary, _tasks, _seeds, _detection, _training, _bars, _patch, _sparsity, _sweep, _tokens,
-            _neurons, _generations, _protocol)
+SECTIONS = (_headline, _summary, _tasks, _seeds, _detection, _training, _bars, _patch, _sparsity, _sweep, _sinks,
+            _tokens, _neurons, _generations, _protocol)

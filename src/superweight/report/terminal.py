@@ -13,6 +13,7 @@ from rich.text import Text
 from superweight.io.record import RunRecord, SparseTraining, smallest_k
 from superweight.measure.grade import GRADES, grade_words
 from superweight.report.compare import CompareRow
+from superweight.report.sections import sink_sentences
 
 
 def fmt(x: float | None, digits: int = 3) -> str:
@@ -220,6 +221,32 @@ def print_analysis(out: Console, r: RunRecord, patch_line: bool = True) -> None:
     lens = t.logit_lens
     out.print(f"Logit lens of channel {lens.row}: + " + ", ".join(repr(x.token) for x in lens.top[:8])
               + " | - " + ", ".join(repr(x.token) for x in lens.bottom[:8]), soft_wrap=True)
+    if r.sinks:
+        print_sinks(out, r)
+
+
+def print_sinks(out: Console, r: RunRecord) -> None:
+    """The mechanism view from the ablated layer on (below it every condition is the same model), and the
+    headline's two sentences."""
+    sk = r.sinks
+    conds = list(sk.layers[0].conditions) if sk.layers else []
+    first = int(sk.channel.split(":")[0])
+    table = Table(title=f"Attention sink per layer from the ablated layer {first} on ({sk.windows} windows of "
+                        f"{sk.window} tokens; sink: mean attention mass over heads, heads: share with mass > "
+                        f"{sk.threshold:g}; ||h||: residual norm at the massive token)", box=box.SIMPLE_HEAD)
+    table.add_column("layer", justify="right")
+    for title in ("sink", "heads", "||h||"):
+        for c in conds:
+            table.add_column(f"{title} {c}", justify="right")
+    table.add_column("entropy undone", justify="right")
+    for e in sk.layers[first:]:
+        cs = [e.conditions[c] for c in conds]
+        table.add_row(str(e.layer), *[f"{c.sink_mass:.3f}" for c in cs], *[f"{c.sink_heads:.0%}" for c in cs],
+                      *[fmt(c.norm_massive, 0) for c in cs],
+                      "-" if e.entropy_undone is None else f"{e.entropy_undone:.1%}")
+    out.print(table)
+    for line in sink_sentences(r):
+        out.print(Text(line))
 
 
 def print_sparse(out: Console, st: SparseTraining) -> None:

@@ -1,11 +1,12 @@
 """What the repair patch is, what it needs, and what it changes: measured on a run directory.
 
-    record = run_analyze(loaded, Path("runs/x"))      # adds patch, sparsity, tokens, neurons, sweep, ...
+    record = run_analyze(loaded, Path("runs/x"))      # adds patch, sparsity, tokens, neurons, sweep, sinks, ...
     record.sparsity[0]                                # SparsityPoint(k=1, nll_gap=..., random=...)
 
-Every measurement shares one base pass (`metrics.measure`, blocks below the patched layer run once per batch):
-the broken and patched models, the top-k and random-k sparsified patches, and the scaled weight. The keys it
-adds to the run record are documented in docs/results.md.
+Every measurement but one shares one base pass (`metrics.measure`, blocks below the patched layer run once per
+batch): the broken and patched models, the top-k and random-k sparsified patches, and the scaled weight. The
+mechanism view (`sinks`, measure/sinks.py) runs base, broken and patched again, with eager attention, on windows
+of at most 256 tokens. The keys it adds to the run record are documented in docs/results.md.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from superweight.measure.inputs import down_inputs, seen_ids
 from superweight.io.record import Metrics, RunRecord
 from superweight.measure.metrics import measure, n_scored, protocol_of
 from superweight.measure.recovery import recovery
+from superweight.measure.sinks import WINDOW, sink_view
 
 SWEEP_SCALES = (0.5, 0.0, -1.0, 2.0)
 TOP_TOKENS = 15
@@ -244,6 +246,9 @@ def run_analyze(
                       progress=on_tokens, bos=bos)
     base = metrics["base"]
     n = sum(v.numel() for v in patch.vectors)
+    stage("Mechanism view: attention sinks", None)
+    sinks = sink_view(model, ids, {"broken": conditions["broken"], "patched": conditions["patched"]},
+                      (first.layer, first.row), bos, window=min(WINDOW, max_length))
     stage("Token and neuron views", None)
     (layer, row), vector = patch.rows[0], patch.vectors[0].float()
     x, positions = inputs[layer]
@@ -262,6 +267,7 @@ def run_analyze(
         "patch_output": patch_output(tok, seen, x, positions, vector, col, deleted),
         "sweep": [{"scale": 1.0, **_sweep_point(base)}]
                  + [{"scale": s, **_sweep_point(metrics[f"scale{s:g}"])} for s in SWEEP_SCALES],
+        "sinks": sinks.model_dump(),
     }
     analysis["analysis"] = {
         "protocol": protocol_of(loaded, corpus, "eval", base.n_tokens, max_length, max_length, {
