@@ -53,6 +53,9 @@ class _Acc:
         )
 
 
+LOGIT_BUDGET = 512 * 2**20  # bytes of fp32 logits per batch (one window per batch at the least)
+
+
 def _batches(wins: list[Window], batch_tokens: int) -> list[list[Window]]:
     """Group windows of equal length into batches of about `batch_tokens` tokens (no padding needed)."""
     out: list[list[Window]] = []
@@ -123,6 +126,10 @@ def measure(
     prefix = Prefix(model, share_below)
     wins = make_windows(ids.numel(), max_length, stride, bos=bos is not None)
     accs = {name: _Acc() for name in ["base", *conditions]}
+    # A batch's logits are batch_tokens x vocab floats, several times over (base and condition log-probs, KL):
+    # 2,048 x 49k (SmolLM2) is 0.4 GB, 2,048 x 262k (Gemma 3) 2.1 GB. Cap them near LOGIT_BUDGET.
+    vocab = model.get_output_embeddings().weight.shape[0]
+    batch_tokens = min(batch_tokens, max(1, LOGIT_BUDGET // (vocab * 4)))
     for batch in _batches(wins, batch_tokens):
         input_ids = with_bos(torch.stack([ids[w.begin : w.end] for w in batch]), bos).to(device)
         length = input_ids.shape[1]
