@@ -68,7 +68,8 @@ def test_detect_is_the_command(m, tmp_path):
     found = sw.detect(m, calib_tokens=256, attribution_top=1)
     assert isinstance(found, sw.DetectResult) and found.candidates[0].coord == sw.parse_coord(WEIGHT)
     assert found.candidates[0].confirmed and found.settings["attribution_top"] == 1
-    invoke_cli("detect", "--model", m.spec, "--calib-tokens", 256, "--attribution-top", 1, "--json", tmp_path / "d.json")
+    invoke_cli("detect", "--model", m.spec, "--calib-tokens", 256, "--attribution-top", 1,
+               "--json", tmp_path / "d.json")
     cli = json.loads((tmp_path / "d.json").read_text())
     assert [c.model_dump() for c in found.candidates] == cli["candidates"]
     shows_a_table(found, "L:R:C", WEIGHT, "super weight")

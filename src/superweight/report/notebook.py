@@ -89,7 +89,8 @@ def detect_repr(r) -> str:
 
 def eval_repr(r) -> str:
     p = r.protocol
-    line = f"EvalResult({p.model.split(' (')[0]}, {p.corpus}/{p.split}, {p.n_tokens:,} tokens: base PPL {ppl(r.base.ppl)}"
+    line = (f"EvalResult({p.model.split(' (')[0]}, {p.corpus}/{p.split}, {p.n_tokens:,} tokens: "
+            f"base PPL {ppl(r.base.ppl)}")
     for name in ("ablated", "patched"):
         if (m := getattr(r, name)) is not None:
             line += f"; {name} PPL {ppl(m.ppl)}, KL {num(m.kl)}"
