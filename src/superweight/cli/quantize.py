@@ -43,21 +43,6 @@ def parse_protect(text: str | None, clip) -> list[int]:
     return sorted({int(p) for p in parts})
 
 
-def auto_keep(loaded, spec: str):
-    """The published super weights of `spec` (known.py), else the confirmed ones `detect` finds."""
-    from superweight.known import published
-
-    known = published(spec)
-    if known:
-        return known, "published"
-    from superweight.stages.detect import DetectConfig, run_detect
-
-    with err.status("No published super weights: detecting..."):
-        found = run_detect(loaded, DetectConfig(calib_tokens=512))
-    coords = [c.coord for c in found.candidates if c.confirmed]
-    return coords, "detected" if coords else "none"
-
-
 @app.command()
 @errors
 def quantize(
@@ -94,7 +79,7 @@ def quantize(
     from superweight.io.patchfile import load_patch
     from superweight.io.rundir import check_writable
     from superweight.measure.metrics import n_scored
-    from superweight.stages.quantize import parse_activations, run_quantize, shapes_before_load
+    from superweight.stages.quantize import auto_keep, parse_activations, run_quantize, shapes_before_load
 
     # Every option is checked before the (slow) load.
     bit_list, blocks, clip_spec = parse_bits(bits), parse_blocks(block), parse_clip(clip)
@@ -116,7 +101,8 @@ def quantize(
     task_set = task_spec(tasks, include_path, task_limit)
     loaded = load_model(model, device, dtype, bos=bos)
     if coords is None:
-        coords, source = auto_keep(loaded, model)
+        with err.status("Finding the super weights to keep: published, else detected..."):
+            coords, source = auto_keep(loaded, model)
     ids = corpora.tokenize(loaded.tokenizer, text, max_tokens)
     with progress() as bar:
         task = bar.add_task("Quantizing", total=n_scored(ids.numel(), max_length, bos=loaded.bos is not None))

@@ -52,7 +52,7 @@ def run(
 
     from superweight.core.coords import parse_coord
     from superweight.io.lock import hold_run_dir
-    from superweight.stages.pipeline import run_pipeline
+    from superweight.stages.pipeline import check_out, run_pipeline
     from superweight.stages.repair import recorded_bos
 
     coord = parse_coord(weight) if weight else None
@@ -63,10 +63,10 @@ def run(
     path = Path(out_ or f"runs/{Path(model).name.removesuffix('.gguf')}-{stamp}")
     if resume and out_ is None:
         raise UsageError("--resume needs the --out of the run to continue")
-    _check_out(path, resume)  # refused before the directory is made or locked
+    check_out(path, resume)  # refused before the directory is made or locked
     bos = check_bos(bos) if bos is not None else recorded_bos(path) if resume else "auto"  # resumed: the run's
     with hold_run_dir(path, "run"):  # one writer, or refused here, before the model loads
-        if _check_out(path, resume) == "finished":  # again, now that no other writer can change it
+        if check_out(path, resume) == "finished":  # again, now that no other writer can change it
             err.print(f"{path} is finished already (report.html): nothing to resume, nothing changed.",
                       soft_wrap=True)
             return
@@ -80,15 +80,3 @@ def run(
                                    tasks=task_set, quantize=quantize)
     terminal.print_run(out, record, path)
 
-
-def _check_out(path, resume: bool) -> str | None:
-    """Refuse an --out that a fresh run or --resume may not write into; "finished" for a finished run."""
-    from superweight.io.rundir import check_new_run_dir, read_record, run_state
-
-    if not resume:
-        check_new_run_dir(path)
-    elif run_state(path) == "other":
-        raise UsageError(f"{path} holds files but no config.json: not a run directory; choose another --out")
-    elif (path / "report.html").is_file() and (read_record(path).timings or {}).get("report") is not None:
-        return "finished"
-    return None

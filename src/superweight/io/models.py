@@ -21,7 +21,7 @@ import os
 import shutil
 import tempfile
 from contextlib import suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -55,8 +55,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 class Loaded:
     """A model, its tokenizer, and where they came from."""
 
-    model: nn.Module
-    tokenizer: object
+    model: nn.Module = field(repr=False)  # a notebook shows the rest: spec, source, dtype, device, ...
+    tokenizer: object = field(repr=False)
     spec: str  # what the user typed
     source: str  # the resolved file, directory or hub id
     dtype: str

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
+from superweight.display import Shown
 from superweight.io.record import Metrics, Protocol, Record, Recovery, TaskResults
 
 
@@ -66,7 +67,7 @@ class QuantReport(Record):
     notes: list[str] = Field(default_factory=list, description="findings in words (super weight vs block-mates)")
 
 
-class QuantResult(Record):
+class QuantResult(Shown, Record):
     protocol: Protocol
     base: Metrics
     keep: list[str] = Field(description="the kept super weights, LAYER:ROW:COL")

@@ -14,9 +14,12 @@ io/migrate.py lifts it to the current version, or refuses it in one line.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
+
+from superweight.display import Shown
 
 from superweight.io.sinkrecord import Sinks
 
@@ -337,8 +340,12 @@ class TaskResults(Record):
     scores: dict[str, dict[str, dict[str, TaskScore]]] = Field(description="condition -> task -> metric -> score")
 
 
-class RunRecord(Record):
+class RunRecord(Shown, Record):
     """results.json. `repair` writes the fields up to `seeds`; the rest stay None until their stage runs."""
+
+    # The directory it was read from or written to (io/rundir.py), not part of results.json: a notebook shows
+    # the run's loss curve and quantization from it.
+    _run_dir: Path | None = PrivateAttr(None)
 
     schema_version: int = SCHEMA_VERSION
     protocol: Protocol

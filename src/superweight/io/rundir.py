@@ -217,12 +217,15 @@ def read_record(run_dir: str | os.PathLike) -> RunRecord:
     path = run_dir / RESULTS
     if not path.is_file():
         raise SuperweightError(f"no results.json in {run_dir}: run `superweight repair --out {run_dir}` first")
-    return parse(read_json(path, "results"), str(path))
+    record = parse(read_json(path, "results"), str(path))
+    record._run_dir = run_dir
+    return record
 
 
 def write_record(run_dir: str | os.PathLike, record: RunRecord) -> Path:
     """Write RUN_DIR/results.json atomically; parts of stages that have not run are left out."""
     absent = {name for name in RunRecord.model_fields if getattr(record, name) is None}
+    record._run_dir = Path(run_dir)
     return write_json(Path(run_dir) / RESULTS, record.model_dump(exclude=absent))
 
 

@@ -8,22 +8,22 @@ The report reads the run record (io/rundir.read_record), never a stage's code. T
 list of blocks (sections.py: heading, paragraph, table, image) and rendered twice (render.py), so the two
 files cannot drift. Sections only hold plain text; the renderers escape every string, so a token such as
 '</script>' is shown, never obeyed. Each section appears only when its stage has run (see docs/results.md).
-terminal.py prints each command's result on the console.
+terminal.py prints each command's result on the console; notebook.py draws a result in a notebook from both.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from superweight.io.record import smallest_k
+from superweight.io.record import RunRecord, smallest_k
 from superweight.io.rundir import PLOTS, REPORT_HTML, REPORT_MD, read_record, read_train_log, write_atomic
-from superweight.report.compare import CompareRow, compare_rows
+from superweight.report.compare import CompareRow, Comparison, compare_rows
 from superweight.io.quantrecord import read_quantize
 from superweight.report.plots import draw_plots, save_quantize_plot
 from superweight.report.render import render_html, render_md
 from superweight.report.sections import SECTIONS, quantize_section
 
-__all__ = ["CompareRow", "compare_rows", "smallest_k", "write_report"]
+__all__ = ["CompareRow", "Comparison", "compare_rows", "report_blocks", "smallest_k", "write_report"]
 
 
 def write_report(run_dir: str | Path) -> tuple[Path, Path]:
@@ -31,15 +31,21 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
 
     Returns (report.md, report.html). Raises SuperweightError when RUN_DIR has no readable results.json."""
     run = Path(run_dir)
-    record = read_record(run)
-    plots = draw_plots(record, read_train_log(run), run / PLOTS)
-    quantized = read_quantize(run)  # `run --quantize`
-    if quantized is not None and (path := save_quantize_plot(quantized, run / PLOTS / "quantize.png")):
+    blocks, plots = report_blocks(read_record(run), run, run / PLOTS)
+    md, page = render_md(blocks), render_html(blocks, plots)
+    return (write_atomic(run / REPORT_MD, lambda tmp: tmp.write_text(md, encoding="utf-8")),
+            write_atomic(run / REPORT_HTML, lambda tmp: tmp.write_text(page, encoding="utf-8")))
+
+
+def report_blocks(record: RunRecord, run_dir: Path | None, plots_dir: Path) -> tuple[list, dict[str, Path]]:
+    """The report of `record` as blocks (sections.py), with its plots drawn into `plots_dir`; the run directory
+    (None: unknown) adds the loss curve (train log) and the quantization section (`run --quantize`)."""
+    plots = draw_plots(record, read_train_log(run_dir) if run_dir else [], plots_dir)
+    quantized = read_quantize(run_dir) if run_dir else None
+    if quantized is not None and (path := save_quantize_plot(quantized, plots_dir / "quantize.png")):
         plots["quantize"] = path
     blocks = [b for section in SECTIONS for b in section(record, plots)]
     if quantized is not None:  # before the closing protocol section
         at = next((i for i, b in enumerate(blocks) if b[:3] == ("h", 2, "Protocol and versions")), len(blocks))
         blocks[at:at] = quantize_section(quantized, plots)
-    md, page = render_md(blocks), render_html(blocks, plots)
-    return (write_atomic(run / REPORT_MD, lambda tmp: tmp.write_text(md, encoding="utf-8")),
-            write_atomic(run / REPORT_HTML, lambda tmp: tmp.write_text(page, encoding="utf-8")))
+    return blocks, plots

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
+from superweight.display import Shown
 from superweight.io.record import smallest_k
 from superweight.io.rundir import read_record
 
@@ -40,7 +41,11 @@ class CompareRow(BaseModel):
     seconds: float
 
 
-def compare_rows(run_dirs: list[str | Path]) -> list[CompareRow]:
+class Comparison(Shown, list):
+    """The rows of `compare_rows`: a plain list of CompareRow, shown as the comparison table in a notebook."""
+
+
+def compare_rows(run_dirs: list[str | Path]) -> Comparison:
     """One row per run directory, in the order given."""
     rows = []
     for run_dir in run_dirs:
@@ -59,4 +64,4 @@ def compare_rows(run_dirs: list[str | Path]) -> list[CompareRow]:
             seeds_nll_gap_std=r.seeds.std.nll_gap if r.seeds else None,
             n_tokens=r.protocol.n_tokens, seconds=r.training.seconds,
         ))
-    return rows
+    return Comparison(rows)

@@ -50,7 +50,8 @@ def render_md(blocks: list) -> str:
     return "\n\n".join(out) + "\n"
 
 
-def render_html(blocks: list, plots: dict[str, Path]) -> str:
+def render_body(blocks: list, plots: dict[str, Path]) -> str:
+    """The blocks as HTML elements, without the page around them (a notebook cell shows this)."""
     esc, out = html.escape, []
     for b in blocks:
         if b[0] == "h":
@@ -67,6 +68,10 @@ def render_html(blocks: list, plots: dict[str, Path]) -> str:
             body = "".join("<tr>" + "".join(f"<td{c}>{_inline(x, esc, '<b>{}</b>')}</td>"
                                             for c, x in zip(cls, row)) + "</tr>\n" for row in rows)
             out.append(f"<table><thead><tr>{head}</tr></thead><tbody>\n{body}</tbody></table>")
-    title = esc(blocks[0][2]) if blocks and blocks[0][0] == "h" else "superweight report"
+    return "\n".join(out)
+
+
+def render_html(blocks: list, plots: dict[str, Path]) -> str:
+    title = html.escape(blocks[0][2]) if blocks and blocks[0][0] == "h" else "superweight report"
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
-            f"<style>{CSS}</style></head>\n<body>\n" + "\n".join(out) + "\n</body></html>\n")
+            f"<style>{CSS}</style></head>\n<body>\n" + render_body(blocks, plots) + "\n</body></html>\n")

@@ -34,6 +34,7 @@ from torch import nn
 from superweight.core.arch import DownProj, down_projections, input_device
 from superweight.core.coords import WeightCoord
 from superweight.core.intervene import Ablation, Intervention, Trace
+from superweight.display import Shown
 from superweight.io import corpora
 from superweight.io.record import Metrics, Protocol
 from superweight.measure.grade import grade
@@ -85,7 +86,7 @@ class Candidate(BaseModel):
         return WeightCoord(layer=self.layer, row=self.row, col=self.col)
 
 
-class DetectResult(BaseModel):
+class DetectResult(Shown, BaseModel):
     protocol: Protocol | None = Field(None, description="how the verification numbers were measured")
     settings: dict
     rounds: list[list[LayerSpike]] = Field(description="per scan round, the per-layer spikes")

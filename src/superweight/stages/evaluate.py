@@ -9,6 +9,7 @@ from pydantic import BaseModel
 
 from superweight.core.coords import WeightCoord
 from superweight.core.intervene import Ablation, Compose, RowPatch
+from superweight.display import Shown
 from superweight.io import corpora
 from superweight.io.models import Loaded
 from superweight.measure import generate
@@ -18,7 +19,7 @@ from superweight.measure.metrics import measure, protocol_of
 from superweight.measure.tasks import TaskSpec, run_tasks
 
 
-class EvalResult(BaseModel):
+class EvalResult(Shown, BaseModel):
     protocol: Protocol
     base: Metrics
     ablated: Metrics | None

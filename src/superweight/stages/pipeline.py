@@ -14,11 +14,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from superweight.core.coords import WeightCoord
-from superweight.errors import SuperweightError
+from superweight.errors import SuperweightError, UsageError
 from superweight.io import corpora
 from superweight.io.models import Loaded
 from superweight.io.record import CandidateSummary, DetectSummary, RunRecord
-from superweight.io.rundir import DETECT, check_new_run_dir, write_json, write_record
+from superweight.io.rundir import DETECT, check_new_run_dir, read_record, run_state, write_json, write_record
 from superweight.stages.train import RepairConfig
 
 # Detection settings for the one-shot run: a quarter of the calibration text of `superweight detect` (the damage of a
@@ -109,6 +109,18 @@ def run_pipeline(
     record.timings["report"] = time.perf_counter() - t
     write_record(out, record)
     return record
+
+
+def check_out(path: Path, resume: bool) -> str | None:
+    """Refuse an --out that a fresh run or --resume may not write into; "finished" for a finished run (`run` and
+    superweight.run check it before the directory is made or locked, and again once it is locked)."""
+    if not resume:
+        check_new_run_dir(path)
+    elif run_state(path) == "other":
+        raise UsageError(f"{path} holds files but no config.json: not a run directory; choose another --out")
+    elif (path / "report.html").is_file() and (read_record(path).timings or {}).get("report") is not None:
+        return "finished"
+    return None
 
 
 def _choose(candidates):

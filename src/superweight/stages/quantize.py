@@ -87,6 +87,18 @@ def parse_activations(text: str | None) -> tuple[int, str] | None:
     return int(kind[3:]), which or "down"
 
 
+def auto_keep(loaded: Loaded, spec: str) -> tuple[list[WeightCoord], str]:
+    """`--keep auto`: the published super weights of `spec` (known.py), else the confirmed ones `detect` finds on
+    512 calibration tokens; with where they came from (published, detected or none)."""
+    from superweight.known import published
+    from superweight.stages.detect import DetectConfig, run_detect
+
+    if known := published(spec):
+        return known, "published"
+    coords = [c.coord for c in run_detect(loaded, DetectConfig(calib_tokens=512)).candidates if c.confirmed]
+    return coords, "detected" if coords else "none"
+
+
 def shapes_before_load(spec: str) -> list[tuple[int, int]] | None:
     """The [out, in] shapes of the decoder linears from the model's config alone (a weightless meta-device
     build), so that --block is checked before the weights load; None when the config is not at hand (a GGUF

