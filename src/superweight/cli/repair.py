@@ -150,7 +150,8 @@ def apply_(
 
         config = write_peft(loaded, data_, Path(peft), ablation_only)
         done = f"{', '.join(map(str, data_.ablated))} ablated only" if ablation_only else what
-        out.print(f"Wrote a LoRA adapter ({done}; rank {config['r']} on {', '.join(config['target_modules'])}) "
+        targets = config["target_modules"] + config.get("target_parameters", [])
+        out.print(f"Wrote a LoRA adapter ({done}; rank {config['r']} on {', '.join(targets)}) "
                   f"for the intact {loaded.source} to {peft}")
     if export:
         merge_into_weights(loaded.model, data_)

@@ -43,6 +43,7 @@ from superweight.io.record import Metrics, Protocol
 from superweight.measure.grade import grade
 from superweight.measure.inputs import down_inputs
 from superweight.measure.metrics import measure, protocol_of
+from superweight.stages.experts import plan_experts
 
 DEFAULT_PROMPTS = [
     "Apple Inc. is a worldwide tech company.",  # the paper's prompt
@@ -142,11 +143,11 @@ def scan(model: nn.Module, tokenizer, prompts: list[str]) -> list[LayerSpike]:
                 col=col, share=(contrib[col] / y[pos, row]).item() if y[pos, row] != 0 else 0.0,
                 in_at_col=xin[col].item(), expert=dp.expert,
             )
-            layer = dp.layer
-            if layer not in best or spike.out_value > best[layer].out_value:
-                best[layer] = spike
-            elif spike.in_value > best[layer].in_value:
-                best[layer] = best[layer].model_copy(update={"in_value": spike.in_value, "in_col": spike.in_col})
+            old = best.get(dp.layer)
+            if old is None or spike.out_value > old.out_value:
+                best[dp.layer] = spike
+            elif spike.in_value > old.in_value:
+                best[dp.layer] = old.model_copy(update={"in_value": spike.in_value, "in_col": spike.in_col})
 
         ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(device)
         with Trace(dict(enumerate(dp.module for dp in dps)), record):
@@ -172,7 +173,9 @@ def iterate_spikes(
         rounds.append(spikes)
         ratios = spike_ratios(spikes)
         known = {c.coord.key for c in found}
-        outliers = [(r, s) for r, s in zip(ratios, spikes) if r >= spike_ratio and _spike_coord(s).key not in known]
+        outliers = [(r, s) for r, s in zip(ratios, spikes)
+                    if r >= spike_ratio and WeightCoord(layer=s.layer, row=s.out_row, col=s.col, expert=s.expert).key
+                    not in known]
         if not outliers:
             break
         ratio, s = max(outliers, key=lambda t: t[0])
@@ -184,9 +187,6 @@ def iterate_spikes(
         ))
     return found, rounds
 
-
-def _spike_coord(s: LayerSpike) -> WeightCoord:
-    return WeightCoord(layer=s.layer, row=s.out_row, col=s.col, expert=s.expert)
 
 
 def attribution(
@@ -283,8 +283,6 @@ def verify(
     """Measure each candidate's damage beside its matrix's controls (and, inside an expert, its whole expert's
     beside control experts); return them ranked by KL, and base. `bos`: the token every window starts with
     (io/corpora.bos_token), None for none."""
-    from superweight.stages.experts import plan_experts
-
     cand_by_matrix: dict[tuple, set[tuple[int, int]]] = {}
     for c in candidates:
         cand_by_matrix.setdefault((c.layer, c.expert), set()).add((c.row, c.col))
