@@ -196,7 +196,7 @@ class ExpertDownProj(DownProj):
         return tensor[self.expert].t() if self.transposed else tensor[self.expert]
 
     def inputs(self, args: tuple) -> torch.Tensor:
-        return moe.routed_input(self.module, args, self.expert)
+        return moe.routed_input(self.module, args, self.expert, stored(self.module, "gate_up_proj"))
 
     def outputs(self, x: torch.Tensor, out) -> torch.Tensor:
         return F.linear(x, self.matrix.to(x.device, x.dtype))
@@ -291,6 +291,8 @@ def down_projection(model: nn.Module, layer: int, expert: int | str | None = Non
     if expert is None:
         raise CoordinateError(f"layer {layer} is a mixture of experts: address its weights as LAYER:EXPERT:ROW:COL "
                               f"({choices})")
+    if expert == moe.SHARED:
+        raise CoordinateError(f"layer {layer} has no shared expert: it has {choices}")
     raise CoordinateError(f"expert {expert} out of range for layer {layer}: it has {choices}")
 
 

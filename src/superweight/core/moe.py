@@ -71,18 +71,17 @@ def _check_storage(experts: nn.Module) -> None:
             "concatenated gate_up_proj without biases)")
 
 
-def routed_input(experts: nn.Module, args: tuple, expert: int) -> torch.Tensor:
+def routed_input(experts: nn.Module, args: tuple, expert: int, gate_up: torch.Tensor) -> torch.Tensor:
     """Expert `expert`'s down-projection input [T, d_ff] from the experts module's call arguments (hidden
     [T, d_model], top_k_index [T, k], top_k_weights [T, k]): act(gate) * up, times the routing weight, at each
-    token routed to it; zero elsewhere. Computed in the hidden states' dtype, as the experts module does."""
-    from superweight.core.arch import stored
-
+    token routed to it; zero elsewhere. `gate_up`: the fused gate_up_proj as the forward pass reads it (arch.stored).
+    Computed in the hidden states' dtype, as the experts module does."""
     if len(args) < 3:
         raise UnsupportedArchitectureError(
             f"{type(experts).__name__} is called without positional (hidden, top_k_index, top_k_weights)")
     _check_storage(experts)
     hidden, index, weights = args[:3]
-    gate_up = stored(experts, "gate_up_proj")[expert]
+    gate_up = gate_up[expert]
     if getattr(experts, "is_transposed", False):  # [d_model, 2 d_ff]
         gate_up = gate_up.t()
     d_ff = gate_up.shape[0] // 2

@@ -59,7 +59,8 @@ def adapter_tensors(model: nn.Module, patch: PatchData, ablation_only: bool = Fa
     tensors, ranks, transposed = {}, {}, False
     by_site = row_vectors(model, patch, ablation_only)
     routed: dict[int, dict[int, dict[int, torch.Tensor]]] = {}  # layer -> expert -> row -> vector
-    for key, rows in sorted(by_site.items(), key=lambda kv: (kv[0], "") if isinstance(kv[0], int) else kv[0]):
+    for key, rows in sorted(by_site.items(), key=lambda kv: (kv[0], "") if isinstance(kv[0], int) else
+                            (kv[0][0], str(kv[0][1]))):
         dp = down_projection(model, *(key if isinstance(key, tuple) else (key,)))
         if isinstance(dp.expert, int):
             routed.setdefault(dp.layer, {})[dp.expert] = rows

@@ -14,9 +14,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from superweight.core.arch import down_projection, input_device
+from superweight.core.arch import decoder_layers, down_projection, input_device, moe_block
 from superweight.core.coords import site, split_row
-from superweight.core.intervene import Ablation
+from superweight.core.intervene import Ablation, hidden
 from superweight.io.corpora import with_bos
 
 
@@ -84,9 +84,6 @@ def router_choices(model: nn.Module, ids: torch.Tensor, layer: int, max_length: 
     """(top_k_index [positions, k]: the experts the router of MoE layer `layer` picks at each token, residual
     [positions, d_model]: the residual stream after that layer), over `ids` in the windows `down_inputs` reads,
     with whatever intervention is on. Passes stop at that layer."""
-    from superweight.core.arch import decoder_layers, moe_block
-    from superweight.core.intervene import hidden
-
     found = moe_block(model, layer)
     if found is None:
         raise ValueError(f"layer {layer} has no router")

@@ -14,10 +14,9 @@
    the worse control.
 5. Grade (`grade`): what the damage makes of the weight, by the thresholds in measure/grade.py: a super weight
    (removal collapses the model), a sensitive weight (above its controls, but the model survives), or none.
-6. Mixture of experts: every expert's down-projection is scanned, scored and verified like a dense one
-   (coordinates LAYER:EXPERT:ROW:COL), and a candidate inside an expert also has its whole expert pruned beside
-   two control experts (stages/experts.py): a super expert, graded by the same thresholds, and how often the
-   router picks it at the massive-activation tokens.
+6. Mixture of experts: each expert's down-projection is scanned and verified like a dense one (LAYER:EXPERT:ROW:COL),
+   and a candidate's whole expert is also pruned beside two control experts, graded by the same thresholds, with
+   how often the router picks it at the massive-activation tokens (stages/experts.py).
 
 Every score is a property of the function, not of the parametrization: output spikes, contributions
 |W[r,c] x[c]| and KL do not change when a neuron's input is scaled by a and its column by 1/a
@@ -43,7 +42,7 @@ from superweight.io.record import Metrics, Protocol
 from superweight.measure.grade import grade
 from superweight.measure.inputs import down_inputs
 from superweight.measure.metrics import measure, protocol_of
-from superweight.stages.experts import plan_experts
+from superweight.stages.experts import EXPERT_PRUNING, plan_experts
 
 DEFAULT_PROMPTS = [
     "Apple Inc. is a worldwide tech company.",  # the paper's prompt
@@ -382,11 +381,13 @@ def run_detect(
         stage(f"Verifying {len(candidates)} candidates")
         candidates, base = verify(model, ids, candidates, cfg.min_kl, cfg.control_factor, cfg.max_length, cfg.seed,
                                   on_tokens, bos)
+        pruned = {"each candidate's expert": EXPERT_PRUNING} if any(c.expert is not None for c in candidates) else {}
         protocol = protocol_of(loaded, cfg.corpus, cfg.split, base.n_tokens, cfg.max_length, cfg.max_length,
-                               {"each candidate": "zeroed alone", "controls": "zeroed alone"})
+                               {"each candidate": "zeroed alone", "controls": "zeroed alone", **pruned})
     found = {c.coord.key: c for c in candidates}
     known = [
-        {**c.model_dump(exclude={"scale"}), "detected": c.key in found,
+        {**c.model_dump(exclude={"scale", "expert"} - ({"expert"} if c.expert is not None else set())),
+         "detected": c.key in found,
          "confirmed": bool(found.get(c.key) and found[c.key].confirmed)}
         for c in published(loaded.spec)
     ]

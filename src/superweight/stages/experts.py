@@ -26,6 +26,8 @@ from superweight.measure.inputs import router_choices
 # A token carries the massive activation of channel `row` after the layer when |residual[row]| is at least this
 # share of its largest value over the calibration text (real models: the first token and a few delimiters).
 MASSIVE = 0.5
+EXPERT_PRUNING = ("pruned whole (router logit -inf; a shared expert's output 0), beside the busiest and a random "
+                  "other expert of its layer")
 
 
 class ExpertPlan:
