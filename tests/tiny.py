@@ -158,9 +158,11 @@ TOP_K = 2
 SHARED_FF = 48  # Qwen2-MoE's shared expert: another width, so it cannot pass for a routed one
 
 
-def _moe(model_cls_name: str, config_cls_name: str, **moe_settings):
+def _moe(model_cls_name: str, config_cls_name: str, full_attention: bool = False, **moe_settings):
     def build(seed: int = 0, **overrides):
         defaults = dict(_LLAMA_LIKE, num_experts_per_tok=TOP_K, **moe_settings)
+        if full_attention:  # no linear-attention layers: their reference kernels take seconds on a CPU
+            defaults["layer_types"] = ["full_attention"] * overrides.get("num_hidden_layers", N_LAYERS)
         return _build(model_cls_name, config_cls_name, defaults, seed, overrides)
 
     return build
@@ -174,6 +176,12 @@ MOE_FAMILIES: dict[str, Callable[..., torch.nn.Module]] = {
                       head_dim=HEAD_DIM, norm_topk_prob=True),
     "olmoe": _moe("OlmoeForCausalLM", "OlmoeConfig", num_experts=N_EXPERTS),
     "mixtral": _moe("MixtralForCausalLM", "MixtralConfig", num_local_experts=N_EXPERTS, head_dim=HEAD_DIM),
+    "flex_olmo": _moe("FlexOlmoForCausalLM", "FlexOlmoConfig", num_experts=N_EXPERTS),
+    "minimax": _moe("MiniMaxForCausalLM", "MiniMaxConfig", num_local_experts=N_EXPERTS, head_dim=HEAD_DIM),
+    "qwen3_next": _moe("Qwen3NextForCausalLM", "Qwen3NextConfig", True, num_experts=N_EXPERTS,
+                       moe_intermediate_size=D_FF, shared_expert_intermediate_size=SHARED_FF, head_dim=HEAD_DIM),
+    "qwen3_5_moe_text": _moe("Qwen3_5MoeForCausalLM", "Qwen3_5MoeTextConfig", True, num_experts=N_EXPERTS,
+                             moe_intermediate_size=D_FF, shared_expert_intermediate_size=SHARED_FF, head_dim=HEAD_DIM),
 }
 
 

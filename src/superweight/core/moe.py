@@ -45,6 +45,11 @@ MOE_FAMILIES: dict[str, MoeLayout] = {
     "qwen3_moe": MoeLayout(),
     "olmoe": MoeLayout(),
     "mixtral": MoeLayout(),
+    # The same blocks in other families (checked on tiny models: tests/test_moe.py).
+    "flex_olmo": MoeLayout(),
+    "minimax": MoeLayout(),
+    "qwen3_next": MoeLayout(shared="mlp.shared_expert"),
+    "qwen3_5_moe_text": MoeLayout(shared="mlp.shared_expert"),
 }
 
 
