@@ -130,7 +130,8 @@ def test_expert_coordinates_parse_print_and_key():
 
 
 def test_expert_rows_parse_and_sort():
-    assert parse_row("0:5") == (0, 5) and parse_row("0:2:5") == (0, 5, 2) and parse_row("0:shared:5") == (0, 5, "shared")
+    assert parse_row("0:5") == (0, 5) and parse_row("0:2:5") == (0, 5, 2)
+    assert parse_row("0:shared:5") == (0, 5, "shared")
     assert row_text((0, 5, 2)) == "0:2:5" and row_text((0, 5)) == "0:5"
     coords = parse_coords(["1:shared:5:7", "1:3:5:7", "1:5:7", "0:3:9:1", "1:3:5:8"])
     assert rows_of(coords) == [(0, 9, 3), (1, 5), (1, 5, 3), (1, 5, "shared")]
@@ -295,7 +296,8 @@ def test_default_recipe_repairs_a_pruned_super_expert_weight(family, expert, tok
     rows = rows_of([coord])
     cfg = RECIPES["lbfgs"]
     # Column coordinates: the expert's own column norms (not the fused tensor's, nor another expert's).
-    torch.testing.assert_close(scales(model, rows, cfg.space)[0], arch.down_projection(model, 0, expert).matrix.norm(dim=0))
+    own = arch.down_projection(model, 0, expert).matrix.norm(dim=0)
+    torch.testing.assert_close(scales(model, rows, cfg.space)[0], own)
     seqs, mask = training_sequences(tok, "pydoc", cfg)
     patch, _ = train(model, [coord], rows, seqs, mask, cfg)
     ids = corpora.tokenize(tok, corpora.load_text("pydoc", "eval"), 1024)
@@ -350,7 +352,7 @@ def test_peft_adapter_targets_the_fused_experts_and_gives_the_patched_logits(tmp
         want = model(input_ids=IDS).logits
     save_patch(tmp_path / "run", model, patch, coords, {"model": "tiny"})
     tensors, config = adapter_tensors(model, load_patch(tmp_path / "run"))
-    assert config["target_parameters"] == ["model.layers.0.mlp.experts.down_proj", "model.layers.1.mlp.experts.down_proj"]
+    assert config["target_parameters"] == [f"model.layers.{i}.mlp.experts.down_proj" for i in (0, 1)]
     assert config["target_modules"] == ["model.layers.1.mlp.shared_expert.down_proj"] and config["r"] == 2
     a = tensors["base_model.model.model.layers.1.mlp.experts.lora_A.weight"]
     assert a.shape == (tiny.N_EXPERTS * 2, tiny.D_FF)
@@ -391,3 +393,26 @@ def test_quantize_refuses_an_moe_model(tok):
 
     with pytest.raises(UnsupportedArchitectureError, match="mixture-of-experts"):
         run_quantize(_loaded(tiny_model("olmoe"), tok))
+
+
+def test_disk_offloaded_experts_give_the_same_numbers(tmp_path, tok):
+    """accelerate keeps the fused tensors of an offloaded layer on the meta device: views, hooks and pruning read
+    the offloaded copy, and give the plain model's numbers."""
+    from superweight.io.models import load, save_model_dir
+
+    save_model_dir(planted_expert("qwen2_moe"), tok, tmp_path / "m")
+    mapping = {"model.embed_tokens": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    mapping |= {f"model.layers.{i}": "disk" if i in (0, 2) else "cpu" for i in range(4)}
+    plain = load(str(tmp_path / "m"))
+    off = load(str(tmp_path / "m"), device_map=json.dumps(mapping), offload_folder=str(tmp_path / "off"))
+    assert off.device == "cpu+disk" and off.model.model.layers[0].mlp.experts.down_proj.is_meta
+    ids = corpora.tokenize(tok, corpora.load_text("pydoc", "eval"), 256)
+    coord, shared = parse_coord("0:2:5:7"), parse_coord("0:shared:3:4")
+    kls = []
+    for m in (plain.model, off.model):
+        d = torch.full((tiny.D_FF,), 0.01)
+        conditions = {"broken": Ablation(m, [coord]), "pruned": ExpertPrune(m, [(0, 2)]), "shared": Ablation(m, [shared]),
+                      "patched": Compose(Ablation(m, [coord]), RowPatch(m, [(0, 5, 2)], [d]))}
+        kls.append({k: v.kl for k, v in measure(m, ids, conditions, max_length=128).items()})
+    assert kls[0]["broken"] > 0.5
+    assert kls[0] == pytest.approx(kls[1], abs=1e-6)

@@ -348,6 +348,7 @@ class ExpertPrune(HookIntervention):
     @staticmethod
     def _mask(drop: list[int]):
         def hook(router, _inp, out):
+            moe.check_routing(router, out)  # the router's own output, reproduced, before it is changed
             return moe.masked_routing(router, out[0], drop, out)
 
         return hook

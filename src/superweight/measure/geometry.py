@@ -70,7 +70,8 @@ def geometry(model: nn.Module, coords: list[WeightCoord], rows, vectors, origina
                           "top_writes": [(int(i), per_neuron[i].item())
                                          for i in per_neuron.topk(min(16, d.numel())).indices]}
         out.append(RowGeometry(
-            layer=layer, row=row, expert=expert, norm=norm, cos_original_row=torch.cosine_similarity(d, w_row, 0).item(),
+            layer=layer, row=row, expert=expert, norm=norm,
+            cos_original_row=torch.cosine_similarity(d, w_row, 0).item(),
             **(cols[0].model_dump() if cols else {}), cols=cols, top_entries=[(int(i), d[i].item()) for i in top],
             **invariant,
         ))

@@ -113,8 +113,9 @@ def _detection(r: RunRecord, plots) -> list:
             ("grade", lambda c: c.grade or "-", str), ("source", "source", num)]
     if any(c.expert is not None for c in d.candidates):  # a mixture of experts (stages/experts.py)
         spec[1:1] = [("expert", "expert", num)]
-        spec += [("router picks it at massive tokens", "expert_picked", pct), ("at all tokens", "expert_picked_all", pct),
-                 ("KL, expert pruned", "expert_kl", num), ("expert grade", lambda c: c.expert_grade or "-", str)]
+        spec += [("router picks it at massive tokens", "expert_picked", pct),
+                 ("at all tokens", "expert_picked_all", pct), ("KL, expert pruned", "expert_kl", num),
+                 ("expert grade", lambda c: c.expert_grade or "-", str)]
     return [("h", 2, "Detection"), ("p", f"Chosen weight: {d.weight}, {grade_words(d.grade)}."),
             _columns(d.candidates, spec), ("p", f"Grades: {grades}.")]
 

@@ -28,7 +28,9 @@ def print_info(out: Console, spec: str, source: str, desc, known: list) -> None:
     table.add_row("class", desc.model_class)
     table.add_row("layers", str(desc.n_layers))
     table.add_row("d_model (rows)", str(desc.d_model))
-    table.add_row("d_ff (cols)", str(desc.d_ff))
+    table.add_row("d_ff (cols)", str(desc.d_ff) + (" (per expert)" if getattr(desc, "n_experts", 0) else ""))
+    if getattr(desc, "n_experts", 0):
+        table.add_row("experts per layer", f"{desc.n_experts} (coordinates LAYER:EXPERT:ROW:COL; docs/moe.md)")
     table.add_row("parameters", f"{desc.n_params:,}")
     table.add_row("down-projections", f"{desc.down_proj_names[0]} ... {desc.down_proj_names[-1]}")
     table.add_row("published super weights", ", ".join(map(str, known)) or "none recorded")

@@ -218,7 +218,7 @@ def attribution(
 
 
 @torch.no_grad()
-def _activation_scores(model, dps: list[DownProj], batch) -> list[torch.Tensor]:
+def _activation_scores(model, dps: list[DownProj], batch):  # |W| * max|x| one projection at a time (MoE: GBs)
     xmax = [torch.zeros(dp.d_ff, device=batch.device) for dp in dps]
 
     def record(i, inp, _out):
@@ -228,7 +228,7 @@ def _activation_scores(model, dps: list[DownProj], batch) -> list[torch.Tensor]:
     with Trace(dict(enumerate(dp.module for dp in dps)), record):
         for seq in batch:
             model(input_ids=seq[None], use_cache=False)
-    return [dp.matrix.detach().float().abs() * x.to(dp.matrix.device)[None, :] for dp, x in zip(dps, xmax)]
+    return (dp.matrix.detach().float().abs() * x.to(dp.matrix.device)[None, :] for dp, x in zip(dps, xmax))
 
 
 def _gradient_scores(model, dps: list[DownProj], batch) -> list[torch.Tensor]:
