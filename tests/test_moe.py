@@ -388,6 +388,19 @@ def test_cli_detect_eval_repair_apply_on_an_moe_model(moe_dir, tmp_path):
     assert "rows 0:2:5 patched" in out and "model.layers.0.mlp.experts.down_proj" in out
 
 
+def test_cli_run_on_an_moe_model_names_the_super_expert(moe_dir, tmp_path):
+    from conftest import invoke_cli
+
+    out = invoke_cli("run", "--model", moe_dir, "--eval-tokens", "256", "--analysis-tokens", "256",
+                     "--no-baselines", "--out", tmp_path / "run").output
+    assert "repairing 0:2:5:7, a super weight" in out
+    assert "Expert 2 of layer 0: the router picks it at 100% of the massive-activation tokens" in out
+    assert "super expert" in out and "Verdict: repaired" in out
+    record = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert record["detect"]["candidates"][0]["expert"] == 2 and record["patch"]["expert"] == 2
+    assert "router picks it at massive tokens" in (tmp_path / "run" / "report.md").read_text()
+
+
 def test_quantize_refuses_an_moe_model(tok):
     from superweight.stages.quantize import run_quantize
 
@@ -411,8 +424,9 @@ def test_disk_offloaded_experts_give_the_same_numbers(tmp_path, tok):
     kls = []
     for m in (plain.model, off.model):
         d = torch.full((tiny.D_FF,), 0.01)
-        conditions = {"broken": Ablation(m, [coord]), "pruned": ExpertPrune(m, [(0, 2)]), "shared": Ablation(m, [shared]),
-                      "patched": Compose(Ablation(m, [coord]), RowPatch(m, [(0, 5, 2)], [d]))}
+        ablated = Ablation(m, [coord])
+        conditions = {"broken": ablated, "pruned": ExpertPrune(m, [(0, 2)]), "shared": Ablation(m, [shared]),
+                      "patched": Compose(ablated, RowPatch(m, [(0, 5, 2)], [d]))}
         kls.append({k: v.kl for k, v in measure(m, ids, conditions, max_length=128).items()})
     assert kls[0]["broken"] > 0.5
     assert kls[0] == pytest.approx(kls[1], abs=1e-6)
