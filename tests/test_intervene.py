@@ -315,7 +315,8 @@ def test_parse_coord_accepts(text, expected):
 
 
 @pytest.mark.parametrize(
-    "text", ["abc", "1:2", "1:2:3@x", "1:2:3@", "1:2:3:4", "-1:2:3", "1:2:3@0.5@1", "1,2,3", "", "1:2:3@nan"]
+    "text", ["abc", "1:2", "1:2:3@x", "1:2:3@", "1:2:3:4:5", "1:x:2:3", "-1:2:3", "1:2:3@0.5@1", "1,2,3", "",
+             "1:2:3@nan"]  # 1:2:3:4 is expert 2's weight 3:4 (tests/test_moe.py)
 )
 def test_parse_coord_rejects(text):
     with pytest.raises(CoordinateError) as err:

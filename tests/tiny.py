@@ -1,6 +1,8 @@
 """Tiny, offline, deterministic causal LMs and a tokenizer for tests.
 
-Every family that `superweight.arch.FAMILIES` supports has a builder here. The models are randomly
+Every family that `superweight.arch.FAMILIES` supports has a builder here (and every mixture-of-experts family
+of `arch.MOE_FAMILIES` one in MOE_FAMILIES: N_EXPERTS experts of d_ff D_FF, top-TOP_K routing, and for Qwen2-MoE
+a shared expert of d_ff SHARED_FF). The models are randomly
 initialised from a seed, fp32 and in eval mode, with distinct sizes everywhere so that a transposed or
 swapped dimension cannot go unnoticed:
 
@@ -151,16 +153,49 @@ FAMILIES: dict[str, Callable[..., torch.nn.Module]] = {
     "opt": _opt,
 }
 
+N_EXPERTS = 4
+TOP_K = 2
+SHARED_FF = 48  # Qwen2-MoE's shared expert: another width, so it cannot pass for a routed one
+
+
+def _moe(model_cls_name: str, config_cls_name: str, full_attention: bool = False, **moe_settings):
+    def build(seed: int = 0, **overrides):
+        defaults = dict(_LLAMA_LIKE, num_experts_per_tok=TOP_K, **moe_settings)
+        if full_attention:  # no linear-attention layers: their reference kernels take seconds on a CPU
+            defaults["layer_types"] = ["full_attention"] * overrides.get("num_hidden_layers", N_LAYERS)
+        return _build(model_cls_name, config_cls_name, defaults, seed, overrides)
+
+    return build
+
+
+# Qwen3-MoE renormalises the top-k weights (as Qwen3-30B-A3B does); Qwen2-MoE and OLMoE do not; Mixtral always does.
+MOE_FAMILIES: dict[str, Callable[..., torch.nn.Module]] = {
+    "qwen2_moe": _moe("Qwen2MoeForCausalLM", "Qwen2MoeConfig", num_experts=N_EXPERTS, moe_intermediate_size=D_FF,
+                      shared_expert_intermediate_size=SHARED_FF),
+    "qwen3_moe": _moe("Qwen3MoeForCausalLM", "Qwen3MoeConfig", num_experts=N_EXPERTS, moe_intermediate_size=D_FF,
+                      head_dim=HEAD_DIM, norm_topk_prob=True),
+    "olmoe": _moe("OlmoeForCausalLM", "OlmoeConfig", num_experts=N_EXPERTS),
+    "mixtral": _moe("MixtralForCausalLM", "MixtralConfig", num_local_experts=N_EXPERTS, head_dim=HEAD_DIM),
+    "flex_olmo": _moe("FlexOlmoForCausalLM", "FlexOlmoConfig", num_experts=N_EXPERTS),
+    "minimax": _moe("MiniMaxForCausalLM", "MiniMaxConfig", num_local_experts=N_EXPERTS, head_dim=HEAD_DIM),
+    "qwen3_next": _moe("Qwen3NextForCausalLM", "Qwen3NextConfig", True, num_experts=N_EXPERTS,
+                       moe_intermediate_size=D_FF, shared_expert_intermediate_size=SHARED_FF, head_dim=HEAD_DIM),
+    "qwen3_5_moe_text": _moe("Qwen3_5MoeForCausalLM", "Qwen3_5MoeTextConfig", True, num_experts=N_EXPERTS,
+                             moe_intermediate_size=D_FF, shared_expert_intermediate_size=SHARED_FF, head_dim=HEAD_DIM),
+}
+
+
 def tiny_model(family: str = "llama", seed: int = 0, **config_overrides) -> torch.nn.Module:
     """A tiny randomly initialised causal LM of `family` (fp32, eval mode, no grads), reproducible by seed.
 
     `num_hidden_layers=` is accepted for every family (translated to `n_layer` for gpt2).
     """
-    if family not in FAMILIES:
-        raise KeyError(f"no tiny builder for family '{family}': have {', '.join(FAMILIES)}")
+    builders = {**FAMILIES, **MOE_FAMILIES}
+    if family not in builders:
+        raise KeyError(f"no tiny builder for family '{family}': have {', '.join(builders)}")
     if family == "gpt2" and "num_hidden_layers" in config_overrides:
         config_overrides["n_layer"] = config_overrides.pop("num_hidden_layers")
-    return FAMILIES[family](seed, **config_overrides)
+    return builders[family](seed, **config_overrides)
 
 
 def _training_text() -> str:
@@ -238,6 +273,42 @@ def planted(*plants, seed: int = 0, family: str = "llama"):
             mlp.gate_proj.weight[col] *= 8
             mlp.up_proj.weight[col] *= 8
             mlp.down_proj.weight[row, col] = 40.0
+    return model
+
+
+MARK = 11  # the residual channel that marks a planted super expert's token (not a planted row)
+
+
+def planted_expert(family: str, layer: int = 0, expert=2, row: int = 5, col: int = 7, seed: int = 0,
+                   num_hidden_layers: int = 4, word: str = "\n"):
+    """A tiny MoE model of `family` with a planted super expert, as Su et al. (2025) find them in real MoE models:
+    at every `word` token (the marked token: its embedding alone carries channel MARK) the router sends the token
+    to `expert` (an index, or "shared") and its neuron `col` fires hard, and W_e[row, col] = 40 writes a massive
+    activation into channel `row`. Every routed expert's down-projection is scaled by 0.1 first, so that, as in
+    real MoE models, no ordinary expert matters much on its own (pruning one is a small control). Neuron and
+    router read only the mark, so an expert pruned elsewhere in the layer sends no new token to fire it."""
+    model = tiny_model(family, seed=seed, num_hidden_layers=num_hidden_layers, initializer_range=0.2)
+    assert row != MARK
+    token = tiny_tokenizer()(word)["input_ids"][0]
+    mark = torch.zeros(model.config.hidden_size)
+    mark[MARK] = 1.0
+    mlp = model.model.layers[layer].mlp
+    with torch.no_grad():
+        emb = model.model.embed_tokens.weight
+        emb[:, MARK] = 0.0
+        emb[token, MARK] = 3.0
+        for block in model.model.layers:
+            block.mlp.experts.down_proj *= 0.1
+        if expert == "shared":
+            mlp.shared_expert.gate_proj.weight[col] = 4 * mark
+            mlp.shared_expert.up_proj.weight[col] = 4 * mark
+            mlp.shared_expert.down_proj.weight[row, col] = 40.0
+        else:
+            d_ff = mlp.experts.down_proj.shape[-1]
+            mlp.experts.gate_up_proj[expert, col] = 4 * mark
+            mlp.experts.gate_up_proj[expert, d_ff + col] = 4 * mark
+            mlp.gate.weight[expert] += 10 * mark
+            mlp.experts.down_proj[expert, row, col] = 40.0
     return model
 
 

@@ -181,14 +181,11 @@ def option_error(exc: ValidationError) -> str:
     return f"invalid {option} {first['input']!r}: {first['msg'][0].lower()}{first['msg'][1:]}"
 
 
-def parse_rows(texts: list[str]) -> list[tuple[int, int]]:
-    rows = []
-    for t in texts:
-        parts = t.strip().split(":")
-        if len(parts) != 2 or not all(p.isdigit() for p in parts):
-            raise UsageError(f"invalid patch row '{t}': expected LAYER:ROW, e.g. 11:507")
-        rows.append((int(parts[0]), int(parts[1])))
-    return rows
+def parse_rows(texts: list[str]) -> list[tuple]:
+    """LAYER:ROW (or LAYER:EXPERT:ROW in a mixture of experts) -> patch rows (core/coords.py)."""
+    from superweight.core.coords import parse_row
+
+    return [parse_row(t) for t in texts]
 
 
 def floats(name: str, text: str) -> tuple[float, ...]:

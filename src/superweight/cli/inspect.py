@@ -223,7 +223,7 @@ def sweep(
                          f"and {max_new_tokens}")
     corpora.check_windows(max_length)
     check_bos(bos)
-    png = plot or f"runs/sweep/{coord.layer}-{coord.row}-{coord.col}.png"
+    png = plot or f"runs/sweep/{'-'.join(map(str, coord.key))}.png"  # 11-507-1229, or 3-17-507-1229 in an expert
     for path in filter(None, [json_, png]):
         check_writable(path)
     text = corpora.load_text(corpus, split)

@@ -56,14 +56,14 @@ def repair(
 
     from contextlib import nullcontext
 
-    from superweight.core.coords import parse_coords
+    from superweight.core.coords import parse_coords, rows_of
     from superweight.io.lock import hold_run_dir
     from superweight.io.rundir import check_run_dir_for, read_record
     from superweight.stages import distributed
     from superweight.stages.repair import recorded_bos, repair_settings, run_repair
 
     coords = parse_coords(weight)
-    rows = parse_rows(patch_row) if patch_row else sorted({(c.layer, c.row) for c in coords})
+    rows = parse_rows(patch_row) if patch_row else rows_of(coords)
     cfg = recipe_config(recipe, steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, optimizer=optimizer,
                          kl=kl, temperature=temperature, init=init, seed=seed)
     if checkpoint_every < 1:
@@ -123,6 +123,7 @@ def apply_(
     as a PEFT LoRA adapter for the intact model (--peft)."""
     from pathlib import Path
 
+    from superweight.core.coords import row_text
     from superweight.io.models import save_model_dir
     from superweight.io.patchfile import load_patch, merge_into_weights
     from superweight.io.rundir import check_writable
@@ -142,14 +143,15 @@ def apply_(
             check_writable(target)
     loaded = load_model(model or data_.config.get("spec", DEFAULT_MODEL), device, dtype, device_map, max_memory,
                         offload_folder, bos)
-    what = (f"{', '.join(map(str, data_.ablated))} ablated, rows {', '.join(f'{l}:{r}' for l, r in data_.rows)} "
+    what = (f"{', '.join(map(str, data_.ablated))} ablated, rows {', '.join(map(row_text, data_.rows))} "
             "patched")
     if peft:  # first: the adapter is made against the intact weights
         from superweight.io.peft import write_peft
 
         config = write_peft(loaded, data_, Path(peft), ablation_only)
         done = f"{', '.join(map(str, data_.ablated))} ablated only" if ablation_only else what
-        out.print(f"Wrote a LoRA adapter ({done}; rank {config['r']} on {', '.join(config['target_modules'])}) "
+        targets = config["target_modules"] + config.get("target_parameters", [])
+        out.print(f"Wrote a LoRA adapter ({done}; rank {config['r']} on {', '.join(targets)}) "
                   f"for the intact {loaded.source} to {peft}")
     if export:
         merge_into_weights(loaded.model, data_)

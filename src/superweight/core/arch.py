@@ -4,8 +4,12 @@ Coordinates always follow the `nn.Linear` convention: `row` is the residual-stre
 (0 <= row < d_model), `col` the intermediate neuron it reads (0 <= col < d_ff). GPT-2's `Conv1D` stores the
 transpose (`[d_ff, d_model]`); `DownProj` translates so callers never see the difference.
 
+Mixture-of-experts models (core/moe.py) have one down-projection per expert: `DownProj.expert` is None for a
+dense MLP, the expert's index for a routed expert (a slice of the fused 3-D `experts.down_proj`) and "shared"
+for the shared expert. A hook on `dp.module` reads the projection's input with `dp.inputs(args)` whatever it is.
+
     for dp in down_projections(model):
-        print(dp.layer, dp.name, dp.d_model, dp.d_ff, dp.get(0, 0))
+        print(dp.layer, dp.expert, dp.name, dp.d_model, dp.d_ff, dp.get(0, 0))
 """
 
 from __future__ import annotations
@@ -14,7 +18,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
+from superweight.core import moe
 from superweight.errors import CoordinateError, UnsupportedArchitectureError
 
 # family -> (candidate paths of the decoder-layer list, down-projection path inside one layer).
@@ -35,23 +41,34 @@ FAMILIES: dict[str, tuple[tuple[str, ...], str]] = {
 }
 # config.model_type values that belong to a family above under another name.
 ALIASES = {"gemma3_text": "gemma3"}
+# Mixture-of-experts families (core/moe.py has where their experts are): decoder layers and dense down-projections
+# where the Llama-like families have them.
+MOE_FAMILIES = {name: FAMILIES["llama"] for name in moe.MOE_FAMILIES}
+
+
+def _families() -> dict[str, tuple[tuple[str, ...], str]]:
+    return {**FAMILIES, **MOE_FAMILIES}
 
 
 def family(model: nn.Module) -> str:
     """The architecture family of `model`, or an error naming the supported ones."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     name = ALIASES.get(model_type, model_type)
-    if name not in FAMILIES:
-        supported = ", ".join(sorted(FAMILIES))
+    if name not in _families():
+        supported = ", ".join(sorted(_families()))
         raise UnsupportedArchitectureError(
             f"unsupported architecture '{model_type}': superweight knows {supported}"
         )
     return name
 
 
+def is_moe(model: nn.Module) -> bool:
+    return family(model) in MOE_FAMILIES
+
+
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The list of transformer blocks (whose outputs are the residual stream after each layer)."""
-    layer_paths, _ = FAMILIES[family(model)]
+    layer_paths, _ = _families()[family(model)]
     for path in layer_paths:
         try:
             return model.get_submodule(path)
@@ -73,12 +90,32 @@ class DownProj:
 
     layer: int
     name: str
-    module: nn.Module
+    module: nn.Module  # what a forward hook goes on (for a routed expert: the fused experts module)
     block: nn.Module  # the decoder layer that holds it
+    expert: int | str | None = None  # None: a dense MLP; an int: a routed expert; "shared": the shared expert
 
     @property
     def transposed(self) -> bool:
         return _is_conv1d(self.module)
+
+    @property
+    def where(self) -> str:
+        """'layer 3', or 'layer 3 expert 5' / 'layer 3 shared expert' (for messages)."""
+        if self.expert is None:
+            return f"layer {self.layer}"
+        return f"layer {self.layer} {'shared expert' if self.expert == moe.SHARED else f'expert {self.expert}'}"
+
+    def view(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The [d_model, d_ff] view of a tensor stored like `weight` (the weight itself, a gradient of it)."""
+        return tensor.t() if self.transposed else tensor
+
+    def inputs(self, args: tuple) -> torch.Tensor:
+        """This projection's input [..., d_ff], from the arguments of a forward hook on `module`."""
+        return args[0]
+
+    def outputs(self, x: torch.Tensor, out) -> torch.Tensor:
+        """This projection's output [..., d_model] (x: `inputs(args)`, out: the hooked module's output)."""
+        return out
 
     @property
     def weight(self) -> torch.Tensor:
@@ -93,8 +130,7 @@ class DownProj:
     @property
     def matrix(self) -> torch.Tensor:
         """A [d_model, d_ff] view of the weight (no copy)."""
-        w = self.weight
-        return w.t() if self.transposed else w
+        return self.view(self.weight)
 
     @property
     def device(self) -> torch.device:
@@ -113,12 +149,12 @@ class DownProj:
         """Raise CoordinateError unless (row, col) lies inside this matrix."""
         if not 0 <= row < self.d_model:
             raise CoordinateError(
-                f"row {row} out of range for layer {self.layer} down-projection: "
+                f"row {row} out of range for {self.where} down-projection: "
                 f"d_model is {self.d_model} (rows 0-{self.d_model - 1})"
             )
         if col is not None and not 0 <= col < self.d_ff:
             raise CoordinateError(
-                f"column {col} out of range for layer {self.layer} down-projection: "
+                f"column {col} out of range for {self.where} down-projection: "
                 f"d_ff is {self.d_ff} (columns 0-{self.d_ff - 1})"
             )
 
@@ -137,6 +173,33 @@ class DownProj:
     def set_row(self, row: int, values: torch.Tensor) -> None:
         with torch.no_grad():
             self.matrix[row].copy_(values)
+
+
+@dataclass(frozen=True)
+class ExpertDownProj(DownProj):
+    """A routed expert's down-projection: slice `expert` of the fused 3-D `experts.down_proj` (core/moe.py).
+
+    `module` is the experts module; its forward hook sees (hidden, top_k_index, top_k_weights), from which
+    `inputs` computes the expert's routed input (moe.routed_input), and `outputs` what the expert adds to the
+    block's output. Weight edits go through `matrix`, a view into the fused tensor."""
+
+    @property
+    def transposed(self) -> bool:  # [n_experts, d_ff, d_model] storage
+        return bool(getattr(self.module, "is_transposed", False))
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The fused [n_experts, ...] tensor that holds every expert of the layer; `matrix` is this one's slice."""
+        return stored(self.module, "down_proj")
+
+    def view(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor[self.expert].t() if self.transposed else tensor[self.expert]
+
+    def inputs(self, args: tuple) -> torch.Tensor:
+        return moe.routed_input(self.module, args, self.expert, stored(self.module, "gate_up_proj"))
+
+    def outputs(self, x: torch.Tensor, out) -> torch.Tensor:
+        return F.linear(x, self.matrix.to(x.device, x.dtype))
 
 
 def offloaded_weight(module: nn.Module, name: str = "weight") -> torch.Tensor:
@@ -182,27 +245,65 @@ def input_device(model: nn.Module) -> torch.device:
     return execution_device(model.get_input_embeddings())
 
 
-def down_projections(model: nn.Module) -> list[DownProj]:
-    """Every down-projection of `model`, in layer order."""
-    fam = family(model)
-    layers = decoder_layers(model)
-    _, rel = FAMILIES[fam]
-    prefix = next(n for n, m in model.named_modules() if m is layers)
-    out = []
-    for i, block in enumerate(layers):
-        module = block.get_submodule(rel)
-        out.append(DownProj(layer=i, name=f"{prefix}.{i}.{rel}", module=module, block=block))
+def _layer_projections(model: nn.Module, layers: nn.ModuleList, prefix: str, i: int) -> list[DownProj]:
+    """The down-projections of layer i: its dense MLP's, or each routed expert's and the shared expert's."""
+    fam, block = family(model), layers[i]
+    layout = moe.MOE_FAMILIES.get(fam)
+    experts = moe.submodule(block, layout and layout.experts)
+    if experts is None:
+        rel = _families()[fam][1]
+        return [DownProj(layer=i, name=f"{prefix}.{i}.{rel}", module=block.get_submodule(rel), block=block)]
+    name = f"{prefix}.{i}.{layout.experts}.down_proj"
+    out: list[DownProj] = [ExpertDownProj(layer=i, name=f"{name}[{e}]", module=experts, block=block, expert=e)
+                           for e in range(moe.n_experts(experts))]
+    if layout.shared is not None:
+        rel = f"{layout.shared}.down_proj"
+        out.append(DownProj(layer=i, name=f"{prefix}.{i}.{rel}", module=block.get_submodule(rel), block=block,
+                            expert=moe.SHARED))
     return out
 
 
-def down_projection(model: nn.Module, layer: int) -> DownProj:
-    """The down-projection of one layer, with a clear error when the layer does not exist."""
-    dps = down_projections(model)
-    if not 0 <= layer < len(dps):
+def down_projections(model: nn.Module) -> list[DownProj]:
+    """Every down-projection of `model`, in layer order (in an MoE layer: experts 0..n-1, then the shared one)."""
+    layers = decoder_layers(model)
+    prefix = next(n for n, m in model.named_modules() if m is layers)
+    return [dp for i in range(len(layers)) for dp in _layer_projections(model, layers, prefix, i)]
+
+
+def down_projection(model: nn.Module, layer: int, expert: int | str | None = None) -> DownProj:
+    """The down-projection of one layer (of one of its experts, in an MoE layer), with a clear error when it
+    does not exist."""
+    layers = decoder_layers(model)
+    if not 0 <= layer < len(layers):
         raise CoordinateError(
-            f"layer {layer} out of range: the model has {len(dps)} layers (0-{len(dps) - 1})"
+            f"layer {layer} out of range: the model has {len(layers)} layers (0-{len(layers) - 1})"
         )
-    return dps[layer]
+    prefix = next(n for n, m in model.named_modules() if m is layers)
+    dps = _layer_projections(model, layers, prefix, layer)
+    names = [dp.expert for dp in dps]
+    if expert in names:
+        return dps[names.index(expert)]
+    if names == [None]:
+        raise CoordinateError(f"layer {layer} has no experts (a dense MLP): address its weights as LAYER:ROW:COL, "
+                              f"not with expert {expert}")
+    routed = [e for e in names if isinstance(e, int)]
+    choices = f"experts 0-{len(routed) - 1}" + (f" or {moe.SHARED}" if moe.SHARED in names else "")
+    if expert is None:
+        raise CoordinateError(f"layer {layer} is a mixture of experts: address its weights as LAYER:EXPERT:ROW:COL "
+                              f"({choices})")
+    if expert == moe.SHARED:
+        raise CoordinateError(f"layer {layer} has no shared expert: it has {choices}")
+    raise CoordinateError(f"expert {expert} out of range for layer {layer}: it has {choices}")
+
+
+def moe_block(model: nn.Module, layer: int) -> tuple[nn.Module, nn.Module, nn.Module | None] | None:
+    """(experts, router, shared expert or None) of an MoE layer; None for a dense layer or model."""
+    layout = moe.MOE_FAMILIES.get(family(model))
+    block = decoder_layers(model)[layer]
+    experts = moe.submodule(block, layout and layout.experts)
+    if experts is None:
+        return None
+    return experts, block.get_submodule(layout.router), moe.submodule(block, layout.shared)
 
 
 def decoder_linears(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -245,9 +346,10 @@ class ModelInfo:
     model_class: str
     n_layers: int
     d_model: int
-    d_ff: int
+    d_ff: int  # of the first down-projection (an expert's, in an MoE model)
     n_params: int
     down_proj_names: list[str]
+    n_experts: int = 0  # routed experts per MoE layer (0: a dense model)
 
 
 def describe(model: nn.Module) -> ModelInfo:
@@ -255,9 +357,10 @@ def describe(model: nn.Module) -> ModelInfo:
     return ModelInfo(
         family=family(model),
         model_class=type(model).__name__,
-        n_layers=len(dps),
+        n_layers=len(decoder_layers(model)),
         d_model=dps[0].d_model,
         d_ff=dps[0].d_ff,
         n_params=sum(p.numel() for p in model.parameters()),
         down_proj_names=[dp.name for dp in dps],
+        n_experts=max((dp.expert + 1 for dp in dps if isinstance(dp.expert, int)), default=0),
     )

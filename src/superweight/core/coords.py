@@ -1,17 +1,28 @@
-"""Weight coordinates written `LAYER:ROW:COL[@SCALE]`, e.g. `11:507:1229` or `11:507:1229@0.5`.
+"""Weight coordinates written `LAYER:ROW:COL[@SCALE]`, e.g. `11:507:1229` or `11:507:1229@0.5`, and in a
+mixture-of-experts layer `LAYER:EXPERT:ROW:COL[@SCALE]`, e.g. `3:17:507:1229` (routed expert 17) or
+`3:shared:507:1229` (the shared expert).
 
 ROW is the residual channel (d_model side), COL the intermediate neuron (d_ff side); see core/arch.py.
+
+Patch rows are tuples: `(layer, row)` in a dense MLP, `(layer, row, expert)` in an expert's down-projection,
+written `LAYER:ROW` and `LAYER:EXPERT:ROW`. `row_of`, `split_row`, `row_text` and `parse_row` convert.
 """
 
 from __future__ import annotations
 
 import re
+from typing import Literal, Union
 
 from pydantic import BaseModel, ConfigDict
 
 from superweight.errors import CoordinateError
 
-_PATTERN = re.compile(r"^\s*(\d+):(\d+):(\d+)\s*(?:@\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?))?\s*$")
+SHARED = "shared"  # core/moe.py's name of the shared expert
+_SCALE = r"(?:@\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?))?"
+_PATTERN = re.compile(rf"^\s*(\d+):(?:(\d+|{SHARED}):)?(\d+):(\d+)\s*{_SCALE}\s*$")
+_ROW = re.compile(rf"^\s*(\d+):(?:(\d+|{SHARED}):)?(\d+)\s*$")
+
+Expert = Union[int, Literal["shared"], None]  # None: a dense MLP; an int: a routed expert; "shared"
 
 
 class WeightCoord(BaseModel):
@@ -23,25 +34,35 @@ class WeightCoord(BaseModel):
     row: int
     col: int
     scale: float = 0.0
+    expert: Expert = None
 
     def __str__(self) -> str:
-        base = f"{self.layer}:{self.row}:{self.col}"
+        where = f"{self.layer}:" if self.expert is None else f"{self.layer}:{self.expert}:"
+        base = f"{where}{self.row}:{self.col}"
         return base if self.scale == 0.0 else f"{base}@{self.scale:g}"
 
     @property
-    def key(self) -> tuple[int, int, int]:
-        return (self.layer, self.row, self.col)
+    def key(self) -> tuple:
+        """(layer, row, col), or (layer, expert, row, col) in an expert."""
+        if self.expert is None:
+            return (self.layer, self.row, self.col)
+        return (self.layer, self.expert, self.row, self.col)
+
+
+def _expert(text: str | None) -> Expert:
+    return None if text is None else text if text == SHARED else int(text)
 
 
 def parse_coord(text: str) -> WeightCoord:
     match = _PATTERN.match(text)
     if not match:
         raise CoordinateError(
-            f"invalid weight coordinate '{text}': expected LAYER:ROW:COL[@SCALE], "
-            "e.g. 11:507:1229 or 11:507:1229@0.5"
+            f"invalid weight coordinate '{text}': expected LAYER:ROW:COL[@SCALE], e.g. 11:507:1229 or "
+            "11:507:1229@0.5 (LAYER:EXPERT:ROW:COL in a mixture of experts, e.g. 3:17:507:1229 or 3:shared:507:1229)"
         )
-    layer, row, col, scale = match.groups()
-    return WeightCoord(layer=int(layer), row=int(row), col=int(col), scale=float(scale or 0.0))
+    layer, expert, row, col, scale = match.groups()
+    return WeightCoord(layer=int(layer), row=int(row), col=int(col), scale=float(scale or 0.0),
+                       expert=_expert(expert))
 
 
 def parse_coords(texts: list[str]) -> list[WeightCoord]:
@@ -50,6 +71,53 @@ def parse_coords(texts: list[str]) -> list[WeightCoord]:
     seen = set()
     for c in coords:
         if c.key in seen:
-            raise CoordinateError(f"weight {c.layer}:{c.row}:{c.col} is given more than once")
+            raise CoordinateError(f"weight {c.model_copy(update={'scale': 0.0})} is given more than once")
         seen.add(c.key)
     return coords
+
+
+# --- patch rows ---
+def row_of(c: WeightCoord) -> tuple:
+    """The patch row that holds weight `c`: (layer, row), or (layer, row, expert)."""
+    return (c.layer, c.row) if c.expert is None else (c.layer, c.row, c.expert)
+
+
+def split_row(r) -> tuple[int, int, Expert]:
+    """(layer, row, expert) of a patch row (expert None for a dense one)."""
+    layer, row, *rest = r
+    return int(layer), int(row), _expert(str(rest[0])) if rest and rest[0] is not None else None
+
+
+def site(r) -> int | tuple[int, Expert]:
+    """The down-projection a patch row lies in, as per-projection dicts key it: its layer for a dense MLP,
+    (layer, expert) for an expert."""
+    layer, _, expert = split_row(r)
+    return layer if expert is None else (layer, expert)
+
+
+def make_row(layer: int, row: int, expert: Expert = None) -> tuple:
+    return (int(layer), int(row)) if expert is None else (int(layer), int(row), expert)
+
+
+def row_text(r) -> str:
+    layer, row, expert = split_row(r)
+    return f"{layer}:{row}" if expert is None else f"{layer}:{expert}:{row}"
+
+
+def parse_row(text: str) -> tuple:
+    match = _ROW.match(text)
+    if not match:
+        raise CoordinateError(f"invalid patch row '{text}': expected LAYER:ROW, e.g. 11:507 (LAYER:EXPERT:ROW in a "
+                              "mixture of experts, e.g. 3:17:507 or 3:shared:507)")
+    layer, expert, row = match.groups()
+    return make_row(int(layer), int(row), _expert(expert))
+
+
+def rows_of(coords: list[WeightCoord]) -> list[tuple]:
+    """The patch rows of `coords`, each once, sorted (dense rows, then experts by index, then shared)."""
+    return sorted({row_of(c) for c in coords}, key=row_order)
+
+
+def row_order(r) -> tuple:
+    layer, row, expert = split_row(r)
+    return (layer, -1 if expert is None else 1 << 30 if expert == SHARED else expert, row)

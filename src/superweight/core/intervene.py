@@ -9,6 +9,8 @@ resolving every module before touching any):
     # the weight is back, exactly
 
 One model copy serves as both "base" and "intervened": switch the intervention off for the base pass.
+In a mixture of experts, coordinates and rows name the expert (core/coords.py) and `ExpertPrune` removes whole
+experts from the routing.
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from superweight.core.arch import DownProj, down_projection
-from superweight.core.coords import WeightCoord
+from superweight.core import moe
+from superweight.core.arch import DownProj, down_projection, moe_block
+from superweight.core.coords import SHARED, WeightCoord, make_row, split_row
 from superweight.errors import CoordinateError
 
 
@@ -59,11 +62,10 @@ Edit = Callable[[torch.Tensor], torch.Tensor]
 class ScalarEdits(Intervention):
     """Overwrite individual down-projection scalars; `remove()` writes the saved originals back."""
 
-    def __init__(self, model: nn.Module, edits: Iterable[tuple[int, int, int, Edit]]):
-        # Resolve and validate every coordinate before anything is written.
+    def __init__(self, model: nn.Module, edits: Iterable[tuple[DownProj, int, int, Edit]]):
+        # Every coordinate is validated before anything is written.
         self._edits: list[tuple[DownProj, int, int, Edit]] = []
-        for layer, row, col, fn in edits:
-            dp = down_projection(model, layer)
+        for dp, row, col, fn in edits:
             dp.check(row, col)
             self._edits.append((dp, row, col, fn))
         self._saved: list[tuple[DownProj, int, int, torch.Tensor]] = []
@@ -94,7 +96,8 @@ class Ablation(ScalarEdits):
 
     def __init__(self, model: nn.Module, coords: Iterable[WeightCoord]):
         self.coords = list(coords)
-        super().__init__(model, [(c.layer, c.row, c.col, _times(c.scale)) for c in self.coords])
+        super().__init__(model, [(down_projection(model, c.layer, c.expert), c.row, c.col, _times(c.scale))
+                                 for c in self.coords])
 
 
 class Spread(ScalarEdits):
@@ -105,7 +108,7 @@ class Spread(ScalarEdits):
     """
 
     def __init__(self, model: nn.Module, coord: WeightCoord, n: int = 8):
-        dp = down_projection(model, coord.layer)
+        dp = down_projection(model, coord.layer, coord.expert)
         dp.check(coord.row, coord.col)
         if not 1 <= n < dp.d_ff:
             raise CoordinateError(f"spread needs 1 <= n < d_ff ({dp.d_ff}), got {n}")
@@ -116,8 +119,8 @@ class Spread(ScalarEdits):
             return w * 0.0
 
         cols = [c % dp.d_ff for c in range(coord.col + 1, coord.col + 1 + n)]
-        edits = [(coord.layer, coord.row, coord.col, take)]
-        edits += [(coord.layer, coord.row, c, lambda w: w + self._share) for c in cols]
+        edits = [(dp, coord.row, coord.col, take)]
+        edits += [(dp, coord.row, c, lambda w: w + self._share) for c in cols]
         super().__init__(model, edits)
 
 
@@ -127,7 +130,7 @@ def _times(scale: float) -> Edit:
 
 def intact_values(model: nn.Module, coords: Iterable[WeightCoord]) -> list[float]:
     """The current values of the listed weights (call it with no intervention applied)."""
-    return [down_projection(model, c.layer).get(c.row, c.col).item() for c in coords]
+    return [down_projection(model, c.layer, c.expert).get(c.row, c.col).item() for c in coords]
 
 
 class Compose(Intervention):
@@ -221,18 +224,21 @@ class RowPatch(HookIntervention):
 
     Rank one, via a forward hook, so the weight itself is never written and only `d` gets gradients:
 
-        patch = RowPatch(model, [(11, 507)])
+        patch = RowPatch(model, [(11, 507)])           # (3, 507, 17): row 507 of layer 3's expert 17
         with Ablation(model, coords), patch:
             loss = kl(teacher, model(ids).logits); loss.backward()   # patch.vectors[0].grad
+
+    On a routed expert, x is its routed input (core/moe.py): the patch writes where the router sends a token to
+    the expert, scaled by the routing weight, exactly as adding d to the expert's weight row would.
     """
 
-    def __init__(self, model: nn.Module, rows: list[tuple[int, int]], vectors: list[torch.Tensor] | None = None):
-        self.rows = [(int(layer), int(row)) for layer, row in rows]
+    def __init__(self, model: nn.Module, rows: list[tuple], vectors: list[torch.Tensor] | None = None):
+        self.rows = [make_row(*split_row(r)) for r in rows]  # (layer, row) or (layer, row, expert)
         if len(set(self.rows)) != len(self.rows):
             raise CoordinateError("a patch row is given more than once")
         self._dps = []
-        for layer, row in self.rows:
-            dp = down_projection(model, layer)
+        for layer, row, expert in map(split_row, self.rows):
+            dp = down_projection(model, layer, expert)
             dp.check(row)
             self._dps.append(dp)
         if vectors is None:
@@ -242,7 +248,7 @@ class RowPatch(HookIntervention):
         self.vectors = []
         for dp, v in zip(self._dps, vectors):
             if tuple(v.shape) != (dp.d_ff,):
-                raise CoordinateError(f"patch vector for layer {dp.layer} has shape {tuple(v.shape)}, need ({dp.d_ff},)")
+                raise CoordinateError(f"patch vector for {dp.where} has shape {tuple(v.shape)}, need ({dp.d_ff},)")
             # On its own layer's device, so a model spread over devices (device_map) computes it in place.
             self.vectors.append(nn.Parameter(v.detach().to(device=dp.device, dtype=torch.float32).clone()))
 
@@ -254,19 +260,20 @@ class RowPatch(HookIntervention):
         return self.vectors[i]
 
     def _hooks(self):
-        by_layer: dict[int, list[int]] = {}  # one hook per down-projection, adding all of its patched rows
-        for i, (layer, _row) in enumerate(self.rows):
-            by_layer.setdefault(layer, []).append(i)
-        return [(self._dps[idx[0]].module, self._hook(idx)) for idx in by_layer.values()]
+        by_site: dict[tuple, list[int]] = {}  # one hook per down-projection, adding all of its patched rows
+        for i, dp in enumerate(self._dps):
+            by_site.setdefault((dp.layer, dp.expert), []).append(i)
+        return [(self._dps[idx[0]].module, self._hook(idx)) for idx in by_site.values()]
 
     def _hook(self, idx: list[int]):
         rows = torch.tensor([self.rows[i][1] for i in idx], device=self.vectors[idx[0]].device)
+        dp = self._dps[idx[0]]
 
         def hook(_module, inp, out):
             # fp32 whatever the model runs in (autocast included): the patch is small and precision matters.
             with torch.autocast(out.device.type, enabled=False):
                 d = torch.stack([self.vector(i) for i in idx])  # [k, d_ff]
-                delta = inp[0].to(d.device).float() @ d.t()  # [..., k]
+                delta = dp.inputs(inp).to(d.device).float() @ d.t()  # [..., k]
                 return out.index_add(-1, rows.to(out.device), delta.to(out.device, out.dtype))
 
         return hook
@@ -284,22 +291,64 @@ class ActivationRestore(HookIntervention):
     def __init__(self, model: nn.Module, coords: list[WeightCoord], originals: list[float], fraction: float = 0.1):
         self.items = []
         for c, w in zip(coords, originals):
-            dp = down_projection(model, c.layer)
+            dp = down_projection(model, c.layer, c.expert)
             dp.check(c.row, c.col)
             self.items.append((dp, c.row, c.col, float(w), float(w) * c.scale))
         self.fraction = fraction
 
     def _hooks(self):
-        return [(dp.module, self._hook(row, col, w, w_abl)) for dp, row, col, w, w_abl in self.items]
+        return [(dp.module, self._hook(dp, row, col, w, w_abl)) for dp, row, col, w, w_abl in self.items]
 
-    def _hook(self, row: int, col: int, w: float, w_abl: float):
+    def _hook(self, dp: DownProj, row: int, col: int, w: float, w_abl: float):
         def hook(_module, inp, out):
-            x = inp[0][..., col].float()
+            x = dp.inputs(inp)[..., col].float()
             own = (x * w).abs()
             where = own >= self.fraction * own.max()
             fix = torch.where(where, x * (w - w_abl), torch.zeros_like(x))
             out = out.clone()
             out[..., row] += fix.to(out.dtype)
             return out
+
+        return hook
+
+
+class ExpertPrune(HookIntervention):
+    """Prune whole experts, the "super expert" experiment: the router never picks a pruned routed expert (its
+    logit is set to -inf and the top-k taken from the others, renormalised as the router does), and a pruned
+    shared expert adds nothing. `experts`: (layer, expert) pairs, expert an index or "shared".
+
+        with ExpertPrune(model, [(3, 17)]):
+            pruned_logits = model(ids).logits
+    """
+
+    def __init__(self, model: nn.Module, experts: Iterable[tuple[int, int | str]]):
+        self.experts = [(int(layer), e) for layer, e in experts]
+        if len(set(self.experts)) != len(self.experts):
+            raise CoordinateError("an expert to prune is given more than once")
+        self._drop: dict[int, list[int]] = {}
+        self._routers: dict[int, nn.Module] = {}
+        self._shared: list[nn.Module] = []
+        for layer, e in self.experts:
+            dp = down_projection(model, layer, e)  # validates the layer and the expert
+            if dp.expert is None:
+                raise CoordinateError(f"layer {layer} has no experts to prune")
+            _experts, router, shared = moe_block(model, layer)
+            if e == SHARED:
+                self._shared.append(shared)
+            else:
+                self._drop.setdefault(layer, []).append(int(e))
+                self._routers[layer] = router
+        for router in self._routers.values():
+            moe.check_router(router)
+
+    def _hooks(self):
+        hooks = [(self._routers[layer], self._mask(drop)) for layer, drop in self._drop.items()]
+        return hooks + [(m, lambda _m, _inp, out: torch.zeros_like(out)) for m in self._shared]
+
+    @staticmethod
+    def _mask(drop: list[int]):
+        def hook(router, _inp, out):
+            moe.check_routing(router, out)  # the router's own output, reproduced, before it is changed
+            return moe.masked_routing(router, out[0], drop, out)
 
         return hook

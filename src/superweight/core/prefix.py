@@ -23,9 +23,9 @@ from superweight.core.arch import decoder_layers
 
 
 def first_edited_layer(coords, rows) -> int:
-    """The lowest layer that ablated weights (`WeightCoord`s) or patch rows ((layer, row)) touch: every block
-    below it is the same with and without them, so it can be shared (`Prefix`, `measure(share_below=...)`)."""
-    return min([c.layer for c in coords] + [layer for layer, _ in rows])
+    """The lowest layer that ablated weights (`WeightCoord`s) or patch rows ((layer, row[, expert])) touch: every
+    block below it is the same with and without them, so it can be shared (`Prefix`, `measure(share_below=...)`)."""
+    return min([c.layer for c in coords] + [r[0] for r in rows])
 
 
 def _identity(*args, **kwargs):

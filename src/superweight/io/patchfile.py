@@ -5,7 +5,8 @@
     ...; live.remove()                         # the model is intact again, bit for bit
 
 A patch fits one model: the config stores a fingerprint of the intact down-projections it touches, and
-loading it onto another model (or another shape) is a clear error, not a silent mis-application.
+loading it onto another model (or another shape) is a clear error, not a silent mis-application. A row in a
+mixture-of-experts layer is [layer, row, expert] in the config and `layer{l}.expert{e}.row{r}` in the file.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from superweight.core.arch import down_projection, family
-from superweight.core.coords import WeightCoord
+from superweight.core.arch import down_projection, down_projections, family
+from superweight.core.coords import WeightCoord, make_row, split_row
 from superweight.core.intervene import Ablation, Compose, Intervention, RowPatch
 from superweight.errors import SuperweightError
 
@@ -33,17 +34,32 @@ class PatchMismatchError(SuperweightError):
 
 
 def fingerprint(model: nn.Module, layers: list[int]) -> str:
-    """SHA-256 of the model's shape and of the named layers' intact down-projection weights.
+    """SHA-256 of the model's shape and of the named layers' intact down-projection weights (every expert's, in
+    a mixture-of-experts layer).
 
     Weights are hashed after rounding to bf16, so the same checkpoint loaded in fp32 or bf16 matches.
     """
     h = hashlib.sha256()
     cfg = model.config
     h.update(f"{family(model)}|{cfg.num_hidden_layers}|{model.get_output_embeddings().weight.shape}".encode())
-    for layer in sorted(set(layers)):
-        w = down_projection(model, layer).matrix.detach().to("cpu", torch.bfloat16).contiguous()
-        h.update(w.view(torch.int16).numpy().tobytes())
+    wanted = set(layers)
+    for dp in down_projections(model):
+        if dp.layer in wanted:
+            w = dp.matrix.detach().to("cpu", torch.bfloat16).contiguous()
+            h.update(w.view(torch.int16).numpy().tobytes())
     return h.hexdigest()[:24]
+
+
+def tensor_name(r) -> str:
+    layer, row, expert = split_row(r)
+    return f"layer{layer}.row{row}" if expert is None else f"layer{layer}.expert{expert}.row{row}"
+
+
+def _row(entry) -> tuple:
+    """A config row ([layer, row] or [layer, row, expert]) as a patch row; ValueError when it is neither."""
+    if not isinstance(entry, list) or len(entry) not in (2, 3):
+        raise ValueError
+    return make_row(*split_row(entry))  # a layer, row or expert that is no number (or "shared"): ValueError
 
 
 @dataclass
@@ -58,16 +74,20 @@ def save_patch(run_dir: Path, model: nn.Module, patch: RowPatch, ablated: list[W
     """Write the vectors and their config (sorted, indented JSON) into `run_dir`."""
     from superweight.io.rundir import provenance, write_atomic, write_json
 
-    tensors = {f"layer{l}.row{r}": v.detach().cpu().float().contiguous() for (l, r), v in zip(patch.rows, patch.vectors)}
+    tensors = {tensor_name(r): v.detach().cpu().float().contiguous() for r, v in zip(patch.rows, patch.vectors)}
     write_atomic(run_dir / PATCH_FILE, lambda tmp: save_file(tensors, str(tmp)))
-    layers = [l for l, _ in patch.rows] + [c.layer for c in ablated]
+    layers = [r[0] for r in patch.rows] + [c.layer for c in ablated]
+    dps = {}  # "layer" (or "layer:expert") -> its down-projection
+    for r in patch.rows:
+        layer, _row, expert = split_row(r)
+        dps[str(layer) if expert is None else f"{layer}:{expert}"] = down_projection(model, layer, expert)
     config = {
         **meta,
         "fingerprint": fingerprint(model, layers),
         "ablated": [str(c) for c in ablated],
-        "rows": [[l, r] for l, r in patch.rows],
-        "d_ff": {str(l): down_projection(model, l).d_ff for l, _ in patch.rows},
-        "d_model": down_projection(model, patch.rows[0][0]).d_model,
+        "rows": [list(r) for r in patch.rows],
+        "d_ff": {key: dp.d_ff for key, dp in dps.items()},
+        "d_model": next(iter(dps.values())).d_model,
         "provenance": provenance(),
     }
     write_json(run_dir / CONFIG_FILE, dict(sorted(config.items())))
@@ -91,19 +111,20 @@ def load_patch(path: str | Path) -> PatchData:
     if not isinstance(config, dict):
         raise SuperweightError(f"{cfg_path} holds no patch config object")
     try:
-        rows = [(int(r[0]), int(r[1])) for r in config["rows"] if len(r) == 2]
+        rows = [_row(r) for r in config["rows"]]
         ablated = [parse_coord(str(c)) for c in config["ablated"]]
-        if len(rows) != len(config["rows"]) or not rows or "fingerprint" not in config:
+        if not rows or "fingerprint" not in config:
             raise ValueError
     except (KeyError, TypeError, ValueError, CoordinateError):
-        raise SuperweightError(f"{cfg_path} is not a patch config: it needs 'rows' ([[layer, row], ...]), "
-                               "'ablated' (LAYER:ROW:COL coordinates) and 'fingerprint'") from None
+        raise SuperweightError(f"{cfg_path} is not a patch config: it needs 'rows' ([[layer, row], ...] or "
+                               "[layer, row, expert] in a mixture of experts), 'ablated' (LAYER:ROW:COL coordinates) "
+                               "and 'fingerprint'") from None
     try:
         tensors = load_file(str(file_path))
     except Exception as exc:  # safetensors' own error type, OSError, ...: a damaged file either way
         text = str(exc).strip().splitlines()
         raise SuperweightError(f"{file_path} is damaged ({text[0] if text else type(exc).__name__})") from None
-    names = [f"layer{l}.row{r}" for l, r in rows]
+    names = [tensor_name(r) for r in rows]
     missing = [n for n in names if n not in tensors]
     if missing:
         raise SuperweightError(f"patch file {file_path} lacks vectors {', '.join(missing)}")
@@ -119,13 +140,14 @@ def load_patch(path: str | Path) -> PatchData:
 
 
 def check_fits(model: nn.Module, patch: PatchData) -> None:
-    for (layer, _row), v in zip(patch.rows, patch.vectors):
-        dp = down_projection(model, layer)
+    for r, v in zip(patch.rows, patch.vectors):
+        layer, _row, expert = split_row(r)
+        dp = down_projection(model, layer, expert)
         if v.shape != (dp.d_ff,):
             raise PatchMismatchError(
-                f"patch vector for layer {layer} has {v.numel()} entries but this model's d_ff is {dp.d_ff}"
+                f"patch vector for {dp.where} has {v.numel()} entries but this model's d_ff is {dp.d_ff}"
             )
-    layers = [l for l, _ in patch.rows] + [c.layer for c in patch.ablated]
+    layers = [r[0] for r in patch.rows] + [c.layer for c in patch.ablated]
     if fingerprint(model, layers) != patch.config["fingerprint"]:
         raise PatchMismatchError(
             f"patch was trained on another model ({patch.config.get('model', '?')}): weight fingerprint differs"
@@ -144,6 +166,7 @@ def merge_into_weights(model: nn.Module, patch: PatchData) -> None:
     """Permanently ablate and add the patch rows into the weights (for export); no undo."""
     check_fits(model, patch)
     Ablation(model, patch.ablated).apply()  # applied and never removed: the export is the ablated model
-    for (layer, row), v in zip(patch.rows, patch.vectors):
-        dp = down_projection(model, layer)
+    for r, v in zip(patch.rows, patch.vectors):
+        layer, row, expert = split_row(r)
+        dp = down_projection(model, layer, expert)
         dp.set_row(row, dp.row(row) + v.to(dp.weight.dtype))

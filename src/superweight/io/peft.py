@@ -10,6 +10,11 @@ row fold into one vector `a_r = d + Σ_c (s_c - 1) W[r, c] e_c`, and a layer who
 gets a LoRA of rank k: `lora_B = [e_r1 .. e_rk]` ([d_model, k]) and `lora_A = [a_r1; ..; a_rk]` ([k, d_ff]),
 with `lora_alpha = r = k` so PEFT's scaling is 1. GPT-2's transposed Conv1D takes the same tensors with
 `fan_in_fan_out = true`. PEFT itself is not needed to write the adapter (only to load it).
+
+In a mixture of experts, a shared expert's down-projection is an nn.Linear and takes a LoRA like any other. A
+routed expert's is a slice of the fused 3-D `experts.down_proj` parameter: PEFT (0.17 on; checked with 0.21)
+targets such a parameter by name (`target_parameters`) with a LoRA of rank r per expert, whose factors
+`_expert_lora` lays out, one expert's rows beside the others' zeros (docs/moe.md).
 """
 
 from __future__ import annotations
@@ -22,25 +27,29 @@ from safetensors.torch import save_file
 from torch import nn
 
 from superweight.core.arch import down_projection
+from superweight.core.coords import site, split_row
 from superweight.io.patchfile import PatchData, check_fits
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
-def row_vectors(model: nn.Module, patch: PatchData, ablation_only: bool = False) -> dict[int, dict[int, torch.Tensor]]:
-    """layer -> row -> the vector added to that row of the intact W (the ablation folded in), fp32."""
+def row_vectors(model: nn.Module, patch: PatchData, ablation_only: bool = False) -> dict:
+    """down-projection (coords.site: the layer, or (layer, expert)) -> row -> the vector added to that row of the
+    intact W (the ablation folded in), fp32."""
     check_fits(model, patch)
-    out: dict[int, dict[int, torch.Tensor]] = {}
+    out: dict = {}
 
-    def vec(layer: int, row: int) -> torch.Tensor:
-        return out.setdefault(layer, {}).setdefault(row, torch.zeros(down_projection(model, layer).d_ff))
+    def vec(layer: int, row: int, expert) -> torch.Tensor:
+        key = site((layer, row, expert))
+        return out.setdefault(key, {}).setdefault(row, torch.zeros(down_projection(model, layer, expert).d_ff))
 
     for c in patch.ablated:  # W[r, c] -> s W[r, c]: add (s - 1) W[r, c] at column c of row r
-        vec(c.layer, c.row)[c.col] += (c.scale - 1.0) * down_projection(model, c.layer).get(c.row, c.col).float().cpu()
+        w = down_projection(model, c.layer, c.expert).get(c.row, c.col).float().cpu()
+        vec(c.layer, c.row, c.expert)[c.col] += (c.scale - 1.0) * w
     if not ablation_only:
-        for (layer, row), d in zip(patch.rows, patch.vectors):
-            vec(layer, row).add_(d.detach().float().cpu())
+        for r, d in zip(patch.rows, patch.vectors):
+            vec(*split_row(r)).add_(d.detach().float().cpu())
     return out
 
 
@@ -48,8 +57,14 @@ def adapter_tensors(model: nn.Module, patch: PatchData, ablation_only: bool = Fa
                     base: str | None = None) -> tuple[dict[str, torch.Tensor], dict]:
     """The LoRA tensors (PEFT's saved key names) and adapter_config.json's content for `patch` on `model`."""
     tensors, ranks, transposed = {}, {}, False
-    for layer, rows in sorted(row_vectors(model, patch, ablation_only).items()):
-        dp = down_projection(model, layer)
+    by_site = row_vectors(model, patch, ablation_only)
+    routed: dict[int, dict[int, dict[int, torch.Tensor]]] = {}  # layer -> expert -> row -> vector
+    for key, rows in sorted(by_site.items(), key=lambda kv: (kv[0], "") if isinstance(kv[0], int) else
+                            (kv[0][0], str(kv[0][1]))):
+        dp = down_projection(model, *(key if isinstance(key, tuple) else (key,)))
+        if isinstance(dp.expert, int):
+            routed.setdefault(dp.layer, {})[dp.expert] = rows
+            continue
         order = sorted(rows)
         b = torch.zeros(dp.d_model, len(order))
         b[order, range(len(order))] = 1.0
@@ -58,7 +73,8 @@ def adapter_tensors(model: nn.Module, patch: PatchData, ablation_only: bool = Fa
         tensors[f"{key}.lora_B.weight"] = b
         ranks[dp.name] = len(order)
         transposed |= dp.transposed
-    rank = max(ranks.values())
+    rank = max([*ranks.values(), *(len(rows) for experts in routed.values() for rows in experts.values())])
+    parameters = [_expert_lora(model, layer, experts, rank, tensors) for layer, experts in sorted(routed.items())]
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base,
         "r": rank, "lora_alpha": rank, "lora_dropout": 0.0, "bias": "none", "use_rslora": False,
@@ -68,7 +84,28 @@ def adapter_tensors(model: nn.Module, patch: PatchData, ablation_only: bool = Fa
         "alpha_pattern": {n: k for n, k in ranks.items() if k != rank},
         "init_lora_weights": True, "modules_to_save": None,
     }
+    if parameters:  # only then, so that dense adapters stay as they were
+        config["target_parameters"] = parameters
     return tensors, config
+
+
+def _expert_lora(model: nn.Module, layer: int, experts: dict[int, dict[int, torch.Tensor]], rank: int,
+                 tensors: dict[str, torch.Tensor]) -> str:
+    """The LoRA of one layer's fused expert down-projections (PEFT's `target_parameters`, a ParamWrapper): rank
+    `rank` per expert, lora_A [n_experts * rank, d_ff] with expert e's j-th row at e * rank + j, lora_B
+    [d_model, rank * n_experts] with e_row at column j * n_experts + e (how PEFT reshapes them); unused slots
+    stay zero. Adds the tensors; returns the parameter's name."""
+    dp = down_projection(model, layer, next(iter(experts)))
+    n = dp.weight.shape[0]
+    a, b = torch.zeros(n * rank, dp.d_ff), torch.zeros(dp.d_model, rank * n)
+    for e, rows in experts.items():
+        for j, row in enumerate(sorted(rows)):
+            a[e * rank + j] = rows[row]
+            b[row, j * n + e] = 1.0
+    name = next(name for name, m in model.named_modules() if m is dp.module)
+    tensors[f"base_model.model.{name}.lora_A.weight"] = a
+    tensors[f"base_model.model.{name}.lora_B.weight"] = b
+    return f"{name}.down_proj"
 
 
 def save_adapter(target: str | Path, tensors: dict[str, torch.Tensor], config: dict, about: dict | None = None) -> Path:
@@ -102,6 +139,6 @@ def write_peft(loaded, patch: PatchData, target: Path, ablation_only: bool = Fal
     tensors, config = adapter_tensors(loaded.model, patch, ablation_only, base=loaded.source)
     about = {"model": model_id(loaded), "source": loaded.source, "fingerprint": patch.config.get("fingerprint"),
              "ablated": [str(c) for c in patch.ablated], "ablation_only": ablation_only,
-             "rows": [] if ablation_only else [[l, r] for l, r in patch.rows], "provenance": provenance()}
+             "rows": [] if ablation_only else [list(r) for r in patch.rows], "provenance": provenance()}
     save_adapter(target, tensors, config, about)
     return config

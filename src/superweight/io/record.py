@@ -116,6 +116,7 @@ class RowGeometry(Record):
     row: int
     norm: float
     cos_original_row: float = Field(description="cos(d, the intact W[row, :])")
+    expert: int | str | None = Field(None, description="the expert whose row it is (None: a dense MLP)")
     col: int | None = None
     value_at_col: float | None = None
     deleted_value: float | None = None
@@ -134,7 +135,7 @@ class RowGeometry(Record):
 
     @property
     def key(self) -> str:
-        return f"{self.layer}:{self.row}"
+        return f"{self.layer}:{self.row}" if self.expert is None else f"{self.layer}:{self.expert}:{self.row}"
 
 
 class PatchGeometry(RowGeometry):
@@ -315,6 +316,13 @@ class CandidateSummary(Record):
     confirmed: bool
     grade: str | None = Field(None, description="super weight / sensitive weight / none (stages/detect.GRADES)")
     source: str
+    # Mixture of experts (stages/experts.py); absent from dense models' records and records made before.
+    expert: int | str | None = None
+    expert_picked: float | None = Field(None, description="share of the massive-activation tokens routed to it")
+    expert_picked_all: float | None = None
+    expert_kl: float | None = Field(None, description="KL with the whole expert pruned")
+    expert_ppl_ratio: float | None = None
+    expert_grade: str | None = Field(None, description="super expert / sensitive expert / none")
 
 
 class DetectSummary(Record):

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from superweight.core.arch import down_projection
-from superweight.core.coords import WeightCoord
+from superweight.core.coords import WeightCoord, make_row, row_of, site, split_row
 from superweight.core.reparam import neuron_balance
 from superweight.errors import UnsupportedArchitectureError
 from superweight.io.record import ColGeometry, PatchGeometry, RowGeometry
@@ -40,23 +40,25 @@ def geometry(model: nn.Module, coords: list[WeightCoord], rows, vectors, origina
     """Every patched row's geometry, in the order of `rows`, and the first row's at the top level
     (docs/results.md, `patch`). Call it with the interventions off: "original row" means the intact weights."""
     out = []
-    for (layer, row), d in zip(rows, vectors):
+    for r, d in zip(rows, vectors):
+        layer, row, expert = split_row(r)
         d = d.detach().float().cpu()
         norm = d.norm().item()
-        w_row = down_projection(model, layer).row(row).float().cpu()
-        x = None if inputs is None or layer not in inputs else inputs[layer].float().cpu()
+        w_row = down_projection(model, layer, expert).row(row).float().cpu()
+        x = None if inputs is None or site(r) not in inputs else inputs[site(r)].float().cpu()
         write = None if x is None else x @ d
         cols = [
             ColGeometry(col=c.col, value_at_col=d[c.col].item(), deleted_value=w - w * c.scale,
                         cos_ablated_direction=d[c.col].item() / norm if norm > 0 else 0.0,
                         value_ratio=d[c.col].item() / (w - w * c.scale) if w - w * c.scale else None,
                         write_cos_ablated=None if write is None else _cos(write, x[:, c.col]))
-            for c, w in zip(coords, originals) if (c.layer, c.row) == (layer, row)
+            for c, w in zip(coords, originals) if row_of(c) == make_row(layer, row, expert)
         ]
         top = d.abs().topk(min(16, d.numel())).indices
         invariant = {}
         try:
-            invariant["balanced_norm"] = (d * neuron_balance(model, layer)).norm().item()
+            if expert is None:  # not defined for an expert (stages/precondition.py)
+                invariant["balanced_norm"] = (d * neuron_balance(model, layer)).norm().item()
         except UnsupportedArchitectureError:  # GELU MLPs have no function-preserving neuron scale
             pass
         if write is not None:
@@ -68,7 +70,8 @@ def geometry(model: nn.Module, coords: list[WeightCoord], rows, vectors, origina
                           "top_writes": [(int(i), per_neuron[i].item())
                                          for i in per_neuron.topk(min(16, d.numel())).indices]}
         out.append(RowGeometry(
-            layer=layer, row=row, norm=norm, cos_original_row=torch.cosine_similarity(d, w_row, 0).item(),
+            layer=layer, row=row, expert=expert, norm=norm,
+            cos_original_row=torch.cosine_similarity(d, w_row, 0).item(),
             **(cols[0].model_dump() if cols else {}), cols=cols, top_entries=[(int(i), d[i].item()) for i in top],
             **invariant,
         ))

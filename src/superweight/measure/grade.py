@@ -39,3 +39,9 @@ def grade_words(g: str | None) -> str:
     """How outputs name a weight of grade `g` (None: a weight given by hand, not graded)."""
     return {"super weight": "a super weight", "sensitive weight": "a sensitive weight (not a super weight)",
             "none": "not a super weight (damage within its controls' reach)"}.get(g, "a weight given by hand (not graded)")
+
+
+def expert_grade(kl: float, ppl_ratio: float, controls_kl: float, confirmed: bool, control_factor: float) -> str:
+    """The grade of a whole pruned expert (stages/experts.py), by the same thresholds: "super expert" (pruning it
+    collapses the model), "sensitive expert" or "none"."""
+    return grade(kl, ppl_ratio, controls_kl, confirmed, control_factor).replace("weight", "expert")

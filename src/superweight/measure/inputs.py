@@ -5,7 +5,8 @@
 
 Forward passes stop at that layer: nothing above it is computed. With `bos` (io/corpora.bos_token) every window
 starts with the BOS token, as `measure` reads them: a BOS and max_length - 1 tokens of text. x then has a row
-for each BOS too (where massive activations tend to sit): `seen_ids` gives the token of every row.
+for each BOS too (where massive activations tend to sit): `seen_ids` gives the token of every row. An expert's
+input (`expert=`) is its routed input (core/moe.py): zero at the tokens the router does not send to it.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from superweight.core.arch import down_projection, input_device
-from superweight.core.intervene import Ablation
+from superweight.core.arch import decoder_layers, down_projection, input_device, moe_block
+from superweight.core.coords import site, split_row
+from superweight.core.intervene import Ablation, hidden
 from superweight.io.corpora import with_bos
 
 
@@ -24,19 +26,21 @@ class _Stop(Exception):
 
 @torch.no_grad()
 def down_inputs(model: nn.Module, ids: torch.Tensor, layer: int, max_length: int = 512,
-                bos: int | None = None) -> tuple[torch.Tensor, list[int]]:
-    """The down-projection input x [positions, d_ff] (fp32, CPU) of `layer` over the 1-D `ids` in windows of
-    `max_length` (each starting with a `bos` token, when given), and each row's position in its window. Row r
-    reads token `seen_ids(ids, max_length, bos)[r]` (that is ids[r] without a BOS)."""
-    module = down_projection(model, layer).module
+                bos: int | None = None, expert=None) -> tuple[torch.Tensor, list[int]]:
+    """The down-projection input x [positions, d_ff] (fp32, CPU) of `layer` (of its `expert`, in a mixture of
+    experts) over the 1-D `ids` in windows of `max_length` (each starting with a `bos` token, when given), and
+    each row's position in its window. Row r reads token `seen_ids(ids, max_length, bos)[r]` (that is ids[r]
+    without a BOS)."""
+    dp = down_projection(model, layer, expert)
     device = input_device(model)
     acts: list[torch.Tensor] = []
 
     def hook(_m, inp, _out):
-        acts.append(inp[0].reshape(-1, inp[0].shape[-1]).float().cpu())
+        x = dp.inputs(inp)
+        acts.append(x.reshape(-1, x.shape[-1]).float().cpu())
         raise _Stop
 
-    handle = module.register_forward_hook(hook)
+    handle = dp.module.register_forward_hook(hook)
     positions: list[int] = []
     try:
         for window in _windows(ids, max_length, bos):
@@ -64,10 +68,45 @@ def seen_ids(ids: torch.Tensor, max_length: int = 512, bos: int | None = None) -
 
 
 def patch_inputs(model: nn.Module, coords, rows, ids: torch.Tensor, max_length: int = 512,
-                 max_tokens: int = 2048, bos: int | None = None) -> dict[int, torch.Tensor]:
-    """x [positions, d_ff] for each patched layer over the first `max_tokens` of `ids` (windows starting with
-    `bos`, when given), read with the weights in `coords` ablated: what the patch reads (measure/geometry.py's
-    write-based numbers)."""
+                 max_tokens: int = 2048, bos: int | None = None) -> dict:
+    """x [positions, d_ff] for each patched down-projection (keyed by coords.site: the layer, or (layer, expert))
+    over the first `max_tokens` of `ids` (windows starting with `bos`, when given), read with the weights in
+    `coords` ablated: what the patch reads (measure/geometry.py's write-based numbers)."""
+    sites = {site(r): split_row(r) for r in rows}
     with Ablation(model, coords):
-        return {layer: down_inputs(model, ids[:max_tokens], layer, max_length, bos)[0]
-                for layer in {l for l, _ in rows}}
+        return {key: down_inputs(model, ids[:max_tokens], layer, max_length, bos, expert)[0]
+                for key, (layer, _row, expert) in sites.items()}
+
+
+@torch.no_grad()
+def router_choices(model: nn.Module, ids: torch.Tensor, layer: int, max_length: int = 512,
+                   bos: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(top_k_index [positions, k]: the experts the router of MoE layer `layer` picks at each token, residual
+    [positions, d_model]: the residual stream after that layer), over `ids` in the windows `down_inputs` reads,
+    with whatever intervention is on. Passes stop at that layer."""
+    found = moe_block(model, layer)
+    if found is None:
+        raise ValueError(f"layer {layer} has no router")
+    router, block = found[1], decoder_layers(model)[layer]
+    picks: list[torch.Tensor] = []
+    resid: list[torch.Tensor] = []
+
+    def on_router(_m, _inp, out):
+        picks.append(out[2].reshape(-1, out[2].shape[-1]).cpu())
+
+    def on_block(_m, _inp, out):
+        h = hidden(out)
+        resid.append(h.reshape(-1, h.shape[-1]).float().cpu())
+        raise _Stop
+
+    handles = [router.register_forward_hook(on_router), block.register_forward_hook(on_block)]
+    try:
+        for window in _windows(ids, max_length, bos):
+            try:
+                model(input_ids=window[None].to(input_device(model)), use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        for h in handles:
+            h.remove()
+    return torch.cat(picks), torch.cat(resid)

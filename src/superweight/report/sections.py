@@ -162,11 +162,16 @@ def _detection(r: RunRecord, plots) -> list:
     if not d:
         return []
     grades = "; ".join(f"{k}: {v}" for k, v in GRADES.items())
-    return [("h", 2, "Detection"), ("p", f"Chosen weight: {d.weight}, {grade_words(d.grade)}."), _columns(
-        d.candidates,
-        [("layer", "layer", num), ("row", "row", num), ("col", "col", num), ("value", "value", num),
-         ("KL", "kl", num), ("PPL ratio", "ppl_ratio", num), ("confirmed", "confirmed", num),
-         ("grade", lambda c: c.grade or "-", str), ("source", "source", num)]), ("p", f"Grades: {grades}.")]
+    spec = [("layer", "layer", num), ("row", "row", num), ("col", "col", num), ("value", "value", num),
+            ("KL", "kl", num), ("PPL ratio", "ppl_ratio", num), ("confirmed", "confirmed", num),
+            ("grade", lambda c: c.grade or "-", str), ("source", "source", num)]
+    if any(c.expert is not None for c in d.candidates):  # a mixture of experts (stages/experts.py)
+        spec[1:1] = [("expert", "expert", num)]
+        spec += [("router picks it at massive tokens", "expert_picked", pct),
+                 ("at all tokens", "expert_picked_all", pct), ("KL, expert pruned", "expert_kl", num),
+                 ("expert grade", lambda c: c.expert_grade or "-", str)]
+    return [("h", 2, "Detection"), ("p", f"Chosen weight: {d.weight}, {grade_words(d.grade)}."),
+            _columns(d.candidates, spec), ("p", f"Grades: {grades}.")]
 
 
 def _training(r: RunRecord, plots) -> list:

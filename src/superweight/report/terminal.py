@@ -29,7 +29,9 @@ def print_info(out: Console, spec: str, source: str, desc, known: list) -> None:
     table.add_row("class", desc.model_class)
     table.add_row("layers", str(desc.n_layers))
     table.add_row("d_model (rows)", str(desc.d_model))
-    table.add_row("d_ff (cols)", str(desc.d_ff))
+    table.add_row("d_ff (cols)", str(desc.d_ff) + (" (per expert)" if getattr(desc, "n_experts", 0) else ""))
+    if getattr(desc, "n_experts", 0):
+        table.add_row("experts per layer", f"{desc.n_experts} (coordinates LAYER:EXPERT:ROW:COL; docs/moe.md)")
     table.add_row("parameters", f"{desc.n_params:,}")
     table.add_row("down-projections", f"{desc.down_proj_names[0]} ... {desc.down_proj_names[-1]}")
     table.add_row("published super weights", ", ".join(map(str, known)) or "none recorded")
@@ -95,14 +97,15 @@ def print_detect(out: Console, result) -> None:
     if p:
         title += f" (damage on {p.corpus}/{p.split}, {p.n_tokens:,} tokens)"
     table = Table(title=title, box=box.SIMPLE_HEAD)
-    cols = ["L:R:C", "W", "in", "out", "×med", "KL", "PPL×", "ctrl KL", "confirmed", "grade", "found by"]
+    where = "L:E:R:C" if any(c.expert is not None for c in result.candidates) else "L:R:C"
+    cols = [where, "W", "in", "out", "×med", "KL", "PPL×", "ctrl KL", "confirmed", "grade", "found by"]
     for c in cols:
-        table.add_column(c, justify="left" if c in {"L:R:C", "found by", "confirmed", "grade"} else "right",
+        table.add_column(c, justify="left" if c in {where, "found by", "confirmed", "grade"} else "right",
                          no_wrap=True)
     for c in result.candidates:
         ctrl = "-" if c.control_kl_top is None else f"{c.control_kl_top:.1g}/{c.control_kl_random:.1g}"
         table.add_row(
-            f"{c.layer}:{c.row}:{c.col}", f"{c.value:.3g}", fmt(c.in_spike, 0), fmt(c.out_spike, 0),
+            str(c.coord), f"{c.value:.3g}", fmt(c.in_spike, 0), fmt(c.out_spike, 0),
             fmt(c.spike_ratio, 0), fmt(c.kl, 3), fmt(c.ppl_ratio, 2), ctrl,
             "[bold green]yes[/]" if c.confirmed else ("no" if c.kl is not None else "not verified"),
             {"super weight": "[bold]super weight[/]"}.get(c.grade, c.grade or "-"),
@@ -117,7 +120,9 @@ def print_detect(out: Console, result) -> None:
         f"Confirmed: KL >= {result.settings['min_kl']} and >= {result.settings['control_factor']:g}× the worse "
         "control. Grade: " + "; ".join(f"{k}: {v}" for k, v in GRADES.items()) +
         ". found by: spike scan round n, or attribution method."
+        + (" L:E:R:C: layer, expert (or shared), row, column." if where == "L:E:R:C" else "")
     )
+    print_experts(out, result.candidates)
     verified = [c for c in result.candidates if c.kl is not None]
     if verified and not any(c.grade == "super weight" for c in verified):
         sensitive = [c for c in verified if c.grade == "sensitive weight"]
@@ -300,13 +305,50 @@ def _cell(cell, row: dict) -> str:
     return "-" if value is None else str(value)
 
 
+def print_experts(out: Console, candidates) -> None:
+    """One line per expert holding a verified candidate: how often the router picks it at the massive tokens,
+    and what pruning the whole expert does (stages/experts.py)."""
+    seen = set()
+    for c in candidates:
+        if c.expert is None or c.expert_kl is None or (c.layer, c.expert) in seen:
+            continue
+        seen.add((c.layer, c.expert))
+        ctrl = " / ".join(f"{k:.2g}" for k in (c.expert_control_kl_top, c.expert_control_kl_random) if k is not None)
+        grade = {"super expert": "[bold]a super expert[/]", "sensitive expert": "a sensitive expert (not a super "
+                 "expert)", "none": "not a super expert"}.get(c.expert_grade, "-")
+        out.print(f"{expert_words(c, c.coord)}; pruning it (router logit -inf): KL {c.expert_kl:.3g}, PPL "
+                  f"x{c.expert_ppl_ratio:.2f} (control experts {', '.join(c.expert_controls) or '-'}: KL "
+                  f"{ctrl or '-'}): {grade}.")
+
+
+def expert_words(c, holds=None) -> str:
+    """'Expert 2 of layer 0 (holds 0:2:5:7): the router picks it at 100% of the 44 massive-activation tokens (61%
+    of all tokens)'; the shared expert runs on every token."""
+    name = f"The shared expert of layer {c.layer}" if c.expert == "shared" else f"Expert {c.expert} of layer {c.layer}"
+    name += f" (holds {holds})" if holds is not None else ""
+    if c.expert == "shared":
+        return f"{name}: it runs on every token"
+    if c.expert_picked is None:
+        return name
+    n = getattr(c, "massive_tokens", None)
+    return (f"{name}: the router picks it at {c.expert_picked:.0%} of the{f' {n}' if n is not None else ''} "
+            f"massive-activation tokens ({c.expert_picked_all:.0%} of all tokens)")
+
+
+def _coord_text(c) -> str:
+    return f"{c.layer}:{c.row}:{c.col}" if c.expert is None else f"{c.layer}:{c.expert}:{c.row}:{c.col}"
+
+
 def print_run(out: Console, r: RunRecord, path) -> None:
     d = r.detect
     if d and d.candidates:
-        top = next(c for c in d.candidates if f"{c.layer}:{c.row}:{c.col}" == d.weight)
+        top = next(c for c in d.candidates if _coord_text(c) == d.weight)
         out.print(f"Detected {len(d.candidates)} candidates, {sum(c.confirmed for c in d.candidates)} "
                   f"confirmed; repairing {d.weight}, {grade_words(d.grade)} (zeroing it: KL {top.kl:.3g}, PPL "
                   f"x{top.ppl_ratio:.2f} on the calibration text). Details: detect.json")
+        if top.expert is not None and top.expert_kl is not None:
+            out.print(f"{expert_words(top)}; pruning the whole expert costs KL {top.expert_kl:.3g} (PPL "
+                      f"x{top.expert_ppl_ratio:.2f}): {top.expert_grade}.")
     print_repair(out, r, path)
     print_analysis(out, r, patch_line=False)
     if r.sparse_training:

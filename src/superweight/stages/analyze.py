@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from superweight.core.arch import down_projection, final_norm
+from superweight.core.arch import final_norm
+from superweight.core.coords import make_row, row_of, site, split_row
 from superweight.core.intervene import Ablation, Compose, Intervention, RowPatch, intact_values
 from superweight.core.prefix import first_edited_layer
 from superweight.io import corpora
@@ -142,7 +143,7 @@ def logit_lens(model: nn.Module, tokenizer, layer: int, row: int, scale: float =
     (lens(+e_row) - lens(-e_row)) / 2: the part odd in the push, so LayerNorm biases cancel."""
     norm, head = final_norm(model), model.get_output_embeddings()
     p = next(head.parameters())
-    e = torch.zeros(1, 1, down_projection(model, layer).d_model, device=p.device, dtype=p.dtype)
+    e = torch.zeros(1, 1, head.weight.shape[1], device=p.device, dtype=p.dtype)  # d_model
     e[..., row] = scale
     logits = ((head(norm(e)) - head(norm(-e))) / 2)[0, 0].float().cpu()
 
@@ -195,11 +196,11 @@ def contribution_scores(model, ids, patch: PatchData, max_length: int,
     """|x[t, i] * d[i]| for every patch entry (rows concatenated), t the token where that row's write x @ d is
     largest; and the down-projection inputs per layer, for the token and neuron views (windows start with `bos`
     when given: x has a row per BOS too, see measure/inputs.seen_ids)."""
-    inputs, scores = {}, []
-    for (layer, _row), v in zip(patch.rows, patch.vectors):
-        if layer not in inputs:
-            inputs[layer] = down_inputs(model, ids, layer, max_length, bos)
-        x = inputs[layer][0]
+    inputs, scores = {}, []  # keyed by coords.site: the layer, or (layer, expert)
+    for r, v in zip(patch.rows, patch.vectors):
+        if site(r) not in inputs:
+            inputs[site(r)] = down_inputs(model, ids, r[0], max_length, bos, split_row(r)[2])
+        x = inputs[site(r)][0]
         t = int((x @ v.float()).abs().argmax())
         scores.append((x[t] * v.float()).abs())
     return torch.cat(scores), inputs
@@ -250,16 +251,16 @@ def run_analyze(
     sinks = sink_view(model, ids, {"broken": conditions["broken"], "patched": conditions["patched"]},
                       (first.layer, first.row), bos, window=min(WINDOW, max_length))
     stage("Token and neuron views", None)
-    (layer, row), vector = patch.rows[0], patch.vectors[0].float()
-    x, positions = inputs[layer]
+    (layer, row, _expert), vector = split_row(patch.rows[0]), patch.vectors[0].float()
+    x, positions = inputs[site(patch.rows[0])]
     seen = seen_ids(ids, max_length, bos)  # the token of each row of x
     # The neurons that write most (RMS of x_j d_j over tokens): the same neurons however the MLP is scaled.
     neurons = (x * vector).pow(2).mean(0).topk(min(top_neurons, vector.numel())).indices.tolist()
     col, deleted = next(((c.col, w - w * c.scale) for c, w in zip(coords, originals)
-                         if (c.layer, c.row) == (layer, row)), (None, None))
+                         if row_of(c) == make_row(*split_row(patch.rows[0]))), (None, None))
     analysis = {
         "patch": geometry(model, coords, patch.rows, patch.vectors, originals,
-                          {layer: xs for layer, (xs, _) in inputs.items()}),
+                          {key: xs for key, (xs, _) in inputs.items()}),
         "super_activation": {k: metrics[k].super_activation for k in ("base", "broken", "patched")},
         "sparsity": sparsity_table(metrics, n, draws),
         "tokens": {**stats.summary(tok), "logit_lens": logit_lens(model, tok, layer, row)},

@@ -14,6 +14,9 @@
    the worse control.
 5. Grade (`grade`): what the damage makes of the weight, by the thresholds in measure/grade.py: a super weight
    (removal collapses the model), a sensitive weight (above its controls, but the model survives), or none.
+6. Mixture of experts: each expert's down-projection is scanned and verified like a dense one (LAYER:EXPERT:ROW:COL),
+   and a candidate's whole expert is also pruned beside two control experts, graded by the same thresholds, with
+   how often the router picks it at the massive-activation tokens (stages/experts.py).
 
 Every score is a property of the function, not of the parametrization: output spikes, contributions
 |W[r,c] x[c]| and KL do not change when a neuron's input is scaled by a and its column by 1/a
@@ -31,7 +34,7 @@ import torch
 from pydantic import BaseModel, Field
 from torch import nn
 
-from superweight.core.arch import DownProj, down_projections, input_device
+from superweight.core.arch import DownProj, down_projection, down_projections, input_device
 from superweight.core.coords import WeightCoord
 from superweight.core.intervene import Ablation, Intervention, Trace
 from superweight.display import Shown
@@ -40,6 +43,7 @@ from superweight.io.record import Metrics, Protocol
 from superweight.measure.grade import grade
 from superweight.measure.inputs import down_inputs
 from superweight.measure.metrics import measure, protocol_of
+from superweight.stages.experts import EXPERT_PRUNING, plan_experts
 
 DEFAULT_PROMPTS = [
     "Apple Inc. is a worldwide tech company.",  # the paper's prompt
@@ -60,6 +64,8 @@ class LayerSpike(BaseModel):
     col: int = Field(description="argmax_c |W[row,c] * x[c]| at that token: the weight that wrote the spike")
     share: float = Field(description="that weight's contribution / the output value at the spike")
     in_at_col: float = Field(description="max |input| at column `col` over the prompt's tokens")
+    expert: int | str | None = Field(None, description="in a mixture of experts: the expert (index or 'shared') "
+                                                        "whose down-projection wrote the spike")
 
 
 class Candidate(BaseModel):
@@ -80,10 +86,25 @@ class Candidate(BaseModel):
     controls: list[str] = Field(default_factory=list, description="the control coordinates [top, random]")
     confirmed: bool = Field(False, description="KL >= min_kl and >= control_factor x the worse control")
     grade: str | None = Field(None, description="super weight / sensitive weight / none (GRADES), when verified")
+    # Mixture of experts (stages/experts.py); None in a dense model.
+    expert: int | str | None = Field(None, description="the expert (index, or 'shared') whose down-projection "
+                                                       "holds the weight")
+    expert_picked: float | None = Field(None, description="share of the massive-activation tokens (|residual[row]| "
+                                                          ">= half its max after the layer) the router sends to it")
+    expert_picked_all: float | None = Field(None, description="share of all calibration tokens routed to it")
+    massive_tokens: int | None = Field(None, description="calibration tokens carrying the massive activation")
+    expert_kl: float | None = Field(None, description="KL(base || whole expert pruned: router logit -inf)")
+    expert_ppl_ratio: float | None = Field(None, description="PPL with the whole expert pruned / base PPL")
+    expert_control_kl_top: float | None = Field(None, description="KL when pruning the busiest other expert")
+    expert_control_kl_random: float | None = Field(None, description="KL when pruning a random other expert")
+    expert_controls: list[str] = Field(default_factory=list, description="the control experts [busiest, random]")
+    expert_confirmed: bool | None = Field(None, description="expert KL >= min_kl and >= control_factor x the worse "
+                                                            "control expert's")
+    expert_grade: str | None = Field(None, description="super expert / sensitive expert / none")
 
     @property
     def coord(self) -> WeightCoord:
-        return WeightCoord(layer=self.layer, row=self.row, col=self.col)
+        return WeightCoord(layer=self.layer, row=self.row, col=self.col, expert=self.expert)
 
 
 class DetectResult(Shown, BaseModel):
@@ -97,33 +118,39 @@ class DetectResult(Shown, BaseModel):
 
 @torch.no_grad()
 def scan(model: nn.Module, tokenizer, prompts: list[str]) -> list[LayerSpike]:
-    """Per-layer spike statistics of every down-projection over the prompts (maxima over all prompts)."""
+    """Per-layer spike statistics of every down-projection over the prompts (maxima over all prompts). In a
+    mixture of experts each expert's down-projection is scanned (its routed input, core/moe.py: what it adds to
+    the block's output) and the layer's spike is the largest of its experts'."""
     dps = down_projections(model)
     best: dict[int, LayerSpike] = {}
     device = input_device(model)
     for p_index, prompt in enumerate(prompts):
-        def record(layer, inp, out, p_index=p_index):
+        def record(i, inp, out, p_index=p_index):
+            dp = dps[i]
             # [T, d_ff] and [T, d_model] of the single sequence (OPT flattens batch and time before fc2).
-            x = inp[0].reshape(-1, inp[0].shape[-1]).float()
-            y = out.reshape(-1, out.shape[-1]).float()
+            xs = dp.inputs(inp)
+            x = xs.reshape(-1, xs.shape[-1]).float()
+            ys = dp.outputs(xs, out)
+            y = ys.reshape(-1, ys.shape[-1]).float()
             flat = y.abs().argmax().item()
             pos, row = divmod(flat, y.shape[1])
-            contrib = dps[layer].matrix[row].float() * x[pos]
+            contrib = dp.matrix[row].float() * x[pos]
             col = contrib.abs().argmax().item()
             xin = x.abs().max(0).values
             spike = LayerSpike(
-                layer=layer, in_value=xin.max().item(), in_col=xin.argmax().item(),
+                layer=dp.layer, in_value=xin.max().item(), in_col=xin.argmax().item(),
                 out_value=y[pos, row].abs().item(), out_row=row, position=pos, prompt=p_index,
                 col=col, share=(contrib[col] / y[pos, row]).item() if y[pos, row] != 0 else 0.0,
-                in_at_col=xin[col].item(),
+                in_at_col=xin[col].item(), expert=dp.expert,
             )
-            if layer not in best or spike.out_value > best[layer].out_value:
-                best[layer] = spike
-            elif spike.in_value > best[layer].in_value:
-                best[layer] = best[layer].model_copy(update={"in_value": spike.in_value, "in_col": spike.in_col})
+            old = best.get(dp.layer)
+            if old is None or spike.out_value > old.out_value:
+                best[dp.layer] = spike
+            elif spike.in_value > old.in_value:
+                best[dp.layer] = old.model_copy(update={"in_value": spike.in_value, "in_col": spike.in_col})
 
         ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(device)
-        with Trace({dp.layer: dp.module for dp in dps}, record):
+        with Trace(dict(enumerate(dp.module for dp in dps)), record):
             model(input_ids=ids, use_cache=False)
     return [best[i] for i in sorted(best)]
 
@@ -138,7 +165,6 @@ def iterate_spikes(
     model: nn.Module, tokenizer, prompts: list[str], spike_ratio: float = 50.0, max_candidates: int = 8,
 ) -> tuple[list[Candidate], list[list[LayerSpike]]]:
     """Scan, take the strongest outlier layer's weight, zero it, rescan; until nothing stands out."""
-    dps = down_projections(model)
     found: list[Candidate] = []
     rounds: list[list[LayerSpike]] = []
     while len(found) < max_candidates:
@@ -146,19 +172,21 @@ def iterate_spikes(
             spikes = scan(model, tokenizer, prompts)
         rounds.append(spikes)
         ratios = spike_ratios(spikes)
-        known = {(c.layer, c.row, c.col) for c in found}
-        outliers = [
-            (r, s) for r, s in zip(ratios, spikes) if r >= spike_ratio and (s.layer, s.out_row, s.col) not in known
-        ]
+        known = {c.coord.key for c in found}
+        outliers = [(r, s) for r, s in zip(ratios, spikes)
+                    if r >= spike_ratio and WeightCoord(layer=s.layer, row=s.out_row, col=s.col, expert=s.expert).key
+                    not in known]
         if not outliers:
             break
         ratio, s = max(outliers, key=lambda t: t[0])
         found.append(Candidate(
-            layer=s.layer, row=s.out_row, col=s.col, value=dps[s.layer].get(s.out_row, s.col).item(),
+            layer=s.layer, row=s.out_row, col=s.col, expert=s.expert,
+            value=down_projection(model, s.layer, s.expert).get(s.out_row, s.col).item(),
             source=f"spike (round {len(rounds)})", in_spike=s.in_at_col, out_spike=s.out_value,
             spike_ratio=ratio,
         ))
     return found, rounds
+
 
 
 def attribution(
@@ -181,31 +209,31 @@ def attribution(
     else:
         raise ValueError(f"unknown attribution method '{method}': use activation or gradient")
     out = []
-    for dp, s in zip(dps, scores):  # each layer's top few, then the best of those overall
+    for dp, s in zip(dps, scores):  # each down-projection's top few, then the best of those overall
         values, index = s.flatten().topk(min(top, s.numel()))
         for v, i in zip(values.tolist(), index.tolist()):
             row, col = divmod(i, dp.d_ff)
-            out.append(Candidate(layer=dp.layer, row=row, col=col, value=dp.get(row, col).item(),
+            out.append(Candidate(layer=dp.layer, row=row, col=col, expert=dp.expert, value=dp.get(row, col).item(),
                                  source=f"attribution:{method}", attribution=v))
     return sorted(out, key=lambda c: -c.attribution)[:top]
 
 
 @torch.no_grad()
-def _activation_scores(model, dps: list[DownProj], batch) -> list[torch.Tensor]:
-    xmax = {dp.layer: torch.zeros(dp.d_ff, device=batch.device) for dp in dps}
+def _activation_scores(model, dps: list[DownProj], batch):  # |W| * max|x| one projection at a time (MoE: GBs)
+    xmax = [torch.zeros(dp.d_ff, device=batch.device) for dp in dps]
 
-    def record(layer, inp, _out):
-        x = inp[0].detach().float().abs().flatten(0, -2).max(0).values
-        xmax[layer] = torch.maximum(xmax[layer], x)
+    def record(i, inp, _out):
+        x = dps[i].inputs(inp).detach().float().abs().flatten(0, -2).max(0).values
+        xmax[i] = torch.maximum(xmax[i], x.to(batch.device))
 
-    with Trace({dp.layer: dp.module for dp in dps}, record):
+    with Trace(dict(enumerate(dp.module for dp in dps)), record):
         for seq in batch:
             model(input_ids=seq[None], use_cache=False)
-    return [dp.matrix.detach().float().abs() * xmax[dp.layer][None, :] for dp in dps]
+    return (dp.matrix.detach().float().abs() * x.to(dp.matrix.device)[None, :] for dp, x in zip(dps, xmax))
 
 
 def _gradient_scores(model, dps: list[DownProj], batch) -> list[torch.Tensor]:
-    weights = [dp.weight for dp in dps]
+    weights = list({id(dp.weight): dp.weight for dp in dps}.values())  # the experts of a layer share one tensor
     grads = [torch.zeros_like(w, dtype=torch.float32) for w in weights]
     try:
         for w in weights:
@@ -217,11 +245,8 @@ def _gradient_scores(model, dps: list[DownProj], batch) -> list[torch.Tensor]:
     finally:
         for w in weights:
             w.requires_grad_(False)
-    out = []
-    for dp, w, g in zip(dps, weights, grads):
-        s = (w.detach().float() * g).abs()
-        out.append(s.t() if dp.transposed else s)
-    return out
+    score = {id(w): (w.detach().float() * g).abs() for w, g in zip(weights, grads)}
+    return [dp.view(score[id(dp.weight)]) for dp in dps]
 
 
 def _controls(dp: DownProj, xmax: torch.Tensor, exclude: set[tuple[int, int]],
@@ -240,8 +265,8 @@ def _controls(dp: DownProj, xmax: torch.Tensor, exclude: set[tuple[int, int]],
         rand = divmod(i, dp.d_ff)
         if rand not in exclude:
             break
-    return (WeightCoord(layer=dp.layer, row=top[0], col=top[1]),
-            WeightCoord(layer=dp.layer, row=rand[0], col=rand[1]))
+    return (WeightCoord(layer=dp.layer, row=top[0], col=top[1], expert=dp.expert),
+            WeightCoord(layer=dp.layer, row=rand[0], col=rand[1], expert=dp.expert))
 
 
 def verify(
@@ -255,43 +280,46 @@ def verify(
     progress: Callable[[int], None] | None = None,
     bos: int | None = None,
 ) -> tuple[list[Candidate], Metrics]:
-    """Measure each candidate's damage beside its matrix's controls; return them ranked by KL, and base. `bos`:
-    the token every window starts with (io/corpora.bos_token), None for none."""
-    dps = down_projections(model)
-    cand_by_layer: dict[int, set[tuple[int, int]]] = {}
+    """Measure each candidate's damage beside its matrix's controls (and, inside an expert, its whole expert's
+    beside control experts); return them ranked by KL, and base. `bos`: the token every window starts with
+    (io/corpora.bos_token), None for none."""
+    cand_by_matrix: dict[tuple, set[tuple[int, int]]] = {}
     for c in candidates:
-        cand_by_layer.setdefault(c.layer, set()).add((c.row, c.col))
+        cand_by_matrix.setdefault((c.layer, c.expert), set()).add((c.row, c.col))
     conditions: dict[str, Intervention] = {}
-    controls: dict[int, list[str]] = {}
+    controls: dict[tuple, list[str]] = {}
     for c in candidates:
         conditions[f"cand:{c.coord}"] = Ablation(model, [c.coord])
-    for layer, exclude in cand_by_layer.items():
-        xmax = down_inputs(model, ids, layer, max_length, bos)[0].abs().max(0).values
-        top, rand = _controls(dps[layer], xmax, exclude, seed)
-        controls[layer] = [str(top), str(rand)]
-        conditions[f"top:{layer}"] = Ablation(model, [top])
-        conditions[f"rand:{layer}"] = Ablation(model, [rand])
+    for (layer, expert), exclude in cand_by_matrix.items():
+        xmax = down_inputs(model, ids, layer, max_length, bos, expert)[0].abs().max(0).values
+        top, rand = _controls(down_projection(model, layer, expert), xmax, exclude, seed)
+        controls[(layer, expert)] = [str(top), str(rand)]
+        conditions[f"top:{layer}:{expert}"] = Ablation(model, [top])
+        conditions[f"rand:{layer}:{expert}"] = Ablation(model, [rand])
+    experts = plan_experts(model, ids, candidates, max_length, bos, seed)
+    conditions.update(experts.conditions)
     results = measure(model, ids, conditions, max_length=max_length, progress=progress, bos=bos)
     base = results["base"]
     out = []
     for c in candidates:
         m = results[f"cand:{c.coord}"]
-        top_kl, rand_kl = results[f"top:{c.layer}"].kl, results[f"rand:{c.layer}"].kl
+        top_kl, rand_kl = results[f"top:{c.layer}:{c.expert}"].kl, results[f"rand:{c.layer}:{c.expert}"].kl
         confirmed = m.kl >= min_kl and m.kl >= control_factor * max(top_kl, rand_kl)
         out.append(c.model_copy(update={
             "kl": m.kl, "ppl_ratio": m.ppl / base.ppl, "control_kl_top": top_kl, "control_kl_random": rand_kl,
-            "confirmed": confirmed, "controls": controls[c.layer],
+            "confirmed": confirmed, "controls": controls[(c.layer, c.expert)],
             "grade": grade(m.kl, m.ppl / base.ppl, max(top_kl, rand_kl), confirmed, control_factor),
+            **experts.result(c, results, min_kl, control_factor),
         }))
     return sorted(out, key=lambda c: -c.kl), base
 
 
 def merge(*groups: list[Candidate]) -> list[Candidate]:
     """Candidates in order, each coordinate once (the first occurrence wins, later ones add their scores)."""
-    seen: dict[tuple[int, int, int], Candidate] = {}
+    seen: dict[tuple, Candidate] = {}
     for group in groups:
         for c in group:
-            key = (c.layer, c.row, c.col)
+            key = c.coord.key
             if key not in seen:
                 seen[key] = c
             elif c.attribution is not None and seen[key].attribution is None:
@@ -354,11 +382,13 @@ def run_detect(
         stage(f"Verifying {len(candidates)} candidates")
         candidates, base = verify(model, ids, candidates, cfg.min_kl, cfg.control_factor, cfg.max_length, cfg.seed,
                                   on_tokens, bos)
+        pruned = {"each candidate's expert": EXPERT_PRUNING} if any(c.expert is not None for c in candidates) else {}
         protocol = protocol_of(loaded, cfg.corpus, cfg.split, base.n_tokens, cfg.max_length, cfg.max_length,
-                               {"each candidate": "zeroed alone", "controls": "zeroed alone"})
-    found = {(c.layer, c.row, c.col): c for c in candidates}
+                               {"each candidate": "zeroed alone", "controls": "zeroed alone", **pruned})
+    found = {c.coord.key: c for c in candidates}
     known = [
-        {**c.model_dump(exclude={"scale"}), "detected": c.key in found,
+        {**c.model_dump(exclude={"scale", "expert"} - ({"expert"} if c.expert is not None else set())),
+         "detected": c.key in found,
          "confirmed": bool(found.get(c.key) and found[c.key].confirmed)}
         for c in published(loaded.spec)
     ]

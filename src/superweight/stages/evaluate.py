@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 from pydantic import BaseModel
 
-from superweight.core.coords import WeightCoord
+from superweight.core.coords import WeightCoord, row_text
 from superweight.core.intervene import Ablation, Compose, RowPatch
 from superweight.display import Shown
 from superweight.io import corpora
@@ -64,7 +64,7 @@ def run_eval(
     described = {"ablated": "ablate " + ", ".join(map(str, coords))} if coords else {}
     if patch is not None:
         described["patched"] = (f"ablate {', '.join(map(str, patch.ablated))}, add the patch on rows "
-                                f"{', '.join(f'{l}:{r}' for l, r in patch.rows)}")
+                                f"{', '.join(map(row_text, patch.rows))}")
     protocol = protocol_of(loaded, corpus, split, results["base"].n_tokens, max_length, stride, described)
     scores = run_tasks(loaded, tasks, conditions, on_condition=on_task) if tasks is not None else None
     return EvalResult(protocol=protocol, base=results["base"], ablated=results.get("ablated"),

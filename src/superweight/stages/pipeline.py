@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from superweight.core.coords import WeightCoord
+from superweight.core.coords import WeightCoord, row_of
 from superweight.errors import SuperweightError, UsageError
 from superweight.io import corpora
 from superweight.io.models import Loaded
@@ -77,7 +77,7 @@ def run_pipeline(
         weight = chosen.coord
     timings["detect"] = time.perf_counter() - t
     t = time.perf_counter()
-    rows = [(weight.layer, weight.row)]
+    rows = [row_of(weight)]
     run_repair(loaded, [weight], rows, cfg, recipe, out, corpus, eval_tokens, 512, baselines, seeds, resume,
                on_stage=stage, on_advance=on_advance, tasks=tasks)
     timings["repair"] = time.perf_counter() - t

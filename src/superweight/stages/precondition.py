@@ -29,17 +29,22 @@ import torch
 from torch import nn
 
 from superweight.core.arch import down_projection
+from superweight.core.coords import split_row
 from superweight.core.intervene import RowPatch
 from superweight.core.reparam import neuron_balance
-from superweight.errors import UnsupportedArchitectureError
+from superweight.errors import UnsupportedArchitectureError, UsageError
 
 
 def scales(model: nn.Module, rows: list[tuple[int, int]], space: str) -> list[torch.Tensor]:
     """Per patch row, p [d_ff] with d = p * u: ones in the weight space, 1 / n in the balanced one, the
-    down-projection's column norms ‖W[:, j]‖ in the column one (a zero column keeps 1: nothing to scale by)."""
+    down-projection's column norms ‖W[:, j]‖ in the column one (a zero column keeps 1: nothing to scale by).
+    An expert's row uses its own expert's matrix; the balanced space is not defined for experts."""
     out = []
-    for layer, _ in rows:
-        dp = down_projection(model, layer)
+    for layer, _, expert in map(split_row, rows):
+        dp = down_projection(model, layer, expert)
+        if expert is not None and space == "balanced":
+            raise UsageError("the balanced space (recipe balanced) is not defined for an expert's row: use the "
+                             "column space (recipe lbfgs, the default) or the weight space")
         p = torch.ones(dp.d_ff)
         if space == "column":
             norms = dp.matrix.float().norm(dim=0).cpu()

@@ -26,7 +26,8 @@ from superweight.core.coords import WeightCoord
 from superweight.core.fakequant import QuantizedInputs, QuantizedWeights
 from superweight.core.intervene import Ablation, Compose, Intervention, RowPatch
 from superweight.core.quant import Clip, QuantSpec, check_blocks, effective_bits
-from superweight.core.arch import down_projection
+from superweight.core.arch import down_projection, is_moe
+from superweight.errors import UnsupportedArchitectureError
 from superweight.io import corpora
 from superweight.io.models import Loaded
 from superweight.io.patchfile import PatchData, check_fits
@@ -237,6 +238,9 @@ def run_quantize(
 ) -> QuantResult:
     start = time.perf_counter()
     model = loaded.model
+    if is_moe(model):  # the fused 3-D expert tensors are no nn.Linear: RTN would leave most of the model in fp
+        raise UnsupportedArchitectureError("quantize does not support mixture-of-experts models yet: their experts "
+                                           "are fused 3-D tensors, not the linear layers it quantizes")
     keep = list(keep)
     probe = QuantizedWeights(model, QuantSpec(bits[0], blocks[0]), keep)  # validates coordinates, lists targets
     shapes = probe.shapes()

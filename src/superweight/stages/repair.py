@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from superweight.core.arch import down_projection
-from superweight.core.coords import WeightCoord
+from superweight.core.coords import WeightCoord, make_row, row_of, row_text, site, split_row
 from superweight.core.intervene import Ablation, ActivationRestore, Compose, Intervention, RowPatch, intact_values
 from superweight.core.prefix import first_edited_layer
 from superweight.errors import UsageError
@@ -141,7 +141,7 @@ def repair_settings(spec: str, recipe: str, cfg: RepairConfig, coords: list[Weig
     """What config.json records, and what a resumed run must match (the CLI checks it before the model loads)."""
     settings = {
         "model": spec, "recipe": recipe, "config": cfg.model_dump(), "ablate": [str(c) for c in coords],
-        "rows": [[l, r] for l, r in rows], "corpus": corpus, "eval_tokens": eval_tokens,
+        "rows": [list(r) for r in rows], "corpus": corpus, "eval_tokens": eval_tokens,
         "max_length": max_length, "baselines": baselines, "checkpoint_every": checkpoint_every,
     }
     if seeds > 1:  # recorded only when used, so runs made before --seeds existed still resume
@@ -166,26 +166,30 @@ def _baselines(model, ablation: Ablation, rows, originals, patch, seqs, mask, cf
     coords = ablation.coords
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     oracle_vectors = []
-    for (layer, row) in rows:
-        v = torch.zeros(down_projection(model, layer).d_ff)
+    for r in rows:
+        layer, _row, expert = split_row(r)
+        v = torch.zeros(down_projection(model, layer, expert).d_ff)
         for c, w in zip(coords, originals):
-            if (c.layer, c.row) == (layer, row):
+            if row_of(c) == make_row(*split_row(r)):
                 v[c.col] += w - w * c.scale
         oracle_vectors.append(v)
     # Several draws: with a large patch one draw's sign at the super column decides a lot (see notes). Each
     # draw writes as much into its row as the patch does (the same RMS of x · v over two training rows), a size
     # that no rescaling of the model changes, where the same ‖v‖ would depend on the parametrization.
-    xs = {layer: down_inputs(model, seqs[:2].flatten(), layer, seqs.shape[1])[0] for layer, _ in rows}
+    xs = {site(r): down_inputs(model, seqs[:2].flatten(), r[0], seqs.shape[1], expert=split_row(r)[2])[0]
+          for r in rows}
     random_draws = []
     for _ in range(RANDOM_DRAWS):
         vectors = []
-        for (layer, _), v in zip(rows, patch.vectors):
+        for row, v in zip(rows, patch.vectors):
+            x = xs[site(row)]
             r = torch.randn(v.numel(), generator=gen)
-            write, drawn = (xs[layer] @ v.detach().float().cpu()).norm(), (xs[layer] @ r).norm()
+            write, drawn = (x @ v.detach().float().cpu()).norm(), (x @ r).norm()
             vectors.append(r * (write / drawn) if drawn > 0 else r / r.norm() * v.detach().norm().cpu())
         random_draws.append(vectors)
-    other = [(layer, _other_row(row, down_projection(model, layer).d_model, cfg.seed)) for layer, row in rows]
-    stage(f"Baseline: training rows {', '.join(f'{l}:{r}' for l, r in other)}", cfg.steps)
+    other = [make_row(layer, _other_row(row, down_projection(model, layer, expert).d_model, cfg.seed), expert)
+             for layer, row, expert in map(split_row, rows)]
+    stage(f"Baseline: training rows {', '.join(map(row_text, other))}", cfg.steps)
     other_patch, _ = train(model, coords, other, seqs, mask, cfg, None, on_step=on_step)
     return {
         "oracle": Compose(ablation, RowPatch(model, rows, oracle_vectors)),
@@ -213,7 +217,7 @@ def seed_spread(model, coords, rows, originals, base, metrics, patches: dict[int
 
 def _describe(coords, rows, baselines, seed: int, seeds: int) -> dict[str, str]:
     ab = ", ".join(map(str, coords))
-    rs = ", ".join(f"{l}:{r}" for l, r in rows)
+    rs = ", ".join(map(row_text, rows))
     d = {"broken": f"ablate {ab}", "patched": f"ablate {ab}, add trained patch on rows {rs}"}
     if baselines:
         d.update({

@@ -52,9 +52,9 @@ def run_sweep(
     on_prompt: Callable[[int], None] | None = None,
 ) -> SweepResult:
     model, tok = loaded.model, loaded.tokenizer
-    dp = down_projection(model, coord.layer)
+    dp = down_projection(model, coord.layer, coord.expert)
     dp.check(coord.row, coord.col)
-    plain = WeightCoord(layer=coord.layer, row=coord.row, col=coord.col)
+    plain = coord.model_copy(update={"scale": 0.0})
     conditions: dict[str, Intervention] = {
         f"x{s:g}": Ablation(model, [plain.model_copy(update={"scale": s})]) for s in scales
     }
@@ -72,7 +72,7 @@ def run_sweep(
     protocol = protocol_of(
         loaded, corpus, split, results["base"].n_tokens, max_length, max_length,
         {
-            **{f"x{s:g}": f"W[{coord.row},{coord.col}] of layer {coord.layer} times {s:g}" for s in scales},
+            **{f"x{s:g}": f"W[{coord.row},{coord.col}] of {dp.where} times {s:g}" for s in scales},
             **({f"spread{spread}": f"zero it, add value/{spread} to the next {spread} columns"} if spread else {}),
         },
     )

@@ -33,7 +33,7 @@ from pydantic import BaseModel, Field
 from torch import nn
 
 from superweight.core.arch import down_projection
-from superweight.core.coords import WeightCoord
+from superweight.core.coords import WeightCoord, split_row
 from superweight.core.intervene import Ablation, RowPatch
 from superweight.core.prefix import Prefix, first_edited_layer
 from superweight.errors import SuperweightError, UsageError
@@ -218,7 +218,7 @@ def train(
     n = sequences.shape[0] - n_check
     torch.manual_seed(cfg.seed)
     ablation = Ablation(model, coords)
-    sizes = [down_projection(model, layer).d_ff for layer, _ in rows]
+    sizes = [down_projection(model, layer, expert).d_ff for layer, _, expert in map(split_row, rows)]
     init = [torch.zeros(f) if cfg.init == "zero" else torch.randn(f) * 1e-3 for f in sizes]
     init = init_vectors if init_vectors is not None else init
     p = scales(model, rows, cfg.space)
