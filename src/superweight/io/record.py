@@ -17,20 +17,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
+from pydantic import Field, PrivateAttr
 
 from superweight.display import Shown
-
+from superweight.io.recordbase import Record
 from superweight.io.sinkrecord import Sinks
-
+from superweight.io.trainrecord import Check, Training  # noqa: F401 (Check: re-exported, a part of the record)
 
 SCHEMA_VERSION = 2
-
-
-class Record(BaseModel):
-    """Base of every part: unknown keys are an error (a typo or a drifted writer shows at once)."""
-
-    model_config = ConfigDict(extra="forbid")
 
 
 # --- measurements and how they were made ---
@@ -75,28 +69,6 @@ class Recovery(Record):
 Verdict = Literal["repaired", "partial", "failed"]  # measure/recovery.verdict_of
 class Baseline(Metrics):
     recovery: Recovery
-
-
-class Check(Record):
-    """The held-out check of a training run: KL(intact || ablated + patch) on rows of the train split that
-    training never sees. The patch handed over is the best one checked, so never worse than no patch there."""
-
-    tokens: int = Field(description="scored tokens of the held-out rows")
-    broken_kl: float = Field(description="KL with no patch (the ablated model)")
-    best_kl: float = Field(description="KL of the patch handed over")
-    best_step: int = Field(description="the step it was taken at (0: no patch beat the ablated model)")
-    backoffs: int = Field(0, description="times the patch was worse than none and training went back to the best "
-                                         "patch with a 5x smaller lr")
-
-
-class Training(Record):
-    steps: int = Field(description="optimiser steps (lbfgs: loss evaluations) run")
-    seconds: float
-    s_per_step: float
-    final_loss: float | None = Field(description="last step's loss; null: resumed from an old checkpoint")
-    resumed_from: int | None = None
-    teacher_cached: bool
-    check: Check | None = Field(None, description="the held-out check (null: too few training rows, or older runs)")
 
 
 # --- the patch ---

@@ -4,13 +4,9 @@ layout's length limit and imports `Sinks` from here; docs/results.md says what e
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-
-class _Part(BaseModel):
-    """io/record.Record's rule (unknown keys are an error), repeated: record.py imports this module."""
-
-    model_config = ConfigDict(extra="forbid")
+from superweight.io.recordbase import Record as _Part
 
 
 class SinkCondition(_Part):

@@ -18,10 +18,9 @@
    and a candidate's whole expert is also pruned beside two control experts, graded by the same thresholds, with
    how often the router picks it at the massive-activation tokens (stages/experts.py).
 
-Every score is a property of the function, not of the parametrization: output spikes, contributions
-|W[r,c] x[c]| and KL do not change when a neuron's input is scaled by a and its column by 1/a
-(`core/reparam.py`; tests/test_reparam.py checks detection on a rescaled model). Only the reported `in_value`
-/ `in_col` (the paper's largest-input rule) and `value` (W itself) follow the scale.
+Every score is a property of the function, not of the parametrization: KL and the rankings by output spikes and
+contributions |W[r,c] x[c]| do not change under core/reparam.py's three symmetries (tests/test_reparam.py checks);
+reported `in_value` / `in_col` (the paper's largest-input rule), `value` (W itself) and sizes follow the scale.
 """
 
 from __future__ import annotations

@@ -1,0 +1,30 @@
+"""The training part of the run record (`training`, written by stages/train.py): steps, time and the held-out
+check. Beside io/record.py, which imports it; docs/results.md says what each key means."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from superweight.io.recordbase import Record
+
+
+class Check(Record):
+    """The held-out check of a training run: KL(intact || ablated + patch) on rows of the train split that
+    training never sees. The patch handed over is the best one checked, so never worse than no patch there."""
+
+    tokens: int = Field(description="scored tokens of the held-out rows")
+    broken_kl: float = Field(description="KL with no patch (the ablated model)")
+    best_kl: float = Field(description="KL of the patch handed over")
+    best_step: int = Field(description="the step it was taken at (0: no patch beat the ablated model)")
+    backoffs: int = Field(0, description="times the patch was worse than none and training went back to the best "
+                                         "patch with a 5x smaller lr")
+
+
+class Training(Record):
+    steps: int = Field(description="optimiser steps (lbfgs: loss evaluations) run")
+    seconds: float
+    s_per_step: float
+    final_loss: float | None = Field(description="last step's loss; null: resumed from an old checkpoint")
+    resumed_from: int | None = None
+    teacher_cached: bool
+    check: Check | None = Field(None, description="the held-out check (null: too few training rows, or older runs)")
