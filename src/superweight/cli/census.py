@@ -8,7 +8,7 @@ import typer
 
 from superweight.cli import inspect as _inspect  # noqa: F401  (detect is registered first: census follows it)
 from superweight.cli.common import (
-    BosOpt, CorpusOpt, DeviceMapOpt, DeviceOpt, DtypeOpt, MaxMemoryOpt, OffloadOpt, app, check_bos, err, errors,
+    BosOpt, CorpusOpt, DeviceMapOpt, DeviceOpt, DtypeOpt, MaxMemoryOpt, OffloadOpt, app, check_detect_options, err, errors,
     load_model, out, progress,
 )
 from superweight.errors import UsageError
@@ -73,13 +73,7 @@ def census(
         return
     if not specs:
         raise UsageError("no models given: name them (superweight census MODEL...) or pass --models-file FILE")
-    corpora.check_windows(max_length)
-    check_bos(bos)
-    if calib_tokens < 2:
-        raise UsageError(f"--calib-tokens must be at least 2, got {calib_tokens}")
-    for name, value, least in [("--max-candidates", max_candidates, 1), ("--attribution-top", attribution_top, 0)]:
-        if value < least:
-            raise UsageError(f"{name} must be at least {least}, got {value}")
+    check_detect_options(max_length, bos, calib_tokens, max_candidates, attribution_top)
     if dtype != "auto" and dtype not in DTYPES:
         raise UsageError(f"unknown dtype '{dtype}': use auto, {', '.join(DTYPES)}")
     if not device_map_kwargs(device_map, max_memory, offload_folder):

@@ -222,3 +222,17 @@ def task_spec(tasks: str | None, include_path: str | None, limit: int | None):
 
     with err.status("Finding lm-eval tasks..."):
         return prepare_tasks(tasks, include_path, limit)
+
+
+def check_detect_options(max_length: int, bos: str, calib_tokens: int, max_candidates: int,
+                         attribution_top: int) -> None:
+    """detect's (and census's) options that can be checked before a model loads: one error line each."""
+    from superweight.io import corpora
+
+    corpora.check_windows(max_length)
+    check_bos(bos)
+    if calib_tokens < 2:
+        raise UsageError(f"--calib-tokens must be at least 2, got {calib_tokens}")
+    for name, value, least in [("--max-candidates", max_candidates, 1), ("--attribution-top", attribution_top, 0)]:
+        if value < least:
+            raise UsageError(f"{name} must be at least {least}, got {value}")

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from superweight.cli.common import (
-    BosOpt, DeviceMapOpt, MaxMemoryOpt, OffloadOpt, check_bos,
+    BosOpt, DeviceMapOpt, MaxMemoryOpt, OffloadOpt, check_bos, check_detect_options,
     CorpusOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, SplitOpt, app, err, errors, load_model, out, progress,
     token_and_prompt_tasks, write_result, IncludePathOpt, TaskLimitOpt, TasksOpt, task_spec,
 )
@@ -142,13 +142,7 @@ def detect(
 
     if attribution not in {"activation", "gradient", "none"}:
         raise UsageError(f"unknown attribution '{attribution}': use activation, gradient or none")
-    corpora.check_windows(max_length)
-    check_bos(bos)
-    if calib_tokens < 2:
-        raise UsageError(f"--calib-tokens must be at least 2, got {calib_tokens}")
-    for name, value, least in [("--max-candidates", max_candidates, 1), ("--attribution-top", attribution_top, 0)]:
-        if value < least:
-            raise UsageError(f"{name} must be at least {least}, got {value}")
+    check_detect_options(max_length, bos, calib_tokens, max_candidates, attribution_top)
     for name, value in [("--spike-ratio", spike_ratio), ("--control-factor", control_factor)]:
         if not value > 0:
             raise UsageError(f"{name} must be positive, got {value:g}")
