@@ -16,7 +16,8 @@ from superweight.core.intervene import Ablation, Compose
 from superweight.errors import UsageError
 from superweight.io import placement
 from superweight.io.models import load, save_model_dir
-from superweight.io.patchfile import load_patch, merge_into_weights
+from superweight.core.patching import merge_into_weights
+from superweight.io.patchfile import load_patch
 from superweight.measure.metrics import measure
 from superweight.stages.train import RepairConfig, train
 

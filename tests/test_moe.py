@@ -16,7 +16,8 @@ from superweight.core.coords import WeightCoord, parse_coord, parse_coords, pars
 from superweight.core.intervene import Ablation, Compose, ExpertPrune, RowPatch, Trace
 from superweight.errors import CoordinateError, UnsupportedArchitectureError, UsageError
 from superweight.io import corpora
-from superweight.io.patchfile import apply_patch, load_patch, merge_into_weights, save_patch
+from superweight.core.patching import apply_patch, merge_into_weights
+from superweight.io.patchfile import load_patch, save_patch
 from superweight.io.peft import adapter_tensors
 from superweight.io.record import CandidateSummary, RowGeometry
 from superweight.measure.metrics import measure

@@ -26,7 +26,7 @@ from superweight.errors import UsageError
 from superweight.io.corpora import Window, windows as make_windows, with_bos
 from superweight.io.models import model_id
 from superweight.io.record import Metrics, Protocol
-from superweight.io.rundir import provenance
+from superweight.io.provenance import provenance
 
 
 class _Acc:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from superweight.io.record import RunRecord
-from superweight.io.rundir import write_atomic
+from superweight.io.files import write_atomic
 
 
 def _figure(ncols: int = 1):

@@ -24,7 +24,8 @@ from superweight.core.intervene import Ablation, Compose, Intervention, RowPatch
 from superweight.core.prefix import first_edited_layer
 from superweight.io import corpora
 from superweight.io.models import Loaded
-from superweight.io.patchfile import PatchData, check_fits, load_patch
+from superweight.core.patching import PatchData, check_fits
+from superweight.io.patchfile import load_patch
 from superweight.io.rundir import read_record, write_record
 from superweight.measure.geometry import geometry
 from superweight.measure.inputs import down_inputs, seen_ids

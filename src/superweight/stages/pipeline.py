@@ -18,7 +18,9 @@ from superweight.errors import SuperweightError, UsageError
 from superweight.io import corpora
 from superweight.io.models import Loaded
 from superweight.io.record import CandidateSummary, DetectSummary, RunRecord
-from superweight.io.rundir import DETECT, check_new_run_dir, read_record, run_state, write_json, write_record
+from superweight.io.files import write_json
+from superweight.io.rundir import DETECT, read_record, write_record
+from superweight.io.runstate import check_new_run_dir, run_state
 from superweight.stages.train import RepairConfig
 
 # Detection settings for the one-shot run: a quarter of the calibration text of `superweight detect` (the damage of a

@@ -30,7 +30,7 @@ from superweight.core.arch import down_projection, is_moe
 from superweight.errors import UnsupportedArchitectureError
 from superweight.io import corpora
 from superweight.io.models import Loaded
-from superweight.io.patchfile import PatchData, check_fits
+from superweight.core.patching import PatchData, check_fits
 from superweight.io.quantrecord import ActRow, KeptWeight, QuantFigure, QuantReport, QuantResult, QuantRow
 from superweight.measure.metrics import measure, protocol_of
 from superweight.measure.recovery import recovery

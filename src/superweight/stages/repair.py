@@ -23,7 +23,8 @@ from superweight.io import corpora
 from superweight.io.models import Loaded, model_id
 from superweight.io.patchfile import save_patch
 from superweight.io.record import Baseline, RunRecord, SeedStats, Seeds, SeedValue
-from superweight.io.rundir import check_run_dir_for, prepare_run_dir, read_record, write_record
+from superweight.io.rundir import read_record, write_record
+from superweight.io.runstate import check_run_dir_for, prepare_run_dir
 from superweight.measure import generate
 from superweight.measure.geometry import geometry
 from superweight.measure.inputs import down_inputs, patch_inputs
@@ -153,7 +154,8 @@ def repair_settings(spec: str, recipe: str, cfg: RepairConfig, coords: list[Weig
 
 def recorded_bos(out: Path) -> str:
     """The --bos a run in `out` was started with (config.json; "auto" when it records none, or there is no run)."""
-    from superweight.io.rundir import CONFIG, read_json
+    from superweight.io.files import read_json
+    from superweight.io.rundir import CONFIG
 
     if not (Path(out) / CONFIG).is_file():
         return "auto"

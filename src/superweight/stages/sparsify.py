@@ -31,7 +31,8 @@ from superweight.core.intervene import Ablation, Compose, RowPatch, intact_value
 from superweight.core.prefix import first_edited_layer
 from superweight.io import corpora
 from superweight.io.models import Loaded
-from superweight.io.patchfile import check_fits, load_patch
+from superweight.core.patching import check_fits
+from superweight.io.patchfile import load_patch
 from superweight.io.record import RunRecord, SparseTraining
 from superweight.io.rundir import read_record, write_record
 from superweight.measure.geometry import geometry
