@@ -21,10 +21,12 @@ from superweight.io.patchfile import save_patch
 from superweight.io.record import SparsityPoint, smallest_k
 from superweight.measure.geometry import geometry
 from superweight.measure.metrics import measure
+from superweight.measure.sparsity import powers_of_two
+from superweight.measure.views import logit_lens
 from superweight.io.rundir import read_record
 from superweight.report import write_report
 from superweight.report.terminal import print_analysis
-from superweight.stages.analyze import logit_lens, powers_of_two, run_analyze
+from superweight.stages.analyze import run_analyze
 from superweight.stages.repair import run_repair
 from superweight.stages.sparsify import GatedRowPatch, HardConcrete, L1Prox, pareto, run_sparsify
 from superweight.stages.train import RepairConfig
@@ -149,9 +151,9 @@ def test_logit_lens_is_the_unembedding_column_through_the_norm(loaded):
         e = torch.zeros(1, 1, 32)
         e[..., 5] = 1
         expected = model.lm_head(final_norm(model)(e))[0, 0]
-    assert lens["top"][0]["id"] == int(expected.argmax())
-    assert lens["bottom"][0]["id"] == int(expected.argmin())
-    assert lens["top"][0]["logit"] == pytest.approx(expected.max().item(), rel=1e-4)
+    assert lens.top[0].id == int(expected.argmax())
+    assert lens.bottom[0].id == int(expected.argmin())
+    assert lens.top[0].logit == pytest.approx(expected.max().item(), rel=1e-4)
 
 
 def test_share_below_gives_the_same_metrics(loaded):

@@ -199,7 +199,8 @@ def sweep(
     from superweight.io.files import check_writable
     from superweight.measure.generate import DEFAULT_PROMPTS
     from superweight.measure.metrics import n_scored
-    from superweight.stages.sweep import plot as plot_sweep, run_sweep
+    from superweight.report.plots import save_sweep_plot as plot_sweep
+    from superweight.stages.sweep import run_sweep
 
     coord = parse_coord(weight)
     if "@" in weight:

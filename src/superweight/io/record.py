@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 from pydantic import Field, PrivateAttr
 
+from superweight.core.conditions import BROKEN, ablated_weights
 from superweight.display import Shown
 from superweight.io.recordbase import Record
 from superweight.io.sinkrecord import Sinks
@@ -368,7 +369,7 @@ class RunRecord(Shown, Record):
         """The weight detection chose, else the ablated weights as `repair` was given them ("1:5:7, 1:9:3")."""
         if self.detect is not None:
             return self.detect.weight
-        return self.protocol.interventions.get("broken", "").removeprefix("ablate ")
+        return ablated_weights(self.protocol.interventions.get(BROKEN.name(), ""))
 
 
 def smallest_k(sparsity: list[SparsityPoint], target: float = 0.9, ranking: str | None = None) -> int | None:

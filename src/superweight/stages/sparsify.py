@@ -27,11 +27,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from superweight.core.intervene import Ablation, Compose, RowPatch, intact_values
+from superweight.core.conditions import BROKEN, SPARSE, ablated_text, interventions
+from superweight.core.intervene import Ablation, intact_values
+from superweight.core.patching import check_fits, patched
 from superweight.core.prefix import first_edited_layer
 from superweight.io import corpora
 from superweight.io.models import Loaded
-from superweight.core.patching import check_fits
 from superweight.io.patchfile import load_patch
 from superweight.io.record import RunRecord, SparseTraining
 from superweight.io.rundir import read_record, write_record
@@ -191,24 +192,23 @@ def run_sparsify(
                             "geometry": {k: getattr(g, k) for k in GEOMETRY_KEYS} | {"top_entries": g.top_entries[:8]}})
     stage("Scoring sparse patches", None)
     ablation = Ablation(model, patch.ablated)
-    conditions = {"broken": ablation}
-    conditions.update({f"sparse{i}": Compose(ablation, RowPatch(model, patch.rows, t["vectors"]))
-                       for i, t in enumerate(trained)})
+    conditions = [BROKEN(ablation, weights=ablated_text(patch.ablated)),
+                  *(SPARSE(patched(model, ablation, patch.rows, t["vectors"]), i=i) for i, t in enumerate(trained))]
     ids = corpora.tokenize(tok, corpora.load_text(corpus, "eval"), n_tokens)
-    metrics = measure(model, ids, conditions, max_length=max_length,
+    metrics = measure(model, ids, interventions(conditions), max_length=max_length,
                       share_below=first_edited_layer(patch.ablated, patch.rows), bos=bos)
     base, broken = metrics["base"], metrics["broken"]
     points = []
     for i, t in enumerate(trained):
-        m = metrics[f"sparse{i}"]
+        m = metrics[SPARSE.name(i=i)]
         rec = recovery(base, broken, m)
         points.append({"method": t["method"], "strength": t["strength"], "nnz": t["nnz"], "nll": m.nll,
                        "ppl": m.ppl, "kl": m.kl, "nll_gap": rec.nll_gap, "kl_recovery": rec.kl,
                        "seconds": t["seconds"], **t["geometry"]})
     frontier = pareto(points)
     sparse = SparseTraining.model_validate({
-        "protocol": protocol_of(loaded, corpus, "eval", base.n_tokens, max_length, max_length, {
-            "sparse{i}": "ablate, add the i-th sparse patch (point i)"}),
+        "protocol": protocol_of(loaded, corpus, "eval", base.n_tokens, max_length, max_length,
+                                {SPARSE.key: SPARSE.describe()}),
         "steps": steps, "lr": cfg.lr,
         "points": points,
         "frontier": frontier,
