@@ -19,7 +19,8 @@ from superweight.io import corpora
 from superweight.core.patching import apply_patch, merge_into_weights
 from superweight.io.patchfile import load_patch, save_patch
 from superweight.io.peft import adapter_tensors
-from superweight.io.record import CandidateSummary, RowGeometry
+from superweight.io.detectrecord import Candidate
+from superweight.io.record import DetectSummary, RowGeometry
 from superweight.measure.metrics import measure
 from superweight.measure.recovery import recovery
 from superweight.stages import detect
@@ -279,13 +280,13 @@ def test_detect_terminal_names_the_expert_and_its_router_picks(found):
 
 def test_detect_summary_records_the_expert_and_older_records_still_load(found):
     _family, expert, _model, _before, result = found
-    keep = set(CandidateSummary.model_fields)
-    summary = CandidateSummary(**result.candidates[0].model_dump(include=keep))
+    written = DetectSummary(weight="0:5:7", candidates=result.candidates).model_dump_json()
+    summary = DetectSummary.model_validate_json(written).candidates[0]  # as results.json holds it, read back
     top = result.candidates[0]
     assert (summary.expert, summary.expert_picked, summary.expert_kl) == (expert, top.expert_picked, top.expert_kl)
     assert summary.expert_grade == top.expert_grade
     old = {"layer": 1, "row": 5, "col": 7, "value": 40.0, "confirmed": True, "source": "spike (round 1)"}
-    assert CandidateSummary(**old).expert is None  # a record from before MoE support
+    assert Candidate(**old).expert is None  # a record from before MoE support
     assert RowGeometry(layer=1, row=5, norm=1.0, cos_original_row=0.5).key == "1:5"
 
 

@@ -14,9 +14,11 @@ from superweight.io.record import SCHEMA_VERSION, RunRecord
 
 
 def migrate(data: Any, where: str = "results.json") -> dict:
-    """Lift a results.json of any known version to the current one (a new dict); refuse anything else in one
-    line. Version 1 (no schema_version): patch.rows keyed "LAYER:ROW" (or, older still, the whole patch keyed
-    by row), and no config.data (the seed recipe read one wikitext line per sequence)."""
+    """Lift a results.json of any known version to the current one (a new dict), one version at a time; refuse
+    anything else in one line. Version 1 (no schema_version): patch.rows keyed "LAYER:ROW" (or, older still, the
+    whole patch keyed by row), and no config.data (the seed recipe read one wikitext line per sequence).
+    Version 2: detect.candidates held a summary of each candidate and seeds.mean / seeds.std no `seed`; every key
+    it lacks has a default in version 3, so it reads as it is."""
     if not isinstance(data, dict):
         raise SuperweightError(f"{where} holds no results object")
     version = data.get("schema_version", 1)
@@ -27,11 +29,14 @@ def migrate(data: Any, where: str = "results.json") -> dict:
                                f"({SCHEMA_VERSION}): upgrade superweight")
     if version == 1:
         try:
-            data = {**data, "schema_version": SCHEMA_VERSION, "patch": _patch_v1(data.get("patch") or {})}
+            data = {**data, "schema_version": 2, "patch": _patch_v1(data.get("patch") or {})}
         except (TypeError, ValueError, AttributeError) as exc:
             raise SuperweightError(f"{where} is not a run record superweight can read (patch: {exc})") from None
         if isinstance(data.get("config"), dict) and "data" not in data["config"]:
             data["config"] = {**data["config"], "data": "lines" if data.get("recipe") == "seed" else "packed"}
+        version = 2
+    if version == 2:
+        data = {**data, "schema_version": 3}
     return data
 
 

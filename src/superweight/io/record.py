@@ -21,11 +21,12 @@ from pydantic import Field, PrivateAttr
 
 from superweight.core.conditions import BROKEN, ablated_weights
 from superweight.display import Shown
+from superweight.io.detectrecord import Candidate
 from superweight.io.recordbase import Record
 from superweight.io.sinkrecord import Sinks
 from superweight.io.trainrecord import Check, Training  # noqa: F401 (Check: re-exported, a part of the record)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 # --- measurements and how they were made ---
@@ -117,15 +118,10 @@ class PatchGeometry(RowGeometry):
     rows: list[RowGeometry]
 
 
-class SeedStats(Record):
-    nll_gap: float
-    kl: float
-    norm: float
-    cos_original_row: float
+class SeedScores(Record):
+    """One seed's patch (`seed` set), or the mean or standard deviation over the seeds (`seed` null)."""
 
-
-class SeedValue(Record):
-    seed: int
+    seed: int | None = None
     nll_gap: float
     kl: float
     norm: float
@@ -133,9 +129,9 @@ class SeedValue(Record):
 
 
 class Seeds(Record):
-    values: list[SeedValue] = Field(description="one per seed; the first is the saved patch")
-    mean: SeedStats
-    std: SeedStats = Field(description="sample standard deviation")
+    values: list[SeedScores] = Field(description="one per seed; the first is the saved patch")
+    mean: SeedScores
+    std: SeedScores = Field(description="sample standard deviation")
 
 
 # --- analyses (`analyze`) ---
@@ -277,31 +273,10 @@ class SparseTraining(Record):
 
 
 # --- detection (`run`) ---
-class CandidateSummary(Record):
-    layer: int
-    row: int
-    col: int
-    value: float
-    kl: float | None = None
-    ppl_ratio: float | None = None
-    control_kl_top: float | None = None
-    control_kl_random: float | None = None
-    confirmed: bool
-    grade: str | None = Field(None, description="super weight / sensitive weight / none (stages/detect.GRADES)")
-    source: str
-    # Mixture of experts (stages/experts.py); absent from dense models' records and records made before.
-    expert: int | str | None = None
-    expert_picked: float | None = Field(None, description="share of the massive-activation tokens routed to it")
-    expert_picked_all: float | None = None
-    expert_kl: float | None = Field(None, description="KL with the whole expert pruned")
-    expert_ppl_ratio: float | None = None
-    expert_grade: str | None = Field(None, description="super expert / sensitive expert / none")
-
-
 class DetectSummary(Record):
     weight: str
     grade: str | None = Field(None, description="the chosen weight's grade; None when given with --weight")
-    candidates: list[CandidateSummary] = Field(default_factory=list)
+    candidates: list[Candidate] = Field(default_factory=list)
     protocol: Protocol | None = None
     note: str | None = None
 

@@ -18,7 +18,7 @@ from superweight.core.intervene import Ablation
 from superweight.core.patching import PatchData, patched
 from superweight.io.record import Metrics, RandomScored, Scored, SparsityPoint
 from superweight.measure.inputs import down_inputs
-from superweight.measure.recovery import recovery
+from superweight.measure.recovery import scored
 
 
 def powers_of_two(n: int) -> list[int]:
@@ -71,12 +71,6 @@ def sparsity_conditions(model, ablation: Ablation, patch: PatchData, draws: int,
             conditions += [RANDOM_K(cut(torch.randperm(flat.numel(), generator=gen)[:k]), k=k, j=j, draws=draws)
                            for j in range(draws)]
     return conditions
-
-
-def scored(m: Metrics, base: Metrics, broken: Metrics) -> Scored:
-    """A condition's NLL, PPL and KL, and how much of the damage it undoes."""
-    rec = recovery(base, broken, m)
-    return Scored(nll=m.nll, ppl=m.ppl, kl=m.kl, nll_gap=rec.nll_gap, kl_recovery=rec.kl)
 
 
 def sparsity_table(metrics: dict[str, Metrics], n: int, draws: int) -> list[SparsityPoint]:

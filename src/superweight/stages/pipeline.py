@@ -17,7 +17,7 @@ from superweight.core.coords import WeightCoord, row_of
 from superweight.errors import SuperweightError, UsageError
 from superweight.io import corpora
 from superweight.io.models import Loaded
-from superweight.io.record import CandidateSummary, DetectSummary, RunRecord
+from superweight.io.record import DetectSummary, RunRecord
 from superweight.io.files import write_json
 from superweight.io.rundir import DETECT, read_record, write_record
 from superweight.io.runstate import check_new_run_dir, run_state
@@ -138,7 +138,6 @@ def _choose(candidates):
 def _detect_summary(detected, weight: WeightCoord) -> DetectSummary:
     if detected is None:
         return DetectSummary(weight=str(weight), note="given with --weight")
-    keep = set(CandidateSummary.model_fields)
     chosen = next(c for c in detected.candidates if c.coord == weight)
     return DetectSummary(weight=str(weight), grade=chosen.grade, protocol=detected.protocol,
-                         candidates=[c.model_dump(include=keep) for c in detected.candidates])
+                         candidates=detected.candidates)

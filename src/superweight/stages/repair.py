@@ -27,14 +27,14 @@ from superweight.errors import UsageError
 from superweight.io import corpora
 from superweight.io.models import Loaded, model_id
 from superweight.io.patchfile import save_patch
-from superweight.io.record import Baseline, RunRecord, SeedStats, Seeds, SeedValue
+from superweight.io.record import Baseline, RunRecord, Seeds, SeedScores
 from superweight.io.rundir import read_record, write_record
 from superweight.io.runstate import check_run_dir_for, prepare_run_dir
 from superweight.measure import generate
 from superweight.measure.geometry import geometry, rms
 from superweight.measure.inputs import down_inputs, patch_inputs
 from superweight.measure.metrics import check_context, measure, protocol_of
-from superweight.measure.recovery import recovery, verdict_of
+from superweight.measure.recovery import recovery_of, verdict_of
 from superweight.measure.tasks import TaskSpec, run_tasks
 from superweight.stages.train import RepairConfig, train, training_sequences
 
@@ -125,18 +125,17 @@ def run_repair(
         protocol=protocol_of(loaded, corpus, "eval", base.n_tokens, max_length, max_length,
                              descriptions(conditions)),
         recipe=recipe, config=cfg.model_dump(), base=base, broken=metrics["broken"], patched=metrics["patched"],
-        recovery=recovery(base, metrics["broken"], metrics["patched"]), training=state,
-        verdict=verdict_of(recovery(base, metrics["broken"], metrics["patched"])),
+        recovery=recovery_of(metrics, PATCHED.name()), training=state,
+        verdict=verdict_of(recovery_of(metrics, PATCHED.name())),
         patch=geometry(model, coords, rows, patch.vectors, originals, inputs), generations=gens,
     )
     if baselines:
         record.baselines = {
-            c.name: Baseline(**metrics[c.name].model_dump(), recovery=recovery(base, metrics["broken"], metrics[c.name]))
-            for c in controls
+            c.name: Baseline(**metrics[c.name].model_dump(), recovery=recovery_of(metrics, c.name)) for c in controls
         }
     if seeds > 1:
         patches = {cfg.seed: patch, **extra_seeds}
-        record.seeds = seed_spread(model, coords, rows, originals, base, metrics, patches, cfg.seed)
+        record.seeds = seed_spread(model, coords, rows, originals, metrics, patches, cfg.seed)
     if tasks is not None:
         record.tasks = run_tasks(loaded, tasks, interventions([broken, fixed]),
                                  on_condition=lambda name: stage(f"lm-eval tasks: {name}", None))
@@ -209,16 +208,16 @@ def _baselines(model, ablation: Ablation, rows, originals, patch, seqs, mask, cf
     ]
 
 
-def seed_spread(model, coords, rows, originals, base, metrics, patches: dict[int, RowPatch], first: int) -> Seeds:
+def seed_spread(model, coords, rows, originals, metrics, patches: dict[int, RowPatch], first: int) -> Seeds:
     """Recovery, norm and cosine of each seed's patch, and their mean and (sample) standard deviation."""
     values = []
     for seed, patch in patches.items():
-        m = metrics[PATCHED.name() if seed == first else SEED.name(seed=seed)]
+        name = PATCHED.name() if seed == first else SEED.name(seed=seed)
         g = geometry(model, coords, rows, patch.vectors, originals)
-        rec = recovery(base, metrics["broken"], m)
-        values.append(SeedValue(seed=seed, nll_gap=rec.nll_gap, kl=rec.kl, norm=g.norm,
-                                cos_original_row=g.cos_original_row))
-    keys = list(SeedStats.model_fields)
+        rec = recovery_of(metrics, name)
+        values.append(SeedScores(seed=seed, nll_gap=rec.nll_gap, kl=rec.kl, norm=g.norm,
+                                 cos_original_row=g.cos_original_row))
+    keys = [k for k in SeedScores.model_fields if k != "seed"]
     table = torch.tensor([[getattr(v, k) for k in keys] for v in values], dtype=torch.float64)
-    return Seeds(values=values, mean=SeedStats(**dict(zip(keys, table.mean(0).tolist()))),
-                 std=SeedStats(**dict(zip(keys, table.std(0).tolist()))))
+    return Seeds(values=values, mean=SeedScores(**dict(zip(keys, table.mean(0).tolist()))),
+                 std=SeedScores(**dict(zip(keys, table.std(0).tolist()))))

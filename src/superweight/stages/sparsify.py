@@ -38,7 +38,7 @@ from superweight.io.record import RunRecord, SparseTraining
 from superweight.io.rundir import read_record, write_record
 from superweight.measure.geometry import geometry
 from superweight.measure.metrics import measure, protocol_of
-from superweight.measure.recovery import recovery
+from superweight.measure.recovery import scored
 from superweight.stages.precondition import PreconditionedPatch
 from superweight.stages.train import RepairConfig, train, training_sequences
 
@@ -200,10 +200,8 @@ def run_sparsify(
     base, broken = metrics["base"], metrics["broken"]
     points = []
     for i, t in enumerate(trained):
-        m = metrics[SPARSE.name(i=i)]
-        rec = recovery(base, broken, m)
-        points.append({"method": t["method"], "strength": t["strength"], "nnz": t["nnz"], "nll": m.nll,
-                       "ppl": m.ppl, "kl": m.kl, "nll_gap": rec.nll_gap, "kl_recovery": rec.kl,
+        scores = scored(metrics[SPARSE.name(i=i)], base, broken)
+        points.append({"method": t["method"], "strength": t["strength"], "nnz": t["nnz"], **scores.model_dump(),
                        "seconds": t["seconds"], **t["geometry"]})
     frontier = pareto(points)
     sparse = SparseTraining.model_validate({
