@@ -114,7 +114,11 @@ def test_version_2_records_are_migrated():
     record = read_record(V2 / "run")  # every part: detection, baselines, two seeds, analysis, sparse training
     raw = json.loads((V2 / "run" / "results.json").read_text())
     assert raw["schema_version"] == 2 and record.schema_version == SCHEMA_VERSION
-    assert migrate(raw) == {**raw, "schema_version": SCHEMA_VERSION}  # every key it lacks has a default
+    unchanged = {k: v for k, v in raw.items() if k != "sweep"} | {"schema_version": SCHEMA_VERSION}
+    assert {k: v for k, v in migrate(raw).items() if k != "sweep"} == unchanged  # the rest have defaults
+    n = raw["analysis"]["protocol"]["n_tokens"]
+    assert [(p.label, p.scale, p.metrics.ppl, p.metrics.n_tokens) for p in record.sweep] == [
+        ("base" if p["scale"] == 1 else f"scale{p['scale']:g}", p["scale"], p["ppl"], n) for p in raw["sweep"]]
     assert [v.seed for v in record.seeds.values] == [v["seed"] for v in raw["seeds"]["values"]] == [0, 1]
     assert record.seeds.mean.seed is None and record.seeds.std.norm == raw["seeds"]["std"]["norm"]
     summary = raw["detect"]["candidates"]

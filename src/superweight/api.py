@@ -23,12 +23,12 @@ from superweight import __version__
 from superweight.core.coords import WeightCoord, parse_coord, parse_coords
 from superweight.core.fakequant import QuantizedInputs, QuantizedWeights
 from superweight.core.intervene import ActivationRestore, Ablation, Compose, Intervention, RowPatch, Spread
+from superweight.core.patching import PatchData
 from superweight.display import RENDERERS
 from superweight.errors import SuperweightError, UsageError
 from superweight.io import corpora
 from superweight.io.lock import hold_run_dir
 from superweight.io.models import DEFAULT_MODEL, Loaded
-from superweight.core.patching import PatchData
 from superweight.io.patchfile import load_patch
 from superweight.io.quantrecord import QuantResult
 from superweight.io.record import RunRecord

@@ -69,8 +69,8 @@ def eval_(
     """Base vs ablated (vs patched): NLL, PPL, KL, top-1 agreement, super activation, generations side by side,
     and zero-shot task accuracies with --tasks."""
     from superweight.core.coords import parse_coords
-    from superweight.io.patchfile import load_patch
     from superweight.io.files import check_writable
+    from superweight.io.patchfile import load_patch
     from superweight.known import published
     from superweight.measure.generate import DEFAULT_PROMPTS
     from superweight.measure.metrics import n_scored

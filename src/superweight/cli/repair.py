@@ -125,10 +125,10 @@ def apply_(
     from pathlib import Path
 
     from superweight.core.coords import row_text
-    from superweight.io.models import save_model_dir
     from superweight.core.patching import merge_into_weights
-    from superweight.io.patchfile import load_patch
     from superweight.io.files import check_writable
+    from superweight.io.models import save_model_dir
+    from superweight.io.patchfile import load_patch
 
     if not export and not peft:
         raise UsageError("give --export DIR (a merged model) and/or --peft DIR (a LoRA adapter)")

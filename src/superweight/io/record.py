@@ -228,13 +228,13 @@ class PatchOutput(Record):
     top_neurons: list[WriteNeuron]
 
 
-class ScalePoint(Record):
-    scale: float
-    nll: float
-    ppl: float
-    kl: float
-    top1_agree: float
-    super_activation: float | None = None
+class SweepPoint(Record):
+    """The weight scaled: `analyze`'s sweep in the record (label "base" at scale 1, else "scale{s}") and
+    `superweight sweep`'s points (labels "x{s}" and "spread{n}": core/conditions.py)."""
+
+    label: str = Field(description="condition name: base, scale<s>, x<s> or spread<n>")
+    scale: float | None = Field(description="factor the weight was multiplied by (None for spread)")
+    metrics: Metrics
 
 
 class Analysis(Record):
@@ -325,7 +325,7 @@ class RunRecord(Shown, Record):
     tokens: Tokens | None = None
     neurons: list[Neuron] | None = None
     patch_output: PatchOutput | None = None
-    sweep: list[ScalePoint] | None = None
+    sweep: list[SweepPoint] | None = None
     sinks: Sinks | None = None
     analysis: Analysis | None = None
     # sparsify

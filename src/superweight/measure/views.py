@@ -4,6 +4,7 @@
     stats.summary(tokenizer, logit_lens(model, tokenizer, layer, row))   # Tokens: hurt, healed, rising, lens
     neuron_contexts(tokenizer, ids, x, positions, d, neurons)            # [Neuron]: where each neuron fires most
     patch_output(tokenizer, ids, x, positions, d, col, deleted)          # PatchOutput: where the patch writes most
+    sweep_points(metrics, scales)                                        # [SweepPoint]: base, then scale{s}
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ import torch
 from torch import nn
 
 from superweight.core.arch import final_norm
+from superweight.core.conditions import SCALE
 from superweight.io.record import (
-    Context, LensToken, LogitLens, Metrics, Neuron, PatchOutput, ScalePoint, Tokens, TokenRise, TokenSum,
-    WriteNeuron,
+    Context, LensToken, LogitLens, Neuron, PatchOutput, SweepPoint, Tokens, TokenRise, TokenSum, WriteNeuron,
 )
 
 TOP_TOKENS = 15
@@ -119,7 +120,7 @@ def patch_output(tokenizer, ids, x: torch.Tensor, positions: list[int], vector: 
     )
 
 
-def scale_point(scale: float, m: Metrics) -> ScalePoint:
-    """One point of the scale sweep: the weight times `scale`, measured (ppl is finite: Metrics caps it)."""
-    return ScalePoint(scale=scale, nll=m.nll, ppl=m.ppl, kl=m.kl, top1_agree=m.top1_agree,
-                      super_activation=m.super_activation)
+def sweep_points(metrics: dict, scales) -> list[SweepPoint]:
+    """The scale sweep from measure()'s results: base at scale 1, then each `scale{s}` condition."""
+    return [SweepPoint(label="base", scale=1.0, metrics=metrics["base"])] + [
+        SweepPoint(label=SCALE.name(s=s), scale=s, metrics=metrics[SCALE.name(s=s)]) for s in scales]

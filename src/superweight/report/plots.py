@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from superweight.io.record import RunRecord
 from superweight.io.files import write_atomic
+from superweight.io.record import RunRecord
 
 
 def _figure(ncols: int = 1):
@@ -76,11 +76,11 @@ def _plot_sparsity(r: RunRecord, log):
 
 
 def _plot_sweep(r: RunRecord, log):
-    sweep = sorted((s for s in r.sweep or [] if s.ppl), key=lambda s: s.scale)
+    sweep = sorted((s for s in r.sweep or [] if s.metrics.ppl), key=lambda s: s.scale)
     if not sweep:
         return None
     fig, ax = _figure()
-    ax.plot([s.scale for s in sweep], [s.ppl for s in sweep], "o-")
+    ax.plot([s.scale for s in sweep], [s.metrics.ppl for s in sweep], "o-")
     ax.set(yscale="log", xlabel="scale of the super weight (1 = unchanged, 0 = ablated)", ylabel="perplexity")
     return fig
 

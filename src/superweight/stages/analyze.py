@@ -35,7 +35,7 @@ from superweight.measure.inputs import seen_ids
 from superweight.measure.metrics import measure, n_scored, protocol_of
 from superweight.measure.sinks import WINDOW, sink_view
 from superweight.measure.sparsity import contribution_scores, sparsity_conditions, sparsity_table
-from superweight.measure.views import TokenStats, logit_lens, neuron_contexts, patch_output, scale_point
+from superweight.measure.views import TokenStats, logit_lens, neuron_contexts, patch_output, sweep_points
 
 SWEEP_SCALES = (0.5, 0.0, -1.0, 2.0)
 
@@ -102,7 +102,7 @@ def run_analyze(
         "tokens": stats.summary(tok, logit_lens(model, tok, layer, row)),
         "neurons": neuron_contexts(tok, seen, x, positions, vector, neurons),
         "patch_output": patch_output(tok, seen, x, positions, vector, col, deleted),
-        "sweep": [scale_point(1.0, base)] + [scale_point(s, metrics[SCALE.name(s=s)]) for s in SWEEP_SCALES],
+        "sweep": sweep_points(metrics, SWEEP_SCALES),
         "sinks": sinks,
         "analysis": Analysis(protocol=protocol, draws=draws, seconds=time.perf_counter() - t0),
     }

@@ -16,9 +16,9 @@ from pathlib import Path
 from superweight.core.coords import WeightCoord, row_of
 from superweight.errors import SuperweightError, UsageError
 from superweight.io import corpora
+from superweight.io.files import write_json
 from superweight.io.models import Loaded
 from superweight.io.record import DetectSummary, RunRecord
-from superweight.io.files import write_json
 from superweight.io.rundir import DETECT, read_record, write_record
 from superweight.io.runstate import check_new_run_dir, run_state
 from superweight.stages.train import RepairConfig

@@ -22,15 +22,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from superweight.core.arch import down_projection, is_moe
 from superweight.core.coords import WeightCoord
 from superweight.core.fakequant import QuantizedInputs, QuantizedWeights
 from superweight.core.intervene import Ablation, Compose, Intervention
+from superweight.core.patching import PatchData, check_fits, patched
 from superweight.core.quant import Clip, QuantSpec, check_blocks, effective_bits
-from superweight.core.arch import down_projection, is_moe
 from superweight.errors import UnsupportedArchitectureError
 from superweight.io import corpora
 from superweight.io.models import Loaded
-from superweight.core.patching import PatchData, check_fits, patched
 from superweight.io.quantrecord import ActRow, KeptWeight, QuantFigure, QuantReport, QuantResult, QuantRow
 from superweight.measure.metrics import measure, protocol_of
 from superweight.measure.recovery import recovery

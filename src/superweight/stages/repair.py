@@ -15,11 +15,11 @@ from pathlib import Path
 import torch
 
 from superweight.core.arch import down_projection
-from superweight.core.coords import WeightCoord, make_row, row_of, row_text, site, split_row
 from superweight.core.conditions import (
     ACTIVATION_RESTORE, BROKEN, ORACLE, OTHER_ROW, PATCHED, RANDOM_WRITE, SEED, Condition, ablated_text, descriptions,
     interventions,
 )
+from superweight.core.coords import WeightCoord, make_row, row_of, row_text, site, split_row
 from superweight.core.intervene import Ablation, ActivationRestore, Compose, RowPatch, intact_values
 from superweight.core.patching import patched
 from superweight.core.prefix import first_edited_layer

@@ -16,15 +16,9 @@ from superweight.core.coords import WeightCoord
 from superweight.core.intervene import Ablation, Spread
 from superweight.io import corpora
 from superweight.io.models import Loaded
-from superweight.io.record import Metrics, Protocol
+from superweight.io.record import Metrics, Protocol, SweepPoint
 from superweight.measure import generate
 from superweight.measure.metrics import measure, protocol_of
-
-
-class SweepPoint(BaseModel):
-    label: str = Field(description="condition name: x<scale> or spread<n>")
-    scale: float | None = Field(description="factor the weight was multiplied by (None for spread)")
-    metrics: Metrics
 
 
 class SweepResult(BaseModel):
