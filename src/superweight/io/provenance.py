@@ -1,7 +1,7 @@
 """Provenance stamped on every record: package versions, the date and the git hash (lm-evaluation-harness's
 habit). A probe that fails gives None and never breaks a run.
 
-    provenance()   # {"superweight": ..., "git": "a1744d5", "torch": ..., "transformers": ..., "python": ..., "date": ...}
+    provenance()   # {"superweight", "git" ("a1744d5"), "torch", "transformers", "python", "date"}
 """
 
 from __future__ import annotations

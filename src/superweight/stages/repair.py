@@ -71,7 +71,7 @@ def run_repair(
     """Train, evaluate and save a patch in the run directory `out` (see the module docstring); with `tasks`
     (measure.tasks.prepare_tasks) also the zero-shot task metrics of base, broken and patched (`record.tasks`).
 
-    Everything is checked before the first file is written: the run directory (io/rundir.check_run_dir_for),
+    Everything is checked before the first file is written: the run directory (io/runstate.check_run_dir_for),
     the coordinates and rows, the context length, and the corpus (enough text for one training batch).
     `resume` continues from the last checkpoint (step 0 if none was made); on a finished run it returns the
     record as it is and changes nothing."""

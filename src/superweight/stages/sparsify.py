@@ -1,6 +1,6 @@
 """Train sparse patches: how few entries of the row patch can repair the model?
 
-Post-hoc top-k (analyze.py) cuts a dense patch; here the sparsity is part of training, over a sweep of
+Post-hoc top-k (analyze, measure/sparsity.py) cuts a dense patch; here the sparsity is part of training, over a sweep of
 strengths, and each trained patch is scored by its non-zero count and its recovery. Two objectives:
 
 - `l1`: proximal soft-thresholding after every optimiser step, u <- sign(u) * max(|u| - strength * lr, 0), on
