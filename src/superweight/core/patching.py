@@ -65,6 +65,8 @@ def patched(model: nn.Module, ablation: Ablation | Iterable[WeightCoord], rows, 
 
 
 def check_fits(model: nn.Module, patch: PatchData) -> None:
+    """Refuse (PatchMismatchError) a patch whose vectors do not fit this model's d_ff, or whose weights'
+    fingerprint differs: it was trained on another model."""
     for r, v in zip(patch.rows, patch.vectors):
         layer, _row, expert = split_row(r)
         dp = down_projection(model, layer, expert)
