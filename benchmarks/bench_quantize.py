@@ -56,7 +56,7 @@ def main() -> None:
           f"({verdict} the {BUDGET_S:.0f} s budget; CPU time {cpu:.1f} s, i.e. {cpu / args.threads:.1f} s on "
           f"{args.threads} free cores); weights restored bit for bit")
     if args.json:
-        from superweight.io.rundir import write_json
+        from superweight.io.files import write_json
 
         write_json(args.json, {"seconds": seconds, "cpu_seconds": cpu, "threads": args.threads, "result": result.model_dump()})
 

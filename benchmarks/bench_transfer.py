@@ -32,7 +32,7 @@ from superweight.io.models import load
 from superweight.measure.geometry import geometry
 from superweight.measure.inputs import down_inputs
 from superweight.measure.metrics import measure
-from superweight.stages.analyze import keep_entries
+from superweight.measure.sparsity import keep_entries
 from superweight.stages.train import RECIPES, train, training_sequences
 
 WEIGHT = WeightCoord(layer=11, row=507, col=1229)

@@ -19,12 +19,14 @@ from superweight.errors import SuperweightError
 from superweight.io import corpora
 from superweight.io.patchfile import save_patch
 from superweight.io.record import SparsityPoint, smallest_k
+from superweight.io.rundir import read_record
 from superweight.measure.geometry import geometry
 from superweight.measure.metrics import measure
-from superweight.io.rundir import read_record
+from superweight.measure.sparsity import powers_of_two
+from superweight.measure.views import logit_lens
 from superweight.report import write_report
 from superweight.report.terminal import print_analysis
-from superweight.stages.analyze import logit_lens, powers_of_two, run_analyze
+from superweight.stages.analyze import run_analyze
 from superweight.stages.repair import run_repair
 from superweight.stages.sparsify import GatedRowPatch, HardConcrete, L1Prox, pareto, run_sparsify
 from superweight.stages.train import RepairConfig
@@ -98,8 +100,9 @@ def test_super_activation_sweep_tokens_and_neurons(oracle_run, loaded):
     run, results = oracle_run
     sa = results["super_activation"]
     assert sa["patched"] == pytest.approx(sa["base"], rel=1e-5) and sa["broken"] < sa["base"] / 2
-    sweep = {p["scale"]: p for p in results["sweep"]}
+    sweep = {p["scale"]: p["metrics"] for p in results["sweep"]}
     assert set(sweep) == {1.0, 0.5, 0.0, -1.0, 2.0}
+    assert [p["label"] for p in results["sweep"]] == ["base", "scale0.5", "scale0", "scale-1", "scale2"]
     assert sweep[1.0]["kl"] == 0 and sweep[0.0]["kl"] > sweep[0.5]["kl"] > 0
     t = results["tokens"]
     assert t["n_tokens"] == results["analysis"]["protocol"]["n_tokens"] > 200
@@ -149,9 +152,9 @@ def test_logit_lens_is_the_unembedding_column_through_the_norm(loaded):
         e = torch.zeros(1, 1, 32)
         e[..., 5] = 1
         expected = model.lm_head(final_norm(model)(e))[0, 0]
-    assert lens["top"][0]["id"] == int(expected.argmax())
-    assert lens["bottom"][0]["id"] == int(expected.argmin())
-    assert lens["top"][0]["logit"] == pytest.approx(expected.max().item(), rel=1e-4)
+    assert lens.top[0].id == int(expected.argmax())
+    assert lens.bottom[0].id == int(expected.argmin())
+    assert lens.top[0].logit == pytest.approx(expected.max().item(), rel=1e-4)
 
 
 def test_share_below_gives_the_same_metrics(loaded):

@@ -9,8 +9,9 @@ import torch
 from typer.testing import CliRunner
 
 from superweight.cli import app
+from superweight.core.patching import apply_patch
 from superweight.io import models
-from superweight.io.patchfile import apply_patch, load_patch
+from superweight.io.patchfile import load_patch
 from tiny import save_tiny_model_dir
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")

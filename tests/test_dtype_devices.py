@@ -13,10 +13,11 @@ from conftest import PLANT, invoke_cli
 from superweight.core.arch import down_projection
 from superweight.core.coords import WeightCoord
 from superweight.core.intervene import Ablation, Compose
+from superweight.core.patching import merge_into_weights
 from superweight.errors import UsageError
 from superweight.io import placement
 from superweight.io.models import load, save_model_dir
-from superweight.io.patchfile import load_patch, merge_into_weights
+from superweight.io.patchfile import load_patch
 from superweight.measure.metrics import measure
 from superweight.stages.train import RepairConfig, train
 

@@ -88,7 +88,8 @@ def test_cli_eval_on_the_embedded_model(smol, monkeypatch, tmp_path):
 
 def test_short_repair_on_the_embedded_model_recovers_and_round_trips(smol, tmp_path):
     from superweight.core.intervene import Compose
-    from superweight.io.patchfile import apply_patch, load_patch, save_patch
+    from superweight.core.patching import apply_patch
+    from superweight.io.patchfile import load_patch, save_patch
     from superweight.measure.recovery import recovery
     from superweight.stages.train import RepairConfig, train
 

@@ -24,7 +24,8 @@ import pytest
 from safetensors.torch import load_file
 
 from superweight.io import checkpoint
-from superweight.io.rundir import LOCK, LOCK_HOLDER, read_record, read_train_log
+from superweight.io.checkpoint import read_train_log
+from superweight.io.rundir import LOCK, LOCK_HOLDER, read_record
 
 TESTS_DIR = Path(__file__).resolve().parent
 STEPS, CHECKPOINT_EVERY = 6, 2
@@ -54,8 +55,8 @@ DRIVER = textwrap.dedent('''
     from typer.testing import CliRunner
 
     import superweight.io.checkpoint as checkpoint
+    import superweight.io.files as files
     import superweight.io.models as models
-    import superweight.io.rundir as rundir
     import superweight.measure.generate as generate
     import superweight.stages.repair as repair
     import superweight.stages.train as train
@@ -94,7 +95,7 @@ DRIVER = textwrap.dedent('''
     def killed_write(names, k, truncate):
         """The k-th atomic write of a file in `names` dies after its temp file is written (cut to half if
         `truncate`), before the rename."""
-        original, calls = rundir.write_atomic, [0]
+        original, calls = files.write_atomic, [0]
 
         def wrapper(path, write):
             if Path(path).name not in names:
@@ -114,8 +115,8 @@ DRIVER = textwrap.dedent('''
 
         import superweight.report
 
-        # Every module that writes through write_atomic (patchfile imports it from rundir at call time).
-        rundir.write_atomic = checkpoint.write_atomic = superweight.report.write_atomic = wrapper
+        # Every module that writes through write_atomic (patchfile calls it as files.write_atomic).
+        files.write_atomic = checkpoint.write_atomic = superweight.report.write_atomic = wrapper
 
 
     def arm(point, k):

@@ -8,6 +8,10 @@ import torch
 import tiny
 from tiny import assert_identical, snapshot
 from superweight.core.arch import down_projection, down_projections
+from superweight.core.conditions import (
+    BROKEN, RANDOM_K, SCALE, SPREAD, TIMES, TOP_CONTROL, TOP_K, Condition, ablated_weights, descriptions,
+    interventions,
+)
 from superweight.core.coords import WeightCoord, parse_coord, parse_coords
 from superweight.core.intervene import Ablation, Compose, NoIntervention, Spread, Trace, hidden
 from superweight.errors import CoordinateError, UsageError
@@ -149,6 +153,22 @@ def test_ablation_in_bf16_restores_exactly():
     with Ablation(model, SCALED):
         assert changed_elements(model, before)
     assert_identical(model, before)
+
+
+def test_condition_names_are_built_and_parsed_by_one_pattern():
+    edit = NoIntervention()
+    c = RANDOM_K(edit, k=4, j=1, draws=3)
+    assert c == Condition("rand4_1", edit, "ablate, add the patch keeping k random entries (draw j of 3)")
+    assert RANDOM_K.parse("rand4_1") == {"k": 4, "j": 1} and RANDOM_K.parse("rand:1:None") is None
+    assert [SCALE.name(s=s) for s in (0.5, 0.0, -1.0, 2.0)] == ["scale0.5", "scale0", "scale-1", "scale2"]
+    assert [SCALE.parse(SCALE.name(s=s)) for s in (0.5, -1.0)] == [{"s": 0.5}, {"s": -1.0}]
+    assert SCALE.key == "scale{s}" and SCALE.describe(weight="1:5:7") == "1:5:7 multiplied by s (nothing else changed)"
+    assert TIMES.parse("x-0.5") == {"s": -0.5} and "spread8" not in TIMES and SPREAD.parse("spread8") == {"n": 8}
+    assert TOP_K.parse("top:1:None") is None and TOP_CONTROL.parse("top:1:None") == {"layer": "1", "expert": "None"}
+    broken = BROKEN(edit, weights="1:5:7, 1:9:3")
+    assert BROKEN.parse("broken") == {} and ablated_weights(broken.description) == "1:5:7, 1:9:3"
+    assert interventions([broken, c]) == {"broken": edit, "rand4_1": edit}
+    assert descriptions([broken]) == {"broken": "ablate 1:5:7, 1:9:3"}
 
 
 def test_no_intervention(model):

@@ -23,7 +23,8 @@ from conftest import hold_elsewhere
 from typer.testing import CliRunner
 
 from superweight.cli import app
-from superweight.io.rundir import LOCK, LOCK_HOLDER, read_record, read_train_log
+from superweight.io.checkpoint import read_train_log
+from superweight.io.rundir import LOCK, LOCK_HOLDER, read_record
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 TESTS_DIR = Path(__file__).resolve().parent

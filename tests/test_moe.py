@@ -14,11 +14,13 @@ import tiny
 from superweight.core import arch, moe
 from superweight.core.coords import WeightCoord, parse_coord, parse_coords, parse_row, row_text, rows_of, split_row
 from superweight.core.intervene import Ablation, Compose, ExpertPrune, RowPatch, Trace
+from superweight.core.patching import apply_patch, merge_into_weights
 from superweight.errors import CoordinateError, UnsupportedArchitectureError, UsageError
 from superweight.io import corpora
-from superweight.io.patchfile import apply_patch, load_patch, merge_into_weights, save_patch
+from superweight.io.detectrecord import Candidate
+from superweight.io.patchfile import load_patch, save_patch
 from superweight.io.peft import adapter_tensors
-from superweight.io.record import CandidateSummary, RowGeometry
+from superweight.io.record import DetectSummary, RowGeometry
 from superweight.measure.metrics import measure
 from superweight.measure.recovery import recovery
 from superweight.stages import detect
@@ -278,13 +280,13 @@ def test_detect_terminal_names_the_expert_and_its_router_picks(found):
 
 def test_detect_summary_records_the_expert_and_older_records_still_load(found):
     _family, expert, _model, _before, result = found
-    keep = set(CandidateSummary.model_fields)
-    summary = CandidateSummary(**result.candidates[0].model_dump(include=keep))
+    written = DetectSummary(weight="0:5:7", candidates=result.candidates).model_dump_json()
+    summary = DetectSummary.model_validate_json(written).candidates[0]  # as results.json holds it, read back
     top = result.candidates[0]
     assert (summary.expert, summary.expert_picked, summary.expert_kl) == (expert, top.expert_picked, top.expert_kl)
     assert summary.expert_grade == top.expert_grade
     old = {"layer": 1, "row": 5, "col": 7, "value": 40.0, "confirmed": True, "source": "spike (round 1)"}
-    assert CandidateSummary(**old).expert is None  # a record from before MoE support
+    assert Candidate(**old).expert is None  # a record from before MoE support
     assert RowGeometry(layer=1, row=5, norm=1.0, cos_original_row=0.5).key == "1:5"
 
 
@@ -394,9 +396,10 @@ def test_cli_run_on_an_moe_model_names_the_super_expert(moe_dir, tmp_path):
     out = invoke_cli("run", "--model", moe_dir, "--eval-tokens", "256", "--analysis-tokens", "256",
                      "--no-baselines", "--out", tmp_path / "run").output
     assert "repairing 0:2:5:7, a super weight" in out
-    assert "Expert 2 of layer 0: the router picks it at 100% of the massive-activation tokens" in out
-    assert "super expert" in out and "Verdict: repaired" in out
     record = json.loads((tmp_path / "run" / "results.json").read_text())
+    n = record["detect"]["candidates"][0]["massive_tokens"]  # the record keeps the whole candidate, as detect does
+    assert f"Expert 2 of layer 0: the router picks it at 100% of the {n} massive-activation tokens" in out
+    assert "super expert" in out and "Verdict: repaired" in out
     assert record["detect"]["candidates"][0]["expert"] == 2 and record["patch"]["expert"] == 2
     assert "router picks it at massive tokens" in (tmp_path / "run" / "report.md").read_text()
 

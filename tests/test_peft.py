@@ -13,7 +13,8 @@ from typer.testing import CliRunner
 from superweight.cli import app
 from superweight.core.coords import parse_coord
 from superweight.core.intervene import Ablation, Compose, RowPatch
-from superweight.io.patchfile import apply_patch, load_patch, save_patch
+from superweight.core.patching import apply_patch
+from superweight.io.patchfile import load_patch, save_patch
 from superweight.io.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_tensors, save_adapter
 from tiny import assert_identical, hook_count, snapshot, tiny_model
 

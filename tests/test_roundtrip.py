@@ -20,6 +20,7 @@ from superweight.io.rundir import read_record, write_record
 from superweight.report import terminal, write_report
 
 V1 = Path(__file__).parent / "data" / "v1"
+V2 = Path(__file__).parent / "data" / "v2"  # `superweight run` before detect.candidates and seeds had one model each
 
 
 def invoke(*args):
@@ -107,6 +108,23 @@ def test_version_1_records_are_migrated():
     assert seed_recipe["config"]["data"] == "lines"
     two = read_record(V1 / "two_rows")
     assert [g.key for g in two.patch.rows] == ["1:5", "1:9"]
+
+
+def test_version_2_records_are_migrated():
+    record = read_record(V2 / "run")  # every part: detection, baselines, two seeds, analysis, sparse training
+    raw = json.loads((V2 / "run" / "results.json").read_text())
+    assert raw["schema_version"] == 2 and record.schema_version == SCHEMA_VERSION
+    unchanged = {k: v for k, v in raw.items() if k != "sweep"} | {"schema_version": SCHEMA_VERSION}
+    assert {k: v for k, v in migrate(raw).items() if k != "sweep"} == unchanged  # the rest have defaults
+    n = raw["analysis"]["protocol"]["n_tokens"]
+    assert [(p.label, p.scale, p.metrics.ppl, p.metrics.n_tokens) for p in record.sweep] == [
+        ("base" if p["scale"] == 1 else f"scale{p['scale']:g}", p["scale"], p["ppl"], n) for p in raw["sweep"]]
+    assert [v.seed for v in record.seeds.values] == [v["seed"] for v in raw["seeds"]["values"]] == [0, 1]
+    assert record.seeds.mean.seed is None and record.seeds.std.norm == raw["seeds"]["std"]["norm"]
+    summary = raw["detect"]["candidates"]
+    assert [c.model_dump(include=set(summary[0])) for c in record.detect.candidates] == summary
+    assert record.detect.candidates[0].controls == [] and record.detect.candidates[0].in_spike is None
+    assert record.weight == raw["detect"]["weight"]
 
 
 def test_records_that_cannot_be_read_are_one_error_line(tmp_path, repair_runs):

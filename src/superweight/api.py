@@ -23,15 +23,17 @@ from superweight import __version__
 from superweight.core.coords import WeightCoord, parse_coord, parse_coords
 from superweight.core.fakequant import QuantizedInputs, QuantizedWeights
 from superweight.core.intervene import ActivationRestore, Ablation, Compose, Intervention, RowPatch, Spread
+from superweight.core.patching import PatchData
 from superweight.display import RENDERERS
 from superweight.errors import SuperweightError, UsageError
 from superweight.io import corpora
 from superweight.io.lock import hold_run_dir
 from superweight.io.models import DEFAULT_MODEL, Loaded
-from superweight.io.patchfile import PatchData, load_patch
+from superweight.io.patchfile import load_patch
 from superweight.io.quantrecord import QuantResult
 from superweight.io.record import RunRecord
-from superweight.io.rundir import check_run_dir_for, read_record
+from superweight.io.rundir import read_record
+from superweight.io.runstate import check_run_dir_for
 from superweight.report import CompareRow, Comparison, compare_rows, notebook, write_report
 from superweight.stages.detect import DetectConfig, DetectResult, run_detect
 from superweight.stages.evaluate import EvalResult, run_eval

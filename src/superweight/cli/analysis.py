@@ -107,7 +107,7 @@ def report(run_dir: RunDirArg):
 @errors
 def compare(run_dirs: Annotated[list[str], typer.Argument(help="run directories")], json_: JsonOpt = None):
     """One table across runs (seeds, recipes, models): PPLs, recovery, patch geometry, sparsity."""
-    from superweight.io.rundir import check_writable, write_json
+    from superweight.io.files import check_writable, write_json
     from superweight.report import compare_rows
 
     if json_:

@@ -115,7 +115,7 @@ def stage_tasks(bar: Progress):
 
 def write_result(json_: str | None, result) -> None:
     if json_:
-        from superweight.io.rundir import write_json
+        from superweight.io.files import write_json
 
         write_json(json_, result.model_dump())
         err.print(f"Wrote {json_}")

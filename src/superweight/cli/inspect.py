@@ -26,7 +26,7 @@ def info(model: ModelOpt = DEFAULT_MODEL, device: DeviceOpt = "cpu", dtype: Dtyp
     from dataclasses import asdict
 
     from superweight.core.arch import describe
-    from superweight.io.rundir import check_writable, write_json
+    from superweight.io.files import check_writable, write_json
     from superweight.known import published
 
     check_bos(bos)
@@ -69,8 +69,8 @@ def eval_(
     """Base vs ablated (vs patched): NLL, PPL, KL, top-1 agreement, super activation, generations side by side,
     and zero-shot task accuracies with --tasks."""
     from superweight.core.coords import parse_coords
+    from superweight.io.files import check_writable
     from superweight.io.patchfile import load_patch
-    from superweight.io.rundir import check_writable
     from superweight.known import published
     from superweight.measure.generate import DEFAULT_PROMPTS
     from superweight.measure.metrics import n_scored
@@ -136,7 +136,7 @@ def detect(
     json_: JsonOpt = None,
 ):
     """Find super weights: iterative spike scan + attribution, each confirmed by the damage its removal does."""
-    from superweight.io.rundir import check_writable
+    from superweight.io.files import check_writable
     from superweight.measure.metrics import n_scored
     from superweight.stages.detect import DetectConfig, run_detect
 
@@ -196,10 +196,11 @@ def sweep(
 ):
     """Scale one weight (and spread it): NLL/PPL/KL/top-1 and generations per scale, plus a PNG plot."""
     from superweight.core.coords import parse_coord
-    from superweight.io.rundir import check_writable
+    from superweight.io.files import check_writable
     from superweight.measure.generate import DEFAULT_PROMPTS
     from superweight.measure.metrics import n_scored
-    from superweight.stages.sweep import plot as plot_sweep, run_sweep
+    from superweight.report.plots import save_sweep_plot as plot_sweep
+    from superweight.stages.sweep import run_sweep
 
     coord = parse_coord(weight)
     if "@" in weight:

@@ -76,8 +76,8 @@ def quantize(
 ):
     """Fake-quantize every decoder linear (RTN, per block), with the super weights held out, clipped or restored."""
     from superweight.core.quant import check_blocks, check_levels, parse_bits, parse_blocks, parse_clip
+    from superweight.io.files import check_writable
     from superweight.io.patchfile import load_patch
-    from superweight.io.rundir import check_writable
     from superweight.measure.metrics import n_scored
     from superweight.stages.quantize import auto_keep, parse_activations, run_quantize, shapes_before_load
 

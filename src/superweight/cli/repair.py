@@ -58,7 +58,8 @@ def repair(
 
     from superweight.core.coords import parse_coords, rows_of
     from superweight.io.lock import hold_run_dir
-    from superweight.io.rundir import check_run_dir_for, read_record
+    from superweight.io.rundir import read_record
+    from superweight.io.runstate import check_run_dir_for
     from superweight.stages import distributed
     from superweight.stages.repair import recorded_bos, repair_settings, run_repair
 
@@ -124,9 +125,10 @@ def apply_(
     from pathlib import Path
 
     from superweight.core.coords import row_text
+    from superweight.core.patching import merge_into_weights
+    from superweight.io.files import check_writable
     from superweight.io.models import save_model_dir
-    from superweight.io.patchfile import load_patch, merge_into_weights
-    from superweight.io.rundir import check_writable
+    from superweight.io.patchfile import load_patch
 
     if not export and not peft:
         raise UsageError("give --export DIR (a merged model) and/or --peft DIR (a LoRA adapter)")

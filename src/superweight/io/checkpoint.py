@@ -3,6 +3,7 @@
     clear(run_dir)                                   # a fresh run: no log or checkpoint of an earlier one
     state = restore(run_dir, vectors, opt, expect)   # resume: step 0 when no checkpoint was made yet
     log_step(run_dir, {"step": 7, "loss": 0.3, "lr": 0.1, "seconds": 1.2})
+    read_train_log(run_dir)                          # its entries; a torn last line is dropped
     save(run_dir, 7, vectors, opt, expect, seconds=1.2, loss=0.3)   # atomic
 
 `checkpoints/last.pt` is read with `torch.load(weights_only=True)`: tensors, numbers, strings, lists and
@@ -22,7 +23,8 @@ from pathlib import Path
 import torch
 
 from superweight.errors import SuperweightError, UsageError
-from superweight.io.rundir import CHECKPOINT, TRAIN_LOG, read_train_log, write_atomic
+from superweight.io.files import write_atomic
+from superweight.io.rundir import CHECKPOINT, TRAIN_LOG
 
 # key -> the type a readable checkpoint holds there ("seconds" and "loss" are absent in older ones).
 REQUIRED = {"step": int, "vectors": list, "optimizer": dict, "rng": torch.Tensor, "config": dict, "rows": list,
@@ -116,6 +118,22 @@ def log_step(run_dir: Path, entry: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(entry, allow_nan=False) + "\n")
+
+
+def read_train_log(run_dir: str | Path) -> list[dict]:
+    """The train log's entries ({step, loss, lr, seconds}); [] when there is none."""
+    path = Path(run_dir) / TRAIN_LOG
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a run killed mid-write leaves half a last line; the curve without it is still right
+        if isinstance(entry, dict) and isinstance(entry.get("step"), int) and "loss" in entry:
+            out.append(entry)
+    return out
 
 
 def truncate_log(run_dir: Path, step: int) -> list[dict]:

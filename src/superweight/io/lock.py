@@ -24,7 +24,8 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from superweight.errors import RunDirInUseError, SuperweightError
-from superweight.io.rundir import LOCK, LOCK_HOLDER, write_json
+from superweight.io.files import write_json
+from superweight.io.rundir import LOCK, LOCK_HOLDER
 
 
 @contextmanager

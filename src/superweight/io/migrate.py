@@ -9,14 +9,17 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from superweight.core.conditions import SCALE
 from superweight.errors import SuperweightError
 from superweight.io.record import SCHEMA_VERSION, RunRecord
 
 
 def migrate(data: Any, where: str = "results.json") -> dict:
-    """Lift a results.json of any known version to the current one (a new dict); refuse anything else in one
-    line. Version 1 (no schema_version): patch.rows keyed "LAYER:ROW" (or, older still, the whole patch keyed
-    by row), and no config.data (the seed recipe read one wikitext line per sequence)."""
+    """Lift a results.json of any known version to the current one (a new dict), one version at a time; refuse
+    anything else in one line. Version 1 (no schema_version): patch.rows keyed "LAYER:ROW" (or, older still, the
+    whole patch keyed by row), and no config.data (the seed recipe read one wikitext line per sequence).
+    Version 2: `sweep` held flat points ({scale, nll, ppl, kl, top1_agree, super_activation}), detect.candidates a
+    summary of each candidate and seeds.mean / seeds.std no `seed` (the last two have defaults in version 3)."""
     if not isinstance(data, dict):
         raise SuperweightError(f"{where} holds no results object")
     version = data.get("schema_version", 1)
@@ -27,12 +30,29 @@ def migrate(data: Any, where: str = "results.json") -> dict:
                                f"({SCHEMA_VERSION}): upgrade superweight")
     if version == 1:
         try:
-            data = {**data, "schema_version": SCHEMA_VERSION, "patch": _patch_v1(data.get("patch") or {})}
+            data = {**data, "schema_version": 2, "patch": _patch_v1(data.get("patch") or {})}
         except (TypeError, ValueError, AttributeError) as exc:
             raise SuperweightError(f"{where} is not a run record superweight can read (patch: {exc})") from None
         if isinstance(data.get("config"), dict) and "data" not in data["config"]:
             data["config"] = {**data["config"], "data": "lines" if data.get("recipe") == "seed" else "packed"}
+        version = 2
+    if version == 2:
+        data = {**data, "schema_version": 3}
+        if isinstance(data.get("sweep"), list):
+            try:
+                data["sweep"] = [_sweep_point_v2(p, data) for p in data["sweep"]]
+            except (TypeError, ValueError, AttributeError) as exc:
+                raise SuperweightError(f"{where} is not a run record superweight can read (sweep: {exc})") from None
     return data
+
+
+def _sweep_point_v2(p: dict, data: dict) -> dict:
+    """{scale, nll, ...} -> {label, scale, metrics}: base at scale 1 (the unscaled model), else scale{s}; the
+    point's token count is the analysis's."""
+    scale = float(p["scale"])
+    n_tokens = ((data.get("analysis") or {}).get("protocol") or {}).get("n_tokens", 0)
+    return {"label": "base" if scale == 1.0 else SCALE.name(s=scale), "scale": scale,
+            "metrics": {k: v for k, v in p.items() if k != "scale"} | {"n_tokens": n_tokens}}
 
 
 def _patch_v1(p: dict) -> dict:

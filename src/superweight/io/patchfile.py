@@ -1,53 +1,30 @@
 """Patch artifacts: `patch.safetensors` (only the vectors) + `patch_config.json` (what they fit).
 
-    patch = load_patch("runs/x")               # or the .safetensors path
-    live = apply_patch(model, patch)           # ablates the recorded weights and adds the vectors
-    ...; live.remove()                         # the model is intact again, bit for bit
+    save_patch(run_dir, model, row_patch, ablated, meta)   # atomic; the config carries the model's fingerprint
+    patch = load_patch("runs/x")               # or the .safetensors path: a core.patching.PatchData
 
-A patch fits one model: the config stores a fingerprint of the intact down-projections it touches, and
-loading it onto another model (or another shape) is a clear error, not a silent mis-application. A row in a
-mixture-of-experts layer is [layer, row, expert] in the config and `layer{l}.expert{e}.row{r}` in the file.
+A mixture-of-experts row is [layer, row, expert] in the config and `layer{l}.expert{e}.row{r}` in the file.
+Applying, checking and merging a loaded patch is core/patching.py's.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from superweight.core.arch import down_projection, down_projections, family
+from superweight.core.arch import down_projection
 from superweight.core.coords import WeightCoord, make_row, split_row
-from superweight.core.intervene import Ablation, Compose, Intervention, RowPatch
+from superweight.core.intervene import RowPatch
+from superweight.core.patching import PatchData, fingerprint
 from superweight.errors import SuperweightError
+from superweight.io import files
+from superweight.io.provenance import provenance
 
 PATCH_FILE = "patch.safetensors"
 CONFIG_FILE = "patch_config.json"
-
-
-class PatchMismatchError(SuperweightError):
-    """A patch applied to a model it was not trained for."""
-
-
-def fingerprint(model: nn.Module, layers: list[int]) -> str:
-    """SHA-256 of the model's shape and of the named layers' intact down-projection weights (every expert's, in
-    a mixture-of-experts layer).
-
-    Weights are hashed after rounding to bf16, so the same checkpoint loaded in fp32 or bf16 matches.
-    """
-    h = hashlib.sha256()
-    cfg = model.config
-    h.update(f"{family(model)}|{cfg.num_hidden_layers}|{model.get_output_embeddings().weight.shape}".encode())
-    wanted = set(layers)
-    for dp in down_projections(model):
-        if dp.layer in wanted:
-            w = dp.matrix.detach().to("cpu", torch.bfloat16).contiguous()
-            h.update(w.view(torch.int16).numpy().tobytes())
-    return h.hexdigest()[:24]
 
 
 def tensor_name(r) -> str:
@@ -62,20 +39,10 @@ def _row(entry) -> tuple:
     return make_row(*split_row(entry))  # a layer, row or expert that is no number (or "shared"): ValueError
 
 
-@dataclass
-class PatchData:
-    rows: list[tuple[int, int]]
-    vectors: list[torch.Tensor]
-    ablated: list[WeightCoord]
-    config: dict
-
-
 def save_patch(run_dir: Path, model: nn.Module, patch: RowPatch, ablated: list[WeightCoord], meta: dict) -> None:
     """Write the vectors and their config (sorted, indented JSON) into `run_dir`."""
-    from superweight.io.rundir import provenance, write_atomic, write_json
-
     tensors = {tensor_name(r): v.detach().cpu().float().contiguous() for r, v in zip(patch.rows, patch.vectors)}
-    write_atomic(run_dir / PATCH_FILE, lambda tmp: save_file(tensors, str(tmp)))
+    files.write_atomic(run_dir / PATCH_FILE, lambda tmp: save_file(tensors, str(tmp)))
     layers = [r[0] for r in patch.rows] + [c.layer for c in ablated]
     dps = {}  # "layer" (or "layer:expert") -> its down-projection
     for r in patch.rows:
@@ -90,7 +57,7 @@ def save_patch(run_dir: Path, model: nn.Module, patch: RowPatch, ablated: list[W
         "d_model": next(iter(dps.values())).d_model,
         "provenance": provenance(),
     }
-    write_json(run_dir / CONFIG_FILE, dict(sorted(config.items())))
+    files.write_json(run_dir / CONFIG_FILE, dict(sorted(config.items())))
 
 
 def load_patch(path: str | Path) -> PatchData:
@@ -98,7 +65,6 @@ def load_patch(path: str | Path) -> PatchData:
     without the keys a patch needs, is one error line naming the file."""
     from superweight.core.coords import parse_coord
     from superweight.errors import CoordinateError
-    from superweight.io.rundir import read_json
 
     path = Path(path)
     if not path.exists():
@@ -107,7 +73,7 @@ def load_patch(path: str | Path) -> PatchData:
     cfg_path, file_path = run_dir / CONFIG_FILE, run_dir / PATCH_FILE
     if not cfg_path.is_file() or not file_path.is_file():
         raise SuperweightError(f"no patch in {run_dir}: need {PATCH_FILE} and {CONFIG_FILE}")
-    config = read_json(cfg_path, "patch config")
+    config = files.read_json(cfg_path, "patch config")
     if not isinstance(config, dict):
         raise SuperweightError(f"{cfg_path} holds no patch config object")
     try:
@@ -137,36 +103,3 @@ def load_patch(path: str | Path) -> PatchData:
 
         logging.getLogger("superweight").warning("superweight: ignoring unknown tensors in patch: %s", extra)
     return PatchData(rows=rows, vectors=[tensors[n] for n in names], ablated=ablated, config=config)
-
-
-def check_fits(model: nn.Module, patch: PatchData) -> None:
-    for r, v in zip(patch.rows, patch.vectors):
-        layer, _row, expert = split_row(r)
-        dp = down_projection(model, layer, expert)
-        if v.shape != (dp.d_ff,):
-            raise PatchMismatchError(
-                f"patch vector for {dp.where} has {v.numel()} entries but this model's d_ff is {dp.d_ff}"
-            )
-    layers = [r[0] for r in patch.rows] + [c.layer for c in patch.ablated]
-    if fingerprint(model, layers) != patch.config["fingerprint"]:
-        raise PatchMismatchError(
-            f"patch was trained on another model ({patch.config.get('model', '?')}): weight fingerprint differs"
-        )
-
-
-def apply_patch(model: nn.Module, patch: PatchData) -> Intervention:
-    """Ablate the recorded weights and add the patch; returns the applied intervention (call .remove())."""
-    check_fits(model, patch)
-    live = Compose(Ablation(model, patch.ablated), RowPatch(model, patch.rows, patch.vectors))
-    live.apply()
-    return live
-
-
-def merge_into_weights(model: nn.Module, patch: PatchData) -> None:
-    """Permanently ablate and add the patch rows into the weights (for export); no undo."""
-    check_fits(model, patch)
-    Ablation(model, patch.ablated).apply()  # applied and never removed: the export is the ablated model
-    for r, v in zip(patch.rows, patch.vectors):
-        layer, row, expert = split_row(r)
-        dp = down_projection(model, layer, expert)
-        dp.set_row(row, dp.row(row) + v.to(dp.weight.dtype))

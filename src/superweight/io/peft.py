@@ -28,7 +28,7 @@ from torch import nn
 
 from superweight.core.arch import down_projection
 from superweight.core.coords import site, split_row
-from superweight.io.patchfile import PatchData, check_fits
+from superweight.core.patching import PatchData, check_fits
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -114,7 +114,7 @@ def save_adapter(target: str | Path, tensors: dict[str, torch.Tensor], config: d
     import shutil
     import tempfile
 
-    from superweight.io.rundir import write_json
+    from superweight.io.files import write_json
 
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -134,7 +134,7 @@ def save_adapter(target: str | Path, tensors: dict[str, torch.Tensor], config: d
 def write_peft(loaded, patch: PatchData, target: Path, ablation_only: bool = False) -> dict:
     """The adapter of `patch` for the intact model `loaded` (io.models.Loaded) as a new directory; its config."""
     from superweight.io.models import model_id
-    from superweight.io.rundir import provenance
+    from superweight.io.provenance import provenance
 
     tensors, config = adapter_tensors(loaded.model, patch, ablation_only, base=loaded.source)
     about = {"model": model_id(loaded), "source": loaded.source, "fingerprint": patch.config.get("fingerprint"),

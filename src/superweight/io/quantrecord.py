@@ -92,7 +92,7 @@ def read_quantize(run_dir) -> QuantResult | None:
     """A run directory's quantize.json, or None when `run` was not given --quantize."""
     from pathlib import Path
 
-    from superweight.io.rundir import read_json
+    from superweight.io.files import read_json
 
     path = Path(run_dir) / QUANTIZE_FILE
     return QuantResult.model_validate(read_json(path, "quantize result")) if path.is_file() else None

@@ -19,12 +19,14 @@ from typing import Any, Literal
 
 from pydantic import Field, PrivateAttr
 
+from superweight.core.conditions import BROKEN, ablated_weights
 from superweight.display import Shown
+from superweight.io.detectrecord import Candidate
 from superweight.io.recordbase import Record
 from superweight.io.sinkrecord import Sinks
 from superweight.io.trainrecord import Check, Training  # noqa: F401 (Check: re-exported, a part of the record)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 # --- measurements and how they were made ---
@@ -116,15 +118,10 @@ class PatchGeometry(RowGeometry):
     rows: list[RowGeometry]
 
 
-class SeedStats(Record):
-    nll_gap: float
-    kl: float
-    norm: float
-    cos_original_row: float
+class SeedScores(Record):
+    """One seed's patch (`seed` set), or the mean or standard deviation over the seeds (`seed` null)."""
 
-
-class SeedValue(Record):
-    seed: int
+    seed: int | None = None
     nll_gap: float
     kl: float
     norm: float
@@ -132,9 +129,9 @@ class SeedValue(Record):
 
 
 class Seeds(Record):
-    values: list[SeedValue] = Field(description="one per seed; the first is the saved patch")
-    mean: SeedStats
-    std: SeedStats = Field(description="sample standard deviation")
+    values: list[SeedScores] = Field(description="one per seed; the first is the saved patch")
+    mean: SeedScores
+    std: SeedScores = Field(description="sample standard deviation")
 
 
 # --- analyses (`analyze`) ---
@@ -231,13 +228,13 @@ class PatchOutput(Record):
     top_neurons: list[WriteNeuron]
 
 
-class ScalePoint(Record):
-    scale: float
-    nll: float
-    ppl: float
-    kl: float
-    top1_agree: float
-    super_activation: float | None = None
+class SweepPoint(Record):
+    """The weight scaled: `analyze`'s sweep in the record (label "base" at scale 1, else "scale{s}") and
+    `superweight sweep`'s points (labels "x{s}" and "spread{n}": core/conditions.py)."""
+
+    label: str = Field(description="condition name: base, scale<s>, x<s> or spread<n>")
+    scale: float | None = Field(description="factor the weight was multiplied by (None for spread)")
+    metrics: Metrics
 
 
 class Analysis(Record):
@@ -276,31 +273,10 @@ class SparseTraining(Record):
 
 
 # --- detection (`run`) ---
-class CandidateSummary(Record):
-    layer: int
-    row: int
-    col: int
-    value: float
-    kl: float | None = None
-    ppl_ratio: float | None = None
-    control_kl_top: float | None = None
-    control_kl_random: float | None = None
-    confirmed: bool
-    grade: str | None = Field(None, description="super weight / sensitive weight / none (stages/detect.GRADES)")
-    source: str
-    # Mixture of experts (stages/experts.py); absent from dense models' records and records made before.
-    expert: int | str | None = None
-    expert_picked: float | None = Field(None, description="share of the massive-activation tokens routed to it")
-    expert_picked_all: float | None = None
-    expert_kl: float | None = Field(None, description="KL with the whole expert pruned")
-    expert_ppl_ratio: float | None = None
-    expert_grade: str | None = Field(None, description="super expert / sensitive expert / none")
-
-
 class DetectSummary(Record):
     weight: str
     grade: str | None = Field(None, description="the chosen weight's grade; None when given with --weight")
-    candidates: list[CandidateSummary] = Field(default_factory=list)
+    candidates: list[Candidate] = Field(default_factory=list)
     protocol: Protocol | None = None
     note: str | None = None
 
@@ -349,7 +325,7 @@ class RunRecord(Shown, Record):
     tokens: Tokens | None = None
     neurons: list[Neuron] | None = None
     patch_output: PatchOutput | None = None
-    sweep: list[ScalePoint] | None = None
+    sweep: list[SweepPoint] | None = None
     sinks: Sinks | None = None
     analysis: Analysis | None = None
     # sparsify
@@ -368,7 +344,7 @@ class RunRecord(Shown, Record):
         """The weight detection chose, else the ablated weights as `repair` was given them ("1:5:7, 1:9:3")."""
         if self.detect is not None:
             return self.detect.weight
-        return self.protocol.interventions.get("broken", "").removeprefix("ablate ")
+        return ablated_weights(self.protocol.interventions.get(BROKEN.name(), ""))
 
 
 def smallest_k(sparsity: list[SparsityPoint], target: float = 0.9, ranking: str | None = None) -> int | None:

@@ -35,6 +35,17 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
     return torch.cosine_similarity(a.double(), b.double(), 0).item()
 
 
+def rms(write: torch.Tensor) -> torch.Tensor:
+    """The RMS over tokens of a write (x @ d, or x[col] * a value): the one measure of how much a row writes."""
+    return write.pow(2).mean().sqrt()
+
+
+def neuron_writes(x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """Per neuron j, the RMS over tokens of x_j d_j: how much each entry of d writes (the same neurons however
+    the MLP is scaled)."""
+    return (x * d).pow(2).mean(0).sqrt()
+
+
 def geometry(model: nn.Module, coords: list[WeightCoord], rows, vectors, originals: list[float],
              inputs: dict[int, torch.Tensor] | None = None) -> PatchGeometry:
     """Every patched row's geometry, in the order of `rows`, and the first row's at the top level
@@ -62,9 +73,9 @@ def geometry(model: nn.Module, coords: list[WeightCoord], rows, vectors, origina
         except UnsupportedArchitectureError:  # GELU MLPs have no function-preserving neuron scale
             pass
         if write is not None:
-            per_neuron = (x * d).pow(2).mean(0).sqrt()
+            per_neuron = neuron_writes(x, d)
             removed = sum((x[:, c.col] * c.deleted_value for c in cols), torch.zeros(x.shape[0]))  # what ablation took
-            write_rms, removed_rms = write.pow(2).mean().sqrt().item(), removed.pow(2).mean().sqrt().item()
+            write_rms, removed_rms = rms(write).item(), rms(removed).item()
             invariant |= {"write_rms": write_rms, "write_vs_removed": write_rms / removed_rms if removed_rms else None,
                           "write_cos_original_row": _cos(write, x @ w_row),
                           "top_writes": [(int(i), per_neuron[i].item())

@@ -1,6 +1,7 @@
 """What a down-projection reads: its input x [tokens, d_ff] over some text, and what a patch writes from it.
 
     x, positions = down_inputs(model, ids, layer=11, max_length=512)     # 1-D ids, in windows
+    xmax = input_maxima(model, ids, down_projections(model))             # max_t |x_t| per down-projection
     write = x @ d                                                        # the patch's write at each token
 
 Forward passes stop at that layer: nothing above it is computed. With `bos` (io/corpora.bos_token) every window
@@ -14,9 +15,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from superweight.core.arch import decoder_layers, down_projection, input_device, moe_block
+from superweight.core.arch import DownProj, decoder_layers, down_projection, input_device, moe_block
 from superweight.core.coords import site, split_row
-from superweight.core.intervene import Ablation, hidden
+from superweight.core.intervene import Ablation, Trace, hidden
 from superweight.io.corpora import with_bos
 
 
@@ -52,6 +53,25 @@ def down_inputs(model: nn.Module, ids: torch.Tensor, layer: int, max_length: int
     finally:
         handle.remove()
     return torch.cat(acts), positions
+
+
+@torch.no_grad()
+def input_maxima(model: nn.Module, ids: torch.Tensor, dps: list[DownProj], max_length: int = 512,
+                 bos: int | None = None) -> list[torch.Tensor]:
+    """max_t |x_t[c]| per input column c of each down-projection in `dps` (fp32, on the model's input device),
+    over `ids` in the windows `down_inputs` reads: what detection's activation scores |W[r,c]| * max_t |x_t[c]|
+    and its control weights are ranked by."""
+    device = input_device(model)
+    xmax = [torch.zeros(dp.d_ff, device=device) for dp in dps]
+
+    def record(i, inp, _out):
+        x = dps[i].inputs(inp).detach().float().abs().flatten(0, -2).max(0).values
+        xmax[i] = torch.maximum(xmax[i], x.to(device))
+
+    with Trace(dict(enumerate(dp.module for dp in dps)), record):
+        for window in _windows(ids, max_length, bos):
+            model(input_ids=window[None].to(device), use_cache=False)
+    return xmax
 
 
 def _windows(ids: torch.Tensor, max_length: int, bos: int | None) -> list[torch.Tensor]:

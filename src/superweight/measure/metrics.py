@@ -25,8 +25,8 @@ from superweight.core.prefix import Prefix
 from superweight.errors import UsageError
 from superweight.io.corpora import Window, windows as make_windows, with_bos
 from superweight.io.models import model_id
+from superweight.io.provenance import provenance
 from superweight.io.record import Metrics, Protocol
-from superweight.io.rundir import provenance
 
 
 class _Acc:

@@ -1,12 +1,15 @@
 """Recovery: how much of the damage an ablation did a condition undoes (1 = fully repaired, 0 = as broken).
 
     recovery(base, broken, patched)   # Recovery(nll_gap=0.93, kl=0.95)
+    recovery_of(metrics, "oracle")    # the same, from measure()'s results by condition name
+    scored(m, base, broken)           # Scored: NLL, PPL, KL and both recoveries, as a record row holds them
     verdict_of(rec)                   # "repaired" / "partial" / "failed"
 """
 
 from __future__ import annotations
 
-from superweight.io.record import Metrics, Recovery, Verdict
+from superweight.core.conditions import BROKEN
+from superweight.io.record import Metrics, Recovery, Scored, Verdict
 
 REPAIRED = 0.9  # both recoveries at least this: "repaired"
 
@@ -28,3 +31,14 @@ def recovery(base: Metrics, broken: Metrics, patched: Metrics) -> Recovery:
         nll_gap=(broken.nll - patched.nll) / gap if gap else None,
         kl=1 - patched.kl / broken.kl if broken.kl else None,
     )
+
+
+def recovery_of(metrics: dict[str, Metrics], name: str) -> Recovery:
+    """The recovery of condition `name` in measure()'s results, against their base and broken."""
+    return recovery(metrics["base"], metrics[BROKEN.name()], metrics[name])
+
+
+def scored(m: Metrics, base: Metrics, broken: Metrics) -> Scored:
+    """A condition's NLL, PPL and KL, and how much of the damage it undoes."""
+    rec = recovery(base, broken, m)
+    return Scored(nll=m.nll, ppl=m.ppl, kl=m.kl, nll_gap=rec.nll_gap, kl_recovery=rec.kl)

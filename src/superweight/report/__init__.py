@@ -15,10 +15,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from superweight.io.record import RunRecord, smallest_k
-from superweight.io.rundir import PLOTS, REPORT_HTML, REPORT_MD, read_record, read_train_log, write_atomic
-from superweight.report.compare import CompareRow, Comparison, compare_rows
+from superweight.io.checkpoint import read_train_log
+from superweight.io.files import write_atomic
 from superweight.io.quantrecord import read_quantize
+from superweight.io.record import RunRecord, smallest_k
+from superweight.io.rundir import PLOTS, REPORT_HTML, REPORT_MD, read_record
+from superweight.report.compare import CompareRow, Comparison, compare_rows
 from superweight.report.plots import draw_plots, save_quantize_plot
 from superweight.report.render import render_html, render_md
 from superweight.report.sections import SECTIONS, quantize_section

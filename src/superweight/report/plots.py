@@ -1,12 +1,13 @@
 """The report's plots: each draws one figure from the run record (or the train log) and returns it, or None
-without data; `draw_plots` writes every one the data allows as plots/NAME.png."""
+without data; `draw_plots` writes every one the data allows as plots/NAME.png. Also the figures of the
+commands that write no run directory: `superweight sweep` (`save_sweep_plot`) and `quantize`."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from superweight.io.files import write_atomic
 from superweight.io.record import RunRecord
-from superweight.io.rundir import write_atomic
 
 
 def _figure(ncols: int = 1):
@@ -75,11 +76,11 @@ def _plot_sparsity(r: RunRecord, log):
 
 
 def _plot_sweep(r: RunRecord, log):
-    sweep = sorted((s for s in r.sweep or [] if s.ppl), key=lambda s: s.scale)
+    sweep = sorted((s for s in r.sweep or [] if s.metrics.ppl), key=lambda s: s.scale)
     if not sweep:
         return None
     fig, ax = _figure()
-    ax.plot([s.scale for s in sweep], [s.ppl for s in sweep], "o-")
+    ax.plot([s.scale for s in sweep], [s.metrics.ppl for s in sweep], "o-")
     ax.set(yscale="log", xlabel="scale of the super weight (1 = unchanged, 0 = ablated)", ylabel="perplexity")
     return fig
 
@@ -120,6 +121,40 @@ def draw_plots(r: RunRecord, log: list[dict], out: Path) -> dict[str, Path]:
         if fig is not None:
             plots[name] = write_atomic(out / f"{name}.png", lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     return plots
+
+
+def sweep_figure(result):
+    """PPL (log scale) and KL against scale; spread drawn as horizontal dashed lines (result: stages.sweep's)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.5, 4))
+    ax = fig.subplots()
+    pts = sorted((p for p in result.points if p.scale is not None), key=lambda p: p.scale)
+    xs = [p.scale for p in pts]
+    ax.plot(xs, [p.metrics.ppl for p in pts], "o-", color="tab:blue", label="PPL")
+    ax.axhline(result.base.ppl, color="tab:blue", lw=0.8, alpha=0.5)
+    ax.set_yscale("log")
+    ax.set_xlabel(f"scale of W = {result.value:.4g} at {result.weight}")
+    ax.set_ylabel("perplexity", color="tab:blue")
+    ax2 = ax.twinx()
+    ax2.plot(xs, [p.metrics.kl for p in pts], "s--", color="tab:red", label="KL(base||·)")
+    ax2.set_ylabel("KL(base || scaled), nats/token", color="tab:red")
+    for p in result.points:
+        if p.scale is None:
+            ax.axhline(p.metrics.ppl, color="tab:blue", ls=":", label=f"{p.label} PPL")
+            ax2.axhline(p.metrics.kl, color="tab:red", ls=":", label=f"{p.label} KL")
+    pr = result.protocol
+    ax.set_title(f"{pr.model.split(' ')[0]}: {pr.corpus}/{pr.split}, {pr.n_tokens} tokens", fontsize=9)
+    lines = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
+    ax.legend(lines, [line.get_label() for line in lines], fontsize=8, loc="center right")
+    fig.tight_layout()
+    return fig
+
+
+def save_sweep_plot(result, path) -> Path:
+    """`superweight sweep`'s plot, written atomically as a PNG at `path`."""
+    fig = sweep_figure(result)
+    return write_atomic(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=120))
 
 
 def quantize_figure(result):

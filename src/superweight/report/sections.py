@@ -264,8 +264,9 @@ def _sweep(r: RunRecord, plots) -> list:
         return []
     return [("h", 2, "Scale sweep")] + _img(plots, "sweep", "PPL against scale") + [_columns(
         sorted(r.sweep, key=lambda s: s.scale),
-        [("scale", "scale", num), ("NLL", "nll", num), ("PPL", "ppl", ppl), ("KL", "kl", num),
-         ("top-1 agree", "top1_agree", pct), ("super act.", "super_activation", num)])]
+        [("scale", "scale", num), ("NLL", lambda s: s.metrics.nll, num), ("PPL", lambda s: s.metrics.ppl, ppl),
+         ("KL", lambda s: s.metrics.kl, num), ("top-1 agree", lambda s: s.metrics.top1_agree, pct),
+         ("super act.", lambda s: s.metrics.super_activation, num)])]
 
 
 def _sinks(r: RunRecord, plots) -> list:

@@ -30,10 +30,11 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from superweight.errors import RunDirInUseError, SuperweightError, UsageError
+from superweight.io.files import check_writable, read_json, write_atomic, write_json
 from superweight.io.lock import hold_run_dir
-from superweight.io.rundir import (
-    CONFIG, check_writable, holds_files, provenance, read_json, write_atomic, write_json,
-)
+from superweight.io.provenance import provenance
+from superweight.io.rundir import CONFIG
+from superweight.io.runstate import holds_files
 
 MODELS, RECORD = "models", "census.json"
 CENSUS_CSV, CENSUS_MD = "census.csv", "census.md"

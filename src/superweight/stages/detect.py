@@ -34,13 +34,15 @@ from pydantic import BaseModel, Field
 from torch import nn
 
 from superweight.core.arch import DownProj, down_projection, down_projections, input_device
+from superweight.core.conditions import CANDIDATE, RANDOM_CONTROL, TOP_CONTROL
 from superweight.core.coords import WeightCoord
-from superweight.core.intervene import Ablation, Intervention, Trace
+from superweight.core.intervene import Ablation, Trace
 from superweight.display import Shown
 from superweight.io import corpora
+from superweight.io.detectrecord import Candidate
 from superweight.io.record import Metrics, Protocol
 from superweight.measure.grade import grade
-from superweight.measure.inputs import down_inputs
+from superweight.measure.inputs import input_maxima
 from superweight.measure.metrics import measure, protocol_of
 from superweight.stages.experts import EXPERT_PRUNING, plan_experts
 
@@ -65,45 +67,6 @@ class LayerSpike(BaseModel):
     in_at_col: float = Field(description="max |input| at column `col` over the prompt's tokens")
     expert: int | str | None = Field(None, description="in a mixture of experts: the expert (index or 'shared') "
                                                         "whose down-projection wrote the spike")
-
-
-class Candidate(BaseModel):
-    layer: int
-    row: int
-    col: int
-    value: float = Field(description="the weight W[row, col] (before any ablation)")
-    source: str = Field(description="'spike' (scan, iteration round n) or 'attribution:<method>'")
-    in_spike: float | None = Field(None, description="max |down-proj input| at this column in the scan")
-    out_spike: float | None = Field(None, description="max |down-proj output| at this row in the scan")
-    spike_ratio: float | None = Field(None, description="out_spike / median over layers of the per-layer max")
-    attribution: float | None = Field(None, description="attribution score (method in source)")
-    kl: float | None = Field(None, description="KL(base || this weight zeroed), nats/token, calibration text")
-    ppl_ratio: float | None = Field(None, description="PPL with this weight zeroed / base PPL")
-    control_kl_top: float | None = Field(None, description="KL when zeroing the other weight that writes most "
-                                                           "(|W[r,c]| * max_t |x_t[c]|)")
-    control_kl_random: float | None = Field(None, description="KL when zeroing a random weight")
-    controls: list[str] = Field(default_factory=list, description="the control coordinates [top, random]")
-    confirmed: bool = Field(False, description="KL >= min_kl and >= control_factor x the worse control")
-    grade: str | None = Field(None, description="super weight / sensitive weight / none (GRADES), when verified")
-    # Mixture of experts (stages/experts.py); None in a dense model.
-    expert: int | str | None = Field(None, description="the expert (index, or 'shared') whose down-projection "
-                                                       "holds the weight")
-    expert_picked: float | None = Field(None, description="share of the massive-activation tokens (|residual[row]| "
-                                                          ">= half its max after the layer) the router sends to it")
-    expert_picked_all: float | None = Field(None, description="share of all calibration tokens routed to it")
-    massive_tokens: int | None = Field(None, description="calibration tokens carrying the massive activation")
-    expert_kl: float | None = Field(None, description="KL(base || whole expert pruned: router logit -inf)")
-    expert_ppl_ratio: float | None = Field(None, description="PPL with the whole expert pruned / base PPL")
-    expert_control_kl_top: float | None = Field(None, description="KL when pruning the busiest other expert")
-    expert_control_kl_random: float | None = Field(None, description="KL when pruning a random other expert")
-    expert_controls: list[str] = Field(default_factory=list, description="the control experts [busiest, random]")
-    expert_confirmed: bool | None = Field(None, description="expert KL >= min_kl and >= control_factor x the worse "
-                                                            "control expert's")
-    expert_grade: str | None = Field(None, description="super expert / sensitive expert / none")
-
-    @property
-    def coord(self) -> WeightCoord:
-        return WeightCoord(layer=self.layer, row=self.row, col=self.col, expert=self.expert)
 
 
 class DetectResult(Shown, BaseModel):
@@ -199,12 +162,12 @@ def attribution(
     mean next-token NLL (one backward pass; estimates the first-order loss change of zeroing the weight).
     """
     dps = down_projections(model)
-    batch = corpora.pack(ids, min(max_length, ids.numel() + (bos is not None)), bos)
-    device = input_device(model)
-    if method == "activation":
-        scores = _activation_scores(model, dps, batch.to(device))
+    if method == "activation":  # |W| * max|x| one projection at a time (MoE: GBs)
+        scores = (dp.matrix.detach().float().abs() * x.to(dp.matrix.device)[None, :]
+                  for dp, x in zip(dps, input_maxima(model, ids, dps, max_length, bos)))
     elif method == "gradient":
-        scores = _gradient_scores(model, dps, batch.to(device))
+        batch = corpora.pack(ids, min(max_length, ids.numel() + (bos is not None)), bos)
+        scores = _gradient_scores(model, dps, batch.to(input_device(model)))
     else:
         raise ValueError(f"unknown attribution method '{method}': use activation or gradient")
     out = []
@@ -215,20 +178,6 @@ def attribution(
             out.append(Candidate(layer=dp.layer, row=row, col=col, expert=dp.expert, value=dp.get(row, col).item(),
                                  source=f"attribution:{method}", attribution=v))
     return sorted(out, key=lambda c: -c.attribution)[:top]
-
-
-@torch.no_grad()
-def _activation_scores(model, dps: list[DownProj], batch):  # |W| * max|x| one projection at a time (MoE: GBs)
-    xmax = [torch.zeros(dp.d_ff, device=batch.device) for dp in dps]
-
-    def record(i, inp, _out):
-        x = dps[i].inputs(inp).detach().float().abs().flatten(0, -2).max(0).values
-        xmax[i] = torch.maximum(xmax[i], x.to(batch.device))
-
-    with Trace(dict(enumerate(dp.module for dp in dps)), record):
-        for seq in batch:
-            model(input_ids=seq[None], use_cache=False)
-    return (dp.matrix.detach().float().abs() * x.to(dp.matrix.device)[None, :] for dp, x in zip(dps, xmax))
 
 
 def _gradient_scores(model, dps: list[DownProj], batch) -> list[torch.Tensor]:
@@ -285,24 +234,24 @@ def verify(
     cand_by_matrix: dict[tuple, set[tuple[int, int]]] = {}
     for c in candidates:
         cand_by_matrix.setdefault((c.layer, c.expert), set()).add((c.row, c.col))
-    conditions: dict[str, Intervention] = {}
+    conditions = {CANDIDATE.name(coord=c.coord): Ablation(model, [c.coord]) for c in candidates}
     controls: dict[tuple, list[str]] = {}
-    for c in candidates:
-        conditions[f"cand:{c.coord}"] = Ablation(model, [c.coord])
-    for (layer, expert), exclude in cand_by_matrix.items():
-        xmax = down_inputs(model, ids, layer, max_length, bos, expert)[0].abs().max(0).values
-        top, rand = _controls(down_projection(model, layer, expert), xmax, exclude, seed)
+    dps = [down_projection(model, layer, expert) for layer, expert in cand_by_matrix]
+    maxima = input_maxima(model, ids, dps, max_length, bos)  # the windows `measure` reads
+    for ((layer, expert), exclude), dp, xmax in zip(cand_by_matrix.items(), dps, maxima):
+        top, rand = _controls(dp, xmax, exclude, seed)
         controls[(layer, expert)] = [str(top), str(rand)]
-        conditions[f"top:{layer}:{expert}"] = Ablation(model, [top])
-        conditions[f"rand:{layer}:{expert}"] = Ablation(model, [rand])
+        conditions[TOP_CONTROL.name(layer=layer, expert=expert)] = Ablation(model, [top])
+        conditions[RANDOM_CONTROL.name(layer=layer, expert=expert)] = Ablation(model, [rand])
     experts = plan_experts(model, ids, candidates, max_length, bos, seed)
     conditions.update(experts.conditions)
     results = measure(model, ids, conditions, max_length=max_length, progress=progress, bos=bos)
     base = results["base"]
     out = []
     for c in candidates:
-        m = results[f"cand:{c.coord}"]
-        top_kl, rand_kl = results[f"top:{c.layer}:{c.expert}"].kl, results[f"rand:{c.layer}:{c.expert}"].kl
+        m = results[CANDIDATE.name(coord=c.coord)]
+        top_kl = results[TOP_CONTROL.name(layer=c.layer, expert=c.expert)].kl
+        rand_kl = results[RANDOM_CONTROL.name(layer=c.layer, expert=c.expert)].kl
         confirmed = m.kl >= min_kl and m.kl >= control_factor * max(top_kl, rand_kl)
         out.append(c.model_copy(update={
             "kl": m.kl, "ppl_ratio": m.ppl / base.ppl, "control_kl_top": top_kl, "control_kl_random": rand_kl,

@@ -7,14 +7,15 @@ from collections.abc import Callable
 
 from pydantic import BaseModel
 
+from superweight.core.conditions import ABLATED, PATCHED, ablated_text, descriptions, interventions
 from superweight.core.coords import WeightCoord, row_text
-from superweight.core.intervene import Ablation, Compose, RowPatch
+from superweight.core.intervene import Ablation
+from superweight.core.patching import PatchData, check_fits, patched
 from superweight.display import Shown
 from superweight.io import corpora
 from superweight.io.models import Loaded
-from superweight.measure import generate
-from superweight.io.patchfile import PatchData, check_fits
 from superweight.io.record import Metrics, Protocol, TaskResults
+from superweight.measure import generate
 from superweight.measure.metrics import measure, protocol_of
 from superweight.measure.tasks import TaskSpec, run_tasks
 
@@ -51,21 +52,20 @@ def run_eval(
     model, tok = loaded.model, loaded.tokenizer
     stride = max_length if stride is None else stride
     ablation = Ablation(model, coords) if coords else None  # validates coordinates before any work
-    conditions = {"ablated": ablation} if ablation else {}
+    conds = [ABLATED(ablation, weights=ablated_text(coords))] if ablation else []
     if patch is not None:
         check_fits(model, patch)
-        conditions["patched"] = Compose(Ablation(model, patch.ablated), RowPatch(model, patch.rows, patch.vectors))
+        conds.append(PATCHED(patched(model, patch.ablated, patch.rows, patch.vectors),
+                             f"ablate {ablated_text(patch.ablated)}, add the patch on rows "
+                             f"{', '.join(map(row_text, patch.rows))}"))
+    conditions = interventions(conds)
     if ids is None:
         ids = corpora.tokenize(tok, corpora.load_text(corpus, split), max_tokens)
     channels = sorted({(c.layer, c.row) for c in coords})
     results = measure(model, ids, conditions, channels, max_length, stride, progress=on_tokens,
                       bos=getattr(loaded, "bos", None))
     gens = generate.compare(model, tok, conditions, prompts, max_new_tokens, progress=on_prompt)
-    described = {"ablated": "ablate " + ", ".join(map(str, coords))} if coords else {}
-    if patch is not None:
-        described["patched"] = (f"ablate {', '.join(map(str, patch.ablated))}, add the patch on rows "
-                                f"{', '.join(map(row_text, patch.rows))}")
-    protocol = protocol_of(loaded, corpus, split, results["base"].n_tokens, max_length, stride, described)
+    protocol = protocol_of(loaded, corpus, split, results["base"].n_tokens, max_length, stride, descriptions(conds))
     scores = run_tasks(loaded, tasks, conditions, on_condition=on_task) if tasks is not None else None
     return EvalResult(protocol=protocol, base=results["base"], ablated=results.get("ablated"),
                       patched=results.get("patched"), generations=gens, tasks=scores)

@@ -16,9 +16,11 @@ from pathlib import Path
 from superweight.core.coords import WeightCoord, row_of
 from superweight.errors import SuperweightError, UsageError
 from superweight.io import corpora
+from superweight.io.files import write_json
 from superweight.io.models import Loaded
-from superweight.io.record import CandidateSummary, DetectSummary, RunRecord
-from superweight.io.rundir import DETECT, check_new_run_dir, read_record, run_state, write_json, write_record
+from superweight.io.record import DetectSummary, RunRecord
+from superweight.io.rundir import DETECT, read_record, write_record
+from superweight.io.runstate import check_new_run_dir, run_state
 from superweight.stages.train import RepairConfig
 
 # Detection settings for the one-shot run: a quarter of the calibration text of `superweight detect` (the damage of a
@@ -136,7 +138,6 @@ def _choose(candidates):
 def _detect_summary(detected, weight: WeightCoord) -> DetectSummary:
     if detected is None:
         return DetectSummary(weight=str(weight), note="given with --weight")
-    keep = set(CandidateSummary.model_fields)
     chosen = next(c for c in detected.candidates if c.coord == weight)
     return DetectSummary(weight=str(weight), grade=chosen.grade, protocol=detected.protocol,
-                         candidates=[c.model_dump(include=keep) for c in detected.candidates])
+                         candidates=detected.candidates)

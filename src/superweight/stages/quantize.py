@@ -22,15 +22,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from superweight.core.arch import down_projection, is_moe
 from superweight.core.coords import WeightCoord
 from superweight.core.fakequant import QuantizedInputs, QuantizedWeights
-from superweight.core.intervene import Ablation, Compose, Intervention, RowPatch
+from superweight.core.intervene import Ablation, Compose, Intervention
+from superweight.core.patching import PatchData, check_fits, patched
 from superweight.core.quant import Clip, QuantSpec, check_blocks, effective_bits
-from superweight.core.arch import down_projection, is_moe
 from superweight.errors import UnsupportedArchitectureError
 from superweight.io import corpora
 from superweight.io.models import Loaded
-from superweight.io.patchfile import PatchData, check_fits
 from superweight.io.quantrecord import ActRow, KeptWeight, QuantFigure, QuantReport, QuantResult, QuantRow
 from superweight.measure.metrics import measure, protocol_of
 from superweight.measure.recovery import recovery
@@ -282,7 +282,7 @@ def run_quantize(
     patched_plan: dict[str, tuple[int, int | str, str, QuantizedWeights | None]] = {}
     if patch is not None:
         def repaired(*extra):
-            return Compose(Ablation(model, patch.ablated), RowPatch(model, patch.rows, patch.vectors), *extra)
+            return Compose(patched(model, patch.ablated, patch.rows, patch.vectors), *extra)
 
         conditions["patched"] = repaired()
         described["patched"] = "the repaired model (super weights ablated, patch added) in fp"

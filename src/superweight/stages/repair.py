@@ -15,20 +15,26 @@ from pathlib import Path
 import torch
 
 from superweight.core.arch import down_projection
+from superweight.core.conditions import (
+    ACTIVATION_RESTORE, BROKEN, ORACLE, OTHER_ROW, PATCHED, RANDOM_WRITE, SEED, Condition, ablated_text, descriptions,
+    interventions,
+)
 from superweight.core.coords import WeightCoord, make_row, row_of, row_text, site, split_row
-from superweight.core.intervene import Ablation, ActivationRestore, Compose, Intervention, RowPatch, intact_values
+from superweight.core.intervene import Ablation, ActivationRestore, Compose, RowPatch, intact_values
+from superweight.core.patching import patched
 from superweight.core.prefix import first_edited_layer
 from superweight.errors import UsageError
 from superweight.io import corpora
 from superweight.io.models import Loaded, model_id
 from superweight.io.patchfile import save_patch
-from superweight.io.record import Baseline, RunRecord, SeedStats, Seeds, SeedValue
-from superweight.io.rundir import check_run_dir_for, prepare_run_dir, read_record, write_record
+from superweight.io.record import Baseline, RunRecord, Seeds, SeedScores
+from superweight.io.rundir import read_record, write_record
+from superweight.io.runstate import check_run_dir_for, prepare_run_dir
 from superweight.measure import generate
-from superweight.measure.geometry import geometry
+from superweight.measure.geometry import geometry, rms
 from superweight.measure.inputs import down_inputs, patch_inputs
 from superweight.measure.metrics import check_context, measure, protocol_of
-from superweight.measure.recovery import recovery, verdict_of
+from superweight.measure.recovery import recovery_of, verdict_of
 from superweight.measure.tasks import TaskSpec, run_tasks
 from superweight.stages.train import RepairConfig, train, training_sequences
 
@@ -65,7 +71,7 @@ def run_repair(
     """Train, evaluate and save a patch in the run directory `out` (see the module docstring); with `tasks`
     (measure.tasks.prepare_tasks) also the zero-shot task metrics of base, broken and patched (`record.tasks`).
 
-    Everything is checked before the first file is written: the run directory (io/rundir.check_run_dir_for),
+    Everything is checked before the first file is written: the run directory (io/runstate.check_run_dir_for),
     the coordinates and rows, the context length, and the corpus (enough text for one training batch).
     `resume` continues from the last checkpoint (step 0 if none was made); on a finished run it returns the
     record as it is and changes nothing."""
@@ -94,42 +100,44 @@ def run_repair(
     save_patch(out, model, patch, coords, {"model": model_id(loaded), "spec": loaded.spec, "recipe": recipe,
                                            "config": cfg.model_dump()})
     # One Ablation serves every condition: measure() applies them one at a time.
-    conditions: dict[str, Intervention] = {"broken": ablation, "patched": Compose(ablation, patch)}
+    ab, rs = ablated_text(coords), ", ".join(map(row_text, rows))
+    broken = BROKEN(ablation, weights=ab)
+    fixed = PATCHED(Compose(ablation, patch), f"ablate {ab}, add trained patch on rows {rs}")
+    controls = []
     if baselines:
-        conditions.update(_baselines(model, ablation, rows, originals, patch, seqs, mask, cfg, stage, on_step))
-    extra_seeds = {}
+        controls = _baselines(model, ablation, rows, originals, patch, seqs, mask, cfg, stage, on_step)
+    extra_seeds, seeded = {}, []
     for seed in range(cfg.seed + 1, cfg.seed + seeds):
         stage(f"Training patch, seed {seed}", cfg.steps)
         other, _ = train(model, coords, rows, seqs, mask, cfg.model_copy(update={"seed": seed}), None, on_step=on_step)
         extra_seeds[seed] = other
-        conditions[f"seed_{seed}"] = Compose(ablation, other)
+        seeded.append(SEED(Compose(ablation, other), seed=seed))
+    conditions = [broken, fixed, *controls, *seeded]
     channels = sorted({(c.layer, c.row) for c in coords})
     stage("Evaluating", None)
-    metrics = measure(model, eval_ids, conditions, channels, max_length, share_below=first_edited_layer(coords, rows),
-                      bos=bos)
+    metrics = measure(model, eval_ids, interventions(conditions), channels, max_length,
+                      share_below=first_edited_layer(coords, rows), bos=bos)
     stage("Generating", None)
-    gens = generate.compare(model, tok, {"broken": conditions["broken"], "patched": conditions["patched"]},
-                            GEN_PROMPTS)
+    gens = generate.compare(model, tok, interventions([broken, fixed]), GEN_PROMPTS)
     base = metrics["base"]
     inputs = patch_inputs(model, coords, rows, eval_ids, max_length, bos=bos)
     record = RunRecord(
         protocol=protocol_of(loaded, corpus, "eval", base.n_tokens, max_length, max_length,
-                             _describe(coords, rows, baselines, cfg.seed, seeds)),
+                             descriptions(conditions)),
         recipe=recipe, config=cfg.model_dump(), base=base, broken=metrics["broken"], patched=metrics["patched"],
-        recovery=recovery(base, metrics["broken"], metrics["patched"]), training=state,
-        verdict=verdict_of(recovery(base, metrics["broken"], metrics["patched"])),
+        recovery=recovery_of(metrics, PATCHED.name()), training=state,
+        verdict=verdict_of(recovery_of(metrics, PATCHED.name())),
         patch=geometry(model, coords, rows, patch.vectors, originals, inputs), generations=gens,
     )
     if baselines:
         record.baselines = {
-            name: Baseline(**metrics[name].model_dump(), recovery=recovery(base, metrics["broken"], metrics[name]))
-            for name in conditions if name not in {"broken", "patched"} and not name.startswith("seed_")
+            c.name: Baseline(**metrics[c.name].model_dump(), recovery=recovery_of(metrics, c.name)) for c in controls
         }
     if seeds > 1:
         patches = {cfg.seed: patch, **extra_seeds}
-        record.seeds = seed_spread(model, coords, rows, originals, base, metrics, patches, cfg.seed)
+        record.seeds = seed_spread(model, coords, rows, originals, metrics, patches, cfg.seed)
     if tasks is not None:
-        record.tasks = run_tasks(loaded, tasks, {"broken": conditions["broken"], "patched": conditions["patched"]},
+        record.tasks = run_tasks(loaded, tasks, interventions([broken, fixed]),
                                  on_condition=lambda name: stage(f"lm-eval tasks: {name}", None))
     write_record(out, record)
     return record
@@ -153,7 +161,8 @@ def repair_settings(spec: str, recipe: str, cfg: RepairConfig, coords: list[Weig
 
 def recorded_bos(out: Path) -> str:
     """The --bos a run in `out` was started with (config.json; "auto" when it records none, or there is no run)."""
-    from superweight.io.rundir import CONFIG, read_json
+    from superweight.io.files import read_json
+    from superweight.io.rundir import CONFIG
 
     if not (Path(out) / CONFIG).is_file():
         return "auto"
@@ -161,7 +170,7 @@ def recorded_bos(out: Path) -> str:
     return settings.get("bos", "auto") if isinstance(settings, dict) else "auto"
 
 
-def _baselines(model, ablation: Ablation, rows, originals, patch, seqs, mask, cfg, stage, on_step):
+def _baselines(model, ablation: Ablation, rows, originals, patch, seqs, mask, cfg, stage, on_step) -> list[Condition]:
     """Oracle, the paper's activation restore, random vectors writing as much as the patch, another row trained."""
     coords = ablation.coords
     gen = torch.Generator().manual_seed(cfg.seed + 1)
@@ -184,50 +193,31 @@ def _baselines(model, ablation: Ablation, rows, originals, patch, seqs, mask, cf
         for row, v in zip(rows, patch.vectors):
             x = xs[site(row)]
             r = torch.randn(v.numel(), generator=gen)
-            write, drawn = (x @ v.detach().float().cpu()).norm(), (x @ r).norm()
+            write, drawn = rms(x @ v.detach().float().cpu()), rms(x @ r)
             vectors.append(r * (write / drawn) if drawn > 0 else r / r.norm() * v.detach().norm().cpu())
         random_draws.append(vectors)
     other = [make_row(layer, _other_row(row, down_projection(model, layer, expert).d_model, cfg.seed), expert)
              for layer, row, expert in map(split_row, rows)]
     stage(f"Baseline: training rows {', '.join(map(row_text, other))}", cfg.steps)
     other_patch, _ = train(model, coords, other, seqs, mask, cfg, None, on_step=on_step)
-    return {
-        "oracle": Compose(ablation, RowPatch(model, rows, oracle_vectors)),
-        "activation_restore": Compose(ablation, ActivationRestore(model, coords, originals)),
-        **{f"random_same_write_{i + 1}": Compose(ablation, RowPatch(model, rows, vectors))
-           for i, vectors in enumerate(random_draws)},
-        "other_row": Compose(ablation, other_patch),
-    }
+    return [
+        ORACLE(patched(model, ablation, rows, oracle_vectors)),
+        ACTIVATION_RESTORE(Compose(ablation, ActivationRestore(model, coords, originals))),
+        *(RANDOM_WRITE(patched(model, ablation, rows, vectors), i=i + 1) for i, vectors in enumerate(random_draws)),
+        OTHER_ROW(Compose(ablation, other_patch)),
+    ]
 
 
-def seed_spread(model, coords, rows, originals, base, metrics, patches: dict[int, RowPatch], first: int) -> Seeds:
+def seed_spread(model, coords, rows, originals, metrics, patches: dict[int, RowPatch], first: int) -> Seeds:
     """Recovery, norm and cosine of each seed's patch, and their mean and (sample) standard deviation."""
     values = []
     for seed, patch in patches.items():
-        m = metrics["patched" if seed == first else f"seed_{seed}"]
+        name = PATCHED.name() if seed == first else SEED.name(seed=seed)
         g = geometry(model, coords, rows, patch.vectors, originals)
-        rec = recovery(base, metrics["broken"], m)
-        values.append(SeedValue(seed=seed, nll_gap=rec.nll_gap, kl=rec.kl, norm=g.norm,
-                                cos_original_row=g.cos_original_row))
-    keys = list(SeedStats.model_fields)
+        rec = recovery_of(metrics, name)
+        values.append(SeedScores(seed=seed, nll_gap=rec.nll_gap, kl=rec.kl, norm=g.norm,
+                                 cos_original_row=g.cos_original_row))
+    keys = [k for k in SeedScores.model_fields if k != "seed"]
     table = torch.tensor([[getattr(v, k) for k in keys] for v in values], dtype=torch.float64)
-    return Seeds(values=values, mean=SeedStats(**dict(zip(keys, table.mean(0).tolist()))),
-                 std=SeedStats(**dict(zip(keys, table.std(0).tolist()))))
-
-
-def _describe(coords, rows, baselines, seed: int, seeds: int) -> dict[str, str]:
-    ab = ", ".join(map(str, coords))
-    rs = ", ".join(map(row_text, rows))
-    d = {"broken": f"ablate {ab}", "patched": f"ablate {ab}, add trained patch on rows {rs}"}
-    if baselines:
-        d.update({
-            "oracle": "ablate, then put the deleted values back through the patch rows",
-            "activation_restore": "ablate, then restore the super activation only (positions where the weight's "
-                                  "contribution is >= 10% of its batch maximum)",
-            **{f"random_same_write_{i + 1}": f"ablate, then add random vector #{i + 1} on the same rows, writing "
-                                              "as much as the trained patch (RMS of x·v)" for i in range(RANDOM_DRAWS)},
-            "other_row": "ablate, then a patch trained with the same budget on another (random) row of the layer",
-        })
-    for s in range(seed + 1, seed + seeds):
-        d[f"seed_{s}"] = f"ablate, add a patch trained like 'patched' with seed {s}"
-    return d
+    return Seeds(values=values, mean=SeedScores(**dict(zip(keys, table.mean(0).tolist()))),
+                 std=SeedScores(**dict(zip(keys, table.std(0).tolist()))))

@@ -1,6 +1,6 @@
 """Train sparse patches: how few entries of the row patch can repair the model?
 
-Post-hoc top-k (analyze.py) cuts a dense patch; here the sparsity is part of training, over a sweep of
+Post-hoc top-k (analyze, measure/sparsity.py) cuts a dense patch; here the sparsity is part of training, over a sweep of
 strengths, and each trained patch is scored by its non-zero count and its recovery. Two objectives:
 
 - `l1`: proximal soft-thresholding after every optimiser step, u <- sign(u) * max(|u| - strength * lr, 0), on
@@ -27,16 +27,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from superweight.core.intervene import Ablation, Compose, RowPatch, intact_values
+from superweight.core.conditions import BROKEN, SPARSE, ablated_text, interventions
+from superweight.core.intervene import Ablation, intact_values
+from superweight.core.patching import check_fits, patched
 from superweight.core.prefix import first_edited_layer
 from superweight.io import corpora
 from superweight.io.models import Loaded
-from superweight.io.patchfile import check_fits, load_patch
+from superweight.io.patchfile import load_patch
 from superweight.io.record import RunRecord, SparseTraining
 from superweight.io.rundir import read_record, write_record
 from superweight.measure.geometry import geometry
 from superweight.measure.metrics import measure, protocol_of
-from superweight.measure.recovery import recovery
+from superweight.measure.recovery import scored
 from superweight.stages.precondition import PreconditionedPatch
 from superweight.stages.train import RepairConfig, train, training_sequences
 
@@ -190,24 +192,21 @@ def run_sparsify(
                             "geometry": {k: getattr(g, k) for k in GEOMETRY_KEYS} | {"top_entries": g.top_entries[:8]}})
     stage("Scoring sparse patches", None)
     ablation = Ablation(model, patch.ablated)
-    conditions = {"broken": ablation}
-    conditions.update({f"sparse{i}": Compose(ablation, RowPatch(model, patch.rows, t["vectors"]))
-                       for i, t in enumerate(trained)})
+    conditions = [BROKEN(ablation, weights=ablated_text(patch.ablated)),
+                  *(SPARSE(patched(model, ablation, patch.rows, t["vectors"]), i=i) for i, t in enumerate(trained))]
     ids = corpora.tokenize(tok, corpora.load_text(corpus, "eval"), n_tokens)
-    metrics = measure(model, ids, conditions, max_length=max_length,
+    metrics = measure(model, ids, interventions(conditions), max_length=max_length,
                       share_below=first_edited_layer(patch.ablated, patch.rows), bos=bos)
     base, broken = metrics["base"], metrics["broken"]
     points = []
     for i, t in enumerate(trained):
-        m = metrics[f"sparse{i}"]
-        rec = recovery(base, broken, m)
-        points.append({"method": t["method"], "strength": t["strength"], "nnz": t["nnz"], "nll": m.nll,
-                       "ppl": m.ppl, "kl": m.kl, "nll_gap": rec.nll_gap, "kl_recovery": rec.kl,
+        scores = scored(metrics[SPARSE.name(i=i)], base, broken)
+        points.append({"method": t["method"], "strength": t["strength"], "nnz": t["nnz"], **scores.model_dump(),
                        "seconds": t["seconds"], **t["geometry"]})
     frontier = pareto(points)
     sparse = SparseTraining.model_validate({
-        "protocol": protocol_of(loaded, corpus, "eval", base.n_tokens, max_length, max_length, {
-            "sparse{i}": "ablate, add the i-th sparse patch (point i)"}),
+        "protocol": protocol_of(loaded, corpus, "eval", base.n_tokens, max_length, max_length,
+                                {SPARSE.key: SPARSE.describe()}),
         "steps": steps, "lr": cfg.lr,
         "points": points,
         "frontier": frontier,
