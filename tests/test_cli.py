@@ -170,6 +170,9 @@ def test_help_lists_the_commands_in_pipeline_order():
     assert names == list(COMMANDS), names
     assert names[:5] == ["info", "eval", "detect", "census", "sweep"]
     assert names.index("repair") < names.index("analyze") < names.index("run")
+    # The README's command table lists them in the same order.
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    assert re.findall(r"^\| `superweight (\w+)", readme, flags=re.MULTILINE) == list(COMMANDS)
 
 
 def test_coordinates_print_verbatim():
