@@ -234,4 +234,4 @@ def test_sparsify_trains_sparser_patches_with_stronger_penalties(tmp_path, loade
     for p in st["points"]:  # each sparse patch says what it is, against the deleted weight
         assert p["col"] == 7 and p["deleted_value"] == pytest.approx(40.0)
         assert p["norm"] == 0 or abs(p["cos_ablated_direction"] - p["value_at_col"] / p["norm"]) < 1e-6
-    assert st["smallest_90"] is None or st["smallest_90"]["nll_gap"] >= 0.9
+    assert st["smallest_90"] == next((p for p in st["frontier"] if p["nll_gap"] >= 0.9), None)

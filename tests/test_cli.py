@@ -160,6 +160,21 @@ def test_readme_documents_every_command():
         assert invoke(name, "--help").exit_code == 0
 
 
+def test_help_lists_the_commands_in_pipeline_order():
+    from superweight.cli import COMMANDS
+
+    result = runner.invoke(app, ["--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    listing = result.output[result.output.index("Commands"):]
+    names = re.findall(r"^[^a-z\n]*?([a-z]+)  +\S", listing, flags=re.MULTILINE)
+    assert names == list(COMMANDS), names
+    assert names[:5] == ["info", "eval", "detect", "census", "sweep"]
+    assert names.index("repair") < names.index("analyze") < names.index("run")
+    # The README's command table lists them in the same order.
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    assert re.findall(r"^\| `superweight (\w+)", readme, flags=re.MULTILINE) == list(COMMANDS)
+
+
 def test_coordinates_print_verbatim():
     from superweight.cli import out
 

@@ -37,11 +37,18 @@ def test_run_detects_the_planted_weight_and_writes_every_artifact(run_dir):
     assert res["detect"]["weight"] == "1:5:7"
     assert any(c["confirmed"] and (c["layer"], c["row"], c["col"]) == (1, 5, 7) for c in res["detect"]["candidates"])
     # A random tiny model predicts near-uniformly, so its PPL barely moves; KL shows the damage and the repair.
-    assert res["broken"]["kl"] > 0.05 and 0 < res["recovery"]["kl"] <= 1
-    assert -1 <= res["patch"]["cos_original_row"] <= 1
+    assert res["broken"]["kl"] > 0.05 and res["recovery"]["kl"] > 0.9  # measured 0.93 -> 2e-5: 99.997%
+    # The planted weight is the only thing to put back, and the patch finds it: measured cos 0.999 with the
+    # original row, d[7] = 39.7 where 40 was deleted.
+    assert res["patch"]["cos_original_row"] > 0.95 and 0.9 < res["patch"]["value_ratio"] < 1.1
     assert len(res["sparsity"]) == 7 and res["sparsity"][-1]["k"] == 64
     assert set(res["baselines"]) >= {"oracle", "activation_restore", "other_row"}
-    assert len(res["seeds"]["values"]) == 2 and res["seeds"]["std"]["norm"] >= 0
+    baselines = {name: b["recovery"]["kl"] for name, b in res["baselines"].items()}
+    assert baselines["oracle"] > 0.99 and abs(baselines["other_row"]) < 0.1  # the deleted value back; another row
+    # Two seeds, two patches (different training rows), near the same point (measured norms 39.721 and 39.730).
+    seeds = res["seeds"]
+    assert [v["seed"] for v in seeds["values"]] == [0, 1] and seeds["values"][0]["norm"] != seeds["values"][1]["norm"]
+    assert 0 < seeds["std"]["norm"] < 0.01 * seeds["mean"]["norm"]
     assert {"detect", "repair", "analyze", "sparsify"} <= set(res["timings"])
     assert len(res["sparse_training"]["points"]) == 6  # 3 L1 and 3 L0 strengths by default
     html = (run_dir / "report.html").read_text()

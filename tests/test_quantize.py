@@ -301,4 +301,7 @@ def test_quantize_tasks_score_each_condition_and_restore_the_model(planted_dir, 
     assert result.exit_code == 0, result.output
     scores = json.loads(out.read_text())["tasks"]["scores"]
     assert list(scores) == ["base", "3b/tensor/rtn", "3b/tensor/held", "3b/tensor/clip", "3b/tensor/clip+restore"]
-    assert all(0 <= s["superweight_easy_mc"]["acc"]["value"] <= 1 for s in scores.values())
+    values = {c: {m: v["value"] for m, v in s["superweight_easy_mc"].items()} for c, s in scores.items()}
+    # Each condition is applied for its own pass: 3-bit per-tensor RTN scores differently from base (measured
+    # acc_norm 0.25 -> 0.125 on the 8 items), and quantizing does not touch what base is scored on.
+    assert any(v != values["base"] for c, v in values.items() if c != "base"), values

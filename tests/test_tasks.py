@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from superweight.cli import app
 from superweight.core.coords import parse_coord
-from superweight.core.intervene import Ablation
+from superweight.core.intervene import Ablation, NoIntervention
 from superweight.errors import SuperweightError, UsageError
 from superweight.io.rundir import read_record
 from tiny import assert_identical, hook_count, planted, snapshot, tiny_tokenizer
@@ -43,12 +43,17 @@ def test_tasks_run_per_condition_on_the_same_model_and_leave_it_as_it_was(local)
     loaded = SimpleNamespace(model=model, tokenizer=tok)
     before, pad = snapshot(model), tok.pad_token
     rng = random.getstate(), torch.random.get_rng_state()
-    res = run_tasks(loaded, local, {"ablated": Ablation(model, [parse_coord("1:5:7")])})
-    assert list(res.scores) == ["base", "ablated"]
-    for cond in res.scores.values():
-        acc = cond[TASK]["acc"]
-        assert 0 <= acc.value <= 1 and acc.stderr is not None and acc.stderr > 0
-        assert set(cond[TASK]) == {"acc", "acc_norm"}
+    # "after" applies nothing, and runs after the ablation was applied and removed.
+    res = run_tasks(loaded, local, {"ablated": Ablation(model, [parse_coord("1:5:7")]), "after": NoIntervention()})
+    assert list(res.scores) == ["base", "ablated", "after"]
+    scores = {c: {m: s.value for m, s in res.scores[c][TASK].items()} for c in res.scores}
+    assert all(set(s) == {"acc", "acc_norm"} for s in scores.values())
+    assert all(float(v * 60).is_integer() for s in scores.values() for v in s.values())  # items right, of 60
+    assert all(res.scores[c][TASK]["acc"].stderr > 0 for c in res.scores)
+    # The ablation was applied: it scores differently from base (measured acc_norm 0.40 -> 0.30, acc 0.367
+    # both); and removed: the condition after it scores exactly as base.
+    assert scores["ablated"] != scores["base"], scores
+    assert scores["after"] == scores["base"], scores
     assert res.tasks[TASK] == {"version": 1.0, "n_shot": 0, "samples": 60}
     assert res.harness == __import__("lm_eval").__version__ and res.settings["include_path"] == str(TASKS)
     assert_identical(model, before)

@@ -1,4 +1,5 @@
-"""Published super-weight coordinates (layer, row, col), keyed by hub id; see DESIGN.md.
+"""Published super-weight coordinates (layer, row, col), keyed by hub id: what `detect`'s table and the census
+compare their findings with, and what `quantize --keep auto` holds out.
 
 Sources: Yu et al. 2024, "The Super Weight in Large Language Models" (Apple), table 1 and appendix, and the
 coordinates published with its code (Apple's `ml-superweight` repository): Llama-30B, and Meta-Llama-3-8B and

@@ -114,14 +114,3 @@ def census(
                   markup=False, highlight=False, soft_wrap=True)
     if outcome.failed:
         raise typer.Exit(1)
-
-
-def _after_detect() -> None:
-    """List census right after detect in --help (commands are listed in the order they are registered)."""
-    commands = app.registered_commands
-    names = [(c.name or c.callback.__name__) for c in commands]
-    if "detect" in names and names[-1] == "census":
-        commands.insert(names.index("detect") + 1, commands.pop())
-
-
-_after_detect()

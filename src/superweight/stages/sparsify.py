@@ -4,7 +4,8 @@ Post-hoc top-k (analyze, measure/sparsity.py) cuts a dense patch; here the spars
 strengths, and each trained patch is scored by its non-zero count and its recovery. Two objectives:
 
 - `l1`: proximal soft-thresholding after every optimiser step, u <- sign(u) * max(|u| - strength * lr, 0), on
-  the run's training coordinates u (d itself, or the balanced d_j = u_j / n_j of the default recipe).
+  the run's training coordinates u, not on d: d itself for the weight-space recipes (`quick`, `sgd`, `fast`,
+  `seed`), d_j = u_j / n_j for `balanced`, d_j = u_j ‖W[:, j]‖ (column coordinates) for the default `lbfgs`.
   With Adam each entry moves about lr per step, so `strength` is the fraction of a step shrunk away: an
   entry survives only where the KL gradient keeps pushing it one way. Exact zeros, no extra parameters.
 - `l0`: a hard-concrete gate per entry (Louizos et al. 2018, "Learning Sparse Neural Networks through L0

@@ -100,21 +100,22 @@ RECIPES: dict[str, RepairConfig] = {
     # recovery on the embedded model. lr 1e-2 reached only 32% in 40 steps: Adam moves each entry ~lr a step
     # and the patch must grow to norm ~50.
     "fast": RepairConfig(),
-    # For the one-shot `superweight run` (5 minutes on 2 cores, two trainings with the other-row baseline):
-    # 32 steps of batch 2 x 128 over 4k tokens (2 epochs) at lr 0.3. On the embedded model 96.0% NLL-gap
-    # recovery in ~33 s, where 40 steps of batch 4 at lr 0.1 gave 89% in ~80 s: small batches and a higher lr
-    # win here (docs/recipes.md). Untested on larger models, hence not the repair default.
+    # Made for the one-shot `superweight run` (5 minutes on 2 cores, two trainings with the other-row baseline),
+    # its default before `balanced`: 32 steps of batch 2 x 128 over 4k tokens (2 epochs) at lr 0.3. On the
+    # embedded model 96.0% NLL-gap recovery in ~33 s, where 40 steps of batch 4 at lr 0.1 gave 89% in ~80 s:
+    # small batches and a higher lr win here (docs/recipes.md). Untested on larger models.
     "quick": RepairConfig(steps=32, batch_size=2, lr=0.3, train_tokens=4096),
     # `quick` with SGD (momentum 0.9) at lr 0.1: 99.5% on the embedded model, and the patch is the deleted
     # weight's direction (cos(d, e_col) 0.95, norm 5) where Adam's is not (0.04, norm 67): Adam moves every entry
     # ~lr a step, SGD in proportion to its gradient. SGD's lr depends on the activation scale (x ~ 3,000 at the
     # massive token here), so check it on each model; lr 1e-3 barely moves, 3e-2 gives 93%.
     "sgd": RepairConfig(steps=32, batch_size=2, lr=0.1, optimizer="sgd", train_tokens=4096),
-    # The default of `repair` and `run`: `sgd`'s budget (32 steps of batch 2 x 128), SGD with momentum in the
-    # balanced coordinates (stages/precondition.py), so the result is the same at every function-preserving
-    # rescaling of the MLP: 99.7% on the embedded model at every scale where `quick` ranges from -90% to 100%
-    # (benchmarks/bench_transfer.py, docs/recipes.md). lr 0.3: 0.1 under-trains the super neuron (n = 1.72, so
-    # its steps are 3x smaller than in weight units: 92.7%); 3.0 overshoots (the loss bounces back from 0.002).
+    # The default of `repair` and `run` before `lbfgs`: `sgd`'s budget (32 steps of batch 2 x 128), SGD with
+    # momentum in the balanced coordinates (stages/precondition.py), so the result is the same at every
+    # function-preserving rescaling of the MLP: 99.7% on the embedded model at every scale where `quick` ranges
+    # from -90% to 100% (benchmarks/bench_transfer.py, docs/recipes.md). lr 0.3: 0.1 under-trains the super
+    # neuron (n = 1.72, so its steps are 3x smaller than in weight units: 92.7%); 3.0 overshoots (the loss
+    # bounces back from 0.002).
     "balanced": RepairConfig(steps=32, batch_size=2, lr=0.3, optimizer="sgd", space="balanced", train_tokens=4096),
     # The default of `repair` and `run` (docs/recipes.md): L-BFGS with a strong-Wolfe line search on 4 fixed rows
     # of 128 tokens, 16 loss evaluations at most (the same 64 row passes as `balanced`), in column coordinates
