@@ -20,14 +20,14 @@ from superweight.io import corpora
 from superweight.io.patchfile import save_patch
 from superweight.io.record import SparsityPoint, smallest_k
 from superweight.measure.geometry import geometry
-from superweight.measure.metrics import measure
+from superweight.measure.metrics import Scoring, measure
 from superweight.io.rundir import read_record
 from superweight.report import write_report
 from superweight.report.terminal import print_analysis
 from superweight.stages.analyze import logit_lens, powers_of_two, run_analyze
-from superweight.stages.repair import run_repair
+from superweight.stages.repair import RepairJob, run_repair
 from superweight.stages.sparsify import GatedRowPatch, HardConcrete, L1Prox, pareto, run_sparsify
-from superweight.stages.train import RepairConfig
+from superweight.stages.recipes import RepairConfig
 from tiny import assert_identical, hook_count, planted, snapshot, tiny_tokenizer
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
@@ -52,7 +52,7 @@ def make_run(tmp_path, loaded, vector) -> Path:
     """A run directory made by a short `repair` of 1:5:7 on row 1:5, then holding `vector` as its patch."""
     run = tmp_path / "run"
     cfg = RepairConfig(steps=4, batch_size=2, seq_len=32, train_tokens=1024, lr=0.1)
-    run_repair(loaded, [COORD], [(1, 5)], cfg, "fast", run, eval_tokens=64, max_length=64)
+    run_repair(loaded, [COORD], [(1, 5)], run, RepairJob(recipe="fast", config=cfg, eval_tokens=64, max_length=64))
     save_patch(run, loaded.model, RowPatch(loaded.model, [(1, 5)], [vector]), [COORD], {"spec": "tiny"})
     return run
 
@@ -160,13 +160,13 @@ def test_share_below_gives_the_same_metrics(loaded):
     ab = Ablation(model, [COORD])
     conditions = {"broken": ab, "patched": Compose(ab, RowPatch(model, [(1, 5)], [oracle_vector(model) / 2]))}
     full = measure(model, ids, conditions, [(1, 5)], max_length=64)
-    shared = measure(model, ids, conditions, [(1, 5)], max_length=64, share_below=1)
+    shared = measure(model, ids, conditions, [(1, 5)], max_length=64, scoring=Scoring(share_below=1))
     for name in full:
         assert shared[name].nll == pytest.approx(full[name].nll, rel=1e-5)
         assert shared[name].kl == pytest.approx(full[name].kl, rel=1e-4, abs=1e-7)
         assert shared[name].super_activation == pytest.approx(full[name].super_activation, rel=1e-5)
     with pytest.raises(ValueError, match="below share_below"):
-        measure(model, ids, conditions, [(0, 5)], max_length=64, share_below=1)
+        measure(model, ids, conditions, [(0, 5)], max_length=64, scoring=Scoring(share_below=1))
 
 
 def test_analyze_without_results_is_one_clear_error(tmp_path, loaded):

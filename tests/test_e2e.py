@@ -90,11 +90,12 @@ def test_short_repair_on_the_embedded_model_recovers_and_round_trips(smol, tmp_p
     from superweight.core.intervene import Compose
     from superweight.io.patchfile import apply_patch, load_patch, save_patch
     from superweight.measure.recovery import recovery
-    from superweight.stages.train import RepairConfig, train
+    from superweight.stages.recipes import RepairConfig
+    from superweight.stages.train import Track, train
 
     cfg = RepairConfig(steps=12, batch_size=4, seq_len=128, train_tokens=4096)  # 32 sequences: cached after 8 steps
     seqs = corpora.pack(corpora.tokenize(smol.tokenizer, corpora.load_text("pydoc", "train"), cfg.train_tokens), 128)
-    patch, state = train(smol.model, [SUPER], [(11, 507)], seqs, None, cfg, tmp_path, checkpoint_every=6)
+    patch, state = train(smol.model, [SUPER], [(11, 507)], seqs, cfg, Track(tmp_path, checkpoint_every=6))
     assert state.teacher_cached
     ids = corpora.tokenize(smol.tokenizer, corpora.load_text("pydoc", "eval"), 512)
     out = measure(smol.model, ids, {"broken": Ablation(smol.model, [SUPER]),
@@ -138,7 +139,8 @@ def test_detection_and_repair_are_the_same_on_a_rescaled_embedded_model(smol):
     from types import SimpleNamespace
 
     from superweight.core.reparam import rescale_mlp
-    from superweight.stages.train import RECIPES, train, training_sequences
+    from superweight.stages.recipes import RECIPES
+    from superweight.stages.train import train, training_sequences
 
     model, tok = smol.model, smol.tokenizer
     loaded = SimpleNamespace(model=model, tokenizer=tok, spec="smollm2-135m", source="embedded", dtype="fp32",
@@ -150,7 +152,7 @@ def test_detection_and_repair_are_the_same_on_a_rescaled_embedded_model(smol):
 
     def study():
         top = detect.run_detect(loaded, cfg).candidates[0]
-        patch, _ = train(model, [SUPER], [(11, 507)], seqs, mask, repair)
+        patch, _ = train(model, [SUPER], [(11, 507)], (seqs, mask), repair)
         return top, patch.vectors[0].detach().clone()
 
     mlp = down_projection(model, 11).block.mlp

@@ -7,9 +7,8 @@ from typing import Annotated, Optional
 import typer
 
 from superweight.cli.common import (
-    DeviceMapOpt, MaxMemoryOpt, OffloadOpt, RunBosOpt, run_bos,
+    Bar, DeviceMapOpt, MaxMemoryOpt, OffloadOpt, RunBosOpt, run_bos, placement,
     DeviceOpt, DtypeOpt, JsonOpt, RunDirArg, app, check_run_dir, err, errors, floats, load_model, out, progress,
-    stage_tasks,
 )
 from superweight.errors import UsageError
 from superweight.io.lock import hold_run_dir
@@ -36,12 +35,13 @@ def analyze(
     path, spec = check_run_dir(run_dir)
     if tokens < 2 or draws < 1:
         raise UsageError("--tokens must be at least 2 and --draws at least 1")
+    where = placement(device, dtype, device_map, max_memory, offload_folder)
     bos = run_bos(path, bos)  # the run's own, unless given
     with hold_run_dir(path, "analyze"):  # one writer, or refused here, before the model loads
-        loaded = load_model(model or spec, device, dtype, device_map, max_memory, offload_folder, bos)
+        loaded = load_model(model or spec, where, bos)
         with progress() as bar:
-            stage, advance = stage_tasks(bar)
-            record = run_analyze(loaded, path, tokens, draws, on_stage=stage, on_tokens=advance)
+            shown = Bar(bar)
+            record = run_analyze(loaded, path, tokens, draws, on_stage=shown.stage, on_tokens=shown.advance)
     terminal.print_analysis(out, record)
     out.print(f"Updated {path / 'results.json'}")
 
@@ -74,12 +74,12 @@ def sparsify(
     if tokens < 2:
         raise UsageError(f"--tokens must be at least 2, got {tokens}")
     path, spec = check_run_dir(run_dir)
+    where = placement(device, dtype, device_map, max_memory, offload_folder)
     bos = run_bos(path, bos)  # the run's own, unless given
     with hold_run_dir(path, "sparsify"):  # one writer, or refused here, before the model loads
-        loaded = load_model(model or spec, device, dtype, device_map, max_memory, offload_folder, bos)
+        loaded = load_model(model or spec, where, bos)
         with progress() as bar:
-            stage, advance = stage_tasks(bar)
-            record = run_sparsify(loaded, path, strengths, steps, tokens, on_stage=stage, on_advance=advance)
+            record = run_sparsify(loaded, path, strengths, steps, tokens, progress=Bar(bar))
     terminal.print_sparse(out, record.sparse_training)
     out.print(f"Updated {path / 'results.json'}")
 

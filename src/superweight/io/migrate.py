@@ -10,13 +10,14 @@ from typing import Any
 from pydantic import ValidationError
 
 from superweight.errors import SuperweightError
-from superweight.io.record import SCHEMA_VERSION, RunRecord
+from superweight.io.record import SCHEMA_VERSION, RepairConfig, RunRecord
 
 
 def migrate(data: Any, where: str = "results.json") -> dict:
     """Lift a results.json of any known version to the current one (a new dict); refuse anything else in one
     line. Version 1 (no schema_version): patch.rows keyed "LAYER:ROW" (or, older still, the whole patch keyed
-    by row), and no config.data (the seed recipe read one wikitext line per sequence)."""
+    by row), and no config.data (the seed recipe read one wikitext line per sequence). Version 2: config an
+    untyped dict, which may lack the settings added since (check_rows, space)."""
     if not isinstance(data, dict):
         raise SuperweightError(f"{where} holds no results object")
     version = data.get("schema_version", 1)
@@ -32,7 +33,18 @@ def migrate(data: Any, where: str = "results.json") -> dict:
             raise SuperweightError(f"{where} is not a run record superweight can read (patch: {exc})") from None
         if isinstance(data.get("config"), dict) and "data" not in data["config"]:
             data["config"] = {**data["config"], "data": "lines" if data.get("recipe") == "seed" else "packed"}
+    if version <= 2:
+        data = {**data, "schema_version": SCHEMA_VERSION, "config": _config_v2(data.get("config"))}
     return data
+
+
+def _config_v2(config):
+    """Version 2's untyped config as a RepairConfig's fields: settings that did not exist yet take what the run
+    did without them (no held-out check, weight coordinates); keys no longer known are dropped."""
+    if not isinstance(config, dict):
+        return config
+    lifted = {"check_rows": 0, "space": "weight", **config}
+    return {k: v for k, v in lifted.items() if k in RepairConfig.model_fields}
 
 
 def _patch_v1(p: dict) -> dict:

@@ -29,7 +29,7 @@ from superweight.io.rundir import read_record, write_record
 from superweight.measure.geometry import geometry
 from superweight.measure.inputs import down_inputs, seen_ids
 from superweight.io.record import Metrics, RunRecord
-from superweight.measure.metrics import measure, n_scored, protocol_of
+from superweight.measure.metrics import Scoring, measure, n_scored, protocol_of
 from superweight.measure.recovery import recovery
 from superweight.measure.sinks import WINDOW, sink_view
 
@@ -243,8 +243,8 @@ def run_analyze(
     share_below = first_edited_layer(coords, patch.rows)
     stats = TokenStats(model.get_output_embeddings().weight.shape[0])
     stage(f"Analysing: {len(conditions)} conditions", n_scored(ids.numel(), max_length, bos=bos is not None))
-    metrics = measure(model, ids, conditions, channels, max_length, share_below=share_below, observe=stats,
-                      progress=on_tokens, bos=bos)
+    metrics = measure(model, ids, conditions, channels, max_length, bos=bos,
+                      scoring=Scoring(share_below=share_below, progress=on_tokens, observe=stats))
     base = metrics["base"]
     n = sum(v.numel() for v in patch.vectors)
     stage("Mechanism view: attention sinks", None)
