@@ -75,8 +75,8 @@ def census(
     cfg = DetectConfig(prompts=prompt, max_candidates=max_candidates, attribution_top=attribution_top,
                        corpus=corpus, split=split, calib_tokens=calib_tokens, max_length=max_length, seed=seed)
     check_bos(bos)
-    where = placement(device, dtype, device_map, max_memory, offload_folder)
-    if not where.device_map:
+    place = placement(device, dtype, device_map, max_memory, offload_folder)
+    if not place.device_map:
         resolve_device(device)
     settings = {**cfg.model_dump(), "dtype": dtype, "bos": bos}
     where = Path(out_ or f"runs/census-{dt.date.today().isoformat()}")
@@ -85,7 +85,7 @@ def census(
     stage.start(where, settings)
 
     def load(spec: str):
-        return load_model(spec, where, bos)
+        return load_model(spec, place, bos)
 
     def detect(loaded):
         ids = corpora.tokenize(loaded.tokenizer, text, calib_tokens)
