@@ -118,7 +118,9 @@ def test_super_activation_sweep_tokens_and_neurons(oracle_run, loaded):
     assert po["value"] == pytest.approx(po["removed"], rel=1e-5) and abs(po["value"]) > 10 * po["median_abs"]
     assert po["top_neurons"][0]["neuron"] == 7 and po["top_neurons"][1]["contribution"] == 0
     on_disk = json.loads((run / "results.json").read_text())
-    assert on_disk["sparsity"] == results["sparsity"] and on_disk["recipe"] == "fast"  # earlier keys kept
+    # earlier keys kept; the recipe is named as it ran: fast with four settings changed
+    assert on_disk["sparsity"] == results["sparsity"]
+    assert on_disk["recipe"] == "fast+steps=4+batch_size=2+seq_len=32+train_tokens=1024"
 
 
 def test_the_sink_view_is_in_the_record_the_report_and_the_terminal(oracle_run, loaded):

@@ -32,6 +32,7 @@ from superweight.io.record import Metrics, RunRecord
 from superweight.measure.metrics import Scoring, measure, n_scored, protocol_of
 from superweight.measure.recovery import recovery
 from superweight.measure.sinks import WINDOW, sink_view
+from superweight.settings import revalidated
 
 SWEEP_SCALES = (0.5, 0.0, -1.0, 2.0)
 TOP_TOKENS = 15
@@ -237,7 +238,7 @@ def run_analyze(
     by_contribution, inputs = contribution_scores(model, ids, patch, max_length, bos)
     conditions.update(sparsity_conditions(model, ablation, patch, draws, by_contribution))
     first = coords[0]
-    sweep = {f"scale{s:g}": Ablation(model, [first.model_copy(update={"scale": s})]) for s in SWEEP_SCALES}
+    sweep = {f"scale{s:g}": Ablation(model, [revalidated(first, scale=s)]) for s in SWEEP_SCALES}
     conditions.update(sweep)
     channels = sorted({(c.layer, c.row) for c in coords})
     share_below = first_edited_layer(coords, patch.rows)

@@ -301,7 +301,7 @@ def verify(model: nn.Module, ids: torch.Tensor, candidates: list[Candidate], cfg
         m = results[f"cand:{c.coord}"]
         top_kl, rand_kl = results[f"top:{c.layer}:{c.expert}"].kl, results[f"rand:{c.layer}:{c.expert}"].kl
         confirmed = m.kl >= min_kl and m.kl >= control_factor * max(top_kl, rand_kl)
-        out.append(c.model_copy(update={
+        out.append(revalidated(c, **{
             "kl": m.kl, "ppl_ratio": m.ppl / base.ppl, "control_kl_top": top_kl, "control_kl_random": rand_kl,
             "confirmed": confirmed, "controls": controls[(c.layer, c.expert)],
             "grade": grade(m.kl, m.ppl / base.ppl, max(top_kl, rand_kl), confirmed, control_factor),
