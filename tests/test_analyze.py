@@ -26,7 +26,7 @@ from superweight.report import write_report
 from superweight.report.terminal import print_analysis
 from superweight.stages.analyze import logit_lens, powers_of_two, run_analyze
 from superweight.stages.repair import RepairJob, run_repair
-from superweight.stages.sparsify import GatedRowPatch, HardConcrete, L1Prox, pareto, run_sparsify
+from superweight.stages.sparsify import GatedRowPatch, HardConcrete, L1Prox, SparsifyConfig, pareto, run_sparsify
 from superweight.stages.recipes import RepairConfig
 from tiny import assert_identical, hook_count, planted, snapshot, tiny_tokenizer
 
@@ -222,7 +222,8 @@ def test_sparsify_trains_sparser_patches_with_stronger_penalties(tmp_path, loade
     dense = oracle_vector(loaded.model) + 0.3 * torch.randn(64, generator=torch.Generator().manual_seed(0))
     run = make_run(tmp_path, loaded, dense)
     before = snapshot(loaded.model)
-    results = run_sparsify(loaded, run, {"l1": (0.05, 2.0), "l0": (0.01, 1.0)}, steps=8, n_tokens=256, max_length=64)
+    cfg = SparsifyConfig(strengths={"l1": (0.05, 2.0), "l0": (0.01, 1.0)}, steps=8, tokens=256, max_length=64)
+    results = run_sparsify(loaded, run, cfg)
     assert_identical(loaded.model, before)
     st = results.sparse_training.model_dump()
     pts = {(p["method"], p["strength"]): p for p in st["points"]}

@@ -63,23 +63,20 @@ def sparsify(
     bos: RunBosOpt = None,
 ):
     """Train sparse patches (L1, hard-concrete L0) over a sweep of strengths; the recovery-vs-size frontier."""
-    from superweight.stages.sparsify import run_sparsify
+    from superweight.stages.sparsify import SparsifyConfig, run_sparsify
 
     strengths = {"l1": floats("--l1", l1), "l0": floats("--l0", l0)}
     strengths = {k: v for k, v in strengths.items() if v}
     if not strengths:
         raise UsageError("no strengths given: set --l1 and/or --l0")
-    if steps is not None and steps < 1:
-        raise UsageError(f"--steps must be at least 1, got {steps}")
-    if tokens < 2:
-        raise UsageError(f"--tokens must be at least 2, got {tokens}")
+    cfg = SparsifyConfig(strengths=strengths, steps=steps, tokens=tokens)
     path, spec = check_run_dir(run_dir)
     where = placement(device, dtype, device_map, max_memory, offload_folder)
     bos = run_bos(path, bos)  # the run's own, unless given
     with hold_run_dir(path, "sparsify"):  # one writer, or refused here, before the model loads
         loaded = load_model(model or spec, where, bos)
         with progress() as bar:
-            record = run_sparsify(loaded, path, strengths, steps, tokens, progress=Bar(bar))
+            record = run_sparsify(loaded, path, cfg, Bar(bar))
     terminal.print_sparse(out, record.sparse_training)
     out.print(f"Updated {path / 'results.json'}")
 

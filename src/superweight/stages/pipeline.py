@@ -56,7 +56,7 @@ def run_pipeline(loaded: Loaded, out: Path, job: PipelineJob | None = None,
     from superweight.stages.analyze import run_analyze
     from superweight.stages.detect import DetectConfig, run_detect
     from superweight.stages.repair import run_repair
-    from superweight.stages.sparsify import run_sparsify
+    from superweight.stages.sparsify import SparsifyConfig, run_sparsify
 
     job = job or PipelineJob()
     progress = or_silent(progress)
@@ -88,7 +88,7 @@ def run_pipeline(loaded: Loaded, out: Path, job: PipelineJob | None = None,
     timings["analyze"] = time.perf_counter() - t
     if job.sparse:
         t = time.perf_counter()
-        record = run_sparsify(loaded, out, n_tokens=job.analysis_tokens, progress=progress)
+        record = run_sparsify(loaded, out, SparsifyConfig(tokens=job.analysis_tokens), progress)
         timings["sparsify"] = time.perf_counter() - t
     if job.quantize:
         from superweight.io.quantrecord import QUANTIZE_FILE

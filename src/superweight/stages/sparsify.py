@@ -22,8 +22,10 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
+from typing import Literal
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from superweight.core.intervene import Ablation, Compose, RowPatch, intact_values
@@ -38,7 +40,7 @@ from superweight.measure.metrics import Scoring, measure, protocol_of
 from superweight.measure.recovery import recovery
 from superweight.stages.precondition import PreconditionedPatch
 from superweight.progress import Progress, or_silent
-from superweight.settings import revalidated
+from superweight.settings import Settings, revalidated
 from superweight.stages.train import Track, train, training_sequences
 
 SPARSE_ADAM_LR = 0.3  # the `quick` recipe's Adam lr, whose patches the default strengths were tuned on
@@ -144,17 +146,23 @@ def pareto(points: list[dict]) -> list[dict]:
     return front
 
 
-def run_sparsify(
-    loaded: Loaded,
-    run_dir: Path,
-    strengths: dict[str, tuple[float, ...]] | None = None,
-    steps: int | None = None,
-    n_tokens: int = 2048,
-    max_length: int = 512,
-    progress: Progress | None = None,
-) -> RunRecord:
+class SparsifyConfig(Settings):
+    """What `superweight sparsify` trains and scores (its defaults), checked when made."""
+
+    strengths: dict[Literal["l1", "l0"], tuple[float, ...]] = Field(
+        DEFAULT_STRENGTHS, min_length=1, description="method -> penalty strengths, one sparse patch each")
+    steps: int | None = Field(None, ge=1, description="steps per sparse patch (None: half the run's)")
+    tokens: int = Field(2048, ge=2, description="eval-split tokens to score each patch on")
+    max_length: int = Field(512, ge=2, description="window length in tokens")
+
+
+def run_sparsify(loaded: Loaded, run_dir: Path, cfg: SparsifyConfig | None = None,
+                 progress: Progress | None = None) -> RunRecord:
     """Train one sparse patch per (method, strength) from the run's patch; score, find the frontier, save.
     `progress` (superweight.progress.Progress) hears of each training and its steps."""
+    cfg_sparse = cfg or SparsifyConfig()
+    strengths, steps, n_tokens, max_length = (cfg_sparse.strengths, cfg_sparse.steps, cfg_sparse.tokens,
+                                              cfg_sparse.max_length)
     progress = or_silent(progress)
     run_dir = Path(run_dir)
     record = read_record(run_dir)
@@ -177,7 +185,7 @@ def run_sparsify(
     track = Track(progress=progress)
     originals = intact_values(model, patch.ablated)
     trained = []
-    for method, values in (strengths or DEFAULT_STRENGTHS).items():
+    for method, values in strengths.items():
         for strength in values:
             progress.stage(f"Sparse training: {method}, strength {strength:g}", steps)
             objective = OBJECTIVES[method](strength, patch.vectors)
