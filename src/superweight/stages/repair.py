@@ -146,25 +146,26 @@ def run_repair(
                             GEN_PROMPTS)
     base = metrics["base"]
     inputs = patch_inputs(model, coords, rows, eval_ids, max_length, bos=bos)
-    record = RunRecord(
-        protocol=protocol_of(loaded, corpus, "eval", base.n_tokens, max_length, max_length,
-                             _describe(coords, rows, baselines, cfg.seed, seeds)),
-        recipe=job.label, config=cfg, base=base, broken=metrics["broken"], patched=metrics["patched"],
-        recovery=recovery(base, metrics["broken"], metrics["patched"]), training=state,
-        verdict=verdict_of(recovery(base, metrics["broken"], metrics["patched"])),
-        patch=geometry(model, coords, rows, patch.vectors, originals, inputs), generations=gens,
-    )
+    rec = recovery(base, metrics["broken"], metrics["patched"])
+    extra: dict = {}  # the optional parts, typed as the record is built (not set on it afterwards)
     if baselines:
-        record.baselines = {
+        extra["baselines"] = {
             name: Baseline(**metrics[name].model_dump(), recovery=recovery(base, metrics["broken"], metrics[name]))
             for name in conditions if name not in {"broken", "patched"} and not name.startswith("seed_")
         }
     if seeds > 1:
         patches = {cfg.seed: patch, **extra_seeds}
-        record.seeds = seed_spread(model, coords, rows, originals, base, metrics, patches, cfg.seed)
+        extra["seeds"] = seed_spread(model, coords, rows, originals, base, metrics, patches, cfg.seed)
     if job.tasks is not None:
-        record.tasks = run_tasks(loaded, job.tasks, {"broken": conditions["broken"], "patched": conditions["patched"]},
-                                 on_condition=lambda name: stage(f"lm-eval tasks: {name}", None))
+        extra["tasks"] = run_tasks(loaded, job.tasks, {"broken": conditions["broken"], "patched": conditions["patched"]},
+                                   on_condition=lambda name: stage(f"lm-eval tasks: {name}", None))
+    record = RunRecord(
+        protocol=protocol_of(loaded, corpus, "eval", base.n_tokens, max_length, max_length,
+                             _describe(coords, rows, baselines, cfg.seed, seeds)),
+        recipe=job.label, config=cfg, base=base, broken=metrics["broken"], patched=metrics["patched"],
+        recovery=rec, training=state, verdict=verdict_of(rec),
+        patch=geometry(model, coords, rows, patch.vectors, originals, inputs), generations=gens, **extra,
+    )
     write_record(out, record)
     return record
 
