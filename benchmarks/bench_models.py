@@ -39,6 +39,7 @@ from superweight.measure.metrics import Scoring, measure
 from superweight.measure.recovery import recovery, verdict_of
 from superweight.stages.recipes import RECIPES
 from superweight.stages.train import train, training_sequences
+from superweight.settings import revalidated
 
 DEFAULT = "lbfgs"
 OLDER = ["balanced", "quick", "sgd", "fast"]
@@ -97,7 +98,7 @@ def run_case(case: dict, eval_tokens: int) -> dict:
         symmetry(model, case["symmetry"], coord.layer)
     with torch.no_grad():
         drift = (model(input_ids=probe).logits - ref).abs().max().item()
-    cfg = RECIPES[case["recipe"]].model_copy(update={"lr": case["lr"]} if "lr" in case else {})
+    cfg = revalidated(RECIPES[case["recipe"]], **({"lr": case["lr"]} if "lr" in case else {}))
     seqs, mask = training_sequences(tok, "pydoc", cfg, bos)
     rows = [(coord.layer, coord.row)]
     t = time.perf_counter()

@@ -15,6 +15,7 @@ from superweight.io import corpora
 from superweight.io import models
 from superweight.measure.metrics import measure
 from superweight.stages import detect
+from superweight.settings import revalidated
 
 pytestmark = pytest.mark.slow
 SUPER = parse_coord("11:507:1229")
@@ -146,7 +147,7 @@ def test_detection_and_repair_are_the_same_on_a_rescaled_embedded_model(smol):
     loaded = SimpleNamespace(model=model, tokenizer=tok, spec="smollm2-135m", source="embedded", dtype="fp32",
                              device="cpu")
     cfg = detect.DetectConfig(calib_tokens=512, attribution=None)
-    repair = RECIPES["balanced"].model_copy(update={"steps": 4})
+    repair = revalidated(RECIPES["balanced"], steps=4)
     seqs, mask = training_sequences(tok, "pydoc", repair)
     a = torch.exp(1.5 * torch.randn(down_projection(model, 11).d_ff, generator=torch.Generator().manual_seed(0)))
 

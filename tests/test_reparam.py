@@ -22,6 +22,7 @@ from superweight.stages import detect
 from superweight.stages.sparsify import HardConcrete, L1Prox
 from superweight.stages.recipes import RepairConfig
 from superweight.stages.train import train
+from superweight.settings import revalidated
 from tiny import D_MODEL, FAMILIES, planted, tiny_model, tiny_tokenizer
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
@@ -386,7 +387,7 @@ def test_the_default_repair_is_the_same_under_every_symmetry(seqs, name):
     from superweight.measure.inputs import down_inputs
     from superweight.stages.recipes import RECIPES
 
-    cfg = RECIPES["lbfgs"].model_copy(update={"seq_len": 64, "steps": 8})
+    cfg = revalidated(RECIPES["lbfgs"], seq_len=64, steps=8)
     model = eps_free(planted(PLANT))
     d_ff = down_projection(model, PLANT[0]).d_ff
     probe = seqs[:1].flatten()

@@ -25,6 +25,7 @@ from superweight.measure.recovery import recovery
 from superweight.progress import EachStep
 from superweight.stages.recipes import RepairConfig
 from superweight.stages.train import Track, batch_indices, epoch_order, kl_loss, train
+from superweight.settings import revalidated
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -302,7 +303,7 @@ def test_resume_with_other_settings_or_nothing_to_resume_is_a_usage_error(tmp_pa
     cfg = RepairConfig(steps=3, batch_size=4, seq_len=32, lr=0.5)
     train(model, COORDS, [(1, 5)], seqs[:8], cfg, Track(run_dir=tmp_path, checkpoint_every=2))
     with pytest.raises(UsageError, match="other training settings"):
-        train(model, COORDS, [(1, 5)], seqs[:8], cfg.model_copy(update={"lr": 0.4}), Track(run_dir=tmp_path, resume=True))
+        train(model, COORDS, [(1, 5)], seqs[:8], revalidated(cfg, lr=0.4), Track(run_dir=tmp_path, resume=True))
     with pytest.raises(UsageError, match="nothing to resume"):
         train(model, COORDS, [(1, 5)], seqs[:8], cfg, Track(run_dir=None, resume=True))
     assert [r["step"] for r in read_log(tmp_path)] == [1, 2, 3]  # failed resumes touched nothing
@@ -370,7 +371,7 @@ def test_an_lr_far_too_high_backs_off_and_is_never_worse_than_no_patch(recipe, l
 
     model = planted((1, 5, 7))
     seqs = torch.randint(2, 300, (12, 32), generator=torch.Generator().manual_seed(0))
-    cfg = RECIPES[recipe].model_copy(update={"lr": lr, "steps": 8, "seq_len": 32})
+    cfg = revalidated(RECIPES[recipe], lr=lr, steps=8, seq_len=32)
     patch, state = train(model, [WeightCoord(layer=1, row=5, col=7)], [(1, 5)], seqs, cfg)
     c = state.check
     assert c is not None and c.best_kl <= c.broken_kl and torch.isfinite(patch.vectors[0]).all()
@@ -385,7 +386,7 @@ def test_the_check_keeps_no_patch_when_every_patch_does_harm(monkeypatch):
 
     model = planted((1, 5, 7))
     seqs = torch.randint(2, 300, (12, 32), generator=torch.Generator().manual_seed(0))
-    cfg = RECIPES["balanced"].model_copy(update={"lr": 1e6, "steps": 4, "seq_len": 32})
+    cfg = revalidated(RECIPES["balanced"], lr=1e6, steps=4, seq_len=32)
     patch, state = train(model, [WeightCoord(layer=1, row=5, col=7)], [(1, 5)], seqs, cfg)
     if state.check.best_step == 0:
         assert patch.vectors[0].abs().max() == 0

@@ -297,7 +297,7 @@ def run_quantize(loaded: Loaded, cfg: QuantizeConfig | None = None, ids=None, pa
         ids = corpora.tokenize(loaded.tokenizer, corpora.load_text(corpus, split), cfg.max_tokens)
     channels = sorted({(c.layer, c.row) for c in keep})
     bos = getattr(loaded, "bos", None)
-    progress.stage(f"Quantizing: scoring {len(conditions)} conditions", n_scored(ids.numel(), max_length, bos=bos is not None))
+    progress.stage(f"Scoring {len(conditions)} conditions", n_scored(ids.numel(), max_length, bos=bos is not None))
     results = measure(model, ids, conditions, channels, max_length, bos=bos,
                       scoring=Scoring(progress=progress.advance))
     base = results["base"]
