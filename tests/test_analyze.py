@@ -24,7 +24,7 @@ from superweight.measure.metrics import Scoring, measure
 from superweight.io.rundir import read_record
 from superweight.report import write_report
 from superweight.report.terminal import print_analysis
-from superweight.stages.analyze import logit_lens, powers_of_two, run_analyze
+from superweight.stages.analyze import AnalyzeConfig, logit_lens, powers_of_two, run_analyze
 from superweight.stages.repair import RepairJob, run_repair
 from superweight.stages.sparsify import GatedRowPatch, HardConcrete, L1Prox, SparsifyConfig, pareto, run_sparsify
 from superweight.stages.recipes import RepairConfig
@@ -61,7 +61,7 @@ def make_run(tmp_path, loaded, vector) -> Path:
 def oracle_run(tmp_path_factory, loaded):
     run = make_run(tmp_path_factory.mktemp("oracle"), loaded, oracle_vector(loaded.model))
     before = snapshot(loaded.model)
-    record = run_analyze(loaded, run, n_tokens=256, draws=2, max_length=64, top_neurons=3)
+    record = run_analyze(loaded, run, AnalyzeConfig(tokens=256, draws=2, max_length=64, top_neurons=3))
     assert_identical(loaded.model, before)
     assert hook_count(loaded.model) == 0
     return run, record.model_dump(mode="json")  # the record as results.json holds it

@@ -225,13 +225,13 @@ def analyze(loaded: Loaded, run_dir: str | Path, tokens: int = 2048, draws: int 
 
     Returns the updated RunRecord (also written to run_dir/results.json).
     """
-    from superweight.stages.analyze import run_analyze
+    from superweight.stages.analyze import AnalyzeConfig, run_analyze
 
-    _at_least(tokens=(tokens, 2), draws=(draws, 1))
+    cfg = build(AnalyzeConfig, None, "", tokens=tokens, draws=draws)
     path = Path(run_dir)
     read_record(path)  # a directory that holds no run is refused before it is locked
     with hold_run_dir(path, "analyze"):
-        return run_analyze(loaded, path, tokens, draws)
+        return run_analyze(loaded, path, cfg)
 
 
 def run(loaded: Loaded, out: str | Path | None = None, weight=None, recipe: str | None = None,
@@ -386,9 +386,3 @@ def _tasks(tasks, include_path, limit):
     from superweight.measure.tasks import prepare_tasks
 
     return prepare_tasks(tasks, include_path, limit)
-
-
-def _at_least(**checks: tuple[int, int]) -> None:
-    for name, (value, least) in checks.items():
-        if value < least:
-            raise UsageError(f"{name} must be at least {least}, got {value}")

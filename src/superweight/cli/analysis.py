@@ -30,18 +30,16 @@ def analyze(
     bos: RunBosOpt = None,
 ):
     """Patch geometry, top-k sparsity with a random-k control, token and neuron views, scale sweep."""
-    from superweight.stages.analyze import run_analyze
+    from superweight.stages.analyze import AnalyzeConfig, run_analyze
 
     path, spec = check_run_dir(run_dir)
-    if tokens < 2 or draws < 1:
-        raise UsageError("--tokens must be at least 2 and --draws at least 1")
+    cfg = AnalyzeConfig(tokens=tokens, draws=draws)
     where = placement(device, dtype, device_map, max_memory, offload_folder)
     bos = run_bos(path, bos)  # the run's own, unless given
     with hold_run_dir(path, "analyze"):  # one writer, or refused here, before the model loads
         loaded = load_model(model or spec, where, bos)
         with progress() as bar:
-            shown = Bar(bar)
-            record = run_analyze(loaded, path, tokens, draws, on_stage=shown.stage, on_tokens=shown.advance)
+            record = run_analyze(loaded, path, cfg, Bar(bar))
     terminal.print_analysis(out, record)
     out.print(f"Updated {path / 'results.json'}")
 

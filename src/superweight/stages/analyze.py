@@ -12,10 +12,10 @@ of at most 256 tokens. The keys it adds to the run record are documented in docs
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from superweight.core.arch import final_norm
@@ -32,7 +32,8 @@ from superweight.io.record import Metrics, RunRecord
 from superweight.measure.metrics import Scoring, measure, n_scored, protocol_of
 from superweight.measure.recovery import recovery
 from superweight.measure.sinks import WINDOW, sink_view
-from superweight.settings import revalidated
+from superweight.progress import Progress, or_silent
+from superweight.settings import Settings, revalidated
 
 SWEEP_SCALES = (0.5, 0.0, -1.0, 2.0)
 TOP_TOKENS = 15
@@ -207,21 +208,27 @@ def contribution_scores(model, ids, patch: PatchData, max_length: int,
     return torch.cat(scores), inputs
 
 
-def run_analyze(
-    loaded: Loaded,
-    run_dir: Path,
-    n_tokens: int = 2048,
-    draws: int = 3,
-    max_length: int = 512,
-    top_neurons: int = 5,
-    on_stage: Callable[[str, int | None], None] | None = None,
-    on_tokens: Callable[[int], None] | None = None,
-) -> RunRecord:
-    """Analyse the patch of `run_dir` on `n_tokens` eval tokens; writes and returns the updated record."""
-    stage = on_stage or (lambda *_: None)
+class AnalyzeConfig(Settings):
+    """What `superweight analyze` measures (its defaults), checked when made."""
+
+    tokens: int = Field(2048, ge=2, description="eval-split tokens to analyse on")
+    draws: int = Field(3, ge=1, description="random-k control draws per k")
+    max_length: int = Field(512, ge=2, description="window length in tokens")
+    top_neurons: int = Field(5, ge=1, description="neurons shown in the neuron view")
+
+
+def run_analyze(loaded: Loaded, run_dir: Path, cfg: AnalyzeConfig | None = None, progress: Progress | None = None,
+                record: RunRecord | None = None) -> RunRecord:
+    """Analyse the patch of `run_dir` on cfg.tokens eval tokens; writes and returns the updated record. `record`:
+    the run's record when the caller holds it (the pipeline), else it is read from `run_dir`; `progress`
+    (superweight.progress.Progress) hears of each view and of the scored tokens."""
+    cfg = cfg or AnalyzeConfig()
+    n_tokens, draws, max_length, top_neurons = cfg.tokens, cfg.draws, cfg.max_length, cfg.top_neurons
+    progress = or_silent(progress)
+    stage = progress.stage
     t0 = time.perf_counter()
     run_dir = Path(run_dir)
-    record = read_record(run_dir)
+    record = record if record is not None else read_record(run_dir)
     patch = load_patch(run_dir)
     model, tok = loaded.model, loaded.tokenizer
     check_fits(model, patch)
@@ -245,7 +252,7 @@ def run_analyze(
     stats = TokenStats(model.get_output_embeddings().weight.shape[0])
     stage(f"Analysing: {len(conditions)} conditions", n_scored(ids.numel(), max_length, bos=bos is not None))
     metrics = measure(model, ids, conditions, channels, max_length, bos=bos,
-                      scoring=Scoring(share_below=share_below, progress=on_tokens, observe=stats))
+                      scoring=Scoring(share_below=share_below, progress=progress.advance, observe=stats))
     base = metrics["base"]
     n = sum(v.numel() for v in patch.vectors)
     stage("Mechanism view: attention sinks", None)

@@ -53,7 +53,7 @@ def run_pipeline(loaded: Loaded, out: Path, job: PipelineJob | None = None,
     the repair. `job.quantize` adds 4-bit RTN at blocks 64, 128, 256 and per channel with the repaired weight
     protected (stages/quantize.py): quantize.json, and a section and figure in the report."""
     from superweight.report import write_report
-    from superweight.stages.analyze import run_analyze
+    from superweight.stages.analyze import AnalyzeConfig, run_analyze
     from superweight.stages.detect import DetectConfig, run_detect
     from superweight.stages.repair import run_repair
     from superweight.stages.sparsify import SparsifyConfig, run_sparsify
@@ -83,12 +83,11 @@ def run_pipeline(loaded: Loaded, out: Path, job: PipelineJob | None = None,
     if detected is not None:
         write_json(out / DETECT, detected.model_dump())
     t = time.perf_counter()
-    record = run_analyze(loaded, out, job.analysis_tokens, job.draws, on_stage=progress.stage,
-                         on_tokens=progress.advance)
+    record = run_analyze(loaded, out, AnalyzeConfig(tokens=job.analysis_tokens, draws=job.draws), progress, record)
     timings["analyze"] = time.perf_counter() - t
     if job.sparse:
         t = time.perf_counter()
-        record = run_sparsify(loaded, out, SparsifyConfig(tokens=job.analysis_tokens), progress)
+        record = run_sparsify(loaded, out, SparsifyConfig(tokens=job.analysis_tokens), progress, record)
         timings["sparsify"] = time.perf_counter() - t
     if job.quantize:
         from superweight.io.quantrecord import QUANTIZE_FILE

@@ -157,15 +157,16 @@ class SparsifyConfig(Settings):
 
 
 def run_sparsify(loaded: Loaded, run_dir: Path, cfg: SparsifyConfig | None = None,
-                 progress: Progress | None = None) -> RunRecord:
+                 progress: Progress | None = None, record: RunRecord | None = None) -> RunRecord:
     """Train one sparse patch per (method, strength) from the run's patch; score, find the frontier, save.
-    `progress` (superweight.progress.Progress) hears of each training and its steps."""
+    `progress` (superweight.progress.Progress) hears of each training and its steps; `record`: the run's record
+    when the caller holds it (the pipeline), else it is read from `run_dir`."""
     cfg_sparse = cfg or SparsifyConfig()
     strengths, steps, n_tokens, max_length = (cfg_sparse.strengths, cfg_sparse.steps, cfg_sparse.tokens,
                                               cfg_sparse.max_length)
     progress = or_silent(progress)
     run_dir = Path(run_dir)
-    record = read_record(run_dir)
+    record = record if record is not None else read_record(run_dir)
     patch = load_patch(run_dir)
     model, tok = loaded.model, loaded.tokenizer
     check_fits(model, patch)
