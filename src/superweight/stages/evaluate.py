@@ -84,6 +84,6 @@ def run_eval(loaded: Loaded, coords: list[WeightCoord], cfg: EvalConfig | None =
     protocol = protocol_of(loaded, corpus, split, results["base"].n_tokens, max_length, stride, described)
     scores = None
     if tasks is not None:
-        scores = run_tasks(loaded, tasks, conditions, on_condition=lambda name: progress.stage(f"lm-eval tasks: {name}"))
+        scores = run_tasks(loaded, tasks, conditions, progress)
     return EvalResult(protocol=protocol, base=results["base"], ablated=results.get("ablated"),
                       patched=results.get("patched"), generations=gens, tasks=scores)

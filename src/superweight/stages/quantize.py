@@ -333,7 +333,7 @@ def run_quantize(loaded: Loaded, cfg: QuantizeConfig | None = None, ids=None, pa
 
         for q in [q for *_, q in plan.values()]:
             q.eager = True  # many small passes: quantize once per condition
-        scores = run_tasks(loaded, tasks, conditions, on_condition=lambda name: progress.stage(f"lm-eval tasks: {name}"))
+        scores = run_tasks(loaded, tasks, conditions, progress)
     protocol = protocol_of(loaded, corpus, split, base.n_tokens, max_length, max_length, described)
     result = QuantResult(
         protocol=protocol, base=base, keep=[f"{c.layer}:{c.row}:{c.col}" for c in keep], keep_source=cfg.keep_source,

@@ -158,7 +158,7 @@ def run_repair(
         extra["seeds"] = seed_spread(model, coords, rows, originals, base, metrics, patches, cfg.seed)
     if job.tasks is not None:
         extra["tasks"] = run_tasks(loaded, job.tasks, {"broken": conditions["broken"], "patched": conditions["patched"]},
-                                   on_condition=lambda name: stage(f"lm-eval tasks: {name}", None))
+                                   progress)
     record = RunRecord(
         protocol=protocol_of(loaded, corpus, "eval", base.n_tokens, max_length, max_length,
                              _describe(coords, rows, baselines, cfg.seed, seeds)),

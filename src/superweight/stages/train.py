@@ -1,4 +1,6 @@
-"""Repair an ablated model with a row patch trained by KL distillation against the intact model.
+"""The training engine: repair an ablated model with a row patch trained by KL distillation against the intact
+model (the training data, the loss, the optimisers, checkpoints). Its settings, `RepairConfig` and the named
+`RECIPES`, live in stages/recipes.py; `Track` says where a run's log and checkpoints go and who hears of its steps.
 
 One model copy: the teacher is the model with every intervention off (under no_grad), the student the same
 model with the super weights ablated and a `RowPatch` on. The blocks below the first edited layer run once
