@@ -181,13 +181,12 @@ def train(
     t0 = time.perf_counter()
     elapsed = lambda: resumed.seconds + time.perf_counter() - t0  # noqa: E731 (across resumes)
     log = _Log(run_dir, or_silent(track.progress), elapsed)
-    job = _Job(model, teacher, dp, n, ablation, patch, prefix, cfg, log)
+    job = _Job(model, teacher, dp, n, ablation, patch, prefix, cfg, log, objective, check)
     if cfg.optimizer == "lbfgs":
         loss_value, done = _lbfgs(job, opt, start)
     else:
         saver = functools.partial(checkpoint.save, run_dir) if run_dir is not None else None
-        loss_value, done = _first_order(job, opt, start, resumed.loss, (saver, track.checkpoint_every, expect),
-                                        objective, check)
+        loss_value, done = _first_order(job, opt, start, resumed.loss, (saver, track.checkpoint_every, expect))
     if check is not None:
         if cfg.optimizer == "lbfgs":
             check.update(done)
@@ -221,7 +220,8 @@ class _Log:
 @dataclass
 class _Job:
     """What both engines work on: the model, the teacher's targets, the data-parallel share, the training rows,
-    the ablation and patch, the shared prefix, the settings and the log."""
+    the ablation and patch, the shared prefix, the settings, the log, a sparse objective (or None) and the
+    held-out check (or None)."""
 
     model: nn.Module
     teacher: Teacher
@@ -232,6 +232,8 @@ class _Job:
     prefix: Prefix
     cfg: RepairConfig
     log: _Log
+    objective: object = None
+    check: HeldOutCheck | None = None
 
 
 def _student_loss(job: _Job, batch):
@@ -241,10 +243,10 @@ def _student_loss(job: _Job, batch):
         return job.dp.share_of_mean(kl_loss(teacher_lp, student, m, job.cfg), m)
 
 
-def _first_order(job: _Job, opt, start: int, loss_value, saving, objective, check):
+def _first_order(job: _Job, opt, start: int, loss_value, saving):
     """SGD / Adam(W) steps on fresh batches; the held-out check every steps/8 steps backs off on harm. `saving`:
     (save(step, vectors, opt, expect, seconds, loss, check state) or None, every K steps, what must match)."""
-    dp, patch, cfg, log = job.dp, job.patch, job.cfg, job.log
+    dp, patch, cfg, log, objective, check = job.dp, job.patch, job.cfg, job.log, job.objective, job.check
     save, checkpoint_every, expect = saving
     check_every = max(1, cfg.steps // 8)
     lr_scale = check.state["lr_scale"] if check else 1.0
