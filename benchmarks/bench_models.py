@@ -35,9 +35,11 @@ from superweight.io.models import load
 
 from superweight.measure.geometry import geometry
 from superweight.measure.inputs import patch_inputs
-from superweight.measure.metrics import measure
+from superweight.measure.metrics import Scoring, measure
 from superweight.measure.recovery import recovery, verdict_of
-from superweight.stages.train import RECIPES, train, training_sequences
+from superweight.stages.recipes import RECIPES
+from superweight.stages.train import train, training_sequences
+from superweight.settings import revalidated
 
 DEFAULT = "lbfgs"
 OLDER = ["balanced", "quick", "sgd", "fast"]
@@ -96,15 +98,15 @@ def run_case(case: dict, eval_tokens: int) -> dict:
         symmetry(model, case["symmetry"], coord.layer)
     with torch.no_grad():
         drift = (model(input_ids=probe).logits - ref).abs().max().item()
-    cfg = RECIPES[case["recipe"]].model_copy(update={"lr": case["lr"]} if "lr" in case else {})
+    cfg = revalidated(RECIPES[case["recipe"]], **({"lr": case["lr"]} if "lr" in case else {}))
     seqs, mask = training_sequences(tok, "pydoc", cfg, bos)
     rows = [(coord.layer, coord.row)]
     t = time.perf_counter()
-    patch, state = train(model, [coord], rows, seqs, mask, cfg)
+    patch, state = train(model, [coord], rows, (seqs, mask), cfg)
     seconds = time.perf_counter() - t
     ablation = Ablation(model, [coord])
     m = measure(model, ev, {"broken": ablation, "patched": Compose(ablation, patch)}, max_length=512,
-                share_below=coord.layer, bos=bos)
+                bos=bos, scoring=Scoring(share_below=coord.layer))
     rec = recovery(m["base"], m["broken"], m["patched"])
     inputs = patch_inputs(model, [coord], rows, ev, 512, bos=bos)
     g = geometry(model, [coord], rows, patch.vectors, intact_values(model, [coord]), inputs)

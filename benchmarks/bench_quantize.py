@@ -20,7 +20,7 @@ from superweight.core.quant import Clip
 from superweight.io import corpora
 from superweight.io.models import load
 from superweight.known import published
-from superweight.stages.quantize import run_quantize
+from superweight.stages.quantize import QuantizeConfig, run_quantize
 
 BUDGET_S = 180.0
 
@@ -43,8 +43,9 @@ def main() -> None:
     ids = corpora.tokenize(loaded.tokenizer, corpora.load_text("pydoc", "eval"), 2048)
     before = digest(loaded.model)
     start, cpu = time.perf_counter(), time.process_time()
-    result = run_quantize(loaded, [4], [64, 128, 256, "channel"], clip=Clip("tensor", 1e-4),
-                          keep=published("smollm2-135m"), keep_source="published", ids=ids, max_length=512)
+    result = run_quantize(loaded, QuantizeConfig(bits=[4], blocks=[64, 128, 256, "channel"], clip=Clip("tensor", 1e-4),
+                                                 keep=published("smollm2-135m"), keep_source="published", max_length=512),
+                          ids=ids)
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     assert digest(loaded.model) == before, "the model was not restored bit for bit"
     print(f"fp PPL {result.base.ppl:.2f} on {result.base.n_tokens} tokens")

@@ -121,7 +121,9 @@ def run_ours(model, seqs, coord, steps, stamps, losses, cached=False):
     """cached=True: one batch of sequences repeated, so every step after the first reuses the cached teacher
     (the steady state of a multi-epoch recipe such as `fast`); otherwise the cache is off."""
     from superweight.core.coords import parse_coord
-    from superweight.stages.train import RepairConfig, train
+    from superweight.stages.recipes import RepairConfig
+    from superweight.progress import EachStep
+    from superweight.stages.train import Track, train
 
     c = parse_coord(coord)
     if cached:
@@ -136,7 +138,7 @@ def run_ours(model, seqs, coord, steps, stamps, losses, cached=False):
         stamps.append((time.perf_counter(), time.process_time()))
         losses.append(loss)
 
-    _, state = train(model, [c], [(c.layer, c.row)], seqs, None, cfg, on_step=on_step)
+    _, state = train(model, [c], [(c.layer, c.row)], seqs, cfg, Track(progress=EachStep(on_step)))
     return {"train_s_per_step_incl_warmup": state.s_per_step}
 
 

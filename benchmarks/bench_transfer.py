@@ -31,9 +31,10 @@ from superweight.io import corpora
 from superweight.io.models import load
 from superweight.measure.geometry import geometry
 from superweight.measure.inputs import down_inputs
-from superweight.measure.metrics import measure
+from superweight.measure.metrics import Scoring, measure
 from superweight.measure.sparsity import keep_entries
-from superweight.stages.train import RECIPES, train, training_sequences
+from superweight.stages.recipes import RECIPES
+from superweight.stages.train import train, training_sequences
 
 WEIGHT = WeightCoord(layer=11, row=507, col=1229)
 ROWS = [(11, 507)]
@@ -61,7 +62,7 @@ def smallest_sparse(model, ids, vector: torch.Tensor, target: float = 0.9) -> in
     for ks in ([1, 2, 3, 4], [k for k in (8, 16, 32, 64, 128, 256, 512, 1024) if k < n] + [n]):  # cheap ones first
         conds = {"broken": ablation}
         conds |= {f"k{k}": Compose(ablation, RowPatch(model, ROWS, keep_entries([vector], order[:k]))) for k in ks}
-        m = measure(model, ids, conds, max_length=512, share_below=WEIGHT.layer)
+        m = measure(model, ids, conds, max_length=512, scoring=Scoring(share_below=WEIGHT.layer))
         found = next((k for k in ks if gap(m[f"k{k}"], m["base"], m["broken"]) >= target), None)
         if found is not None:
             return found
@@ -100,11 +101,11 @@ def main() -> None:
             cfg = RECIPES[name]
             seqs, mask = training_sequences(tok, "pydoc", cfg)
             t = time.perf_counter()
-            patches[name], _ = train(model, [WEIGHT], ROWS, seqs, mask, cfg)
+            patches[name], _ = train(model, [WEIGHT], ROWS, (seqs, mask), cfg)
             seconds[name] = time.perf_counter() - t
         ablation = Ablation(model, [WEIGHT])
         m = measure(model, ev, {"broken": ablation} | {n: Compose(ablation, p) for n, p in patches.items()},
-                    max_length=512, share_below=WEIGHT.layer)
+                    max_length=512, scoring=Scoring(share_below=WEIGHT.layer))
         x = {WEIGHT.layer: down_inputs(model, ev, WEIGHT.layer)[0]}
         originals = intact_values(model, [WEIGHT])
         for name, p in patches.items():

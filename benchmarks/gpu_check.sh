@@ -29,7 +29,9 @@ timeout 180 "$PY" - <<'EOF' 2>&1 | tee "$OUT_DIR/olmo_step.txt"
 import time, torch
 from transformers import OlmoConfig, OlmoForCausalLM
 from superweight.core.coords import parse_coord
-from superweight.stages.train import RepairConfig, train
+from superweight.stages.recipes import RepairConfig
+from superweight.progress import EachStep
+from superweight.stages.train import Track, train
 cfg = OlmoConfig(vocab_size=50304, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                  num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=4096,
                  tie_word_embeddings=False, pad_token_id=1, eos_token_id=50279, clip_qkv=None)
@@ -42,8 +44,8 @@ for dtype in (torch.float32, torch.bfloat16):
                       train_tokens=ids.numel())
     stamps = []
     torch.cuda.reset_peak_memory_stats()
-    train(model, [c], [(1, 1764)], ids, None, rc,
-          on_step=lambda s, l: (torch.cuda.synchronize(), stamps.append(time.perf_counter())))
+    train(model, [c], [(1, 1764)], ids, rc,
+          Track(progress=EachStep(lambda s, l: (torch.cuda.synchronize(), stamps.append(time.perf_counter())))))
     print(f"olmo-1b-shape {str(dtype):15} s/step {(stamps[-1] - stamps[0]) / (len(stamps) - 1):.4f} "
           f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
     del model; torch.cuda.empty_cache()

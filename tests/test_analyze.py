@@ -21,15 +21,15 @@ from superweight.io.patchfile import save_patch
 from superweight.io.record import SparsityPoint, smallest_k
 from superweight.io.rundir import read_record
 from superweight.measure.geometry import geometry
-from superweight.measure.metrics import measure
+from superweight.measure.metrics import Scoring, measure
 from superweight.measure.sparsity import powers_of_two
 from superweight.measure.views import logit_lens
 from superweight.report import write_report
 from superweight.report.terminal import print_analysis
-from superweight.stages.analyze import run_analyze
-from superweight.stages.repair import run_repair
-from superweight.stages.sparsify import GatedRowPatch, HardConcrete, L1Prox, pareto, run_sparsify
-from superweight.stages.train import RepairConfig
+from superweight.stages.analyze import AnalyzeConfig, run_analyze
+from superweight.stages.recipes import RepairConfig
+from superweight.stages.repair import RepairJob, run_repair
+from superweight.stages.sparsify import GatedRowPatch, HardConcrete, L1Prox, SparsifyConfig, pareto, run_sparsify
 from tiny import assert_identical, hook_count, planted, snapshot, tiny_tokenizer
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
@@ -54,7 +54,7 @@ def make_run(tmp_path, loaded, vector) -> Path:
     """A run directory made by a short `repair` of 1:5:7 on row 1:5, then holding `vector` as its patch."""
     run = tmp_path / "run"
     cfg = RepairConfig(steps=4, batch_size=2, seq_len=32, train_tokens=1024, lr=0.1)
-    run_repair(loaded, [COORD], [(1, 5)], cfg, "fast", run, eval_tokens=64, max_length=64)
+    run_repair(loaded, [COORD], [(1, 5)], run, RepairJob(recipe="fast", config=cfg, eval_tokens=64, max_length=64))
     save_patch(run, loaded.model, RowPatch(loaded.model, [(1, 5)], [vector]), [COORD], {"spec": "tiny"})
     return run
 
@@ -63,7 +63,7 @@ def make_run(tmp_path, loaded, vector) -> Path:
 def oracle_run(tmp_path_factory, loaded):
     run = make_run(tmp_path_factory.mktemp("oracle"), loaded, oracle_vector(loaded.model))
     before = snapshot(loaded.model)
-    record = run_analyze(loaded, run, n_tokens=256, draws=2, max_length=64, top_neurons=3)
+    record = run_analyze(loaded, run, AnalyzeConfig(tokens=256, draws=2, max_length=64, top_neurons=3))
     assert_identical(loaded.model, before)
     assert hook_count(loaded.model) == 0
     return run, record.model_dump(mode="json")  # the record as results.json holds it
@@ -121,7 +121,9 @@ def test_super_activation_sweep_tokens_and_neurons(oracle_run, loaded):
     assert po["value"] == pytest.approx(po["removed"], rel=1e-5) and abs(po["value"]) > 10 * po["median_abs"]
     assert po["top_neurons"][0]["neuron"] == 7 and po["top_neurons"][1]["contribution"] == 0
     on_disk = json.loads((run / "results.json").read_text())
-    assert on_disk["sparsity"] == results["sparsity"] and on_disk["recipe"] == "fast"  # earlier keys kept
+    # earlier keys kept; the recipe is named as it ran: fast with four settings changed
+    assert on_disk["sparsity"] == results["sparsity"]
+    assert on_disk["recipe"] == "fast+steps=4+batch_size=2+seq_len=32+train_tokens=1024"
 
 
 def test_the_sink_view_is_in_the_record_the_report_and_the_terminal(oracle_run, loaded):
@@ -163,13 +165,13 @@ def test_share_below_gives_the_same_metrics(loaded):
     ab = Ablation(model, [COORD])
     conditions = {"broken": ab, "patched": Compose(ab, RowPatch(model, [(1, 5)], [oracle_vector(model) / 2]))}
     full = measure(model, ids, conditions, [(1, 5)], max_length=64)
-    shared = measure(model, ids, conditions, [(1, 5)], max_length=64, share_below=1)
+    shared = measure(model, ids, conditions, [(1, 5)], max_length=64, scoring=Scoring(share_below=1))
     for name in full:
         assert shared[name].nll == pytest.approx(full[name].nll, rel=1e-5)
         assert shared[name].kl == pytest.approx(full[name].kl, rel=1e-4, abs=1e-7)
         assert shared[name].super_activation == pytest.approx(full[name].super_activation, rel=1e-5)
     with pytest.raises(ValueError, match="below share_below"):
-        measure(model, ids, conditions, [(0, 5)], max_length=64, share_below=1)
+        measure(model, ids, conditions, [(0, 5)], max_length=64, scoring=Scoring(share_below=1))
 
 
 def test_analyze_without_results_is_one_clear_error(tmp_path, loaded):
@@ -223,7 +225,8 @@ def test_sparsify_trains_sparser_patches_with_stronger_penalties(tmp_path, loade
     dense = oracle_vector(loaded.model) + 0.3 * torch.randn(64, generator=torch.Generator().manual_seed(0))
     run = make_run(tmp_path, loaded, dense)
     before = snapshot(loaded.model)
-    results = run_sparsify(loaded, run, {"l1": (0.05, 2.0), "l0": (0.01, 1.0)}, steps=8, n_tokens=256, max_length=64)
+    cfg = SparsifyConfig(strengths={"l1": (0.05, 2.0), "l0": (0.01, 1.0)}, steps=8, tokens=256, max_length=64)
+    results = run_sparsify(loaded, run, cfg)
     assert_identical(loaded.model, before)
     st = results.sparse_training.model_dump()
     pts = {(p["method"], p["strength"]): p for p in st["points"]}

@@ -93,8 +93,9 @@ def test_evaluate_ablated_and_patched(m, repaired):
 
 def test_repair_is_the_command_with_the_lbfgs_default(m, repaired, tmp_path):
     out, record = repaired
-    assert isinstance(record, sw.RunRecord) and record.recipe == "lbfgs" and record.config["optimizer"] == "lbfgs"
-    assert record.config["steps"] == 4 and record.recovery.kl > 0
+    # the recipe that ran: lbfgs with three options changed
+    assert isinstance(record, sw.RunRecord) and record.recipe == "lbfgs+steps=4+batch_size=2+seq_len=32"
+    assert record.config.optimizer == "lbfgs" and record.config.steps == 4 and record.recovery.kl > 0
     invoke_cli("repair", "--model", m.spec, "--weight", WEIGHT, "--steps", 4, "--batch-size", 2, "--seq-len", 32,
                "--eval-tokens", 256, "--out", tmp_path / "cli")
     cli = sw.read_run(tmp_path / "cli")
@@ -132,7 +133,7 @@ def test_analyze_read_run_and_compare(m, repaired, tmp_path):
 
 def test_run_the_whole_study(m, tmp_path):
     record = sw.run(m, out=tmp_path / "run", eval_tokens=256, analysis_tokens=256, draws=1, baselines=False, steps=4)
-    assert isinstance(record, sw.RunRecord) and record.detect.weight == WEIGHT and record.config["steps"] == 4
+    assert isinstance(record, sw.RunRecord) and record.detect.weight == WEIGHT and record.config.steps == 4
     assert (tmp_path / "run" / "report.html").is_file() and set(record.timings) >= {"detect", "repair", "report"}
     shows_a_table(record, "Detection", "Super weight")
     again = sw.run(m, out=tmp_path / "run", resume=True)  # finished: returned as it is

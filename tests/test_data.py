@@ -301,7 +301,8 @@ def test_bos_on_without_a_bos_token_is_a_usage_error():
 
 
 def test_training_sequences_start_every_row_with_the_bos(monkeypatch):
-    from superweight.stages.train import RepairConfig, training_sequences
+    from superweight.stages.recipes import RepairConfig
+    from superweight.stages.train import training_sequences
 
     tok = tiny.tiny_tokenizer()
     cfg = RepairConfig(seq_len=16, train_tokens=256)

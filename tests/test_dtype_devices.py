@@ -18,8 +18,9 @@ from superweight.errors import UsageError
 from superweight.io import placement
 from superweight.io.models import load, save_model_dir
 from superweight.io.patchfile import load_patch
-from superweight.measure.metrics import measure
-from superweight.stages.train import RepairConfig, train
+from superweight.measure.metrics import Scoring, measure
+from superweight.stages.recipes import RepairConfig
+from superweight.stages.train import train
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 COORD = WeightCoord(layer=PLANT[0], row=PLANT[1], col=PLANT[2])
@@ -120,14 +121,15 @@ def test_offloaded_model_gives_the_same_metrics_and_patch(models):
     plain, off = models
     seqs = torch.randint(0, 100, (8, 16), generator=torch.Generator().manual_seed(0))
     cfg = RepairConfig(steps=3, batch_size=2, seq_len=16, lr=0.1, train_tokens=128)
-    patches = [train(m.model, [COORD], [(COORD.layer, COORD.row)], seqs, None, cfg)[0] for m in models]
+    patches = [train(m.model, [COORD], [(COORD.layer, COORD.row)], seqs, cfg)[0] for m in models]
     assert torch.equal(patches[0].vectors[0], patches[1].vectors[0])
     assert patches[0].vectors[0].norm() > 0
     ev = torch.randint(0, 100, (200,), generator=torch.Generator().manual_seed(1))
     results = []
     for m, patch in zip(models, patches):
         conditions = {"broken": Ablation(m.model, [COORD]), "patched": Compose(Ablation(m.model, [COORD]), patch)}
-        results.append(measure(m.model, ev, conditions, [(COORD.layer, COORD.row)], 64, share_below=COORD.layer))
+        results.append(measure(m.model, ev, conditions, [(COORD.layer, COORD.row)], 64,
+                               scoring=Scoring(share_below=COORD.layer)))
     for name in ("base", "broken", "patched"):
         assert results[0][name].model_dump() == results[1][name].model_dump(), name
     assert results[1]["broken"].kl > 0.1  # the ablation really reached the disk-offloaded layer

@@ -15,6 +15,7 @@ from superweight.io import corpora
 from superweight.io import models
 from superweight.measure.metrics import measure
 from superweight.stages import detect
+from superweight.settings import revalidated
 
 pytestmark = pytest.mark.slow
 SUPER = parse_coord("11:507:1229")
@@ -91,11 +92,12 @@ def test_short_repair_on_the_embedded_model_recovers_and_round_trips(smol, tmp_p
     from superweight.core.patching import apply_patch
     from superweight.io.patchfile import load_patch, save_patch
     from superweight.measure.recovery import recovery
-    from superweight.stages.train import RepairConfig, train
+    from superweight.stages.recipes import RepairConfig
+    from superweight.stages.train import Track, train
 
     cfg = RepairConfig(steps=12, batch_size=4, seq_len=128, train_tokens=4096)  # 32 sequences: cached after 8 steps
     seqs = corpora.pack(corpora.tokenize(smol.tokenizer, corpora.load_text("pydoc", "train"), cfg.train_tokens), 128)
-    patch, state = train(smol.model, [SUPER], [(11, 507)], seqs, None, cfg, tmp_path, checkpoint_every=6)
+    patch, state = train(smol.model, [SUPER], [(11, 507)], seqs, cfg, Track(tmp_path, checkpoint_every=6))
     assert state.teacher_cached
     ids = corpora.tokenize(smol.tokenizer, corpora.load_text("pydoc", "eval"), 512)
     out = measure(smol.model, ids, {"broken": Ablation(smol.model, [SUPER]),
@@ -139,19 +141,20 @@ def test_detection_and_repair_are_the_same_on_a_rescaled_embedded_model(smol):
     from types import SimpleNamespace
 
     from superweight.core.reparam import rescale_mlp
-    from superweight.stages.train import RECIPES, train, training_sequences
+    from superweight.stages.recipes import RECIPES
+    from superweight.stages.train import train, training_sequences
 
     model, tok = smol.model, smol.tokenizer
     loaded = SimpleNamespace(model=model, tokenizer=tok, spec="smollm2-135m", source="embedded", dtype="fp32",
                              device="cpu")
     cfg = detect.DetectConfig(calib_tokens=512, attribution=None)
-    repair = RECIPES["balanced"].model_copy(update={"steps": 4})
+    repair = revalidated(RECIPES["balanced"], steps=4)
     seqs, mask = training_sequences(tok, "pydoc", repair)
     a = torch.exp(1.5 * torch.randn(down_projection(model, 11).d_ff, generator=torch.Generator().manual_seed(0)))
 
     def study():
         top = detect.run_detect(loaded, cfg).candidates[0]
-        patch, _ = train(model, [SUPER], [(11, 507)], seqs, mask, repair)
+        patch, _ = train(model, [SUPER], [(11, 507)], (seqs, mask), repair)
         return top, patch.vectors[0].detach().clone()
 
     mlp = down_projection(model, 11).block.mlp

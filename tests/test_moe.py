@@ -25,7 +25,8 @@ from superweight.measure.metrics import measure
 from superweight.measure.recovery import recovery
 from superweight.stages import detect
 from superweight.stages.precondition import scales
-from superweight.stages.train import RECIPES, train, training_sequences
+from superweight.stages.recipes import RECIPES
+from superweight.stages.train import train, training_sequences
 from tiny import assert_identical, hook_count, planted_expert, snapshot, tiny_model, tiny_tokenizer
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
@@ -301,7 +302,7 @@ def test_default_recipe_repairs_a_pruned_super_expert_weight(family, expert, tok
     own = arch.down_projection(model, 0, expert).matrix.norm(dim=0)
     torch.testing.assert_close(scales(model, rows, cfg.space)[0], own)
     seqs, mask = training_sequences(tok, "pydoc", cfg)
-    patch, _ = train(model, [coord], rows, seqs, mask, cfg)
+    patch, _ = train(model, [coord], rows, (seqs, mask), cfg)
     ids = corpora.tokenize(tok, corpora.load_text("pydoc", "eval"), 1024)
     ablation = Ablation(model, [coord])
     m = measure(model, ids, {"broken": ablation, "patched": Compose(ablation, patch)}, max_length=256)

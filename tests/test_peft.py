@@ -104,7 +104,7 @@ def test_cli_peft_adapter_matches_apply_and_merges_to_the_export(planted_dir, re
     assert loaded_config.r == 2 and loaded_config.lora_alpha == 2
     with safe_open(str(adapter / ADAPTER_WEIGHTS), "pt") as f:
         about = json.loads(f.metadata()["superweight"])
-    assert about["ablated"] == ["1:5:7", "1:9:3"] and about["fingerprint"] == load_patch(run_dir).config["fingerprint"]
+    assert about["ablated"] == ["1:5:7", "1:9:3"] and about["fingerprint"] == load_patch(run_dir).config.fingerprint
 
     base = AutoModelForCausalLM.from_pretrained(planted_dir).eval()
     live = apply_patch(base, load_patch(run_dir))

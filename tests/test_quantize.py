@@ -182,14 +182,14 @@ def test_condition_ordering_on_a_planted_super_weight(tiny_model_dir):
     """Clipping the planted super weight does more damage than plain RTN, and restoring it undoes most of that;
     holding it out of its block helps per tensor (where one outlier stretches a range of 2,048 weights)."""
     from superweight.io.models import Loaded
-    from superweight.stages.quantize import run_quantize
+    from superweight.stages.quantize import QuantizeConfig, run_quantize
     from tiny import tiny_tokenizer
 
     loaded = Loaded(model=planted((1, 5, 7)), tokenizer=tiny_tokenizer(), spec="planted", source="planted",
                     dtype="fp32", device="cpu")
     before = snapshot(loaded.model)
-    r = run_quantize(loaded, [4], [16, "tensor"], clip=Clip("tensor", 0.001), keep=[PLANT], max_tokens=512,
-                     max_length=64)
+    r = run_quantize(loaded, QuantizeConfig(bits=[4], blocks=[16, "tensor"], clip=Clip("tensor", 0.001), keep=[PLANT],
+                                            max_tokens=512, max_length=64))
     assert_identical(loaded.model, before)
     kl = {row.name: row.kl for row in r.rows}
     for block, worse in (("16", 1.5), ("tensor", 1.05)):  # per tensor, plain RTN is already poor

@@ -20,7 +20,9 @@ from superweight.measure.grade import SUPER_PPL_RATIO, grade
 from superweight.measure.inputs import patch_inputs
 from superweight.stages import detect
 from superweight.stages.sparsify import HardConcrete, L1Prox
-from superweight.stages.train import RepairConfig, train
+from superweight.stages.recipes import RepairConfig
+from superweight.stages.train import train
+from superweight.settings import revalidated
 from tiny import D_MODEL, FAMILIES, planted, tiny_model, tiny_tokenizer
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
@@ -234,7 +236,7 @@ def seqs():
 
 def _repair(model, seqs, cfg):
     coord = WeightCoord(layer=PLANT[0], row=PLANT[1], col=PLANT[2])
-    patch, _ = train(model, [coord], [(PLANT[0], PLANT[1])], seqs, None, cfg)
+    patch, _ = train(model, [coord], [(PLANT[0], PLANT[1])], seqs, cfg)
     return coord, patch
 
 
@@ -273,8 +275,7 @@ def test_sparse_training_keeps_the_same_entries_at_every_scale(seqs, objective):
 
     def sparse():
         torch.manual_seed(0)
-        p, _ = train(model, [coord], rows, seqs, None, cfg, init_vectors=[v.detach() for v in dense.vectors],
-                     objective=objective)
+        p, _ = train(model, [coord], rows, seqs, cfg, None, type(objective)(objective.strength, [v.detach() for v in dense.vectors]))
         return objective.final(p)[0]
 
     first = sparse()
@@ -384,18 +385,18 @@ SYMMETRIES = {
 def test_the_default_repair_is_the_same_under_every_symmetry(seqs, name):
     """lbfgs in column coordinates: what the patch writes (x·d) and its held-out KL do not move."""
     from superweight.measure.inputs import down_inputs
-    from superweight.stages.train import RECIPES
+    from superweight.stages.recipes import RECIPES
 
-    cfg = RECIPES["lbfgs"].model_copy(update={"seq_len": 64, "steps": 8})
+    cfg = revalidated(RECIPES["lbfgs"], seq_len=64, steps=8)
     model = eps_free(planted(PLANT))
     d_ff = down_projection(model, PLANT[0]).d_ff
     probe = seqs[:1].flatten()
     coord = WeightCoord(layer=PLANT[0], row=PLANT[1], col=PLANT[2])
-    p1, s1 = train(model, [coord], [(PLANT[0], PLANT[1])], seqs, None, cfg)
+    p1, s1 = train(model, [coord], [(PLANT[0], PLANT[1])], seqs, cfg)
     x1, _ = down_inputs(model, probe, PLANT[0])
     write1 = x1 @ p1.vectors[0].detach()
     SYMMETRIES[name](model, d_ff)
-    p2, s2 = train(model, [coord], [(PLANT[0], PLANT[1])], seqs, None, cfg)
+    p2, s2 = train(model, [coord], [(PLANT[0], PLANT[1])], seqs, cfg)
     x2, _ = down_inputs(model, probe, PLANT[0])
     write2 = x2 @ p2.vectors[0].detach()
     scale = {"residual": 10.0, "all": 0.1}.get(name, 1.0)  # the write is in the residual's units

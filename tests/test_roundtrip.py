@@ -75,7 +75,7 @@ def test_what_each_run_holds(all_runs):
     assert weights.protocol.interventions["broken"] == "ablate 1:5:7, 1:9:3" and weights.weight == "1:5:7, 1:9:3"
     assert minimal.sparsity is None and minimal.analysis is None and minimal.detect is None
     assert full.detect.weight == "1:5:7" and full.timings and full.sparse_training and full.seeds
-    assert full.config["data"] == "packed"
+    assert full.config.data == "packed"
 
 
 def test_several_weights_in_the_report_and_the_printers(repair_runs):
@@ -103,7 +103,7 @@ def test_version_1_records_are_migrated():
     assert "schema_version" not in raw and record.schema_version == SCHEMA_VERSION
     assert record.patch.rows[0].norm == raw["patch"]["rows"]["1:5"]["norm"]
     assert record.detect.weight == raw["detect"]["weight"] and record.seeds.mean.norm == raw["seeds"]["mean"]["norm"]
-    assert record.config["data"] == "packed"
+    assert record.config.data == "packed"
     seed_recipe = migrate({**raw, "recipe": "seed"})  # the seed recipe read one wikitext line per sequence
     assert seed_recipe["config"]["data"] == "lines"
     two = read_record(V1 / "two_rows")

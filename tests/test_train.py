@@ -22,7 +22,10 @@ from superweight.errors import UsageError
 from superweight.io import corpora
 from superweight.measure.metrics import measure
 from superweight.measure.recovery import recovery
-from superweight.stages.train import RepairConfig, batch_indices, epoch_order, kl_loss, train
+from superweight.progress import EachStep
+from superweight.stages.recipes import RepairConfig
+from superweight.stages.train import Track, batch_indices, epoch_order, kl_loss, train
+from superweight.settings import revalidated
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -57,7 +60,7 @@ def test_training_reduces_the_loss_and_repairs_the_model(ids, seqs):
     before = snapshot(model)
     losses = []
     cfg = RepairConfig(steps=30, batch_size=8, seq_len=32, lr=0.5)
-    patch, state = train(model, COORDS, [(1, 5)], seqs, None, cfg, on_step=lambda s, loss: losses.append((s, loss)))
+    patch, state = train(model, COORDS, [(1, 5)], seqs, cfg, Track(progress=EachStep(lambda s, loss: losses.append((s, loss)))))
     assert [s for s, _ in losses] == list(range(1, 31))
     first, last = losses[0][1], losses[-1][1]
     assert math.isfinite(first) and first > 0.1  # the ablation hurts: there is something to repair
@@ -89,7 +92,7 @@ def test_teacher_cache_and_no_cache_agree_up_to_fp16_targets(seqs):
     out = {}
     for mb in (2048, 0):
         cfg = RepairConfig(steps=9, batch_size=8, seq_len=32, lr=0.5, teacher_cache_mb=mb)
-        patch, state = train(model, COORDS, [(1, 5)], small, None, cfg)
+        patch, state = train(model, COORDS, [(1, 5)], small, cfg)
         assert state.teacher_cached == (mb > 0)
         out[mb] = patch.vectors[0]
     # Not bit-equal: the cached path rounds the teacher's log-probs through fp16 (on first use too, so a
@@ -101,17 +104,17 @@ def test_teacher_cache_and_no_cache_agree_up_to_fp16_targets(seqs):
 def test_a_cache_too_small_for_the_set_is_not_used(seqs):
     model = planted(PLANT)
     cfg = RepairConfig(steps=9, batch_size=8, seq_len=32, lr=0.5, teacher_cache_mb=1)  # 64*32*512*2 B = 2 MiB
-    _, state = train(model, COORDS, [(1, 5)], seqs[:64], None, cfg)
+    _, state = train(model, COORDS, [(1, 5)], seqs[:64], cfg)
     assert not state.teacher_cached
     cfg = RepairConfig(steps=2, batch_size=8, seq_len=32, lr=0.5)  # each sequence seen at most once
-    _, state = train(model, COORDS, [(1, 5)], seqs[:24], None, cfg)
+    _, state = train(model, COORDS, [(1, 5)], seqs[:24], cfg)
     assert not state.teacher_cached
 
 
 def test_log_and_checkpoint_of_a_plain_run(tmp_path, seqs):
     model = planted(PLANT)
     cfg = RepairConfig(steps=5, batch_size=4, seq_len=32, lr=0.5, schedule="constant", warmup=2)
-    patch, _ = train(model, COORDS, [(1, 5)], seqs[:16], None, cfg, run_dir=tmp_path, checkpoint_every=2)
+    patch, _ = train(model, COORDS, [(1, 5)], seqs[:16], cfg, Track(run_dir=tmp_path, checkpoint_every=2))
     log = read_log(tmp_path)
     assert [r["step"] for r in log] == [1, 2, 3, 4, 5]
     assert [r["lr"] for r in log] == pytest.approx([0.25, 0.5, 0.5, 0.5, 0.5])
@@ -210,7 +213,9 @@ RESUME_SCRIPT = textwrap.dedent('''
 
     torch.set_num_threads(1)
     from superweight.core.coords import WeightCoord
-    from superweight.stages.train import RepairConfig, train
+    from superweight.progress import EachStep
+    from superweight.stages.recipes import RepairConfig
+    from superweight.stages.train import Track, train
 
     base, sequences = Path(sys.argv[1]), torch.load(sys.argv[2])
     planted((1, 5, 7))  # resolve transformers' lazy imports here once, not in every child
@@ -225,8 +230,8 @@ RESUME_SCRIPT = textwrap.dedent('''
             if step == kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)
 
-        patch, state = train(model, [WeightCoord(layer=1, row=5, col=7)], [(1, 5), (3, 5)], sequences, None,
-                             cfg, run_dir=run_dir, checkpoint_every=3, resume=resume, on_step=on_step)
+        patch, state = train(model, [WeightCoord(layer=1, row=5, col=7)], [(1, 5), (3, 5)], sequences, cfg,
+                             Track(run_dir=run_dir, checkpoint_every=3, resume=resume, progress=EachStep(on_step)))
         assert state.teacher_cached and state.resumed_from == (6 if resume else None), state
         torch.save([v.detach().clone() for v in patch.vectors], run_dir / "patch.pt")
 
@@ -296,12 +301,11 @@ def test_resume_with_other_settings_or_nothing_to_resume_is_a_usage_error(tmp_pa
     model = planted(PLANT)
     before = snapshot(model)
     cfg = RepairConfig(steps=3, batch_size=4, seq_len=32, lr=0.5)
-    train(model, COORDS, [(1, 5)], seqs[:8], None, cfg, run_dir=tmp_path, checkpoint_every=2)
+    train(model, COORDS, [(1, 5)], seqs[:8], cfg, Track(run_dir=tmp_path, checkpoint_every=2))
     with pytest.raises(UsageError, match="other training settings"):
-        train(model, COORDS, [(1, 5)], seqs[:8], None, cfg.model_copy(update={"lr": 0.4}),
-              run_dir=tmp_path, resume=True)
+        train(model, COORDS, [(1, 5)], seqs[:8], revalidated(cfg, lr=0.4), Track(run_dir=tmp_path, resume=True))
     with pytest.raises(UsageError, match="nothing to resume"):
-        train(model, COORDS, [(1, 5)], seqs[:8], None, cfg, run_dir=None, resume=True)
+        train(model, COORDS, [(1, 5)], seqs[:8], cfg, Track(run_dir=None, resume=True))
     assert [r["step"] for r in read_log(tmp_path)] == [1, 2, 3]  # failed resumes touched nothing
     assert_identical(model, before)
     assert hook_count(model) == 0
@@ -310,10 +314,10 @@ def test_resume_with_other_settings_or_nothing_to_resume_is_a_usage_error(tmp_pa
 def test_resume_before_the_first_checkpoint_starts_at_step_0(tmp_path, seqs):
     model = planted(PLANT)
     cfg = RepairConfig(steps=3, batch_size=4, seq_len=32, lr=0.5)
-    want, _ = train(model, COORDS, [(1, 5)], seqs[:8], None, cfg, run_dir=tmp_path / "fresh")
+    want, _ = train(model, COORDS, [(1, 5)], seqs[:8], cfg, Track(run_dir=tmp_path / "fresh"))
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "train_log.jsonl").write_text('{"step": 1, "loss": 0.5, "lr": 0.5, "seconds": 0.1}\n{"st')
-    got, state = train(model, COORDS, [(1, 5)], seqs[:8], None, cfg, run_dir=tmp_path / "empty", resume=True)
+    got, state = train(model, COORDS, [(1, 5)], seqs[:8], cfg, Track(run_dir=tmp_path / "empty", resume=True))
     assert state.resumed_from == 0
     assert torch.equal(got.vectors[0], want.vectors[0])
     assert [r["step"] for r in read_log(tmp_path / "empty")] == [1, 2, 3]  # the stale line and the torn one went
@@ -322,9 +326,9 @@ def test_resume_before_the_first_checkpoint_starts_at_step_0(tmp_path, seqs):
 def test_resume_of_a_finished_run_is_a_no_op(tmp_path, seqs):
     model = planted(PLANT)
     cfg = RepairConfig(steps=3, batch_size=4, seq_len=32, lr=0.5)
-    first, _ = train(model, COORDS, [(1, 5)], seqs[:8], None, cfg, run_dir=tmp_path)
+    first, _ = train(model, COORDS, [(1, 5)], seqs[:8], cfg, Track(run_dir=tmp_path))
     seconds = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)["seconds"]
-    again, state = train(model, COORDS, [(1, 5)], seqs[:8], None, cfg, run_dir=tmp_path, resume=True)
+    again, state = train(model, COORDS, [(1, 5)], seqs[:8], cfg, Track(run_dir=tmp_path, resume=True))
     assert state.resumed_from == 3
     # The training record survives: the last loss and the seconds come from the checkpoint, not NaN and ~0.
     assert state.final_loss == read_log(tmp_path)[-1]["loss"] and state.seconds >= seconds > 0
@@ -335,16 +339,16 @@ def test_resume_of_a_finished_run_is_a_no_op(tmp_path, seqs):
 def test_resume_with_other_rows_is_a_usage_error(tmp_path, seqs):
     model = planted(PLANT)
     cfg = RepairConfig(steps=3, batch_size=4, seq_len=32, lr=0.5)
-    train(model, COORDS, [(1, 5)], seqs[:8], None, cfg, run_dir=tmp_path, checkpoint_every=2)
+    train(model, COORDS, [(1, 5)], seqs[:8], cfg, Track(run_dir=tmp_path, checkpoint_every=2))
     with pytest.raises(UsageError):
-        train(model, COORDS, [(1, 6)], seqs[:8], None, cfg, run_dir=tmp_path, resume=True)
+        train(model, COORDS, [(1, 6)], seqs[:8], cfg, Track(run_dir=tmp_path, resume=True))
 
 
 def test_a_fresh_run_starts_a_fresh_log(tmp_path, seqs):
     model = planted(PLANT)
     cfg = RepairConfig(steps=3, batch_size=4, seq_len=32, lr=0.5)
-    train(model, COORDS, [(1, 5)], seqs[:8], None, cfg, run_dir=tmp_path)
-    train(model, COORDS, [(1, 5)], seqs[:8], None, cfg, run_dir=tmp_path)
+    train(model, COORDS, [(1, 5)], seqs[:8], cfg, Track(run_dir=tmp_path))
+    train(model, COORDS, [(1, 5)], seqs[:8], cfg, Track(run_dir=tmp_path))
     assert [r["step"] for r in read_log(tmp_path)] == [1, 2, 3]
 
 
@@ -362,13 +366,13 @@ def test_verdicts():
 
 @pytest.mark.parametrize("recipe, lr", [("balanced", 300.0), ("quick", 300.0), ("lbfgs", 1e4)])
 def test_an_lr_far_too_high_backs_off_and_is_never_worse_than_no_patch(recipe, lr):
-    from superweight.stages.train import RECIPES
+    from superweight.stages.recipes import RECIPES
     from tiny import planted
 
     model = planted((1, 5, 7))
     seqs = torch.randint(2, 300, (12, 32), generator=torch.Generator().manual_seed(0))
-    cfg = RECIPES[recipe].model_copy(update={"lr": lr, "steps": 8, "seq_len": 32})
-    patch, state = train(model, [WeightCoord(layer=1, row=5, col=7)], [(1, 5)], seqs, None, cfg)
+    cfg = revalidated(RECIPES[recipe], lr=lr, steps=8, seq_len=32)
+    patch, state = train(model, [WeightCoord(layer=1, row=5, col=7)], [(1, 5)], seqs, cfg)
     c = state.check
     assert c is not None and c.best_kl <= c.broken_kl and torch.isfinite(patch.vectors[0]).all()
     if recipe != "lbfgs":  # far too high: later patches did worse, and the handed-over one is an earlier one
@@ -377,13 +381,13 @@ def test_an_lr_far_too_high_backs_off_and_is_never_worse_than_no_patch(recipe, l
 
 def test_the_check_keeps_no_patch_when_every_patch_does_harm(monkeypatch):
     """A patch that only ever hurts is not handed over: the best patch checked is zero."""
-    from superweight.stages.train import RECIPES
+    from superweight.stages.recipes import RECIPES
     from tiny import planted
 
     model = planted((1, 5, 7))
     seqs = torch.randint(2, 300, (12, 32), generator=torch.Generator().manual_seed(0))
-    cfg = RECIPES["balanced"].model_copy(update={"lr": 1e6, "steps": 4, "seq_len": 32})
-    patch, state = train(model, [WeightCoord(layer=1, row=5, col=7)], [(1, 5)], seqs, None, cfg)
+    cfg = revalidated(RECIPES["balanced"], lr=1e6, steps=4, seq_len=32)
+    patch, state = train(model, [WeightCoord(layer=1, row=5, col=7)], [(1, 5)], seqs, cfg)
     if state.check.best_step == 0:
         assert patch.vectors[0].abs().max() == 0
     assert state.check.best_kl <= state.check.broken_kl

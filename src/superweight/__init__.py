@@ -12,7 +12,8 @@
 
 Functions: load, detect, evaluate, repair, analyze, run, quantize, compare, read_run, write_report.
 Interventions (context managers): Ablation, Spread, RowPatch, Compose, ActivationRestore, QuantizedWeights,
-QuantizedInputs. Settings: DetectConfig, RepairConfig, RECIPES. Results: DetectResult, EvalResult, RunRecord,
+QuantizedInputs. Settings: DetectConfig, RepairConfig, RECIPES, RepairJob, PipelineJob, EvalConfig, QuantizeConfig,
+Placement. Results: DetectResult, EvalResult, RunRecord,
 QuantResult, Comparison; in a notebook each shows its tables (and plots). help(sw.repair) etc. for every setting.
 
 The names load on first use (superweight/api.py), so `import superweight` itself stays fast; the deep modules
@@ -27,7 +28,8 @@ from superweight.errors import SuperweightError  # noqa: E402
 __all__ = [
     "load", "detect", "evaluate", "repair", "analyze", "run", "quantize", "compare", "read_run", "write_report",
     "Intervention", "Ablation", "Spread", "RowPatch", "Compose", "ActivationRestore", "QuantizedWeights",
-    "QuantizedInputs", "DetectConfig", "RepairConfig", "RECIPES", "Loaded", "DetectResult", "EvalResult",
+    "QuantizedInputs", "DetectConfig", "RepairConfig", "RECIPES", "RepairJob", "PipelineJob", "EvalConfig",
+    "QuantizeConfig", "Placement", "Loaded", "DetectResult", "EvalResult",
     "RunRecord", "QuantResult", "Comparison", "CompareRow", "PatchData", "WeightCoord", "parse_coord",
     "load_patch", "SuperweightError", "__version__",
 ]

@@ -9,9 +9,10 @@ command, each the same library call the CLI makes (cli/*.py), on a model loaded 
     with sw.Ablation(m.model, [sw.parse_coord("11:507:1229")]):
         ...                                          # the weight is zeroed here, and back bit for bit after
 
-Settings come as the typed objects (DetectConfig, RepairConfig, RECIPES) and/or as keyword overrides of their
-fields; results are the typed records (pydantic), which a notebook shows as the terminal's tables and the
-report's sections and plots (report/notebook.py). No function prints or shows a progress bar.
+Settings come as the typed objects (DetectConfig, RepairConfig, RECIPES, RepairJob, PipelineJob, EvalConfig,
+QuantizeConfig; each checks itself when made) and/or as keyword overrides of their fields, validated into them;
+results are the typed records (pydantic), which a notebook shows as the terminal's tables and the report's
+sections and plots (report/notebook.py). No function prints or shows a progress bar.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ from superweight.core.intervene import ActivationRestore, Ablation, Compose, Int
 from superweight.core.patching import PatchData
 from superweight.display import RENDERERS
 from superweight.errors import SuperweightError, UsageError
-from superweight.io import corpora
 from superweight.io.lock import hold_run_dir
 from superweight.io.models import DEFAULT_MODEL, Loaded
 from superweight.io.patchfile import load_patch
@@ -35,14 +35,20 @@ from superweight.io.record import RunRecord
 from superweight.io.rundir import read_record
 from superweight.io.runstate import check_run_dir_for
 from superweight.report import CompareRow, Comparison, compare_rows, notebook, write_report
+from superweight.io.placement import Placement
+from superweight.settings import build
 from superweight.stages.detect import DetectConfig, DetectResult, run_detect
-from superweight.stages.evaluate import EvalResult, run_eval
-from superweight.stages.train import RECIPES, RepairConfig
+from superweight.stages.evaluate import EvalConfig, EvalResult, run_eval
+from superweight.stages.pipeline import PipelineJob
+from superweight.stages.quantize import QuantizeConfig, run_quantize
+from superweight.stages.recipes import RECIPES, RepairConfig, recipe_settings
+from superweight.stages.repair import RepairJob
 
 __all__ = [
     "load", "detect", "evaluate", "repair", "analyze", "run", "quantize", "compare", "read_run", "write_report",
     "Intervention", "Ablation", "Spread", "RowPatch", "Compose", "ActivationRestore", "QuantizedWeights",
-    "QuantizedInputs", "DetectConfig", "RepairConfig", "RECIPES", "Loaded", "DetectResult", "EvalResult",
+    "QuantizedInputs", "DetectConfig", "RepairConfig", "RECIPES", "RepairJob", "PipelineJob", "EvalConfig",
+    "QuantizeConfig", "Placement", "Loaded", "DetectResult", "EvalResult",
     "RunRecord", "QuantResult", "Comparison", "CompareRow", "PatchData", "WeightCoord", "parse_coord",
     "load_patch", "SuperweightError", "__version__",
 ]
@@ -78,8 +84,9 @@ def load(model: str = DEFAULT_MODEL, device: str = "cpu", dtype: str = "auto", d
     from superweight.io import models
     from superweight.stages.distributed import process_device
 
-    return models.load(model, device=process_device(device), dtype=dtype, device_map=device_map,
-                       max_memory=max_memory, offload_folder=offload_folder, bos=bos)
+    where = build(Placement, None, "", device=process_device(device), dtype=dtype, device_map=device_map,
+                  max_memory=max_memory, offload_folder=offload_folder)
+    return models.load(model, where, bos)
 
 
 def detect(loaded: Loaded, config: DetectConfig | None = None, **overrides) -> DetectResult:
@@ -106,13 +113,11 @@ def detect(loaded: Loaded, config: DetectConfig | None = None, **overrides) -> D
 
     Returns a DetectResult: .candidates ranked by damage (each with .coord, .kl, .ppl_ratio, .confirmed, .grade).
     """
-    return run_detect(loaded, _settings(DetectConfig, config, overrides))
+    return run_detect(loaded, build(DetectConfig, config, "", **overrides))
 
 
-def evaluate(loaded: Loaded, ablate=None, patch: str | Path | None = None, corpus: str = corpora.DEFAULT_CORPUS,
-             split: str = "eval", max_tokens: int = 4096, max_length: int = 512, stride: int | None = None,
-             prompts: list[str] | None = None, max_new_tokens: int = 20, tasks: str | list[str] | None = None,
-             include_path: str | None = None, task_limit: int | None = None) -> EvalResult:
+def evaluate(loaded: Loaded, ablate=None, patch: str | Path | None = None, config: EvalConfig | None = None,
+             **overrides) -> EvalResult:
     """Base vs ablated (vs patched) (`superweight eval`): NLL, PPL, KL(base||·), top-1 agreement and the super
     activation on one corpus split, greedy generations side by side, and zero-shot task accuracies.
 
@@ -121,37 +126,34 @@ def evaluate(loaded: Loaded, ablate=None, patch: str | Path | None = None, corpu
         ablate=None: the weight(s) to ablate: "L:R:C[@SCALE]", a WeightCoord, or a list of them ([]: none);
             None: the model's published super weights.
         patch=None: a repair's run directory: the patched model too (and its ablation instead of ablate).
-        corpus='pydoc': pydoc, wikitext2 or text:PATH.
-        split='eval': train, eval or all (wikitext2: train, validation, test).
-        max_tokens=4096: tokens of the corpus to score.
-        max_length=512: window length in tokens.
-        stride=None: window stride (None: max_length, no overlap).
-        prompts=None: generation prompts (None: ten built-in).
-        max_new_tokens=20: greedy tokens per generation.
-        tasks=None: lm-evaluation-harness tasks per condition ("arc_easy,piqa" or a list; needs lm-eval).
-        include_path=None: with tasks, a folder of local task YAML files.
-        task_limit=None: with tasks, score at most this many items per task.
+        config=None: an EvalConfig (stages/evaluate.py); None for its defaults (the command's).
+        **overrides: EvalConfig fields that replace the config's:
+            corpus='pydoc': pydoc, wikitext2 or text:PATH.
+            split='eval': train, eval or all (wikitext2: train, validation, test).
+            max_tokens=4096: tokens of the corpus to score.
+            max_length=512: window length in tokens.
+            stride=None: window stride (None: max_length, no overlap).
+            prompts=None: generation prompts (None: ten built-in).
+            max_new_tokens=20: greedy tokens per generation.
+            tasks=None: lm-evaluation-harness tasks per condition ("arc_easy,piqa" or a list; needs lm-eval).
+            include_path=None: with tasks, a folder of local task YAML files.
+            task_limit=None: with tasks, score at most this many items per task.
 
     Returns an EvalResult: .base, .ablated, .patched (Metrics), .generations, .tasks, .protocol.
     """
     from superweight.known import published
-    from superweight.measure.generate import DEFAULT_PROMPTS
 
     if patch is not None and ablate is not None:
         raise UsageError("a patch brings its own ablation; give ablate or patch, not both")
+    cfg = build(EvalConfig, config, "", **_with_tasks(overrides))
     patch_data = load_patch(patch) if patch is not None else None
     coords = patch_data.ablated if patch_data else _coords(ablate) if ablate is not None else published(loaded.spec)
-    corpora.check_windows(max_length, stride)
-    _at_least(max_tokens=(max_tokens, 2), max_new_tokens=(max_new_tokens, 1))
-    return run_eval(loaded, coords, corpus, split, max_tokens, max_length, stride, prompts or DEFAULT_PROMPTS,
-                    max_new_tokens, patch=patch_data, tasks=_tasks(tasks, include_path, task_limit))
+    return run_eval(loaded, coords, cfg, patch=patch_data)
 
 
-def repair(loaded: Loaded, weight, rows: list[tuple[int, int]] | None = None, recipe: str = "lbfgs",
-           config: RepairConfig | None = None, out: str | Path | None = None, corpus: str = corpora.DEFAULT_CORPUS,
-           eval_tokens: int = 4096, baselines: bool = False, seeds: int = 1, resume: bool = False,
-           checkpoint_every: int = 25, tasks: str | list[str] | None = None, include_path: str | None = None,
-           task_limit: int | None = None, **overrides) -> RunRecord:
+def repair(loaded: Loaded, weight, rows: list[tuple[int, int]] | None = None, recipe: str | None = None,
+           config: RepairConfig | None = None, out: str | Path | None = None, job: RepairJob | None = None,
+           **overrides) -> RunRecord:
     """Train a row patch that repairs the ablated model by KL distillation against the intact one
     (`superweight repair`), measure base, broken and patched, and keep it all in a run directory.
 
@@ -159,20 +161,23 @@ def repair(loaded: Loaded, weight, rows: list[tuple[int, int]] | None = None, re
         loaded: the model, from load().
         weight: the weight(s) to ablate: "L:R:C[@SCALE]", a WeightCoord, or a list of them.
         rows=None: the (layer, row) pairs to patch; None: each ablated weight's row.
-        recipe='lbfgs': the named settings (RECIPES): lbfgs (quasi-Newton, scale-free, 16 loss evaluations on
-            4 rows), balanced, quick (Adam), sgd, fast or seed (the write-up's); docs/recipes.md.
+        recipe=None: the named settings (RECIPES): lbfgs (quasi-Newton, scale-free, 16 loss evaluations on
+            4 rows), balanced, quick (Adam), sgd, fast or seed (the write-up's); docs/recipes.md. None: the
+            job's recipe, lbfgs without a job.
         config=None: a RepairConfig that replaces the recipe's settings (recipe then only names them).
         out=None: the run directory, which must not exist unless resuming; None: runs/repair-L-R-C.
-        corpus='pydoc': training (train split) and evaluation (eval split) text: pydoc, wikitext2 or text:PATH.
-        eval_tokens=4096: eval-split tokens for the before/after metrics.
-        baselines=False: also the oracle, activation restore, random vectors and another row.
-        seeds=1: train this many patches (seeds seed, seed + 1, ...): mean and spread.
-        resume=False: continue the run in `out` from its last checkpoint.
-        checkpoint_every=25: checkpoint every this many steps.
-        tasks=None: lm-evaluation-harness tasks for base, broken and patched ("arc_easy,piqa" or a list).
-        include_path=None: with tasks, a folder of local task YAML files.
-        task_limit=None: with tasks, score at most this many items per task.
-        **overrides: RepairConfig fields that replace the recipe's (defaults: the lbfgs recipe's):
+        job=None: a RepairJob (stages/repair.py) with the settings below; None for its defaults (the command's).
+        **overrides: RepairJob fields, then RepairConfig fields that replace the job's and the recipe's:
+            corpus='pydoc': training (train split) and evaluation (eval split) text: pydoc, wikitext2 or text:PATH.
+            eval_tokens=4096: eval-split tokens for the before/after metrics.
+            max_length=512: window length of the before/after metrics.
+            baselines=False: also the oracle, activation restore, random vectors and another row.
+            seeds=1: train this many patches (seeds seed, seed + 1, ...): mean and spread.
+            resume=False: continue the run in `out` from its last checkpoint.
+            checkpoint_every=25: checkpoint every this many steps.
+            tasks=None: lm-evaluation-harness tasks for base, broken and patched ("arc_easy,piqa" or a list).
+            include_path=None: with tasks, a folder of local task YAML files.
+            task_limit=None: with tasks, score at most this many items per task.
             steps=16: optimiser steps (for lbfgs: loss evaluations).
             batch_size=4: sequences per step (lbfgs: the fixed rows it fits).
             seq_len=128: tokens per sequence.
@@ -194,23 +199,20 @@ def repair(loaded: Loaded, weight, rows: list[tuple[int, int]] | None = None, re
             data='packed': packed (full seq_len rows) or lines (one wikitext line per row, padded; wikitext2).
 
     Returns the RunRecord (results.json): .base, .broken, .patched, .recovery, .verdict, .training, .patch
-    (geometry), .baselines, .seeds. The patch itself: load_patch(out).
+    (geometry), .baselines, .seeds; .recipe names the recipe that ran ("lbfgs+steps=4" when options changed it).
+    The patch itself: load_patch(out).
     """
     from superweight.stages.repair import repair_settings, run_repair
 
     coords = _coords(weight)
     rows = [tuple(r) for r in rows] if rows else sorted({(c.layer, c.row) for c in coords})
-    cfg = _settings(RepairConfig, config or _recipe(recipe), overrides)
-    _at_least(checkpoint_every=(checkpoint_every, 1), eval_tokens=(eval_tokens, 2), seeds=(seeds, 1))
+    job = _repair_job(job, recipe, config, overrides)
     first = coords[0]
     run_dir = Path(out or f"runs/repair-{first.layer}-{first.row}-{first.col}")
-    settings = repair_settings(loaded.spec, recipe, cfg, coords, rows, corpus, eval_tokens, 512, baselines,
-                               checkpoint_every, seeds, loaded.bos_mode)
-    check_run_dir_for(run_dir, settings, resume)  # refused before the directory is made or locked
-    task_set = _tasks(tasks, include_path, task_limit)
+    # refused before the directory is made or locked
+    check_run_dir_for(run_dir, repair_settings(loaded.spec, job, coords, rows, loaded.bos_mode), job.resume)
     with hold_run_dir(run_dir, "repair"):  # one writer at a time
-        return run_repair(loaded, coords, rows, cfg, recipe, run_dir, corpus, eval_tokens, 512, baselines, seeds,
-                          resume, checkpoint_every, tasks=task_set)
+        return run_repair(loaded, coords, rows, run_dir, job)
 
 
 def analyze(loaded: Loaded, run_dir: str | Path, tokens: int = 2048, draws: int = 3) -> RunRecord:
@@ -225,20 +227,17 @@ def analyze(loaded: Loaded, run_dir: str | Path, tokens: int = 2048, draws: int 
 
     Returns the updated RunRecord (also written to run_dir/results.json).
     """
-    from superweight.stages.analyze import run_analyze
+    from superweight.stages.analyze import AnalyzeConfig, run_analyze
 
-    _at_least(tokens=(tokens, 2), draws=(draws, 1))
+    cfg = build(AnalyzeConfig, None, "", tokens=tokens, draws=draws)
     path = Path(run_dir)
     read_record(path)  # a directory that holds no run is refused before it is locked
     with hold_run_dir(path, "analyze"):
-        return run_analyze(loaded, path, tokens, draws)
+        return run_analyze(loaded, path, cfg)
 
 
-def run(loaded: Loaded, out: str | Path | None = None, weight=None, recipe: str = "lbfgs",
-        config: RepairConfig | None = None, corpus: str = corpora.DEFAULT_CORPUS, eval_tokens: int = 2048,
-        analysis_tokens: int = 1024, draws: int = 2, baselines: bool = True, seeds: int = 1, sparse: bool = False,
-        quantize: bool = False, resume: bool = False, tasks: str | list[str] | None = None,
-        include_path: str | None = None, task_limit: int | None = None, **overrides) -> RunRecord:
+def run(loaded: Loaded, out: str | Path | None = None, weight=None, recipe: str | None = None,
+        config: RepairConfig | None = None, job: PipelineJob | None = None, **overrides) -> RunRecord:
     """The whole study (`superweight run`): detect, take the most damaging super weight (else sensitive weight),
     repair it with baselines, analyse, and write report.html.
 
@@ -246,47 +245,46 @@ def run(loaded: Loaded, out: str | Path | None = None, weight=None, recipe: str 
         loaded: the model, from load().
         out=None: the run directory, which must not exist unless resuming; None: runs/MODEL-DATE-TIME.
         weight=None: "L:R:C" (or a WeightCoord) to repair instead of detecting one.
-        recipe='lbfgs': the repair's named settings (RECIPES); see repair().
+        recipe=None: the repair's named settings (RECIPES); see repair(). None: the job's, lbfgs without a job.
         config=None: a RepairConfig that replaces the recipe's settings.
-        corpus='pydoc': pydoc, wikitext2 or text:PATH.
-        eval_tokens=2048: eval-split tokens for the headline metrics.
-        analysis_tokens=1024: eval-split tokens for the analyses.
-        draws=2: random-k control draws per k.
-        baselines=True: the oracle, activation restore, random vectors and another row.
-        seeds=1: patches trained with different seeds (mean and spread).
-        sparse=False: also train sparse patches (L1, L0) over a sweep of strengths.
-        quantize=False: also 4-bit RTN at blocks 64/128/256/channel with the weight held, clipped and restored.
-        resume=False: continue a run killed in `out` (same settings); a finished run is returned as it is.
-        tasks=None: lm-evaluation-harness tasks for base, broken and patched ("arc_easy,piqa" or a list).
-        include_path=None: with tasks, a folder of local task YAML files.
-        task_limit=None: with tasks, score at most this many items per task.
-        **overrides: RepairConfig fields that replace the recipe's (steps=16, lr=1.0, ...; see repair()).
+        job=None: a PipelineJob (stages/pipeline.py) with the settings below; None for its defaults.
+        **overrides: PipelineJob fields, the repair's RepairJob fields, then RepairConfig fields:
+            analysis_tokens=1024: eval-split tokens for the analyses.
+            draws=2: random-k control draws per k.
+            sparse=False: also train sparse patches (L1, L0) over a sweep of strengths.
+            quantize=False: also 4-bit RTN at blocks 64/128/256/channel with the weight held, clipped and restored.
+            corpus='pydoc': pydoc, wikitext2 or text:PATH.
+            eval_tokens=2048: eval-split tokens for the headline metrics.
+            baselines=True: the oracle, activation restore, random vectors and another row.
+            seeds=1: patches trained with different seeds (mean and spread).
+            resume=False: continue a run killed in `out` (same settings); a finished run is returned as it is.
+            tasks=None: lm-evaluation-harness tasks for base, broken and patched ("arc_easy,piqa" or a list).
+            include_path=None: with tasks, a folder of local task YAML files.
+            task_limit=None: with tasks, score at most this many items per task.
+            steps=16, lr=1.0, ...: RepairConfig fields that replace the recipe's (see repair()).
 
     Returns the RunRecord, with .detect and .timings; the report is out/report.html.
     """
-    from superweight.stages.pipeline import check_out, run_pipeline
+    from superweight.stages.pipeline import PipelineJob, check_out, run_pipeline
 
-    coord = _coords(weight)[0] if weight is not None else None
-    cfg = _settings(RepairConfig, config or _recipe(recipe), overrides)
-    _at_least(eval_tokens=(eval_tokens, 2), analysis_tokens=(analysis_tokens, 2), seeds=(seeds, 1), draws=(draws, 1))
-    if resume and out is None:
+    job = job or PipelineJob()
+    own = {k: overrides.pop(k) for k in list(overrides) if k in PipelineJob.model_fields and k != "repair"}
+    repair_job = _repair_job(job.repair, recipe, config, overrides)
+    weight = _coords(weight)[0] if weight is not None else job.weight
+    job = build(PipelineJob, job, "", **own, weight=weight, repair=repair_job)
+    if job.repair.resume and out is None:
         raise UsageError("resume needs the out of the run to continue")
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     path = Path(out or f"runs/{Path(loaded.spec).name.removesuffix('.gguf')}-{stamp}")
-    check_out(path, resume)  # refused before the directory is made or locked
-    task_set = _tasks(tasks, include_path, task_limit)
+    check_out(path, job.repair.resume)  # refused before the directory is made or locked
     with hold_run_dir(path, "run"):
-        if check_out(path, resume) == "finished":  # again, now that no other writer can change it
+        if check_out(path, job.repair.resume) == "finished":  # again, now that no other writer can change it
             return read_record(path)
-        return run_pipeline(loaded, path, coord, cfg, recipe, corpus, eval_tokens, analysis_tokens, draws,
-                            baselines, seeds, sparse, resume=resume, tasks=task_set, quantize=quantize)
+        return run_pipeline(loaded, path, job)
 
 
-def quantize(loaded: Loaded, bits=(4,), blocks=(64, 128, 256, "channel"), levels: str = "int",
-             clip: str = "tensor:1e-4", keep="auto", protect=(), activations: str | None = None,
-             patch: str | Path | None = None, corpus: str = corpora.DEFAULT_CORPUS, split: str = "eval",
-             max_tokens: int = 2048, max_length: int = 512, tasks: str | list[str] | None = None,
-             include_path: str | None = None, task_limit: int | None = None) -> QuantResult:
+def quantize(loaded: Loaded, bits=(4,), blocks=(64, 128, 256, "channel"), clip: str = "tensor:1e-4", keep="auto",
+             patch: str | Path | None = None, config: QuantizeConfig | None = None, **overrides) -> QuantResult:
     """Round-to-nearest fake quantization of every decoder linear (`superweight quantize`), plain and with the
     super weights held out of their block, clipped, and clipped then restored; every weight restored after.
     Load the model with dtype="fp32" (the command's default): in bf16 each dequantized value is rounded again.
@@ -295,41 +293,42 @@ def quantize(loaded: Loaded, bits=(4,), blocks=(64, 128, 256, "channel"), levels
         loaded: the model, from load().
         bits=(4,): weight bits, each 2-8 (a list, or "3,4").
         blocks=(64, 128, 256, 'channel'): block sizes: integers, "channel" or "tensor" (a list, or "64,channel").
-        levels='int': int (min-max RTN) or nf (NormalFloat NF3/NF4).
         clip='tensor:1e-4': none, tensor:P, block:P (the fraction clipped), zscore:Z or iqr:K.
         keep='auto': the super weights to protect: auto (published, else the ones detect confirms), none, or
             "L:R:C" / WeightCoord / a list of them.
-        protect=(): with clip, also conditions that restore the K clipped weights that change their layer's
-            output most, for each K given.
-        activations=None: also quantize activations per tensor: int8 (down-projection inputs) or int8:all.
         patch=None: a repair's run directory: the repaired model too.
-        corpus='pydoc': pydoc, wikitext2 or text:PATH.
-        split='eval': the split to score.
-        max_tokens=2048: tokens of the corpus to score.
-        max_length=512: window length in tokens.
-        tasks=None: lm-evaluation-harness tasks per condition ("arc_easy,piqa" or a list).
-        include_path=None: with tasks, a folder of local task YAML files.
-        task_limit=None: with tasks, score at most this many items per task.
+        config=None: a QuantizeConfig (stages/quantize.py) for the settings below; None for its defaults.
+        **overrides: QuantizeConfig fields that replace the config's:
+            levels='int': int (min-max RTN) or nf (NormalFloat NF3/NF4).
+            protect=(): with clip, also conditions that restore the K clipped weights that change their layer's
+                output most, for each K given.
+            activations=None: also quantize activations per tensor: int8 (down-projection inputs) or int8:all.
+            corpus='pydoc': pydoc, wikitext2 or text:PATH.
+            split='eval': the split to score.
+            max_tokens=2048: tokens of the corpus to score.
+            max_length=512: window length in tokens.
+            tasks=None: lm-evaluation-harness tasks per condition ("arc_easy,piqa" or a list).
+            include_path=None: with tasks, a folder of local task YAML files.
+            task_limit=None: with tasks, score at most this many items per task.
 
     Returns a QuantResult: .rows (one per condition: PPL, KL, recovery vs RTN, bits per weight), .activations.
     """
-    from superweight.core.quant import check_levels, parse_bits, parse_blocks, parse_clip
-    from superweight.stages.quantize import auto_keep, parse_activations, run_quantize
+    from superweight.core.quant import parse_bits, parse_blocks, parse_clip
+    from superweight.stages.quantize import auto_keep, parse_activations
 
     join = lambda v: v if isinstance(v, str) else ",".join(map(str, v))  # noqa: E731
-    bit_list, block_list, clip_spec = parse_bits(join(bits)), parse_blocks(join(blocks)), parse_clip(clip)
-    check_levels(levels, bit_list)
-    protect = sorted(set(protect))
+    clip_spec = parse_clip(clip)
+    protect = sorted(set(overrides.pop("protect", ())))
     if protect and (clip_spec is None or min(protect) < 1):
         raise UsageError("protect restores clipped weights: give counts of at least 1 and a clip method")
-    corpora.check_windows(max_length)
-    _at_least(max_tokens=(max_tokens, 2))
+    if isinstance(overrides.get("activations"), str):
+        overrides["activations"] = parse_activations(overrides["activations"])
+    cfg = build(QuantizeConfig, config, "", bits=parse_bits(join(bits)), blocks=parse_blocks(join(blocks)),
+                clip=clip_spec, protect=protect, **_with_tasks(overrides))
     patch_data = load_patch(patch) if patch is not None else None
     coords, source = (auto_keep(loaded, loaded.spec) if keep == "auto" else ([], "none") if keep == "none"
                       else (_coords(keep), "given"))
-    return run_quantize(loaded, bit_list, block_list, levels, clip_spec, coords, source,
-                        parse_activations(activations), corpus, split, max_tokens, max_length, patch=patch_data,
-                        tasks=_tasks(tasks, include_path, task_limit), protect=protect)
+    return run_quantize(loaded, build(QuantizeConfig, cfg, "", keep=coords, keep_source=source), patch=patch_data)
 
 
 def compare(*run_dirs: str | Path) -> Comparison:
@@ -357,18 +356,28 @@ def _coords(value) -> list[WeightCoord]:
     return coords
 
 
-def _recipe(name: str) -> RepairConfig:
-    if name not in RECIPES:
-        raise UsageError(f"unknown recipe '{name}': use {', '.join(RECIPES)}")
-    return RECIPES[name]
+def _repair_job(job: RepairJob | None, recipe: str | None, config: RepairConfig | None, overrides: dict) -> RepairJob:
+    """`job` (None: RepairJob's defaults) with `recipe` (None: the job's), `config` (None: the recipe's, or the
+    job's own when the recipe is the job's) and the overrides: RepairJob fields for the job, the rest RepairConfig
+    fields on top of the config. Consumes `overrides`."""
+    own = {k: overrides.pop(k) for k in list(overrides) if k in RepairJob.model_fields or k in TASK_ARGS}
+    if recipe is None:
+        recipe = job.recipe if job is not None else "lbfgs"
+    if config is None:
+        config = job.config if job is not None and recipe == job.recipe else recipe_settings(recipe)
+    return build(RepairJob, job, "", **_with_tasks(own), recipe=recipe,
+                 config=build(RepairConfig, config, "", **overrides))
 
 
-def _settings(cls, config, overrides: dict):
-    """`config` (None: the class's defaults) with `overrides` of its fields; an unknown name is an error."""
-    unknown = sorted(set(overrides) - set(cls.model_fields))
-    if unknown:
-        raise TypeError(f"unknown {cls.__name__} setting(s): {', '.join(unknown)} (use {', '.join(cls.model_fields)})")
-    return cls(**{**(config or cls()).model_dump(), **overrides})
+TASK_ARGS = ("tasks", "include_path", "task_limit")
+
+
+def _with_tasks(overrides: dict) -> dict:
+    """`overrides` with tasks, include_path and task_limit turned into one checked TaskSpec (or None)."""
+    given = {k: overrides.pop(k) for k in TASK_ARGS if k in overrides}
+    if not given:
+        return overrides
+    return {**overrides, "tasks": _tasks(given.get("tasks"), given.get("include_path"), given.get("task_limit"))}
 
 
 def _tasks(tasks, include_path, limit):
@@ -379,9 +388,3 @@ def _tasks(tasks, include_path, limit):
     from superweight.measure.tasks import prepare_tasks
 
     return prepare_tasks(tasks, include_path, limit)
-
-
-def _at_least(**checks: tuple[int, int]) -> None:
-    for name, (value, least) in checks.items():
-        if value < least:
-            raise UsageError(f"{name} must be at least {least}, got {value}")

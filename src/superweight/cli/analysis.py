@@ -7,9 +7,8 @@ from typing import Annotated, Optional
 import typer
 
 from superweight.cli.common import (
-    DeviceMapOpt, MaxMemoryOpt, OffloadOpt, RunBosOpt, run_bos,
+    Bar, DeviceMapOpt, MaxMemoryOpt, OffloadOpt, RunBosOpt, run_bos, placement,
     DeviceOpt, DtypeOpt, JsonOpt, RunDirArg, app, check_run_dir, err, errors, floats, load_model, out, progress,
-    stage_tasks,
 )
 from superweight.errors import UsageError
 from superweight.io.lock import hold_run_dir
@@ -31,17 +30,16 @@ def analyze(
     bos: RunBosOpt = None,
 ):
     """Patch geometry, top-k sparsity with a random-k control, token and neuron views, scale sweep."""
-    from superweight.stages.analyze import run_analyze
+    from superweight.stages.analyze import AnalyzeConfig, run_analyze
 
     path, spec = check_run_dir(run_dir)
-    if tokens < 2 or draws < 1:
-        raise UsageError("--tokens must be at least 2 and --draws at least 1")
+    cfg = AnalyzeConfig(tokens=tokens, draws=draws)
+    where = placement(device, dtype, device_map, max_memory, offload_folder)
     bos = run_bos(path, bos)  # the run's own, unless given
     with hold_run_dir(path, "analyze"):  # one writer, or refused here, before the model loads
-        loaded = load_model(model or spec, device, dtype, device_map, max_memory, offload_folder, bos)
+        loaded = load_model(model or spec, where, bos)
         with progress() as bar:
-            stage, advance = stage_tasks(bar)
-            record = run_analyze(loaded, path, tokens, draws, on_stage=stage, on_tokens=advance)
+            record = run_analyze(loaded, path, cfg, Bar(bar))
     terminal.print_analysis(out, record)
     out.print(f"Updated {path / 'results.json'}")
 
@@ -63,23 +61,20 @@ def sparsify(
     bos: RunBosOpt = None,
 ):
     """Train sparse patches (L1, hard-concrete L0) over a sweep of strengths; the recovery-vs-size frontier."""
-    from superweight.stages.sparsify import run_sparsify
+    from superweight.stages.sparsify import SparsifyConfig, run_sparsify
 
     strengths = {"l1": floats("--l1", l1), "l0": floats("--l0", l0)}
     strengths = {k: v for k, v in strengths.items() if v}
     if not strengths:
         raise UsageError("no strengths given: set --l1 and/or --l0")
-    if steps is not None and steps < 1:
-        raise UsageError(f"--steps must be at least 1, got {steps}")
-    if tokens < 2:
-        raise UsageError(f"--tokens must be at least 2, got {tokens}")
+    cfg = SparsifyConfig(strengths=strengths, steps=steps, tokens=tokens)
     path, spec = check_run_dir(run_dir)
+    where = placement(device, dtype, device_map, max_memory, offload_folder)
     bos = run_bos(path, bos)  # the run's own, unless given
     with hold_run_dir(path, "sparsify"):  # one writer, or refused here, before the model loads
-        loaded = load_model(model or spec, device, dtype, device_map, max_memory, offload_folder, bos)
+        loaded = load_model(model or spec, where, bos)
         with progress() as bar:
-            stage, advance = stage_tasks(bar)
-            record = run_sparsify(loaded, path, strengths, steps, tokens, on_stage=stage, on_advance=advance)
+            record = run_sparsify(loaded, path, cfg, Bar(bar))
     terminal.print_sparse(out, record.sparse_training)
     out.print(f"Updated {path / 'results.json'}")
 

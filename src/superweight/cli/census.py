@@ -8,8 +8,8 @@ import typer
 
 from superweight.cli import inspect as _inspect  # noqa: F401  (detect is registered first: census follows it)
 from superweight.cli.common import (
-    BosOpt, CorpusOpt, DeviceMapOpt, DeviceOpt, DtypeOpt, MaxMemoryOpt, OffloadOpt, app, check_detect_options, err, errors,
-    load_model, out, progress,
+    Bar, BosOpt, CorpusOpt, DeviceMapOpt, DeviceOpt, DtypeOpt, MaxMemoryOpt, OffloadOpt, app, check_bos, err, errors,
+    load_model, out, placement, progress,
 )
 from superweight.errors import UsageError
 from superweight.io import corpora
@@ -55,10 +55,9 @@ def census(
     import datetime as dt
     from pathlib import Path
 
-    from superweight.io.models import DTYPES, resolve_device
-    from superweight.io.placement import device_map_kwargs
-    from superweight.measure.metrics import n_scored
-    from superweight.report.census import print_census
+    from superweight.io.models import resolve_device
+    from superweight.progress import Prefixed
+    from superweight.report.census import print_census, tables
     from superweight.stages import census as stage
     from superweight.stages.detect import DetectConfig, run_detect
 
@@ -68,18 +67,17 @@ def census(
         if not out_:
             raise UsageError("--table-only needs --out: the census directory to read")
         where = Path(out_)
-        print_census(out, stage.table_only(where, specs), where)
+        print_census(out, stage.table_only(where, specs, tables), where)
         err.print(f"Wrote {where / stage.CENSUS_CSV} and {where / stage.CENSUS_MD}", markup=False, highlight=False)
         return
     if not specs:
         raise UsageError("no models given: name them (superweight census MODEL...) or pass --models-file FILE")
-    check_detect_options(max_length, bos, calib_tokens, max_candidates, attribution_top)
-    if dtype != "auto" and dtype not in DTYPES:
-        raise UsageError(f"unknown dtype '{dtype}': use auto, {', '.join(DTYPES)}")
-    if not device_map_kwargs(device_map, max_memory, offload_folder):
-        resolve_device(device)
     cfg = DetectConfig(prompts=prompt, max_candidates=max_candidates, attribution_top=attribution_top,
                        corpus=corpus, split=split, calib_tokens=calib_tokens, max_length=max_length, seed=seed)
+    check_bos(bos)
+    place = placement(device, dtype, device_map, max_memory, offload_folder)
+    if not place.device_map:
+        resolve_device(device)
     settings = {**cfg.model_dump(), "dtype": dtype, "bos": bos}
     where = Path(out_ or f"runs/census-{dt.date.today().isoformat()}")
     stage.check_census_dir(where, settings)
@@ -87,24 +85,17 @@ def census(
     stage.start(where, settings)
 
     def load(spec: str):
-        return load_model(spec, device, dtype, device_map, max_memory, offload_folder, bos)
+        return load_model(spec, place, bos)
 
     def detect(loaded):
         ids = corpora.tokenize(loaded.tokenizer, text, calib_tokens)
         with progress() as bar:
-            task = bar.add_task("Detecting", total=None)
-
-            def on_stage(name: str) -> None:
-                total = n_scored(ids.numel(), max_length, bos=loaded.bos is not None) if name.startswith(
-                    "Verifying") else None
-                bar.update(task, description=f"{loaded.spec}: {name}", total=total, completed=0)
-
-            return run_detect(loaded, cfg, ids=ids, on_stage=on_stage, on_tokens=lambda n: bar.advance(task, n))
+            return run_detect(loaded, cfg, ids=ids, progress=Prefixed(Bar(bar, "Detecting"), f"{loaded.spec}: "))
 
     def note(event: str, _spec: str, line: str) -> None:
         err.print(f"Error: {line}" if event == "error" else line, markup=False, highlight=False, soft_wrap=True)
 
-    outcome = stage.run_census(specs, where, settings, load, detect, note)
+    outcome = stage.run_census(specs, where, settings, stage.CensusHooks(load, detect, tables, note))
     print_census(out, outcome.rows, where)
     if outcome.tables_written:
         err.print(f"Wrote {where / stage.CENSUS_CSV} and {where / stage.CENSUS_MD}", markup=False, highlight=False)

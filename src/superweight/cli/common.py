@@ -1,5 +1,6 @@
-"""What every command shares: the app, the consoles, option types, the error boundary, progress displays and the
-small parsers that check option values before any model loads."""
+"""What every command shares: the app, the consoles, option types, the error boundary, the progress bar (the
+library's progress.Progress), the model's Placement, and the small parsers that check option values before any
+model loads. A command builds its settings objects (which validate themselves) and calls one library function."""
 
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ from rich.progress import (
 
 from superweight.errors import SuperweightError, UsageError
 from superweight.io.models import DEFAULT_MODEL
+from superweight.io.placement import Placement
+from superweight.settings import error_line
 
 app = typer.Typer(
     add_completion=False,
@@ -69,6 +72,11 @@ def errors(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
+        except ValidationError as exc:  # a settings model refused an option value: one line, exit 2
+            if os.environ.get("SUPERWEIGHT_DEBUG"):
+                raise
+            err.print(f"Error: {error_line(exc, '--')}", markup=False, highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
         except SuperweightError as exc:
             if os.environ.get("SUPERWEIGHT_DEBUG"):
                 raise
@@ -90,27 +98,21 @@ def progress() -> Progress:
     )
 
 
-def token_and_prompt_tasks(bar: Progress, n_tokens: int, n_prompts: int):
-    """Two progress tasks (scored tokens, generations) and the callbacks that advance them."""
-    tokens = bar.add_task("Scoring tokens", total=n_tokens)
-    prompts = bar.add_task("Generating", total=n_prompts)
-    return (lambda n: bar.advance(tokens, n)), (lambda n: bar.advance(prompts, n))
+class Bar:
+    """The library's progress protocol (superweight.progress.Progress) drawn as one rich progress task: a stage
+    sets its description and total, `advance` moves it (and shows a training step's loss)."""
 
+    def __init__(self, bar: Progress, first: str = "Preparing"):
+        self.bar, self.name = bar, first
+        self.task = bar.add_task(first, total=None)
 
-def stage_tasks(bar: Progress):
-    """One progress task that follows a job's stages: (stage(name, total), advance(n, loss)) callbacks."""
-    task = bar.add_task("Preparing", total=None)
-    current = {"name": "Preparing"}
+    def stage(self, name: str, total: int | None = None) -> None:
+        self.name = name
+        self.bar.update(self.task, description=name, total=total, completed=0)
 
-    def stage(name: str, total: int | None = None) -> None:
-        current["name"] = name
-        bar.update(task, description=name, total=total, completed=0)
-
-    def advance(n: int, loss: float | None = None) -> None:
+    def advance(self, n: int = 1, loss: float | None = None) -> None:
         note = f" (KL {loss:.4f})" if loss is not None else ""
-        bar.update(task, advance=n, description=current["name"] + note)
-
-    return stage, advance
+        self.bar.update(self.task, advance=n, description=self.name + note)
 
 
 def write_result(json_: str | None, result) -> None:
@@ -140,45 +142,34 @@ def run_bos(path, bos: str | None) -> str:
     return "off" if read_record(path).protocol.bos is None else "on"
 
 
-def load_model(model: str, device: str, dtype: str, device_map: str | None = None, max_memory: str | None = None,
-               offload_folder: str | None = None, bos: str = "auto"):
-    """Load a model; say once which dtype `--dtype auto` chose and why (the protocol records it too)."""
-    from superweight.io import models
+def placement(device: str = "cpu", dtype: str = "auto", device_map: str | None = None, max_memory: str | None = None,
+              offload_folder: str | None = None) -> Placement:
+    """The five placement options of a command that loads a model, as one checked Placement (before the load)."""
     from superweight.stages.distributed import process_device
 
-    device = process_device(device)  # under `accelerate launch`, each process's own GPU
-    where = f"device map {device_map}" if device_map else device
-    with err.status(f"Loading {model} ({dtype}, {where})..."):
-        loaded = models.load(model, device=device, dtype=dtype, device_map=device_map, max_memory=max_memory,
-                             offload_folder=offload_folder, bos=bos)
+    # under `accelerate launch`, each process's own GPU
+    return Placement(device=process_device(device), dtype=dtype, device_map=device_map, max_memory=max_memory,
+                     offload_folder=offload_folder)
+
+
+def load_model(model: str, where: Placement, bos: str = "auto"):
+    """Load a model; say once which dtype `--dtype auto` chose and why (the protocol records it too)."""
+    from superweight.io import models
+
+    with err.status(f"Loading {model} ({where.dtype}, {where.where()})..."):
+        loaded = models.load(model, where, bos=bos)
     if loaded.dtype_reason and "pinned by" not in loaded.dtype_reason:  # a pinned choice needs no explaining
         err.print(f"dtype auto: {loaded.dtype} ({loaded.dtype_reason})", markup=False, highlight=False)
-    if device_map:
-        err.print(f"device map {device_map}: {loaded.device}", markup=False, highlight=False)
+    if where.device_map:
+        err.print(f"device map {where.device_map}: {loaded.device}", markup=False, highlight=False)
     return loaded
 
 
 def recipe_config(recipe: str, **overrides):
     """A recipe's settings with the options given on the command line (None = keep the recipe's)."""
-    from superweight.stages.train import RECIPES, RepairConfig
+    from superweight.stages.recipes import recipe_settings
 
-    if recipe not in RECIPES:
-        raise UsageError(f"unknown recipe '{recipe}': use {', '.join(RECIPES)}")
-    try:
-        return RepairConfig(**{**RECIPES[recipe].model_dump(), **{k: v for k, v in overrides.items() if v is not None}})
-    except ValidationError as exc:
-        raise UsageError(option_error(exc)) from None
-
-
-def option_error(exc: ValidationError) -> str:
-    """A settings model's first validation error as an option error: "invalid --optimizer 'lion': use
-    'adamw', 'adam' or 'sgd'" (pydantic's own text names a help URL, not the option)."""
-    first = exc.errors()[0]
-    option = "--" + "-".join(str(x) for x in first["loc"]).replace("_", "-")
-    expected = (first.get("ctx") or {}).get("expected")
-    if expected:
-        return f"invalid {option} {first['input']!r}: use {expected}"
-    return f"invalid {option} {first['input']!r}: {first['msg'][0].lower()}{first['msg'][1:]}"
+    return recipe_settings(recipe, "--", **{k: v for k, v in overrides.items() if v is not None})
 
 
 def parse_rows(texts: list[str]) -> list[tuple]:
@@ -209,7 +200,7 @@ def check_run_dir(run_dir: str):
     if not path.is_dir():
         raise UsageError(f"no such run directory: {path}")
     read_record(path)  # a missing, damaged or unreadable record fails before the model loads
-    return path, load_patch(path).config.get("spec", DEFAULT_MODEL)
+    return path, load_patch(path).config.spec or DEFAULT_MODEL
 
 
 def task_spec(tasks: str | None, include_path: str | None, limit: int | None):
@@ -222,17 +213,3 @@ def task_spec(tasks: str | None, include_path: str | None, limit: int | None):
 
     with err.status("Finding lm-eval tasks..."):
         return prepare_tasks(tasks, include_path, limit)
-
-
-def check_detect_options(max_length: int, bos: str, calib_tokens: int, max_candidates: int,
-                         attribution_top: int) -> None:
-    """detect's (and census's) options that can be checked before a model loads: one error line each."""
-    from superweight.io import corpora
-
-    corpora.check_windows(max_length)
-    check_bos(bos)
-    if calib_tokens < 2:
-        raise UsageError(f"--calib-tokens must be at least 2, got {calib_tokens}")
-    for name, value, least in [("--max-candidates", max_candidates, 1), ("--attribution-top", attribution_top, 0)]:
-        if value < least:
-            raise UsageError(f"{name} must be at least {least}, got {value}")

@@ -7,14 +7,15 @@ from typing import Annotated, Optional
 import typer
 
 from superweight.cli.common import (
-    BosOpt, DeviceMapOpt, MaxMemoryOpt, OffloadOpt, check_bos, check_detect_options,
+    Bar, BosOpt, DeviceMapOpt, MaxMemoryOpt, OffloadOpt, check_bos, placement,
     CorpusOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, SplitOpt, app, err, errors, load_model, out, progress,
-    token_and_prompt_tasks, write_result, IncludePathOpt, TaskLimitOpt, TasksOpt, task_spec,
+    write_result, IncludePathOpt, TaskLimitOpt, TasksOpt, task_spec,
 )
 from superweight.errors import UsageError
 from superweight.io import corpora
 from superweight.io.models import DEFAULT_MODEL
 from superweight.report import terminal
+from superweight.settings import revalidated
 
 
 @app.command()
@@ -29,10 +30,11 @@ def info(model: ModelOpt = DEFAULT_MODEL, device: DeviceOpt = "cpu", dtype: Dtyp
     from superweight.io.files import check_writable, write_json
     from superweight.known import published
 
+    where = placement(device, dtype, device_map, max_memory, offload_folder)
     check_bos(bos)
     if json_:
         check_writable(json_)
-    loaded = load_model(model, device, dtype, device_map, max_memory, offload_folder, bos)
+    loaded = load_model(model, where, bos)
     desc = describe(loaded.model)
     known = published(model)
     terminal.print_info(out, model, loaded.source, desc, known)
@@ -72,40 +74,28 @@ def eval_(
     from superweight.io.files import check_writable
     from superweight.io.patchfile import load_patch
     from superweight.known import published
-    from superweight.measure.generate import DEFAULT_PROMPTS
-    from superweight.measure.metrics import n_scored
-    from superweight.stages.evaluate import run_eval
+    from superweight.stages.evaluate import EvalConfig, run_eval
 
     # Everything that can be checked without the model is checked before the (slow) load.
     if patch and ablate:
         raise UsageError("--patch brings its own ablation; give --ablate or --patch, not both")
     patch_data = load_patch(patch) if patch else None
     coords = patch_data.ablated if patch_data else parse_coords(ablate) if ablate else published(model)
-    corpora.check_windows(max_length, stride)
+    cfg = EvalConfig(corpus=corpus, split=split, max_tokens=max_tokens, max_length=max_length, stride=stride,
+                     prompts=prompt, max_new_tokens=max_new_tokens)
+    where = placement(device, dtype, device_map, max_memory, offload_folder)
     check_bos(bos)
-    if max_tokens < 2:
-        raise UsageError(f"--max-tokens must be at least 2, got {max_tokens}")
-    if max_new_tokens < 1:
-        raise UsageError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     if json_:
         check_writable(json_)
     text = corpora.load_text(corpus, split)
-    task_set = task_spec(tasks, include_path, task_limit)
-    loaded = load_model(model, device, dtype, device_map, max_memory, offload_folder, bos)
+    cfg = revalidated(cfg, tasks=task_spec(tasks, include_path, task_limit))
+    loaded = load_model(model, where, bos)
     if not coords:
         err.print("No --ablate given and no published super weight for this model: base metrics only.",
                   soft_wrap=True)
     ids = corpora.tokenize(loaded.tokenizer, text, max_tokens)
-    prompts = prompt or DEFAULT_PROMPTS
     with progress() as bar:
-        total = n_scored(ids.numel(), max_length, stride, loaded.bos is not None)
-        on_tokens, on_prompt = token_and_prompt_tasks(bar, total, len(prompts))
-        lm_bar = bar.add_task("lm-eval tasks", total=None, visible=task_set is not None)
-        result = run_eval(
-            loaded, coords, corpus, split, max_tokens, max_length, stride, prompts, max_new_tokens, ids=ids,
-            on_tokens=on_tokens, on_prompt=on_prompt, patch=patch_data, tasks=task_set,
-            on_task=lambda name: bar.update(lm_bar, description=f"lm-eval tasks: {name}"),
-        )
+        result = run_eval(loaded, coords, cfg, ids=ids, patch=patch_data, progress=Bar(bar))
     terminal.print_eval(out, result)
     write_result(json_, result)
 
@@ -137,37 +127,22 @@ def detect(
 ):
     """Find super weights: iterative spike scan + attribution, each confirmed by the damage its removal does."""
     from superweight.io.files import check_writable
-    from superweight.measure.metrics import n_scored
     from superweight.stages.detect import DetectConfig, run_detect
 
-    if attribution not in {"activation", "gradient", "none"}:
-        raise UsageError(f"unknown attribution '{attribution}': use activation, gradient or none")
-    check_detect_options(max_length, bos, calib_tokens, max_candidates, attribution_top)
-    for name, value in [("--spike-ratio", spike_ratio), ("--control-factor", control_factor)]:
-        if not value > 0:
-            raise UsageError(f"{name} must be positive, got {value:g}")
-    if not min_kl >= 0:
-        raise UsageError(f"--min-kl must be at least 0, got {min_kl:g}")
-    cfg = DetectConfig(
-        prompts=prompt, max_candidates=max_candidates, spike_ratio=spike_ratio,
-        attribution=None if attribution == "none" else attribution, attribution_top=attribution_top, verify=verify,
-        corpus=corpus, split=split, calib_tokens=calib_tokens, max_length=max_length, min_kl=min_kl,
-        control_factor=control_factor, seed=seed,
+    cfg = DetectConfig(  # checks its values (one error line each)
+        attribution=attribution, max_length=max_length, calib_tokens=calib_tokens, max_candidates=max_candidates,
+        attribution_top=attribution_top, spike_ratio=spike_ratio, control_factor=control_factor, min_kl=min_kl,
+        prompts=prompt, verify=verify, corpus=corpus, split=split, seed=seed,
     )
+    where = placement(device, dtype, device_map, max_memory, offload_folder)
+    check_bos(bos)
     if json_:
         check_writable(json_)
-    text = corpora.load_text(corpus, split) if (verify or attribution != "none") else None
-    loaded = load_model(model, device, dtype, device_map, max_memory, offload_folder, bos)
+    text = corpora.load_text(corpus, split) if (cfg.verify or cfg.attribution) else None
+    loaded = load_model(model, where, bos)
     ids = corpora.tokenize(loaded.tokenizer, text, calib_tokens) if text is not None else None
     with progress() as bar:
-        task = bar.add_task("Detecting", total=None)
-
-        def stage(name: str) -> None:
-            verifying = name.startswith("Verifying")
-            total = n_scored(ids.numel(), max_length, bos=loaded.bos is not None) if verifying else None
-            bar.update(task, description=name, total=total, completed=0)
-
-        result = run_detect(loaded, cfg, ids=ids, on_stage=stage, on_tokens=lambda n: bar.advance(task, n))
+        result = run_detect(loaded, cfg, ids=ids, progress=Bar(bar, "Detecting"))
     terminal.print_detect(out, result)
     write_result(json_, result)
 
@@ -197,10 +172,8 @@ def sweep(
     """Scale one weight (and spread it): NLL/PPL/KL/top-1 and generations per scale, plus a PNG plot."""
     from superweight.core.coords import parse_coord
     from superweight.io.files import check_writable
-    from superweight.measure.generate import DEFAULT_PROMPTS
-    from superweight.measure.metrics import n_scored
     from superweight.report.plots import save_sweep_plot as plot_sweep
-    from superweight.stages.sweep import run_sweep
+    from superweight.stages.sweep import SweepConfig, run_sweep
 
     coord = parse_coord(weight)
     if "@" in weight:
@@ -213,25 +186,18 @@ def sweep(
         raise UsageError("--scales is empty")
     if spread < 0:
         raise UsageError(f"--spread must be >= 0, got {spread}")
-    if max_tokens < 2 or max_new_tokens < 1:
-        raise UsageError(f"--max-tokens must be at least 2 and --max-new-tokens at least 1, got {max_tokens} "
-                         f"and {max_new_tokens}")
-    corpora.check_windows(max_length)
+    cfg = SweepConfig(scales=factors, spread=spread or None, corpus=corpus, split=split, max_tokens=max_tokens,
+                      max_length=max_length, prompts=prompt, max_new_tokens=max_new_tokens)
+    where = placement(device, dtype, device_map, max_memory, offload_folder)
     check_bos(bos)
     png = plot or f"runs/sweep/{'-'.join(map(str, coord.key))}.png"  # 11-507-1229, or 3-17-507-1229 in an expert
     for path in filter(None, [json_, png]):
         check_writable(path)
     text = corpora.load_text(corpus, split)
-    loaded = load_model(model, device, dtype, device_map, max_memory, offload_folder, bos)
+    loaded = load_model(model, where, bos)
     ids = corpora.tokenize(loaded.tokenizer, text, max_tokens)
-    prompts = prompt or DEFAULT_PROMPTS
     with progress() as bar:
-        on_tokens, on_prompt = token_and_prompt_tasks(
-            bar, n_scored(ids.numel(), max_length, bos=loaded.bos is not None), len(prompts))
-        result = run_sweep(
-            loaded, coord, factors, spread or None, corpus, split, max_tokens, max_length, prompts,
-            max_new_tokens, ids=ids, on_tokens=on_tokens, on_prompt=on_prompt,
-        )
+        result = run_sweep(loaded, coord, cfg, ids=ids, progress=Bar(bar))
     terminal.print_sweep(out, result)
     plot_sweep(result, png)
     err.print(f"Wrote {png}")

@@ -7,8 +7,8 @@ from typing import Annotated, Optional
 import typer
 
 from superweight.cli.common import (
-    BosOpt, CorpusOpt, DeviceOpt, IncludePathOpt, JsonOpt, ModelOpt, SplitOpt, TaskLimitOpt, TasksOpt, app, check_bos,
-    err, errors, load_model, out, progress, task_spec, write_result,
+    Bar, BosOpt, CorpusOpt, DeviceOpt, IncludePathOpt, JsonOpt, ModelOpt, SplitOpt, TaskLimitOpt, TasksOpt, app,
+    check_bos, err, errors, load_model, out, placement, progress, task_spec, write_result,
 )
 from superweight.errors import UsageError
 from superweight.io import corpora
@@ -78,19 +78,18 @@ def quantize(
     from superweight.core.quant import check_blocks, check_levels, parse_bits, parse_blocks, parse_clip
     from superweight.io.files import check_writable
     from superweight.io.patchfile import load_patch
-    from superweight.measure.metrics import n_scored
-    from superweight.stages.quantize import auto_keep, parse_activations, run_quantize, shapes_before_load
+    from superweight.settings import revalidated
+    from superweight.stages.quantize import QuantizeConfig, auto_keep, parse_activations, run_quantize, shapes_before_load
 
     # Every option is checked before the (slow) load.
     bit_list, blocks, clip_spec = parse_bits(bits), parse_blocks(block), parse_clip(clip)
     check_levels(levels, bit_list)
     coords, source = parse_keep(keep)
-    protect_k = parse_protect(protect, clip_spec)
-    acts = parse_activations(activations)
-    corpora.check_windows(max_length)
+    cfg = QuantizeConfig(bits=bit_list, blocks=blocks, levels=levels, clip=clip_spec, keep=coords or [],
+                         keep_source=source, activations=parse_activations(activations), corpus=corpus, split=split,
+                         max_tokens=max_tokens, max_length=max_length, protect=parse_protect(protect, clip_spec))
+    where = placement(device, dtype)
     check_bos(bos)
-    if max_tokens < 2:
-        raise UsageError(f"--max-tokens must be at least 2, got {max_tokens}")
     for path in filter(None, [json_, plot]):
         check_writable(path)
     patch_data = load_patch(patch) if patch else None
@@ -98,21 +97,15 @@ def quantize(
     if shapes:
         check_blocks(blocks, shapes)
     text = corpora.load_text(corpus, split)
-    task_set = task_spec(tasks, include_path, task_limit)
-    loaded = load_model(model, device, dtype, bos=bos)
+    cfg = revalidated(cfg, tasks=task_spec(tasks, include_path, task_limit))
+    loaded = load_model(model, where, bos)
     if coords is None:
         with err.status("Finding the super weights to keep: published, else detected..."):
             coords, source = auto_keep(loaded, model)
+        cfg = revalidated(cfg, keep=coords, keep_source=source)
     ids = corpora.tokenize(loaded.tokenizer, text, max_tokens)
     with progress() as bar:
-        task = bar.add_task("Quantizing", total=n_scored(ids.numel(), max_length, bos=loaded.bos is not None))
-        lm_bar = bar.add_task("lm-eval tasks", total=None, visible=task_set is not None)
-        result = run_quantize(
-            loaded, bit_list, blocks, levels, clip_spec, coords, source, acts, corpus, split, max_tokens, max_length,
-            ids=ids, patch=patch_data, tasks=task_set, protect=protect_k, on_tokens=lambda n: bar.advance(task, n),
-            on_condition=lambda name: bar.update(task, description=f"Scoring {name}"),
-            on_task=lambda name: bar.update(lm_bar, description=f"lm-eval tasks: {name}"),
-        )
+        result = run_quantize(loaded, cfg, ids=ids, patch=patch_data, progress=Bar(bar, "Quantizing"))
     terminal.print_quantize(out, result)
     if plot:
         from superweight.report.plots import save_quantize_plot

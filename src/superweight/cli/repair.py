@@ -7,9 +7,9 @@ from typing import Annotated, Optional
 import typer
 
 from superweight.cli.common import (
-    BosOpt, DeviceMapOpt, MaxMemoryOpt, OffloadOpt, RunBosOpt, check_bos,
+    Bar, BosOpt, DeviceMapOpt, MaxMemoryOpt, OffloadOpt, RunBosOpt, check_bos, placement,
     CorpusOpt, DeviceOpt, DtypeOpt, ModelOpt, app, err, errors, load_model, out, parse_rows, progress, recipe_config,
-    stage_tasks, IncludePathOpt, TaskLimitOpt, TasksOpt, task_spec,
+    IncludePathOpt, TaskLimitOpt, TasksOpt, task_spec,
 )
 from superweight.errors import UsageError
 from superweight.io import corpora
@@ -61,23 +61,20 @@ def repair(
     from superweight.io.rundir import read_record
     from superweight.io.runstate import check_run_dir_for
     from superweight.stages import distributed
-    from superweight.stages.repair import recorded_bos, repair_settings, run_repair
+    from superweight.settings import revalidated
+    from superweight.stages.repair import RepairJob, recorded_bos, repair_settings, run_repair
 
     coords = parse_coords(weight)
     rows = parse_rows(patch_row) if patch_row else rows_of(coords)
     cfg = recipe_config(recipe, steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, optimizer=optimizer,
                          kl=kl, temperature=temperature, init=init, seed=seed)
-    if checkpoint_every < 1:
-        raise UsageError(f"--checkpoint-every must be at least 1, got {checkpoint_every}")
-    if eval_tokens < 2:
-        raise UsageError(f"--eval-tokens must be at least 2, got {eval_tokens}")
-    if seeds < 1:
-        raise UsageError(f"--seeds must be at least 1, got {seeds}")
+    job = RepairJob(recipe=recipe, config=cfg, checkpoint_every=checkpoint_every, eval_tokens=eval_tokens,
+                    seeds=seeds, corpus=corpus, baselines=baselines, resume=resume)
+    where = placement(device, dtype, device_map, max_memory, offload_folder)
     first = coords[0]
     run_dir = Path(out_ or f"runs/repair-{first.layer}-{first.row}-{first.col}")
     bos = check_bos(bos) if bos is not None else recorded_bos(run_dir) if resume else "auto"
-    settings = repair_settings(model, recipe, cfg, coords, rows, corpus, eval_tokens, 512, baselines,
-                               checkpoint_every, seeds, bos)
+    settings = repair_settings(model, job, coords, rows, bos)
     dp = distributed.current()  # under `accelerate launch`: only process 0 writes run_dir and prints
     check_run_dir_for(run_dir, settings, resume)  # refused before the directory is made or locked
     with hold_run_dir(run_dir, "repair") if dp.is_main else nullcontext():  # one writer, or refused here
@@ -91,15 +88,13 @@ def repair(
         corpora.load_text(corpus, "train")  # a missing or unreadable corpus fails before the model loads
         corpora.load_text(corpus, "eval")
         task_set = task_spec(tasks, include_path, task_limit)
-        loaded = load_model(model, device, dtype, device_map, max_memory, offload_folder, bos)
+        job = revalidated(job, tasks=task_set if dp.is_main else None)
+        loaded = load_model(model, where, bos)
         if dp.world > 1 and dp.is_main:
             err.print(f"data-parallel: {dp.world} processes share each batch of {cfg.batch_size} sequences",
                       markup=False, highlight=False)
         with progress() as bar, dp.run_dir_for(run_dir, resume) as own_dir:
-            stage, advance = stage_tasks(bar)
-            record = run_repair(loaded, coords, rows, cfg, recipe, own_dir, corpus, eval_tokens, 512, baselines,
-                                 seeds, resume, checkpoint_every, on_stage=stage, on_advance=advance,
-                                 tasks=task_set if dp.is_main else None)
+            record = run_repair(loaded, coords, rows, own_dir, job, Bar(bar))
     if dp.is_main:
         terminal.print_repair(out, record, run_dir)
 
@@ -132,6 +127,7 @@ def apply_(
 
     if not export and not peft:
         raise UsageError("give --export DIR (a merged model) and/or --peft DIR (a LoRA adapter)")
+    where = placement(device, dtype, device_map, max_memory, offload_folder)
     check_bos(bos)
     if ablation_only and not peft:
         raise UsageError("--ablation-only applies to --peft (the adapter that only ablates)")
@@ -143,8 +139,7 @@ def apply_(
             raise UsageError(f"{opt} {target} exists already; choose a new directory")
         if target:
             check_writable(target)
-    loaded = load_model(model or data_.config.get("spec", DEFAULT_MODEL), device, dtype, device_map, max_memory,
-                        offload_folder, bos)
+    loaded = load_model(model or data_.config.spec or DEFAULT_MODEL, where, bos)
     what = (f"{', '.join(map(str, data_.ablated))} ablated, rows {', '.join(map(row_text, data_.rows))} "
             "patched")
     if peft:  # first: the adapter is made against the intact weights

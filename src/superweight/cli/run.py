@@ -7,8 +7,8 @@ from typing import Annotated, Optional
 import typer
 
 from superweight.cli.common import (
-    DeviceMapOpt, MaxMemoryOpt, OffloadOpt, RunBosOpt, check_bos,
-    CorpusOpt, DeviceOpt, DtypeOpt, ModelOpt, app, err, errors, load_model, out, progress, recipe_config, stage_tasks,
+    Bar, DeviceMapOpt, MaxMemoryOpt, OffloadOpt, RunBosOpt, check_bos, placement,
+    CorpusOpt, DeviceOpt, DtypeOpt, ModelOpt, app, err, errors, load_model, out, progress, recipe_config,
     IncludePathOpt, TaskLimitOpt, TasksOpt, task_spec,
 )
 from superweight.errors import UsageError
@@ -52,13 +52,15 @@ def run(
 
     from superweight.core.coords import parse_coord
     from superweight.io.lock import hold_run_dir
-    from superweight.stages.pipeline import check_out, run_pipeline
-    from superweight.stages.repair import recorded_bos
+    from superweight.settings import revalidated
+    from superweight.stages.pipeline import PipelineJob, check_out, run_pipeline
+    from superweight.stages.repair import RepairJob, recorded_bos
 
-    coord = parse_coord(weight) if weight else None
-    cfg = recipe_config(recipe, steps=steps)
-    if min(eval_tokens, analysis_tokens) < 2 or seeds < 1 or draws < 1:
-        raise UsageError("--eval-tokens and --analysis-tokens must be at least 2, --seeds and --draws at least 1")
+    repair = RepairJob(recipe=recipe, config=recipe_config(recipe, steps=steps), corpus=corpus,
+                       eval_tokens=eval_tokens, baselines=baselines, seeds=seeds, resume=resume)
+    job = PipelineJob(weight=parse_coord(weight) if weight else None, repair=repair, analysis_tokens=analysis_tokens,
+                      draws=draws, sparse=sparse, quantize=quantize)
+    where = placement(device, dtype, device_map, max_memory, offload_folder)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     path = Path(out_ or f"runs/{Path(model).name.removesuffix('.gguf')}-{stamp}")
     if resume and out_ is None:
@@ -71,12 +73,9 @@ def run(
                       soft_wrap=True)
             return
         corpora.load_text(corpus, "eval")  # a missing corpus fails before the model loads
-        task_set = task_spec(tasks, include_path, task_limit)
-        loaded = load_model(model, device, dtype, device_map, max_memory, offload_folder, bos)
+        job = revalidated(job, repair=revalidated(repair, tasks=task_spec(tasks, include_path, task_limit)))
+        loaded = load_model(model, where, bos)
         with progress() as bar:
-            stage, advance = stage_tasks(bar)
-            record = run_pipeline(loaded, path, coord, cfg, recipe, corpus, eval_tokens, analysis_tokens, draws,
-                                   baselines, seeds, sparse, on_stage=stage, on_advance=advance, resume=resume,
-                                   tasks=task_set, quantize=quantize)
+            record = run_pipeline(loaded, path, job, Bar(bar))
     terminal.print_run(out, record, path)
 

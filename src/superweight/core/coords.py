@@ -16,6 +16,7 @@ from typing import Literal, Union
 from pydantic import BaseModel, ConfigDict
 
 from superweight.errors import CoordinateError
+from superweight.settings import revalidated
 
 SHARED = "shared"  # core/moe.py's name of the shared expert
 _SCALE = r"(?:@\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?))?"
@@ -71,7 +72,7 @@ def parse_coords(texts: list[str]) -> list[WeightCoord]:
     seen = set()
     for c in coords:
         if c.key in seen:
-            raise CoordinateError(f"weight {c.model_copy(update={'scale': 0.0})} is given more than once")
+            raise CoordinateError(f"weight {revalidated(c, scale=0.0)} is given more than once")
         seen.add(c.key)
     return coords
 

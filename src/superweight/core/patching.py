@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -37,7 +38,7 @@ class PatchData:
     rows: list[tuple[int, int]]
     vectors: list[torch.Tensor]
     ablated: list[WeightCoord]
-    config: dict
+    config: Any  # io/runconfig.PatchConfig (fingerprint, model, spec, recipe, ...): io sits above core
 
 
 def fingerprint(model: nn.Module, layers: list[int]) -> str:
@@ -75,9 +76,9 @@ def check_fits(model: nn.Module, patch: PatchData) -> None:
                 f"patch vector for {dp.where} has {v.numel()} entries but this model's d_ff is {dp.d_ff}"
             )
     layers = [r[0] for r in patch.rows] + [c.layer for c in patch.ablated]
-    if fingerprint(model, layers) != patch.config["fingerprint"]:
+    if fingerprint(model, layers) != patch.config.fingerprint:
         raise PatchMismatchError(
-            f"patch was trained on another model ({patch.config.get('model', '?')}): weight fingerprint differs"
+            f"patch was trained on another model ({patch.config.model or '?'}): weight fingerprint differs"
         )
 
 

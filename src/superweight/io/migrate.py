@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from superweight.core.conditions import SCALE
 from superweight.errors import SuperweightError
-from superweight.io.record import SCHEMA_VERSION, RunRecord
+from superweight.io.record import SCHEMA_VERSION, RepairConfig, RunRecord
 
 
 def migrate(data: Any, where: str = "results.json") -> dict:
@@ -19,7 +19,8 @@ def migrate(data: Any, where: str = "results.json") -> dict:
     anything else in one line. Version 1 (no schema_version): patch.rows keyed "LAYER:ROW" (or, older still, the
     whole patch keyed by row), and no config.data (the seed recipe read one wikitext line per sequence).
     Version 2: `sweep` held flat points ({scale, nll, ppl, kl, top1_agree, super_activation}), detect.candidates a
-    summary of each candidate and seeds.mean / seeds.std no `seed` (the last two have defaults in version 3)."""
+    summary of each candidate, seeds.mean / seeds.std no `seed` (the last two have defaults in version 3), and
+    `config` an untyped dict, which may lack the settings added since (check_rows, space)."""
     if not isinstance(data, dict):
         raise SuperweightError(f"{where} holds no results object")
     version = data.get("schema_version", 1)
@@ -37,7 +38,7 @@ def migrate(data: Any, where: str = "results.json") -> dict:
             data["config"] = {**data["config"], "data": "lines" if data.get("recipe") == "seed" else "packed"}
         version = 2
     if version == 2:
-        data = {**data, "schema_version": 3}
+        data = {**data, "schema_version": 3, "config": _config_v2(data.get("config"))}
         if isinstance(data.get("sweep"), list):
             try:
                 data["sweep"] = [_sweep_point_v2(p, data) for p in data["sweep"]]
@@ -53,6 +54,15 @@ def _sweep_point_v2(p: dict, data: dict) -> dict:
     n_tokens = ((data.get("analysis") or {}).get("protocol") or {}).get("n_tokens", 0)
     return {"label": "base" if scale == 1.0 else SCALE.name(s=scale), "scale": scale,
             "metrics": {k: v for k, v in p.items() if k != "scale"} | {"n_tokens": n_tokens}}
+
+
+def _config_v2(config):
+    """Version 2's untyped config as a RepairConfig's fields: settings that did not exist yet take what the run
+    did without them (no held-out check, weight coordinates); keys no longer known are dropped."""
+    if not isinstance(config, dict):
+        return config
+    lifted = {"check_rows": 0, "space": "weight", **config}
+    return {k: v for k, v in lifted.items() if k in RepairConfig.model_fields}
 
 
 def _patch_v1(p: dict) -> dict:

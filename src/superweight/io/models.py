@@ -30,7 +30,8 @@ from torch import nn
 from superweight.errors import ModelLoadError, UsageError
 from superweight.io.corpora import BOS_MODES, bos_token
 from superweight.io.lock import cache_entry_lock
-from superweight.io.placement import choose_dtype, device_map_kwargs, map_kind
+from superweight.io.placement import Placement, choose_dtype, map_kind
+from superweight.settings import build
 
 DEFAULT_MODEL = "smollm2-135m"
 EMBEDDED = {
@@ -155,9 +156,10 @@ def resolve_spec(spec: str) -> tuple[str, str | None, str]:
     return spec, None, "hub"
 
 
-def load(spec: str = DEFAULT_MODEL, device: str = "cpu", dtype: str = "fp32", device_map: str | None = None,
-         max_memory: str | None = None, offload_folder: str | None = None, bos: str = "auto") -> Loaded:
-    """Load `spec` once, in eval mode with gradients off for every parameter.
+def load(spec: str = DEFAULT_MODEL, placement: Placement | None = None, bos: str = "auto", **fields) -> Loaded:
+    """Load `spec` once, in eval mode with gradients off for every parameter, where `placement` says (None: a
+    Placement of the keyword `fields` (device, dtype, device_map, max_memory, offload_folder), fp32 on the CPU
+    unless they say otherwise).
 
     `dtype="auto"` picks bf16 where the hardware multiplies it natively, else fp32 (`choose_dtype`).
     `device_map` ("auto", "balanced" or a JSON object {module: device}) spreads the layers over GPUs, the CPU and
@@ -172,12 +174,15 @@ def load(spec: str = DEFAULT_MODEL, device: str = "cpu", dtype: str = "fp32", de
     `bos` (auto, on or off) says whether every window and training row starts with the BOS token
     (io/corpora.bos_token); the token id is worked out once here, into `Loaded.bos`.
     """
-    if dtype not in DTYPES and dtype != "auto":
-        raise UsageError(f"unknown dtype '{dtype}': use auto, {', '.join(DTYPES)}")
+    if placement is None:
+        placement = build(Placement, None, "", **{"dtype": "fp32", **fields})
+    elif fields:
+        raise TypeError("give a Placement or its fields as keywords, not both")
     if bos not in BOS_MODES:
         raise UsageError(f"unknown --bos '{bos}': use {', '.join(BOS_MODES)}")
-    placement = device_map_kwargs(device_map, max_memory, offload_folder)
-    device = resolve_device(device) if not placement else map_kind(placement["device_map"])
+    dtype, device_map, _device = placement.dtype, placement.device_map, placement.device
+    placement = placement.kwargs()
+    device = resolve_device(_device) if not placement else map_kind(placement["device_map"])
     reason = None
     if dtype == "auto":
         dtype, reason = choose_dtype(device)

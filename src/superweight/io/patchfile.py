@@ -22,6 +22,7 @@ from superweight.core.patching import PatchData, fingerprint
 from superweight.errors import SuperweightError
 from superweight.io import files
 from superweight.io.provenance import provenance
+from superweight.io.runconfig import PATCH_CONFIG_VERSION, PatchConfig, lift
 
 PATCH_FILE = "patch.safetensors"
 CONFIG_FILE = "patch_config.json"
@@ -40,7 +41,8 @@ def _row(entry) -> tuple:
 
 
 def save_patch(run_dir: Path, model: nn.Module, patch: RowPatch, ablated: list[WeightCoord], meta: dict) -> None:
-    """Write the vectors and their config (sorted, indented JSON) into `run_dir`."""
+    """Write the vectors and their config (io/runconfig.PatchConfig, sorted, indented JSON) into `run_dir`;
+    `meta` holds PatchConfig's fields about how it was made (model, spec, recipe, config)."""
     tensors = {tensor_name(r): v.detach().cpu().float().contiguous() for r, v in zip(patch.rows, patch.vectors)}
     files.write_atomic(run_dir / PATCH_FILE, lambda tmp: save_file(tensors, str(tmp)))
     layers = [r[0] for r in patch.rows] + [c.layer for c in ablated]
@@ -48,16 +50,16 @@ def save_patch(run_dir: Path, model: nn.Module, patch: RowPatch, ablated: list[W
     for r in patch.rows:
         layer, _row, expert = split_row(r)
         dps[str(layer) if expert is None else f"{layer}:{expert}"] = down_projection(model, layer, expert)
-    config = {
+    config = PatchConfig(
         **meta,
-        "fingerprint": fingerprint(model, layers),
-        "ablated": [str(c) for c in ablated],
-        "rows": [list(r) for r in patch.rows],
-        "d_ff": {key: dp.d_ff for key, dp in dps.items()},
-        "d_model": next(iter(dps.values())).d_model,
-        "provenance": provenance(),
-    }
-    files.write_json(run_dir / CONFIG_FILE, dict(sorted(config.items())))
+        fingerprint=fingerprint(model, layers),
+        ablated=[str(c) for c in ablated],
+        rows=[list(r) for r in patch.rows],
+        d_ff={key: dp.d_ff for key, dp in dps.items()},
+        d_model=next(iter(dps.values())).d_model,
+        provenance=provenance(),
+    )
+    files.write_json(run_dir / CONFIG_FILE, dict(sorted(config.model_dump(exclude_none=True).items())))
 
 
 def load_patch(path: str | Path) -> PatchData:
@@ -73,13 +75,14 @@ def load_patch(path: str | Path) -> PatchData:
     cfg_path, file_path = run_dir / CONFIG_FILE, run_dir / PATCH_FILE
     if not cfg_path.is_file() or not file_path.is_file():
         raise SuperweightError(f"no patch in {run_dir}: need {PATCH_FILE} and {CONFIG_FILE}")
-    config = files.read_json(cfg_path, "patch config")
-    if not isinstance(config, dict):
+    raw = lift(files.read_json(cfg_path, "patch config"), PATCH_CONFIG_VERSION)
+    if not isinstance(raw, dict):
         raise SuperweightError(f"{cfg_path} holds no patch config object")
     try:
-        rows = [_row(r) for r in config["rows"]]
-        ablated = [parse_coord(str(c)) for c in config["ablated"]]
-        if not rows or "fingerprint" not in config:
+        config = PatchConfig.model_validate(raw)  # a ValidationError is a ValueError
+        rows = [_row(r) for r in config.rows]
+        ablated = [parse_coord(str(c)) for c in config.ablated]
+        if not rows:
             raise ValueError
     except (KeyError, TypeError, ValueError, CoordinateError):
         raise SuperweightError(f"{cfg_path} is not a patch config: it needs 'rows' ([[layer, row], ...] or "

@@ -137,7 +137,7 @@ def write_peft(loaded, patch: PatchData, target: Path, ablation_only: bool = Fal
     from superweight.io.provenance import provenance
 
     tensors, config = adapter_tensors(loaded.model, patch, ablation_only, base=loaded.source)
-    about = {"model": model_id(loaded), "source": loaded.source, "fingerprint": patch.config.get("fingerprint"),
+    about = {"model": model_id(loaded), "source": loaded.source, "fingerprint": patch.config.fingerprint,
              "ablated": [str(c) for c in patch.ablated], "ablation_only": ablation_only,
              "rows": [] if ablation_only else [list(r) for r in patch.rows], "provenance": provenance()}
     save_adapter(target, tensors, config, about)

@@ -1,5 +1,8 @@
-"""Where a model runs and in which precision: `--dtype auto` and `--device-map` (accelerate's big-model dispatch).
+"""Where a model runs and in which precision: `Placement` (the five options every command that loads a model
+takes), `--dtype auto` and `--device-map` (accelerate's big-model dispatch).
 
+    where = Placement(device="cpu", dtype="auto")          # checked here: dtype, device map, memory, offload
+    loaded = io.models.load("smollm2-135m", where)
     dtype, why = choose_dtype("cpu")        # ("bf16", "CPU has native bf16 matmul (avx512_bf16)") or fp32
     kwargs = device_map_kwargs("auto", "0=70GiB,1=70GiB,cpu=200GiB", "offload/")
     model = AutoModelForCausalLM.from_pretrained(hub_id, dtype=torch.bfloat16, **kwargs)
@@ -17,8 +20,10 @@ import platform
 from pathlib import Path
 
 import torch
+from pydantic import Field
 
 from superweight.errors import UsageError
+from superweight.settings import Settings
 
 # x86 flags of native bf16 matrix instructions; on Arm the `bf16` feature (FEAT_BF16, BFMMLA).
 X86_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
@@ -69,6 +74,33 @@ def choose_dtype(device: str, cpuinfo: str | None = None) -> tuple[str, str]:
     return "bf16", f"CPU has native bf16 matmul ({flag})"
 
 
+DTYPE_NAMES = ("auto", "fp32", "bf16", "fp16")
+
+
+class Placement(Settings):
+    """Where a model loads and in which precision (`--device`, `--dtype`, `--device-map`, `--max-memory`,
+    `--offload-folder`); the checks that need no model run when it is made."""
+
+    device: str = Field("cpu", description="cpu, cuda, cuda:N, mps or auto (ignored with device_map)")
+    dtype: str = Field("auto", description="auto (choose_dtype), fp32, bf16 or fp16")
+    device_map: str | None = Field(None, description="auto, balanced, or a JSON map {module: device} (a string or "
+                                                     "a file): accelerate spreads the model over devices")
+    max_memory: str | None = Field(None, description="with device_map: memory per device, e.g. 0=20GiB,cpu=60GiB")
+    offload_folder: str | None = Field(None, description="with device_map: folder for disk-offloaded weights")
+
+    def model_post_init(self, _ctx) -> None:
+        if self.dtype not in DTYPE_NAMES:
+            raise UsageError(f"unknown dtype '{self.dtype}': use {', '.join(DTYPE_NAMES)}")
+        check_device_map(self.device_map, self.max_memory, self.offload_folder)
+
+    def kwargs(self) -> dict:
+        """`from_pretrained` keyword arguments for the device map (empty without one); makes the offload folder."""
+        return device_map_kwargs(self.device_map, self.max_memory, self.offload_folder)
+
+    def where(self) -> str:
+        return f"device map {self.device_map}" if self.device_map else self.device
+
+
 def parse_max_memory(text: str | None) -> dict | None:
     """`0=70GiB,1=70GiB,cpu=200GiB` (or a JSON object) -> {0: "70GiB", 1: "70GiB", "cpu": "200GiB"}."""
     if not text:
@@ -95,23 +127,9 @@ def device_map_kwargs(device_map: str | None, max_memory: str | None = None,
     a JSON object names a device per module, e.g. '{"model.embed_tokens": 0, "model.layers.0": 0, ...,
     "model.layers.15": "disk", "model.norm": "cpu", "lm_head": "cpu"}'. Disk entries need `offload_folder`.
     """
-    if device_map is None:
-        if max_memory or offload_folder:
-            raise UsageError("--max-memory and --offload-folder need --device-map (auto, balanced or a JSON map)")
+    mapping = check_device_map(device_map, max_memory, offload_folder)
+    if mapping is None:
         return {}
-    if device_map in {"auto", "balanced", "balanced_low_0", "sequential"}:
-        mapping: str | dict = device_map
-    else:
-        source = Path(device_map).read_text(encoding="utf-8") if Path(device_map).is_file() else device_map
-        try:
-            mapping = json.loads(source)
-        except ValueError:
-            raise UsageError(f"invalid --device-map '{device_map}': use auto, balanced, a JSON object or a "
-                             "JSON file of {module: device}") from None
-        if not isinstance(mapping, dict) or not mapping:
-            raise UsageError("--device-map JSON must be a non-empty object {module name: device}")
-        if "disk" in mapping.values() and not offload_folder:
-            raise UsageError("--device-map puts modules on the disk: give --offload-folder DIR")
     kwargs = {"device_map": mapping}
     if max_memory:
         kwargs["max_memory"] = parse_max_memory(max_memory)
@@ -119,6 +137,29 @@ def device_map_kwargs(device_map: str | None, max_memory: str | None = None,
         Path(offload_folder).mkdir(parents=True, exist_ok=True)
         kwargs["offload_folder"] = str(offload_folder)
     return kwargs
+
+
+def check_device_map(device_map: str | None, max_memory: str | None = None,
+                     offload_folder: str | None = None) -> str | dict | None:
+    """The device map (a name or a {module: device} object), checked with its companions; None without one."""
+    if device_map is None:
+        if max_memory or offload_folder:
+            raise UsageError("--max-memory and --offload-folder need --device-map (auto, balanced or a JSON map)")
+        return None
+    parse_max_memory(max_memory)
+    if device_map in {"auto", "balanced", "balanced_low_0", "sequential"}:
+        return device_map
+    source = Path(device_map).read_text(encoding="utf-8") if Path(device_map).is_file() else device_map
+    try:
+        mapping = json.loads(source)
+    except ValueError:
+        raise UsageError(f"invalid --device-map '{device_map}': use auto, balanced, a JSON object or a "
+                         "JSON file of {module: device}") from None
+    if not isinstance(mapping, dict) or not mapping:
+        raise UsageError("--device-map JSON must be a non-empty object {module name: device}")
+    if "disk" in mapping.values() and not offload_folder:
+        raise UsageError("--device-map puts modules on the disk: give --offload-folder DIR")
+    return mapping
 
 
 def map_kind(mapping: str | dict) -> str:

@@ -9,7 +9,9 @@ what they mean: docs/results.md). Metrics and Protocol are defined here, beside 
 and measure/metrics.py produces them.
 
 Version 1 is the untyped results.json written before the record had a schema (no `schema_version` key);
-io/migrate.py lifts it to the current version, or refuses it in one line.
+version 2 kept `config` as an untyped dict and `recipe` as the name given even when options changed it;
+version 3 types `config` (RepairConfig) and names the recipe that ran ("lbfgs+steps=100", stages/recipes.py).
+io/migrate.py lifts older ones to the current version, or refuses them in one line.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from superweight.display import Shown
 from superweight.io.detectrecord import Candidate
 from superweight.io.recordbase import Record
 from superweight.io.sinkrecord import Sinks
-from superweight.io.trainrecord import Check, Training  # noqa: F401 (Check: re-exported, a part of the record)
+from superweight.io.trainrecord import Check, RepairConfig, Training  # noqa: F401 (Check: re-exported, a part of the record)
 
 SCHEMA_VERSION = 3
 
@@ -306,7 +308,7 @@ class RunRecord(Shown, Record):
     schema_version: int = SCHEMA_VERSION
     protocol: Protocol
     recipe: str
-    config: dict[str, Any] = Field(description="the training settings (stages/train.RepairConfig)")
+    config: RepairConfig = Field(description="the training settings that ran (io/trainrecord.RepairConfig)")
     base: Metrics
     broken: Metrics
     patched: Metrics

@@ -10,11 +10,11 @@ one with the same settings (config.json). The files themselves are named in io/r
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from superweight.errors import SuperweightError, UsageError
+from superweight.errors import UsageError
 from superweight.io.files import check_writable, read_json, write_json
+from superweight.io.runconfig import RunConfig, parse as parse_settings
 from superweight.io.rundir import CHECKPOINT, CONFIG, LOCK, REPORT_HTML, RESULTS
 
 
@@ -47,7 +47,7 @@ def run_state(out: Path) -> str:
     return "trained" if (out / CHECKPOINT).is_file() else "started"
 
 
-def check_run_dir_for(out: Path, settings: dict, resume: bool) -> str:
+def check_run_dir_for(out: Path, settings: RunConfig, resume: bool) -> str:
     """Check (writing nothing) that a run with `settings` may start or resume in `out`; returns its state.
 
     A fresh run takes a new directory, or one whose run stopped before its first checkpoint (it restarts);
@@ -63,20 +63,18 @@ def check_run_dir_for(out: Path, settings: dict, resume: bool) -> str:
         return state
     if state == "new":
         return state
-    old = read_json(out / CONFIG, "run settings")
-    new = json.loads(json.dumps(settings))  # as it would read back from disk (tuples become lists)
-    if not isinstance(old, dict):
-        raise SuperweightError(f"{out / CONFIG} holds no settings object")
+    old = parse_settings(RunConfig, read_json(out / CONFIG, "run settings"), str(out / CONFIG)).model_dump(mode="json")
+    new = settings.model_dump(mode="json")
     if old != new:
-        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        changed = sorted(k for k in new if old[k] != new[k])
         raise UsageError(f"--resume with other settings than {out / CONFIG}: {', '.join(changed)} differ")
     return state
 
 
-def prepare_run_dir(out: Path, settings: dict, resume: bool) -> str:
+def prepare_run_dir(out: Path, settings: RunConfig, resume: bool) -> str:
     """`check_run_dir_for`, then write config.json for a run that starts (call it once the inputs are known
     to be good, so a late error leaves no directory behind that looks like a run)."""
     state = check_run_dir_for(out, settings, resume)
     if state in {"new", "started"}:
-        write_json(out / CONFIG, settings)
+        write_json(out / CONFIG, settings.model_dump(mode="json"))
     return state

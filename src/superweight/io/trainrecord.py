@@ -1,11 +1,61 @@
-"""The training part of the run record (`training`, written by stages/train.py): steps, time and the held-out
-check. Beside io/record.py, which imports it; docs/results.md says what each key means."""
+"""The training parts of the run record: `config` (RepairConfig, the training settings, re-exported by
+stages/recipes.py beside the named recipes) and `training` (written by stages/train.py: steps, time and the
+held-out check). Beside io/record.py, which imports them; docs/results.md says what each key means."""
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 
+from superweight.errors import UsageError
 from superweight.io.recordbase import Record
+
+
+class RepairConfig(Record):
+    """Training settings, recorded as the run record's `config`; stages/recipes.RECIPES holds the named presets.
+    Checked where it is made (a bad value is one UsageError line); unknown fields are an error."""
+
+    steps: int = Field(80, description="optimiser steps")
+    batch_size: int = Field(4, description="sequences per step")
+    seq_len: int = Field(128, description="tokens per sequence")
+    lr: float = Field(0.1, description="learning rate")
+    weight_decay: float = Field(0.0, description="AdamW weight decay")
+    optimizer: Literal["adamw", "adam", "sgd", "lbfgs"] = Field(
+        "adamw", description="lbfgs: quasi-Newton with a strong-Wolfe line search on a fixed set of batch_size "
+                             "rows; `steps` counts loss evaluations, lr scales its first step")
+    schedule: Literal["constant", "cosine"] = Field("cosine", description="lr schedule (cosine decays to 0)")
+    warmup: int = Field(0, description="linear warm-up steps")
+    kl: Literal["forward", "reverse"] = Field("forward", description="forward: KL(teacher||student)")
+    temperature: float = Field(1.0, description="softmax temperature (loss scaled by T^2)")
+    init: Literal["zero", "random"] = Field("zero", description="initial patch")
+    seed: int = 0
+    train_tokens: int = Field(16384, description="tokens of the training split to draw sequences from")
+    teacher_cache_mb: int = Field(
+        2048, description="cache teacher log-probs (fp16) and prefix states across epochs when they fit"
+    )
+    space: Literal["weight", "balanced", "column"] = Field(
+        "weight", description="coordinates the optimiser works in: weight (d itself), balanced (d_j = u_j / n_j, "
+                              "the same at every rescaling of the MLP's neurons) or column (d_j = u_j ‖W[:, j]‖, "
+                              "the same under neuron, residual-stream and norm-gain rescaling); stages/precondition.py"
+    )
+    check_rows: int = Field(
+        2, description="rows of the train split held out to check the patch: the best one checked is kept, and "
+                       "training backs off when the patch does worse than none (0: no check)")
+    data: Literal["packed", "lines"] = Field(
+        "packed", description="packed: the train split cut into full seq_len rows (no padding); lines: one "
+                              "wikitext line per sequence, right-padded and masked (the seed write-up's; "
+                              "wikitext2 only, other corpora are packed)"
+    )
+
+    def model_post_init(self, _ctx) -> None:
+        if self.check_rows < 0:
+            raise UsageError(f"check-rows must be at least 0, got {self.check_rows}")
+        for name in ("steps", "batch_size", "seq_len", "train_tokens"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.lr <= 0 or self.temperature <= 0:
+            raise UsageError("lr and temperature must be positive")
 
 
 class Check(Record):

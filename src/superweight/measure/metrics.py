@@ -13,6 +13,8 @@ averaged; NLL is the mean over scored tokens; PPL = exp(NLL).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import math
 from collections.abc import Callable
 
@@ -86,6 +88,22 @@ def _forward(model, input_ids, mask, channels, blocks, acc_act):
     return scored.float().log_softmax(-1)
 
 
+@dataclass(frozen=True)
+class Scoring:
+    """How `measure` runs its passes, and who watches them.
+
+    `share_below=L` promises that no condition touches blocks below L: they run once per batch, in the base
+    pass, and every condition starts from the base's hidden state at block L (`prefix.Prefix`).
+    `progress(n)` is called after each batch with the number of tokens it covered.
+    `observe(name, log_probs [N, V] fp32, labels [N])` sees every pass's scored log-probs ("base" first).
+    `batch_tokens`: tokens per forward pass (capped so the logits stay near LOGIT_BUDGET)."""
+
+    share_below: int = 0
+    progress: Callable[[int], None] | None = None
+    observe: Callable[[str, torch.Tensor, torch.Tensor], None] | None = None
+    batch_tokens: int = 2048
+
+
 @torch.no_grad()
 def measure(
     model: nn.Module,
@@ -94,21 +112,17 @@ def measure(
     channels: list[tuple[int, int]] = (),
     max_length: int = 512,
     stride: int | None = None,
-    batch_tokens: int = 2048,
-    progress: Callable[[int], None] | None = None,
-    share_below: int = 0,
-    observe: Callable[[str, torch.Tensor, torch.Tensor], None] | None = None,
     bos: int | None = None,
+    scoring: Scoring | None = None,
 ) -> dict[str, Metrics]:
     """Metrics for the base model and each condition over `ids` (1-d token stream).
 
     `channels` lists (layer, row) residual channels whose max |activation| is reported (super activations).
-    `progress(n)` is called after each batch with the number of tokens it covered.
-    `share_below=L` promises that no condition touches blocks below L: they run once per batch, in the base
-    pass, and every condition starts from the base's hidden state at block L (`prefix.Prefix`).
-    `observe(name, log_probs [N, V] fp32, labels [N])` sees every pass's scored log-probs ("base" first).
     `bos`: a token id that starts every window (io/corpora.bos_token); the first text token is scored from it.
+    `scoring` (Scoring): the shared lower blocks, the progress and observer callbacks, the batch size.
     """
+    scoring = scoring or Scoring()
+    share_below, progress, observe = scoring.share_below, scoring.progress, scoring.observe
     conditions = dict(conditions or {})
     if "base" in conditions:
         raise ValueError("'base' is reserved for the model with no intervention")
@@ -129,7 +143,7 @@ def measure(
     # A batch's logits are batch_tokens x vocab floats, several times over (base and condition log-probs, KL):
     # 2,048 x 49k (SmolLM2) is 0.4 GB, 2,048 x 262k (Gemma 3) 2.1 GB. Cap them near LOGIT_BUDGET.
     vocab = model.get_output_embeddings().weight.shape[0]
-    batch_tokens = min(batch_tokens, max(1, LOGIT_BUDGET // (vocab * 4)))
+    batch_tokens = min(scoring.batch_tokens, max(1, LOGIT_BUDGET // (vocab * 4)))
     for batch in _batches(wins, batch_tokens):
         input_ids = with_bos(torch.stack([ids[w.begin : w.end] for w in batch]), bos).to(device)
         length = input_ids.shape[1]

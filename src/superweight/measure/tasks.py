@@ -25,6 +25,7 @@ from superweight.core.intervene import Intervention, NoIntervention
 from superweight.errors import SuperweightError, UsageError
 from superweight.io.models import Loaded
 from superweight.io.record import TaskResults, TaskScore
+from superweight.progress import Progress
 
 INSTALL = "pip install -e '.[lm-eval]'"
 SKIP = {"alias", "name", "sample_len", " "}  # entries of a task's result that are not metrics
@@ -79,8 +80,9 @@ def prepare_tasks(names: str | list[str], include_path: str | None = None, limit
 
 
 def run_tasks(loaded: Loaded, spec: TaskSpec, conditions: dict[str, Intervention],
-              on_condition=None) -> TaskResults:
-    """Every task of `spec` on "base" (nothing applied) and then under each condition, applied in place."""
+              progress: Progress | None = None) -> TaskResults:
+    """Every task of `spec` on "base" (nothing applied) and then under each condition, applied in place;
+    `progress` (superweight.progress.Progress) hears of each condition as a stage."""
     lm_eval = harness()
     from lm_eval.evaluator import simple_evaluate
     from lm_eval.models.huggingface import HFLM
@@ -90,8 +92,8 @@ def run_tasks(loaded: Loaded, spec: TaskSpec, conditions: dict[str, Intervention
                   softmax_dtype="float32")
     scores, raw = {}, None
     for name, intervention in {"base": None, **conditions}.items():
-        if on_condition:
-            on_condition(name)
+        if progress is not None:
+            progress.stage(f"lm-eval tasks: {name}", None)
         with _quiet(), _same_rng(), intervention or NoIntervention():
             try:
                 raw = simple_evaluate(model=lm, tasks=spec.names, task_manager=spec.manager, limit=spec.limit,

@@ -28,12 +28,13 @@ from superweight.report.sections import SECTIONS, quantize_section
 __all__ = ["CompareRow", "Comparison", "compare_rows", "report_blocks", "smallest_k", "write_report"]
 
 
-def write_report(run_dir: str | Path) -> tuple[Path, Path]:
-    """Write RUN_DIR/plots/*.png, RUN_DIR/report.md and a self-contained RUN_DIR/report.html.
+def write_report(run_dir: str | Path, record: RunRecord | None = None) -> tuple[Path, Path]:
+    """Write RUN_DIR/plots/*.png, RUN_DIR/report.md and a self-contained RUN_DIR/report.html, of `record` (None:
+    the one in RUN_DIR/results.json; the pipeline passes the one it holds before writing it).
 
     Returns (report.md, report.html). Raises SuperweightError when RUN_DIR has no readable results.json."""
     run = Path(run_dir)
-    blocks, plots = report_blocks(read_record(run), run, run / PLOTS)
+    blocks, plots = report_blocks(record if record is not None else read_record(run), run, run / PLOTS)
     md, page = render_md(blocks), render_html(blocks, plots)
     return (write_atomic(run / REPORT_MD, lambda tmp: tmp.write_text(md, encoding="utf-8")),
             write_atomic(run / REPORT_HTML, lambda tmp: tmp.write_text(page, encoding="utf-8")))

@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from superweight.display import num
 from superweight.measure.grade import SUPER_KL, SUPER_PPL_RATIO
 
 CSV_COLUMNS = ["model", "status", "coordinates", "kl", "ppl_ratio", "grade", "layer", "n_layers", "depth", "known",
@@ -32,14 +33,6 @@ LEGEND = (
     "no collapse) or none (measure/grade.py). depth: layer / number of layers. known: match (every coordinate "
     "known.py publishes for the model was found as a super weight), differs, or not listed."
 )
-
-
-def num(x: float | None, digits: int) -> str:
-    if x is None:
-        return "-"
-    if x != 0 and (abs(x) < 10 ** -digits or abs(x) >= 1e5):
-        return f"{x:.1e}"  # a control-sized KL (2e-7) is not 0.000
-    return f"{x:.{digits}f}"
 
 
 def _join(values) -> str:
@@ -65,6 +58,11 @@ def to_markdown(rows) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---" for _ in COLUMNS) + "|"]
     lines += ["| " + " | ".join(esc(c) for c in cells(r)) + " |" for r in rows]
     return "\n".join(lines) + "\n\n" + LEGEND + "\n"
+
+
+def tables(rows) -> tuple[str, str]:
+    """The census table as (CSV, Markdown) texts: what stages/census.py writes as census.csv and census.md."""
+    return to_csv(rows), to_markdown(rows)
 
 
 def to_csv(rows) -> str:

@@ -53,7 +53,7 @@ def compare_rows(run_dirs: list[str | Path]) -> Comparison:
         smallest = r.sparse_training.smallest_90 if r.sparse_training else None
         rows.append(CompareRow(
             run=Path(run_dir).resolve().name, model=r.protocol.model, weight=r.weight, recipe=r.recipe,
-            steps=r.training.steps, seed=r.config.get("seed"), base_ppl=r.base.ppl, broken_ppl=r.broken.ppl,
+            steps=r.training.steps, seed=r.config.seed, base_ppl=r.base.ppl, broken_ppl=r.broken.ppl,
             patched_ppl=r.patched.ppl, nll_gap=r.recovery.nll_gap, kl_recovery=r.recovery.kl, norm=r.patch.norm,
             cos_original_row=r.patch.cos_original_row, value_at_col=r.patch.value_at_col,
             write_rms=r.patch.write_rms, write_vs_removed=r.patch.write_vs_removed, balanced_norm=r.patch.balanced_norm,

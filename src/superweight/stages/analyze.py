@@ -15,8 +15,9 @@ docs/results.md.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from pathlib import Path
+
+from pydantic import Field
 
 from superweight.core.conditions import (
     BROKEN, CONTRIB_K, PATCHED, RANDOM_K, SCALE, TOP_K, ablated_text, descriptions, interventions,
@@ -32,29 +33,37 @@ from superweight.io.record import Analysis, RunRecord
 from superweight.io.rundir import read_record, write_record
 from superweight.measure.geometry import geometry, neuron_writes
 from superweight.measure.inputs import seen_ids
-from superweight.measure.metrics import measure, n_scored, protocol_of
+from superweight.measure.metrics import Scoring, measure, n_scored, protocol_of
 from superweight.measure.sinks import WINDOW, sink_view
 from superweight.measure.sparsity import contribution_scores, sparsity_conditions, sparsity_table
 from superweight.measure.views import TokenStats, logit_lens, neuron_contexts, patch_output, sweep_points
+from superweight.progress import Progress, or_silent
+from superweight.settings import Settings, revalidated
 
 SWEEP_SCALES = (0.5, 0.0, -1.0, 2.0)
 
 
-def run_analyze(
-    loaded: Loaded,
-    run_dir: Path,
-    n_tokens: int = 2048,
-    draws: int = 3,
-    max_length: int = 512,
-    top_neurons: int = 5,
-    on_stage: Callable[[str, int | None], None] | None = None,
-    on_tokens: Callable[[int], None] | None = None,
-) -> RunRecord:
-    """Analyse the patch of `run_dir` on `n_tokens` eval tokens; writes and returns the updated record."""
-    stage = on_stage or (lambda *_: None)
+class AnalyzeConfig(Settings):
+    """What `superweight analyze` measures (its defaults), checked when made."""
+
+    tokens: int = Field(2048, ge=2, description="eval-split tokens to analyse on")
+    draws: int = Field(3, ge=1, description="random-k control draws per k")
+    max_length: int = Field(512, ge=2, description="window length in tokens")
+    top_neurons: int = Field(5, ge=1, description="neurons shown in the neuron view")
+
+
+def run_analyze(loaded: Loaded, run_dir: Path, cfg: AnalyzeConfig | None = None, progress: Progress | None = None,
+                record: RunRecord | None = None) -> RunRecord:
+    """Analyse the patch of `run_dir` on cfg.tokens eval tokens; writes and returns the updated record. `record`:
+    the run's record when the caller holds it (the pipeline), else it is read from `run_dir`; `progress`
+    (superweight.progress.Progress) hears of each view and of the scored tokens."""
+    cfg = cfg or AnalyzeConfig()
+    n_tokens, draws, max_length, top_neurons = cfg.tokens, cfg.draws, cfg.max_length, cfg.top_neurons
+    progress = or_silent(progress)
+    stage = progress.stage
     t0 = time.perf_counter()
     run_dir = Path(run_dir)
-    record = read_record(run_dir)
+    record = record if record is not None else read_record(run_dir)
     patch = load_patch(run_dir)
     model, tok = loaded.model, loaded.tokenizer
     check_fits(model, patch)
@@ -70,14 +79,14 @@ def run_analyze(
     by_contribution, inputs = contribution_scores(model, ids, patch, max_length, bos)
     first = coords[0]
     conditions = [broken, fixed, *sparsity_conditions(model, ablation, patch, draws, by_contribution),
-                  *(SCALE(Ablation(model, [first.model_copy(update={"scale": s})]), s=s, weight=first)
+                  *(SCALE(Ablation(model, [revalidated(first, scale=s)]), s=s, weight=first)
                     for s in SWEEP_SCALES)]
     channels = sorted({(c.layer, c.row) for c in coords})
     share_below = first_edited_layer(coords, patch.rows)
     stats = TokenStats(model.get_output_embeddings().weight.shape[0])
     stage(f"Analysing: {len(conditions)} conditions", n_scored(ids.numel(), max_length, bos=bos is not None))
-    metrics = measure(model, ids, interventions(conditions), channels, max_length, share_below=share_below,
-                      observe=stats, progress=on_tokens, bos=bos)
+    metrics = measure(model, ids, interventions(conditions), channels, max_length, bos=bos,
+                      scoring=Scoring(share_below=share_below, progress=progress.advance, observe=stats))
     base = metrics["base"]
     n = sum(v.numel() for v in patch.vectors)
     stage("Mechanism view: attention sinks", None)

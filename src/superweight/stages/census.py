@@ -1,6 +1,7 @@
 """A census: `detect` on each of many models, one model in memory at a time, into one table that resumes.
 
-    outcome = run_census(["smollm2-135m", "gemma3-270m"], Path("runs/census"), settings, load, detect)
+    hooks = CensusHooks(load=load, detect=detect, tables=report.census.tables)     # the caller's pieces
+    outcome = run_census(["smollm2-135m", "gemma3-270m"], Path("runs/census"), settings, hooks)
 
 A census directory holds
 
@@ -24,11 +25,13 @@ import re
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from superweight.display import num
 from superweight.errors import RunDirInUseError, SuperweightError, UsageError
 from superweight.io.files import check_writable, read_json, write_atomic, write_json
 from superweight.io.lock import hold_run_dir
@@ -37,6 +40,7 @@ from superweight.io.rundir import CONFIG
 from superweight.io.runstate import holds_files
 
 MODELS, RECORD = "models", "census.json"
+Tables = Callable[[list], tuple[str, str]]  # rows -> (CSV text, Markdown text): report/census.tables
 CENSUS_CSV, CENSUS_MD = "census.csv", "census.md"
 FORMAT = 1  # config.json's "census" field: the layout above
 LOCK_WAIT_S = 300.0  # how long a run waits for another one that is writing the tables (a few seconds each)
@@ -161,15 +165,15 @@ def start(out: Path, settings: dict) -> None:
             write_json(out / CONFIG, {"census": FORMAT, "settings": settings, "provenance": provenance()})
 
 
-def table_only(out: Path, specs: list[str]) -> list[CensusRow]:
+def table_only(out: Path, specs: list[str], tables: Tables) -> list[CensusRow]:
     """Rewrite the tables from the records in `out` (specs first, in order; then the others), detecting nothing:
-    the merge after a job array, or a look at a census still running."""
+    the merge after a job array, or a look at a census still running. `tables(rows)`: (CSV, Markdown) texts."""
     if not (out / CONFIG).is_file():
         raise UsageError(f"no census in {out} (no {CONFIG}): run `superweight census MODEL... --out {out}` first")
     read_config(out)
     with holding(out):
         rows = collect(out, specs)
-        write_tables(out, rows)
+        write_tables(out, rows, tables)
     return rows
 
 
@@ -281,35 +285,37 @@ def collect(out: Path, order: list[str], busy: list[str] = ()) -> list[CensusRow
     return rows
 
 
-def write_tables(out: Path, rows: list[CensusRow]) -> None:
-    from superweight.report.census import to_csv, to_markdown
-
-    csv_text, md_text = to_csv(rows), to_markdown(rows)
+def write_tables(out: Path, rows: list[CensusRow], tables: Tables) -> None:
+    csv_text, md_text = tables(rows)
     write_atomic(out / CENSUS_CSV, lambda tmp: tmp.write_text(csv_text, encoding="utf-8"))
     write_atomic(out / CENSUS_MD, lambda tmp: tmp.write_text(md_text, encoding="utf-8"))
 
 
-def refresh_tables(out: Path, order: list[str]) -> None:
+def refresh_tables(out: Path, order: list[str], tables: Tables) -> None:
     """Re-read every model record and rewrite the tables, under the directory's lock (so that of two processes
     finishing at once, the later writer's tables hold both)."""
     with holding(out):
-        write_tables(out, collect(out, order))
+        write_tables(out, collect(out, order), tables)
 
 
-def run_census(
-    specs: list[str],
-    out: Path,
-    settings: dict,
-    load: Callable,
-    detect: Callable,
-    note: Callable[[str, str, str], None] | None = None,
-) -> CensusOutcome:
-    """Detect each model of `specs` not yet done in `out`, one at a time; return the table.
+@dataclass(frozen=True)
+class CensusHooks:
+    """What the caller brings to a census: `load(spec)` returns a loaded model (io/models.Loaded), `detect(loaded)`
+    its DetectResult (the CLI gives both its progress displays), `tables(rows)` the (CSV, Markdown) texts of the
+    table (report/census.tables: the stage writes them, the report draws them), and `note(event, spec, text)`
+    hears of each model: "skip", "busy", "start", "done" or "error"."""
 
-    `load(spec)` returns a loaded model (io/models.Loaded), `detect(loaded)` its DetectResult; both come from the
-    caller (the CLI gives them its progress displays). `note(event, spec, text)` hears of each model: "skip",
-    "busy", "start", "done" or "error". Call `start(out, settings)` first."""
-    note = note or (lambda *_: None)
+    load: Callable
+    detect: Callable
+    tables: Tables
+    note: Callable[[str, str, str], None] | None = None
+
+
+def run_census(specs: list[str], out: Path, settings: dict, hooks: CensusHooks) -> CensusOutcome:
+    """Detect each model of `specs` not yet done in `out`, one at a time; return the table. Call
+    `start(out, settings)` first."""
+    load, detect, tables = hooks.load, hooks.detect, hooks.tables
+    note = hooks.note or (lambda *_: None)
     outcome = CensusOutcome(rows=[])
     for i, spec in enumerate(specs, 1):
         where = f"[{i}/{len(specs)}]"
@@ -342,15 +348,15 @@ def run_census(
             outcome.detected.append(spec)
             note("done", spec, f"{where} {spec}: {done_line(row)}")
         if i < len(specs):  # the tables follow each model (the last one's come just below)
-            _try_refresh(out, specs, outcome)
-    _try_refresh(out, specs, outcome)
+            _try_refresh(out, specs, outcome, tables)
+    _try_refresh(out, specs, outcome, tables)
     outcome.rows = collect(out, specs, outcome.busy)  # the files hold finished models; the terminal also the busy
     return outcome
 
 
-def _try_refresh(out: Path, specs: list[str], outcome: CensusOutcome) -> None:
+def _try_refresh(out: Path, specs: list[str], outcome: CensusOutcome, tables: Tables) -> None:
     try:
-        refresh_tables(out, specs)
+        refresh_tables(out, specs, tables)
         outcome.tables_written = True
     except RunDirInUseError:  # the records are safe; the next run (or the other process) writes the tables
         outcome.tables_written = False
@@ -359,8 +365,6 @@ def _try_refresh(out: Path, specs: list[str], outcome: CensusOutcome) -> None:
 def done_line(row: CensusRow) -> str:
     if not row.coordinates:
         return "no candidate"
-    from superweight.report.census import num
-
     what = {"super": "super weight", "sensitive": "most damaging weight, sensitive"}.get(
         row.grade, "most damaging weight, grade none")
     return (f"{', '.join(row.coordinates)} ({what}; KL {num(row.kl[0], 3)}, PPL x{num(row.ppl_ratio[0], 2)}), "

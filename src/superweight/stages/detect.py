@@ -30,7 +30,7 @@ from collections.abc import Callable
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 from torch import nn
 
 from superweight.core.arch import DownProj, down_projection, down_projections, input_device
@@ -38,12 +38,15 @@ from superweight.core.conditions import CANDIDATE, RANDOM_CONTROL, TOP_CONTROL
 from superweight.core.coords import WeightCoord
 from superweight.core.intervene import Ablation, Trace
 from superweight.display import Shown
+from superweight.errors import UsageError
 from superweight.io import corpora
 from superweight.io.detectrecord import Candidate
 from superweight.io.record import Metrics, Protocol
 from superweight.measure.grade import grade
 from superweight.measure.inputs import input_maxima
-from superweight.measure.metrics import measure, protocol_of
+from superweight.measure.metrics import Scoring, measure, n_scored, protocol_of
+from superweight.progress import Progress, or_silent
+from superweight.settings import Settings, revalidated
 from superweight.stages.experts import EXPERT_PRUNING, plan_experts
 
 DEFAULT_PROMPTS = [
@@ -109,7 +112,7 @@ def scan(model: nn.Module, tokenizer, prompts: list[str]) -> list[LayerSpike]:
             if old is None or spike.out_value > old.out_value:
                 best[dp.layer] = spike
             elif spike.in_value > old.in_value:
-                best[dp.layer] = old.model_copy(update={"in_value": spike.in_value, "in_col": spike.in_col})
+                best[dp.layer] = revalidated(old, in_value=spike.in_value, in_col=spike.in_col)
 
         ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(device)
         with Trace(dict(enumerate(dp.module for dp in dps)), record):
@@ -217,20 +220,14 @@ def _controls(dp: DownProj, xmax: torch.Tensor, exclude: set[tuple[int, int]],
             WeightCoord(layer=dp.layer, row=rand[0], col=rand[1], expert=dp.expert))
 
 
-def verify(
-    model: nn.Module,
-    ids: torch.Tensor,
-    candidates: list[Candidate],
-    min_kl: float = 0.1,
-    control_factor: float = 10.0,
-    max_length: int = 512,
-    seed: int = 0,
-    progress: Callable[[int], None] | None = None,
-    bos: int | None = None,
-) -> tuple[list[Candidate], Metrics]:
+def verify(model: nn.Module, ids: torch.Tensor, candidates: list[Candidate], cfg: DetectConfig | None = None,
+           bos: int | None = None, progress: Callable[[int], None] | None = None) -> tuple[list[Candidate], Metrics]:
     """Measure each candidate's damage beside its matrix's controls (and, inside an expert, its whole expert's
-    beside control experts); return them ranked by KL, and base. `bos`: the token every window starts with
-    (io/corpora.bos_token), None for none."""
+    beside control experts), with cfg's max_length, seed, min_kl and control_factor; return them ranked by KL,
+    and base. `bos`: the token every window starts with (io/corpora.bos_token), None for none; `progress` is
+    told of each scored token."""
+    cfg = cfg or DetectConfig()
+    min_kl, control_factor, max_length, seed = cfg.min_kl, cfg.control_factor, cfg.max_length, cfg.seed
     cand_by_matrix: dict[tuple, set[tuple[int, int]]] = {}
     for c in candidates:
         cand_by_matrix.setdefault((c.layer, c.expert), set()).add((c.row, c.col))
@@ -245,7 +242,7 @@ def verify(
         conditions[RANDOM_CONTROL.name(layer=layer, expert=expert)] = Ablation(model, [rand])
     experts = plan_experts(model, ids, candidates, max_length, bos, seed)
     conditions.update(experts.conditions)
-    results = measure(model, ids, conditions, max_length=max_length, progress=progress, bos=bos)
+    results = measure(model, ids, conditions, max_length=max_length, bos=bos, scoring=Scoring(progress=progress))
     base = results["base"]
     out = []
     for c in candidates:
@@ -253,7 +250,7 @@ def verify(
         top_kl = results[TOP_CONTROL.name(layer=c.layer, expert=c.expert)].kl
         rand_kl = results[RANDOM_CONTROL.name(layer=c.layer, expert=c.expert)].kl
         confirmed = m.kl >= min_kl and m.kl >= control_factor * max(top_kl, rand_kl)
-        out.append(c.model_copy(update={
+        out.append(revalidated(c, **{
             "kl": m.kl, "ppl_ratio": m.ppl / base.ppl, "control_kl_top": top_kl, "control_kl_random": rand_kl,
             "confirmed": confirmed, "controls": controls[(c.layer, c.expert)],
             "grade": grade(m.kl, m.ppl / base.ppl, max(top_kl, rand_kl), confirmed, control_factor),
@@ -271,7 +268,7 @@ def merge(*groups: list[Candidate]) -> list[Candidate]:
             if key not in seen:
                 seen[key] = c
             elif c.attribution is not None and seen[key].attribution is None:
-                seen[key] = seen[key].model_copy(update={"attribution": c.attribution})
+                seen[key] = revalidated(seen[key], attribution=c.attribution)
     return list(seen.values())
 
 
@@ -279,42 +276,47 @@ def field_meanings() -> dict[str, str]:
     return {name: f.description or "" for name, f in Candidate.model_fields.items() if f.description}
 
 
-class DetectConfig(BaseModel):
-    """Detection settings (`superweight detect`'s options); the defaults are the command's."""
+class DetectConfig(Settings):
+    """Detection settings (`superweight detect`'s options; the defaults are the command's), checked when made:
+    a number out of range is a ValidationError, an unknown attribution a UsageError."""
 
     prompts: list[str] | None = Field(None, description="scan prompts (None: the paper's + 3, DEFAULT_PROMPTS)")
-    max_candidates: int = Field(8, description="most spike-scan rounds (one weight each)")
-    spike_ratio: float = Field(50.0, description="a layer is an outlier when its output spike is this many "
-                                                 "times the median layer's")
+    max_candidates: int = Field(8, ge=1, description="most spike-scan rounds (one weight each)")
+    spike_ratio: float = Field(50.0, gt=0, description="a layer is an outlier when its output spike is this many "
+                                                       "times the median layer's")
     attribution: Literal["activation", "gradient"] | None = Field(
-        "activation", description="activation (|W|*max|x|), gradient (|w*dL/dw|) or None (spike scan only)")
-    attribution_top: int = Field(3, description="attribution candidates to verify")
+        "activation", description="activation (|W|*max|x|), gradient (|w*dL/dw|) or None/'none' (spike scan only)")
+    attribution_top: int = Field(3, ge=0, description="attribution candidates to verify")
     verify: bool = Field(True, description="measure each candidate's damage vs controls")
     corpus: str = Field(corpora.DEFAULT_CORPUS, description="calibration corpus")
     split: str = Field("train", description="calibration split")
-    calib_tokens: int = Field(2048, description="calibration tokens for attribution and verification")
-    max_length: int = Field(512, description="window length in tokens")
-    min_kl: float = Field(0.1, description="least KL (nats/token) for a confirmed super weight")
-    control_factor: float = Field(10.0, description="confirmed KL must be this many times the worse control's")
+    calib_tokens: int = Field(2048, ge=2, description="calibration tokens for attribution and verification")
+    max_length: int = Field(512, ge=2, description="window length in tokens")
+    min_kl: float = Field(0.1, ge=0, description="least KL (nats/token) for a confirmed super weight")
+    control_factor: float = Field(10.0, gt=0, description="confirmed KL must be this many times the worse control's")
     seed: int = Field(0, description="seed of the random control weights")
 
+    @field_validator("attribution", mode="before")
+    @classmethod
+    def _attribution(cls, v):
+        if v not in (None, "none", "activation", "gradient"):
+            raise UsageError(f"unknown attribution '{v}': use activation, gradient or none")
+        return None if v == "none" else v
 
-def run_detect(
-    loaded,
-    cfg: DetectConfig | None = None,
-    ids: torch.Tensor | None = None,
-    on_stage: Callable[[str], None] | None = None,
-    on_tokens: Callable[[int], None] | None = None,
-) -> DetectResult:
+
+def run_detect(loaded, cfg: DetectConfig | None = None, ids: torch.Tensor | None = None,
+               progress: Progress | None = None) -> DetectResult:
     """The whole detection job: iterate spikes, add attribution candidates, verify, rank.
 
-    `ids`: calibration tokens already read (else `cfg.calib_tokens` of `cfg.corpus`/`cfg.split`)."""
+    `ids`: calibration tokens already read (else `cfg.calib_tokens` of `cfg.corpus`/`cfg.split`); `progress`
+    (superweight.progress.Progress) hears of each stage and of each token verification scores."""
     from superweight.known import published
 
     cfg = cfg or DetectConfig()
     model, tok = loaded.model, loaded.tokenizer
     bos = getattr(loaded, "bos", None)
-    stage = on_stage or (lambda _s: None)
+    progress = or_silent(progress)
+    stage = progress.stage
     prompts = cfg.prompts or DEFAULT_PROMPTS
     stage("Scanning spikes")
     spikes, rounds = iterate_spikes(model, tok, prompts, cfg.spike_ratio, cfg.max_candidates)
@@ -327,9 +329,8 @@ def run_detect(
     candidates = merge(spikes, attributed)
     protocol = None
     if cfg.verify and candidates:
-        stage(f"Verifying {len(candidates)} candidates")
-        candidates, base = verify(model, ids, candidates, cfg.min_kl, cfg.control_factor, cfg.max_length, cfg.seed,
-                                  on_tokens, bos)
+        stage(f"Verifying {len(candidates)} candidates", n_scored(ids.numel(), cfg.max_length, bos=bos is not None))
+        candidates, base = verify(model, ids, candidates, cfg, bos, progress.advance)
         pruned = {"each candidate's expert": EXPERT_PRUNING} if any(c.expert is not None for c in candidates) else {}
         protocol = protocol_of(loaded, cfg.corpus, cfg.split, base.n_tokens, cfg.max_length, cfg.max_length,
                                {"each candidate": "zeroed alone", "controls": "zeroed alone", **pruned})
@@ -340,10 +341,8 @@ def run_detect(
          "confirmed": bool(found.get(c.key) and found[c.key].confirmed)}
         for c in published(loaded.spec)
     ]
-    settings = {
-        "prompts": prompts, "spike_ratio": cfg.spike_ratio, "max_candidates": cfg.max_candidates,
-        "attribution": cfg.attribution, "attribution_top": cfg.attribution_top, "verify": cfg.verify,
-        "min_kl": cfg.min_kl, "control_factor": cfg.control_factor, "seed": cfg.seed,
-    }
+    keys = {"spike_ratio", "max_candidates", "attribution", "attribution_top", "verify", "min_kl", "control_factor",
+            "seed"}
+    settings = {"prompts": prompts, **cfg.model_dump(include=keys)}
     return DetectResult(protocol=protocol, settings=settings, rounds=rounds, candidates=candidates,
                         published=known, field_meanings=field_meanings())

@@ -9,7 +9,7 @@ the thresholds of measure/grade.py: the busiest one (most tokens routed to it) a
 
     plan = plan_experts(model, ids, candidates, max_length, bos, seed)
     conditions.update(plan.conditions)           # measured beside the single-weight ablations
-    candidate = candidate.model_copy(update=plan.result(candidate, results, min_kl, control_factor))
+    candidate = revalidated(candidate, **plan.result(candidate, results, min_kl, control_factor))
 """
 
 from __future__ import annotations

@@ -1,75 +1,76 @@
 """The one-shot job behind `superweight run`: detect -> ablate -> repair with baselines -> analyse -> report.
 
     record = run_pipeline(loaded, Path("runs/demo"))    # runs/demo/report.html
+    record = run_pipeline(loaded, Path("runs/x"), PipelineJob(sparse=True, repair=RepairJob(recipe="quick")))
 
 Each stage is the library function its own command calls (detect.run_detect, repair.run_repair,
 analyze.run_analyze, sparsify.run_sparsify, report.write_report); this module only chains them, records
-seconds per stage, and keeps the detection beside the repair in the run directory.
+seconds per stage, and keeps the detection beside the repair in the run directory. The record goes from stage
+to stage in memory where the stage takes it; each stage writes it at most once, and the pipeline once at the
+end (detection summary and timings), after the report.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from pathlib import Path
+
+from pydantic import Field
 
 from superweight.core.coords import WeightCoord, row_of
 from superweight.errors import SuperweightError, UsageError
-from superweight.io import corpora
 from superweight.io.files import write_json
 from superweight.io.models import Loaded
 from superweight.io.record import DetectSummary, RunRecord
 from superweight.io.rundir import DETECT, read_record, write_record
 from superweight.io.runstate import check_new_run_dir, run_state
-from superweight.stages.train import RepairConfig
+from superweight.progress import Prefixed, Progress, or_silent
+from superweight.settings import Settings, revalidated
+from superweight.stages.repair import RepairJob
 
 # Detection settings for the one-shot run: a quarter of the calibration text of `superweight detect` (the damage of a
 # real super weight is ~1000x its controls', so 512 tokens decide it; the 5-minute budget needs the time).
 CALIB_TOKENS = 512
 
 
-def run_pipeline(
-    loaded: Loaded,
-    out: Path,
-    weight: WeightCoord | None = None,
-    cfg: RepairConfig | None = None,
-    recipe: str = "lbfgs",
-    corpus: str = corpora.DEFAULT_CORPUS,
-    eval_tokens: int = 2048,
-    analysis_tokens: int = 1024,
-    draws: int = 2,
-    baselines: bool = True,
-    seeds: int = 1,
-    sparse: bool = False,
-    on_stage: Callable[[str, int | None], None] | None = None,
-    on_advance: Callable[[int, float | None], None] | None = None,
-    resume: bool = False,
-    tasks=None,
-    quantize: bool = False,
-) -> RunRecord:
-    """`resume` continues a run killed in `out`: detection runs again (it is deterministic), the repair
-    resumes from its checkpoint (or keeps its finished results), and the later stages run again. `tasks`
-    (measure.tasks.prepare_tasks) adds zero-shot task metrics of base, broken and patched to the repair. `quantize`
-    adds 4-bit RTN at blocks 64, 128, 256 and per channel with the repaired weight protected (stages/quantize.py):
-    quantize.json, and a section and figure in the report."""
+class PipelineJob(Settings):
+    """What `superweight run` does (its defaults): the repair's job, and what runs after it."""
+
+    weight: WeightCoord | None = Field(None, description="the weight to repair (None: detect one)")
+    repair: RepairJob = Field(default_factory=lambda: RepairJob(eval_tokens=2048, baselines=True),
+                              description="the repair: recipe, corpus, eval tokens, baselines, seeds, resume, tasks")
+    analysis_tokens: int = Field(1024, ge=2, description="eval-split tokens for the analyses")
+    draws: int = Field(2, ge=1, description="random-k control draws per k")
+    sparse: bool = Field(False, description="also train sparse patches (L1, L0) over a sweep of strengths")
+    quantize: bool = Field(False, description="also 4-bit RTN at blocks 64/128/256/channel, the weight protected")
+
+
+def run_pipeline(loaded: Loaded, out: Path, job: PipelineJob | None = None,
+                 progress: Progress | None = None) -> RunRecord:
+    """Detect (unless `job.weight`), repair, analyse, optionally sparsify and quantize, and report, in `out`.
+
+    `job.repair.resume` continues a run killed in `out`: detection runs again (it is deterministic), the repair
+    resumes from its checkpoint (or keeps its finished results), and the later stages run again.
+    `job.repair.tasks` (measure.tasks.prepare_tasks) adds zero-shot task metrics of base, broken and patched to
+    the repair. `job.quantize` adds 4-bit RTN at blocks 64, 128, 256 and per channel with the repaired weight
+    protected (stages/quantize.py): quantize.json, and a section and figure in the report."""
     from superweight.report import write_report
-    from superweight.stages.analyze import run_analyze
+    from superweight.stages.analyze import AnalyzeConfig, run_analyze
     from superweight.stages.detect import DetectConfig, run_detect
     from superweight.stages.repair import run_repair
-    from superweight.stages.sparsify import run_sparsify
-    from superweight.stages.train import RECIPES
+    from superweight.stages.sparsify import SparsifyConfig, run_sparsify
 
-    stage = on_stage or (lambda *_: None)
-    tokens = (lambda n: on_advance(n, None)) if on_advance else None
-    cfg = cfg or RECIPES[recipe]
-    if not resume:
+    job = job or PipelineJob()
+    progress = or_silent(progress)
+    corpus, weight = job.repair.corpus, job.weight
+    if not job.repair.resume:
         check_new_run_dir(out)
     timings: dict[str, float] = {}
     t = time.perf_counter()
     detected = None
     if weight is None:
         detected = run_detect(loaded, DetectConfig(corpus=corpus, calib_tokens=CALIB_TOKENS),
-                              on_stage=lambda name: stage(f"Detect: {name}", None))
+                              progress=Prefixed(progress, "Detect: "))
         chosen = _choose(detected.candidates)
         if chosen is None:
             best = detected.candidates[0] if detected.candidates else None
@@ -79,37 +80,34 @@ def run_pipeline(
         weight = chosen.coord
     timings["detect"] = time.perf_counter() - t
     t = time.perf_counter()
-    rows = [row_of(weight)]
-    run_repair(loaded, [weight], rows, cfg, recipe, out, corpus, eval_tokens, 512, baselines, seeds, resume,
-               on_stage=stage, on_advance=on_advance, tasks=tasks)
+    record = run_repair(loaded, [weight], [row_of(weight)], out, job.repair, progress)
     timings["repair"] = time.perf_counter() - t
     if detected is not None:
         write_json(out / DETECT, detected.model_dump())
     t = time.perf_counter()
-    record = run_analyze(loaded, out, analysis_tokens, draws, on_stage=stage, on_tokens=tokens)
+    record = run_analyze(loaded, out, AnalyzeConfig(tokens=job.analysis_tokens, draws=job.draws), progress, record)
     timings["analyze"] = time.perf_counter() - t
-    if sparse:
+    if job.sparse:
         t = time.perf_counter()
-        record = run_sparsify(loaded, out, n_tokens=analysis_tokens, on_stage=stage, on_advance=on_advance)
+        record = run_sparsify(loaded, out, SparsifyConfig(tokens=job.analysis_tokens), progress, record)
         timings["sparsify"] = time.perf_counter() - t
-    if quantize:
+    if job.quantize:
         from superweight.io.quantrecord import QUANTIZE_FILE
-        from superweight.stages.quantize import run_quantize
+        from superweight.stages.quantize import QuantizeConfig, run_quantize
 
         t = time.perf_counter()
-        stage("Quantizing (4-bit RTN, blocks 64/128/256/channel)", None)
-        quantized = run_quantize(loaded, [4], [64, 128, 256, "channel"], keep=[weight],
-                                 keep_source="detected" if detected is not None else "given", corpus=corpus,
-                                 max_tokens=eval_tokens, on_condition=lambda name: stage(f"Quantizing: {name}", None))
+        progress.stage("Quantizing (4-bit RTN, blocks 64/128/256/channel)", None)
+        settings = QuantizeConfig(keep=[weight], keep_source="detected" if detected is not None else "given",
+                                  corpus=corpus, max_tokens=job.repair.eval_tokens)
+        quantized = run_quantize(loaded, settings, progress=Prefixed(progress, "Quantizing: "))
         write_json(out / QUANTIZE_FILE, quantized.model_dump())
         timings["quantize"] = time.perf_counter() - t
-    record = record.model_copy(update={"detect": _detect_summary(detected, weight), "timings": timings})
-    write_record(out, record)
-    stage("Writing the report", None)
+    record = revalidated(record, detect=_detect_summary(detected, weight), timings=timings)
+    progress.stage("Writing the report", None)
     t = time.perf_counter()
-    write_report(out)
-    record.timings["report"] = time.perf_counter() - t
-    write_record(out, record)
+    write_report(out, record)
+    record = revalidated(record, timings={**timings, "report": time.perf_counter() - t})
+    write_record(out, record)  # the pipeline's one write: a finished run has timings.report
     return record
 
 

@@ -1,6 +1,6 @@
 """The quantize job: how far can this model be round-to-nearest quantized if its super weights are protected?
 
-    result = run_quantize(loaded, bits=[4], blocks=[64, "channel"], keep=coords, clip=Clip("tensor", 1e-4))
+    result = run_quantize(loaded, QuantizeConfig(bits=[4], blocks=[64, "channel"], keep=coords))
     [(r.name, r.ppl, r.effective_bits, r.changes) for r in result.rows]
 
 For each bits x block, four conditions (core/quant.py says what each does), all scored on the same tokens against
@@ -16,10 +16,11 @@ beside the quantized weights, or merged into its row and quantized with it.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from pathlib import Path
+from typing import Annotated
 
 import torch
+from pydantic import Field, SkipValidation
 from torch import nn
 
 from superweight.core.arch import down_projection, is_moe
@@ -27,32 +28,18 @@ from superweight.core.coords import WeightCoord
 from superweight.core.fakequant import QuantizedInputs, QuantizedWeights
 from superweight.core.intervene import Ablation, Compose, Intervention
 from superweight.core.patching import PatchData, check_fits, patched
-from superweight.core.quant import Clip, QuantSpec, check_blocks, effective_bits
+from superweight.core.quant import Clip, QuantSpec, check_blocks, check_levels, effective_bits
 from superweight.errors import UnsupportedArchitectureError
 from superweight.io import corpora
 from superweight.io.models import Loaded
 from superweight.io.quantrecord import ActRow, KeptWeight, QuantFigure, QuantReport, QuantResult, QuantRow
-from superweight.measure.metrics import measure, protocol_of
+from superweight.measure.metrics import Scoring, measure, n_scored, protocol_of
 from superweight.measure.recovery import recovery
+from superweight.measure.tasks import TaskSpec
+from superweight.progress import Progress, or_silent
+from superweight.settings import Settings
 
 CONDITIONS = {"rtn": (False, "none"), "held": (False, "hold"), "clip": (True, "none"), "clip+restore": (True, "restore")}
-
-
-class Announced(Intervention):
-    """Another intervention that calls `on_apply(name)` first (a progress display per condition)."""
-
-    def __init__(self, name: str, inner: Intervention, on_apply: Callable[[str], None] | None):
-        self.name, self.inner, self.on_apply = name, inner, on_apply
-
-    def apply(self) -> None:
-        if self.on_apply:
-            self.on_apply(self.name)
-        self.inner.apply()
-        self.active = True
-
-    def remove(self) -> None:
-        self.inner.remove()
-        self.active = False
 
 
 class MergedRows(Intervention):
@@ -214,28 +201,37 @@ def _changes(row: QuantRow, rtn: QuantRow | None) -> str | None:
             f"{k.block_rmse:.3g}")
 
 
-def run_quantize(
-    loaded: Loaded,
-    bits: list[int] = (4,),
-    blocks: list[int | str] = (64, 128, 256, "channel"),
-    levels: str = "int",
-    clip: Clip | None = Clip("tensor", 1e-4),
-    keep: list[WeightCoord] = (),
-    keep_source: str = "given",
-    activations: tuple[int, str] | None = None,
-    corpus: str = corpora.DEFAULT_CORPUS,
-    split: str = "eval",
-    max_tokens: int = 2048,
-    max_length: int = 512,
-    ids=None,
-    patch: PatchData | None = None,
-    tasks=None,
-    protect: list[int] = (),
-    calib_ids=None,
-    on_tokens: Callable[[int], None] | None = None,
-    on_condition: Callable[[str], None] | None = None,
-    on_task: Callable[[str], None] | None = None,
-) -> QuantResult:
+class QuantizeConfig(Settings):
+    """What `superweight quantize` measures (its defaults), checked when made."""
+
+    bits: list[int] = Field([4], min_length=1, description="weight bits, each 2-8")
+    blocks: list[int | str] = Field([64, 128, 256, "channel"], min_length=1, description="block sizes, channel, tensor")
+    levels: str = Field("int", description="int (min-max RTN) or nf (NormalFloat)")
+    clip: Clip | None = Field(Clip("tensor", 1e-4), description="outlier clipping before RTN (None: none)")
+    keep: list[WeightCoord] = Field([], description="the super weights to hold, clip and restore")
+    keep_source: str = Field("given", description="where `keep` came from: given, published, detected, none")
+    activations: tuple[int, str] | None = Field(None, description="(bits, down or all): activations too")
+    corpus: str = corpora.DEFAULT_CORPUS
+    split: str = "eval"
+    max_tokens: int = Field(2048, ge=2, description="tokens of the corpus to score")
+    max_length: int = Field(512, description="window length in tokens")
+    protect: list[int] = Field([], description="with clip: K, ... clipped weights restored besides `keep`")
+    tasks: Annotated[TaskSpec | None, SkipValidation] = None
+
+    def model_post_init(self, _ctx) -> None:
+        check_levels(self.levels, self.bits)
+        corpora.check_windows(self.max_length)
+
+
+def run_quantize(loaded: Loaded, cfg: QuantizeConfig | None = None, ids=None, patch: PatchData | None = None,
+                 calib_ids=None, progress: Progress | None = None) -> QuantResult:
+    """Score every condition of `cfg` on the same tokens (`ids`, else cfg.max_tokens of cfg.corpus/cfg.split)
+    against one base pass; with `patch` the repaired model too; `calib_ids`: the train-split tokens that rank the
+    clipped weights for cfg.protect (else 1024 read here). `progress` hears of the scored tokens."""
+    cfg = cfg or QuantizeConfig()
+    bits, blocks, levels, clip, keep, protect = cfg.bits, cfg.blocks, cfg.levels, cfg.clip, cfg.keep, cfg.protect
+    corpus, split, max_length, tasks = cfg.corpus, cfg.split, cfg.max_length, cfg.tasks
+    progress = or_silent(progress)
     start = time.perf_counter()
     model = loaded.model
     if is_moe(model):  # the fused 3-D expert tensors are no nn.Linear: RTN would leave most of the model in fp
@@ -271,8 +267,8 @@ def run_quantize(
     conditions: dict[str, Intervention] = {n: q for n, (*_, q) in plan.items()}
     described = {n: f"{q.spec}; super weights: {q.mode}" for n, q in conditions.items()}
     acts: dict[str, tuple[int, str, bool]] = {}
-    if activations is not None:
-        abits, which = activations
+    if cfg.activations is not None:
+        abits, which = cfg.activations
         for hold in ([False, True] if keep else [False]):
             name = f"a{abits}/{which}" + ("+hold-sa" if hold else "")
             acts[name] = (abits, which, hold)
@@ -298,11 +294,12 @@ def run_quantize(
                 described[f"{b}b/{blk}/patched-rtn"] = f"repaired, {q.spec}, patch in fp"
                 described[f"{b}b/{blk}/patched-merged"] = f"repaired, patch merged into its row, {qm.spec}"
     if ids is None:
-        ids = corpora.tokenize(loaded.tokenizer, corpora.load_text(corpus, split), max_tokens)
+        ids = corpora.tokenize(loaded.tokenizer, corpora.load_text(corpus, split), cfg.max_tokens)
     channels = sorted({(c.layer, c.row) for c in keep})
-    announced = {n: Announced(n, c, on_condition) for n, c in conditions.items()}
-    results = measure(model, ids, announced, channels, max_length, progress=on_tokens,
-                      bos=getattr(loaded, "bos", None))
+    bos = getattr(loaded, "bos", None)
+    progress.stage(f"Scoring {len(conditions)} conditions", n_scored(ids.numel(), max_length, bos=bos is not None))
+    results = measure(model, ids, conditions, channels, max_length, bos=bos,
+                      scoring=Scoring(progress=progress.advance))
     base = results["base"]
     n_weights = sum(o * i for o, i in shapes)
 
@@ -336,10 +333,10 @@ def run_quantize(
 
         for q in [q for *_, q in plan.values()]:
             q.eager = True  # many small passes: quantize once per condition
-        scores = run_tasks(loaded, tasks, conditions, on_condition=on_task)
+        scores = run_tasks(loaded, tasks, conditions, progress)
     protocol = protocol_of(loaded, corpus, split, base.n_tokens, max_length, max_length, described)
     result = QuantResult(
-        protocol=protocol, base=base, keep=[f"{c.layer}:{c.row}:{c.col}" for c in keep], keep_source=keep_source,
+        protocol=protocol, base=base, keep=[f"{c.layer}:{c.row}:{c.col}" for c in keep], keep_source=cfg.keep_source,
         n_weights=n_weights, shapes=sorted(set(shapes)), rows=rows, activations=act_rows,
         patched=results.get("patched"), patched_rows=patched_rows, tasks=scores,
     )

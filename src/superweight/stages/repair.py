@@ -1,18 +1,20 @@
 """The repair stage: run directory, data, training, baselines, evaluation, artifacts.
 
-    results = run_repair(loaded, [coord], [(11, 507)], RECIPES["fast"], "fast", Path("runs/x"))
+    job = RepairJob(recipe="fast", eval_tokens=512)          # validated here; the recipe's RepairConfig inside
+    results = run_repair(loaded, [coord], [(11, 507)], Path("runs/x"), job)
 
-Writes config.json, train_log.jsonl, checkpoints/last.pt, patch.safetensors + patch_config.json and
-results.json (base / broken / patched metrics, recovery, training, baselines, patch geometry) into the run
-directory (io/rundir.py).
+Writes config.json (io/runconfig.RunConfig), train_log.jsonl, checkpoints/last.pt, patch.safetensors +
+patch_config.json and results.json (base / broken / patched metrics, recovery, training, baselines, patch
+geometry) into the run directory (io/rundir.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
+from typing import Annotated
 
 import torch
+from pydantic import Field, SkipValidation, model_validator
 
 from superweight.core.arch import down_projection
 from superweight.core.conditions import (
@@ -28,15 +30,54 @@ from superweight.io import corpora
 from superweight.io.models import Loaded, model_id
 from superweight.io.patchfile import save_patch
 from superweight.io.record import Baseline, RunRecord, Seeds, SeedScores
+from superweight.io.runconfig import RunConfig
 from superweight.io.rundir import read_record, write_record
 from superweight.io.runstate import check_run_dir_for, prepare_run_dir
 from superweight.measure import generate
 from superweight.measure.geometry import geometry, rms
 from superweight.measure.inputs import down_inputs, patch_inputs
-from superweight.measure.metrics import check_context, measure, protocol_of
+from superweight.measure.metrics import Scoring, check_context, measure, protocol_of
 from superweight.measure.recovery import recovery_of, verdict_of
 from superweight.measure.tasks import TaskSpec, run_tasks
-from superweight.stages.train import RepairConfig, train, training_sequences
+from superweight.progress import Progress, or_silent
+from superweight.settings import Settings, revalidated
+from superweight.stages.recipes import RECIPES, RepairConfig, recipe_label
+from superweight.stages.train import Track, train, training_sequences
+
+
+class RepairJob(Settings):
+    """What a repair does besides training (the defaults are `superweight repair`'s); `config` is the recipe's
+    RepairConfig unless given. Checked when made: a bad value is a ValidationError, an unknown recipe a
+    UsageError."""
+
+    recipe: str = Field("lbfgs", description="the named recipe (stages/recipes.RECIPES) the config starts from")
+    config: RepairConfig = Field(None, description="the training settings (None: RECIPES[recipe])",
+                                 validate_default=True)
+    corpus: str = Field(corpora.DEFAULT_CORPUS, description="train split to train on, eval split to measure")
+    eval_tokens: int = Field(4096, ge=2, description="eval-split tokens for the before/after metrics")
+    max_length: int = Field(512, ge=2, description="window length of the before/after metrics")
+    baselines: bool = Field(False, description="also the oracle, activation restore, random vectors, other row")
+    seeds: int = Field(1, ge=1, description="patches trained with seeds seed, seed + 1, ...: mean and spread")
+    checkpoint_every: int = Field(25, ge=1, description="checkpoint every K steps")
+    resume: bool = Field(False, description="continue the run in the directory from its last checkpoint")
+    tasks: Annotated[TaskSpec | None, SkipValidation] = Field(
+        None, description="lm-evaluation-harness tasks for base, broken and patched (measure.tasks.prepare_tasks)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _recipe_config(cls, data):
+        if isinstance(data, dict) and data.get("config") is None:
+            name = data.get("recipe", "lbfgs")
+            if name not in RECIPES:
+                raise UsageError(f"unknown recipe '{name}': use {', '.join(RECIPES)}")
+            data = {**data, "config": RECIPES[name]}
+        return data
+
+    @property
+    def label(self) -> str:
+        """The recipe that runs, as the record names it: "lbfgs", or "lbfgs+steps=100" when options changed it."""
+        return recipe_label(self.recipe, self.config)
+
 
 GEN_PROMPTS = generate.DEFAULT_PROMPTS[:5]
 RANDOM_DRAWS = 3
@@ -54,33 +95,26 @@ def run_repair(
     loaded: Loaded,
     coords: list[WeightCoord],
     rows: list[tuple[int, int]],
-    cfg: RepairConfig,
-    recipe: str,
     out: Path,
-    corpus: str = corpora.DEFAULT_CORPUS,
-    eval_tokens: int = 4096,
-    max_length: int = 512,
-    baselines: bool = False,
-    seeds: int = 1,
-    resume: bool = False,
-    checkpoint_every: int = 25,
-    on_stage: Callable[[str, int | None], None] | None = None,
-    on_advance: Callable[[int, float | None], None] | None = None,
-    tasks: TaskSpec | None = None,
+    job: RepairJob | None = None,
+    progress: Progress | None = None,
 ) -> RunRecord:
-    """Train, evaluate and save a patch in the run directory `out` (see the module docstring); with `tasks`
-    (measure.tasks.prepare_tasks) also the zero-shot task metrics of base, broken and patched (`record.tasks`).
+    """Train, evaluate and save a patch in the run directory `out` (see the module docstring), as `job` says
+    (None: RepairJob's defaults); with `job.tasks` also the zero-shot task metrics of base, broken and patched
+    (`record.tasks`). `progress` (superweight.progress.Progress) hears of each stage and training step.
 
     Everything is checked before the first file is written: the run directory (io/runstate.check_run_dir_for),
     the coordinates and rows, the context length, and the corpus (enough text for one training batch).
-    `resume` continues from the last checkpoint (step 0 if none was made); on a finished run it returns the
+    `job.resume` continues from the last checkpoint (step 0 if none was made); on a finished run it returns the
     record as it is and changes nothing."""
+    job = job or RepairJob()
+    cfg, corpus, max_length, baselines, seeds = job.config, job.corpus, job.max_length, job.baselines, job.seeds
     model, tok = loaded.model, loaded.tokenizer
-    stage = on_stage or (lambda *_: None)
+    progress = or_silent(progress)
+    stage = progress.stage
     bos = getattr(loaded, "bos", None)
-    settings = repair_settings(loaded.spec, recipe, cfg, coords, rows, corpus, eval_tokens, max_length, baselines,
-                               checkpoint_every, seeds, getattr(loaded, "bos_mode", "auto"))
-    if check_run_dir_for(out, settings, resume) == "finished" and resume:
+    settings = repair_settings(loaded.spec, job, coords, rows, getattr(loaded, "bos_mode", "auto"))
+    if check_run_dir_for(out, settings, job.resume) == "finished" and job.resume:
         return read_record(out)
     ablation = Ablation(model, coords)  # validates coordinates first
     RowPatch(model, rows)  # validates rows
@@ -90,88 +124,85 @@ def run_repair(
                          f"{', '.join(f'{w:g}' for w in originals)}): there is no damage to repair")
     check_context(model, cfg.seq_len, option="--seq-len")
     seqs, mask = training_sequences(tok, corpus, cfg, bos)
-    eval_ids = corpora.tokenize(tok, corpora.load_text(corpus, "eval"), eval_tokens)
+    eval_ids = corpora.tokenize(tok, corpora.load_text(corpus, "eval"), job.eval_tokens)
     check_context(model, min(max_length, eval_ids.numel()), max_length)
-    prepare_run_dir(out, settings, resume)
+    prepare_run_dir(out, settings, job.resume)
 
-    on_step = (lambda _step, loss: on_advance(1, loss)) if on_advance else None
     stage("Training patch", cfg.steps)
-    patch, state = train(model, coords, rows, seqs, mask, cfg, out, checkpoint_every, resume, on_step=on_step)
-    save_patch(out, model, patch, coords, {"model": model_id(loaded), "spec": loaded.spec, "recipe": recipe,
-                                           "config": cfg.model_dump()})
+    patch, state = train(model, coords, rows, (seqs, mask), cfg,
+                         Track(out, job.checkpoint_every, job.resume, progress))
+    save_patch(out, model, patch, coords, {"model": model_id(loaded), "spec": loaded.spec, "recipe": job.label,
+                                           "config": cfg})
     # One Ablation serves every condition: measure() applies them one at a time.
     ab, rs = ablated_text(coords), ", ".join(map(row_text, rows))
     broken = BROKEN(ablation, weights=ab)
     fixed = PATCHED(Compose(ablation, patch), f"ablate {ab}, add trained patch on rows {rs}")
     controls = []
     if baselines:
-        controls = _baselines(model, ablation, rows, originals, patch, seqs, mask, cfg, stage, on_step)
+        controls = _baselines(model, ablation, rows, (originals, patch), (seqs, mask), cfg, progress)
     extra_seeds, seeded = {}, []
     for seed in range(cfg.seed + 1, cfg.seed + seeds):
         stage(f"Training patch, seed {seed}", cfg.steps)
-        other, _ = train(model, coords, rows, seqs, mask, cfg.model_copy(update={"seed": seed}), None, on_step=on_step)
+        other, _ = train(model, coords, rows, (seqs, mask), revalidated(cfg, seed=seed), Track(progress=progress))
         extra_seeds[seed] = other
         seeded.append(SEED(Compose(ablation, other), seed=seed))
     conditions = [broken, fixed, *controls, *seeded]
     channels = sorted({(c.layer, c.row) for c in coords})
     stage("Evaluating", None)
-    metrics = measure(model, eval_ids, interventions(conditions), channels, max_length,
-                      share_below=first_edited_layer(coords, rows), bos=bos)
+    metrics = measure(model, eval_ids, interventions(conditions), channels, max_length, bos=bos,
+                      scoring=Scoring(share_below=first_edited_layer(coords, rows)))
     stage("Generating", None)
     gens = generate.compare(model, tok, interventions([broken, fixed]), GEN_PROMPTS)
     base = metrics["base"]
     inputs = patch_inputs(model, coords, rows, eval_ids, max_length, bos=bos)
-    record = RunRecord(
-        protocol=protocol_of(loaded, corpus, "eval", base.n_tokens, max_length, max_length,
-                             descriptions(conditions)),
-        recipe=recipe, config=cfg.model_dump(), base=base, broken=metrics["broken"], patched=metrics["patched"],
-        recovery=recovery_of(metrics, PATCHED.name()), training=state,
-        verdict=verdict_of(recovery_of(metrics, PATCHED.name())),
-        patch=geometry(model, coords, rows, patch.vectors, originals, inputs), generations=gens,
-    )
+    rec = recovery_of(metrics, PATCHED.name())
+    extra: dict = {}  # the optional parts, typed as the record is built (not set on it afterwards)
     if baselines:
-        record.baselines = {
+        extra["baselines"] = {
             c.name: Baseline(**metrics[c.name].model_dump(), recovery=recovery_of(metrics, c.name)) for c in controls
         }
     if seeds > 1:
         patches = {cfg.seed: patch, **extra_seeds}
-        record.seeds = seed_spread(model, coords, rows, originals, metrics, patches, cfg.seed)
-    if tasks is not None:
-        record.tasks = run_tasks(loaded, tasks, interventions([broken, fixed]),
-                                 on_condition=lambda name: stage(f"lm-eval tasks: {name}", None))
+        extra["seeds"] = seed_spread(model, coords, rows, originals, metrics, patches, cfg.seed)
+    if job.tasks is not None:
+        extra["tasks"] = run_tasks(loaded, job.tasks, interventions([broken, fixed]), progress)
+    record = RunRecord(
+        protocol=protocol_of(loaded, corpus, "eval", base.n_tokens, max_length, max_length,
+                             descriptions(conditions)),
+        recipe=job.label, config=cfg, base=base, broken=metrics["broken"], patched=metrics["patched"],
+        recovery=rec, training=state, verdict=verdict_of(rec),
+        patch=geometry(model, coords, rows, patch.vectors, originals, inputs), generations=gens, **extra,
+    )
     write_record(out, record)
     return record
 
 
-def repair_settings(spec: str, recipe: str, cfg: RepairConfig, coords: list[WeightCoord], rows, corpus: str,
-                    eval_tokens: int, max_length: int, baselines: bool, checkpoint_every: int, seeds: int,
-                    bos: str = "auto") -> dict:
+def repair_settings(spec: str, job: RepairJob, coords: list[WeightCoord], rows, bos: str = "auto") -> RunConfig:
     """What config.json records, and what a resumed run must match (the CLI checks it before the model loads)."""
-    settings = {
-        "model": spec, "recipe": recipe, "config": cfg.model_dump(), "ablate": [str(c) for c in coords],
-        "rows": [list(r) for r in rows], "corpus": corpus, "eval_tokens": eval_tokens,
-        "max_length": max_length, "baselines": baselines, "checkpoint_every": checkpoint_every,
-    }
-    if seeds > 1:  # recorded only when used, so runs made before --seeds existed still resume
-        settings["seeds"] = seeds
-    if bos != "auto":  # likewise: --bos as given, recorded when not the default
-        settings["bos"] = bos
-    return settings
+    return RunConfig(
+        model=spec, recipe=job.recipe, config=job.config, ablate=[str(c) for c in coords],
+        rows=[list(r) for r in rows], corpus=job.corpus, eval_tokens=job.eval_tokens, max_length=job.max_length,
+        baselines=job.baselines, checkpoint_every=job.checkpoint_every, seeds=job.seeds, bos=bos,
+    )
 
 
 def recorded_bos(out: Path) -> str:
     """The --bos a run in `out` was started with (config.json; "auto" when it records none, or there is no run)."""
     from superweight.io.files import read_json
+    from superweight.io.runconfig import parse
     from superweight.io.rundir import CONFIG
 
-    if not (Path(out) / CONFIG).is_file():
+    path = Path(out) / CONFIG
+    if not path.is_file():
         return "auto"
-    settings = read_json(Path(out) / CONFIG, "run settings")
-    return settings.get("bos", "auto") if isinstance(settings, dict) else "auto"
+    return parse(RunConfig, read_json(path, "run settings"), str(path)).bos
 
 
-def _baselines(model, ablation: Ablation, rows, originals, patch, seqs, mask, cfg, stage, on_step) -> list[Condition]:
-    """Oracle, the paper's activation restore, random vectors writing as much as the patch, another row trained."""
+def _baselines(model, ablation: Ablation, rows, trained, data, cfg, progress: Progress) -> list[Condition]:
+    """Oracle, the paper's activation restore, random vectors writing as much as the patch, another row trained.
+    `trained`: (the ablated weights' original values, the trained patch); `data`: (sequences, mask)."""
+    originals, patch = trained
+    seqs, _mask = data
     coords = ablation.coords
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     oracle_vectors = []
@@ -198,8 +229,8 @@ def _baselines(model, ablation: Ablation, rows, originals, patch, seqs, mask, cf
         random_draws.append(vectors)
     other = [make_row(layer, _other_row(row, down_projection(model, layer, expert).d_model, cfg.seed), expert)
              for layer, row, expert in map(split_row, rows)]
-    stage(f"Baseline: training rows {', '.join(map(row_text, other))}", cfg.steps)
-    other_patch, _ = train(model, coords, other, seqs, mask, cfg, None, on_step=on_step)
+    progress.stage(f"Baseline: training rows {', '.join(map(row_text, other))}", cfg.steps)
+    other_patch, _ = train(model, coords, other, data, cfg, Track(progress=progress))
     return [
         ORACLE(patched(model, ablation, rows, oracle_vectors)),
         ACTIVATION_RESTORE(Compose(ablation, ActivationRestore(model, coords, originals))),

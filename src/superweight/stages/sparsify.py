@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from superweight.core.conditions import BROKEN, SPARSE, ablated_text, interventions
@@ -38,10 +39,12 @@ from superweight.io.patchfile import load_patch
 from superweight.io.record import RunRecord, SparseTraining
 from superweight.io.rundir import read_record, write_record
 from superweight.measure.geometry import geometry
-from superweight.measure.metrics import measure, protocol_of
+from superweight.measure.metrics import Scoring, measure, protocol_of
 from superweight.measure.recovery import scored
 from superweight.stages.precondition import PreconditionedPatch
-from superweight.stages.train import RepairConfig, train, training_sequences
+from superweight.progress import Progress, or_silent
+from superweight.settings import Settings, revalidated
+from superweight.stages.train import Track, train, training_sequences
 
 SPARSE_ADAM_LR = 0.3  # the `quick` recipe's Adam lr, whose patches the default strengths were tuned on
 DEFAULT_STRENGTHS = {"l1": (0.6, 0.8, 1.0), "l0": (1.0, 10.0, 30.0)}
@@ -54,8 +57,8 @@ BETA, GAMMA, ZETA = 2 / 3, -0.1, 1.1
 class L1Prox:
     method = "l1"
 
-    def __init__(self, strength: float):
-        self.strength = strength
+    def __init__(self, strength: float, init: list[torch.Tensor] | None = None):
+        self.strength, self.init = strength, init  # init: the vectors training starts from (None: zeros)
 
     def patch(self, model, rows, init, p=None) -> PreconditionedPatch:
         return PreconditionedPatch(model, rows, p, init)
@@ -115,8 +118,8 @@ class GatedRowPatch(PreconditionedPatch):
 class HardConcrete:
     method = "l0"
 
-    def __init__(self, strength: float):
-        self.strength = strength
+    def __init__(self, strength: float, init: list[torch.Tensor] | None = None):
+        self.strength, self.init = strength, init  # init: the vectors training starts from (None: zeros)
 
     def patch(self, model, rows, init, p=None) -> GatedRowPatch:
         return GatedRowPatch(model, rows, init, p)
@@ -146,58 +149,64 @@ def pareto(points: list[dict]) -> list[dict]:
     return front
 
 
-def run_sparsify(
-    loaded: Loaded,
-    run_dir: Path,
-    strengths: dict[str, tuple[float, ...]] | None = None,
-    steps: int | None = None,
-    n_tokens: int = 2048,
-    max_length: int = 512,
-    on_stage: Callable[[str, int | None], None] | None = None,
-    on_advance: Callable[[int, float | None], None] | None = None,
-) -> RunRecord:
-    """Train one sparse patch per (method, strength) from the run's patch; score, find the frontier, save."""
-    stage = on_stage or (lambda *_: None)
+class SparsifyConfig(Settings):
+    """What `superweight sparsify` trains and scores (its defaults), checked when made."""
+
+    strengths: dict[Literal["l1", "l0"], tuple[float, ...]] = Field(
+        DEFAULT_STRENGTHS, min_length=1, description="method -> penalty strengths, one sparse patch each")
+    steps: int | None = Field(None, ge=1, description="steps per sparse patch (None: half the run's)")
+    tokens: int = Field(2048, ge=2, description="eval-split tokens to score each patch on")
+    max_length: int = Field(512, ge=2, description="window length in tokens")
+
+
+def run_sparsify(loaded: Loaded, run_dir: Path, cfg: SparsifyConfig | None = None,
+                 progress: Progress | None = None, record: RunRecord | None = None) -> RunRecord:
+    """Train one sparse patch per (method, strength) from the run's patch; score, find the frontier, save.
+    `progress` (superweight.progress.Progress) hears of each training and its steps; `record`: the run's record
+    when the caller holds it (the pipeline), else it is read from `run_dir`."""
+    cfg_sparse = cfg or SparsifyConfig()
+    strengths, steps, n_tokens, max_length = (cfg_sparse.strengths, cfg_sparse.steps, cfg_sparse.tokens,
+                                              cfg_sparse.max_length)
+    progress = or_silent(progress)
     run_dir = Path(run_dir)
-    record = read_record(run_dir)
+    record = record if record is not None else read_record(run_dir)
     patch = load_patch(run_dir)
     model, tok = loaded.model, loaded.tokenizer
     check_fits(model, patch)
-    cfg = RepairConfig(**record.config)
+    cfg = record.config
     if cfg.optimizer == "lbfgs":  # 16 loss evaluations of 4 rows: as many row passes as 16 steps of batch 2
-        cfg = RepairConfig(**(record.config | {"optimizer": "sgd", "batch_size": 2, "steps": cfg.steps * 2}))
+        cfg = revalidated(cfg, optimizer="sgd", batch_size=2, steps=cfg.steps * 2)
     steps = steps or max(cfg.steps // 2, 1)
-    cfg = cfg.model_copy(update={"steps": steps, "schedule": "constant"})
+    cfg = revalidated(cfg, steps=steps, schedule="constant")
     if cfg.optimizer not in ("adam", "adamw"):
         # The strengths are fractions of an Adam step and the gates need Adam's steps to close; in the run's
         # coordinates (cfg.space: column for the default recipe, where a threshold on u means the same under
         # neuron, residual-stream and norm-gain rescaling) Adam is as scale-free as the run was.
-        cfg = cfg.model_copy(update={"optimizer": "adam", "lr": SPARSE_ADAM_LR})
+        cfg = revalidated(cfg, optimizer="adam", lr=SPARSE_ADAM_LR)
     corpus = record.protocol.corpus
     bos = getattr(loaded, "bos", None)
     seqs, mask = training_sequences(tok, corpus, cfg, bos)
-    on_step = (lambda _s, loss: on_advance(1, loss)) if on_advance else None
+    track = Track(progress=progress)
     originals = intact_values(model, patch.ablated)
     trained = []
-    for method, values in (strengths or DEFAULT_STRENGTHS).items():
+    for method, values in strengths.items():
         for strength in values:
-            stage(f"Sparse training: {method}, strength {strength:g}", steps)
-            objective = OBJECTIVES[method](strength)
+            progress.stage(f"Sparse training: {method}, strength {strength:g}", steps)
+            objective = OBJECTIVES[method](strength, patch.vectors)
             t0 = time.perf_counter()
-            p, _ = train(model, patch.ablated, patch.rows, seqs, mask, cfg, None, on_step=on_step,
-                         init_vectors=patch.vectors, objective=objective)
+            p, _ = train(model, patch.ablated, patch.rows, (seqs, mask), cfg, track, objective)
             vectors = objective.final(p)
             g = geometry(model, patch.ablated, patch.rows, vectors, originals)
             trained.append({"method": method, "strength": strength, "vectors": vectors,
                             "nnz": int(sum((v != 0).sum() for v in vectors)), "seconds": time.perf_counter() - t0,
                             "geometry": {k: getattr(g, k) for k in GEOMETRY_KEYS} | {"top_entries": g.top_entries[:8]}})
-    stage("Scoring sparse patches", None)
+    progress.stage("Scoring sparse patches", None)
     ablation = Ablation(model, patch.ablated)
     conditions = [BROKEN(ablation, weights=ablated_text(patch.ablated)),
                   *(SPARSE(patched(model, ablation, patch.rows, t["vectors"]), i=i) for i, t in enumerate(trained))]
     ids = corpora.tokenize(tok, corpora.load_text(corpus, "eval"), n_tokens)
-    metrics = measure(model, ids, interventions(conditions), max_length=max_length,
-                      share_below=first_edited_layer(patch.ablated, patch.rows), bos=bos)
+    metrics = measure(model, ids, interventions(conditions), max_length=max_length, bos=bos,
+                      scoring=Scoring(share_below=first_edited_layer(patch.ablated, patch.rows)))
     base, broken = metrics["base"], metrics["broken"]
     points = []
     for i, t in enumerate(trained):
@@ -213,6 +222,6 @@ def run_sparsify(
         "frontier": frontier,
         "smallest_90": next((p for p in frontier if p["nll_gap"] >= 0.9), None),
     })
-    record = record.model_copy(update={"sparse_training": sparse})
+    record = revalidated(record, sparse_training=sparse)
     write_record(run_dir, record)
     return record

@@ -1,11 +1,13 @@
-"""Repair an ablated model with a row patch trained by KL distillation against the intact model.
+"""The training engine: repair an ablated model with a row patch trained by KL distillation against the intact
+model (the training data, the loss, the optimisers, checkpoints). Its settings, `RepairConfig` and the named
+`RECIPES`, live in stages/recipes.py; `Track` says where a run's log and checkpoints go and who hears of its steps.
 
 One model copy: the teacher is the model with every intervention off (under no_grad), the student the same
 model with the super weights ablated and a `RowPatch` on. The blocks below the first edited layer run once
 per batch (teacher pass) and are reused by the student (`prefix.Prefix`). Only the patch vectors train.
 
-    cfg = RECIPES["lbfgs"]
-    patch, state = train(model, coords, rows=[(11, 507)], sequences=seqs, mask=None, cfg=cfg, run_dir=Path("runs/x"))
+    cfg = RECIPES["lbfgs"]                       # stages/recipes.py: RepairConfig and the named recipes
+    patch, state = train(model, coords, [(11, 507)], seqs, cfg, Track(Path("runs/x")))   # seqs: [N, T] ids
 
 Two engines. First-order (sgd, adam, adamw): one step per fresh batch. `lbfgs`: L-BFGS with a strong-Wolfe line
 search on a fixed set of batch_size rows, where a line search means something (the objective does not change
@@ -24,12 +26,10 @@ from __future__ import annotations
 import functools
 import math
 import time
-from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
-from pydantic import BaseModel, Field
 from torch import nn
 
 from superweight.core.arch import down_projection
@@ -39,91 +39,11 @@ from superweight.core.prefix import Prefix, first_edited_layer
 from superweight.errors import SuperweightError, UsageError
 from superweight.io import checkpoint, corpora
 from superweight.io.record import Training
+from superweight.progress import Progress, or_silent
 from superweight.stages import distributed
 from superweight.stages.distill import HeldOutCheck, Teacher, kl_loss  # noqa: F401 (kl_loss: re-exported)
 from superweight.stages.precondition import PreconditionedPatch, scales
-
-
-class RepairConfig(BaseModel):
-    """Training settings. RECIPES holds the named presets."""
-
-    steps: int = Field(80, description="optimiser steps")
-    batch_size: int = Field(4, description="sequences per step")
-    seq_len: int = Field(128, description="tokens per sequence")
-    lr: float = Field(0.1, description="learning rate")
-    weight_decay: float = Field(0.0, description="AdamW weight decay")
-    optimizer: Literal["adamw", "adam", "sgd", "lbfgs"] = Field(
-        "adamw", description="lbfgs: quasi-Newton with a strong-Wolfe line search on a fixed set of batch_size "
-                             "rows; `steps` counts loss evaluations, lr scales its first step")
-    schedule: Literal["constant", "cosine"] = Field("cosine", description="lr schedule (cosine decays to 0)")
-    warmup: int = Field(0, description="linear warm-up steps")
-    kl: Literal["forward", "reverse"] = Field("forward", description="forward: KL(teacher||student)")
-    temperature: float = Field(1.0, description="softmax temperature (loss scaled by T^2)")
-    init: Literal["zero", "random"] = Field("zero", description="initial patch")
-    seed: int = 0
-    train_tokens: int = Field(16384, description="tokens of the training split to draw sequences from")
-    teacher_cache_mb: int = Field(
-        2048, description="cache teacher log-probs (fp16) and prefix states across epochs when they fit"
-    )
-    space: Literal["weight", "balanced", "column"] = Field(
-        "weight", description="coordinates the optimiser works in: weight (d itself), balanced (d_j = u_j / n_j, "
-                              "the same at every rescaling of the MLP's neurons) or column (d_j = u_j ‖W[:, j]‖, "
-                              "the same under neuron, residual-stream and norm-gain rescaling); stages/precondition.py"
-    )
-    check_rows: int = Field(
-        2, description="rows of the train split held out to check the patch: the best one checked is kept, and "
-                       "training backs off when the patch does worse than none (0: no check)")
-    data: Literal["packed", "lines"] = Field(
-        "packed", description="packed: the train split cut into full seq_len rows (no padding); lines: one "
-                              "wikitext line per sequence, right-padded and masked (the seed write-up's; "
-                              "wikitext2 only, other corpora are packed)"
-    )
-
-    def model_post_init(self, _ctx) -> None:
-        if self.check_rows < 0:
-            raise UsageError(f"check-rows must be at least 0, got {self.check_rows}")
-        for name in ("steps", "batch_size", "seq_len", "train_tokens"):
-            if getattr(self, name) < 1:
-                raise UsageError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.lr <= 0 or self.temperature <= 0:
-            raise UsageError("lr and temperature must be positive")
-
-
-RECIPES: dict[str, RepairConfig] = {
-    # The write-up's settings: AdamW lr 1e-3 (weight decay 0.01), batch 2 x 128 tokens, 404 steps.
-    "seed": RepairConfig(
-        steps=404, batch_size=2, seq_len=128, lr=1e-3, weight_decay=0.01, optimizer="adamw", schedule="constant",
-        train_tokens=404 * 2 * 128, data="lines",
-    ),
-    # docs/recipes.md: Adam(W) at lr 0.1 (100x the seed's) with cosine decay, batch 4 x 128, 80 steps (1/5 of
-    # the seed's) over 16k tokens (4 epochs, so the teacher is computed once and cached) reaches ~93% NLL-gap
-    # recovery on the embedded model. lr 1e-2 reached only 32% in 40 steps: Adam moves each entry ~lr a step
-    # and the patch must grow to norm ~50.
-    "fast": RepairConfig(),
-    # Made for the one-shot `superweight run` (5 minutes on 2 cores, two trainings with the other-row baseline),
-    # its default before `balanced`: 32 steps of batch 2 x 128 over 4k tokens (2 epochs) at lr 0.3. On the
-    # embedded model 96.0% NLL-gap recovery in ~33 s, where 40 steps of batch 4 at lr 0.1 gave 89% in ~80 s:
-    # small batches and a higher lr win here (docs/recipes.md). Untested on larger models.
-    "quick": RepairConfig(steps=32, batch_size=2, lr=0.3, train_tokens=4096),
-    # `quick` with SGD (momentum 0.9) at lr 0.1: 99.5% on the embedded model, and the patch is the deleted
-    # weight's direction (cos(d, e_col) 0.95, norm 5) where Adam's is not (0.04, norm 67): Adam moves every entry
-    # ~lr a step, SGD in proportion to its gradient. SGD's lr depends on the activation scale (x ~ 3,000 at the
-    # massive token here), so check it on each model; lr 1e-3 barely moves, 3e-2 gives 93%.
-    "sgd": RepairConfig(steps=32, batch_size=2, lr=0.1, optimizer="sgd", train_tokens=4096),
-    # The default of `repair` and `run` before `lbfgs`: `sgd`'s budget (32 steps of batch 2 x 128), SGD with
-    # momentum in the balanced coordinates (stages/precondition.py), so the result is the same at every
-    # function-preserving rescaling of the MLP: 99.7% on the embedded model at every scale where `quick` ranges
-    # from -90% to 100% (benchmarks/bench_transfer.py, docs/recipes.md). lr 0.3: 0.1 under-trains the super
-    # neuron (n = 1.72, so its steps are 3x smaller than in weight units: 92.7%); 3.0 overshoots (the loss
-    # bounces back from 0.002).
-    "balanced": RepairConfig(steps=32, batch_size=2, lr=0.3, optimizer="sgd", space="balanced", train_tokens=4096),
-    # The default of `repair` and `run` (docs/recipes.md): L-BFGS with a strong-Wolfe line search on 4 fixed rows
-    # of 128 tokens, 16 loss evaluations at most (the same 64 row passes as `balanced`), in column coordinates
-    # (d_j = u_j ‖W[:, j]‖: the same path under neuron, residual-stream and norm-gain rescaling). The line
-    # search only takes steps that lower the loss, and the curvature pairs set the step size per direction, so
-    # no lr needs finding: 99.99% on the embedded model and 99% (KL) on Gemma-3-270M, where `balanced` diverges.
-    "lbfgs": RepairConfig(steps=16, batch_size=4, lr=1.0, optimizer="lbfgs", space="column", train_tokens=4096),
-}
+from superweight.stages.recipes import RECIPES, RepairConfig  # noqa: F401 (re-exported: the engine's settings)
 
 
 def training_sequences(tokenizer, corpus: str, cfg: RepairConfig,
@@ -186,32 +106,44 @@ def _lr(step: int, cfg: RepairConfig) -> float:
     return cfg.lr
 
 
+@dataclass(frozen=True)
+class Track:
+    """Where a training run reports: `run_dir` gets train_log.jsonl and checkpoints/last.pt every
+    `checkpoint_every` steps (None: nothing is written), `resume` continues from that checkpoint, and `progress`
+    hears of each step (stage set by the caller; advance(1, loss) per step or loss evaluation)."""
+
+    run_dir: Path | None = None
+    checkpoint_every: int = 25
+    resume: bool = False
+    progress: Progress | None = None
+
+
 def train(
     model: nn.Module,
     coords: list[WeightCoord],
     rows: list[tuple[int, int]],
-    sequences: torch.Tensor,
-    mask: torch.Tensor | None,
+    data: torch.Tensor | tuple[torch.Tensor, torch.Tensor | None],
     cfg: RepairConfig,
-    run_dir: Path | None = None,
-    checkpoint_every: int = 25,
-    resume: bool = False,
-    on_step: Callable[[int, float], None] | None = None,
-    init_vectors: list[torch.Tensor] | None = None,
+    track: Track | None = None,
     objective=None,
 ) -> tuple[RowPatch, Training]:
     """Train patch vectors on `rows` so the model with `coords` ablated imitates the intact model.
 
-    `sequences` [N, T] token ids (packed, or right-padded with `mask` [N, T] marking real tokens).
-    Writes `train_log.jsonl` and `checkpoints/last.pt` under `run_dir` when given.
-    `init_vectors` start from a given patch; `objective` (a `sparsify` objective) builds the patch, adds its
-    penalty to the loss and acts after each step (no checkpoints then: `run_dir` must be None).
+    `data`: [N, T] token ids (packed), or (ids, mask) as training_sequences returns them, with the mask [N, T]
+    marking real tokens of right-padded rows (None: every token is real).
+    `track` (Track) says where the train log and checkpoints go and who hears of each step.
+    `objective` (a `sparsify` objective) builds the patch (from its `init` vectors when it has them), adds its
+    penalty to the loss and acts after each step (no checkpoints then: `track.run_dir` must be None).
     """
+    track = track or Track()
+    run_dir, resume = track.run_dir, track.resume
+    init_vectors = getattr(objective, "init", None)
     if objective is not None and run_dir is not None:
         raise ValueError("sparse objectives train without a run directory")
     if objective is not None and cfg.optimizer == "lbfgs":
         raise UsageError("sparse objectives train with a first-order optimiser (sgd, adam, adamw), not lbfgs")
     dp = distributed.current()  # one process, or this one's share under `accelerate launch`
+    sequences, mask = data if isinstance(data, tuple) else (data, None)
     if mask is None:
         mask = torch.ones_like(sequences)
     # The last check_rows rows are held out (never trained on) when enough remain to train on.
@@ -248,12 +180,13 @@ def train(
                              ablation, patch, prefix, cfg, resumed.check)
     t0 = time.perf_counter()
     elapsed = lambda: resumed.seconds + time.perf_counter() - t0  # noqa: E731 (across resumes)
-    log = _Log(run_dir, on_step, elapsed)
+    log = _Log(run_dir, or_silent(track.progress), elapsed)
+    job = _Job(model, teacher, dp, n, ablation, patch, prefix, cfg, log, objective, check)
     if cfg.optimizer == "lbfgs":
-        loss_value, done = _lbfgs(model, teacher, dp, n, ablation, patch, prefix, opt, cfg, log, start)
+        loss_value, done = _lbfgs(job, opt, start)
     else:
-        loss_value, done = _first_order(model, teacher, dp, n, ablation, patch, prefix, opt, cfg, log, start,
-                                        resumed.loss, run_dir, checkpoint_every, expect, objective, check)
+        saver = functools.partial(checkpoint.save, run_dir) if run_dir is not None else None
+        loss_value, done = _first_order(job, opt, start, resumed.loss, (saver, track.checkpoint_every, expect))
     if check is not None:
         if cfg.optimizer == "lbfgs":
             check.update(done)
@@ -275,34 +208,54 @@ def train(
 class _Log:
     """One line of train_log.jsonl and one progress tick per step (or loss evaluation)."""
 
-    def __init__(self, run_dir, on_step, elapsed):
-        self.run_dir, self.on_step, self.elapsed = run_dir, on_step, elapsed
+    def __init__(self, run_dir, progress: Progress, elapsed):
+        self.run_dir, self.progress, self.elapsed = run_dir, progress, elapsed
 
     def __call__(self, step: int, loss: float, lr: float) -> None:
         if self.run_dir is not None:
             checkpoint.log_step(self.run_dir, {"step": step, "loss": loss, "lr": lr, "seconds": round(self.elapsed(), 3)})
-        if self.on_step:
-            self.on_step(step, loss)
+        self.progress.advance(1, loss)
 
 
-def _student_loss(model, dp, ablation, patch, prefix, batch, cfg):
+@dataclass
+class _Job:
+    """What both engines work on: the model, the teacher's targets, the data-parallel share, the training rows,
+    the ablation and patch, the shared prefix, the settings, the log, a sparse objective (or None) and the
+    held-out check (or None)."""
+
+    model: nn.Module
+    teacher: Teacher
+    dp: distributed.DataParallel
+    n: int
+    ablation: Ablation
+    patch: RowPatch
+    prefix: Prefix
+    cfg: RepairConfig
+    log: _Log
+    objective: object = None
+    check: HeldOutCheck | None = None
+
+
+def _student_loss(job: _Job, batch):
     ids, m, teacher_lp, hidden = batch
-    with ablation, patch, prefix.reuse(hidden):
-        student = model(input_ids=ids, attention_mask=m, use_cache=False).logits
-        return dp.share_of_mean(kl_loss(teacher_lp, student, m, cfg), m)
+    with job.ablation, job.patch, job.prefix.reuse(hidden):
+        student = job.model(input_ids=ids, attention_mask=m, use_cache=False).logits
+        return job.dp.share_of_mean(kl_loss(teacher_lp, student, m, job.cfg), m)
 
 
-def _first_order(model, teacher, dp, n, ablation, patch, prefix, opt, cfg, log, start, loss_value, run_dir,
-                 checkpoint_every, expect, objective, check):
-    """SGD / Adam(W) steps on fresh batches; the held-out check every steps/8 steps backs off on harm."""
+def _first_order(job: _Job, opt, start: int, loss_value, saving):
+    """SGD / Adam(W) steps on fresh batches; the held-out check every steps/8 steps backs off on harm. `saving`:
+    (save(step, vectors, opt, expect, seconds, loss, check state) or None, every K steps, what must match)."""
+    dp, patch, cfg, log, objective, check = job.dp, job.patch, job.cfg, job.log, job.objective, job.check
+    save, checkpoint_every, expect = saving
     check_every = max(1, cfg.steps // 8)
     lr_scale = check.state["lr_scale"] if check else 1.0
     for step in range(start, cfg.steps):
-        batch = teacher(dp.shard(batch_indices(step, cfg.batch_size, n, cfg.seed)))
+        batch = job.teacher(dp.shard(batch_indices(step, cfg.batch_size, job.n, cfg.seed)))
         lr = _lr(step, cfg) * lr_scale
         for group in opt.param_groups:
             group["lr"] = lr
-        loss = _student_loss(model, dp, ablation, patch, prefix, batch, cfg)
+        loss = _student_loss(job, batch)
         if objective:
             loss = loss + objective.penalty(patch) / dp.world
         opt.zero_grad(set_to_none=True)
@@ -323,15 +276,16 @@ def _first_order(model, teacher, dp, n, ablation, patch, prefix, opt, cfg, log, 
                 lr_scale = check.state["lr_scale"]
                 opt = _optimizer(patch.parameters(), cfg, lr_scale)  # momentum from the harmful steps is dropped
         log(step + 1, loss_value, lr)
-        if run_dir is not None and (step + 1) % checkpoint_every == 0 and step + 1 < cfg.steps:
-            checkpoint.save(run_dir, step + 1, patch.vectors, opt, expect, log.elapsed(), loss_value,
-                            check.state if check else None)
+        if save is not None and (step + 1) % checkpoint_every == 0 and step + 1 < cfg.steps:
+            save(step + 1, patch.vectors, opt, expect, log.elapsed(), loss_value, check.state if check else None)
     return loss_value, cfg.steps
 
 
-def _lbfgs(model, teacher, dp, n, ablation, patch, prefix, opt, cfg, log, start):
+def _lbfgs(job: _Job, opt, start: int):
     """L-BFGS on a fixed set of batch_size rows, two at a time; one call, `steps` loss evaluations at most.
     A run resumed before its end trains again from the start (the same patch: nothing here is random)."""
+    model, teacher, dp, n, ablation, patch, prefix, cfg, log = (
+        job.model, job.teacher, job.dp, job.n, job.ablation, job.patch, job.prefix, job.cfg, job.log)
     if start >= cfg.steps:
         return None, start
     rows = dp.shard(list(epoch_order(n, cfg.seed, 0)[: cfg.batch_size]))

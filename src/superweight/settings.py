@@ -1,0 +1,66 @@
+"""What every settings model shares: a base that validates on assignment, a re-validating copy, and one error
+line from a pydantic ValidationError.
+
+    job = RepairJob(eval_tokens=512)              # validated here, where it is defined
+    job = revalidated(job, seeds=3)               # not model_copy(update=...), which skips validation
+    error_line(exc, "--")                         # "--eval-tokens must be at least 2, got 1"
+
+Settings models raise pydantic's ValidationError for a bad field (the CLI turns it into one `Error:` line and
+exit 2, naming the option; the notebook API into a UsageError naming the argument) and UsageError for a bad
+combination, with its own text.
+"""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from superweight.errors import UsageError
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class Settings(BaseModel):
+    """Base of the settings models: unknown fields are an error; frozen, so a change goes through `revalidated`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+
+
+def revalidated(model: M, **changes) -> M:
+    """`model` with `changes`, validated again (model_copy(update=...) would skip every check). Fields are taken
+    as they are (nested models and objects stay themselves); private attributes are not carried over."""
+    return type(model).model_validate({**dict(model), **changes})
+
+
+def build(cls: type[M], base: M | None = None, prefix: str = "", **changes) -> M:
+    """`base` (None: the class's defaults) with `changes`, validated; a bad value is one UsageError line that
+    names the field as `prefix + name` (prefix "--" for CLI options, "" for API arguments)."""
+    unknown = sorted(set(changes) - set(cls.model_fields))
+    if unknown:
+        raise TypeError(f"unknown {cls.__name__} setting(s): {', '.join(unknown)} (use {', '.join(cls.model_fields)})")
+    try:
+        return cls.model_validate({**(dict(base) if base is not None else {}), **changes})
+    except ValidationError as exc:
+        raise UsageError(error_line(exc, prefix)) from None
+
+
+def _number(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def error_line(exc: ValidationError, prefix: str = "--") -> str:
+    """A ValidationError's first problem as one line naming the field: "--calib-tokens must be at least 2, got 1",
+    "invalid --optimizer 'lion': use 'adamw', 'adam' or 'sgd'" (pydantic's own text names a help URL)."""
+    first = exc.errors()[0]
+    loc = [str(x) for x in first["loc"] if not isinstance(x, int)]
+    name = prefix + ("-".join(loc).replace("_", "-") if prefix else ".".join(loc))
+    ctx, value = first.get("ctx") or {}, first.get("input")
+    if first["type"] == "greater_than_equal":
+        return f"{name} must be at least {_number(ctx['ge'])}, got {_number(value)}"
+    if first["type"] == "greater_than":
+        return f"{name} must be {'positive' if ctx['gt'] == 0 else 'more than ' + _number(ctx['gt'])}, got {_number(value)}"
+    if ctx.get("expected"):
+        return f"invalid {name} {value!r}: use {ctx['expected']}"
+    msg = first["msg"].removeprefix("Value error, ")
+    return f"invalid {name} {value!r}: {msg[0].lower()}{msg[1:]}"

@@ -1,0 +1,130 @@
+"""Settings as objects: each checks itself where it is defined (library callers get the CLI's checks), a change
+re-validates, the record names the recipe that ran, and the run directory's settings files are typed and versioned."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from pydantic import ValidationError
+
+from superweight.errors import SuperweightError, UsageError
+from superweight.io.migrate import migrate
+from superweight.io.placement import Placement
+from superweight.io.record import SCHEMA_VERSION
+from superweight.io.runconfig import PatchConfig, RunConfig, parse
+from superweight.progress import SILENT, EachStep, Prefixed, Progress
+from superweight.settings import build, error_line, revalidated
+from superweight.stages.detect import DetectConfig
+from superweight.stages.evaluate import EvalConfig
+from superweight.stages.pipeline import PipelineJob
+from superweight.stages.recipes import RECIPES, recipe_label, recipe_settings
+from superweight.stages.repair import RepairJob, repair_settings
+
+
+@pytest.mark.parametrize("kwargs, line", [
+    ({"calib_tokens": 1}, "--calib-tokens must be at least 2, got 1"),
+    ({"max_candidates": 0}, "--max-candidates must be at least 1, got 0"),
+    ({"attribution_top": -1}, "--attribution-top must be at least 0, got -1"),
+    ({"spike_ratio": 0.0}, "--spike-ratio must be positive, got 0"),
+    ({"min_kl": -1.0}, "--min-kl must be at least 0, got -1"),
+])
+def test_detect_config_checks_itself(kwargs, line):
+    with pytest.raises(ValidationError) as exc:
+        DetectConfig(**kwargs)
+    assert error_line(exc.value, "--") == line
+    with pytest.raises(UsageError, match=line.removeprefix("--").split(" ")[0].replace("-", "_")):
+        build(DetectConfig, None, "", **kwargs)  # the API's form names the argument
+
+
+def test_detect_config_attribution_none_and_unknown():
+    assert DetectConfig(attribution="none").attribution is None
+    with pytest.raises(UsageError, match="unknown attribution 'magic': use activation, gradient or none"):
+        DetectConfig(attribution="magic")
+
+
+def test_placement_checks_itself():
+    with pytest.raises(UsageError, match="unknown dtype 'fp8'"):
+        Placement(dtype="fp8")
+    with pytest.raises(UsageError, match="--max-memory and --offload-folder need --device-map"):
+        Placement(max_memory="cpu=1GiB")
+    with pytest.raises(UsageError, match="invalid --max-memory device 'gpu0'"):
+        Placement(device_map="auto", max_memory="gpu0=1GiB")
+    assert Placement(device_map="auto", max_memory="0=1GiB,cpu=2GiB").where() == "device map auto"
+
+
+def test_repair_job_takes_its_recipe_and_checks_its_values():
+    job = RepairJob(recipe="balanced")
+    assert job.config == RECIPES["balanced"] and job.label == "balanced"
+    with pytest.raises(UsageError, match="unknown recipe 'nope'"):
+        RepairJob(recipe="nope")
+    for field, value, line in [("eval_tokens", 1, "--eval-tokens must be at least 2, got 1"),
+                               ("seeds", 0, "--seeds must be at least 1, got 0"),
+                               ("checkpoint_every", 0, "--checkpoint-every must be at least 1, got 0")]:
+        with pytest.raises(ValidationError) as exc:
+            RepairJob(**{field: value})
+        assert error_line(exc.value) == line
+    assert PipelineJob().repair.eval_tokens == 2048 and PipelineJob().repair.baselines
+    with pytest.raises(ValidationError):
+        PipelineJob(draws=0)
+    with pytest.raises(UsageError, match="stride must be between 1 and max_length"):
+        EvalConfig(max_length=64, stride=65)
+
+
+def test_a_change_is_validated_again():
+    job = RepairJob()
+    assert revalidated(job, seeds=3).seeds == 3 and job.seeds == 1  # a new object; the old one is unchanged
+    with pytest.raises(ValidationError):
+        revalidated(job, seeds=0)  # model_copy(update=...) would have let this through
+    with pytest.raises(UsageError, match="steps must be at least 1"):
+        revalidated(RECIPES["lbfgs"], steps=0)
+    with pytest.raises(ValidationError):
+        job.seeds = 2  # frozen: a change goes through revalidated
+
+
+def test_the_recipe_that_ran_is_named():
+    assert recipe_label("lbfgs", RECIPES["lbfgs"]) == "lbfgs"
+    assert recipe_label("lbfgs", recipe_settings("lbfgs", steps=100)) == "lbfgs+steps=100"
+    assert recipe_label("balanced", recipe_settings("balanced", seed=3, lr=0.5)) == "balanced+lr=0.5+seed=3"
+    assert RepairJob(recipe="lbfgs", config=recipe_settings("lbfgs", steps=100)).label == "lbfgs+steps=100"
+    with pytest.raises(UsageError, match="invalid --optimizer 'lion'"):
+        recipe_settings("lbfgs", "--", optimizer="lion")
+
+
+def test_config_json_is_typed_and_old_ones_still_resume():
+    job = RepairJob(recipe="quick", seeds=2)
+    settings = repair_settings("tiny", job, [], [(1, 5)], "on")
+    data = settings.model_dump(mode="json")
+    assert data["schema_version"] == 2 and data["rows"] == [[1, 5]] and data["bos"] == "on"
+    assert parse(RunConfig, json.loads(json.dumps(data)), "config.json") == settings
+    old = {k: v for k, v in data.items() if k not in ("schema_version", "bos")}  # before the schema and --bos
+    lifted = parse(RunConfig, old, "config.json")
+    assert lifted.bos == "auto" and lifted.config == job.config and lifted.schema_version == 2
+    with pytest.raises(SuperweightError, match="newer|does not read"):
+        parse(RunConfig, {**data, "schema_version": 99}, "config.json")
+    with pytest.raises(SuperweightError, match="config.json is not run settings"):
+        parse(RunConfig, {**data, "eval_tokens": "many"}, "config.json")
+    patch = parse(PatchConfig, {"fingerprint": "ab", "ablated": ["1:5:7"], "rows": [[1, 5], [1, 9, "shared"]]}, "p")
+    assert patch.schema_version == 2 and patch.rows[1] == [1, 9, "shared"] and patch.spec is None
+
+
+def test_version_2_records_get_a_typed_config():
+    raw = {"schema_version": 2, "recipe": "fast", "config": {**RECIPES["fast"].model_dump(), "removed_key": 1}}
+    for key in ("check_rows", "space"):
+        del raw["config"][key]
+    lifted = migrate(raw)
+    assert lifted["schema_version"] == SCHEMA_VERSION == 3
+    assert lifted["config"]["check_rows"] == 0 and lifted["config"]["space"] == "weight"
+    assert "removed_key" not in lifted["config"]
+
+
+def test_one_progress_protocol():
+    seen = []
+    each = EachStep(lambda step, loss: seen.append((step, loss)))
+    prefixed = Prefixed(each, "Detect: ")
+    for p in (SILENT, each, prefixed):
+        assert isinstance(p, Progress)
+        p.stage("x", 3)
+    each.advance(2, 0.5)
+    prefixed.advance(1)
+    assert seen == [(1, 0.5), (2, 0.5), (3, None)]
