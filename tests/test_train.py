@@ -391,3 +391,29 @@ def test_the_check_keeps_no_patch_when_every_patch_does_harm(monkeypatch):
     if state.check.best_step == 0:
         assert patch.vectors[0].abs().max() == 0
     assert state.check.best_kl <= state.check.broken_kl
+
+
+def test_lbfgs_keeps_a_far_off_first_step_only_where_it_does_as_well_as_lr_1():
+    """lr 1e4 and 1e-4 fall back to lr 1's first step: the same patch as the default, to rounding."""
+    from superweight.stages.recipes import RECIPES
+    from superweight.stages.train import _first_lr
+    from tiny import planted
+
+    model = planted((1, 5, 7))
+    seqs = torch.randint(2, 300, (12, 32), generator=torch.Generator().manual_seed(0))
+    coords = [WeightCoord(layer=1, row=5, col=7)]
+    patches = {lr: train(model, coords, [(1, 5)], seqs, revalidated(RECIPES["lbfgs"], lr=lr, seq_len=32))[0]
+               for lr in (1.0, 1e4, 1e-4)}
+    for lr in (1e4, 1e-4):
+        assert torch.allclose(patches[lr].vectors[0], patches[1.0].vectors[0], rtol=1e-3, atol=1e-4)
+    # The probe keeps an lr that does at least as well, and leaves the parameters where they were.
+    x = torch.nn.Parameter(torch.tensor([3.0, -2.0]))
+
+    def closure():
+        x.grad = None
+        loss = ((x - torch.tensor([1.0, 1.0])) ** 2).sum()
+        loss.backward()
+        return loss.detach()
+
+    assert _first_lr(closure, [x], 2.0) == 2.0  # t = 1/‖g‖₁ = 1/10: a step of 0.2 g lands nearer the minimum
+    assert _first_lr(closure, [x], 1e3) == 1.0 and torch.equal(x.data, torch.tensor([3.0, -2.0]))
