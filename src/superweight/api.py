@@ -20,7 +20,7 @@ from __future__ import annotations
 import datetime as _dt
 from pathlib import Path
 
-from superweight import __version__
+from superweight import __all__, __version__  # noqa: F401 (the package names the API once)
 from superweight.core.coords import WeightCoord, parse_coord, parse_coords
 from superweight.core.fakequant import QuantizedInputs, QuantizedWeights
 from superweight.core.intervene import ActivationRestore, Ablation, Compose, Intervention, RowPatch, Spread
@@ -44,14 +44,6 @@ from superweight.stages.quantize import QuantizeConfig, run_quantize
 from superweight.stages.recipes import RECIPES, RepairConfig, recipe_settings
 from superweight.stages.repair import RepairJob
 
-__all__ = [
-    "load", "detect", "evaluate", "repair", "analyze", "run", "quantize", "compare", "read_run", "write_report",
-    "Intervention", "Ablation", "Spread", "RowPatch", "Compose", "ActivationRestore", "QuantizedWeights",
-    "QuantizedInputs", "DetectConfig", "RepairConfig", "RECIPES", "RepairJob", "PipelineJob", "EvalConfig",
-    "QuantizeConfig", "Placement", "Loaded", "DetectResult", "EvalResult",
-    "RunRecord", "QuantResult", "Comparison", "CompareRow", "PatchData", "WeightCoord", "parse_coord",
-    "load_patch", "SuperweightError", "__version__",
-]
 
 RENDERERS.update({
     DetectResult: (notebook.detect_repr, notebook.detect_html),
