@@ -56,6 +56,22 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def tok():
+    """The tiny offline tokenizer (tiny.py)."""
+    from tiny import tiny_tokenizer
+
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def calib(tok):
+    """1,024 tokens of the pydoc train split: detection's calibration text on the tiny models."""
+    from superweight.io import corpora
+
+    return corpora.tokenize(tok, corpora.load_text("pydoc", "train"), 1024)
+
+
+@pytest.fixture(scope="module")
 def torch_single_thread():
     """Run a module's tiny-model tests on one intra-op thread, then restore the previous setting.
 

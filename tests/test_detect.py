@@ -8,24 +8,13 @@ import pytest
 import torch
 
 from superweight.core.arch import down_projections
-from superweight.io import corpora
 from superweight.stages import detect
-from tiny import planted, tiny_model, tiny_tokenizer
+from tiny import planted, tiny_model
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
 PLANT_A = (1, 5, 7)
 PLANT_B = (3, 20, 40)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def calib(tok):
-    return corpora.tokenize(tok, corpora.load_text("pydoc", "train"), 1024)
 
 
 def run(model, tok, calib, **kw):

@@ -42,16 +42,6 @@ WEAKER = {"flex_olmo", "qwen3_next", "qwen3_5_moe_text"}
 IDS = torch.randint(3, 300, (2, 24), generator=torch.Generator().manual_seed(0))
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def calib(tok):
-    return corpora.tokenize(tok, corpora.load_text("pydoc", "train"), 1024)
-
-
 def _loaded(model, tok):
     return SimpleNamespace(model=model, tokenizer=tok, spec="tiny", source="memory", dtype="fp32", device="cpu")
 
