@@ -335,7 +335,8 @@ def _lbfgs(job: _Job, opt, start: int):
     # lr scales the first step only (along -gradient, where nothing else sets the scale); from the second
     # iteration on the quasi-Newton step, which the curvature pairs scale, is tried first (lr 1). A first step
     # far off can still land in another basin (lr 100: 92.6% KL) or stall (lr 0.01: 95.8%), so an lr other than
-    # 1 is tried beside lr 1 and kept only where it lowers the loss as much (three evaluations more: the gradient at the start and one trial each).
+    # 1 is tried beside lr 1 and kept only where it lowers the loss as much (three evaluations more: the
+    # gradient at the start and one trial each).
     group = opt.param_groups[0]
     group.update(lr=_first_lr(closure, group["params"], cfg.lr), max_iter=1, max_eval=cfg.steps - len(evals))
     opt.step(closure)
