@@ -21,7 +21,7 @@ import datetime as _dt
 from pathlib import Path
 
 from superweight import __all__, __version__  # noqa: F401 (the package names the API once)
-from superweight.core.coords import WeightCoord, parse_coord, parse_coords
+from superweight.core.coords import WeightCoord, parse_coord, parse_coords, patch_rows
 from superweight.core.fakequant import QuantizedInputs, QuantizedWeights
 from superweight.core.intervene import ActivationRestore, Ablation, Compose, Intervention, RowPatch, Spread
 from superweight.core.patching import PatchData
@@ -152,7 +152,8 @@ def repair(loaded: Loaded, weight, rows: list[tuple[int, int]] | None = None, re
     Args:
         loaded: the model, from load().
         weight: the weight(s) to ablate: "L:R:C[@SCALE]", a WeightCoord, or a list of them.
-        rows=None: the (layer, row) pairs to patch; None: each ablated weight's row.
+        rows=None: the rows to patch: (layer, row) or (layer, row, expert) tuples, or "L:R" / "L:E:R" texts; None:
+            each ablated weight's row (an expert's weight: that expert's row; core/coords.patch_rows).
         recipe=None: the named settings (RECIPES): lbfgs (quasi-Newton, scale-free, 16 loss evaluations on
             4 rows), balanced, quick (Adam), sgd, fast or seed (the write-up's); docs/recipes.md. None: the
             job's recipe, lbfgs without a job.
@@ -197,7 +198,7 @@ def repair(loaded: Loaded, weight, rows: list[tuple[int, int]] | None = None, re
     from superweight.stages.repair import repair_settings, run_repair
 
     coords = _coords(weight)
-    rows = [tuple(r) for r in rows] if rows else sorted({(c.layer, c.row) for c in coords})
+    rows = patch_rows(coords, rows)
     job = _repair_job(job, recipe, config, overrides)
     first = coords[0]
     run_dir = Path(out or f"runs/repair-{first.layer}-{first.row}-{first.col}")

@@ -172,13 +172,6 @@ def recipe_config(recipe: str, **overrides):
     return recipe_settings(recipe, "--", **{k: v for k, v in overrides.items() if v is not None})
 
 
-def parse_rows(texts: list[str]) -> list[tuple]:
-    """LAYER:ROW (or LAYER:EXPERT:ROW in a mixture of experts) -> patch rows (core/coords.py)."""
-    from superweight.core.coords import parse_row
-
-    return [parse_row(t) for t in texts]
-
-
 def floats(name: str, text: str) -> tuple[float, ...]:
     try:
         values = tuple(float(x) for x in text.split(",") if x.strip())

@@ -8,7 +8,7 @@ import typer
 
 from superweight.cli.common import (
     Bar, BosOpt, DeviceMapOpt, MaxMemoryOpt, OffloadOpt, RunBosOpt, check_bos, placement,
-    CorpusOpt, DeviceOpt, DtypeOpt, ModelOpt, app, err, errors, load_model, out, parse_rows, progress, recipe_config,
+    CorpusOpt, DeviceOpt, DtypeOpt, ModelOpt, app, err, errors, load_model, out, progress, recipe_config,
     IncludePathOpt, TaskLimitOpt, TasksOpt, task_spec,
 )
 from superweight.errors import UsageError
@@ -56,7 +56,7 @@ def repair(
 
     from contextlib import nullcontext
 
-    from superweight.core.coords import parse_coords, rows_of
+    from superweight.core.coords import parse_coords, patch_rows
     from superweight.io.lock import hold_run_dir
     from superweight.io.rundir import read_record
     from superweight.io.runstate import check_run_dir_for
@@ -65,7 +65,7 @@ def repair(
     from superweight.stages.repair import RepairJob, recorded_bos, repair_settings, run_repair
 
     coords = parse_coords(weight)
-    rows = parse_rows(patch_row) if patch_row else rows_of(coords)
+    rows = patch_rows(coords, patch_row)
     cfg = recipe_config(recipe, steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, optimizer=optimizer,
                          kl=kl, temperature=temperature, init=init, seed=seed)
     job = RepairJob(recipe=recipe, config=cfg, checkpoint_every=checkpoint_every, eval_tokens=eval_tokens,

@@ -119,6 +119,15 @@ def rows_of(coords: list[WeightCoord]) -> list[tuple]:
     return sorted({row_of(c) for c in coords}, key=row_order)
 
 
+def patch_rows(coords: list[WeightCoord], rows=None) -> list[tuple]:
+    """The rows a repair patches: `rows` as given ("LAYER:ROW" / "LAYER:EXPERT:ROW" texts or row tuples), or, when
+    None or empty, each ablated weight's row (`rows_of`: an expert's weight gives its expert's row). The CLI's
+    --patch-row and the API's rows= both come here."""
+    if not rows:
+        return rows_of(coords)
+    return [parse_row(r) if isinstance(r, str) else make_row(*split_row(r)) for r in rows]
+
+
 def row_order(r) -> tuple:
     layer, row, expert = split_row(r)
     return (layer, -1 if expert is None else 1 << 30 if expert == SHARED else expert, row)
