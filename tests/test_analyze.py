@@ -6,7 +6,6 @@ import io
 import json
 import math
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -30,6 +29,7 @@ from superweight.stages.analyze import AnalyzeConfig, run_analyze
 from superweight.stages.recipes import RepairConfig
 from superweight.stages.repair import RepairJob, run_repair
 from superweight.stages.sparsify import GatedRowPatch, HardConcrete, L1Prox, SparsifyConfig, pareto, run_sparsify
+import tiny
 from tiny import assert_identical, hook_count, planted, snapshot, tiny_tokenizer
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
@@ -40,8 +40,7 @@ COORD = WeightCoord(layer=1, row=5, col=7)
 
 @pytest.fixture(scope="module")
 def loaded():
-    return SimpleNamespace(model=planted(PLANT), tokenizer=tiny_tokenizer(), spec="tiny", source="memory",
-                           dtype="fp32", device="cpu")
+    return tiny.handle(planted(PLANT), tiny_tokenizer())
 
 
 def oracle_vector(model) -> torch.Tensor:

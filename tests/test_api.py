@@ -57,7 +57,7 @@ def test_import_superweight_loads_no_library_until_a_name_is_used():
 
 
 def test_load_takes_the_cli_placement_settings(m, planted_dir):
-    assert isinstance(m, sw.Loaded) and (m.dtype, m.device, m.bos_mode) == ("fp32", "cpu", "auto")
+    assert isinstance(m, sw.Loaded) and (m.dtype, m.device, m.bos) == ("fp32", "cpu", sw.Bos("auto"))
     assert inspect.signature(sw.load).parameters["dtype"].default == "auto"  # as the CLI's --dtype
     assert "model=" not in repr(m) and "spec=" in repr(m)  # a notebook shows where it came from, not the modules
     with pytest.raises(sw.SuperweightError, match="--max-memory and --offload-folder need --device-map"):

@@ -268,14 +268,14 @@ def test_text_directory_skips_subdirectories_named_txt(tmp_path):
 # --------------------------------------------------------------------------------------------------- BOS
 
 def test_windows_with_bos_score_every_token_once():
-    ws = corpora.windows(20, 8, bos=True)
+    ws = corpora.windows(20, 8, bos=corpora.Bos.first(0))
     assert all(w.bos and w.end - w.begin <= 7 for w in ws)
     assert [(w.begin, w.end) for w in ws] == [(0, 7), (7, 14), (14, 20)]
     assert sum(w.end - w.score_from for w in ws) == 20
 
 
 def test_pack_with_bos_starts_every_row_with_it():
-    rows = corpora.pack(torch.arange(10, 30), 5, bos=1)
+    rows = corpora.pack(torch.arange(10, 30), 5, bos=corpora.Bos.first(1))
     assert rows.shape == (5, 5) and (rows[:, 0] == 1).all()
     assert rows[0, 1:].tolist() == [10, 11, 12, 13]
 
@@ -300,6 +300,14 @@ def test_bos_on_without_a_bos_token_is_a_usage_error():
         corpora.bos_token(_Tok(None, False), "on")
 
 
+def test_bos_is_one_checked_value_from_the_option_to_the_windows():
+    assert corpora.Bos("auto").resolve(_Tok(2, True)) == corpora.Bos("auto", 2)
+    assert corpora.Bos("on").resolve(_Tok(2, False)).on and not corpora.Bos("off").resolve(_Tok(2, True)).on
+    with pytest.raises(UsageError, match="unknown --bos 'bogus': use auto, on, off"):
+        corpora.Bos("bogus")
+    assert corpora.Bos.first(None) == corpora.NO_BOS and corpora.Bos.first(3) == corpora.Bos("on", 3)
+
+
 def test_training_sequences_start_every_row_with_the_bos(monkeypatch):
     from superweight.stages.recipes import RepairConfig
     from superweight.stages.train import training_sequences
@@ -307,7 +315,7 @@ def test_training_sequences_start_every_row_with_the_bos(monkeypatch):
     tok = tiny.tiny_tokenizer()
     cfg = RepairConfig(seq_len=16, train_tokens=256)
     plain, mask = training_sequences(tok, "pydoc", cfg)
-    rows, mask_bos = training_sequences(tok, "pydoc", cfg, bos=0)
+    rows, mask_bos = training_sequences(tok, "pydoc", cfg, bos=corpora.Bos.first(0))
     assert mask is None and mask_bos is None and plain.shape[1] == rows.shape[1] == 16
     assert (rows[:, 0] == 0).all()
     assert rows[:, 1:].flatten().tolist() == plain.flatten()[: rows.shape[0] * 15].tolist()  # the same text
@@ -316,7 +324,7 @@ def test_training_sequences_start_every_row_with_the_bos(monkeypatch):
     monkeypatch.setattr(corpora, "load_text", lambda corpus, split: "the first line\n\nand a second line here\n")
     cfg = RepairConfig(seq_len=8, data="lines")
     lines, mask = training_sequences(tok, "wikitext2", cfg)
-    lines_bos, mask_bos = training_sequences(tok, "wikitext2", cfg, bos=0)
+    lines_bos, mask_bos = training_sequences(tok, "wikitext2", cfg, bos=corpora.Bos.first(0))
     assert lines.shape == lines_bos.shape == (2, 8) and (lines_bos[:, 0] == 0).all()
     for i in range(2):
         n = int(mask[i].sum())

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 from superweight.core.arch import down_projections
 from superweight.stages import detect
+import tiny
 from tiny import planted, tiny_model
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
@@ -18,7 +18,7 @@ PLANT_B = (3, 20, 40)
 
 
 def run(model, tok, calib, **kw):
-    loaded = SimpleNamespace(model=model, tokenizer=tok, spec="tiny", source="memory", dtype="fp32", device="cpu")
+    loaded = tiny.handle(model, tok)
     return detect.run_detect(loaded, detect.DetectConfig(max_length=128, **kw), ids=calib)
 
 
@@ -82,8 +82,7 @@ def test_attribution_scores_and_leaves_the_model_untouched(tok, calib, method):
 
 
 def test_published_coordinates_are_reported(tok, calib):
-    loaded = SimpleNamespace(model=planted(PLANT_A), tokenizer=tok, spec="smollm2-135m", source="m",
-                             dtype="fp32", device="cpu")
+    loaded = tiny.handle(planted(PLANT_A), tok, spec="smollm2-135m", source="m")
     # The tiny model is not SmolLM2, so its published weight (layer 11) is out of range: reported, not found.
     result = detect.run_detect(loaded, detect.DetectConfig(max_length=128, attribution=None), ids=calib)
     assert result.published == [{"layer": 11, "row": 507, "col": 1229, "detected": False, "confirmed": False}]

@@ -138,15 +138,14 @@ def test_cli_run_on_the_embedded_model_writes_the_report(smol, monkeypatch, tmp_
 def test_detection_and_repair_are_the_same_on_a_rescaled_embedded_model(smol):
     """Layer 11's MLP rescaled per neuron without changing the function: detection finds 11:507:1229 first,
     graded a super weight, with the same KL; the default recipe's patch writes the same (issue 9)."""
-    from types import SimpleNamespace
 
+    import tiny
     from superweight.core.reparam import rescale_mlp
     from superweight.stages.recipes import RECIPES
     from superweight.stages.train import train, training_sequences
 
     model, tok = smol.model, smol.tokenizer
-    loaded = SimpleNamespace(model=model, tokenizer=tok, spec="smollm2-135m", source="embedded", dtype="fp32",
-                             device="cpu")
+    loaded = tiny.handle(model, tok, spec="smollm2-135m", source="embedded")
     cfg = detect.DetectConfig(calib_tokens=512, attribution=None)
     repair = revalidated(RECIPES["balanced"], steps=4)
     seqs, mask = training_sequences(tok, "pydoc", repair)

@@ -39,7 +39,7 @@ def gemma():
 @pytest.mark.slow
 def test_gemma_loads_through_the_same_loader_with_its_bos(gemma):
     assert models.chunked_gguf("gemma3-270m").stat().st_size > 200e6  # assembled once, from the cache after
-    assert gemma.model.config.model_type in {"gemma3_text", "gemma3"} and gemma.bos == gemma.tokenizer.bos_token_id
+    assert gemma.model.config.model_type in {"gemma3_text", "gemma3"} and gemma.bos.token == gemma.tokenizer.bos_token_id
     ids = corpora.tokenize(gemma.tokenizer, corpora.load_text("pydoc", "eval"), 256)
     coord = parse_coord("0:400:1405")
     with_bos = measure(gemma.model, ids, {"broken": Ablation(gemma.model, [coord])}, max_length=128, bos=gemma.bos)

@@ -291,7 +291,7 @@ def test_measure_rejects_stride_zero(planted, ids):
 
 # ------------------------------------------------------------------------------------------------------- BOS
 
-BOS = 0  # the tiny tokenizer's BOS (= EOS); it does not add one by itself, so --bos auto gives none
+BOS = corpora.Bos.first(0)  # the tiny tokenizer's BOS (= EOS); it does not add one itself: --bos auto gives none
 
 
 @torch.no_grad()
@@ -299,7 +299,7 @@ def plain_nll_with_bos(model, ids, max_length):
     """[BOS] + max_length - 1 tokens per chunk through model(labels=...): every text token is a target."""
     total, count = 0.0, 0
     for begin in range(0, ids.numel(), max_length - 1):
-        chunk = torch.cat([torch.tensor([BOS]), ids[begin : begin + max_length - 1]])[None]
+        chunk = torch.cat([torch.tensor([BOS.token]), ids[begin : begin + max_length - 1]])[None]
         total += model(input_ids=chunk, labels=chunk).loss.item() * (chunk.shape[1] - 1)
         count += chunk.shape[1] - 1
     return total / count, count
@@ -317,7 +317,7 @@ def test_measure_with_bos_scores_the_first_token_too(planted, ids):
     for batch_tokens in (1, 2048):
         out = measure(model, ids, {"ablated": Ablation(model, [coord])}, max_length=64, bos=BOS,
                       scoring=Scoring(batch_tokens=batch_tokens))
-        assert out["base"].n_tokens == out["ablated"].n_tokens == count == N_TOKENS == n_scored(N_TOKENS, 64, bos=True)
+        assert out["base"].n_tokens == out["ablated"].n_tokens == count == N_TOKENS == n_scored(N_TOKENS, 64, bos=BOS)
         assert out["base"].nll == pytest.approx(expected, abs=1e-5)
         assert out["ablated"].kl > 0
 
@@ -330,7 +330,7 @@ def test_down_inputs_with_bos_read_the_windows_measure_reads(planted, ids):
     seen = seen_ids(ids[:100], 40, BOS)
     assert x.shape[0] == len(positions) == seen.numel() == 100 + 3  # windows of a BOS and 39 tokens
     assert [i for i, p in enumerate(positions) if p == 0] == [0, 40, 80]
-    assert (seen[[0, 40, 80]] == BOS).all() and seen[1:40].tolist() == ids[:39].tolist()
+    assert (seen[[0, 40, 80]] == BOS.token).all() and seen[1:40].tolist() == ids[:39].tolist()
     plain, plain_positions = down_inputs(model, ids[:100], LAYER, max_length=40)
     assert plain.shape[0] == 100 and plain_positions[40] == 0 and seen_ids(ids[:100], 40).equal(ids[:100])
     assert not torch.allclose(x[1:40], plain[:39])  # the BOS changes what the layer reads

@@ -4,7 +4,6 @@ and a planted super expert in every MoE family found by detect, confirmed by pru
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -43,7 +42,7 @@ IDS = torch.randint(3, 300, (2, 24), generator=torch.Generator().manual_seed(0))
 
 
 def _loaded(model, tok):
-    return SimpleNamespace(model=model, tokenizer=tok, spec="tiny", source="memory", dtype="fp32", device="cpu")
+    return tiny.handle(model, tok)
 
 
 # ------------------------------------------------------------------------------------------ storage and views

@@ -4,7 +4,6 @@ grade, sparse training, and the invariant geometry."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -23,6 +22,7 @@ from superweight.stages.sparsify import HardConcrete, L1Prox
 from superweight.stages.recipes import RepairConfig
 from superweight.stages.train import train
 from superweight.settings import revalidated
+import tiny
 from tiny import D_MODEL, FAMILIES, planted, tiny_model, tiny_tokenizer
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
@@ -315,7 +315,7 @@ def test_detection_is_the_same_on_a_rescaled_model():
     calib = corpora.tokenize(tok, corpora.load_text("pydoc", "train"), 1024)
 
     def run(model):
-        loaded = SimpleNamespace(model=model, tokenizer=tok, spec="tiny", source="memory", dtype="fp32", device="cpu")
+        loaded = tiny.handle(model, tok)
         return detect.run_detect(loaded, detect.DetectConfig(max_length=128), ids=calib).candidates
 
     model = planted(PLANT)
@@ -336,7 +336,7 @@ def test_detection_is_the_same_under_the_whole_network_symmetries(symmetry):
     calib = corpora.tokenize(tok, corpora.load_text("pydoc", "train"), 1024)
 
     def run(model):
-        loaded = SimpleNamespace(model=model, tokenizer=tok, spec="tiny", source="memory", dtype="fp32", device="cpu")
+        loaded = tiny.handle(model, tok)
         return detect.run_detect(loaded, detect.DetectConfig(max_length=128), ids=calib).candidates
 
     model = eps_free(planted(PLANT))  # rms_norm_eps would matter at c = 1e-2 (see eps_free)
@@ -367,7 +367,7 @@ def test_grades():
 def test_unplanted_model_has_no_super_weight():
     tok = tiny_tokenizer()
     calib = corpora.tokenize(tok, corpora.load_text("pydoc", "train"), 1024)
-    loaded = SimpleNamespace(model=planted(), tokenizer=tok, spec="tiny", source="memory", dtype="fp32", device="cpu")
+    loaded = tiny.handle(planted(), tok)
     cands = detect.run_detect(loaded, detect.DetectConfig(max_length=128), ids=calib).candidates
     assert cands and not any(c.grade == "super weight" for c in cands)
 

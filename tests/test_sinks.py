@@ -10,6 +10,7 @@ import torch
 from superweight.core.arch import down_projection
 from superweight.core.coords import WeightCoord
 from superweight.core.intervene import Ablation, Compose, RowPatch
+from superweight.io.corpora import Bos
 from superweight.io.sinkrecord import SinkCondition, SinkLayer
 from superweight.measure.sinks import SINK_THRESHOLD, eager_attention, sink_view, summarize
 from tiny import FAMILIES, assert_identical, hook_count, planted, snapshot, tiny_model
@@ -155,7 +156,7 @@ def test_every_family_gives_its_attention_to_the_view(family):
 
 def test_with_a_bos_the_sink_is_position_zero():
     model = tiny_model("gemma3", num_hidden_layers=3)  # sliding and global layers
-    view = sink_view(model, stream(300), {}, (1, 4), bos=0, window=32)
+    view = sink_view(model, stream(300), {}, (1, 4), bos=Bos.first(0), window=32)
     assert view.windows == 300 // 31 and view.n_tokens == view.windows * 31
     assert all(p[0] == 0 for p in view.positions)
     assert set(view.layers[0].conditions) == {"base"} and view.breaks_at is None and view.restored is None

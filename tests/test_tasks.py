@@ -17,6 +17,7 @@ from superweight.core.coords import parse_coord
 from superweight.core.intervene import Ablation, NoIntervention
 from superweight.errors import SuperweightError, UsageError
 from superweight.io.rundir import read_record
+import tiny
 from tiny import assert_identical, hook_count, planted, snapshot, tiny_tokenizer
 
 pytest.importorskip("lm_eval")
@@ -37,10 +38,9 @@ def local():
 
 
 def test_tasks_run_per_condition_on_the_same_model_and_leave_it_as_it_was(local):
-    from types import SimpleNamespace
 
     model, tok = planted((1, 5, 7)), tiny_tokenizer()
-    loaded = SimpleNamespace(model=model, tokenizer=tok)
+    loaded = tiny.handle(model, tok)
     before, pad = snapshot(model), tok.pad_token
     rng = random.getstate(), torch.random.get_rng_state()
     # "after" applies nothing, and runs after the ablation was applied and removed.

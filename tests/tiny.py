@@ -330,3 +330,14 @@ def hook_count(model) -> int:
         for m in model.modules()
         for attr in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
     )
+
+
+def handle(model, tokenizer=None, spec: str = "tiny", source: str = "memory", bos=None):
+    """`model` and `tokenizer` (None: the tiny one) as the handle every stage takes, an io.models.Loaded, the way
+    models.load makes one (fp32 on the CPU); `bos` (io/corpora.Bos) None: no token first (the tiny tokenizer adds
+    none, so --bos auto gives the same)."""
+    from superweight.io.corpora import NO_BOS
+    from superweight.io.models import Loaded
+
+    return Loaded(model=model, tokenizer=tokenizer or tiny_tokenizer(), spec=spec, source=source, dtype="fp32",
+                  device="cpu", bos=bos or NO_BOS)

@@ -29,7 +29,7 @@ __all__ = [
     "load", "detect", "evaluate", "repair", "analyze", "run", "quantize", "compare", "read_run", "write_report",
     "Intervention", "Ablation", "Spread", "RowPatch", "Compose", "ActivationRestore", "QuantizedWeights",
     "QuantizedInputs", "DetectConfig", "RepairConfig", "RECIPES", "RepairJob", "PipelineJob", "EvalConfig",
-    "QuantizeConfig", "Placement", "Loaded", "DetectResult", "EvalResult",
+    "QuantizeConfig", "Placement", "Loaded", "Bos", "DetectResult", "EvalResult",
     "RunRecord", "QuantResult", "Comparison", "CompareRow", "PatchData", "WeightCoord", "parse_coord",
     "load_patch", "SuperweightError", "__version__",
 ]

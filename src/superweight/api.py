@@ -21,12 +21,13 @@ import datetime as _dt
 from pathlib import Path
 
 from superweight import __all__, __version__  # noqa: F401 (the package names the API once)
-from superweight.core.coords import WeightCoord, parse_coord, parse_coords, patch_rows
+from superweight.core.coords import WeightCoord, as_coords, parse_coord, patch_rows
 from superweight.core.fakequant import QuantizedInputs, QuantizedWeights
 from superweight.core.intervene import ActivationRestore, Ablation, Compose, Intervention, RowPatch, Spread
 from superweight.core.patching import PatchData
 from superweight.display import RENDERERS
 from superweight.errors import SuperweightError, UsageError
+from superweight.io.corpora import Bos
 from superweight.io.lock import hold_run_dir
 from superweight.io.models import DEFAULT_MODEL, Loaded
 from superweight.io.patchfile import load_patch
@@ -71,14 +72,15 @@ def load(model: str = DEFAULT_MODEL, device: str = "cpu", dtype: str = "auto", d
         bos='auto': start every window and training row with the BOS token: auto follows the tokenizer
             (Gemma, Llama add one; SmolLM2, GPT-2 do not), on, off.
 
-    Returns a Loaded: .model, .tokenizer, .spec, .source, .dtype (and .dtype_reason), .device, .bos.
+    Returns a Loaded: .model, .tokenizer, .spec, .source, .dtype (and .dtype_reason), .device, and .bos (the
+    text protocol's Bos: .mode as asked, .token the id every window starts with, None for none).
     """
     from superweight.io import models
     from superweight.stages.distributed import process_device
 
     where = build(Placement, None, "", device=process_device(device), dtype=dtype, device_map=device_map,
                   max_memory=max_memory, offload_folder=offload_folder)
-    return models.load(model, where, bos)
+    return models.load(model, where, Bos(bos))
 
 
 def detect(loaded: Loaded, config: DetectConfig | None = None, **overrides) -> DetectResult:
@@ -203,7 +205,7 @@ def repair(loaded: Loaded, weight, rows: list[tuple[int, int]] | None = None, re
     first = coords[0]
     run_dir = Path(out or f"runs/repair-{first.layer}-{first.row}-{first.col}")
     # refused before the directory is made or locked
-    check_run_dir_for(run_dir, repair_settings(loaded.spec, job, coords, rows, loaded.bos_mode), job.resume)
+    check_run_dir_for(run_dir, repair_settings(loaded.spec, job, coords, rows, loaded.bos), job.resume)
     with hold_run_dir(run_dir, "repair"):  # one writer at a time
         return run_repair(loaded, coords, rows, run_dir, job)
 
@@ -341,12 +343,7 @@ def read_run(run_dir: str | Path) -> RunRecord:
 
 
 # ---------------------------------------------------------------- helpers
-def _coords(value) -> list[WeightCoord]:
-    """ "L:R:C[@S]" (or several, comma-separated), a WeightCoord, or a list of either."""
-    items = value.split(",") if isinstance(value, str) else [value] if isinstance(value, WeightCoord) else list(value)
-    coords = [c if isinstance(c, WeightCoord) else parse_coord(c) for c in items]
-    parse_coords([str(c) for c in coords])  # the same weight twice is an error
-    return coords
+_coords = as_coords  # "L:R:C[@S]" (or several, comma-separated), a WeightCoord, or a list of either
 
 
 def _repair_job(job: RepairJob | None, recipe: str | None, config: RepairConfig | None, overrides: dict) -> RepairJob:

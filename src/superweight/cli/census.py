@@ -74,11 +74,11 @@ def census(
         raise UsageError("no models given: name them (superweight census MODEL...) or pass --models-file FILE")
     cfg = DetectConfig(prompts=prompt, max_candidates=max_candidates, attribution_top=attribution_top,
                        corpus=corpus, split=split, calib_tokens=calib_tokens, max_length=max_length, seed=seed)
-    check_bos(bos)
+    bos = check_bos(bos)
     place = placement(device, dtype, device_map, max_memory, offload_folder)
     if not place.device_map:
         resolve_device(device)
-    settings = {**cfg.model_dump(), "dtype": dtype, "bos": bos}
+    settings = {**cfg.model_dump(), "dtype": dtype, "bos": bos.mode}
     where = Path(out_ or f"runs/census-{dt.date.today().isoformat()}")
     stage.check_census_dir(where, settings)
     text = corpora.load_text(corpus, split)

@@ -123,23 +123,22 @@ def write_result(json_: str | None, result) -> None:
         err.print(f"Wrote {json_}")
 
 
-def check_bos(bos: str) -> str:
-    """The --bos mode, checked before any slow work (models.load checks it again)."""
-    from superweight.io.corpora import BOS_MODES
+def check_bos(bos: str = "auto"):
+    """The --bos option as the text protocol's one value (io/corpora.Bos), checked before any slow work;
+    io/models.load resolves its token on the tokenizer."""
+    from superweight.io.corpora import Bos
 
-    if bos not in BOS_MODES:
-        raise UsageError(f"unknown --bos '{bos}': use {', '.join(BOS_MODES)}")
-    return bos
+    return Bos(bos)
 
 
-def run_bos(path, bos: str | None) -> str:
+def run_bos(path, bos: str | None):
     """--bos for a command that continues a run directory: as given, else what the run's record says its windows
-    started with ("on" when a BOS, "off" when none, as in records made before --bos existed)."""
+    started with (on when a BOS, off when none, as in records made before --bos existed)."""
     if bos is not None:
         return check_bos(bos)
     from superweight.io.rundir import read_record
 
-    return "off" if read_record(path).protocol.bos is None else "on"
+    return check_bos("off" if read_record(path).protocol.bos is None else "on")
 
 
 def placement(device: str = "cpu", dtype: str = "auto", device_map: str | None = None, max_memory: str | None = None,
@@ -152,12 +151,12 @@ def placement(device: str = "cpu", dtype: str = "auto", device_map: str | None =
                      offload_folder=offload_folder)
 
 
-def load_model(model: str, where: Placement, bos: str = "auto"):
+def load_model(model: str, where: Placement, bos=None):
     """Load a model; say once which dtype `--dtype auto` chose and why (the protocol records it too)."""
     from superweight.io import models
 
     with err.status(f"Loading {model} ({where.dtype}, {where.where()})..."):
-        loaded = models.load(model, where, bos=bos)
+        loaded = models.load(model, where, bos=bos or check_bos())
     if loaded.dtype_reason and "pinned by" not in loaded.dtype_reason:  # a pinned choice needs no explaining
         err.print(f"dtype auto: {loaded.dtype} ({loaded.dtype_reason})", markup=False, highlight=False)
     if where.device_map:

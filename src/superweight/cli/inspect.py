@@ -31,7 +31,7 @@ def info(model: ModelOpt = DEFAULT_MODEL, device: DeviceOpt = "cpu", dtype: Dtyp
     from superweight.known import published
 
     where = placement(device, dtype, device_map, max_memory, offload_folder)
-    check_bos(bos)
+    bos = check_bos(bos)
     if json_:
         check_writable(json_)
     loaded = load_model(model, where, bos)
@@ -84,7 +84,7 @@ def eval_(
     cfg = EvalConfig(corpus=corpus, split=split, max_tokens=max_tokens, max_length=max_length, stride=stride,
                      prompts=prompt, max_new_tokens=max_new_tokens)
     where = placement(device, dtype, device_map, max_memory, offload_folder)
-    check_bos(bos)
+    bos = check_bos(bos)
     if json_:
         check_writable(json_)
     text = corpora.load_text(corpus, split)
@@ -135,7 +135,7 @@ def detect(
         prompts=prompt, verify=verify, corpus=corpus, split=split, seed=seed,
     )
     where = placement(device, dtype, device_map, max_memory, offload_folder)
-    check_bos(bos)
+    bos = check_bos(bos)
     if json_:
         check_writable(json_)
     text = corpora.load_text(corpus, split) if (cfg.verify or cfg.attribution) else None
@@ -189,7 +189,7 @@ def sweep(
     cfg = SweepConfig(scales=factors, spread=spread or None, corpus=corpus, split=split, max_tokens=max_tokens,
                       max_length=max_length, prompts=prompt, max_new_tokens=max_new_tokens)
     where = placement(device, dtype, device_map, max_memory, offload_folder)
-    check_bos(bos)
+    bos = check_bos(bos)
     png = plot or f"runs/sweep/{'-'.join(map(str, coord.key))}.png"  # 11-507-1229, or 3-17-507-1229 in an expert
     for path in filter(None, [json_, png]):
         check_writable(path)

@@ -89,7 +89,7 @@ def quantize(
                          keep_source=source, activations=parse_activations(activations), corpus=corpus, split=split,
                          max_tokens=max_tokens, max_length=max_length, protect=parse_protect(protect, clip_spec))
     where = placement(device, dtype)
-    check_bos(bos)
+    bos = check_bos(bos)
     for path in filter(None, [json_, plot]):
         check_writable(path)
     patch_data = load_patch(patch) if patch else None

@@ -11,7 +11,6 @@ from superweight.cli.common import (
     CorpusOpt, DeviceOpt, DtypeOpt, ModelOpt, app, err, errors, load_model, out, progress, recipe_config,
     IncludePathOpt, TaskLimitOpt, TasksOpt, task_spec,
 )
-from superweight.errors import UsageError
 from superweight.io import corpora
 from superweight.io.models import DEFAULT_MODEL
 from superweight.report import terminal
@@ -73,7 +72,7 @@ def repair(
     where = placement(device, dtype, device_map, max_memory, offload_folder)
     first = coords[0]
     run_dir = Path(out_ or f"runs/repair-{first.layer}-{first.row}-{first.col}")
-    bos = check_bos(bos) if bos is not None else recorded_bos(run_dir) if resume else "auto"
+    bos = check_bos(bos) if bos is not None else recorded_bos(run_dir) if resume else check_bos()
     settings = repair_settings(model, job, coords, rows, bos)
     dp = distributed.current()  # under `accelerate launch`: only process 0 writes run_dir and prints
     check_run_dir_for(run_dir, settings, resume)  # refused before the directory is made or locked
@@ -120,25 +119,13 @@ def apply_(
     from pathlib import Path
 
     from superweight.core.coords import row_text
-    from superweight.core.patching import merge_into_weights
-    from superweight.io.files import check_writable
-    from superweight.io.models import save_model_dir
+    from superweight.io.patch import check_targets, export_model
     from superweight.io.patchfile import load_patch
 
-    if not export and not peft:
-        raise UsageError("give --export DIR (a merged model) and/or --peft DIR (a LoRA adapter)")
+    check_targets(export, peft, ablation_only)
     where = placement(device, dtype, device_map, max_memory, offload_folder)
-    check_bos(bos)
-    if ablation_only and not peft:
-        raise UsageError("--ablation-only applies to --peft (the adapter that only ablates)")
-    if export and peft and Path(export).resolve() == Path(peft).resolve():
-        raise UsageError("--export and --peft need two different directories")
+    bos = check_bos(bos)
     data_ = load_patch(patch)
-    for opt, target in (("--export", export), ("--peft", peft)):
-        if target and (Path(target).exists() or Path(target).is_symlink()):  # a dangling symlink would be replaced
-            raise UsageError(f"{opt} {target} exists already; choose a new directory")
-        if target:
-            check_writable(target)
     loaded = load_model(model or data_.config.spec or DEFAULT_MODEL, where, bos)
     what = (f"{', '.join(map(str, data_.ablated))} ablated, rows {', '.join(map(row_text, data_.rows))} "
             "patched")
@@ -151,6 +138,5 @@ def apply_(
         out.print(f"Wrote a LoRA adapter ({done}; rank {config['r']} on {', '.join(targets)}) "
                   f"for the intact {loaded.source} to {peft}")
     if export:
-        merge_into_weights(loaded.model, data_)
-        save_model_dir(loaded.model, loaded.tokenizer, Path(export))
+        export_model(loaded, data_, Path(export))
         out.print(f"Wrote the patched model ({what}) to {export}")

@@ -66,7 +66,7 @@ def run(
     if resume and out_ is None:
         raise UsageError("--resume needs the --out of the run to continue")
     check_out(path, resume)  # refused before the directory is made or locked
-    bos = check_bos(bos) if bos is not None else recorded_bos(path) if resume else "auto"  # resumed: the run's
+    bos = check_bos(bos) if bos is not None else recorded_bos(path) if resume else check_bos()  # resumed: the run's
     with hold_run_dir(path, "run"):  # one writer, or refused here, before the model loads
         if check_out(path, resume) == "finished":  # again, now that no other writer can change it
             err.print(f"{path} is finished already (report.html): nothing to resume, nothing changed.",

@@ -66,6 +66,16 @@ def parse_coord(text: str) -> WeightCoord:
                        expert=_expert(expert))
 
 
+def as_coords(value, unique: bool = True) -> list[WeightCoord]:
+    """"L:R:C[@S]" (or several, comma-separated), a WeightCoord, or an iterable of either, as coordinates; with
+    `unique`, the same weight twice is an error (parse_coords)."""
+    items = value.split(",") if isinstance(value, str) else [value] if isinstance(value, WeightCoord) else list(value)
+    coords = [c if isinstance(c, WeightCoord) else parse_coord(c) for c in items]
+    if unique:
+        parse_coords([str(c) for c in coords])
+    return coords
+
+
 def parse_coords(texts: list[str]) -> list[WeightCoord]:
     """Parse several coordinates; the same weight twice is an error (its edits would not commute)."""
     coords = [parse_coord(t) for t in texts]

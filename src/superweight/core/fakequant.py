@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 from superweight.core.arch import decoder_linears, down_projection, down_projections, linear_matrix
-from superweight.core.coords import WeightCoord
-from superweight.core.intervene import Intervention
+from superweight.core.coords import WeightCoord, as_coords
+from superweight.core.intervene import Intervention, module_of
 from superweight.core.quant import QuantSpec, TensorStats, fake_quantize
 
 
@@ -75,8 +75,9 @@ class QuantizedWeights(_Hooks):
         """`extra`: more kept weights of any decoder linear, (row, col) of its [out, in] matrix, handled like `keep`
         but without per-weight diagnostics in `stats` (e.g. the clipped outliers that matter most)."""
         self.spec, self.mode, self.eager = spec, mode, eager
+        model = module_of(model)
         self.targets = decoder_linears(model)
-        self.keep = keep_map(model, keep)  # validated before anything is touched
+        self.keep = keep_map(model, as_coords(keep, unique=False))  # validated before anything is touched
         self._diagnose = {m: len(v) for m, v in self.keep.items()}
         for module, pairs in (extra or {}).items():
             self.keep[module] = self.keep.get(module, []) + [p for p in pairs if p not in self.keep.get(module, [])]
@@ -149,6 +150,8 @@ class QuantizedInputs(_Hooks):
         if which not in ("down", "all"):
             raise ValueError(f"which must be 'down' or 'all', got {which!r}")
         self.bits = bits
+        model = module_of(model)
+        hold = as_coords(hold, unique=False)
         self.targets = ([dp.module for dp in down_projections(model)] if which == "down"
                         else [m for _, m in decoder_linears(model)])
         self.hold: dict[nn.Module, list[int]] = {}

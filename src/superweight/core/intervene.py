@@ -8,6 +8,10 @@ resolving every module before touching any):
         broken_logits = model(ids).logits
     # the weight is back, exactly
 
+Each takes the model as an nn.Module or as the loaded handle (io/models.Loaded: its `.model`), and weights as
+WeightCoord objects or "L:R:C[@S]" texts (core/coords.as_coords), rows as tuples or "L:R" texts:
+`Ablation(m, "11:507:1229")`, `RowPatch(m, ["11:507"], [d])`.
+
 One model copy serves as both "base" and "intervened": switch the intervention off for the base pass.
 In a mixture of experts, coordinates and rows name the expert (core/coords.py) and `ExpertPrune` removes whole
 experts from the routing.
@@ -22,8 +26,22 @@ from torch import nn
 
 from superweight.core import moe
 from superweight.core.arch import DownProj, down_projection, moe_block
-from superweight.core.coords import SHARED, WeightCoord, make_row, split_row
+from superweight.core.coords import SHARED, WeightCoord, as_coords, make_row, parse_row, split_row
 from superweight.errors import CoordinateError
+
+
+def module_of(model) -> nn.Module:
+    """The nn.Module to edit: `model` itself, or a loaded model handle's `.model` (io/models.Loaded, which core
+    cannot import)."""
+    if isinstance(model, nn.Module):
+        return model
+    try:
+        inner = model.model
+    except AttributeError:
+        inner = None
+    if not isinstance(inner, nn.Module):
+        raise TypeError(f"expected a model (nn.Module) or a loaded model handle, got {type(model).__name__}")
+    return inner
 
 
 class Intervention:
@@ -94,8 +112,9 @@ class ScalarEdits(Intervention):
 class Ablation(ScalarEdits):
     """Multiply each listed weight by its `scale` (0 zeroes it, the classic super-weight ablation)."""
 
-    def __init__(self, model: nn.Module, coords: Iterable[WeightCoord]):
-        self.coords = list(coords)
+    def __init__(self, model: nn.Module, coords: Iterable[WeightCoord] | WeightCoord | str):
+        self.coords = as_coords(coords, unique=False)
+        model = module_of(model)
         super().__init__(model, [(down_projection(model, c.layer, c.expert), c.row, c.col, _times(c.scale))
                                  for c in self.coords])
 
@@ -107,7 +126,8 @@ class Spread(ScalarEdits):
     The value spread is the one the weight has when applied (so it composes after other edits).
     """
 
-    def __init__(self, model: nn.Module, coord: WeightCoord, n: int = 8):
+    def __init__(self, model: nn.Module, coord: WeightCoord | str, n: int = 8):
+        model, (coord,) = module_of(model), as_coords(coord, unique=False)
         dp = down_projection(model, coord.layer, coord.expert)
         dp.check(coord.row, coord.col)
         if not 1 <= n < dp.d_ff:
@@ -130,7 +150,8 @@ def _times(scale: float) -> Edit:
 
 def intact_values(model: nn.Module, coords: Iterable[WeightCoord]) -> list[float]:
     """The current values of the listed weights (call it with no intervention applied)."""
-    return [down_projection(model, c.layer, c.expert).get(c.row, c.col).item() for c in coords]
+    model = module_of(model)
+    return [down_projection(model, c.layer, c.expert).get(c.row, c.col).item() for c in as_coords(coords, unique=False)]
 
 
 class Compose(Intervention):
@@ -232,8 +253,11 @@ class RowPatch(HookIntervention):
     the expert, scaled by the routing weight, exactly as adding d to the expert's weight row would.
     """
 
-    def __init__(self, model: nn.Module, rows: list[tuple], vectors: list[torch.Tensor] | None = None):
-        self.rows = [make_row(*split_row(r)) for r in rows]  # (layer, row) or (layer, row, expert)
+    def __init__(self, model: nn.Module, rows: list[tuple | str], vectors: list[torch.Tensor] | None = None):
+        model = module_of(model)
+        rows = [rows] if isinstance(rows, str) else rows
+        # (layer, row) or (layer, row, expert); "L:R" / "L:E:R" texts too
+        self.rows = [parse_row(r) if isinstance(r, str) else make_row(*split_row(r)) for r in rows]
         if len(set(self.rows)) != len(self.rows):
             raise CoordinateError("a patch row is given more than once")
         self._dps = []
@@ -289,6 +313,7 @@ class ActivationRestore(HookIntervention):
     """
 
     def __init__(self, model: nn.Module, coords: list[WeightCoord], originals: list[float], fraction: float = 0.1):
+        model, coords = module_of(model), as_coords(coords, unique=False)
         self.items = []
         for c, w in zip(coords, originals):
             dp = down_projection(model, c.layer, c.expert)
@@ -322,6 +347,7 @@ class ExpertPrune(HookIntervention):
     """
 
     def __init__(self, model: nn.Module, experts: Iterable[tuple[int, int | str]]):
+        model = module_of(model)
         self.experts = [(int(layer), e) for layer, e in experts]
         if len(set(self.experts)) != len(self.experts):
             raise CoordinateError("an expert to prune is given more than once")

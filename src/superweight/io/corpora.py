@@ -14,8 +14,8 @@ cut into windows the way HF's "perplexity of fixed-length models" guide does.
 
 BOS: models whose tokenizer starts every text with a BOS token (Gemma, Llama, Mistral) never saw a
 sequence without it, and score text very differently without it (Gemma-3-270M: PPL 48 without, 19 with, on the
-same targets). `bos_token` says which token to put first (`--bos auto|on|off`, auto follows the tokenizer);
-`windows(..., bos=True)` and `pack(..., bos=...)` then start every window and training row with it, and the
+same targets). `Bos` carries the policy (`--bos auto|on|off`, auto follows the tokenizer) and the token it gives
+(`bos_token`); `windows(..., bos=)` and `pack(..., bos=)` then start every window and training row with it, and the
 first text token of a window is scored from the BOS alone (lm-eval's rolling windows do the same).
 """
 
@@ -146,6 +146,43 @@ def tokenize(tokenizer, text: str, max_tokens: int | None = None) -> torch.Tenso
 BOS_MODES = ("auto", "on", "off")
 
 
+@dataclass(frozen=True)
+class Bos:
+    """The text protocol's BOS, one value from --bos to the windows: `mode` as asked (auto, on or off) and `token`,
+    the id every window and training row starts with (None: none). `Bos(mode)` checks the mode; `resolve` works the
+    token out from a tokenizer (io/models.load does it once, into Loaded.bos).
+
+        Bos("on").resolve(tokenizer)    # Bos(mode='on', token=1)
+        Bos.first(0)                    # a BOS of id 0 first in every window, whatever the tokenizer (tests)
+    """
+
+    mode: str = "auto"
+    token: int | None = None
+
+    def __post_init__(self):
+        if self.mode not in BOS_MODES:
+            raise UsageError(f"unknown --bos '{self.mode}': use {', '.join(BOS_MODES)}")
+        if self.mode == "off" and self.token is not None:
+            raise UsageError("--bos off puts no token first")
+
+    @property
+    def on(self) -> bool:
+        """Whether windows and rows start with a BOS token."""
+        return self.token is not None
+
+    def resolve(self, tokenizer) -> Bos:
+        """This mode with the token it gives on `tokenizer` (bos_token)."""
+        return Bos(self.mode, bos_token(tokenizer, self.mode))
+
+    @classmethod
+    def first(cls, token: int | None) -> Bos:
+        """The BOS that puts `token` first (mode on), or none (mode off) when it is None."""
+        return cls("off") if token is None else cls("on", int(token))
+
+
+NO_BOS = Bos("off")  # no token first: the default of every function that windows or packs text
+
+
 def bos_token(tokenizer, mode: str = "auto") -> int | None:
     """The token id every window and training row starts with, or None. `auto`: the BOS when the tokenizer
     puts one first by default (tokenizer(text) starts with bos_token_id); `on`: always the BOS; `off`: none."""
@@ -164,11 +201,11 @@ def bos_token(tokenizer, mode: str = "auto") -> int | None:
     return bos if first and first[0] == bos else None
 
 
-def with_bos(rows: torch.Tensor, bos: int | None) -> torch.Tensor:
-    """[N, T] rows with a BOS column in front ([N, T + 1]); the rows themselves when bos is None."""
-    if bos is None:
+def with_bos(rows: torch.Tensor, bos: Bos) -> torch.Tensor:
+    """[N, T] rows with a BOS column in front ([N, T + 1]); the rows themselves when `bos` puts none first."""
+    if not bos.on:
         return rows
-    return torch.cat([torch.full_like(rows[:, :1], bos), rows], dim=1)
+    return torch.cat([torch.full_like(rows[:, :1], bos.token), rows], dim=1)
 
 
 @dataclass(frozen=True)
@@ -194,34 +231,34 @@ def check_windows(max_length: int, stride: int | None = None) -> None:
         raise UsageError(f"stride must be between 1 and max_length ({max_length}), got {stride}")
 
 
-def windows(n_tokens: int, max_length: int, stride: int | None = None, bos: bool = False) -> list[Window]:
+def windows(n_tokens: int, max_length: int, stride: int | None = None, bos: Bos = NO_BOS) -> list[Window]:
     """Sliding windows over a stream (HF's fixed-length perplexity recipe); each target scored at most once.
 
     With stride == max_length the first token of each window has no context in it and goes unscored
     (1 target in max_length), as in HF's recipe; with stride < max_length every target 1..n-1 is scored.
-    With `bos`, a window holds a BOS and max_length - 1 tokens of text (stride defaults to max_length - 1), and
-    every token 0..n-1 is scored, the first of each window from the BOS alone.
+    When `bos` is on, a window holds a BOS and max_length - 1 tokens of text (stride defaults to max_length - 1),
+    and every token 0..n-1 is scored, the first of each window from the BOS alone.
     """
-    span = max_length - 1 if bos else max_length
+    span = max_length - 1 if bos.on else max_length
     check_windows(max_length, span if stride is None else stride)
     stride = span if stride is None else min(stride, span)
     out, prev_end = [], 0
     for begin in range(0, n_tokens, stride):
         end = min(begin + span, n_tokens)
-        if end - begin >= (1 if bos else 2) and end > prev_end:
-            out.append(Window(begin=begin, end=end, score_from=prev_end, bos=bos))
+        if end - begin >= (1 if bos.on else 2) and end > prev_end:
+            out.append(Window(begin=begin, end=end, score_from=prev_end, bos=bos.on))
         prev_end = max(prev_end, end)
         if end == n_tokens:
             break
     return out
 
 
-def pack(ids: torch.Tensor, seq_len: int, bos: int | None = None) -> torch.Tensor:
-    """Cut a token stream into full rows of `seq_len` (no padding; the ragged tail is dropped); with `bos`, each
-    row is the BOS and seq_len - 1 tokens of text."""
-    if seq_len < (2 if bos is not None else 1):
-        raise UsageError(f"seq_len must be at least {2 if bos is not None else 1}, got {seq_len}")
-    span = seq_len - (bos is not None)
+def pack(ids: torch.Tensor, seq_len: int, bos: Bos = NO_BOS) -> torch.Tensor:
+    """Cut a token stream into full rows of `seq_len` (no padding; the ragged tail is dropped); when `bos` is on,
+    each row is the BOS and seq_len - 1 tokens of text."""
+    if seq_len < (2 if bos.on else 1):
+        raise UsageError(f"seq_len must be at least {2 if bos.on else 1}, got {seq_len}")
+    span = seq_len - bos.on
     n = ids.numel() // span
     if n == 0:
         raise CorpusError(f"need at least {span} tokens to pack one sequence, have {ids.numel()}")

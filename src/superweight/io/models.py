@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from superweight.errors import ModelLoadError, UsageError
-from superweight.io.corpora import BOS_MODES, bos_token
+from superweight.io.corpora import Bos
 from superweight.io.lock import cache_entry_lock
 from superweight.io.placement import Placement, choose_dtype, map_kind
 from superweight.settings import build
@@ -54,7 +54,9 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 @dataclass
 class Loaded:
-    """A model, its tokenizer, and where they came from."""
+    """A model, its tokenizer, the text protocol they are run with (`bos`), and where they came from: the handle
+    every stage takes (never its parts). `load` makes one; tests wrap a tiny model the same way (`Loaded(model,
+    tokenizer, "tiny", "memory", "fp32", "cpu")`, `bos` then puts no token first)."""
 
     model: nn.Module = field(repr=False)  # a notebook shows the rest: spec, source, dtype, device, ...
     tokenizer: object = field(repr=False)
@@ -65,8 +67,7 @@ class Loaded:
     cache: str | None = None  # the cache entry it was read from, if any (see load)
     dtype_reason: str | None = None  # why --dtype auto chose `dtype` (None when the user named it)
     device_map: str | None = None  # --device-map as given (layers spread over devices or offloaded)
-    bos_mode: str = "auto"  # --bos as given: auto, on or off (io/corpora.bos_token)
-    bos: int | None = None  # the token every window and training row starts with (None: none), set by load
+    bos: Bos = Bos("off")  # --bos as given and the token every window and training row starts with (io/corpora.Bos)
 
 
 def embedded_gguf(alias: str) -> Path:
@@ -156,7 +157,7 @@ def resolve_spec(spec: str) -> tuple[str, str | None, str]:
     return spec, None, "hub"
 
 
-def load(spec: str = DEFAULT_MODEL, placement: Placement | None = None, bos: str = "auto", **fields) -> Loaded:
+def load(spec: str = DEFAULT_MODEL, placement: Placement | None = None, bos: Bos = Bos(), **fields) -> Loaded:
     """Load `spec` once, in eval mode with gradients off for every parameter, where `placement` says (None: a
     Placement of the keyword `fields` (device, dtype, device_map, max_memory, offload_folder), fp32 on the CPU
     unless they say otherwise).
@@ -171,15 +172,13 @@ def load(spec: str = DEFAULT_MODEL, placement: Placement | None = None, bos: str
     entry has a lock (io/lock.py): of two processes converting the same GGUF, one converts, the other waits and
     then reads the cache.
 
-    `bos` (auto, on or off) says whether every window and training row starts with the BOS token
-    (io/corpora.bos_token); the token id is worked out once here, into `Loaded.bos`.
+    `bos` (io/corpora.Bos: auto, on or off) says whether every window and training row starts with the BOS token;
+    its token id is worked out once here (`Bos.resolve`), into `Loaded.bos`.
     """
     if placement is None:
         placement = build(Placement, None, "", **{"dtype": "fp32", **fields})
     elif fields:
         raise TypeError("give a Placement or its fields as keywords, not both")
-    if bos not in BOS_MODES:
-        raise UsageError(f"unknown --bos '{bos}': use {', '.join(BOS_MODES)}")
     dtype, device_map, _device = placement.dtype, placement.device_map, placement.device
     placement = placement.kwargs()
     device = resolve_device(_device) if not placement else map_kind(placement["device_map"])
@@ -219,7 +218,7 @@ def load(spec: str = DEFAULT_MODEL, placement: Placement | None = None, bos: str
         device = "+".join(sorted({str(v) for v in getattr(model, "hf_device_map", {}).values()})) or device
     return Loaded(model=model, tokenizer=tokenizer, spec=spec, source=source, dtype=dtype, device=device,
                   cache=str(cached) if loaded_from_cache else None, dtype_reason=reason, device_map=device_map,
-                  bos_mode=bos, bos=bos_token(tokenizer, bos))
+                  bos=bos.resolve(tokenizer))
 
 
 def _read(spec: str, kind: str, where: str, gguf_file: str | None, dtype: str, device: str, placement: dict):

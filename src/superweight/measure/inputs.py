@@ -4,7 +4,7 @@
     xmax = input_maxima(model, ids, down_projections(model))             # max_t |x_t| per down-projection
     write = x @ d                                                        # the patch's write at each token
 
-Forward passes stop at that layer: nothing above it is computed. With `bos` (io/corpora.bos_token) every window
+Forward passes stop at that layer: nothing above it is computed. With `bos` on (io/corpora.Bos) every window
 starts with the BOS token, as `measure` reads them: a BOS and max_length - 1 tokens of text. x then has a row
 for each BOS too (where massive activations tend to sit): `seen_ids` gives the token of every row. An expert's
 input (`expert=`) is its routed input (core/moe.py): zero at the tokens the router does not send to it.
@@ -18,7 +18,7 @@ from torch import nn
 from superweight.core.arch import DownProj, decoder_layers, down_projection, input_device, moe_block
 from superweight.core.coords import site, split_row
 from superweight.core.intervene import Ablation, Trace, hidden
-from superweight.io.corpora import with_bos
+from superweight.io.corpora import NO_BOS, Bos, with_bos
 
 
 class _Stop(Exception):
@@ -27,7 +27,7 @@ class _Stop(Exception):
 
 @torch.no_grad()
 def down_inputs(model: nn.Module, ids: torch.Tensor, layer: int, max_length: int = 512,
-                bos: int | None = None, expert=None) -> tuple[torch.Tensor, list[int]]:
+                bos: Bos = NO_BOS, expert=None) -> tuple[torch.Tensor, list[int]]:
     """The down-projection input x [positions, d_ff] (fp32, CPU) of `layer` (of its `expert`, in a mixture of
     experts) over the 1-D `ids` in windows of `max_length` (each starting with a `bos` token, when given), and
     each row's position in its window. Row r reads token `seen_ids(ids, max_length, bos)[r]` (that is ids[r]
@@ -57,7 +57,7 @@ def down_inputs(model: nn.Module, ids: torch.Tensor, layer: int, max_length: int
 
 @torch.no_grad()
 def input_maxima(model: nn.Module, ids: torch.Tensor, dps: list[DownProj], max_length: int = 512,
-                 bos: int | None = None) -> list[torch.Tensor]:
+                 bos: Bos = NO_BOS) -> list[torch.Tensor]:
     """max_t |x_t[c]| per input column c of each down-projection in `dps` (fp32, on the model's input device),
     over `ids` in the windows `down_inputs` reads: what detection's activation scores |W[r,c]| * max_t |x_t[c]|
     and its control weights are ranked by."""
@@ -74,21 +74,21 @@ def input_maxima(model: nn.Module, ids: torch.Tensor, dps: list[DownProj], max_l
     return xmax
 
 
-def _windows(ids: torch.Tensor, max_length: int, bos: int | None) -> list[torch.Tensor]:
+def _windows(ids: torch.Tensor, max_length: int, bos: Bos) -> list[torch.Tensor]:
     """The windows the model reads: max_length tokens, or a BOS and max_length - 1 tokens."""
-    span = max_length - (bos is not None)
+    span = max_length - bos.on
     if span < 1:
         raise ValueError(f"max_length must be at least 2 with a BOS, got {max_length}")
     return [with_bos(ids[None, begin : begin + span], bos)[0] for begin in range(0, ids.numel(), span)]
 
 
-def seen_ids(ids: torch.Tensor, max_length: int = 512, bos: int | None = None) -> torch.Tensor:
+def seen_ids(ids: torch.Tensor, max_length: int = 512, bos: Bos = NO_BOS) -> torch.Tensor:
     """The tokens `down_inputs` reads, in its row order: `ids` with a BOS before each window (`ids` without)."""
-    return ids if bos is None else torch.cat(_windows(ids, max_length, bos))
+    return torch.cat(_windows(ids, max_length, bos)) if bos.on else ids
 
 
 def patch_inputs(model: nn.Module, coords, rows, ids: torch.Tensor, max_length: int = 512,
-                 max_tokens: int = 2048, bos: int | None = None) -> dict:
+                 max_tokens: int = 2048, bos: Bos = NO_BOS) -> dict:
     """x [positions, d_ff] for each patched down-projection (keyed by coords.site: the layer, or (layer, expert))
     over the first `max_tokens` of `ids` (windows starting with `bos`, when given), read with the weights in
     `coords` ablated: what the patch reads (measure/geometry.py's write-based numbers)."""
@@ -100,7 +100,7 @@ def patch_inputs(model: nn.Module, coords, rows, ids: torch.Tensor, max_length: 
 
 @torch.no_grad()
 def router_choices(model: nn.Module, ids: torch.Tensor, layer: int, max_length: int = 512,
-                   bos: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   bos: Bos = NO_BOS) -> tuple[torch.Tensor, torch.Tensor]:
     """(top_k_index [positions, k]: the experts the router of MoE layer `layer` picks at each token, residual
     [positions, d_model]: the residual stream after that layer), over `ids` in the windows `down_inputs` reads,
     with whatever intervention is on. Passes stop at that layer."""

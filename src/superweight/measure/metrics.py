@@ -25,7 +25,7 @@ from superweight.core.arch import decoder_layers, input_device
 from superweight.core.intervene import Intervention, Trace, hidden
 from superweight.core.prefix import Prefix
 from superweight.errors import UsageError
-from superweight.io.corpora import Window, windows as make_windows, with_bos
+from superweight.io.corpora import NO_BOS, Bos, Window, windows as make_windows, with_bos
 from superweight.io.models import model_id
 from superweight.io.provenance import provenance
 from superweight.io.record import Metrics, Protocol
@@ -112,13 +112,14 @@ def measure(
     channels: list[tuple[int, int]] = (),
     max_length: int = 512,
     stride: int | None = None,
-    bos: int | None = None,
+    bos: Bos = NO_BOS,
     scoring: Scoring | None = None,
 ) -> dict[str, Metrics]:
     """Metrics for the base model and each condition over `ids` (1-d token stream).
 
     `channels` lists (layer, row) residual channels whose max |activation| is reported (super activations).
-    `bos`: a token id that starts every window (io/corpora.bos_token); the first text token is scored from it.
+    `bos` (io/corpora.Bos, a loaded model's `.bos`): the token that starts every window, if any; the first text
+    token is then scored from it.
     `scoring` (Scoring): the shared lower blocks, the progress and observer callbacks, the batch size.
     """
     scoring = scoring or Scoring()
@@ -138,7 +139,7 @@ def measure(
             raise ValueError(f"channel layer {layer} lies below share_below={share_below}: its blocks are skipped")
     check_context(model, min(max_length, ids.numel()), max_length)
     prefix = Prefix(model, share_below)
-    wins = make_windows(ids.numel(), max_length, stride, bos=bos is not None)
+    wins = make_windows(ids.numel(), max_length, stride, bos=bos)
     accs = {name: _Acc() for name in ["base", *conditions]}
     # A batch's logits are batch_tokens x vocab floats, several times over (base and condition log-probs, KL):
     # 2,048 x 49k (SmolLM2) is 0.4 GB, 2,048 x 262k (Gemma 3) 2.1 GB. Cap them near LOGIT_BUDGET.
@@ -147,7 +148,7 @@ def measure(
     for batch in _batches(wins, batch_tokens):
         input_ids = with_bos(torch.stack([ids[w.begin : w.end] for w in batch]), bos).to(device)
         length = input_ids.shape[1]
-        targets = torch.arange(1, length) - int(bos is not None)  # text position of each target
+        targets = torch.arange(1, length) - int(bos.on)  # text position of each target
         mask = torch.stack([targets + w.begin >= w.score_from for w in batch]).to(device)
         labels = input_ids[:, 1:][mask]
         with prefix.capture():
@@ -195,7 +196,7 @@ def check_context(model: nn.Module, length: int, given: int | None = None, optio
                          f"max_position_embeddings): use {option} {context} or less")
 
 
-def n_scored(n_tokens: int, max_length: int, stride: int | None = None, bos: bool = False) -> int:
+def n_scored(n_tokens: int, max_length: int, stride: int | None = None, bos: Bos = NO_BOS) -> int:
     """How many targets `measure` scores for a stream of n_tokens (for progress totals)."""
     return sum(w.n_scored for w in make_windows(n_tokens, max_length, stride, bos=bos))
 
@@ -205,12 +206,11 @@ def protocol_of(loaded, corpus: str, split: str, n_tokens: int, max_length: int,
     """The protocol of a measurement on a loaded model (`models.Loaded`), stamped with provenance. With a BOS
     (`loaded.bos`) a window holds max_length - 1 tokens of text, so the stride recorded is at most that (what
     `measure` uses)."""
-    bos = getattr(loaded, "bos", None)
-    if bos is not None:
+    if loaded.bos.on:
         stride = min(stride, max_length - 1)
     return Protocol(
         model=model_id(loaded), model_source=loaded.source, corpus=corpus, split=split, n_tokens=n_tokens,
         max_length=max_length, stride=stride, dtype=loaded.dtype, device=loaded.device,
-        dtype_reason=getattr(loaded, "dtype_reason", None), device_map=getattr(loaded, "device_map", None),
-        bos=bos, interventions=interventions, provenance=provenance(),
+        dtype_reason=loaded.dtype_reason, device_map=loaded.device_map,
+        bos=loaded.bos.token, interventions=interventions, provenance=provenance(),
     )

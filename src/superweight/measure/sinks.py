@@ -37,7 +37,7 @@ from torch import nn
 from superweight.core.arch import decoder_layers, input_device
 from superweight.core.intervene import Intervention, NoIntervention, Trace, hidden
 from superweight.errors import UnsupportedArchitectureError
-from superweight.io.corpora import windows as make_windows, with_bos
+from superweight.io.corpora import NO_BOS, Bos, windows as make_windows, with_bos
 from superweight.io.sinkrecord import SinkCondition, SinkLayer, Sinks
 
 SINK_THRESHOLD = 0.3  # a head "has a sink" when its mean attention mass on the sink tokens exceeds this
@@ -177,7 +177,7 @@ def sink_view(
     ids: torch.Tensor,
     conditions: dict[str, Intervention],
     channel: tuple[int, int],
-    bos: int | None = None,
+    bos: Bos = NO_BOS,
     window: int = WINDOW,
     max_tokens: int = MAX_TOKENS,
     threshold: float = SINK_THRESHOLD,
@@ -188,7 +188,7 @@ def sink_view(
     blocks, attn = decoder_layers(model), attention_modules(model)
     n_layers = len(blocks)
     ids = ids[:max_tokens]
-    wins = make_windows(ids.numel(), window, window - int(bos is not None), bos=bos is not None)
+    wins = make_windows(ids.numel(), window, window - int(bos.on), bos=bos)
     wins = [w for w in wins if w.end - w.begin == wins[0].end - wins[0].begin]  # equal lengths: no padding
     per_batch = max(1, BATCH_TOKENS // window)
     names = ["base", *conditions]
@@ -199,7 +199,7 @@ def sink_view(
     for i in range(0, len(wins), per_batch):
         batch = wins[i : i + per_batch]
         input_ids = with_bos(torch.stack([ids[w.begin : w.end] for w in batch]), bos).to(device)
-        sink, massive = sink_positions(model, input_ids, channel, bos is not None)
+        sink, massive = sink_positions(model, input_ids, channel, bos.on)
         positions += [torch.nonzero(s).flatten().tolist() for s in sink]
         queries = _queries(sink)
         with eager_attention(model):

@@ -16,6 +16,7 @@ from superweight.core.conditions import CONTRIB_K, RANDOM_K, TOP_K, Condition
 from superweight.core.coords import site, split_row
 from superweight.core.intervene import Ablation
 from superweight.core.patching import PatchData, patched
+from superweight.io.corpora import NO_BOS, Bos
 from superweight.io.record import Metrics, RandomScored, Scored, SparsityPoint
 from superweight.measure.inputs import down_inputs
 from superweight.measure.recovery import scored
@@ -39,7 +40,7 @@ def keep_entries(vectors: list[torch.Tensor], keep: torch.Tensor) -> list[torch.
 
 
 def contribution_scores(model, ids, patch: PatchData, max_length: int,
-                        bos: int | None = None) -> tuple[torch.Tensor, dict]:
+                        bos: Bos = NO_BOS) -> tuple[torch.Tensor, dict]:
     """|x[t, i] * d[i]| for every patch entry (rows concatenated), t the token where that row's write x @ d is
     largest; and the down-projection inputs per layer, for the token and neuron views (windows start with `bos`
     when given: x has a row per BOS too, see measure/inputs.seen_ids)."""

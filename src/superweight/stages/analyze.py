@@ -68,7 +68,7 @@ def run_analyze(loaded: Loaded, run_dir: Path, cfg: AnalyzeConfig | None = None,
     model, tok = loaded.model, loaded.tokenizer
     check_fits(model, patch)
     corpus = record.protocol.corpus
-    bos = getattr(loaded, "bos", None)
+    bos = loaded.bos
     ids = corpora.tokenize(tok, corpora.load_text(corpus, "eval"), n_tokens)
     coords = patch.ablated
     originals = intact_values(model, coords)
@@ -84,7 +84,7 @@ def run_analyze(loaded: Loaded, run_dir: Path, cfg: AnalyzeConfig | None = None,
     channels = sorted({(c.layer, c.row) for c in coords})
     share_below = first_edited_layer(coords, patch.rows)
     stats = TokenStats(model.get_output_embeddings().weight.shape[0])
-    stage(f"Analysing: {len(conditions)} conditions", n_scored(ids.numel(), max_length, bos=bos is not None))
+    stage(f"Analysing: {len(conditions)} conditions", n_scored(ids.numel(), max_length, bos=bos))
     metrics = measure(model, ids, interventions(conditions), channels, max_length, bos=bos,
                       scoring=Scoring(share_below=share_below, progress=progress.advance, observe=stats))
     base = metrics["base"]

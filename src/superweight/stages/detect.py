@@ -156,7 +156,7 @@ def iterate_spikes(
 
 def attribution(
     model: nn.Module, ids: torch.Tensor, method: str = "activation", top: int = 3, max_length: int = 512,
-    bos: int | None = None,
+    bos: corpora.Bos = corpora.NO_BOS,
 ) -> list[Candidate]:
     """The `top` weights over all down-projections by attribution score on the token stream `ids` (in rows that
     start with `bos`, when given).
@@ -169,7 +169,7 @@ def attribution(
         scores = (dp.matrix.detach().float().abs() * x.to(dp.matrix.device)[None, :]
                   for dp, x in zip(dps, input_maxima(model, ids, dps, max_length, bos)))
     elif method == "gradient":
-        batch = corpora.pack(ids, min(max_length, ids.numel() + (bos is not None)), bos)
+        batch = corpora.pack(ids, min(max_length, ids.numel() + bos.on), bos)
         scores = _gradient_scores(model, dps, batch.to(input_device(model)))
     else:
         raise ValueError(f"unknown attribution method '{method}': use activation or gradient")
@@ -221,10 +221,10 @@ def _controls(dp: DownProj, xmax: torch.Tensor, exclude: set[tuple[int, int]],
 
 
 def verify(model: nn.Module, ids: torch.Tensor, candidates: list[Candidate], cfg: DetectConfig | None = None,
-           bos: int | None = None, progress: Callable[[int], None] | None = None) -> tuple[list[Candidate], Metrics]:
+           bos: corpora.Bos = corpora.NO_BOS, progress: Callable[[int], None] | None = None) -> tuple[list[Candidate], Metrics]:
     """Measure each candidate's damage beside its matrix's controls (and, inside an expert, its whole expert's
     beside control experts), with cfg's max_length, seed, min_kl and control_factor; return them ranked by KL,
-    and base. `bos`: the token every window starts with (io/corpora.bos_token), None for none; `progress` is
+    and base. `bos` (io/corpora.Bos): the token every window starts with, if any; `progress` is
     told of each scored token."""
     cfg = cfg or DetectConfig()
     min_kl, control_factor, max_length, seed = cfg.min_kl, cfg.control_factor, cfg.max_length, cfg.seed
@@ -314,7 +314,7 @@ def run_detect(loaded, cfg: DetectConfig | None = None, ids: torch.Tensor | None
 
     cfg = cfg or DetectConfig()
     model, tok = loaded.model, loaded.tokenizer
-    bos = getattr(loaded, "bos", None)
+    bos = loaded.bos
     progress = or_silent(progress)
     stage = progress.stage
     prompts = cfg.prompts or DEFAULT_PROMPTS
@@ -329,7 +329,7 @@ def run_detect(loaded, cfg: DetectConfig | None = None, ids: torch.Tensor | None
     candidates = merge(spikes, attributed)
     protocol = None
     if cfg.verify and candidates:
-        stage(f"Verifying {len(candidates)} candidates", n_scored(ids.numel(), cfg.max_length, bos=bos is not None))
+        stage(f"Verifying {len(candidates)} candidates", n_scored(ids.numel(), cfg.max_length, bos=bos))
         candidates, base = verify(model, ids, candidates, cfg, bos, progress.advance)
         pruned = {"each candidate's expert": EXPERT_PRUNING} if any(c.expert is not None for c in candidates) else {}
         protocol = protocol_of(loaded, cfg.corpus, cfg.split, base.n_tokens, cfg.max_length, cfg.max_length,

@@ -74,8 +74,8 @@ def run_eval(loaded: Loaded, coords: list[WeightCoord], cfg: EvalConfig | None =
     if ids is None:
         ids = corpora.tokenize(tok, corpora.load_text(corpus, split), cfg.max_tokens)
     channels = sorted({(c.layer, c.row) for c in coords})
-    bos = getattr(loaded, "bos", None)
-    progress.stage("Scoring tokens", n_scored(ids.numel(), max_length, stride, bos is not None))
+    bos = loaded.bos
+    progress.stage("Scoring tokens", n_scored(ids.numel(), max_length, stride, bos))
     results = measure(model, ids, conditions, channels, max_length, stride, bos,
                       Scoring(progress=progress.advance))
     progress.stage("Generating", len(prompts))

@@ -20,6 +20,7 @@ from torch import nn
 from superweight.core.arch import moe_block
 from superweight.core.coords import SHARED
 from superweight.core.intervene import ExpertPrune, Intervention
+from superweight.io.corpora import NO_BOS, Bos
 from superweight.measure.grade import expert_grade
 from superweight.measure.inputs import router_choices
 
@@ -61,7 +62,7 @@ def _name(layer: int, expert) -> str:
     return f"prune:{layer}:{expert}"
 
 
-def plan_experts(model: nn.Module, ids: torch.Tensor, candidates, max_length: int = 512, bos: int | None = None,
+def plan_experts(model: nn.Module, ids: torch.Tensor, candidates, max_length: int = 512, bos: Bos = NO_BOS,
                  seed: int = 0) -> ExpertPlan:
     """Conditions pruning each candidate's expert and two control experts per layer, and each candidate's
     routing at its massive tokens (intact model, calibration text `ids`)."""

@@ -115,9 +115,9 @@ def shapes_before_load(spec: str) -> list[tuple[int, int]] | None:
 
 
 def input_absmax(model: nn.Module, ids: torch.Tensor, max_length: int = 512,
-                 bos: int | None = None) -> dict[nn.Module, torch.Tensor]:
+                 bos: corpora.Bos = corpora.NO_BOS) -> dict[nn.Module, torch.Tensor]:
     """max |x| per input column of every decoder linear over `ids` (calibration tokens), in windows that start
-    with `bos` when given."""
+    with `bos` when it is on."""
     from superweight.core.arch import decoder_linears, input_device
     from superweight.core.intervene import Trace
 
@@ -128,7 +128,7 @@ def input_absmax(model: nn.Module, ids: torch.Tensor, max_length: int = 512,
         xmax[module] = torch.maximum(xmax[module], v) if module in xmax else v
 
     with Trace({m: m for _, m in decoder_linears(model)}, record), torch.no_grad():
-        span = max_length - (bos is not None)
+        span = max_length - bos.on
         for begin in range(0, ids.numel() - 1, span):
             window = corpora.with_bos(ids[begin: begin + span][None], bos)
             model(input_ids=window.to(input_device(model)), use_cache=False)
@@ -254,7 +254,7 @@ def run_quantize(loaded: Loaded, cfg: QuantizeConfig | None = None, ids=None, pa
     if clip is not None and protect:
         if calib_ids is None:
             calib_ids = corpora.tokenize(loaded.tokenizer, corpora.load_text(corpus, "train"), 1024)
-        xmax = input_absmax(model, calib_ids, max_length, getattr(loaded, "bos", None))
+        xmax = input_absmax(model, calib_ids, max_length, loaded.bos)
         for blk in blocks:
             ranked = damaging_outliers(model, QuantSpec(bits[0], blk, levels, clip), xmax, max(protect), keep)
             for b in bits:
@@ -296,8 +296,8 @@ def run_quantize(loaded: Loaded, cfg: QuantizeConfig | None = None, ids=None, pa
     if ids is None:
         ids = corpora.tokenize(loaded.tokenizer, corpora.load_text(corpus, split), cfg.max_tokens)
     channels = sorted({(c.layer, c.row) for c in keep})
-    bos = getattr(loaded, "bos", None)
-    progress.stage(f"Scoring {len(conditions)} conditions", n_scored(ids.numel(), max_length, bos=bos is not None))
+    bos = loaded.bos
+    progress.stage(f"Scoring {len(conditions)} conditions", n_scored(ids.numel(), max_length, bos=bos))
     results = measure(model, ids, conditions, channels, max_length, bos=bos,
                       scoring=Scoring(progress=progress.advance))
     base = results["base"]

@@ -112,8 +112,8 @@ def run_repair(
     model, tok = loaded.model, loaded.tokenizer
     progress = or_silent(progress)
     stage = progress.stage
-    bos = getattr(loaded, "bos", None)
-    settings = repair_settings(loaded.spec, job, coords, rows, getattr(loaded, "bos_mode", "auto"))
+    bos = loaded.bos
+    settings = repair_settings(loaded.spec, job, coords, rows, bos)
     if check_run_dir_for(out, settings, job.resume) == "finished" and job.resume:
         return read_record(out)
     ablation = Ablation(model, coords)  # validates coordinates first
@@ -177,25 +177,26 @@ def run_repair(
     return record
 
 
-def repair_settings(spec: str, job: RepairJob, coords: list[WeightCoord], rows, bos: str = "auto") -> RunConfig:
+def repair_settings(spec: str, job: RepairJob, coords: list[WeightCoord], rows,
+                    bos: corpora.Bos = corpora.Bos()) -> RunConfig:
     """What config.json records, and what a resumed run must match (the CLI checks it before the model loads)."""
     return RunConfig(
         model=spec, recipe=job.recipe, config=job.config, ablate=[str(c) for c in coords],
         rows=[list(r) for r in rows], corpus=job.corpus, eval_tokens=job.eval_tokens, max_length=job.max_length,
-        baselines=job.baselines, checkpoint_every=job.checkpoint_every, seeds=job.seeds, bos=bos,
+        baselines=job.baselines, checkpoint_every=job.checkpoint_every, seeds=job.seeds, bos=bos.mode,
     )
 
 
-def recorded_bos(out: Path) -> str:
-    """The --bos a run in `out` was started with (config.json; "auto" when it records none, or there is no run)."""
+def recorded_bos(out: Path) -> corpora.Bos:
+    """The --bos a run in `out` was started with (config.json; auto when it records none, or there is no run)."""
     from superweight.io.files import read_json
     from superweight.io.runconfig import parse
     from superweight.io.rundir import CONFIG
 
     path = Path(out) / CONFIG
     if not path.is_file():
-        return "auto"
-    return parse(RunConfig, read_json(path, "run settings"), str(path)).bos
+        return corpora.Bos()
+    return corpora.Bos(parse(RunConfig, read_json(path, "run settings"), str(path)).bos)
 
 
 def _baselines(model, ablation: Ablation, rows, trained, data, cfg, progress: Progress) -> list[Condition]:

@@ -184,7 +184,7 @@ def run_sparsify(loaded: Loaded, run_dir: Path, cfg: SparsifyConfig | None = Non
         # neuron, residual-stream and norm-gain rescaling) Adam is as scale-free as the run was.
         cfg = revalidated(cfg, optimizer="adam", lr=SPARSE_ADAM_LR)
     corpus = record.protocol.corpus
-    bos = getattr(loaded, "bos", None)
+    bos = loaded.bos
     seqs, mask = training_sequences(tok, corpus, cfg, bos)
     track = Track(progress=progress)
     originals = intact_values(model, patch.ablated)

@@ -67,8 +67,8 @@ def run_sweep(loaded: Loaded, coord: WeightCoord, cfg: SweepConfig | None = None
     conditions = interventions(conds)
     if ids is None:
         ids = corpora.tokenize(tok, corpora.load_text(corpus, split), cfg.max_tokens)
-    bos = getattr(loaded, "bos", None)
-    progress.stage("Scoring tokens", n_scored(ids.numel(), max_length, bos=bos is not None))
+    bos = loaded.bos
+    progress.stage("Scoring tokens", n_scored(ids.numel(), max_length, bos=bos))
     results = measure(model, ids, conditions, [(coord.layer, coord.row)], max_length, bos=bos,
                       scoring=Scoring(progress=progress.advance))
     progress.stage("Generating", len(prompts))

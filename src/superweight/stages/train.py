@@ -47,12 +47,12 @@ from superweight.stages.recipes import RECIPES, RepairConfig  # noqa: F401 (re-e
 
 
 def training_sequences(tokenizer, corpus: str, cfg: RepairConfig,
-                       bos: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                       bos: corpora.Bos = corpora.NO_BOS) -> tuple[torch.Tensor, torch.Tensor | None]:
     """[N, T] ids and mask (None when packed): `cfg.data` says how the train split becomes sequences. `bos`
-    (io/corpora.bos_token): a token id every row starts with, followed by T - 1 tokens of text; None for none."""
+    (io/corpora.Bos): when on, every row starts with its token, followed by T - 1 tokens of text."""
     if cfg.data == "lines" and corpus == "wikitext2":
         lines = [ln for ln in corpora.load_text(corpus, "train[:2%]").split("\n") if ln.strip()]
-        head = [] if bos is None else [bos]
+        head = [bos.token] if bos.on else []
         rows = [(head + tokenizer(ln, add_special_tokens=False)["input_ids"])[: cfg.seq_len] for ln in lines]
         rows = [r for r in rows if len(r) >= 2]
         ids = torch.full((len(rows), cfg.seq_len), tokenizer.pad_token_id, dtype=torch.long)
