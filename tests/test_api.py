@@ -92,8 +92,10 @@ def test_evaluate_ablated_and_patched(m, repaired):
 
 
 def test_repair_is_the_command_with_the_lbfgs_default(m, repaired, tmp_path):
-    out, record = repaired
+    out, fixed = repaired
+    record = fixed.record
     # the recipe that ran: lbfgs with three options changed
+    assert isinstance(fixed, sw.RepairResult) and fixed.run_dir == out
     assert isinstance(record, sw.RunRecord) and record.recipe == "lbfgs+steps=4+batch_size=2+seq_len=32"
     assert record.config.optimizer == "lbfgs" and record.config.steps == 4 and record.recovery.kl > 0
     invoke_cli("repair", "--model", m.spec, "--weight", WEIGHT, "--steps", 4, "--batch-size", 2, "--seq-len", 32,
@@ -101,7 +103,7 @@ def test_repair_is_the_command_with_the_lbfgs_default(m, repaired, tmp_path):
     cli = sw.read_run(tmp_path / "cli")
     assert (cli.patched, cli.recovery, cli.patch) == (record.patched, record.recovery, record.patch)
     assert torch.equal(sw.load_patch(out).vectors[0], sw.load_patch(tmp_path / "cli").vectors[0])
-    page = shows_a_table(record, f"Ablated weight {WEIGHT}", "data:image/png;base64,",
+    page = shows_a_table(fixed, f"Ablated weight {WEIGHT}", "data:image/png;base64,",
                         "training loss against step")
     assert page.count("<img") >= 2  # PPL/KL bars, and the loss curve read from the run directory's train log
     with pytest.raises(sw.SuperweightError, match="already holds a run"):
@@ -116,8 +118,78 @@ def test_interventions_are_context_managers(m, repaired):
     base = m.model(ids).logits
     patch = sw.load_patch(out)
     with sw.Compose(sw.Ablation(m.model, patch.ablated), sw.RowPatch(m.model, patch.rows, patch.vectors)):
+        patched = m.model(ids).logits
+        assert not torch.equal(patched, base)
+    assert torch.equal(m.model(ids).logits, base)
+    # the handle and coordinate texts too
+    with sw.Compose(sw.Ablation(m, WEIGHT), sw.RowPatch(m, ["1:5"], patch.vectors)):
+        assert torch.equal(m.model(ids).logits, patched)
+    with sw.Ablation(m, sw.parse_coord(WEIGHT)), sw.Spread(m, WEIGHT, 4):
         assert not torch.equal(m.model(ids).logits, base)
     assert torch.equal(m.model(ids).logits, base)
+    with pytest.raises(TypeError, match="a loaded model handle"):
+        sw.Ablation("not a model", WEIGHT)
+
+
+def test_the_patch_you_hold(m, repaired, tmp_path):
+    from tiny import assert_identical, snapshot
+
+    out, fixed = repaired
+    patch, ids = fixed.patch, torch.arange(2, 40).unsqueeze(0)
+    before, base = snapshot(m.model), m.model(ids).logits
+    with patch.apply():  # the ablated model, repaired (core.patching.patched)
+        patched = m.model(ids).logits
+        with pytest.raises(sw.SuperweightError, match="fingerprint differs"):
+            patch.save(tmp_path / "inside")  # the model is not intact in here
+    assert_identical(m.model, before)
+    with sw.Compose(sw.Ablation(m, patch.ablated), sw.RowPatch(m, patch.rows, patch.vectors)):
+        assert torch.equal(m.model(ids).logits, patched)
+    again = sw.load_patch(out, m)  # the same Patch, from the run directory
+    assert isinstance(again, sw.Patch) and again.rows == patch.rows and torch.equal(again.vectors[0], patch.vectors[0])
+    saved = sw.load_patch(patch.save(tmp_path / "saved"), m)
+    assert torch.equal(saved.vectors[0], patch.vectors[0]) and saved.config.fingerprint == patch.config.fingerprint
+    with pytest.raises(sw.SuperweightError, match="holds a patch already"):
+        patch.save(tmp_path / "saved")
+    exported = patch.export(tmp_path / "merged")  # the model held stays intact
+    assert_identical(m.model, before)
+    merged = sw.load(str(exported), dtype="fp32")
+    assert torch.allclose(merged.model(ids).logits, patched, atol=1e-4)
+    config = patch.to_peft(tmp_path / "adapter")
+    assert config["peft_type"] == "LORA" and (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    written = sw.apply(m, out, export=tmp_path / "merged2", peft=tmp_path / "adapter2")  # the command's calls
+    assert written["export"] == tmp_path / "merged2" and written["peft"] == config
+    with pytest.raises(sw.SuperweightError, match="exists already"):
+        sw.apply(m, patch, export=tmp_path / "merged")
+    evaluated = sw.evaluate(m, patch=patch, max_tokens=256, prompts=["x"], max_new_tokens=1)
+    assert evaluated.patched.kl < evaluated.ablated.kl
+    with pytest.raises(sw.SuperweightError, match="holds no model"):
+        sw.load_patch(out).merge()
+    patch.merge()  # for good: the model is the merged one now
+    assert torch.allclose(m.model(ids).logits, patched, atol=1e-4)
+    for name, value in before.items():  # put back for the other tests
+        m.model.state_dict()[name].copy_(value)
+    assert_identical(m.model, before)
+
+
+def test_info_sweep_and_sparsify_are_the_commands(m, repaired, tmp_path):
+    found = sw.info(m)
+    invoke_cli("info", "--model", m.spec, "--json", tmp_path / "i.json")
+    assert found.as_json() == json.loads((tmp_path / "i.json").read_text()) and found.arch.n_layers == 6
+    swept = sw.sweep(m, WEIGHT, scales=[1, 0], spread=None, max_tokens=256, prompts=["x"], max_new_tokens=1)
+    assert [p.scale for p in swept.points] == [1.0, 0.0] and swept.points[1].metrics.kl > 0.05
+    with pytest.raises(sw.SuperweightError, match="without @SCALE"):
+        sw.sweep(m, WEIGHT + "@0.5")
+    out, _ = repaired
+    record = sw.sparsify(m, out, strengths={"l1": (1.0,)}, steps=2, tokens=256)
+    assert record.sparse_training and sw.read_run(out).sparse_training == record.sparse_training
+
+
+def test_census_is_the_command(m, tmp_path):
+    outcome = sw.census([m.spec], out=tmp_path / "census", calib_tokens=256, attribution_top=1)
+    assert [r.model for r in outcome.rows] == [m.spec] and not outcome.failed
+    assert (tmp_path / "census" / "census.csv").is_file()
+    again = sw.census([m.spec], out=tmp_path / "census", calib_tokens=256, attribution_top=1)
+    assert again.skipped == [m.spec]
 
 
 def test_analyze_read_run_and_compare(m, repaired, tmp_path):
@@ -150,7 +222,8 @@ def test_quantize(m):
 
 
 def test_every_setting_is_documented_with_its_default():
-    for fn in (sw.load, sw.detect, sw.evaluate, sw.repair, sw.analyze, sw.run, sw.quantize, sw.compare):
+    for fn in (sw.load, sw.detect, sw.evaluate, sw.repair, sw.analyze, sw.run, sw.quantize, sw.compare, sw.info,
+               sw.apply, sw.census, sw.load_patch, sw.sweep, sw.sparsify):
         doc = pydoc.render_doc(fn, renderer=pydoc.plaintext)
         for name, p in inspect.signature(fn).parameters.items():
             if p.kind is p.VAR_KEYWORD or p.kind is p.VAR_POSITIONAL:

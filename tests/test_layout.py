@@ -15,11 +15,12 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src" / "superweight"
 # Layers, lowest first: a module may import from its own layer or a lower one (cli -> stages/report ->
 # measure -> io/core). stages and report share a layer; the report never reads a stage's code, only its
-# record (pipeline, the one stage that ends in a report, calls write_report). api (the notebook API) sits beside
-# cli; the package's __init__ re-exports it lazily (PEP 562), so `import superweight` loads neither. settings
+# record (pipeline, the one stage that ends in a report, calls write_report). api (the notebook API, api.py and
+# its sibling api_tools.py) sits beside cli; the package's __init__ re-exports it lazily (PEP 562), so
+# `import superweight` loads neither. settings
 # (the settings models' base) and progress (the progress protocol) are used at every layer.
 LAYERS = {"errors": 0, "display": 0, "settings": 0, "progress": 0, "": 0, "core": 1, "io": 2, "known": 2,
-          "measure": 3, "stages": 4, "report": 4, "cli": 5, "api": 5}
+          "measure": 3, "stages": 4, "report": 4, "cli": 5, "api": 5, "api_tools": 5}
 MAX_LINES = 400
 MAX_PARAMETERS = 8
 

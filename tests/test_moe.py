@@ -380,6 +380,24 @@ def test_cli_detect_eval_repair_apply_on_an_moe_model(moe_dir, tmp_path):
     assert "rows 0:2:5 patched" in out and "model.layers.0.mlp.experts.down_proj" in out
 
 
+def test_api_repair_of_an_expert_weight_patches_the_experts_row(moe_dir, tmp_path):
+    # sw.repair and `superweight repair --weight` pick the default rows with one function (coords.patch_rows).
+    import superweight as sw
+    from superweight.core.coords import patch_rows
+
+    coords = parse_coords(["0:2:5:7", "1:3:4"])
+    assert patch_rows(coords) == [(0, 5, 2), (1, 3)] == rows_of(coords)
+    assert patch_rows(coords, ["0:2:5"]) == patch_rows(coords, [(0, 5, 2)]) == [(0, 5, 2)]
+    m = sw.load(str(moe_dir), dtype="fp32")
+    fixed = sw.repair(m, "0:2:5:7", out=tmp_path / "api", steps=4, eval_tokens=256)
+    assert fixed.patch.rows == [(0, 5, 2)] and fixed.record.recovery.kl > 0.5
+    before, ids = snapshot(m.model), IDS
+    base = m.model(ids).logits
+    with fixed.patch.apply():
+        assert not torch.equal(m.model(ids).logits, base)
+    assert_identical(m.model, before)
+
+
 def test_cli_run_on_an_moe_model_names_the_super_expert(moe_dir, tmp_path):
     from conftest import invoke_cli
 

@@ -4,17 +4,19 @@
     m = sw.load()                                        # the embedded SmolLM2-135M; sw.load("allenai/OLMo-1B-0724-hf")
     found = sw.detect(m)                                 # DetectResult
     sw.evaluate(m, ablate="11:507:1229")                 # EvalResult: base vs ablated
-    record = sw.repair(m, "11:507:1229", out="runs/mine")   # RunRecord (results.json)
+    fixed = sw.repair(m, "11:507:1229", out="runs/mine")    # RepairResult: .record (results.json), .patch
+    with fixed.patch.apply(): ...                        # the ablated model, repaired; undone on exit
     sw.analyze(m, "runs/mine"); sw.read_run("runs/mine"); sw.compare("runs/mine", "runs/other")
     sw.run(m)                                            # all of it, ending in report.html
     sw.quantize(sw.load(dtype="fp32"))                   # QuantResult
-    with sw.Ablation(m.model, [sw.parse_coord("11:507:1229")]): ...   # undone on exit, bit for bit
+    with sw.Ablation(m, "11:507:1229"): ...              # undone on exit, bit for bit
 
-Functions: load, detect, evaluate, repair, analyze, run, quantize, compare, read_run, write_report.
-Interventions (context managers): Ablation, Spread, RowPatch, Compose, ActivationRestore, QuantizedWeights,
-QuantizedInputs. Settings: DetectConfig, RepairConfig, RECIPES, RepairJob, PipelineJob, EvalConfig, QuantizeConfig,
-Placement. Results: DetectResult, EvalResult, RunRecord,
-QuantResult, Comparison; in a notebook each shows its tables (and plots). help(sw.repair) etc. for every setting.
+Functions, one per command: load, info, detect, evaluate, sweep, repair, analyze, sparsify, run, quantize, census,
+apply, compare, read_run, write_report; load_patch. Interventions (context managers): Ablation, Spread, RowPatch,
+Compose, ActivationRestore, QuantizedWeights, QuantizedInputs. Settings: DetectConfig, RepairConfig, RECIPES,
+RepairJob, PipelineJob, EvalConfig, QuantizeConfig, Placement, Bos. Results: DetectResult, EvalResult, RepairResult
+(with its Patch), RunRecord, QuantResult, Comparison; in a notebook each shows its tables (and plots).
+help(sw.repair) etc. for every setting.
 
 The names load on first use (superweight/api.py), so `import superweight` itself stays fast; the deep modules
 (superweight.core, io, measure, stages, report) stay importable as before.
@@ -27,6 +29,7 @@ from superweight.errors import SuperweightError  # noqa: E402
 
 __all__ = [
     "load", "detect", "evaluate", "repair", "analyze", "run", "quantize", "compare", "read_run", "write_report",
+    "info", "sweep", "sparsify", "census", "apply", "RepairResult", "Patch",
     "Intervention", "Ablation", "Spread", "RowPatch", "Compose", "ActivationRestore", "QuantizedWeights",
     "QuantizedInputs", "DetectConfig", "RepairConfig", "RECIPES", "RepairJob", "PipelineJob", "EvalConfig",
     "QuantizeConfig", "Placement", "Loaded", "Bos", "DetectResult", "EvalResult",

@@ -5,9 +5,14 @@ command, each the same library call the CLI makes (cli/*.py), on a model loaded 
     m = sw.load()                                    # the embedded SmolLM2-135M (~25 s the first time, then ~1 s)
     found = sw.detect(m, calib_tokens=512)           # DetectResult: a table in a notebook
     sw.evaluate(m, ablate=found.candidates[0].coord) # EvalResult: base vs ablated
-    record = sw.repair(m, "11:507:1229", out="runs/mine", eval_tokens=512)   # RunRecord: the report
-    with sw.Ablation(m.model, [sw.parse_coord("11:507:1229")]):
+    fixed = sw.repair(m, "11:507:1229", out="runs/mine", eval_tokens=512)   # .record (the report), .patch
+    with fixed.patch.apply():
+        ...                                          # the ablated model, repaired; intact again after, bit for bit
+    with sw.Ablation(m, "11:507:1229"):
         ...                                          # the weight is zeroed here, and back bit for bit after
+
+The commands api.py does not hold (info, sweep, sparsify, census, apply) and the repair's result are in
+api_tools.py, re-exported here.
 
 Settings come as the typed objects (DetectConfig, RepairConfig, RECIPES, RepairJob, PipelineJob, EvalConfig,
 QuantizeConfig; each checks itself when made) and/or as keyword overrides of their fields, validated into them;
@@ -21,6 +26,7 @@ import datetime as _dt
 from pathlib import Path
 
 from superweight import __all__, __version__  # noqa: F401 (the package names the API once)
+from superweight.api_tools import RepairResult, apply, census, info, load_patch, patch_data, sparsify, sweep  # noqa: F401
 from superweight.core.coords import WeightCoord, as_coords, parse_coord, patch_rows
 from superweight.core.fakequant import QuantizedInputs, QuantizedWeights
 from superweight.core.intervene import ActivationRestore, Ablation, Compose, Intervention, RowPatch, Spread
@@ -30,7 +36,7 @@ from superweight.errors import SuperweightError, UsageError
 from superweight.io.corpora import Bos
 from superweight.io.lock import hold_run_dir
 from superweight.io.models import DEFAULT_MODEL, Loaded
-from superweight.io.patchfile import load_patch
+from superweight.io.patch import Patch  # noqa: F401 (the API's name)
 from superweight.io.quantrecord import QuantResult
 from superweight.io.record import RunRecord
 from superweight.io.rundir import read_record
@@ -119,7 +125,8 @@ def evaluate(loaded: Loaded, ablate=None, patch: str | Path | None = None, confi
         loaded: the model, from load().
         ablate=None: the weight(s) to ablate: "L:R:C[@SCALE]", a WeightCoord, or a list of them ([]: none);
             None: the model's published super weights.
-        patch=None: a repair's run directory: the patched model too (and its ablation instead of ablate).
+        patch=None: a repair's Patch (repair(...).patch, load_patch(...)) or run directory: the patched model too
+            (and its ablation instead of ablate).
         config=None: an EvalConfig (stages/evaluate.py); None for its defaults (the command's).
         **overrides: EvalConfig fields that replace the config's:
             corpus='pydoc': pydoc, wikitext2 or text:PATH.
@@ -140,14 +147,14 @@ def evaluate(loaded: Loaded, ablate=None, patch: str | Path | None = None, confi
     if patch is not None and ablate is not None:
         raise UsageError("a patch brings its own ablation; give ablate or patch, not both")
     cfg = build(EvalConfig, config, "", **_with_tasks(overrides))
-    patch_data = load_patch(patch) if patch is not None else None
-    coords = patch_data.ablated if patch_data else _coords(ablate) if ablate is not None else published(loaded.spec)
-    return run_eval(loaded, coords, cfg, patch=patch_data)
+    held = patch_data(patch)
+    coords = held.ablated if held else _coords(ablate) if ablate is not None else published(loaded.spec)
+    return run_eval(loaded, coords, cfg, patch=held)
 
 
 def repair(loaded: Loaded, weight, rows: list[tuple[int, int]] | None = None, recipe: str | None = None,
            config: RepairConfig | None = None, out: str | Path | None = None, job: RepairJob | None = None,
-           **overrides) -> RunRecord:
+           **overrides) -> RepairResult:
     """Train a row patch that repairs the ablated model by KL distillation against the intact one
     (`superweight repair`), measure base, broken and patched, and keep it all in a run directory.
 
@@ -160,7 +167,8 @@ def repair(loaded: Loaded, weight, rows: list[tuple[int, int]] | None = None, re
             4 rows), balanced, quick (Adam), sgd, fast or seed (the write-up's); docs/recipes.md. None: the
             job's recipe, lbfgs without a job.
         config=None: a RepairConfig that replaces the recipe's settings (recipe then only names them).
-        out=None: the run directory, which must not exist unless resuming; None: runs/repair-L-R-C.
+        out=None: the run directory, which must not exist unless resuming; None: runs/repair-L-R-C (the stage
+            keeps its checkpoints, train log, patch and record there, so a repair always has one).
         job=None: a RepairJob (stages/repair.py) with the settings below; None for its defaults (the command's).
         **overrides: RepairJob fields, then RepairConfig fields that replace the job's and the recipe's:
             corpus='pydoc': training (train split) and evaluation (eval split) text: pydoc, wikitext2 or text:PATH.
@@ -193,9 +201,10 @@ def repair(loaded: Loaded, weight, rows: list[tuple[int, int]] | None = None, re
                 training backs off when the patch does worse than none (0: no check).
             data='packed': packed (full seq_len rows) or lines (one wikitext line per row, padded; wikitext2).
 
-    Returns the RunRecord (results.json): .base, .broken, .patched, .recovery, .verdict, .training, .patch
-    (geometry), .baselines, .seeds; .recipe names the recipe that ran ("lbfgs+steps=4" when options changed it).
-    The patch itself: load_patch(out).
+    Returns a RepairResult (shown as the run's report): .record, the RunRecord (results.json: .base, .broken,
+    .patched, .recovery, .verdict, .training, .patch (geometry), .baselines, .seeds; .recipe names the recipe that
+    ran, "lbfgs+steps=4" when options changed it); .patch, the trained Patch on this model (`with .apply():`,
+    .save(dir), .merge(), .export(dir), .to_peft(dir)); .run_dir. load_patch(out, m) gives the same Patch later.
     """
     from superweight.stages.repair import repair_settings, run_repair
 
@@ -207,7 +216,8 @@ def repair(loaded: Loaded, weight, rows: list[tuple[int, int]] | None = None, re
     # refused before the directory is made or locked
     check_run_dir_for(run_dir, repair_settings(loaded.spec, job, coords, rows, loaded.bos), job.resume)
     with hold_run_dir(run_dir, "repair"):  # one writer at a time
-        return run_repair(loaded, coords, rows, run_dir, job)
+        record = run_repair(loaded, coords, rows, run_dir, job)
+    return RepairResult(record, load_patch(run_dir, loaded), run_dir)
 
 
 def analyze(loaded: Loaded, run_dir: str | Path, tokens: int = 2048, draws: int = 3) -> RunRecord:
@@ -291,7 +301,7 @@ def quantize(loaded: Loaded, bits=(4,), blocks=(64, 128, 256, "channel"), clip: 
         clip='tensor:1e-4': none, tensor:P, block:P (the fraction clipped), zscore:Z or iqr:K.
         keep='auto': the super weights to protect: auto (published, else the ones detect confirms), none, or
             "L:R:C" / WeightCoord / a list of them.
-        patch=None: a repair's run directory: the repaired model too.
+        patch=None: a repair's Patch or run directory: the repaired model too.
         config=None: a QuantizeConfig (stages/quantize.py) for the settings below; None for its defaults.
         **overrides: QuantizeConfig fields that replace the config's:
             levels='int': int (min-max RTN) or nf (NormalFloat NF3/NF4).
@@ -320,10 +330,9 @@ def quantize(loaded: Loaded, bits=(4,), blocks=(64, 128, 256, "channel"), clip: 
         overrides["activations"] = parse_activations(overrides["activations"])
     cfg = build(QuantizeConfig, config, "", bits=parse_bits(join(bits)), blocks=parse_blocks(join(blocks)),
                 clip=clip_spec, protect=protect, **_with_tasks(overrides))
-    patch_data = load_patch(patch) if patch is not None else None
     coords, source = (auto_keep(loaded, loaded.spec) if keep == "auto" else ([], "none") if keep == "none"
                       else (_coords(keep), "given"))
-    return run_quantize(loaded, build(QuantizeConfig, cfg, "", keep=coords, keep_source=source), patch=patch_data)
+    return run_quantize(loaded, build(QuantizeConfig, cfg, "", keep=coords, keep_source=source), patch=patch_data(patch))
 
 
 def compare(*run_dirs: str | Path) -> Comparison:

@@ -8,6 +8,9 @@ its Instruct model (the same three weights); SmolLM2-135M measured on the embedd
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
+
+from superweight.core.arch import ModelInfo, describe
 from superweight.core.coords import WeightCoord
 
 PUBLISHED: dict[str, list[tuple[int, int, int]]] = {
@@ -30,3 +33,23 @@ PUBLISHED: dict[str, list[tuple[int, int, int]]] = {
 def published(spec: str) -> list[WeightCoord]:
     """The known super weights of a model spec, or [] when none are recorded."""
     return [WeightCoord(layer=l, row=r, col=c) for l, r, c in PUBLISHED.get(spec, [])]
+
+
+@dataclass(frozen=True)
+class Info:
+    """What `superweight info` shows: the model's architecture (core.arch.describe), where it was read from, and
+    its published super weights."""
+
+    spec: str
+    source: str
+    arch: ModelInfo
+    published: list[WeightCoord]
+
+    def as_json(self) -> dict:
+        """The command's --json: the architecture's fields, the source and the published weights."""
+        return {**asdict(self.arch), "source": self.source, "published": [c.model_dump() for c in self.published]}
+
+
+def model_info(loaded) -> Info:
+    """The Info of a loaded model (io/models.Loaded)."""
+    return Info(spec=loaded.spec, source=loaded.source, arch=describe(loaded.model), published=published(loaded.spec))

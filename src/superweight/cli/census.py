@@ -78,7 +78,7 @@ def census(
     place = placement(device, dtype, device_map, max_memory, offload_folder)
     if not place.device_map:
         resolve_device(device)
-    settings = {**cfg.model_dump(), "dtype": dtype, "bos": bos.mode}
+    settings = stage.census_settings(cfg, dtype, bos)
     where = Path(out_ or f"runs/census-{dt.date.today().isoformat()}")
     stage.check_census_dir(where, settings)
     text = corpora.load_text(corpus, split)

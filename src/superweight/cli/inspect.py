@@ -24,22 +24,18 @@ def info(model: ModelOpt = DEFAULT_MODEL, device: DeviceOpt = "cpu", dtype: Dtyp
          json_: JsonOpt = None, device_map: DeviceMapOpt = None, max_memory: MaxMemoryOpt = None,
          offload_folder: OffloadOpt = None, bos: BosOpt = "auto"):
     """Architecture, sizes and down-projection names of a model."""
-    from dataclasses import asdict
-
-    from superweight.core.arch import describe
     from superweight.io.files import check_writable, write_json
-    from superweight.known import published
+    from superweight.known import model_info
 
     where = placement(device, dtype, device_map, max_memory, offload_folder)
     bos = check_bos(bos)
     if json_:
         check_writable(json_)
     loaded = load_model(model, where, bos)
-    desc = describe(loaded.model)
-    known = published(model)
-    terminal.print_info(out, model, loaded.source, desc, known)
+    info_ = model_info(loaded)
+    terminal.print_info(out, model, info_.source, info_.arch, info_.published)
     if json_:
-        write_json(json_, {**asdict(desc), "source": loaded.source, "published": [c.model_dump() for c in known]})
+        write_json(json_, info_.as_json())
 
 
 @app.command("eval")

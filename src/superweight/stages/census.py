@@ -105,6 +105,12 @@ def unique(specs: list[str]) -> list[str]:
     return list(dict.fromkeys(s.strip() for s in specs if s.strip()))
 
 
+def census_settings(cfg, dtype: str, bos) -> dict:
+    """What a census directory records and every later run on it must match: the DetectConfig `cfg`'s fields, the
+    --dtype as given and the --bos mode (io/corpora.Bos)."""
+    return {**cfg.model_dump(), "dtype": dtype, "bos": bos.mode}
+
+
 def check_census_dir(out: Path, settings: dict) -> None:
     """Refuse (one UsageError) an --out that cannot hold this census: a file, an unwritable place, a directory
     that holds something other than a census, or a census made with other settings. Writes nothing."""
