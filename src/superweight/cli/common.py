@@ -24,7 +24,7 @@ from rich.progress import (
 from superweight.errors import SuperweightError, UsageError
 from superweight.io.models import DEFAULT_MODEL
 from superweight.io.placement import Placement
-from superweight.settings import error_line
+from superweight.settings import error_line, file_error_line, is_settings_error
 
 app = typer.Typer(
     add_completion=False,
@@ -75,6 +75,10 @@ def errors(fn):
         except ValidationError as exc:  # a settings model refused an option value: one line, exit 2
             if os.environ.get("SUPERWEIGHT_DEBUG"):
                 raise
+            if not is_settings_error(exc):  # a record superweight built itself: a bug, not an option
+                err.print(f"Error: internal error, {file_error_line(exc, exc.title, 'a value', 'please report it')}"
+                          " (SUPERWEIGHT_DEBUG=1 shows the traceback)", markup=False, highlight=False, soft_wrap=True)
+                raise typer.Exit(1) from None
             err.print(f"Error: {error_line(exc, '--')}", markup=False, highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except SuperweightError as exc:
