@@ -32,10 +32,11 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Detect, ablate, measure and repair super weights in causal language models.",
 )
-# Piped output (files, CI logs) gets room for the wide tables instead of rich's 80-column fallback.
+# Piped output (files, CI logs) gets room for the wide tables instead of rich's 80-column fallback, and its lines
+# are never wrapped (a log line is one line, whatever COLUMNS says); a terminal gets its own width.
 # emoji=False: a coordinate such as 29:100:1126 must not turn into "29💯1126".
-out = Console(width=None if sys.stdout.isatty() else 140, emoji=False)
-err = Console(stderr=True, emoji=False)
+out = Console(width=None if sys.stdout.isatty() else 140, emoji=False, soft_wrap=not sys.stdout.isatty())
+err = Console(stderr=True, emoji=False, soft_wrap=True)  # messages, one line each: the terminal wraps them
 
 # Options shared by several commands.
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="smollm2-135m, a hub id, a model directory or a .gguf file")]
