@@ -77,6 +77,16 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return save_tiny_model_dir(tmp_path_factory.mktemp("tiny_llama"), family="llama", seed=0)
 
 
+@pytest.fixture(scope="session")
+def smol():
+    """The embedded SmolLM2-135M-Instruct in fp32, loaded once per pytest run for every test that needs the real
+    model (the first load parses the GGUF into the session's empty cache: test_e2e.py checks the second comes from
+    it). Tests undo what they do to it (every intervention restores the model exactly)."""
+    from superweight.io import models
+
+    return models.load("smollm2-135m", dtype="fp32")
+
+
 @pytest.fixture(scope="module")
 def tok():
     """The tiny offline tokenizer (tiny.py)."""

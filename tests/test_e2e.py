@@ -1,4 +1,4 @@
-"""End to end on the embedded SmolLM2-135M-Instruct (loaded once per session, ~20 s on 2 cores)."""
+"""End to end on the embedded SmolLM2-135M-Instruct (conftest's `smol`: loaded once per session, ~20 s on 2 cores)."""
 
 from __future__ import annotations
 
@@ -19,11 +19,6 @@ from superweight.settings import revalidated
 
 pytestmark = pytest.mark.slow
 SUPER = parse_coord("11:507:1229")
-
-
-@pytest.fixture(scope="session")
-def smol():
-    return models.load("smollm2-135m")
 
 
 def test_embedded_spec_resolves_to_the_packaged_gguf():
