@@ -151,12 +151,13 @@ def test_an_error_in_a_record_names_no_option(capsys):
         raise exc
 
     for exc, code, words in [(option.value, 2, "Error: --calib-tokens must be at least 2"),
-                             (record.value, 1, "Error: internal error, Scored: nll_gap: input should be a valid number")]:
+                             (record.value, 1, "Error: internal error: superweight made an invalid Scored (nll_gap: input "
+                                              "should be a valid number")]:
         with pytest.raises(typer.Exit) as exit_:
             command(exc)
         line = capsys.readouterr().err
         assert exit_.value.exit_code == code and line.startswith(words) and line.count("\n") == 1, line
-    assert "--" not in line.split("(")[0]
+    assert "--" not in line.split("(")[0] and "please report it" in line
     assert file_error_line(record.value, "runs/x/results.json", "a run record", "rerun it") == (
         "runs/x/results.json: nll_gap: input should be a valid number, unable to parse string as a number, got 'high' "
         "(not a run record superweight can read: rerun it)")

@@ -78,13 +78,24 @@ def is_settings_error(exc: ValidationError) -> bool:
     return exc.title in names
 
 
-def file_error_line(exc: ValidationError, where: str, what: str, fix: str) -> str:
-    """A ValidationError in a file's contents as one line naming the file, the field and what to do:
-    "runs/x/results.json: recovery.kl: input should be a valid number, got 'high' (not a run record superweight
-    can read: rerun the command that wrote it)"."""
+def _problem(exc: ValidationError) -> tuple[str, str]:
+    """The first problem as "loc: message, got VALUE", and "; N more problem(s)" (or "")."""
     first = exc.errors()[0]
     at = ".".join(str(x) for x in first["loc"]) or "(top level)"
     msg = first["msg"].removeprefix("Value error, ")
     got = f", got {first['input']!r}" if first["type"] != "missing" and not isinstance(first.get("input"), dict | list) else ""
     more = f"; {exc.error_count() - 1} more problem(s)" if exc.error_count() > 1 else ""
-    return f"{where}: {at}: {msg[0].lower()}{msg[1:]}{got} (not {what} superweight can read{more}: {fix})"
+    return f"{at}: {msg[0].lower()}{msg[1:]}{got}", more
+
+
+def internal_error_line(exc: ValidationError) -> str:
+    """A ValidationError from a model superweight filled itself (not from an option or a file): a bug, said so."""
+    return f"internal error: superweight made an invalid {exc.title} ({''.join(_problem(exc))}); please report it"
+
+
+def file_error_line(exc: ValidationError, where: str, what: str, fix: str) -> str:
+    """A ValidationError in a file's contents as one line naming the file, the field and what to do:
+    "runs/x/results.json: recovery.kl: input should be a valid number, got 'high' (not a run record superweight
+    can read: rerun the command that wrote it)"."""
+    problem, more = _problem(exc)
+    return f"{where}: {problem} (not {what} superweight can read{more}: {fix})"

@@ -24,7 +24,7 @@ from rich.progress import (
 from superweight.errors import SuperweightError, UsageError
 from superweight.io.models import DEFAULT_MODEL
 from superweight.io.placement import Placement
-from superweight.settings import error_line, file_error_line, is_settings_error
+from superweight.settings import error_line, internal_error_line, is_settings_error
 
 app = typer.Typer(
     add_completion=False,
@@ -77,8 +77,8 @@ def errors(fn):
             if os.environ.get("SUPERWEIGHT_DEBUG"):
                 raise
             if not is_settings_error(exc):  # a record superweight built itself: a bug, not an option
-                err.print(f"Error: internal error, {file_error_line(exc, exc.title, 'a value', 'please report it')}"
-                          " (SUPERWEIGHT_DEBUG=1 shows the traceback)", markup=False, highlight=False, soft_wrap=True)
+                err.print(f"Error: {internal_error_line(exc)} (SUPERWEIGHT_DEBUG=1 shows the traceback)",
+                          markup=False, highlight=False, soft_wrap=True)
                 raise typer.Exit(1) from None
             err.print(f"Error: {error_line(exc, '--')}", markup=False, highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
