@@ -12,8 +12,9 @@ from superweight.core.conditions import BROKEN
 from superweight.io.record import Metrics, Recovery, Scored, Verdict
 
 REPAIRED = 0.9  # both recoveries at least this: "repaired"
-# Damage below this (nats/token, of NLL gap or of KL) is float rounding, not damage: the recovery is undefined
-# (None) rather than a ratio of two rounding errors. An ablation that makes NLL *lower* has no gap to close either.
+# An ablation whose KL to the intact model is at most this (nats/token) did no measurable damage: the two models
+# predict the same, and NLL moves by rounding (first order in the tiny logit change, where KL is second order).
+# Its recoveries are undefined (None), not a ratio of two rounding errors; so is an NLL gap this small either way.
 NO_DAMAGE = 1e-5
 
 
@@ -32,10 +33,10 @@ def verdict_of(rec: Recovery) -> Verdict:
 def recovery(base: Metrics, broken: Metrics, patched: Metrics) -> Recovery:
     """NLL-gap closure and KL closure (1 = fully repaired, 0 = as broken); None where the ablation did no
     measurable damage of that kind (at most NO_DAMAGE) (strict JSON has no NaN: results.json says null, and docs/results.md why)."""
-    gap = broken.nll - base.nll
+    gap, damaged = broken.nll - base.nll, broken.kl > NO_DAMAGE
     return Recovery(
-        nll_gap=(broken.nll - patched.nll) / gap if gap > NO_DAMAGE else None,
-        kl=1 - patched.kl / broken.kl if broken.kl > NO_DAMAGE else None,
+        nll_gap=(broken.nll - patched.nll) / gap if damaged and abs(gap) > NO_DAMAGE else None,
+        kl=1 - patched.kl / broken.kl if damaged else None,
     )
 
 
