@@ -22,13 +22,19 @@ echo "fresh clone of $(git -C "$repo" rev-parse --short HEAD) in $work/repo, HOM
 # An environment of its own: only what a new user's shell would have, plus what reaching a registry needs.
 envs=(PATH="$PATH" HOME="$work/home" TMPDIR="$work/tmp" LANG=C.UTF-8 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
       HF_DATASETS_OFFLINE=1)
-for name in SUPERWEIGHT_AUTO_DTYPE COLUMNS PY PIP_INDEX_URL PIP_EXTRA_INDEX_URL PIP_TRUSTED_HOST PIP_CACHE_DIR \
-            PIP_CERT http_proxy https_proxy HTTP_PROXY HTTPS_PROXY no_proxy NO_PROXY; do
+# pip's settings (PIP_*: index, find-links, certificates) say how this machine reaches the registries, not what
+# a user has done; so does a user pip.conf, which the empty HOME would hide: it is passed as PIP_CONFIG_FILE.
+for name in SUPERWEIGHT_AUTO_DTYPE COLUMNS XDG_CONFIG_DIRS http_proxy https_proxy HTTP_PROXY HTTPS_PROXY no_proxy \
+            NO_PROXY $(compgen -e | grep '^PIP_' || true); do
   if [ -n "${!name:-}" ]; then envs+=("$name=${!name}"); fi
 done
+for conf in "${XDG_CONFIG_HOME:-$HOME/.config}/pip/pip.conf" "$HOME/.pip/pip.conf"; do
+  if [ -z "${PIP_CONFIG_FILE:-}" ] && [ -f "$conf" ]; then envs+=("PIP_CONFIG_FILE=$conf"); break; fi
+done
 echo "environment: ${envs[*]}"
-make_args=()
-if [ -n "${PY:-}" ]; then make_args+=("PY=$PY"); fi
+# The Makefile's python3, resolved here: a version manager's shim (pyenv) looks for its versions under HOME.
+PY="${PY:-$(python3 -c 'import sys; print(sys.executable)')}"
+make_args=("PY=$PY")
 
 step() {  # step NAME: run `make NAME` in the clone, print its time
   local start=$SECONDS status=0
