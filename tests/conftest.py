@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -16,6 +19,27 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# Nothing about the machine or the shell may change a result (tests/test_hermetic.py checks it): set here, before any
+# library is imported and before any session fixture runs (a session fixture runs before a function one's monkeypatch).
+# - `--dtype auto` picks bf16 on CPUs with avx512_bf16 and fp32 elsewhere: every test gets fp32, whatever
+#   SUPERWEIGHT_AUTO_DTYPE says outside (tests/test_dtype_devices.py sets it to test the choice itself).
+AUTO_DTYPE = "SUPERWEIGHT_AUTO_DTYPE"
+os.environ[AUTO_DTYPE] = "fp32"
+# - a home of its own: matplotlib's, Jupyter's, Hugging Face's and superweight's caches never read the user's.
+_HOME = tempfile.mkdtemp(prefix="superweight-tests-home-")
+atexit.register(shutil.rmtree, _HOME, ignore_errors=True)
+os.environ["HOME"] = _HOME
+for _name in ("XDG_CACHE_HOME", "XDG_CONFIG_HOME", "XDG_DATA_HOME", "MPLCONFIGDIR", "JUPYTER_CONFIG_DIR",
+              "JUPYTER_DATA_DIR", "JUPYTER_RUNTIME_DIR", "HF_DATASETS_CACHE", "TORCH_HOME"):
+    os.environ.pop(_name, None)
+os.environ["HF_HOME"] = os.path.join(_HOME, "hf")
+# - a terminal width and a text encoding that do not come from the shell (rich and typer read COLUMNS when they
+#   make a console); the CLI's own lines do not wrap at any width (test_hermetic.py runs it at 40 and 250 columns).
+os.environ["COLUMNS"] = "120"
+for _name in ("TERMINAL_WIDTH", "LINES", "FORCE_COLOR", "NO_COLOR"):
+    os.environ.pop(_name, None)
+os.environ["PYTHONUTF8"] = "1"
 
 from tiny import save_tiny_model_dir  # noqa: E402
 
@@ -44,15 +68,23 @@ def _offline_hub(monkeypatch, _hf_home):
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(_hf_home))
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    # `--dtype auto` (the CLI default) would pick bf16 on CPUs with avx512_bf16: tests compare fp32 numbers
-    # whatever the machine (tests/test_dtype_devices.py tests the choice itself).
-    monkeypatch.setenv("SUPERWEIGHT_AUTO_DTYPE", "fp32")
+    monkeypatch.setenv(AUTO_DTYPE, "fp32")  # again for each test: one that changed it (monkeypatch) gets it back
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A local model directory (tiny llama + tiny tokenizer) that `superweight.models.load` accepts."""
     return save_tiny_model_dir(tmp_path_factory.mktemp("tiny_llama"), family="llama", seed=0)
+
+
+@pytest.fixture(scope="session")
+def smol():
+    """The embedded SmolLM2-135M-Instruct in fp32, loaded once per pytest run for every test that needs the real
+    model (the first load parses the GGUF into the session's empty cache: test_e2e.py checks the second comes from
+    it). Tests undo what they do to it (every intervention restores the model exactly)."""
+    from superweight.io import models
+
+    return models.load("smollm2-135m", dtype="fp32")
 
 
 @pytest.fixture(scope="module")

@@ -135,6 +135,16 @@ def test_repair_with_bos_on_records_it_and_later_commands_follow_the_run(tiny_mo
     assert again.exit_code == 0 and "is finished already" in again.stderr, again.output
     other = invoke("repair", "--model", tiny_model_dir, *FAST, "--bos", "off", "--out", out, "--resume")
     assert other.exit_code == 2 and "bos differ" in other.stderr
+    # The random tiny llama's 1:5:7 does no measurable damage: nothing to repair, recovery n/a (not an error).
+    assert res["verdict"] == "nothing to repair" and res["recovery"] == {"nll_gap": None, "kl": None}
+    assert "Verdict: nothing to repair" in result.output
     result = invoke("analyze", out, "--tokens", "128", "--draws", "1")
     assert result.exit_code == 0, result.output
-    assert json.loads((out / "results.json").read_text())["analysis"]["protocol"]["bos"] == 0
+    assert "n/a" in result.output and "did no measurable damage" in result.output
+    res = json.loads((out / "results.json").read_text())
+    assert res["analysis"]["protocol"]["bos"] == 0 and res["sparsity"][0]["kl_recovery"] is None
+    assert invoke("report", out).exit_code == 0
+    md = (out / "report.md").read_text()
+    assert "Verdict: nothing to repair" in md and "n/a" in md and "did no measurable damage" in md
+    shown = invoke("compare", out)
+    assert shown.exit_code == 0 and "n/a" in shown.output and "did no measurable damage" in shown.output, shown.output

@@ -1,4 +1,4 @@
-"""End to end on the embedded SmolLM2-135M-Instruct (loaded once per session, ~20 s on 2 cores)."""
+"""End to end on the embedded SmolLM2-135M-Instruct (conftest's `smol`: loaded once per session, ~20 s on 2 cores)."""
 
 from __future__ import annotations
 
@@ -19,11 +19,6 @@ from superweight.settings import revalidated
 
 pytestmark = pytest.mark.slow
 SUPER = parse_coord("11:507:1229")
-
-
-@pytest.fixture(scope="session")
-def smol():
-    return models.load("smollm2-135m")
 
 
 def test_embedded_spec_resolves_to_the_packaged_gguf():
@@ -55,7 +50,7 @@ def test_loaded_model_shape_and_super_weight(smol):
 
 def test_ablation_collapses_the_model_and_comes_off_exactly(smol):
     before = down_projection(smol.model, 11).weight.clone()
-    ids = corpora.tokenize(smol.tokenizer, corpora.load_text("pydoc", "eval"), 1024)
+    ids = corpora.tokenize(smol.tokenizer, corpora.load_text("pydoc", "eval"), 512)
     out = measure(smol.model, ids, {"ablated": Ablation(smol.model, [SUPER])}, channels=[(11, 507)])
     base, broken = out["base"], out["ablated"]
     assert broken.ppl > 3 * base.ppl
@@ -65,7 +60,7 @@ def test_ablation_collapses_the_model_and_comes_off_exactly(smol):
 
 
 def test_detect_ranks_the_known_super_weight_first_and_confirmed(smol):
-    ids = corpora.tokenize(smol.tokenizer, corpora.load_text("pydoc", "train"), 1024)
+    ids = corpora.tokenize(smol.tokenizer, corpora.load_text("pydoc", "train"), 256)  # as the quickstart's
     result = detect.run_detect(smol, detect.DetectConfig(attribution=None, max_candidates=3), ids=ids)
     top = result.candidates[0]
     assert (top.layer, top.row, top.col, top.confirmed) == (11, 507, 1229, True)
@@ -77,7 +72,7 @@ def test_cli_eval_on_the_embedded_model(smol, monkeypatch, tmp_path):
 
     monkeypatch.setattr(models, "load", lambda *a, **k: smol)  # reuse the session's copy: no second load
     out = tmp_path / "eval.json"
-    result = CliRunner().invoke(app, ["eval", "--max-tokens", "512", "--prompt", "Paris is in France. Tokyo is in",
+    result = CliRunner().invoke(app, ["eval", "--max-tokens", "256", "--prompt", "Paris is in France. Tokyo is in",
                                       "--json", str(out)])
     assert result.exit_code == 0, result.output
     doc = json.loads(out.read_text())
@@ -95,11 +90,11 @@ def test_short_repair_on_the_embedded_model_recovers_and_round_trips(smol, tmp_p
     from superweight.stages.recipes import RepairConfig
     from superweight.stages.train import Track, train
 
-    cfg = RepairConfig(steps=12, batch_size=4, seq_len=128, train_tokens=4096)  # 32 sequences: cached after 8 steps
-    seqs = corpora.pack(corpora.tokenize(smol.tokenizer, corpora.load_text("pydoc", "train"), cfg.train_tokens), 128)
+    cfg = RepairConfig(steps=12, batch_size=2, seq_len=64, train_tokens=1024)  # 16 sequences: cached after 8 steps
+    seqs = corpora.pack(corpora.tokenize(smol.tokenizer, corpora.load_text("pydoc", "train"), cfg.train_tokens), 64)
     patch, state = train(smol.model, [SUPER], [(11, 507)], seqs, cfg, Track(tmp_path, checkpoint_every=6))
     assert state.teacher_cached
-    ids = corpora.tokenize(smol.tokenizer, corpora.load_text("pydoc", "eval"), 512)
+    ids = corpora.tokenize(smol.tokenizer, corpora.load_text("pydoc", "eval"), 256)
     out = measure(smol.model, ids, {"broken": Ablation(smol.model, [SUPER]),
                                     "patched": Compose(Ablation(smol.model, [SUPER]), patch)})
     rec = recovery(out["base"], out["broken"], out["patched"])
@@ -146,8 +141,8 @@ def test_detection_and_repair_are_the_same_on_a_rescaled_embedded_model(smol):
 
     model, tok = smol.model, smol.tokenizer
     loaded = tiny.handle(model, tok, spec="smollm2-135m", source="embedded")
-    cfg = detect.DetectConfig(calib_tokens=512, attribution=None)
-    repair = revalidated(RECIPES["balanced"], steps=4)
+    cfg = detect.DetectConfig(calib_tokens=256, attribution=None)
+    repair = revalidated(RECIPES["balanced"], steps=4, seq_len=64)
     seqs, mask = training_sequences(tok, "pydoc", repair)
     a = torch.exp(1.5 * torch.randn(down_projection(model, 11).d_ff, generator=torch.Generator().manual_seed(0)))
 

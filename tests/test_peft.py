@@ -143,10 +143,9 @@ def test_apply_option_errors_are_one_line(repair_runs, tmp_path, args, message):
 
 
 @pytest.mark.slow
-def test_adapter_on_the_embedded_model_gives_superweights_patched_logits(tmp_path):
-    from superweight.io import corpora, models
+def test_adapter_on_the_embedded_model_gives_superweights_patched_logits(tmp_path, smol):
+    from superweight.io import corpora
 
-    smol = models.load("smollm2-135m", dtype="fp32")
     model = smol.model
     coord = parse_coord("11:507:1229")
     d = torch.randn(1536, generator=torch.Generator().manual_seed(0)) * 0.05

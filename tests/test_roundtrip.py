@@ -133,8 +133,9 @@ def test_records_that_cannot_be_read_are_one_error_line(tmp_path, repair_runs):
         ("newer", {**raw, "schema_version": SCHEMA_VERSION + 1},
          f"has schema version {SCHEMA_VERSION + 1}, newer than this superweight reads ({SCHEMA_VERSION})"),
         ("typo", {**raw, "recovery": {**raw["recovery"], "nll_gapp": 1.0}},
-         "is not a run record superweight can read (recovery.nll_gapp: Extra inputs are not permitted"),
-        ("partial", {k: v for k, v in raw.items() if k != "patch"}, "(patch: Field required"),
+         "results.json: recovery.nll_gapp: extra inputs are not permitted, got 1.0 (not a run record superweight "
+         "can read: undo a hand edit"),
+        ("partial", {k: v for k, v in raw.items() if k != "patch"}, "results.json: patch: field required (not a run"),
         ("list", [raw], "holds no results object"),
     ]:
         (tmp_path / name).mkdir()

@@ -102,7 +102,7 @@ def test_config_json_is_typed_and_old_ones_still_resume():
     assert lifted.bos == "auto" and lifted.config == job.config and lifted.schema_version == 2
     with pytest.raises(SuperweightError, match="newer|does not read"):
         parse(RunConfig, {**data, "schema_version": 99}, "config.json")
-    with pytest.raises(SuperweightError, match="config.json is not run settings"):
+    with pytest.raises(SuperweightError, match="config.json: eval_tokens: input should be a valid integer.*not run settings superweight can read"):
         parse(RunConfig, {**data, "eval_tokens": "many"}, "config.json")
     patch = parse(PatchConfig, {"fingerprint": "ab", "ablated": ["1:5:7"], "rows": [[1, 5], [1, 9, "shared"]]}, "p")
     assert patch.schema_version == 2 and patch.rows[1] == [1, 9, "shared"] and patch.spec is None
@@ -128,3 +128,36 @@ def test_one_progress_protocol():
     each.advance(2, 0.5)
     prefixed.advance(1)
     assert seen == [(1, 0.5), (2, 0.5), (3, None)]
+
+
+def test_an_error_in_a_record_names_no_option(capsys):
+    """A ValidationError from a settings model names the option; one from a record superweight built itself is a
+    bug, said as such, naming the record and field (the issue: `invalid --kl-recovery None`, an option no command
+    has); one in a file names the file and the field, and what to do."""
+    import typer
+
+    from superweight.cli.common import errors
+    from superweight.io.record import Scored
+    from superweight.settings import file_error_line, is_settings_error
+
+    with pytest.raises(ValidationError) as option:
+        DetectConfig(calib_tokens=1)
+    with pytest.raises(ValidationError) as record:
+        Scored(nll=1.0, ppl=2.7, kl=0.0, nll_gap="high", kl_recovery=None)
+    assert is_settings_error(option.value) and not is_settings_error(record.value)
+
+    @errors
+    def command(exc):
+        raise exc
+
+    for exc, code, words in [(option.value, 2, "Error: --calib-tokens must be at least 2"),
+                             (record.value, 1, "Error: internal error: superweight made an invalid Scored (nll_gap: input "
+                                              "should be a valid number")]:
+        with pytest.raises(typer.Exit) as exit_:
+            command(exc)
+        line = capsys.readouterr().err
+        assert exit_.value.exit_code == code and line.startswith(words) and line.count("\n") == 1, line
+    assert "--" not in line.split("(")[0] and "please report it" in line
+    assert file_error_line(record.value, "runs/x/results.json", "a run record", "rerun it") == (
+        "runs/x/results.json: nll_gap: input should be a valid number, unable to parse string as a number, got 'high' "
+        "(not a run record superweight can read: rerun it)")

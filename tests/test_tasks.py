@@ -108,11 +108,8 @@ def test_task_options_need_tasks(planted_dir):
 
 
 @pytest.mark.slow
-def test_the_ablated_embedded_model_is_worse_at_the_local_task(local):
+def test_the_ablated_embedded_model_is_worse_at_the_local_task(local, smol):
     """SmolLM2-135M answers most of the 60 easy questions; without its super weight it answers fewer."""
-    from superweight.io import models
-
-    smol = models.load("smollm2-135m", dtype="fp32")
     res = run_tasks(smol, local, {"ablated": Ablation(smol.model, [parse_coord("11:507:1229")])})
     base, ablated = (res.scores[c][TASK]["acc"] for c in ("base", "ablated"))
     assert base.value > 0.7  # measured 0.867 (52 of 60)

@@ -4,10 +4,12 @@ line from a pydantic ValidationError.
     job = RepairJob(eval_tokens=512)              # validated here, where it is defined
     job = revalidated(job, seeds=3)               # not model_copy(update=...), which skips validation
     error_line(exc, "--")                         # "--eval-tokens must be at least 2, got 1"
+    file_error_line(exc, "runs/x/results.json", "a run record", "rerun the command that wrote it")
 
 Settings models raise pydantic's ValidationError for a bad field (the CLI turns it into one `Error:` line and
 exit 2, naming the option; the notebook API into a UsageError naming the argument) and UsageError for a bad
-combination, with its own text.
+combination, with its own text. A ValidationError in what a file holds names the file and the field instead
+(file_error_line), never an option; one from any other model is a bug, and the CLI says so (is_settings_error).
 """
 
 from __future__ import annotations
@@ -64,3 +66,36 @@ def error_line(exc: ValidationError, prefix: str = "--") -> str:
         return f"invalid {name} {value!r}: use {ctx['expected']}"
     msg = first["msg"].removeprefix("Value error, ")
     return f"invalid {name} {value!r}: {msg[0].lower()}{msg[1:]}"
+
+
+def is_settings_error(exc: ValidationError) -> bool:
+    """Whether a settings model (a Settings subclass: options and arguments) raised `exc`, rather than a record."""
+    names, todo = set(), [Settings]
+    while todo:
+        cls = todo.pop()
+        names.add(cls.__name__)
+        todo += cls.__subclasses__()
+    return exc.title in names
+
+
+def _problem(exc: ValidationError) -> tuple[str, str]:
+    """The first problem as "loc: message, got VALUE", and "; N more problem(s)" (or "")."""
+    first = exc.errors()[0]
+    at = ".".join(str(x) for x in first["loc"]) or "(top level)"
+    msg = first["msg"].removeprefix("Value error, ")
+    got = f", got {first['input']!r}" if first["type"] != "missing" and not isinstance(first.get("input"), dict | list) else ""
+    more = f"; {exc.error_count() - 1} more problem(s)" if exc.error_count() > 1 else ""
+    return f"{at}: {msg[0].lower()}{msg[1:]}{got}", more
+
+
+def internal_error_line(exc: ValidationError) -> str:
+    """A ValidationError from a model superweight filled itself (not from an option or a file): a bug, said so."""
+    return f"internal error: superweight made an invalid {exc.title} ({''.join(_problem(exc))}); please report it"
+
+
+def file_error_line(exc: ValidationError, where: str, what: str, fix: str) -> str:
+    """A ValidationError in a file's contents as one line naming the file, the field and what to do:
+    "runs/x/results.json: recovery.kl: input should be a valid number, got 'high' (not a run record superweight
+    can read: rerun the command that wrote it)"."""
+    problem, more = _problem(exc)
+    return f"{where}: {problem} (not {what} superweight can read{more}: {fix})"

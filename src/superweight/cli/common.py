@@ -24,7 +24,7 @@ from rich.progress import (
 from superweight.errors import SuperweightError, UsageError
 from superweight.io.models import DEFAULT_MODEL
 from superweight.io.placement import Placement
-from superweight.settings import error_line
+from superweight.settings import error_line, internal_error_line, is_settings_error
 
 app = typer.Typer(
     add_completion=False,
@@ -32,10 +32,11 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Detect, ablate, measure and repair super weights in causal language models.",
 )
-# Piped output (files, CI logs) gets room for the wide tables instead of rich's 80-column fallback.
+# Piped output (files, CI logs) gets room for the wide tables instead of rich's 80-column fallback, and its lines
+# are never wrapped (a log line is one line, whatever COLUMNS says); a terminal gets its own width.
 # emoji=False: a coordinate such as 29:100:1126 must not turn into "29💯1126".
-out = Console(width=None if sys.stdout.isatty() else 140, emoji=False)
-err = Console(stderr=True, emoji=False)
+out = Console(width=None if sys.stdout.isatty() else 140, emoji=False, soft_wrap=not sys.stdout.isatty())
+err = Console(stderr=True, emoji=False, soft_wrap=True)  # messages, one line each: the terminal wraps them
 
 # Options shared by several commands.
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="smollm2-135m, a hub id, a model directory or a .gguf file")]
@@ -75,6 +76,10 @@ def errors(fn):
         except ValidationError as exc:  # a settings model refused an option value: one line, exit 2
             if os.environ.get("SUPERWEIGHT_DEBUG"):
                 raise
+            if not is_settings_error(exc):  # a record superweight built itself: a bug, not an option
+                err.print(f"Error: {internal_error_line(exc)} (SUPERWEIGHT_DEBUG=1 shows the traceback)",
+                          markup=False, highlight=False, soft_wrap=True)
+                raise typer.Exit(1) from None
             err.print(f"Error: {error_line(exc, '--')}", markup=False, highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except SuperweightError as exc:

@@ -12,6 +12,11 @@ from pydantic import ValidationError
 from superweight.core.conditions import SCALE
 from superweight.errors import SuperweightError
 from superweight.io.record import SCHEMA_VERSION, RepairConfig, RunRecord
+from superweight.settings import file_error_line
+
+# What to do with a results.json that does not fit the record (hand-edited, or written by another version).
+RECORD_FIX = ("undo a hand edit, or rerun the command that wrote it into a new directory; a file from another "
+              "superweight version reads with that version")
 
 
 def migrate(data: Any, where: str = "results.json") -> dict:
@@ -87,7 +92,4 @@ def parse(data: Any, where: str = "results.json") -> RunRecord:
     try:
         return RunRecord.model_validate(migrate(data, where))
     except ValidationError as exc:
-        first = exc.errors()[0]
-        at = ".".join(str(x) for x in first["loc"])
-        raise SuperweightError(f"{where} is not a run record superweight can read ({at}: {first['msg']}; "
-                               f"{exc.error_count()} problem(s))") from None
+        raise SuperweightError(file_error_line(exc, where, "a run record", RECORD_FIX)) from None

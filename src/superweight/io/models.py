@@ -30,7 +30,7 @@ from torch import nn
 from superweight.errors import ModelLoadError, UsageError
 from superweight.io.corpora import Bos
 from superweight.io.lock import cache_entry_lock
-from superweight.io.placement import Placement, choose_dtype, map_kind
+from superweight.io.placement import Placement, choose_dtype, emulated_bf16, map_kind
 from superweight.settings import build
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -185,6 +185,8 @@ def load(spec: str = DEFAULT_MODEL, placement: Placement | None = None, bos: Bos
     reason = None
     if dtype == "auto":
         dtype, reason = choose_dtype(device)
+    if slow := emulated_bf16(dtype, device):
+        log.warning("superweight: %s", slow)
     where, gguf_file, kind = resolve_spec(spec)
     source = os.path.join(where, gguf_file) if gguf_file else where
     cached = gguf_cache_dir(Path(source)) if gguf_file else None

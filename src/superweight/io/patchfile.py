@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from pydantic import ValidationError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -23,6 +24,7 @@ from superweight.errors import SuperweightError
 from superweight.io import files
 from superweight.io.provenance import provenance
 from superweight.io.runconfig import PATCH_CONFIG_VERSION, PatchConfig, lift
+from superweight.settings import file_error_line
 
 PATCH_FILE = "patch.safetensors"
 CONFIG_FILE = "patch_config.json"
@@ -62,6 +64,10 @@ def save_patch(run_dir: Path, model: nn.Module, patch: RowPatch, ablated: list[W
     files.write_json(run_dir / CONFIG_FILE, dict(sorted(config.model_dump(exclude_none=True).items())))
 
 
+PATCH_NEEDS = ("a patch config needs 'rows' ([[layer, row], ...] or [layer, row, expert] in a mixture of experts), "
+               "'ablated' (LAYER:ROW:COL coordinates) and 'fingerprint'")
+
+
 def load_patch(path: str | Path) -> PatchData:
     """Read a patch from a run directory (or its safetensors file). A missing or damaged file, or a config
     without the keys a patch needs, is one error line naming the file."""
@@ -79,15 +85,16 @@ def load_patch(path: str | Path) -> PatchData:
     if not isinstance(raw, dict):
         raise SuperweightError(f"{cfg_path} holds no patch config object")
     try:
-        config = PatchConfig.model_validate(raw)  # a ValidationError is a ValueError
+        config = PatchConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise SuperweightError(file_error_line(exc, str(cfg_path), "a patch config", PATCH_NEEDS)) from None
+    try:
         rows = [_row(r) for r in config.rows]
         ablated = [parse_coord(str(c)) for c in config.ablated]
         if not rows:
             raise ValueError
     except (KeyError, TypeError, ValueError, CoordinateError):
-        raise SuperweightError(f"{cfg_path} is not a patch config: it needs 'rows' ([[layer, row], ...] or "
-                               "[layer, row, expert] in a mixture of experts), 'ablated' (LAYER:ROW:COL coordinates) "
-                               "and 'fingerprint'") from None
+        raise SuperweightError(f"{cfg_path} is not a patch config: {PATCH_NEEDS}") from None
     try:
         tensors = load_file(str(file_path))
     except Exception as exc:  # safetensors' own error type, OSError, ...: a damaged file either way

@@ -74,6 +74,15 @@ def choose_dtype(device: str, cpuinfo: str | None = None) -> tuple[str, str]:
     return "bf16", f"CPU has native bf16 matmul ({flag})"
 
 
+def emulated_bf16(dtype: str, device: str, cpuinfo: str | None = None) -> str | None:
+    """A one-line warning when bf16 weights will run on a CPU without native bf16 matmul (given as --dtype bf16,
+    or `auto` pinned by SUPERWEIGHT_AUTO_DTYPE; `auto` alone picks fp32 there), else None."""
+    if dtype != "bf16" or device != "cpu" or cpu_bf16_flag(cpuinfo) is not None:
+        return None
+    return (f"bf16 on this CPU is emulated (no {', '.join(X86_BF16_FLAGS)} or Arm bf16 flag): expect it to run "
+            "several times slower than fp32; --dtype fp32 is faster here")
+
+
 DTYPE_NAMES = ("auto", "fp32", "bf16", "fp16")
 
 

@@ -94,5 +94,16 @@ def read_quantize(run_dir) -> QuantResult | None:
 
     from superweight.io.files import read_json
 
+    from pydantic import ValidationError
+
+    from superweight.errors import SuperweightError
+    from superweight.settings import file_error_line
+
     path = Path(run_dir) / QUANTIZE_FILE
-    return QuantResult.model_validate(read_json(path, "quantize result")) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        return QuantResult.model_validate(read_json(path, "quantize result"))
+    except ValidationError as exc:
+        raise SuperweightError(file_error_line(exc, str(path), "a quantize result",
+                                               "rerun `superweight run --quantize` into a new directory")) from None

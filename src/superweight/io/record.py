@@ -70,7 +70,8 @@ class Recovery(Record):
     kl: float | None = Field(description="1 - KL_x / KL_broken; null when KL_broken is 0")
 
 
-Verdict = Literal["repaired", "partial", "failed"]  # measure/recovery.verdict_of
+# measure/recovery.verdict_of; "nothing to repair": the ablation did no measurable damage (both recoveries null)
+Verdict = Literal["repaired", "partial", "failed", "nothing to repair"]
 class Baseline(Metrics):
     recovery: Recovery
 
@@ -124,8 +125,8 @@ class SeedScores(Record):
     """One seed's patch (`seed` set), or the mean or standard deviation over the seeds (`seed` null)."""
 
     seed: int | None = None
-    nll_gap: float
-    kl: float
+    nll_gap: float | None = Field(description="null where the ablation did no NLL damage (Recovery)")
+    kl: float | None = Field(description="null where the ablation did no KL damage (Recovery)")
     norm: float
     cos_original_row: float
 
@@ -141,8 +142,8 @@ class Scored(Record):
     nll: float
     ppl: float
     kl: float
-    nll_gap: float
-    kl_recovery: float
+    nll_gap: float | None = Field(description="NLL-gap recovery; null where the ablation did no NLL damage")
+    kl_recovery: float | None = Field(description="KL recovery; null where the ablation did no KL damage")
 
 
 class RandomScored(Scored):
@@ -156,8 +157,8 @@ class SparsityPoint(Record):
     nll: float
     ppl: float
     kl: float
-    nll_gap: float
-    kl_recovery: float
+    nll_gap: float | None = Field(description="null where the ablation did no NLL damage (Recovery)")
+    kl_recovery: float | None = Field(description="null where the ablation did no KL damage (Recovery)")
     by_contribution: Scored
     random: RandomScored
 
@@ -253,8 +254,8 @@ class SparsePoint(Record):
     nll: float
     ppl: float
     kl: float
-    nll_gap: float
-    kl_recovery: float
+    nll_gap: float | None = Field(description="null where the ablation did no NLL damage (Recovery)")
+    kl_recovery: float | None = Field(description="null where the ablation did no KL damage (Recovery)")
     seconds: float
     norm: float | None = None
     cos_original_row: float | None = None
@@ -353,6 +354,7 @@ def smallest_k(sparsity: list[SparsityPoint], target: float = 0.9, ranking: str 
     """The fewest entries whose cut patch recovers `target` of the NLL gap, or None: entries kept by largest |d|
     (the top level of each point), or by `ranking` ("by_contribution", "random")."""
     for e in sorted(sparsity, key=lambda e: e.k):
-        if (getattr(e, ranking) if ranking else e).nll_gap >= target:
+        gap = (getattr(e, ranking) if ranking else e).nll_gap
+        if gap is not None and gap >= target:
             return e.k
     return None

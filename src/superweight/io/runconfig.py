@@ -17,6 +17,7 @@ from pydantic import Field, ValidationError
 from superweight.errors import SuperweightError
 from superweight.io.recordbase import Record
 from superweight.io.trainrecord import RepairConfig
+from superweight.settings import file_error_line
 
 RUN_CONFIG_VERSION = 2
 PATCH_CONFIG_VERSION = 2
@@ -82,6 +83,6 @@ def parse(cls: type[RunConfig] | type[PatchConfig], data: Any, where: str):
     try:
         return cls.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        raise SuperweightError(f"{where} is not {what} superweight can read "
-                               f"({'.'.join(map(str, first['loc']))}: {first['msg']})") from None
+        raise SuperweightError(file_error_line(exc, where, "run settings" if cls is RunConfig else "a patch config",
+                                               "fix that field, or rerun the command that wrote the file "
+                                               "into a new directory")) from None

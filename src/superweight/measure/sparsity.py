@@ -81,7 +81,8 @@ def sparsity_table(metrics: dict[str, Metrics], n: int, draws: int) -> list[Spar
     for k in powers_of_two(n):
         top = scored(metrics[TOP_K.name(k=k)], base, broken)
         runs = [scored(metrics[RANDOM_K.name(k=k, j=j)], base, broken) for j in range(draws)] if k < n else [top]
-        random = {key: sum(getattr(r, key) for r in runs) / len(runs) for key in Scored.model_fields}
+        values = {key: [getattr(r, key) for r in runs] for key in Scored.model_fields}  # None: no damage
+        random = {key: None if None in v else sum(v) / len(v) for key, v in values.items()}
         table.append(SparsityPoint(k=k, **top.model_dump(),
                                    by_contribution=scored(metrics[CONTRIB_K.name(k=k)], base, broken),
                                    random=RandomScored(**random, draws=len(runs) if k < n else 0)))

@@ -23,8 +23,8 @@ class CompareRow(BaseModel):
     base_ppl: float
     broken_ppl: float
     patched_ppl: float
-    nll_gap: float
-    kl_recovery: float
+    nll_gap: float | None  # None: the ablation did no damage (report/format.NO_DAMAGE)
+    kl_recovery: float | None
     norm: float
     cos_original_row: float
     write_rms: float | None

@@ -26,6 +26,16 @@ def pct(x) -> str:
     return DASH if x is None else f"{100 * x:.1f}%"
 
 
+# A recovery is undefined (None, null in results.json) where the ablation did no damage of that kind.
+NA = "n/a"
+NO_DAMAGE = "n/a: the ablation did no measurable damage, so there is nothing to recover (docs/results.md)"
+
+
+def rec(x) -> str:
+    """A recovery as a percentage, or "n/a" where it is undefined (NO_DAMAGE says why)."""
+    return NA if x is None else f"{100 * x:.1f}%"
+
+
 def tok(s) -> str:
     """A token with its whitespace visible: ' the', '\\n'."""
     return DASH if s is None else repr(s)

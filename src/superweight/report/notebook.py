@@ -14,7 +14,7 @@ from rich.text import Text
 
 from superweight.io.record import RunRecord
 from superweight.report import report_blocks, terminal
-from superweight.report.format import num, pct, ppl
+from superweight.report.format import num, ppl, rec
 from superweight.report.plots import save_quantize_plot
 from superweight.report.render import render_body
 from superweight.report.sections import quantize_section
@@ -100,7 +100,7 @@ def eval_repr(r) -> str:
 def run_repr(r: RunRecord) -> str:
     where = f", {r._run_dir}" if r._run_dir else ""
     return (f"RunRecord({r.weight} in {r.protocol.model.split(' (')[0]}: PPL {ppl(r.base.ppl)} base, "
-            f"{ppl(r.broken.ppl)} broken, {ppl(r.patched.ppl)} patched; NLL-gap recovery {pct(r.recovery.nll_gap)}"
+            f"{ppl(r.broken.ppl)} broken, {ppl(r.patched.ppl)} patched; NLL-gap recovery {rec(r.recovery.nll_gap)}"
             f"{f', {r.verdict}' if r.verdict else ''}{where})")
 
 

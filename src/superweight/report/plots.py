@@ -46,8 +46,10 @@ def _plot_ppl_kl(r: RunRecord, log):
 def _plot_sparsity(r: RunRecord, log):
     from matplotlib.ticker import ScalarFormatter
 
-    sp = sorted(r.sparsity or [], key=lambda e: e.k)
+    # Without damage every recovery is undefined (None): nothing to draw.
+    sp = sorted((e for e in r.sparsity or [] if e.nll_gap is not None), key=lambda e: e.k)
     points, frontier = (r.sparse_training.points, r.sparse_training.frontier) if r.sparse_training else ([], [])
+    points = [p for p in points if p.nll_gap is not None]
     if not sp and not points:
         return None
     fig, ax = _figure()

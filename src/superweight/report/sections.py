@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from superweight.io.record import RunRecord, smallest_k
 from superweight.measure.grade import GRADES, grade_words
-from superweight.report.format import num, pct, ppl, tok, value, vis
+from superweight.report.format import DASH, NO_DAMAGE, num, pct, ppl, rec, tok, value, vis
 
 
 def _table(headers: list[str], rows: list[list]) -> tuple:
@@ -39,11 +39,14 @@ def _headline(r: RunRecord, plots) -> list:
             f"writing {num(p.write_rms)} RMS into the row" if p.write_rms is not None else f"of norm {num(p.norm)}")
     out = [("h", 1, f"{title} {r.weight} in {model}"), (
         "p", f"Zeroing W[{r.weight}] (layer:row:col of the MLP down-projection) takes PPL from {ppl(r.base.ppl)} "
-             f"to {ppl(r.broken.ppl)}; a row patch {size} recovers {pct(r.recovery.nll_gap)} of the "
-             f"NLL gap (PPL {ppl(r.patched.ppl)}).")]
+             f"to {ppl(r.broken.ppl)}; a row patch {size} " + (
+                 f"recovers {pct(r.recovery.nll_gap)} of the NLL gap" if r.recovery.nll_gap is not None else
+                 f"leaves PPL at {ppl(r.patched.ppl)}: recovery {NO_DAMAGE}") + f" (PPL {ppl(r.patched.ppl)}).")]
     if r.verdict == "failed":
         out.append(("p", "Verdict: failed. The patched model is no better than the broken one on the eval tokens; "
                          "do not use this patch."))
+    elif r.verdict == "nothing to repair":
+        out.append(("p", "Verdict: nothing to repair. Zeroing the weight did no measurable damage on the eval tokens."))
     elif r.verdict:
         out.append(("p", f"Verdict: {r.verdict} (repaired: NLL-gap and KL recovery both at least 90%)."))
     if grade:
@@ -124,8 +127,8 @@ def _summary(r: RunRecord, plots) -> list:
         ("condition", lambda c: c[0], str), ("NLL", lambda c: c[1].nll, num), ("PPL", lambda c: c[1].ppl, ppl),
         ("KL", lambda c: c[1].kl, num), ("top-1 agree", lambda c: c[1].top1_agree, pct),
         ("super act.", lambda c: c[1].super_activation, num),
-        ("NLL-gap recovery", lambda c: c[2] and c[2].nll_gap, pct),
-        ("KL recovery", lambda c: c[2] and c[2].kl, pct)]), ("p", note)]
+        ("NLL-gap recovery", lambda c: rec(c[2].nll_gap) if c[2] else DASH, str),
+        ("KL recovery", lambda c: rec(c[2].kl) if c[2] else DASH, str)]), ("p", note)]
 
 
 def _tasks(r: RunRecord, plots) -> list:
@@ -149,7 +152,7 @@ def _seeds(r: RunRecord, plots) -> list:
     s = r.seeds
     if not s or not s.values:
         return []
-    spec = [("seed", "seed", num), ("NLL-gap recovery", "nll_gap", pct), ("KL recovery", "kl", pct),
+    spec = [("seed", "seed", num), ("NLL-gap recovery", "nll_gap", rec), ("KL recovery", "kl", rec),
             ("norm", "norm", num), ("cos(d, original row)", "cos_original_row", num)]
     table = _columns(s.values, spec)
     table[2].append(["mean ± std"] + [f"{f(getattr(s.mean, k))} ± {f(getattr(s.std, k))}" for _, k, f in spec[1:]])
@@ -228,10 +231,10 @@ def _sparsity(r: RunRecord, plots) -> list:
         return []
     out = [("h", 2, "Sparsity")] + _img(plots, "sparsity", "NLL-gap recovery against k non-zero entries")
     if sp:
-        out.append(_columns(sp, [("k", "k", num), ("top-k NLL-gap rec.", "nll_gap", pct),
-                                 ("top-k KL rec.", "kl_recovery", pct), ("top-k KL", "kl", num),
-                                 ("by-|x·d| NLL-gap rec.", lambda e: e.by_contribution.nll_gap, pct),
-                                 ("random-k NLL-gap rec.", lambda e: e.random.nll_gap, pct),
+        out.append(_columns(sp, [("k", "k", num), ("top-k NLL-gap rec.", "nll_gap", rec),
+                                 ("top-k KL rec.", "kl_recovery", rec), ("top-k KL", "kl", num),
+                                 ("by-|x·d| NLL-gap rec.", lambda e: e.by_contribution.nll_gap, rec),
+                                 ("random-k NLL-gap rec.", lambda e: e.random.nll_gap, rec),
                                  ("random-k KL", lambda e: e.random.kl, num)]))
         k_c = smallest_k(sp, ranking="by_contribution")
         out.append(("p", "Top-k keeps the largest |d| entries (parametrization-dependent); by-|x·d| keeps the "
@@ -242,15 +245,15 @@ def _sparsity(r: RunRecord, plots) -> list:
         out.append(("p", "Smallest top-k patch recovering >= 90% of the NLL gap: "
                     + (f"k = {k} of {sp[-1].k}." if k is not None else "none does.")))
         dense = sp[-1].nll_gap
-        kr = smallest_k(sp, 0.9 * dense) if dense > 0 else None
-        out.append(("p", f"Smallest top-k patch keeping 90% of the full patch's recovery ({pct(dense)}): "
-                    + (f"k = {kr}." if kr is not None else "none.")))
+        kr = smallest_k(sp, 0.9 * dense) if dense is not None and dense > 0 else None
+        out.append(("p", f"Smallest top-k patch keeping 90% of the full patch's recovery ({rec(dense)}): "
+                    + (f"k = {kr}." if kr is not None else "none.") + (f" Recovery {NO_DAMAGE}." if dense is None else "")))
     if st:
         front = {(p.method, p.strength) for p in st.frontier}
         out.append(_columns(st.points, [
             ("method", "method", num), ("strength", "strength", num), ("nnz", "nnz", num),
-            ("PPL", "ppl", ppl), ("KL", "kl", num), ("NLL-gap rec.", "nll_gap", pct),
-            ("KL rec.", "kl_recovery", pct), ("‖d‖", "norm", num), ("d[col]", "value_at_col", num),
+            ("PPL", "ppl", ppl), ("KL", "kl", num), ("NLL-gap rec.", "nll_gap", rec),
+            ("KL rec.", "kl_recovery", rec), ("‖d‖", "norm", num), ("d[col]", "value_at_col", num),
             ("cos(d, e_col)", "cos_ablated_direction", num), ("seconds", "seconds", num),
             ("on frontier", lambda p: (p.method, p.strength) in front, num)]))
         s = st.smallest_90

@@ -13,6 +13,7 @@ from rich.text import Text
 from superweight.io.record import RunRecord, SparseTraining, smallest_k
 from superweight.measure.grade import GRADES, grade_words
 from superweight.report.compare import CompareRow
+from superweight.report.format import NO_DAMAGE, rec
 from superweight.report.sections import sink_sentences
 
 
@@ -157,17 +158,17 @@ def print_repair(out: Console, r: RunRecord, run_dir) -> None:
     table = Table(title=f"Repair ({r.recipe} recipe): {p.corpus}/eval, {p.n_tokens:,} tokens")
     for col in ("condition", "NLL", "PPL", "KL(base||·)", "top-1 agree", "super act.", "NLL-gap rec.", "KL rec."):
         table.add_column(col, justify="left" if col == "condition" else "right")
-    for name, m, rec in r.conditions():
+    for name, m, r_ in r.conditions():
         table.add_row(name, fmt(m.nll), fmt(m.ppl, 2), fmt(m.kl), f"{m.top1_agree:.1%}",
-                      fmt(m.super_activation, 1), f"{rec.nll_gap:.1%}" if rec and rec.nll_gap is not None else "",
-                      f"{rec.kl:.1%}" if rec and rec.kl is not None else "")
+                      fmt(m.super_activation, 1), rec(r_.nll_gap) if r_ else "", rec(r_.kl) if r_ else "")
     out.print(table)
     t = r.training
     if r.verdict:
-        style = {"repaired": "green", "partial": "yellow", "failed": "bold red"}[r.verdict]
+        style = {"repaired": "green", "partial": "yellow", "failed": "bold red", "nothing to repair": "cyan"}[r.verdict]
         out.print(f"[{style}]Verdict: {r.verdict}[/{style}] " + {
             "repaired": "(NLL-gap and KL recovery >= 90%)", "partial": "(better than the broken model, < 90% recovered)",
             "failed": "(the patched model is no better than the broken one on the eval tokens: do not use this patch)",
+            "nothing to repair": "(zeroing the weight did no measurable damage: recovery is n/a, no patch is needed)",
         }[r.verdict])
     if t.check is not None:
         c = t.check
@@ -188,7 +189,7 @@ def print_repair(out: Console, r: RunRecord, run_dir) -> None:
                       f"{g.write_cos_original_row:.3f}, cos(x·d, x\\[{g.col}]) = {fmt(g.write_cos_ablated, 3)}, "
                       f"d\\[{g.col}]/deleted = {fmt(g.value_ratio, 3)}, balanced ||d|| = {fmt(g.balanced_norm, 3)}")
     if sd := r.seeds:
-        out.print(f"Over {len(sd.values)} seeds: NLL-gap recovery {sd.mean.nll_gap:.1%} ± {sd.std.nll_gap:.1%}, "
+        out.print(f"Over {len(sd.values)} seeds: NLL-gap recovery {rec(sd.mean.nll_gap)} ± {rec(sd.std.nll_gap)}, "
                   f"||d|| {sd.mean.norm:.3g} ± {sd.std.norm:.2g}, "
                   f"cos(d, row) {sd.mean.cos_original_row:.3f} ± {sd.std.cos_original_row:.3f}")
     if r.tasks:
@@ -209,16 +210,18 @@ def print_analysis(out: Console, r: RunRecord, patch_line: bool = True) -> None:
         table.add_column(col, justify="right")
     for p in sp:
         c = p.by_contribution
-        table.add_row(str(p.k), f"{p.nll_gap:.1%}", fmt(p.kl), f"{c.nll_gap:.1%}", fmt(c.kl),
-                      f"{p.random.nll_gap:.1%}", fmt(p.random.kl))
+        table.add_row(str(p.k), rec(p.nll_gap), fmt(p.kl), rec(c.nll_gap), fmt(c.kl), rec(p.random.nll_gap),
+                      fmt(p.random.kl))
     out.print(table)
     k90 = smallest_k(sp)
-    dense = sp[-1].nll_gap
-    k_rel = smallest_k(sp, 0.9 * dense) if dense > 0 else None
+    dense = sp[-1].nll_gap if sp else None
+    k_rel = smallest_k(sp, 0.9 * dense) if dense is not None and dense > 0 else None
+    if sp and dense is None:
+        out.print(f"Recovery {NO_DAMAGE}")
     k_c = smallest_k(sp, ranking="by_contribution")
     out.print(f"Smallest top-|x·d| patch recovering >= 90% of the NLL gap: {k_c if k_c else 'none'}")
     out.print(f"Smallest top-|d| patch recovering >= 90% of the NLL gap: {k90 if k90 else 'none'}; "
-              f"keeping 90% of the full patch's {dense:.1%}: {k_rel if k_rel else 'none'}")
+              f"keeping 90% of the full patch's {rec(dense)}: {k_rel if k_rel else 'none'}")
     t = r.tokens
     for rows, title in ((t.hurt, "most hurt by the ablation"), (t.healed, "most healed by the patch")):
         out.print(f"Tokens {title}: " + ", ".join(f"{x.token!r} ({x.sum:+.1f})" for x in rows[:8]), soft_wrap=True)
@@ -260,7 +263,7 @@ def print_sparse(out: Console, st: SparseTraining) -> None:
         table.add_column(col, justify="left" if col == "method" else "right")
     front = {(p.method, p.strength) for p in st.frontier}
     for p in st.points:
-        table.add_row(p.method, f"{p.strength:g}", str(p.nnz), f"{p.nll_gap:.1%}", fmt(p.kl), fmt(p.norm),
+        table.add_row(p.method, f"{p.strength:g}", str(p.nnz), rec(p.nll_gap), fmt(p.kl), fmt(p.norm),
                       fmt(p.value_at_col), fmt(p.cos_ablated_direction), "yes" if (p.method, p.strength) in front else "")
     out.print(table)
     s90 = st.smallest_90
@@ -271,15 +274,15 @@ def print_sparse(out: Console, st: SparseTraining) -> None:
 def print_compare(out: Console, compared: list[CompareRow]) -> None:
     rows = [r.model_dump() for r in compared]
     table = Table(title="Runs", box=box.SIMPLE_HEAD)
-    pct = lambda v: f"{v:.1%}"  # noqa: E731
     cols = [  # (title, cell)
         ("run", lambda r: r["run"]), ("model", lambda r: (r["model"] or "-").split(" (")[0].split("/")[-1]),
         ("weight", lambda r: r["weight"]), ("recipe", lambda r: r["recipe"]), ("steps", lambda r: r["steps"]),
         ("seed", lambda r: r["seed"]), ("eval tokens", lambda r: r["n_tokens"]),
         ("base PPL", lambda r: fmt(r["base_ppl"], 2)),
         ("broken PPL", lambda r: fmt(r["broken_ppl"], 2)), ("patched PPL", lambda r: fmt(r["patched_ppl"], 2)),
-        ("NLL-gap rec.", lambda r: pct(r["nll_gap"])), ("KL rec.", lambda r: pct(r["kl_recovery"])),
-        ("NLL-gap rec. over seeds", lambda r: f"{r['seeds_nll_gap_mean']:.1%} ± {r['seeds_nll_gap_std']:.1%} (n={r['seeds']})"),
+        ("NLL-gap rec.", lambda r: rec(r["nll_gap"])), ("KL rec.", lambda r: rec(r["kl_recovery"])),
+        ("NLL-gap rec. over seeds", lambda r: f"{rec(r['seeds_nll_gap_mean'])} ± {rec(r['seeds_nll_gap_std'])} "
+                                              f"(n={r['seeds']})" if r["seeds"] else None),
         ("write / removed (invariant)", lambda r: fmt(r.get("write_vs_removed"), 3)),
         ("RMS write x·d (residual units)", lambda r: fmt(r["write_rms"], 1)),
         ("balanced ||d|| (invariant)", lambda r: fmt(r["balanced_norm"], 2)),
@@ -295,6 +298,8 @@ def print_compare(out: Console, compared: list[CompareRow]) -> None:
     for title, cell in cols[1:]:
         table.add_row(title, *[_cell(cell, r) for r in rows])
     out.print(table)
+    if any(r["nll_gap"] is None or r["kl_recovery"] is None for r in rows):
+        out.print(f"Recovery {NO_DAMAGE}")
 
 
 def _cell(cell, row: dict) -> str:

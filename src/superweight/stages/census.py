@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
 from superweight.display import num
 from superweight.errors import RunDirInUseError, SuperweightError, UsageError
@@ -38,6 +38,8 @@ from superweight.io.lock import hold_run_dir
 from superweight.io.provenance import provenance
 from superweight.io.rundir import CONFIG
 from superweight.io.runstate import holds_files
+from superweight.settings import error_line as settings_error_line
+from superweight.settings import internal_error_line, is_settings_error
 
 MODELS, RECORD = "models", "census.json"
 Tables = Callable[[list], tuple[str, str]]  # rows -> (CSV text, Markdown text): report/census.tables
@@ -225,6 +227,11 @@ def detect_one(spec: str, load: Callable, detect: Callable, settings: dict) -> d
 
 
 def error_line(exc: BaseException) -> str:
+    """A model's failure as its row's one line; a pydantic error names the setting, or the record and field."""
+    if isinstance(exc, ValidationError):
+        if is_settings_error(exc):
+            return settings_error_line(exc, "")
+        return internal_error_line(exc)
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     if isinstance(exc, SuperweightError):
         return text or type(exc).__name__

@@ -35,7 +35,8 @@ def kl_loss(teacher_lp: torch.Tensor, student_logits: torch.Tensor, mask: torch.
         per_token = F.kl_div(teacher_lp, s_lp, log_target=True, reduction="none").sum(-1)
     keep = mask.bool()
     per_token = torch.where(keep, per_token, torch.zeros_like(per_token))  # NaN-safe at pad positions
-    return per_token.sum() / keep.sum() * cfg.temperature**2
+    # A KL is never negative, but its mean rounds below zero where the two models agree to float precision.
+    return (per_token.sum() / keep.sum()).clamp_min(0) * cfg.temperature**2
 
 
 def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -250,6 +250,11 @@ def seed_spread(model, coords, rows, originals, metrics, patches: dict[int, RowP
         values.append(SeedScores(seed=seed, nll_gap=rec.nll_gap, kl=rec.kl, norm=g.norm,
                                  cos_original_row=g.cos_original_row))
     keys = [k for k in SeedScores.model_fields if k != "seed"]
-    table = torch.tensor([[getattr(v, k) for k in keys] for v in values], dtype=torch.float64)
-    return Seeds(values=values, mean=SeedScores(**dict(zip(keys, table.mean(0).tolist()))),
-                 std=SeedScores(**dict(zip(keys, table.std(0).tolist()))))
+    nan = float("nan")  # an undefined recovery (no damage) stays undefined in the mean and spread: null
+    table = torch.tensor([[nan if getattr(v, k) is None else getattr(v, k) for k in keys] for v in values],
+                         dtype=torch.float64)
+
+    def row(t: torch.Tensor) -> SeedScores:
+        return SeedScores(**{k: None if x != x else x for k, x in zip(keys, t.tolist())})
+
+    return Seeds(values=values, mean=row(table.mean(0)), std=row(table.std(0)))

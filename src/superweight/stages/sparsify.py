@@ -140,12 +140,16 @@ OBJECTIVES = {"l1": L1Prox, "l0": HardConcrete}
 
 
 def pareto(points: list[dict]) -> list[dict]:
-    """The points no other point beats on both fewer non-zeros and more recovery, by nnz."""
+    """The points no other point beats on both fewer non-zeros and more recovery, by nnz (none where recovery is
+    undefined: an ablation without damage)."""
+    def gap(p: dict) -> float:
+        return -math.inf if p["nll_gap"] is None else p["nll_gap"]
+
     front, best = [], -math.inf
-    for p in sorted(points, key=lambda p: (p["nnz"], -p["nll_gap"])):
-        if p["nll_gap"] > best:
+    for p in sorted(points, key=lambda p: (p["nnz"], -gap(p))):
+        if gap(p) > best:
             front.append(p)
-            best = p["nll_gap"]
+            best = gap(p)
     return front
 
 
@@ -220,7 +224,7 @@ def run_sparsify(loaded: Loaded, run_dir: Path, cfg: SparsifyConfig | None = Non
         "steps": steps, "lr": cfg.lr,
         "points": points,
         "frontier": frontier,
-        "smallest_90": next((p for p in frontier if p["nll_gap"] >= 0.9), None),
+        "smallest_90": next((p for p in frontier if (p["nll_gap"] or 0) >= 0.9), None),
     })
     record = revalidated(record, sparse_training=sparse)
     write_record(run_dir, record)
