@@ -29,7 +29,7 @@ def invoke(*args):
 
 def printed(fn, *args) -> str:
     buf = io.StringIO()
-    fn(Console(file=buf, width=140, emoji=False), *args)
+    fn(Console(file=buf, width=140, emoji=False, soft_wrap=True), *args)  # as the CLI's piped stdout (cli/common.py)
     return buf.getvalue()
 
 
