@@ -16,6 +16,10 @@ from superweight.io import corpora
 from superweight.io.models import DEFAULT_MODEL
 from superweight.report import terminal
 
+ExcludeOpt = Annotated[Optional[list[str]], typer.Option(
+    help="hold columns of the patch at 0 (repeatable): deleted (the ablated weights' columns), top:K (the K "
+         "neurons writing most in the unconstrained repair) or column numbers 3,17,40")]
+
 
 @app.command()
 @errors
@@ -50,6 +54,7 @@ def repair(
     max_memory: MaxMemoryOpt = None,
     offload_folder: OffloadOpt = None,
     bos: RunBosOpt = None,
+    exclude: ExcludeOpt = None,
 ):
     """Train a row patch that repairs the ablated model by KL distillation against the intact one."""
     from pathlib import Path
@@ -69,7 +74,7 @@ def repair(
     cfg = recipe_config(recipe, steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, optimizer=optimizer,
                          kl=kl, temperature=temperature, init=init, seed=seed)
     job = RepairJob(recipe=recipe, config=cfg, checkpoint_every=checkpoint_every, eval_tokens=eval_tokens,
-                    seeds=seeds, corpus=corpus, baselines=baselines, resume=resume)
+                    seeds=seeds, corpus=corpus, baselines=baselines, resume=resume, exclude=exclude or [])
     where = placement(device, dtype, device_map, max_memory, offload_folder)
     first = coords[0]
     run_dir = Path(out_ or f"runs/repair-{first.layer}-{first.row}-{first.col}")

@@ -11,6 +11,7 @@ from superweight.cli.common import (
     CorpusOpt, DeviceOpt, DtypeOpt, ModelOpt, app, err, errors, load_model, out, progress, recipe_config,
     IncludePathOpt, TaskLimitOpt, TasksOpt, task_spec,
 )
+from superweight.cli.repair import ExcludeOpt
 from superweight.errors import UsageError
 from superweight.io import corpora
 from superweight.io.models import DEFAULT_MODEL
@@ -45,6 +46,7 @@ def run(
     max_memory: MaxMemoryOpt = None,
     offload_folder: OffloadOpt = None,
     bos: RunBosOpt = None,
+    exclude: ExcludeOpt = None,
 ):
     """The whole study in one go: detect, ablate, measure, repair with baselines, analyse, report."""
     import datetime as dt
@@ -57,7 +59,8 @@ def run(
     from superweight.stages.repair import RepairJob, recorded_bos
 
     repair = RepairJob(recipe=recipe, config=recipe_config(recipe, steps=steps), corpus=corpus,
-                       eval_tokens=eval_tokens, baselines=baselines, seeds=seeds, resume=resume)
+                       eval_tokens=eval_tokens, baselines=baselines, seeds=seeds, resume=resume,
+                       exclude=exclude or [])
     job = PipelineJob(weight=parse_coord(weight) if weight else None, repair=repair, analysis_tokens=analysis_tokens,
                       draws=draws, sparse=sparse, quantize=quantize)
     where = placement(device, dtype, device_map, max_memory, offload_folder)
