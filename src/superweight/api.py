@@ -27,6 +27,7 @@ from superweight.core.intervene import ActivationRestore, Ablation, Compose, Int
 from superweight.core.patching import PatchData
 from superweight.display import RENDERERS
 from superweight.errors import SuperweightError, UsageError
+from superweight.io.comprecord import Compensation
 from superweight.io.lock import hold_run_dir
 from superweight.io.models import DEFAULT_MODEL, Loaded
 from superweight.io.patchfile import load_patch
@@ -51,6 +52,7 @@ RENDERERS.update({
     RunRecord: (notebook.run_repr, notebook.run_html),
     QuantResult: (notebook.quantize_repr, notebook.quantize_html),
     Comparison: (notebook.compare_repr, notebook.compare_html),
+    Compensation: (notebook.compensation_repr, notebook.compensation_html),
 })
 
 
@@ -153,8 +155,8 @@ def repair(loaded: Loaded, weight, rows: list[tuple[int, int]] | None = None, re
         loaded: the model, from load().
         weight: the weight(s) to ablate: "L:R:C[@SCALE]", a WeightCoord, or a list of them.
         rows=None: the (layer, row) pairs to patch; None: each ablated weight's row.
-        recipe=None: the named settings (RECIPES): lbfgs (quasi-Newton, scale-free, 16 loss evaluations on
-            4 rows), balanced, quick (Adam), sgd, fast or seed (the write-up's); docs/recipes.md. None: the
+        recipe=None: the named settings (RECIPES): lbfgs (quasi-Newton, scale-free, on 4 rows, stops on
+            progress), balanced, quick (Adam), sgd, fast or seed (the write-up's); docs/recipes.md. None: the
             job's recipe, lbfgs without a job.
         config=None: a RepairConfig that replaces the recipe's settings (recipe then only names them).
         out=None: the run directory, which must not exist unless resuming; None: runs/repair-L-R-C.
@@ -170,7 +172,9 @@ def repair(loaded: Loaded, weight, rows: list[tuple[int, int]] | None = None, re
             tasks=None: lm-evaluation-harness tasks for base, broken and patched ("arc_easy,piqa" or a list).
             include_path=None: with tasks, a folder of local task YAML files.
             task_limit=None: with tasks, score at most this many items per task.
-            steps=16: optimiser steps (for lbfgs: loss evaluations).
+            exclude=[]: columns held at 0: "deleted", "top:K" or "3,17,40" (stages/exclusion.py).
+            steps=64: optimiser steps (for lbfgs: loss evaluations at most).
+            progress_tol=0.01: lbfgs stops once the best loss fell by less than this fraction in 8 evaluations.
             batch_size=4: sequences per step (lbfgs: the fixed rows it fits).
             seq_len=128: tokens per sequence.
             lr=1.0: learning rate (lbfgs: scales its first step only).
@@ -228,6 +232,19 @@ def analyze(loaded: Loaded, run_dir: str | Path, tokens: int = 2048, draws: int 
         return run_analyze(loaded, path, cfg)
 
 
+def compensate(loaded: Loaded, run_dir: str | Path, max_k: int = 64, stop_below: float = 0.1,
+               tokens: int = 1024) -> Compensation:
+    """The compensation frontier (`superweight compensate`): the run repaired again with the top 1, 2, 4, ...
+    writing neurons held at 0 (greedy), until the held-out KL recovery is below `stop_below` or `max_k` neurons
+    are out, scored on `tokens` eval tokens. Returns the Compensation (the record's .compensation)."""
+    from superweight.stages.compensate import CompensateConfig, run_compensate
+
+    path, cfg = Path(run_dir), build(CompensateConfig, None, "", max_k=max_k, stop_below=stop_below, tokens=tokens)
+    read_record(path)  # a directory that holds no run is refused before it is locked
+    with hold_run_dir(path, "compensate"):
+        return run_compensate(loaded, path, cfg).compensation
+
+
 def run(loaded: Loaded, out: str | Path | None = None, weight=None, recipe: str | None = None,
         config: RepairConfig | None = None, job: PipelineJob | None = None, **overrides) -> RunRecord:
     """The whole study (`superweight run`): detect, take the most damaging super weight (else sensitive weight),
@@ -245,6 +262,7 @@ def run(loaded: Loaded, out: str | Path | None = None, weight=None, recipe: str 
             draws=2: random-k control draws per k.
             sparse=False: also train sparse patches (L1, L0) over a sweep of strengths.
             quantize=False: also 4-bit RTN at blocks 64/128/256/channel with the weight held, clipped and restored.
+            regime=True: also the repair with the deleted column held at 0 (.regime: restoration or compensation).
             corpus='pydoc': pydoc, wikitext2 or text:PATH.
             eval_tokens=2048: eval-split tokens for the headline metrics.
             baselines=True: the oracle, activation restore, random vectors and another row.
@@ -253,7 +271,7 @@ def run(loaded: Loaded, out: str | Path | None = None, weight=None, recipe: str 
             tasks=None: lm-evaluation-harness tasks for base, broken and patched ("arc_easy,piqa" or a list).
             include_path=None: with tasks, a folder of local task YAML files.
             task_limit=None: with tasks, score at most this many items per task.
-            steps=16, lr=1.0, ...: RepairConfig fields that replace the recipe's (see repair()).
+            steps=64, lr=1.0, ...: RepairConfig fields that replace the recipe's (see repair()).
 
     Returns the RunRecord, with .detect and .timings; the report is out/report.html.
     """

@@ -8,6 +8,7 @@ from typing import Literal
 
 from pydantic import Field
 
+from superweight.display import Shown
 from superweight.io.recordbase import Record
 from superweight.io.trainrecord import Check
 
@@ -66,8 +67,9 @@ class CompensationPoint(Record):
     final_loss: float | None = None
 
 
-class Compensation(Record):
-    """The compensation frontier: repairs with more and more of the writing neurons excluded."""
+class Compensation(Shown, Record):
+    """The compensation frontier: repairs with more and more of the writing neurons excluded (a notebook shows
+    the report's section: the table, the figure and the neurons each point writes through)."""
 
     ranking: str = Field(description="how the excluded neurons are chosen (greedy: the top writers of the previous "
                                      "point's patch)")

@@ -13,6 +13,7 @@ from rich.text import Text
 from superweight.io.record import RunRecord, SparseTraining, smallest_k
 from superweight.measure.grade import GRADES, grade_words
 from superweight.report.compare import CompareRow
+from superweight.report.compensation import print_compensation, regime_sentences  # noqa: F401 (re-exported)
 from superweight.report.sections import sink_sentences
 
 
@@ -169,6 +170,8 @@ def print_repair(out: Console, r: RunRecord, run_dir) -> None:
             "repaired": "(NLL-gap and KL recovery >= 90%)", "partial": "(better than the broken model, < 90% recovered)",
             "failed": "(the patched model is no better than the broken one on the eval tokens: do not use this patch)",
         }[r.verdict])
+    for line in regime_sentences(r):
+        out.print(Text(line))
     if t.check is not None:
         c = t.check
         out.print(f"Held-out check ({c.tokens} train-split tokens never trained on): KL {c.broken_kl:.4g} with no "

@@ -80,6 +80,7 @@ def batch_indices(step: int, batch_size: int, n: int, seed: int) -> list[int]:
     return out
 
 
+TOLERANCE_CHANGE = 1e-6  # lbfgs: converged once an iteration moves the loss (or a parameter) less than this
 MAX_BACKOFFS = 6  # then training stops with the best patch checked (lr down by 5^6 ~ 15,600x)
 
 
@@ -89,7 +90,7 @@ def _optimizer(params, cfg: RepairConfig, lr_scale: float = 1.0) -> torch.optim.
         # max_eval bounds the loss evaluations (line-search trials included) to the step budget; the tolerances
         # stop it early once the loss no longer moves.
         return torch.optim.LBFGS(params, lr=lr, max_iter=cfg.steps, max_eval=cfg.steps, history_size=20,
-                                 line_search_fn="strong_wolfe", tolerance_grad=1e-9, tolerance_change=1e-6)
+                                 line_search_fn="strong_wolfe", tolerance_grad=1e-9, tolerance_change=TOLERANCE_CHANGE)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=0.9)
     if cfg.optimizer == "adam":
@@ -309,7 +310,7 @@ def _first_lr(closure, params, lr: float) -> float:
 
 
 PROGRESS_WINDOW = 8  # lbfgs: loss evaluations over which `progress_tol` asks for progress
-CHUNK = 4  # lbfgs: iterations between two progress checks
+CHUNK = 1  # lbfgs: iterations between two progress checks (the cache makes a check free)
 
 
 def stalled(evals: list[float], tol: float, window: int = PROGRESS_WINDOW) -> bool:
@@ -385,9 +386,11 @@ def _lbfgs(job: _Job, opt, start: int):
     opt.step(closure)
     state = opt.state[group["params"][0]]
     while (left := cfg.steps - len(evals) - 1) > 0 and not stalled(evals, cfg.progress_tol):
-        iters, calls = state.get("n_iter", 0), state.get("func_evals", 0)
+        iters, calls, before = state.get("n_iter", 0), state.get("func_evals", 0), len(evals)
         group.update(lr=1.0, max_iter=CHUNK, max_eval=left)
-        opt.step(closure)
-        if state["n_iter"] - iters < CHUNK and state["func_evals"] - calls < left:
-            break  # converged: torch stopped before the chunk's iterations or evaluations ran out
+        start_loss = float(opt.step(closure))
+        moved = abs(float(closure()) - start_loss) >= TOLERANCE_CHANGE  # closure(): the cached accepted point
+        if not moved or len(evals) == before or (
+                state["n_iter"] - iters < CHUNK and state["func_evals"] - calls < left):
+            break  # converged: the loss stopped moving, or torch stopped before the chunk ran out
     return evals[-1], len(evals)
