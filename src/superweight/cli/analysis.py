@@ -86,6 +86,8 @@ def compensate(
     max_k: Annotated[int, typer.Option(help="the budget: exclude at most this many writing neurons")] = 64,
     stop_below: Annotated[float, typer.Option(help="stop once a point's held-out KL recovery falls below this")] = 0.1,
     tokens: Annotated[int, typer.Option(help="eval-split tokens to score each point on")] = 1024,
+    steps: Annotated[Optional[int], typer.Option(help="cap on each point's steps (lbfgs: loss evaluations); "
+                                                      "default: the run's recipe")] = None,
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="model spec (default: the run's own)")] = None,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "auto",
@@ -99,7 +101,7 @@ def compensate(
     from superweight.report import write_report
     from superweight.stages.compensate import CompensateConfig, run_compensate
 
-    cfg = CompensateConfig(max_k=max_k, stop_below=stop_below, tokens=tokens)
+    cfg = CompensateConfig(max_k=max_k, stop_below=stop_below, tokens=tokens, steps=steps)
     path, spec = check_run_dir(run_dir)
     where = placement(device, dtype, device_map, max_memory, offload_folder)
     bos = run_bos(path, bos)  # the run's own, unless given

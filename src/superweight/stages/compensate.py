@@ -57,6 +57,8 @@ class CompensateConfig(Settings):
     max_length: int = Field(512, ge=2, description="window length in tokens")
     max_k: int = Field(64, ge=1, description="the budget: exclude at most this many neurons (1, 2, 4, ... up to it)")
     stop_below: float = Field(0.1, ge=0, lt=1, description="stop once a point's held-out KL recovery is below this")
+    steps: int | None = Field(None, ge=1, description="cap on each point's steps (lbfgs: loss evaluations); "
+                                                      "None: the run's recipe as it ran")
     neurons: int = Field(5, ge=1, description="writing neurons listed per point, with their top contexts")
     contexts: int = Field(3, ge=1, description="contexts per listed neuron")
 
@@ -100,8 +102,9 @@ class _Run:
             x, positions = down_inputs(loaded.model, ids, layer, max_length, bos, expert)
         return cls(loaded, record, patch, data, ids, x, positions, intact_values(loaded.model, patch.ablated))
 
-    def repair(self, exclude: list[list[int]], progress: Progress):
-        return train(self.loaded.model, self.patch.ablated, self.patch.rows, self.data, self.record.config,
+    def repair(self, exclude: list[list[int]], progress: Progress, steps: int | None = None):
+        cfg = self.record.config if steps is None else revalidated(self.record.config, steps=steps)
+        return train(self.loaded.model, self.patch.ablated, self.patch.rows, self.data, cfg,
                      Track(progress=progress), exclude=exclude)
 
     def score(self, trained: dict[str, list], max_length: int) -> dict:
@@ -159,8 +162,8 @@ def run_compensate(loaded: Loaded, run_dir: Path, cfg: CompensateConfig | None =
             break
         added += new
         excluded = sorted(own + added)
-        progress.stage(f"Compensation frontier: top {k} writers excluded", run.record.config.steps)
-        patch, training = run.repair([excluded, *rest], progress)
+        progress.stage(f"Compensation frontier: top {k} writers excluded", cfg.steps or run.record.config.steps)
+        patch, training = run.repair([excluded, *rest], progress, cfg.steps)
         points.append((f"top {k}", k, excluded, patch.vectors, training))
         rec = check_recovery(training)
         if rec is not None and rec < cfg.stop_below:
@@ -171,7 +174,8 @@ def run_compensate(loaded: Loaded, run_dir: Path, cfg: CompensateConfig | None =
     metrics = run.score({EXCLUDED.name(k=pt[1]): pt[3] for pt in points}, cfg.max_length)
     frontier = [run.point(label, kk, ex, vec, tr, metrics | {"point": metrics[EXCLUDED.name(k=kk)]}, cfg)
                 for label, kk, ex, vec, tr in points]
-    comp = Compensation(ranking="greedy", recipe=run.record.recipe, row=row_text(p.rows[0]),
+    recipe = run.record.recipe + (f" (steps capped at {cfg.steps})" if cfg.steps else "")
+    comp = Compensation(ranking="greedy", recipe=recipe, row=row_text(p.rows[0]),
                         tokens=metrics["base"].n_tokens, stop_below=cfg.stop_below, max_k=cfg.max_k,
                         stopped=stopped, points=frontier, seconds=time.perf_counter() - t0)
     record = revalidated(run.record, compensation=comp)
