@@ -279,6 +279,7 @@ def print_compare(out: Console, compared: list[CompareRow]) -> None:
         ("run", lambda r: r["run"]), ("model", lambda r: (r["model"] or "-").split(" (")[0].split("/")[-1]),
         ("weight", lambda r: r["weight"]), ("recipe", lambda r: r["recipe"]), ("steps", lambda r: r["steps"]),
         ("seed", lambda r: r["seed"]), ("eval tokens", lambda r: r["n_tokens"]),
+        ("excluded", lambda r: r.get("excluded")), ("regime", lambda r: r.get("regime")),
         ("base PPL", lambda r: fmt(r["base_ppl"], 2)),
         ("broken PPL", lambda r: fmt(r["broken_ppl"], 2)), ("patched PPL", lambda r: fmt(r["patched_ppl"], 2)),
         ("NLL-gap rec.", lambda r: pct(r["nll_gap"])), ("KL rec.", lambda r: pct(r["kl_recovery"])),

@@ -48,12 +48,13 @@ RECIPES: dict[str, RepairConfig] = {
     # (d_j = u_j ‖W[:, j]‖: the same path under neuron, residual-stream and norm-gain rescaling). The line
     # search only takes steps that lower the loss, and the curvature pairs set the step size per direction, so
     # no lr needs finding: 99.99% on the embedded model and 99% (KL) on Gemma-3-270M, where `balanced` diverges.
-    # It stops on progress, not on a count: once the best loss fell by less than 1% over the last 8 evaluations,
-    # or where the loss stops moving (the restoring repair of the embedded model: 9 evaluations), 64 at most. A
-    # repair with the deleted weight excluded (compensation) needs more than the 16 it once had: it was still
-    # improving when they ran out (docs/measurements.md).
+    # It stops on progress, not on a count: once the best loss fell by less than 3% over the last 8 evaluations,
+    # or where the loss stops moving (the restoring repair of the embedded model: 8 evaluations), 64 at most. With
+    # the deleted weight excluded (compensation) the loss creeps on for long: at 1% it ran 43 evaluations, the
+    # loss on its 4 rows fell from 0.186 to 0.174 and ‖d‖ grew from 12 to 80, but the eval recovery did not move
+    # (94.4% against 94.7% at 15): that is fitting the rows, not repairing (docs/measurements.md).
     "lbfgs": RepairConfig(steps=64, batch_size=4, lr=1.0, optimizer="lbfgs", space="column", train_tokens=4096,
-                          progress_tol=0.01),
+                          progress_tol=0.03),
 }
 
 
