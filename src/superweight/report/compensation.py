@@ -30,8 +30,6 @@ def regime_sentences(r: RunRecord) -> list[str]:
     """Which regime the repair is in and what each recovers: restoration (the patch gives back at least half of
     the deleted value at its column) or compensation (it repairs without the deleted weight)."""
     p = r.patch
-    if p.col is None and r.regime is None:
-        return []
     word = r.regime.regime if r.regime else regime_of(p.value_ratio)
     rec = f"recovers {pct(r.recovery.nll_gap)} of the NLL gap (KL {pct(r.recovery.kl)})"
     held = ""
@@ -42,7 +40,8 @@ def regime_sentences(r: RunRecord) -> list[str]:
         out = [f"Regime: restoration. The patch{held} writes the deleted weight back: d[{p.col}] = "
                f"{num(p.value_at_col)} is {pct(p.value_ratio)} of the deleted {num(p.deleted_value)}; it {rec}."]
     else:
-        at = f"d[{p.col}] is {pct(p.value_ratio)} of the deleted value" if p.col is not None else "another row"
+        at = (f"d[{p.col}] is {pct(p.value_ratio)} of the deleted value" if p.col is not None else
+              "it patches another row than the deleted weight's")
         out = [f"Regime: compensation. The patch{held} repairs without the deleted weight ({at}): it {rec}."]
     w = r.regime.without_deleted if r.regime else None
     if w is not None:
