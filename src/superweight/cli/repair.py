@@ -29,7 +29,7 @@ def repair(
         help="LAYER:ROW to patch (repeatable); default: each ablated weight's row")] = None,
     model: ModelOpt = DEFAULT_MODEL,
     corpus: CorpusOpt = corpora.DEFAULT_CORPUS,
-    recipe: Annotated[str, typer.Option(help="lbfgs (default: quasi-Newton, scale-free, 16 loss evaluations on 4 rows), balanced (SGD, scale-free in neuron rescaling only), quick (Adam), sgd, fast or seed (the write-up's); docs/recipes.md")] = "lbfgs",
+    recipe: Annotated[str, typer.Option(help="lbfgs (default: quasi-Newton, scale-free, on 4 rows, stops on progress, 64 loss evaluations at most), balanced (SGD, scale-free in neuron rescaling only), quick (Adam), sgd, fast or seed (the write-up's); docs/recipes.md")] = "lbfgs",
     steps: Annotated[Optional[int], typer.Option(help="optimiser steps (overrides the recipe)")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="sequences per step")] = None,
     seq_len: Annotated[Optional[int], typer.Option(help="tokens per sequence")] = None,

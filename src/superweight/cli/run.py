@@ -25,7 +25,7 @@ def run(
     corpus: CorpusOpt = corpora.DEFAULT_CORPUS,
     out_: Annotated[Optional[str], typer.Option("--out", help="run directory (default runs/MODEL-DATE-TIME)")] = None,
     weight: Annotated[Optional[str], typer.Option(help="LAYER:ROW:COL to repair instead of detecting one")] = None,
-    recipe: Annotated[str, typer.Option(help="lbfgs (default: quasi-Newton, scale-free, 16 loss evaluations on 4 rows), balanced, quick (Adam), sgd, fast or seed; docs/recipes.md")] = "lbfgs",
+    recipe: Annotated[str, typer.Option(help="lbfgs (default: quasi-Newton, scale-free, on 4 rows, stops on progress, 64 loss evaluations at most), balanced, quick (Adam), sgd, fast or seed; docs/recipes.md")] = "lbfgs",
     steps: Annotated[Optional[int], typer.Option(help="optimiser steps (overrides the recipe)")] = None,
     seeds: Annotated[int, typer.Option(help="patches trained with different seeds (mean and spread)")] = 1,
     baselines: Annotated[bool, typer.Option(help="oracle, activation restore, random vectors, other row")] = True,

@@ -44,7 +44,7 @@ RECIPES: dict[str, RepairConfig] = {
     # bounces back from 0.002).
     "balanced": RepairConfig(steps=32, batch_size=2, lr=0.3, optimizer="sgd", space="balanced", train_tokens=4096),
     # The default of `repair` and `run` (docs/recipes.md): L-BFGS with a strong-Wolfe line search on 4 fixed rows
-    # of 128 tokens, 16 loss evaluations at most (the same 64 row passes as `balanced`), in column coordinates
+    # of 128 tokens (16 loss evaluations, as first made: the same 64 row passes as `balanced`), in column coordinates
     # (d_j = u_j ‖W[:, j]‖: the same path under neuron, residual-stream and norm-gain rescaling). The line
     # search only takes steps that lower the loss, and the curvature pairs set the step size per direction, so
     # no lr needs finding: 99.99% on the embedded model and 99% (KL) on Gemma-3-270M, where `balanced` diverges.
