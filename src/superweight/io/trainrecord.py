@@ -43,8 +43,8 @@ class RepairConfig(Record):
         2, description="rows of the train split held out to check the patch: the best one checked is kept, and "
                        "training backs off when the patch does worse than none (0: no check)")
     progress_tol: float = Field(
-        0.0, description="lbfgs: stop once the best loss fell by less than this fraction over the last 8 loss "
-                         "evaluations (0: run to `steps`, which always caps the evaluations)")
+        0.0, description="lbfgs: stop once the last 8 loss evaluations lowered the best loss by less than this "
+                         "fraction of the first loss (0: run to `steps`, which always caps the evaluations)")
     data: Literal["packed", "lines"] = Field(
         "packed", description="packed: the train split cut into full seq_len rows (no padding); lines: one "
                               "wikitext line per sequence, right-padded and masked (the seed write-up's; "

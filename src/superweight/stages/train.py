@@ -314,12 +314,13 @@ CHUNK = 1  # lbfgs: iterations between two progress checks (the cache makes a ch
 
 
 def stalled(evals: list[float], tol: float, window: int = PROGRESS_WINDOW) -> bool:
-    """True when the best loss of the last `window` evaluations is less than a fraction `tol` below the best one
-    before them (0: never): the stop rule of `lbfgs`, relative, so it means the same at any loss scale."""
+    """True when the last `window` evaluations lowered the best loss by less than a fraction `tol` of the first
+    loss (the damage the ablation does on the training rows, with no patch yet), 0: never. The stop rule of
+    `lbfgs`: relative to the damage, so it means the same at any loss scale, and a loss creeping toward 0 (a
+    repair that is done) stops as surely as one creeping toward a floor (one that cannot do more)."""
     if tol <= 0 or len(evals) <= window:
         return False
-    before, recent = min(evals[:-window]), min(evals[-window:])
-    return recent > (1 - tol) * before
+    return min(evals[:-window]) - min(evals[-window:]) < tol * evals[0]
 
 
 class _Cached:
