@@ -50,7 +50,7 @@ RECIPES: dict[str, RepairConfig] = {
     # no lr needs finding: 99.99% on the embedded model and 99% (KL) on Gemma-3-270M, where `balanced` diverges.
     # It stops on progress, not on a count: once the last 8 evaluations lowered the best loss by less than 2% of
     # the first loss (the ablation's damage on these rows), or where the loss stops moving, 64 at most: 8
-    # evaluations on the embedded model (restoration), 12 with its deleted column held at 0 (compensation), 19 on
+    # evaluations on the embedded model (restoration), 12 with its deleted column held at 0 (compensation), 21 on
     # Gemma-3-270M. A rule relative to the current loss (3% over 8) ran Gemma's restoring repair past 29 (its loss
     # falls toward 0 by ~5% an evaluation), and at 1% the embedded model's compensating one to 43, where the loss
     # on its 4 rows fell from 0.186 to 0.174 and ‖d‖ grew from 12 to 80 without moving the eval recovery (94.4%
