@@ -212,6 +212,7 @@ def test_compare_rows(repair_runs, pipeline_run):
         "write_rms": x.patch.write_rms, "write_vs_removed": x.patch.write_vs_removed,
         "balanced_norm": x.patch.balanced_norm, "k90": smallest_k(x.sparsity), "k90_contribution": smallest_k(x.sparsity, ranking="by_contribution"),
         "sparse_nnz90": rows[0].sparse_nnz90, "seeds": 2, "seeds_nll_gap_mean": x.seeds.mean.nll_gap,
-        "seeds_nll_gap_std": x.seeds.std.nll_gap, "n_tokens": x.protocol.n_tokens, "seconds": x.training.seconds}
+        "seeds_nll_gap_std": x.seeds.std.nll_gap, "n_tokens": x.protocol.n_tokens, "seconds": x.training.seconds,
+        "excluded": None, "regime": "restoration"}
     assert rows[3].weight == "1:5:7" and rows[3].k90 is None  # from protocol.interventions when there is no detect
     assert rows[2].weight == "1:5:7" and rows[2].seeds == 2

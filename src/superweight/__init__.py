@@ -28,12 +28,12 @@ __version__ = "0.1.0"
 from superweight.errors import SuperweightError  # noqa: E402
 
 __all__ = [
-    "load", "detect", "evaluate", "repair", "analyze", "run", "quantize", "compare", "read_run", "write_report",
-    "info", "sweep", "sparsify", "census", "apply", "RepairResult", "Patch",
+    "load", "detect", "evaluate", "repair", "analyze", "compensate", "run", "quantize", "compare", "read_run",
+    "write_report", "info", "sweep", "sparsify", "census", "apply", "RepairResult", "Patch",
     "Intervention", "Ablation", "Spread", "RowPatch", "Compose", "ActivationRestore", "QuantizedWeights",
     "QuantizedInputs", "DetectConfig", "RepairConfig", "RECIPES", "RepairJob", "PipelineJob", "EvalConfig",
     "QuantizeConfig", "Placement", "Loaded", "Bos", "DetectResult", "EvalResult",
-    "RunRecord", "QuantResult", "Comparison", "CompareRow", "PatchData", "WeightCoord", "parse_coord",
+    "RunRecord", "QuantResult", "Comparison", "Compensation", "CompareRow", "PatchData", "WeightCoord", "parse_coord",
     "load_patch", "SuperweightError", "__version__",
 ]
 

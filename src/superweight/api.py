@@ -26,7 +26,8 @@ import datetime as _dt
 from pathlib import Path
 
 from superweight import __all__, __version__  # noqa: F401 (the package names the API once)
-from superweight.api_tools import RepairResult, apply, census, info, load_patch, patch_data, sparsify, sweep  # noqa: F401
+from superweight.api_tools import (RepairResult, apply, census, compensate, info, load_patch, patch_data,  # noqa: F401
+                                   sparsify, sweep)
 from superweight.core.coords import WeightCoord, as_coords, parse_coord, patch_rows
 from superweight.core.fakequant import QuantizedInputs, QuantizedWeights
 from superweight.core.intervene import ActivationRestore, Ablation, Compose, Intervention, RowPatch, Spread
@@ -34,6 +35,7 @@ from superweight.core.patching import PatchData
 from superweight.display import RENDERERS
 from superweight.errors import SuperweightError, UsageError
 from superweight.io.corpora import Bos
+from superweight.io.comprecord import Compensation
 from superweight.io.lock import hold_run_dir
 from superweight.io.models import DEFAULT_MODEL, Loaded
 from superweight.io.patch import Patch  # noqa: F401 (the API's name)
@@ -58,6 +60,7 @@ RENDERERS.update({
     RunRecord: (notebook.run_repr, notebook.run_html),
     QuantResult: (notebook.quantize_repr, notebook.quantize_html),
     Comparison: (notebook.compare_repr, notebook.compare_html),
+    Compensation: (notebook.compensation_repr, notebook.compensation_html),
 })
 
 
@@ -163,8 +166,8 @@ def repair(loaded: Loaded, weight, rows: list[tuple[int, int]] | None = None, re
         weight: the weight(s) to ablate: "L:R:C[@SCALE]", a WeightCoord, or a list of them.
         rows=None: the rows to patch: (layer, row) or (layer, row, expert) tuples, or "L:R" / "L:E:R" texts; None:
             each ablated weight's row (an expert's weight: that expert's row; core/coords.patch_rows).
-        recipe=None: the named settings (RECIPES): lbfgs (quasi-Newton, scale-free, 16 loss evaluations on
-            4 rows), balanced, quick (Adam), sgd, fast or seed (the write-up's); docs/recipes.md. None: the
+        recipe=None: the named settings (RECIPES): lbfgs (quasi-Newton, scale-free, on 4 rows, stops on
+            progress), balanced, quick (Adam), sgd, fast or seed (the write-up's); docs/recipes.md. None: the
             job's recipe, lbfgs without a job.
         config=None: a RepairConfig that replaces the recipe's settings (recipe then only names them).
         out=None: the run directory, which must not exist unless resuming; None: runs/repair-L-R-C (the stage
@@ -181,7 +184,9 @@ def repair(loaded: Loaded, weight, rows: list[tuple[int, int]] | None = None, re
             tasks=None: lm-evaluation-harness tasks for base, broken and patched ("arc_easy,piqa" or a list).
             include_path=None: with tasks, a folder of local task YAML files.
             task_limit=None: with tasks, score at most this many items per task.
-            steps=16: optimiser steps (for lbfgs: loss evaluations).
+            exclude=[]: columns held at 0: "deleted", "top:K" or "3,17,40" (stages/exclusion.py).
+            steps=64: optimiser steps (for lbfgs: loss evaluations at most).
+            progress_tol=0.02: lbfgs stops once 8 evaluations lower the loss by less than this fraction of the first.
             batch_size=4: sequences per step (lbfgs: the fixed rows it fits).
             seq_len=128: tokens per sequence.
             lr=1.0: learning rate (lbfgs: scales its first step only).
@@ -258,6 +263,7 @@ def run(loaded: Loaded, out: str | Path | None = None, weight=None, recipe: str 
             draws=2: random-k control draws per k.
             sparse=False: also train sparse patches (L1, L0) over a sweep of strengths.
             quantize=False: also 4-bit RTN at blocks 64/128/256/channel with the weight held, clipped and restored.
+            regime=True: also the repair with the deleted column held at 0 (.regime: restoration or compensation).
             corpus='pydoc': pydoc, wikitext2 or text:PATH.
             eval_tokens=2048: eval-split tokens for the headline metrics.
             baselines=True: the oracle, activation restore, random vectors and another row.
@@ -266,7 +272,7 @@ def run(loaded: Loaded, out: str | Path | None = None, weight=None, recipe: str 
             tasks=None: lm-evaluation-harness tasks for base, broken and patched ("arc_easy,piqa" or a list).
             include_path=None: with tasks, a folder of local task YAML files.
             task_limit=None: with tasks, score at most this many items per task.
-            steps=16, lr=1.0, ...: RepairConfig fields that replace the recipe's (see repair()).
+            steps=64, lr=1.0, ...: RepairConfig fields that replace the recipe's (see repair()).
 
     Returns the RunRecord, with .detect and .timings; the report is out/report.html.
     """

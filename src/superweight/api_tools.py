@@ -22,6 +22,7 @@ from pathlib import Path
 from superweight.core.coords import as_coords
 from superweight.core.patching import PatchData
 from superweight.errors import UsageError
+from superweight.io.comprecord import Compensation
 from superweight.io.corpora import Bos
 from superweight.io.lock import hold_run_dir
 from superweight.io.models import Loaded
@@ -129,6 +130,19 @@ def sparsify(loaded: Loaded, run_dir: str | Path, config: SparsifyConfig | None 
     read_record(path)  # a directory that holds no run is refused before it is locked
     with hold_run_dir(path, "sparsify"):
         return run_sparsify(loaded, path, cfg)
+
+
+def compensate(loaded: Loaded, run_dir: str | Path, max_k: int = 64, stop_below: float = 0.1,
+               tokens: int = 1024) -> Compensation:
+    """The compensation frontier (`superweight compensate`): the run repaired again with the top 1, 2, 4, ...
+    writing neurons held at 0 (greedy), until the held-out KL recovery is below `stop_below` or `max_k` neurons
+    are out, scored on `tokens` eval tokens. Returns the Compensation (the record's .compensation)."""
+    from superweight.stages.compensate import CompensateConfig, run_compensate
+
+    path, cfg = Path(run_dir), build(CompensateConfig, None, "", max_k=max_k, stop_below=stop_below, tokens=tokens)
+    read_record(path)  # a directory that holds no run is refused before it is locked
+    with hold_run_dir(path, "compensate"):
+        return run_compensate(loaded, path, cfg).compensation
 
 
 def apply(loaded: Loaded, patch, export: str | Path | None = None, peft: str | Path | None = None,

@@ -4,7 +4,7 @@ Errors raised as `SuperweightError` become one `Error: ...` line on stderr and a
 option values, 1 otherwise). Set SUPERWEIGHT_DEBUG=1 to see the traceback instead.
 
 One module per command group defines its commands on `app` (common.py): inspect.py (info, eval, detect, sweep),
-census.py (census), repair.py (repair, apply), analysis.py (analyze, sparsify, report, compare), run.py (run),
+census.py (census), repair.py (repair, apply), analysis.py (analyze, sparsify, compensate, report, compare), run.py (run),
 quantize.py (quantize). `--help` lists them in `COMMANDS` order, the pipeline's, whatever order the modules are
 imported in: `_in_pipeline_order` sorts the registered commands by it, and a command missing from it is an
 error at import. Terminal tables live in report/terminal.py (the census's in report/census.py).
@@ -25,7 +25,7 @@ __all__ = ["COMMANDS", "app", "err", "main", "out"]
 COMMANDS = (
     "info", "eval", "detect", "census", "sweep",
     "repair", "apply",
-    "analyze", "sparsify", "report", "compare",
+    "analyze", "sparsify", "compensate", "report", "compare",
     "run",
     "quantize",
 )

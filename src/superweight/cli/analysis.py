@@ -1,4 +1,4 @@
-"""`analyze`, `sparsify`, `report` and `compare`: study a run directory that `repair` or `run` wrote."""
+"""`analyze`, `sparsify`, `compensate`, `report` and `compare`: study a run directory that `repair` or `run` wrote."""
 
 from __future__ import annotations
 
@@ -77,6 +77,41 @@ def sparsify(
             record = run_sparsify(loaded, path, cfg, Bar(bar))
     terminal.print_sparse(out, record.sparse_training)
     out.print(f"Updated {path / 'results.json'}")
+
+
+@app.command()
+@errors
+def compensate(
+    run_dir: RunDirArg,
+    max_k: Annotated[int, typer.Option(help="the budget: exclude at most this many writing neurons")] = 64,
+    stop_below: Annotated[float, typer.Option(help="stop once a point's held-out KL recovery falls below this")] = 0.1,
+    tokens: Annotated[int, typer.Option(help="eval-split tokens to score each point on")] = 1024,
+    steps: Annotated[Optional[int], typer.Option(help="cap on each point's steps (lbfgs: loss evaluations); "
+                                                      "default: the run's recipe")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="model spec (default: the run's own)")] = None,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "auto",
+    device_map: DeviceMapOpt = None,
+    max_memory: MaxMemoryOpt = None,
+    offload_folder: OffloadOpt = None,
+    bos: RunBosOpt = None,
+):
+    """The compensation frontier: repair again with the top 1, 2, 4, ... writing neurons held at 0 (greedy), until
+    recovery falls below --stop-below or --max-k neurons are out; updates results.json and the report."""
+    from superweight.report import write_report
+    from superweight.stages.compensate import CompensateConfig, run_compensate
+
+    cfg = CompensateConfig(max_k=max_k, stop_below=stop_below, tokens=tokens, steps=steps)
+    path, spec = check_run_dir(run_dir)
+    where = placement(device, dtype, device_map, max_memory, offload_folder)
+    bos = run_bos(path, bos)  # the run's own, unless given
+    with hold_run_dir(path, "compensate"):  # one writer, or refused here, before the model loads
+        loaded = load_model(model or spec, where, bos)
+        with progress() as bar:
+            record = run_compensate(loaded, path, cfg, Bar(bar))
+        _md, page = write_report(path, record)
+    terminal.print_compensation(out, record.compensation)
+    out.print(f"Updated {path / 'results.json'}; report: {page}")
 
 
 @app.command()

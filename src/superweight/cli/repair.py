@@ -15,6 +15,10 @@ from superweight.io import corpora
 from superweight.io.models import DEFAULT_MODEL
 from superweight.report import terminal
 
+ExcludeOpt = Annotated[Optional[list[str]], typer.Option(
+    help="hold columns of the patch at 0 (repeatable): deleted (the ablated weights' columns), top:K (the K "
+         "neurons writing most in the unconstrained repair) or column numbers 3,17,40")]
+
 
 @app.command()
 @errors
@@ -24,7 +28,7 @@ def repair(
         help="LAYER:ROW to patch (repeatable); default: each ablated weight's row")] = None,
     model: ModelOpt = DEFAULT_MODEL,
     corpus: CorpusOpt = corpora.DEFAULT_CORPUS,
-    recipe: Annotated[str, typer.Option(help="lbfgs (default: quasi-Newton, scale-free, 16 loss evaluations on 4 rows), balanced (SGD, scale-free in neuron rescaling only), quick (Adam), sgd, fast or seed (the write-up's); docs/recipes.md")] = "lbfgs",
+    recipe: Annotated[str, typer.Option(help="lbfgs (default: quasi-Newton, scale-free, on 4 rows, stops on progress, 64 loss evaluations at most), balanced (SGD, scale-free in neuron rescaling only), quick (Adam), sgd, fast or seed (the write-up's); docs/recipes.md")] = "lbfgs",
     steps: Annotated[Optional[int], typer.Option(help="optimiser steps (overrides the recipe)")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="sequences per step")] = None,
     seq_len: Annotated[Optional[int], typer.Option(help="tokens per sequence")] = None,
@@ -49,6 +53,7 @@ def repair(
     max_memory: MaxMemoryOpt = None,
     offload_folder: OffloadOpt = None,
     bos: RunBosOpt = None,
+    exclude: ExcludeOpt = None,
 ):
     """Train a row patch that repairs the ablated model by KL distillation against the intact one."""
     from pathlib import Path
@@ -68,7 +73,7 @@ def repair(
     cfg = recipe_config(recipe, steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, optimizer=optimizer,
                          kl=kl, temperature=temperature, init=init, seed=seed)
     job = RepairJob(recipe=recipe, config=cfg, checkpoint_every=checkpoint_every, eval_tokens=eval_tokens,
-                    seeds=seeds, corpus=corpus, baselines=baselines, resume=resume)
+                    seeds=seeds, corpus=corpus, baselines=baselines, resume=resume, exclude=exclude or [])
     where = placement(device, dtype, device_map, max_memory, offload_folder)
     first = coords[0]
     run_dir = Path(out_ or f"runs/repair-{first.layer}-{first.row}-{first.col}")

@@ -11,6 +11,7 @@ from superweight.cli.common import (
     CorpusOpt, DeviceOpt, DtypeOpt, ModelOpt, app, err, errors, load_model, out, progress, recipe_config,
     IncludePathOpt, TaskLimitOpt, TasksOpt, task_spec,
 )
+from superweight.cli.repair import ExcludeOpt
 from superweight.errors import UsageError
 from superweight.io import corpora
 from superweight.io.models import DEFAULT_MODEL
@@ -24,7 +25,7 @@ def run(
     corpus: CorpusOpt = corpora.DEFAULT_CORPUS,
     out_: Annotated[Optional[str], typer.Option("--out", help="run directory (default runs/MODEL-DATE-TIME)")] = None,
     weight: Annotated[Optional[str], typer.Option(help="LAYER:ROW:COL to repair instead of detecting one")] = None,
-    recipe: Annotated[str, typer.Option(help="lbfgs (default: quasi-Newton, scale-free, 16 loss evaluations on 4 rows), balanced, quick (Adam), sgd, fast or seed; docs/recipes.md")] = "lbfgs",
+    recipe: Annotated[str, typer.Option(help="lbfgs (default: quasi-Newton, scale-free, on 4 rows, stops on progress, 64 loss evaluations at most), balanced, quick (Adam), sgd, fast or seed; docs/recipes.md")] = "lbfgs",
     steps: Annotated[Optional[int], typer.Option(help="optimiser steps (overrides the recipe)")] = None,
     seeds: Annotated[int, typer.Option(help="patches trained with different seeds (mean and spread)")] = 1,
     baselines: Annotated[bool, typer.Option(help="oracle, activation restore, random vectors, other row")] = True,
@@ -45,6 +46,7 @@ def run(
     max_memory: MaxMemoryOpt = None,
     offload_folder: OffloadOpt = None,
     bos: RunBosOpt = None,
+    exclude: ExcludeOpt = None,
 ):
     """The whole study in one go: detect, ablate, measure, repair with baselines, analyse, report."""
     import datetime as dt
@@ -57,7 +59,8 @@ def run(
     from superweight.stages.repair import RepairJob, recorded_bos
 
     repair = RepairJob(recipe=recipe, config=recipe_config(recipe, steps=steps), corpus=corpus,
-                       eval_tokens=eval_tokens, baselines=baselines, seeds=seeds, resume=resume)
+                       eval_tokens=eval_tokens, baselines=baselines, seeds=seeds, resume=resume,
+                       exclude=exclude or [])
     job = PipelineJob(weight=parse_coord(weight) if weight else None, repair=repair, analysis_tokens=analysis_tokens,
                       draws=draws, sparse=sparse, quantize=quantize)
     where = placement(device, dtype, device_map, max_memory, offload_folder)

@@ -104,6 +104,10 @@ OTHER_ROW = Family("other_row", "ablate, then a patch trained with the same budg
                                 "layer")
 SEED = Family("seed_{seed}", "ablate, add a patch trained like 'patched' with seed {seed}", seed=int)
 
+# --- compensate: patches trained with neurons excluded (stages/compensate.py) ---
+EXCLUDED = Family("excluded{k}", "ablate, add a patch trained with the top {k} writing neurons held at 0", k=int)
+WITHOUT_DELETED = Family("without_deleted", "ablate, add a patch trained with the deleted weights' columns held at 0")
+
 # --- analyze: the patch cut to k entries, and the weight scaled (stages/analyze.py, measure/sparsity.py) ---
 TOP_K = Family("top{k}", "ablate, add the patch keeping its k largest-|d| entries", k=int)
 CONTRIB_K = Family("contrib{k}", "ablate, add the patch keeping the k entries with the largest |x[i] * d[i]| at "

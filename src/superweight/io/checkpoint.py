@@ -83,7 +83,8 @@ def restore(run_dir: Path, vectors, optimizer: torch.optim.Optimizer, expect: di
     """Load the checkpoint into `vectors` (in place), `optimizer` and torch's RNG, and cut the log back to
     it. Without a checkpoint (a run stopped before its first one) training starts again from step 0.
 
-    `expect` = {"config": ..., "rows": ..., "coords": ...}: a checkpoint made for other ones is refused."""
+    `expect` = {"config": ..., "rows": ..., "coords": ...} (and "exclude", the excluded columns per row, when
+    there are any): a checkpoint made for other ones is refused."""
     state = load(run_dir)
     if state is None:
         clear(run_dir)
@@ -93,6 +94,8 @@ def restore(run_dir: Path, vectors, optimizer: torch.optim.Optimizer, expect: di
         raise UsageError("the checkpoint was made with other training settings; resume with the same options")
     if state["rows"] != expect["rows"] or state["coords"] != expect["coords"]:
         raise UsageError("the checkpoint was made for other patch rows or ablated weights; resume with the same ones")
+    if state.get("exclude") != expect.get("exclude"):
+        raise UsageError("the checkpoint was made with other excluded columns; resume with the same --exclude")
     saved = state["vectors"]
     if len(saved) != len(vectors) or any(s.shape != v.shape for s, v in zip(saved, vectors)):
         raise SuperweightError(f"{path} holds patch vectors of other shapes than this model's rows")

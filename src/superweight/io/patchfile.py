@@ -44,7 +44,8 @@ def _row(entry) -> tuple:
 
 def save_patch(run_dir: Path, model: nn.Module, patch: RowPatch, ablated: list[WeightCoord], meta: dict) -> None:
     """Write the vectors and their config (io/runconfig.PatchConfig, sorted, indented JSON) into `run_dir`;
-    `meta` holds PatchConfig's fields about how it was made (model, spec, recipe, config)."""
+    `meta` holds PatchConfig's fields about how it was made (model, spec, recipe, config, and `excluded`: per
+    row the columns training held at 0, which later training on the patch, `sparsify`, holds there too)."""
     tensors = {tensor_name(r): v.detach().cpu().float().contiguous() for r, v in zip(patch.rows, patch.vectors)}
     files.write_atomic(run_dir / PATCH_FILE, lambda tmp: save_file(tensors, str(tmp)))
     layers = [r[0] for r in patch.rows] + [c.layer for c in ablated]

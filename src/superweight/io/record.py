@@ -23,6 +23,7 @@ from pydantic import Field, PrivateAttr
 
 from superweight.core.conditions import BROKEN, ablated_weights
 from superweight.display import Shown
+from superweight.io.comprecord import Compensation, Exclusion, RegimeResult
 from superweight.io.detectrecord import Candidate
 from superweight.io.recordbase import Record
 from superweight.io.sinkrecord import Sinks
@@ -322,6 +323,8 @@ class RunRecord(Shown, Record):
     baselines: dict[str, Baseline] | None = None
     seeds: Seeds | None = None
     tasks: TaskResults | None = None  # repair / run --tasks
+    exclusion: Exclusion | None = None  # repair --exclude: the columns held at 0
+    regime: RegimeResult | None = None  # run: the repair without the deleted weight beside it
     # analyze
     super_activation: dict[str, float | None] | None = None
     sparsity: list[SparsityPoint] | None = None
@@ -333,6 +336,8 @@ class RunRecord(Shown, Record):
     analysis: Analysis | None = None
     # sparsify
     sparse_training: SparseTraining | None = None
+    # compensate
+    compensation: Compensation | None = None
     # run
     detect: DetectSummary | None = None
     timings: dict[str, float] | None = None

@@ -40,6 +40,7 @@ class RunConfig(Record):
     checkpoint_every: int
     seeds: int = 1
     bos: str = Field("auto", description="--bos as given")
+    exclude: list[str] = Field(default_factory=list, description="--exclude as given (deleted, top:K, columns)")
 
 
 class PatchConfig(Record):
@@ -56,6 +57,7 @@ class PatchConfig(Record):
     spec: str | None = Field(None, description="the model spec as given (apply and analyze load it by default)")
     recipe: str | None = Field(None, description="the recipe that ran, as the record names it")
     config: RepairConfig | None = None
+    excluded: list[list[int]] | None = Field(None, description="per row, the columns held at 0 in training")
     provenance: dict[str, str | None] = Field(default_factory=dict)
 
 

@@ -42,6 +42,9 @@ class RepairConfig(Record):
     check_rows: int = Field(
         2, description="rows of the train split held out to check the patch: the best one checked is kept, and "
                        "training backs off when the patch does worse than none (0: no check)")
+    progress_tol: float = Field(
+        0.0, description="lbfgs: stop once the last 8 loss evaluations lowered the best loss by less than this "
+                         "fraction of the first loss (0: run to `steps`, which always caps the evaluations)")
     data: Literal["packed", "lines"] = Field(
         "packed", description="packed: the train split cut into full seq_len rows (no padding); lines: one "
                               "wikitext line per sequence, right-padded and masked (the seed write-up's; "
@@ -54,6 +57,8 @@ class RepairConfig(Record):
         for name in ("steps", "batch_size", "seq_len", "train_tokens"):
             if getattr(self, name) < 1:
                 raise UsageError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if not 0 <= self.progress_tol < 1:
+            raise UsageError(f"progress-tol must be in [0, 1), got {self.progress_tol}")
         if self.lr <= 0 or self.temperature <= 0:
             raise UsageError("lr and temperature must be positive")
 

@@ -46,6 +46,15 @@ def neuron_writes(x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     return (x * d).pow(2).mean(0).sqrt()
 
 
+RESTORES = 0.5  # d[col] / deleted value from which a patch restores the deleted weight
+
+
+def regime_of(value_ratio: float | None) -> str:
+    """restoration: the patch gives back at least half of the deleted value at its column (d[col] / deleted >=
+    0.5); compensation: it repairs another way (or patches another row, where there is no such column)."""
+    return "restoration" if value_ratio is not None and value_ratio >= RESTORES else "compensation"
+
+
 def geometry(model: nn.Module, coords: list[WeightCoord], rows, vectors, originals: list[float],
              inputs: dict[int, torch.Tensor] | None = None) -> PatchGeometry:
     """Every patched row's geometry, in the order of `rows`, and the first row's at the top level

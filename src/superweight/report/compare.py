@@ -7,6 +7,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from superweight.display import Shown
+from superweight.measure.geometry import regime_of
 from superweight.io.record import smallest_k
 from superweight.io.rundir import read_record
 
@@ -39,6 +40,8 @@ class CompareRow(BaseModel):
     seeds_nll_gap_std: float | None
     n_tokens: int
     seconds: float
+    excluded: str | None = None  # repair --exclude: the specs
+    regime: str | None = None  # restoration or compensation (measure/geometry.regime_of)
 
 
 class Comparison(Shown, list):
@@ -63,5 +66,7 @@ def compare_rows(run_dirs: list[str | Path]) -> Comparison:
             seeds_nll_gap_mean=r.seeds.mean.nll_gap if r.seeds else None,
             seeds_nll_gap_std=r.seeds.std.nll_gap if r.seeds else None,
             n_tokens=r.protocol.n_tokens, seconds=r.training.seconds,
+            excluded=" ".join(r.exclusion.specs) if r.exclusion else None,
+            regime=r.regime.regime if r.regime else regime_of(r.patch.value_ratio) if r.patch.col is not None else None,
         ))
     return Comparison(rows)

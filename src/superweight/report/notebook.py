@@ -14,8 +14,9 @@ from rich.text import Text
 
 from superweight.io.record import RunRecord
 from superweight.report import report_blocks, terminal
-from superweight.report.format import num, ppl, rec
-from superweight.report.plots import save_quantize_plot
+from superweight.report.format import num, pct, ppl, rec
+from superweight.report.compensation import compensation_blocks
+from superweight.report.plots import compensation_figure, save_quantize_plot
 from superweight.report.render import render_body
 from superweight.report.sections import quantize_section
 
@@ -68,6 +69,18 @@ def quantize_html(q) -> str:
         return _html(quantize_section(q, plots), plots)
 
 
+def compensation_html(c) -> str:
+    """The report's compensation section: the frontier's table, its figure and the neurons each point writes
+    through."""
+    with tempfile.TemporaryDirectory() as tmp:
+        fig = compensation_figure(c)
+        plots = {}
+        if fig is not None:
+            plots["compensation"] = Path(tmp) / "compensation.png"
+            fig.savefig(plots["compensation"], format="png", dpi=110)
+        return _html(compensation_blocks(c, plots), plots)
+
+
 def detect_html(r) -> str:
     return terminal_html(terminal.print_detect, r)
 
@@ -107,6 +120,12 @@ def run_repr(r: RunRecord) -> str:
 def quantize_repr(q) -> str:
     return (f"QuantResult({len(q.rows) + len(q.patched_rows) + len(q.activations)} conditions, {q.base.n_tokens:,} "
             f"tokens; fp PPL {ppl(q.base.ppl)}; super weights {', '.join(q.keep) or 'none'} ({q.keep_source}))")
+
+
+def compensation_repr(c) -> str:
+    last = c.points[-1] if c.points else None
+    end = f"; at {last.k} excluded NLL-gap recovery {pct(last.nll_gap)}" if last else ""
+    return f"Compensation({len(c.points)} points on row {c.row}{end}; stopped: {c.stopped})"
 
 
 def compare_repr(rows) -> str:

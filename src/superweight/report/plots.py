@@ -111,8 +111,26 @@ def _plot_sinks(r: RunRecord, log):
     return fig
 
 
+def compensation_figure(c):
+    """Recovery against the writing neurons excluded (the compensation frontier), or None without points."""
+    if c is None or not c.points:
+        return None
+    fig, ax = _figure()
+    ks = [p.k for p in c.points]
+    x = [max(k, 0.5) for k in ks]  # k = 0 drawn at 0.5 on the log axis
+    for field, label, style in (("nll_gap", "NLL-gap recovery", "o-"), ("kl_recovery", "KL recovery", "s--"),
+                                ("check_recovery", "held-out KL recovery", "^:")):
+        ys = [getattr(p, field) for p in c.points]
+        ax.plot([xi for xi, y in zip(x, ys) if y is not None], [y for y in ys if y is not None], style, label=label)
+    ax.axhline(c.stop_below, color="tab:gray", lw=0.8)
+    ax.set(xscale="log", xlabel="writing neurons excluded (0 at 0.5)", ylabel="recovery",
+           title=f"compensation frontier, row {c.row}")
+    ax.legend(fontsize=7)
+    return fig
+
+
 PLOTS = {"loss": _plot_loss, "ppl_kl": _plot_ppl_kl, "sparsity": _plot_sparsity, "sweep": _plot_sweep,
-         "sinks": _plot_sinks}
+         "sinks": _plot_sinks, "compensation": lambda r, log: compensation_figure(r.compensation)}
 
 
 def draw_plots(r: RunRecord, log: list[dict], out: Path) -> dict[str, Path]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from superweight.io.record import RunRecord, smallest_k
 from superweight.measure.grade import GRADES, grade_words
+from superweight.report.compensation import compensation_section, regime_sentences
 from superweight.report.format import DASH, NO_DAMAGE, num, pct, ppl, rec, tok, value, vis
 
 
@@ -49,6 +50,7 @@ def _headline(r: RunRecord, plots) -> list:
         out.append(("p", "Verdict: nothing to repair. Zeroing the weight did no measurable damage on the eval tokens."))
     elif r.verdict:
         out.append(("p", f"Verdict: {r.verdict} (repaired: NLL-gap and KL recovery both at least 90%)."))
+    out += [("p", line) for line in regime_sentences(r)]
     if grade:
         out.append(("p", f"Detection grades it {grade_words(grade)}: {GRADES[grade]}."))
     sp = sorted(r.sparsity or [], key=lambda e: e.k)
@@ -385,5 +387,5 @@ def quantize_section(q, plots) -> list:
             *[("p", n) for n in q.report.notes]]
 
 
-SECTIONS = (_headline, _summary, _tasks, _seeds, _detection, _training, _bars, _patch, _sparsity, _sweep, _sinks,
-            _tokens, _neurons, _generations, _protocol)
+SECTIONS = (_headline, _summary, _tasks, _seeds, _detection, _training, _bars, _patch, compensation_section,
+            _sparsity, _sweep, _sinks, _tokens, _neurons, _generations, _protocol)

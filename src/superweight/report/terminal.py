@@ -14,6 +14,7 @@ from superweight.io.record import RunRecord, SparseTraining, smallest_k
 from superweight.measure.grade import GRADES, grade_words
 from superweight.report.compare import CompareRow
 from superweight.report.format import NO_DAMAGE, rec
+from superweight.report.compensation import print_compensation, regime_sentences  # noqa: F401 (re-exported)
 from superweight.report.sections import sink_sentences
 
 
@@ -170,6 +171,8 @@ def print_repair(out: Console, r: RunRecord, run_dir) -> None:
             "failed": "(the patched model is no better than the broken one on the eval tokens: do not use this patch)",
             "nothing to repair": "(zeroing the weight did no measurable damage: recovery is n/a, no patch is needed)",
         }[r.verdict])
+    for line in regime_sentences(r):
+        out.print(Text(line))
     if t.check is not None:
         c = t.check
         out.print(f"Held-out check ({c.tokens} train-split tokens never trained on): KL {c.broken_kl:.4g} with no "
@@ -278,6 +281,7 @@ def print_compare(out: Console, compared: list[CompareRow]) -> None:
         ("run", lambda r: r["run"]), ("model", lambda r: (r["model"] or "-").split(" (")[0].split("/")[-1]),
         ("weight", lambda r: r["weight"]), ("recipe", lambda r: r["recipe"]), ("steps", lambda r: r["steps"]),
         ("seed", lambda r: r["seed"]), ("eval tokens", lambda r: r["n_tokens"]),
+        ("excluded", lambda r: r.get("excluded")), ("regime", lambda r: r.get("regime")),
         ("base PPL", lambda r: fmt(r["base_ppl"], 2)),
         ("broken PPL", lambda r: fmt(r["broken_ppl"], 2)), ("patched PPL", lambda r: fmt(r["patched_ppl"], 2)),
         ("NLL-gap rec.", lambda r: rec(r["nll_gap"])), ("KL rec.", lambda r: rec(r["kl_recovery"])),

@@ -43,11 +43,15 @@ class PipelineJob(Settings):
     draws: int = Field(2, ge=1, description="random-k control draws per k")
     sparse: bool = Field(False, description="also train sparse patches (L1, L0) over a sweep of strengths")
     quantize: bool = Field(False, description="also 4-bit RTN at blocks 64/128/256/channel, the weight protected")
+    regime: bool = Field(True, description="also repair with the deleted weight's column held at 0, to name the "
+                                           "regime (restoration or compensation) and what each recovers")
 
 
 def run_pipeline(loaded: Loaded, out: Path, job: PipelineJob | None = None,
                  progress: Progress | None = None) -> RunRecord:
-    """Detect (unless `job.weight`), repair, analyse, optionally sparsify and quantize, and report, in `out`.
+    """Detect (unless `job.weight`), repair, repair again with the deleted weight's column held at 0 (`job.regime`,
+    unless the repair excludes columns itself: `record.regime`, timed as "repair (deleted excluded)"), analyse,
+    optionally sparsify and quantize, and report, in `out`.
 
     `job.repair.resume` continues a run killed in `out`: detection runs again (it is deterministic), the repair
     resumes from its checkpoint (or keeps its finished results), and the later stages run again.
@@ -56,6 +60,7 @@ def run_pipeline(loaded: Loaded, out: Path, job: PipelineJob | None = None,
     protected (stages/quantize.py): quantize.json, and a section and figure in the report."""
     from superweight.report import write_report
     from superweight.stages.analyze import AnalyzeConfig, run_analyze
+    from superweight.stages.compensate import DELETED_STAGE, without_deleted
     from superweight.stages.detect import DetectConfig, run_detect
     from superweight.stages.repair import run_repair
     from superweight.stages.sparsify import SparsifyConfig, run_sparsify
@@ -84,6 +89,11 @@ def run_pipeline(loaded: Loaded, out: Path, job: PipelineJob | None = None,
     timings["repair"] = time.perf_counter() - t
     if detected is not None:
         write_json(out / DETECT, detected.model_dump())
+    if job.regime and not job.repair.exclude:  # the second point: the same repair without the deleted weight
+        t = time.perf_counter()
+        regime = without_deleted(loaded, out, record, job.repair.eval_tokens, progress)
+        record = revalidated(record, regime=regime)
+        timings[DELETED_STAGE.lower()] = time.perf_counter() - t
     t = time.perf_counter()
     record = run_analyze(loaded, out, AnalyzeConfig(tokens=job.analysis_tokens, draws=job.draws), progress, record)
     timings["analyze"] = time.perf_counter() - t

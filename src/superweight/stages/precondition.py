@@ -21,6 +21,10 @@ GELU MLPs (gpt2, gpt_neox) have no function-preserving neuron scale: there, "bal
 
     patch = PreconditionedPatch(model, rows, scales(model, rows, "balanced"))   # parameters: u
     patch.weights()                                                             # d = u / n, weight units
+    patch.exclude([[1229]])        # d[1229] of the first row is held at exactly 0 (a mask: scale-free too)
+
+An exclusion is a mask on the coordinates, entry by entry: an excluded entry of d is exactly 0 whatever u holds,
+and its gradient is 0, so it keeps every symmetry the column (or balanced) coordinates follow.
 """
 
 from __future__ import annotations
@@ -68,9 +72,22 @@ class PreconditionedPatch(RowPatch):
         coords = None if init is None else [d.float().cpu() / s for s, d in zip(p, init)]
         super().__init__(model, rows, coords)
         self._p = [s.to(self.vectors[0].device) for s in p]
+        self._keep: list[torch.Tensor | None] = [None] * len(self.vectors)
+
+    def exclude(self, columns: list[list[int]] | None) -> None:
+        """Hold the entries `columns[i]` of row i's d at exactly 0 (None or [] for a row: none); u is zeroed there."""
+        for i, cols in enumerate(columns or []):
+            if not cols:
+                continue
+            keep = torch.ones(self.vectors[i].numel(), dtype=torch.bool, device=self.vectors[i].device)
+            keep[torch.tensor(sorted(cols), dtype=torch.long)] = False
+            self._keep[i] = keep
+            with torch.no_grad():
+                self.vectors[i].masked_fill_(~keep, 0.0)
 
     def vector(self, i: int) -> torch.Tensor:
-        return self._p[i] * self.vectors[i]
+        d = self._p[i] * self.vectors[i]
+        return d if self._keep[i] is None else d.masked_fill(~self._keep[i], 0.0)
 
     def weights(self) -> list[torch.Tensor]:
         with torch.no_grad():

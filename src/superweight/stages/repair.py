@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated
 
 import torch
-from pydantic import Field, SkipValidation, model_validator
+from pydantic import Field, SkipValidation, field_validator, model_validator
 
 from superweight.core.arch import down_projection
 from superweight.core.conditions import (
@@ -29,6 +29,7 @@ from superweight.errors import UsageError
 from superweight.io import corpora
 from superweight.io.models import Loaded, model_id
 from superweight.io.patchfile import save_patch
+from superweight.io.comprecord import Exclusion
 from superweight.io.record import Baseline, RunRecord, Seeds, SeedScores
 from superweight.io.runconfig import RunConfig
 from superweight.io.rundir import read_record, write_record
@@ -41,6 +42,7 @@ from superweight.measure.recovery import recovery_of, verdict_of
 from superweight.measure.tasks import TaskSpec, run_tasks
 from superweight.progress import Progress, or_silent
 from superweight.settings import Settings, revalidated
+from superweight.stages.exclusion import parse_excludes, ranking_needed, resolve, top_writers
 from superweight.stages.recipes import RECIPES, RepairConfig, recipe_label
 from superweight.stages.train import Track, train, training_sequences
 
@@ -62,6 +64,13 @@ class RepairJob(Settings):
     resume: bool = Field(False, description="continue the run in the directory from its last checkpoint")
     tasks: Annotated[TaskSpec | None, SkipValidation] = Field(
         None, description="lm-evaluation-harness tasks for base, broken and patched (measure.tasks.prepare_tasks)")
+    exclude: list[str] = Field(default_factory=list, description="columns held at 0: deleted, top:K or column "
+                                                                 "numbers (stages/exclusion.py)")
+
+    @field_validator("exclude", mode="before")
+    @classmethod
+    def _excludes(cls, value):
+        return parse_excludes([value] if isinstance(value, str) else value)
 
     @model_validator(mode="before")
     @classmethod
@@ -128,22 +137,25 @@ def run_repair(
     check_context(model, min(max_length, eval_ids.numel()), max_length)
     prepare_run_dir(out, settings, job.resume)
 
-    stage("Training patch", cfg.steps)
+    excluded = _excluded(model, coords, rows, (seqs, mask, eval_ids, bos), job, progress) if job.exclude else None
+    stage("Training patch" + (" (columns excluded)" if excluded else ""), cfg.steps)
     patch, state = train(model, coords, rows, (seqs, mask), cfg,
-                         Track(out, job.checkpoint_every, job.resume, progress))
+                         Track(out, job.checkpoint_every, job.resume, progress), exclude=excluded)
     save_patch(out, model, patch, coords, {"model": model_id(loaded), "spec": loaded.spec, "recipe": job.label,
-                                           "config": cfg})
+                                           "config": cfg, "excluded": excluded})
     # One Ablation serves every condition: measure() applies them one at a time.
     ab, rs = ablated_text(coords), ", ".join(map(row_text, rows))
     broken = BROKEN(ablation, weights=ab)
-    fixed = PATCHED(Compose(ablation, patch), f"ablate {ab}, add trained patch on rows {rs}")
+    held = f" (columns {'; '.join(','.join(map(str, c)) or '-' for c in excluded)} held at 0)" if excluded else ""
+    fixed = PATCHED(Compose(ablation, patch), f"ablate {ab}, add trained patch on rows {rs}{held}")
     controls = []
     if baselines:
         controls = _baselines(model, ablation, rows, (originals, patch), (seqs, mask), cfg, progress)
     extra_seeds, seeded = {}, []
     for seed in range(cfg.seed + 1, cfg.seed + seeds):
         stage(f"Training patch, seed {seed}", cfg.steps)
-        other, _ = train(model, coords, rows, (seqs, mask), revalidated(cfg, seed=seed), Track(progress=progress))
+        other, _ = train(model, coords, rows, (seqs, mask), revalidated(cfg, seed=seed), Track(progress=progress),
+                         exclude=excluded)
         extra_seeds[seed] = other
         seeded.append(SEED(Compose(ablation, other), seed=seed))
     conditions = [broken, fixed, *controls, *seeded]
@@ -164,6 +176,10 @@ def run_repair(
     if seeds > 1:
         patches = {cfg.seed: patch, **extra_seeds}
         extra["seeds"] = seed_spread(model, coords, rows, originals, metrics, patches, cfg.seed)
+    if excluded:
+        extra["exclusion"] = Exclusion(
+            specs=job.exclude, columns={row_text(r): c for r, c in zip(rows, excluded)},
+            ranked_by="the unconstrained repair's write per neuron" if ranking_needed(job.exclude) else None)
     if job.tasks is not None:
         extra["tasks"] = run_tasks(loaded, job.tasks, interventions([broken, fixed]), progress)
     record = RunRecord(
@@ -184,7 +200,22 @@ def repair_settings(spec: str, job: RepairJob, coords: list[WeightCoord], rows,
         model=spec, recipe=job.recipe, config=job.config, ablate=[str(c) for c in coords],
         rows=[list(r) for r in rows], corpus=job.corpus, eval_tokens=job.eval_tokens, max_length=job.max_length,
         baselines=job.baselines, checkpoint_every=job.checkpoint_every, seeds=job.seeds, bos=bos.mode,
+        exclude=job.exclude,
     )
+
+
+def _excluded(model, coords, rows, data, job: RepairJob, progress: Progress) -> list[list[int]]:
+    """Per row, the columns `job.exclude` holds at 0; top:K first trains the unconstrained patch to rank the
+    neurons by write over the eval tokens. `data`: (sequences, mask, eval ids, bos)."""
+    seqs, mask, eval_ids, bos = data
+    ranking = None
+    if ranking_needed(job.exclude):
+        progress.stage("Training the unconstrained patch (ranks the neurons for --exclude top:K)", job.config.steps)
+        free, _ = train(model, coords, rows, (seqs, mask), job.config, Track(progress=progress))
+        xs = patch_inputs(model, coords, rows, eval_ids, job.max_length, bos=bos)
+        ranking = [top_writers(xs[site(r)], v) for r, v in zip(rows, free.vectors)]
+    d_ffs = [down_projection(model, layer, expert).d_ff for layer, _row, expert in map(split_row, rows)]
+    return resolve(job.exclude, coords, rows, d_ffs, ranking)
 
 
 def recorded_bos(out: Path) -> corpora.Bos:

@@ -13,7 +13,8 @@ strengths, and each trained patch is scored by its non-zero count and its recove
   clamped concrete distribution with learned log_alpha; the penalty is `strength` x the expected fraction of
   open gates. At evaluation z is deterministic and exactly 0 for closed gates.
 
-Both start from the run's dense patch (a warm start, as pruning does) and train `steps` more steps.
+Both start from the run's dense patch (a warm start, as pruning does) and train `steps` more steps; columns the
+run's repair held at 0 (`repair --exclude`, patch_config.json's `excluded`) stay 0.
 
     record = run_sparsify(loaded, Path("runs/x"))    # record.sparse_training.frontier
 """
@@ -178,8 +179,9 @@ def run_sparsify(loaded: Loaded, run_dir: Path, cfg: SparsifyConfig | None = Non
     model, tok = loaded.model, loaded.tokenizer
     check_fits(model, patch)
     cfg = record.config
-    if cfg.optimizer == "lbfgs":  # 16 loss evaluations of 4 rows: as many row passes as 16 steps of batch 2
-        cfg = revalidated(cfg, optimizer="sgd", batch_size=2, steps=cfg.steps * 2)
+    if cfg.optimizer == "lbfgs":  # 16 loss evaluations of 4 rows: as many row passes as 32 steps of batch 2
+        # (its cap, 64, stops early on progress: the sparse budget stays the one the strengths were tuned for)
+        cfg = revalidated(cfg, optimizer="sgd", batch_size=2, steps=min(cfg.steps, 16) * 2)
     steps = steps or max(cfg.steps // 2, 1)
     cfg = revalidated(cfg, steps=steps, schedule="constant")
     if cfg.optimizer not in ("adam", "adamw"):
@@ -198,7 +200,7 @@ def run_sparsify(loaded: Loaded, run_dir: Path, cfg: SparsifyConfig | None = Non
             progress.stage(f"Sparse training: {method}, strength {strength:g}", steps)
             objective = OBJECTIVES[method](strength, patch.vectors)
             t0 = time.perf_counter()
-            p, _ = train(model, patch.ablated, patch.rows, (seqs, mask), cfg, track, objective)
+            p, _ = train(model, patch.ablated, patch.rows, (seqs, mask), cfg, track, objective, patch.config.excluded)
             vectors = objective.final(p)
             g = geometry(model, patch.ablated, patch.rows, vectors, originals)
             trained.append({"method": method, "strength": strength, "vectors": vectors,

@@ -80,6 +80,7 @@ def batch_indices(step: int, batch_size: int, n: int, seed: int) -> list[int]:
     return out
 
 
+TOLERANCE_CHANGE = 1e-6  # lbfgs: converged once an iteration moves the loss (or a parameter) less than this
 MAX_BACKOFFS = 6  # then training stops with the best patch checked (lr down by 5^6 ~ 15,600x)
 
 
@@ -89,7 +90,7 @@ def _optimizer(params, cfg: RepairConfig, lr_scale: float = 1.0) -> torch.optim.
         # max_eval bounds the loss evaluations (line-search trials included) to the step budget; the tolerances
         # stop it early once the loss no longer moves.
         return torch.optim.LBFGS(params, lr=lr, max_iter=cfg.steps, max_eval=cfg.steps, history_size=20,
-                                 line_search_fn="strong_wolfe", tolerance_grad=1e-9, tolerance_change=1e-6)
+                                 line_search_fn="strong_wolfe", tolerance_grad=1e-9, tolerance_change=TOLERANCE_CHANGE)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=0.9)
     if cfg.optimizer == "adam":
@@ -126,6 +127,7 @@ def train(
     cfg: RepairConfig,
     track: Track | None = None,
     objective=None,
+    exclude: list[list[int]] | None = None,
 ) -> tuple[RowPatch, Training]:
     """Train patch vectors on `rows` so the model with `coords` ablated imitates the intact model.
 
@@ -134,6 +136,7 @@ def train(
     `track` (Track) says where the train log and checkpoints go and who hears of each step.
     `objective` (a `sparsify` objective) builds the patch (from its `init` vectors when it has them), adds its
     penalty to the loss and acts after each step (no checkpoints then: `track.run_dir` must be None).
+    `exclude`: per row, the columns of d held at exactly 0 throughout (stages/exclusion.py resolves them).
     """
     track = track or Track()
     run_dir, resume = track.run_dir, track.resume
@@ -156,8 +159,11 @@ def train(
     init = init_vectors if init_vectors is not None else init
     p = scales(model, rows, cfg.space)
     patch = objective.patch(model, rows, init, p) if objective else PreconditionedPatch(model, rows, p, init)
+    patch.exclude(exclude)
     rows_key, coords_key = [list(r) for r in patch.rows], [str(c) for c in coords]
     expect = {"config": cfg.model_dump(), "rows": rows_key, "coords": coords_key}
+    if any(exclude or []):  # only then, so that checkpoints of runs without one stay as they were
+        expect["exclude"] = [sorted(c) for c in exclude]
     resumed = checkpoint.Resumed()
     opt = _optimizer(patch.parameters(), cfg)
     if resume:
@@ -195,7 +201,7 @@ def train(
         checkpoint.save(run_dir, done, patch.vectors, opt, expect, elapsed(), loss_value,
                         check.state if check else None)
     seconds = elapsed()
-    if objective is None:  # the result is in weight units, whatever coordinates training used
+    if objective is None:  # the result is in weight units, whatever coordinates training used (excluded: 0)
         patch = RowPatch(model, patch.rows, patch.weights())
     for v in patch.parameters():
         v.requires_grad_(False)
@@ -303,9 +309,47 @@ def _first_lr(closure, params, lr: float) -> float:
     return lr if loss[lr] <= loss[1.0] else 1.0
 
 
+PROGRESS_WINDOW = 8  # lbfgs: loss evaluations over which `progress_tol` asks for progress
+CHUNK = 1  # lbfgs: iterations between two progress checks (the cache makes a check free)
+
+
+def stalled(evals: list[float], tol: float, window: int = PROGRESS_WINDOW) -> bool:
+    """True when the last `window` evaluations lowered the best loss by less than a fraction `tol` of the first
+    loss (the damage the ablation does on the training rows, with no patch yet), 0: never. The stop rule of
+    `lbfgs`: relative to the damage, so it means the same at any loss scale, and a loss creeping toward 0 (a
+    repair that is done) stops as surely as one creeping toward a floor (one that cannot do more)."""
+    if tol <= 0 or len(evals) <= window:
+        return False
+    return min(evals[:-window]) - min(evals[-window:]) < tol * evals[0]
+
+
+class _Cached:
+    """A closure that evaluates each point once: torch's L-BFGS starts every step() with an evaluation of the
+    point its last line search accepted, which the chunked optimisation below would otherwise pay again."""
+
+    def __init__(self, closure, params, size: int = 32):
+        self.closure, self.params, self.size, self.seen = closure, params, size, {}
+
+    def __call__(self):
+        key = b"".join(p.detach().cpu().numpy().tobytes() for p in self.params)
+        if key in self.seen:
+            loss, grads = self.seen[key]
+            for p, g in zip(self.params, grads):
+                p.grad = g.clone()
+            return loss
+        loss = self.closure()
+        self.seen[key] = (loss, [p.grad.detach().clone() for p in self.params])
+        if len(self.seen) > self.size:
+            self.seen.pop(next(iter(self.seen)))
+        return loss
+
+
 def _lbfgs(job: _Job, opt, start: int):
-    """L-BFGS on a fixed set of batch_size rows, two at a time; one call, `steps` loss evaluations at most.
-    A run resumed before its end trains again from the start (the same patch: nothing here is random)."""
+    """L-BFGS on a fixed set of batch_size rows, two at a time: `steps` loss evaluations at most, and with
+    `progress_tol` it stops once the best loss fell by less than that fraction over the last PROGRESS_WINDOW
+    evaluations (stalled), checked every CHUNK iterations; it also stops where torch's L-BFGS converges (the
+    loss moves less than 1e-6). A run resumed before its end trains again from the start (the same patch:
+    nothing here is random)."""
     model, teacher, dp, n, ablation, patch, prefix, cfg, log = (
         job.model, job.teacher, job.dp, job.n, job.ablation, job.patch, job.prefix, job.cfg, job.log)
     if start >= cfg.steps:
@@ -315,7 +359,7 @@ def _lbfgs(job: _Job, opt, start: int):
     tokens = dp.sum(sum(teacher.mask[c].sum() for c in chunks).to(torch.float64)).item()
     evals = []
 
-    def closure():
+    def evaluate():
         opt.zero_grad(set_to_none=True)
         total = torch.zeros((), dtype=torch.float64)
         for c in chunks:
@@ -332,16 +376,22 @@ def _lbfgs(job: _Job, opt, start: int):
         log(len(evals), value, cfg.lr)
         return torch.tensor(value if math.isfinite(value) else float("inf"))
 
+    group = opt.param_groups[0]
+    closure = _Cached(evaluate, group["params"])
     # lr scales the first step only (along -gradient, where nothing else sets the scale); from the second
     # iteration on the quasi-Newton step, which the curvature pairs scale, is tried first (lr 1). A first step
     # far off can still land in another basin (lr 100: 92.6% KL) or stall (lr 0.01: 95.8%), so an lr other than
     # 1 is tried beside lr 1 and kept only where it lowers the loss as much (three evaluations more: the
     # gradient at the start and one trial each).
-    group = opt.param_groups[0]
     group.update(lr=_first_lr(closure, group["params"], cfg.lr), max_iter=1, max_eval=cfg.steps - len(evals))
     opt.step(closure)
-    left = cfg.steps - len(evals) - 1
-    if left > 0:
-        group.update(lr=1.0, max_iter=left, max_eval=left)
-        opt.step(closure)
+    state = opt.state[group["params"][0]]
+    while (left := cfg.steps - len(evals) - 1) > 0 and not stalled(evals, cfg.progress_tol):
+        iters, calls, before = state.get("n_iter", 0), state.get("func_evals", 0), len(evals)
+        group.update(lr=1.0, max_iter=CHUNK, max_eval=left)
+        start_loss = float(opt.step(closure))
+        moved = abs(float(closure()) - start_loss) >= TOLERANCE_CHANGE  # closure(): the cached accepted point
+        if not moved or len(evals) == before or (
+                state["n_iter"] - iters < CHUNK and state["func_evals"] - calls < left):
+            break  # converged: the loss stopped moving, or torch stopped before the chunk ran out
     return evals[-1], len(evals)
