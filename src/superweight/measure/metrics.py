@@ -22,6 +22,8 @@ import torch
 from torch import nn
 
 from superweight.core.arch import decoder_layers, input_device
+from superweight.core.cost import part
+from superweight.core.head import LIVE_COPIES, chunk_tokens, head_of, trunk
 from superweight.core.intervene import Intervention, Trace, hidden
 from superweight.core.prefix import Prefix
 from superweight.errors import UsageError
@@ -32,30 +34,36 @@ from superweight.io.record import Metrics, Protocol
 
 
 class _Acc:
-    """Running sums for one condition."""
+    """Running sums for one condition, kept on the device (read once, at the end)."""
 
     def __init__(self):
-        self.nll = 0.0
-        self.kl = 0.0
-        self.agree = 0
+        self.nll: list[torch.Tensor] = []
+        self.kl: list[torch.Tensor] = []
+        self.agree: list[torch.Tensor] = []
         self.n = 0
-        self.act: dict[str, float] = {}
+        self.act: dict[str, torch.Tensor] = {}
 
     def result(self) -> Metrics:
-        nll = self.nll / self.n
-        acts = dict(sorted(self.act.items()))
+        nll = _total(self.nll) / self.n
+        kl = _total(self.kl) / self.n
+        acts = {k: float(v) for k, v in sorted(self.act.items())}
         return Metrics(
             nll=nll,
             ppl=math.exp(min(nll, 700.0)),
-            kl=max(self.kl / self.n, 0.0),
-            top1_agree=self.agree / self.n,
+            kl=max(kl, 0.0),
+            top1_agree=(_total(self.agree) / self.n) if self.agree else 1.0,
             super_activation=max(acts.values()) if acts else None,
             super_activation_by_channel=acts,
             n_tokens=self.n,
         )
 
 
-LOGIT_BUDGET = 512 * 2**20  # bytes of fp32 logits per batch (one window per batch at the least)
+def _total(parts: list[torch.Tensor]) -> float:
+    """The sum of per-chunk sums, in float64, with one read from the device."""
+    return float(torch.stack([p.detach().double().cpu() for p in parts]).sum()) if parts else 0.0
+
+
+CHUNK_BUDGET = 256 * 2**20  # bytes of vocab-sized fp32 tensors alive at once (chunks of tokens)
 
 
 def _batches(wins: list[Window], batch_tokens: int) -> list[list[Window]]:
@@ -70,22 +78,25 @@ def _batches(wins: list[Window], batch_tokens: int) -> list[list[Window]]:
     return out
 
 
-def _forward(model, input_ids, mask, channels, blocks, acc_act):
-    """Scored-position log-probs [N, V] in fp32, recording super activations into `acc_act`."""
+def _final_states(model, head, input_ids, mask, watch):
+    """The scored positions' final hidden states [N, D] (with a checked head) or fp32 log-probs [N, V] (without),
+    recording super activations on the way (`watch`: (blocks by (layer, row), accumulator dict))."""
+    watched, acc_act = watch
 
     def record(name, _inp, out):
         layer, row = name
-        value = hidden(out)[..., row].detach().abs().max().item()
+        value = hidden(out)[..., row].detach().abs().amax().float()
         key = f"{layer}:{row}"
-        acc_act[key] = max(acc_act.get(key, 0.0), value)
+        acc_act[key] = torch.maximum(acc_act[key], value) if key in acc_act else value
 
-    watched = {(layer, row): blocks[layer] for layer, row in channels}
-    # Trace keys must be hashable names; tuples are fine for our own callback.
     with Trace(watched, record):
-        logits = model(input_ids=input_ids, use_cache=False).logits[:, :-1]
-    # Boolean indexing copies the [N, V] logits; skip it when every position is scored (the default).
-    scored = logits.flatten(0, 1) if bool(mask.all()) else logits[mask]
-    return scored.float().log_softmax(-1)
+        if head is not None:
+            states = trunk(model)(input_ids=input_ids, use_cache=False).last_hidden_state[:, :-1]
+        else:
+            states = model(input_ids=input_ids, use_cache=False).logits[:, :-1]
+    # Boolean indexing copies; skip it when every position is scored (the default).
+    scored = states.flatten(0, 1) if mask is None else states[mask]
+    return scored if head is not None else scored.float().log_softmax(-1)
 
 
 @dataclass(frozen=True)
@@ -95,13 +106,16 @@ class Scoring:
     `share_below=L` promises that no condition touches blocks below L: they run once per batch, in the base
     pass, and every condition starts from the base's hidden state at block L (`prefix.Prefix`).
     `progress(n)` is called after each batch with the number of tokens it covered.
-    `observe(name, log_probs [N, V] fp32, labels [N])` sees every pass's scored log-probs ("base" first).
-    `batch_tokens`: tokens per forward pass (capped so the logits stay near LOGIT_BUDGET)."""
+    `observe(name, log_probs [n, V] fp32, labels [n])` sees every chunk's scored log-probs ("base" first).
+    `batch_tokens`: tokens per forward pass (fewer when the conditions' final states would pass `chunk_bytes`).
+    `chunk_bytes`: the byte budget of the vocab-sized tensors: log-softmax, KL, NLL and top-1 run over chunks of
+    tokens sized from it and the vocabulary, so memory does not grow with tokens x vocabulary."""
 
     share_below: int = 0
     progress: Callable[[int], None] | None = None
     observe: Callable[[str, torch.Tensor, torch.Tensor], None] | None = None
     batch_tokens: int = 2048
+    chunk_bytes: int = CHUNK_BUDGET
 
 
 @torch.no_grad()
@@ -119,10 +133,13 @@ def measure(
 
     `channels` lists (layer, row) residual channels whose max |activation| is reported (super activations).
     `bos`: a token id that starts every window (io/corpora.bos_token); the first text token is scored from it.
-    `scoring` (Scoring): the shared lower blocks, the progress and observer callbacks, the batch size.
+    `scoring` (Scoring): the shared lower blocks, the progress and observer callbacks, the batch and chunk sizes.
+
+    Each batch runs the trunk once per condition and keeps only the final hidden states of the scored tokens;
+    the head, log-softmax, NLL, KL and top-1 then run a chunk of tokens at a time (`Scoring.chunk_bytes`).
     """
     scoring = scoring or Scoring()
-    share_below, progress, observe = scoring.share_below, scoring.progress, scoring.observe
+    share_below, progress = scoring.share_below, scoring.progress
     conditions = dict(conditions or {})
     if "base" in conditions:
         raise ValueError("'base' is reserved for the model with no intervention")
@@ -140,42 +157,69 @@ def measure(
     prefix = Prefix(model, share_below)
     wins = make_windows(ids.numel(), max_length, stride, bos=bos is not None)
     accs = {name: _Acc() for name in ["base", *conditions]}
-    # A batch's logits are batch_tokens x vocab floats, several times over (base and condition log-probs, KL):
-    # 2,048 x 49k (SmolLM2) is 0.4 GB, 2,048 x 262k (Gemma 3) 2.1 GB. Cap them near LOGIT_BUDGET.
+    head = head_of(model)
     vocab = model.get_output_embeddings().weight.shape[0]
-    batch_tokens = min(scoring.batch_tokens, max(1, LOGIT_BUDGET // (vocab * 4)))
+    # Kept per batch: every condition's final states [tokens, D] (with a head), or the whole fp32 log-probs
+    # [tokens, V] of two passes at a time (without); both held near chunk_bytes.
+    width = model.get_output_embeddings().weight.shape[1] * (len(accs)) if head is not None else vocab * LIVE_COPIES
+    batch_tokens = min(scoring.batch_tokens, max(1, scoring.chunk_bytes // (width * 4)))
+    chunk = chunk_tokens(vocab, scoring.chunk_bytes)
+    watched = {(layer, row): blocks[layer] for layer, row in channels}
     for batch in _batches(wins, batch_tokens):
-        input_ids = with_bos(torch.stack([ids[w.begin : w.end] for w in batch]), bos).to(device)
+        input_ids = with_bos(torch.stack([ids[w.begin : w.end] for w in batch]), bos)
         length = input_ids.shape[1]
         targets = torch.arange(1, length) - int(bos is not None)  # text position of each target
-        mask = torch.stack([targets + w.begin >= w.score_from for w in batch]).to(device)
-        labels = input_ids[:, 1:][mask]
-        with prefix.capture():
-            base_lp = _forward(model, input_ids, mask, channels, blocks, accs["base"].act)
-        _accumulate(accs["base"], base_lp, labels, agree=labels.numel())
-        if observe:
-            observe("base", base_lp, labels)
-        if conditions:
-            base_top = base_lp.argmax(-1)
-            base_p = base_lp.exp()  # shared by every condition's KL
+        mask = torch.stack([targets + w.begin >= w.score_from for w in batch])
+        labels = input_ids[:, 1:][mask].to(device)
+        mask = None if bool(mask.all()) else mask.to(device)
+        input_ids = input_ids.to(device)
+        with prefix.capture(), part("base"):
+            states = {"base": _final_states(model, head, input_ids, mask, (watched, accs["base"].act))}
+        if head is None:  # whole log-probs: score base now, then each condition as it comes; keep only base's
+            _score(accs, states, labels, scoring.observe)
         for name, intervention in conditions.items():
-            with intervention, prefix.reuse(prefix.hidden):
-                lp = _forward(model, input_ids, mask, channels, blocks, accs[name].act)
-            _accumulate(accs[name], lp, labels, agree=(lp.argmax(-1) == base_top).sum().item())
-            if observe:
-                observe(name, lp, labels)
-            # KL(base || cond) = sum_v p_base (log p_base - log p_cond). The difference is taken elementwise
-            # (in place: lp is not needed again) so tiny KLs, e.g. of control ablations, survive; the
-            # expanded form sum(p log p) - dot(p, lp) loses them to cancellation.
-            accs[name].kl += lp.neg_().add_(base_lp).mul_(base_p).sum().item()
+            with intervention, prefix.reuse(prefix.hidden), part(name):
+                states[name] = _final_states(model, head, input_ids, mask, (watched, accs[name].act))
+            if head is None:
+                _score(accs, {"base": states["base"], name: states.pop(name)}, labels, scoring.observe, first=False)
+        if head is not None:
+            for lo in range(0, labels.numel(), chunk):
+                hi = min(lo + chunk, labels.numel())
+                chunks = ((k, head(v[lo:hi]).float().log_softmax(-1)) for k, v in states.items())  # one at a time
+                _score(accs, chunks, labels[lo:hi], scoring.observe)
         if progress:
-            progress(int(mask.sum()))
+            progress(labels.numel())
     return {name: acc.result() for name, acc in accs.items()}
 
 
-def _accumulate(acc: _Acc, lp, labels, agree: int) -> None:
-    acc.nll += -lp.gather(-1, labels[:, None]).sum().item()
-    acc.agree += agree
+def _score(accs, lps, labels, observe, first: bool = True) -> None:
+    """Add one chunk's NLL, top-1 agreement and KL(base || condition) to the accumulators. `lps`: (name, fp32
+    log-probs [n, V]) pairs of the same tokens, base first, made one at a time when a generator; base's own sums
+    are added when `first`."""
+    lps = iter(lps.items() if isinstance(lps, dict) else lps)
+    _, base_lp = next(lps)
+    if first:
+        _nll(accs["base"], base_lp, labels)
+        if observe:
+            observe("base", base_lp, labels)
+    base_top = base_p = None
+    for name, lp in lps:
+        if base_p is None:
+            base_top, base_p = base_lp.argmax(-1), base_lp.exp()  # shared by every condition's KL
+        acc = accs[name]
+        _nll(acc, lp, labels)
+        acc.agree.append((lp.argmax(-1) == base_top).sum())
+        if observe:
+            observe(name, lp, labels)
+        # KL(base || cond) = sum_v p_base (log p_base - log p_cond), per token, clamped at 0 (rounding can leave a
+        # tiny negative). The difference is taken elementwise (in place: lp is not needed again) so tiny KLs,
+        # e.g. of control ablations, survive; the expanded form sum(p log p) - dot(p, lp) loses them.
+        acc.kl.append(lp.neg_().add_(base_lp).mul_(base_p).sum(-1).clamp_min_(0).sum())
+        del lp
+
+
+def _nll(acc: _Acc, lp, labels) -> None:
+    acc.nll.append(-lp.gather(-1, labels[:, None]).sum())
     acc.n += labels.numel()
 
 

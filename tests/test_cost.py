@@ -1,0 +1,99 @@
+"""Bounded memory and the cost account: chunked scoring equals whole-logit scoring, the head check finds every
+family's logits, and the ledger counts tokens x layers, forward and backward apart."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tiny
+from superweight.core import arch
+from superweight.core.cost import Ledger, part
+from superweight.core.coords import WeightCoord
+from superweight.core.head import head_of, trunk
+from superweight.core.intervene import Ablation, RowPatch
+from superweight.core.prefix import Prefix
+from superweight.io import corpora
+from superweight.measure.metrics import Scoring, measure
+
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
+
+@pytest.fixture(scope="module")
+def ids() -> torch.Tensor:
+    return corpora.tokenize(tiny.tiny_tokenizer(), corpora.load_text("pydoc", "eval"), 200)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3", "gemma2", "gpt2", "opt", "gpt_neox"])
+def test_head_reproduces_the_models_logits(family):
+    model = tiny.tiny_model(family, seed=0)
+    head = head_of(model)
+    assert head is not None
+    x = torch.arange(3, 11)[None]
+    with torch.no_grad():
+        whole = model(input_ids=x, use_cache=False).logits
+        mine = head(trunk(model)(input_ids=x, use_cache=False).last_hidden_state)
+    torch.testing.assert_close(mine, whole, rtol=0, atol=1e-5)
+
+
+def _relative(a: float, b: float) -> float:
+    return abs(a - b) / max(abs(b), 1e-30)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_chunked_scores_equal_whole_logits(family, ids, monkeypatch):
+    """A byte budget small enough for chunks of a few tokens (and one-window batches) moves no number by more than
+    1e-6 relative (a near-zero KL: 5e-8 nats) against the whole-logit path (the model's own logits, one chunk)."""
+    model = tiny.planted((1, 3, 5), family=family)
+    conditions = lambda: {"ablated": Ablation(model, [WeightCoord(layer=1, row=3, col=5)]),  # noqa: E731
+                          "other": Ablation(model, [WeightCoord(layer=2, row=1, col=2)])}
+    vocab = model.get_output_embeddings().weight.shape[0]
+    small = measure(model, ids, conditions(), [(1, 3)], max_length=64, bos=None,
+                    scoring=Scoring(share_below=1, chunk_bytes=vocab * 4 * 4 * 3))  # 3 tokens a chunk
+    import superweight.measure.metrics as metrics
+    monkeypatch.setattr(metrics, "head_of", lambda _m: None)  # the model's whole logits
+    whole = measure(model, ids, conditions(), [(1, 3)], max_length=64, bos=None,
+                    scoring=Scoring(share_below=1, chunk_bytes=2**30))
+    for name in whole:
+        a, b = small[name], whole[name]
+        assert a.n_tokens == b.n_tokens
+        for key in ("nll", "ppl", "top1_agree", "super_activation"):
+            assert _relative(getattr(a, key), getattr(b, key)) <= 1e-6, (name, key)
+        # a control's KL (~1e-4) is a difference of nearly equal fp32 log-probs: 5e-8 nats absolute there
+        assert abs(a.kl - b.kl) <= max(1e-6 * b.kl, 5e-8), name
+    assert whole["ablated"].kl > 1e-2
+
+
+def test_ledger_counts_tokens_times_layers():
+    model = tiny.tiny_model("llama", seed=0, num_hidden_layers=4)
+    x = torch.arange(3, 13).reshape(2, 5)
+    with Ledger(model) as ledger:
+        with ledger.stage("plain"), torch.no_grad():
+            model(input_ids=x, use_cache=False)
+        with ledger.stage("shared"), torch.no_grad():
+            prefix = Prefix(model, 2)
+            with prefix.capture():
+                model(input_ids=x, use_cache=False)
+            with part("above"), prefix.reuse(prefix.hidden):  # blocks 0 and 1 are skipped: not counted
+                model(input_ids=x, use_cache=False)
+        with ledger.stage("train"):
+            patch = RowPatch(model, [(2, 1)])
+            patch.vectors[0].requires_grad_(True)
+            with patch:
+                model(input_ids=x, use_cache=False).logits.sum().backward()
+    c = ledger.counts
+    assert (c["plain"].forward, c["plain"].backward) == (10 * 4, 0)
+    assert c["shared"].forward == 10 * 4 + 10 * 2 and c["shared"].parts["above"].forward == 10 * 2
+    assert (c["train"].forward, c["train"].backward) == (10 * 4, 10 * 2)  # gradient reaches layers 2 and 3
+    model(input_ids=x, use_cache=False)  # outside a stage, and after the ledger closed: nothing counts
+    assert c["plain"].forward == 40
+
+
+def test_measure_counts_each_condition_apart(ids):
+    model = tiny.tiny_model("llama", seed=0, num_hidden_layers=3)
+    with Ledger(model) as ledger, ledger.stage("eval"):
+        out = measure(model, ids[:100], {"broken": Ablation(model, [WeightCoord(layer=1, row=3, col=5)])},
+                      max_length=50, scoring=Scoring(share_below=1))
+    c = ledger.counts["eval"]
+    assert c.parts["base"].forward == 100 * 3 and c.parts["broken"].forward == 100 * 2
+    assert out["base"].n_tokens == 98
