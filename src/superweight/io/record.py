@@ -298,6 +298,24 @@ class TaskResults(Record):
     scores: dict[str, dict[str, dict[str, TaskScore]]] = Field(description="condition -> task -> metric -> score")
 
 
+# --- the cost account (`run`) ---
+class StageCost(Record):
+    forward: float = Field(description="forward work in eval-pass equivalents (tokens x decoder layers run, over "
+                                       "the unit's)")
+    backward: float = Field(0.0, description="backward work, same unit (a backward pass costs about two forward)")
+    seconds: float | None = Field(None, description="wall seconds of the stage (as timings)")
+    parts: dict[str, float] = Field(default_factory=dict, description="forward + backward eval-pass equivalents of "
+                                                                      "each part (training, a condition, a view)")
+
+
+class CostAccount(Record):
+    unit: int = Field(description="token-layers of one eval pass: the eval tokens (BOS included) x decoder layers")
+    eval_tokens: int = Field(description="tokens one forward pass over the run's eval text feeds")
+    layers: int = Field(description="decoder layers of the model")
+    stages: dict[str, StageCost] = Field(description="per stage, in the order they ran")
+    total: float = Field(description="forward + backward eval-pass equivalents of every stage")
+
+
 class RunRecord(Shown, Record):
     """results.json. `repair` writes the fields up to `seeds`; the rest stay None until their stage runs."""
 
@@ -335,6 +353,8 @@ class RunRecord(Shown, Record):
     # run
     detect: DetectSummary | None = None
     timings: dict[str, float] | None = None
+    cost: CostAccount | None = Field(None, description="the model work of each stage in eval-pass equivalents "
+                                                       "(null in runs made before the account)")
 
     def conditions(self) -> list[tuple[str, Metrics, Recovery | None]]:
         """(name, metrics, recovery) for base, broken, patched and every baseline."""

@@ -244,6 +244,12 @@ def n_scored(n_tokens: int, max_length: int, stride: int | None = None, bos: boo
     return sum(w.n_scored for w in make_windows(n_tokens, max_length, stride, bos=bos))
 
 
+def tokens_fed(n_tokens: int, max_length: int, stride: int | None = None, bos: bool = False) -> int:
+    """How many tokens one `measure` pass over a stream of n_tokens feeds the model (BOS included): the unit of
+    the cost account (core/cost.py), times the decoder layers."""
+    return sum(w.end - w.begin + int(bos) for w in make_windows(n_tokens, max_length, stride, bos=bos))
+
+
 def protocol_of(loaded, corpus: str, split: str, n_tokens: int, max_length: int, stride: int,
                 interventions: dict[str, str]) -> Protocol:
     """The protocol of a measurement on a loaded model (`models.Loaded`), stamped with provenance. With a BOS

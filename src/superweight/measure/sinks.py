@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from superweight.core.arch import decoder_layers, input_device
+from superweight.core.head import trunk
 from superweight.core.intervene import Intervention, NoIntervention, Trace, hidden
 from superweight.errors import UnsupportedArchitectureError
 from superweight.io.corpora import windows as make_windows, with_bos
@@ -138,9 +139,9 @@ def _norm_hook(acc: _Acc, sink: torch.Tensor, massive: torch.Tensor):
 
 
 def _trunk(model: nn.Module) -> nn.Module:
-    """The model without its LM head (`base_model`): the view needs no logits, which for a large vocabulary
-    (Gemma's 262k) would be most of the memory and much of the time."""
-    return getattr(model, "base_model", model)
+    """The model without its LM head: the view needs no logits, which for a large vocabulary (Gemma's 262k) would
+    be most of the memory and much of the time."""
+    return trunk(model)
 
 
 def sink_positions(model: nn.Module, input_ids: torch.Tensor, channel: tuple[int, int],

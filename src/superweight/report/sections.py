@@ -348,6 +348,12 @@ def _generations(r: RunRecord, plots) -> list:
             _table(cols, [[vis(g.get(c, "")) for c in cols] for g in gens])] if gens else []
 
 
+def _cost(r: RunRecord) -> dict | None:
+    if r.cost is None:
+        return None
+    return {**{k: round(c.forward + c.backward, 2) for k, c in r.cost.stages.items()}, "total": round(r.cost.total, 2)}
+
+
 def _protocol(r: RunRecord, plots) -> list:
     pr = r.protocol
     main = pr.model_dump(include={"model", "model_source", "corpus", "split", "n_tokens", "dtype", "device"})
@@ -361,7 +367,8 @@ def _protocol(r: RunRecord, plots) -> list:
         out.append(("p", "Provenance: " + ", ".join(f"{k} {v}" for k, v in pr.provenance.items()) + "."))
     for title, part in ((f"Recipe {r.recipe}", r.config), ("Analysis protocol", r.analysis and r.analysis.protocol),
                         ("Sparse-training protocol", r.sparse_training and r.sparse_training.protocol),
-                        ("Detection protocol", r.detect and r.detect.protocol), ("Timings (s)", r.timings)):
+                        ("Detection protocol", r.detect and r.detect.protocol), ("Timings (s)", r.timings),
+                        ("Model work (eval-pass equivalents, forward + backward)", _cost(r))):
         d = part if isinstance(part, dict) or part is None else part.model_dump()
         out += [("h", 3, title), _kv(d)] if d else []
     return [("h", 2, "Protocol and versions")] + out

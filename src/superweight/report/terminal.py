@@ -353,7 +353,12 @@ def print_run(out: Console, r: RunRecord, path) -> None:
     print_analysis(out, r, patch_line=False)
     if r.sparse_training:
         print_sparse(out, r.sparse_training)
-    out.print("Seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in (r.timings or {}).items()))
+    line = "Seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in (r.timings or {}).items())
+    if r.cost is not None:
+        line += ("; eval-pass equivalents (forward + backward): "
+                 + ", ".join(f"{k} {c.forward + c.backward:.1f}" for k, c in r.cost.stages.items())
+                 + f", total {r.cost.total:.1f}")
+    out.print(line)
     out.print(f"Report: {path / 'report.html'}")
 
 

@@ -34,6 +34,7 @@ from pydantic import BaseModel, Field, field_validator
 from torch import nn
 
 from superweight.core.arch import DownProj, down_projection, down_projections, input_device
+from superweight.core.cost import part
 from superweight.core.conditions import CANDIDATE, RANDOM_CONTROL, TOP_CONTROL
 from superweight.core.coords import WeightCoord
 from superweight.core.intervene import Ablation, Trace
@@ -319,18 +320,21 @@ def run_detect(loaded, cfg: DetectConfig | None = None, ids: torch.Tensor | None
     stage = progress.stage
     prompts = cfg.prompts or DEFAULT_PROMPTS
     stage("Scanning spikes")
-    spikes, rounds = iterate_spikes(model, tok, prompts, cfg.spike_ratio, cfg.max_candidates)
+    with part("scan"):
+        spikes, rounds = iterate_spikes(model, tok, prompts, cfg.spike_ratio, cfg.max_candidates)
     if (cfg.verify or cfg.attribution) and ids is None:
         ids = corpora.tokenize(tok, corpora.load_text(cfg.corpus, cfg.split), cfg.calib_tokens)
     attributed: list[Candidate] = []
     if cfg.attribution:
         stage(f"Attribution ({cfg.attribution})")
-        attributed = attribution(model, ids, cfg.attribution, cfg.attribution_top, cfg.max_length, bos)
+        with part("attribution"):
+            attributed = attribution(model, ids, cfg.attribution, cfg.attribution_top, cfg.max_length, bos)
     candidates = merge(spikes, attributed)
     protocol = None
     if cfg.verify and candidates:
         stage(f"Verifying {len(candidates)} candidates", n_scored(ids.numel(), cfg.max_length, bos=bos is not None))
-        candidates, base = verify(model, ids, candidates, cfg, bos, progress.advance)
+        with part("verify"):
+            candidates, base = verify(model, ids, candidates, cfg, bos, progress.advance)
         pruned = {"each candidate's expert": EXPERT_PRUNING} if any(c.expert is not None for c in candidates) else {}
         protocol = protocol_of(loaded, cfg.corpus, cfg.split, base.n_tokens, cfg.max_length, cfg.max_length,
                                {"each candidate": "zeroed alone", "controls": "zeroed alone", **pruned})

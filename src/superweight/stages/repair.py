@@ -21,6 +21,7 @@ from superweight.core.conditions import (
     ACTIVATION_RESTORE, BROKEN, ORACLE, OTHER_ROW, PATCHED, RANDOM_WRITE, SEED, Condition, ablated_text, descriptions,
     interventions,
 )
+from superweight.core.cost import part
 from superweight.core.coords import WeightCoord, make_row, row_of, row_text, site, split_row
 from superweight.core.intervene import Ablation, ActivationRestore, Compose, RowPatch, intact_values
 from superweight.core.patching import patched
@@ -129,8 +130,9 @@ def run_repair(
     prepare_run_dir(out, settings, job.resume)
 
     stage("Training patch", cfg.steps)
-    patch, state = train(model, coords, rows, (seqs, mask), cfg,
-                         Track(out, job.checkpoint_every, job.resume, progress))
+    with part("train"):
+        patch, state = train(model, coords, rows, (seqs, mask), cfg,
+                             Track(out, job.checkpoint_every, job.resume, progress))
     save_patch(out, model, patch, coords, {"model": model_id(loaded), "spec": loaded.spec, "recipe": job.label,
                                            "config": cfg})
     # One Ablation serves every condition: measure() applies them one at a time.
@@ -139,22 +141,27 @@ def run_repair(
     fixed = PATCHED(Compose(ablation, patch), f"ablate {ab}, add trained patch on rows {rs}")
     controls = []
     if baselines:
-        controls = _baselines(model, ablation, rows, (originals, patch), (seqs, mask), cfg, progress)
+        with part("baselines"):
+            controls = _baselines(model, ablation, rows, (originals, patch), (seqs, mask), cfg, progress)
     extra_seeds, seeded = {}, []
     for seed in range(cfg.seed + 1, cfg.seed + seeds):
         stage(f"Training patch, seed {seed}", cfg.steps)
-        other, _ = train(model, coords, rows, (seqs, mask), revalidated(cfg, seed=seed), Track(progress=progress))
+        with part(f"train seed {seed}"):
+            other, _ = train(model, coords, rows, (seqs, mask), revalidated(cfg, seed=seed), Track(progress=progress))
         extra_seeds[seed] = other
         seeded.append(SEED(Compose(ablation, other), seed=seed))
     conditions = [broken, fixed, *controls, *seeded]
     channels = sorted({(c.layer, c.row) for c in coords})
     stage("Evaluating", None)
-    metrics = measure(model, eval_ids, interventions(conditions), channels, max_length, bos=bos,
-                      scoring=Scoring(share_below=first_edited_layer(coords, rows)))
+    with part("eval"):
+        metrics = measure(model, eval_ids, interventions(conditions), channels, max_length, bos=bos,
+                          scoring=Scoring(share_below=first_edited_layer(coords, rows)))
     stage("Generating", None)
-    gens = generate.compare(model, tok, interventions([broken, fixed]), GEN_PROMPTS)
+    with part("generate"):
+        gens = generate.compare(model, tok, interventions([broken, fixed]), GEN_PROMPTS)
     base = metrics["base"]
-    inputs = patch_inputs(model, coords, rows, eval_ids, max_length, bos=bos)
+    with part("patch inputs"):
+        inputs = patch_inputs(model, coords, rows, eval_ids, max_length, bos=bos)
     rec = recovery_of(metrics, PATCHED.name())
     extra: dict = {}  # the optional parts, typed as the record is built (not set on it afterwards)
     if baselines:
