@@ -159,7 +159,8 @@ class SparsityPoint(Record):
     nll_gap: float
     kl_recovery: float
     by_contribution: Scored
-    random: RandomScored
+    random: RandomScored | None = Field(None, description="k random entries, mean of the draws; null where the "
+                                                          "adaptive search ran no random control at this k")
 
 
 class TokenSum(Record):
@@ -373,6 +374,7 @@ def smallest_k(sparsity: list[SparsityPoint], target: float = 0.9, ranking: str 
     """The fewest entries whose cut patch recovers `target` of the NLL gap, or None: entries kept by largest |d|
     (the top level of each point), or by `ranking` ("by_contribution", "random")."""
     for e in sorted(sparsity, key=lambda e: e.k):
-        if (getattr(e, ranking) if ranking else e).nll_gap >= target:
+        point = getattr(e, ranking) if ranking else e
+        if point is not None and point.nll_gap >= target:
             return e.k
     return None

@@ -231,8 +231,8 @@ def _sparsity(r: RunRecord, plots) -> list:
         out.append(_columns(sp, [("k", "k", num), ("top-k NLL-gap rec.", "nll_gap", pct),
                                  ("top-k KL rec.", "kl_recovery", pct), ("top-k KL", "kl", num),
                                  ("by-|x·d| NLL-gap rec.", lambda e: e.by_contribution.nll_gap, pct),
-                                 ("random-k NLL-gap rec.", lambda e: e.random.nll_gap, pct),
-                                 ("random-k KL", lambda e: e.random.kl, num)]))
+                                 ("random-k NLL-gap rec.", lambda e: e.random and e.random.nll_gap, pct),
+                                 ("random-k KL", lambda e: e.random and e.random.kl, num)]))
         k_c = smallest_k(sp, ranking="by_contribution")
         out.append(("p", "Top-k keeps the largest |d| entries (parametrization-dependent); by-|x·d| keeps the "
                     "entries that write most at the token where the patch writes most (the massive-activation "

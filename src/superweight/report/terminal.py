@@ -210,7 +210,7 @@ def print_analysis(out: Console, r: RunRecord, patch_line: bool = True) -> None:
     for p in sp:
         c = p.by_contribution
         table.add_row(str(p.k), f"{p.nll_gap:.1%}", fmt(p.kl), f"{c.nll_gap:.1%}", fmt(c.kl),
-                      f"{p.random.nll_gap:.1%}", fmt(p.random.kl))
+                      f"{p.random.nll_gap:.1%}" if p.random else "-", fmt(p.random.kl) if p.random else "-")
     out.print(table)
     k90 = smallest_k(sp)
     dense = sp[-1].nll_gap
