@@ -105,7 +105,7 @@ def run_analyze(loaded: Loaded, run_dir: Path, cfg: AnalyzeConfig | None = None,
     stage("Mechanism view: attention sinks", None)
     with part("sinks"):
         sinks = sink_view(model, ids, interventions([broken, fixed]), (first.layer, first.row), bos,
-                          window=min(WINDOW, max_length))
+                          window=min(WINDOW, max_length), share_below=share_below)
     stage("Token and neuron views", None)
     (layer, row, _expert), vector = split_row(patch.rows[0]), patch.vectors[0].float()
     x, positions = inputs[site(patch.rows[0])]
