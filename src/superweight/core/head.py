@@ -20,6 +20,7 @@ from torch import nn
 
 from superweight.core.arch import input_device
 
+CHUNK_BUDGET = 256 * 2**20  # bytes of vocab-sized fp32 tensors alive at once, by default
 LIVE_COPIES = 4  # vocab-sized fp32 tensors a chunk holds at once (logits / log-probs, base log-probs, p, a temp)
 _VERIFIED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 

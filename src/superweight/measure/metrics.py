@@ -23,7 +23,7 @@ from torch import nn
 
 from superweight.core.arch import decoder_layers, input_device
 from superweight.core.cost import part
-from superweight.core.head import LIVE_COPIES, chunk_tokens, head_of, trunk
+from superweight.core.head import CHUNK_BUDGET, LIVE_COPIES, chunk_tokens, head_of, trunk
 from superweight.core.intervene import Intervention, Trace, hidden
 from superweight.core.prefix import Prefix
 from superweight.errors import UsageError
@@ -62,8 +62,6 @@ def _total(parts: list[torch.Tensor]) -> float:
     """The sum of per-chunk sums, in float64, with one read from the device."""
     return float(torch.stack([p.detach().double().cpu() for p in parts]).sum()) if parts else 0.0
 
-
-CHUNK_BUDGET = 256 * 2**20  # bytes of vocab-sized fp32 tensors alive at once (chunks of tokens)
 
 
 def _batches(wins: list[Window], batch_tokens: int) -> list[list[Window]]:
