@@ -130,3 +130,20 @@ def test_chunked_training_loss_and_gradient_equal_whole_logits(cached, monkeypat
     whole = loss_and_grad()
     assert small[0] == pytest.approx(whole[0], rel=1e-6) and whole[0] > 1e-3
     torch.testing.assert_close(small[1], whole[1], rtol=1e-5, atol=1e-6 * whole[1].abs().max().item())
+
+
+def test_per_condition_shared_blocks_change_no_number(ids):
+    """Each condition starting from the base's state at its own layer gives the numbers of full passes, counts
+    only the blocks it runs, and reports the base's super activation for a channel below its layer."""
+    model = tiny.planted((1, 3, 5))
+    conditions = lambda: {"low": Ablation(model, [WeightCoord(layer=1, row=3, col=5)]),  # noqa: E731
+                          "high": Ablation(model, [WeightCoord(layer=4, row=1, col=2)])}
+    with Ledger(model) as ledger, ledger.stage("x"):
+        shared = measure(model, ids[:100], conditions(), [(1, 3)], max_length=50,
+                         scoring=Scoring(share_below={"low": 1, "high": 4}))
+    full = measure(model, ids[:100], conditions(), [(1, 3)], max_length=50)
+    for name in full:
+        for key in ("nll", "kl", "top1_agree", "super_activation"):
+            assert getattr(shared[name], key) == pytest.approx(getattr(full[name], key), rel=1e-6, abs=1e-9)
+    parts = ledger.counts["x"].parts
+    assert (parts["base"].forward, parts["low"].forward, parts["high"].forward) == (600, 500, 200)

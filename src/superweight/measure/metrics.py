@@ -13,9 +13,9 @@ averaged; NLL is the mean over scored tokens; PPL = exp(NLL).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
+import contextlib
 import math
+from dataclasses import dataclass
 from collections.abc import Callable
 
 import torch
@@ -102,14 +102,16 @@ class Scoring:
     """How `measure` runs its passes, and who watches them.
 
     `share_below=L` promises that no condition touches blocks below L: they run once per batch, in the base
-    pass, and every condition starts from the base's hidden state at block L (`prefix.Prefix`).
+    pass, and every condition starts from the base's hidden state at block L (`prefix.Prefix`). A dict
+    {condition: L} makes the promise per condition (absent: 0); a watched channel below a condition's L then
+    reads the base's value, which is that condition's too.
     `progress(n)` is called after each batch with the number of tokens it covered.
     `observe(name, log_probs [n, V] fp32, labels [n])` sees every chunk's scored log-probs ("base" first).
     `batch_tokens`: tokens per forward pass (fewer when the conditions' final states would pass `chunk_bytes`).
     `chunk_bytes`: the byte budget of the vocab-sized tensors: log-softmax, KL, NLL and top-1 run over chunks of
     tokens sized from it and the vocabulary, so memory does not grow with tokens x vocabulary."""
 
-    share_below: int = 0
+    share_below: int | dict[str, int] = 0
     progress: Callable[[int], None] | None = None
     observe: Callable[[str, torch.Tensor, torch.Tensor], None] | None = None
     batch_tokens: int = 2048
@@ -149,10 +151,12 @@ def measure(
     for layer, _row in channels:
         if not 0 <= layer < n_layers:
             raise UsageError(f"channel layer {layer} out of range: the model has {n_layers} layers")
-        if layer < share_below:
+        if isinstance(share_below, int) and layer < share_below:
             raise ValueError(f"channel layer {layer} lies below share_below={share_below}: its blocks are skipped")
     check_context(model, min(max_length, ids.numel()), max_length)
-    prefix = Prefix(model, share_below)
+    shares = share_below if isinstance(share_below, dict) else dict.fromkeys(conditions, share_below)
+    shares = {name: shares.get(name, 0) for name in conditions}
+    prefixes = {layer: Prefix(model, layer) for layer in {0, *shares.values()}}
     wins = make_windows(ids.numel(), max_length, stride, bos=bos is not None)
     accs = {name: _Acc() for name in ["base", *conditions]}
     head = head_of(model)
@@ -171,11 +175,14 @@ def measure(
         labels = input_ids[:, 1:][mask].to(device)
         mask = None if bool(mask.all()) else mask.to(device)
         input_ids = input_ids.to(device)
-        with prefix.capture(), part("base"):
+        with contextlib.ExitStack() as stack, part("base"):
+            for prefix in prefixes.values():
+                stack.enter_context(prefix.capture())
             states = {"base": _final_states(model, head, input_ids, mask, (watched, accs["base"].act))}
         if head is None:  # whole log-probs: score base now, then each condition as it comes; keep only base's
             _score(accs, states, labels, scoring.observe)
         for name, intervention in conditions.items():
+            prefix = prefixes[shares[name]]
             with intervention, prefix.reuse(prefix.hidden), part(name):
                 states[name] = _final_states(model, head, input_ids, mask, (watched, accs[name].act))
             if head is None:
@@ -187,6 +194,10 @@ def measure(
                 _score(accs, chunks, labels[lo:hi], scoring.observe)
         if progress:
             progress(labels.numel())
+    for name, layer in shares.items():  # channels below a condition's shared blocks: the base's values
+        for c_layer, row in channels:
+            if c_layer < layer and f"{c_layer}:{row}" in accs["base"].act:
+                accs[name].act[f"{c_layer}:{row}"] = accs["base"].act[f"{c_layer}:{row}"]
     return {name: acc.result() for name, acc in accs.items()}
 
 

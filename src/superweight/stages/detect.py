@@ -233,6 +233,8 @@ def verify(model: nn.Module, ids: torch.Tensor, candidates: list[Candidate], cfg
     for c in candidates:
         cand_by_matrix.setdefault((c.layer, c.expert), set()).add((c.row, c.col))
     conditions = {CANDIDATE.name(coord=c.coord): Ablation(model, [c.coord]) for c in candidates}
+    # Each zeroed weight leaves the blocks below its layer as they are: those run once, in the base pass.
+    shares = {CANDIDATE.name(coord=c.coord): c.layer for c in candidates}
     controls: dict[tuple, list[str]] = {}
     dps = [down_projection(model, layer, expert) for layer, expert in cand_by_matrix]
     maxima = input_maxima(model, ids, dps, max_length, bos)  # the windows `measure` reads
@@ -241,9 +243,11 @@ def verify(model: nn.Module, ids: torch.Tensor, candidates: list[Candidate], cfg
         controls[(layer, expert)] = [str(top), str(rand)]
         conditions[TOP_CONTROL.name(layer=layer, expert=expert)] = Ablation(model, [top])
         conditions[RANDOM_CONTROL.name(layer=layer, expert=expert)] = Ablation(model, [rand])
+        shares[TOP_CONTROL.name(layer=layer, expert=expert)] = shares[RANDOM_CONTROL.name(layer=layer, expert=expert)] = layer
     experts = plan_experts(model, ids, candidates, max_length, bos, seed)
     conditions.update(experts.conditions)
-    results = measure(model, ids, conditions, max_length=max_length, bos=bos, scoring=Scoring(progress=progress))
+    results = measure(model, ids, conditions, max_length=max_length, bos=bos,
+                      scoring=Scoring(share_below=shares, progress=progress))
     base = results["base"]
     out = []
     for c in candidates:
