@@ -147,3 +147,32 @@ def test_per_condition_shared_blocks_change_no_number(ids):
             assert getattr(shared[name], key) == pytest.approx(getattr(full[name], key), rel=1e-6, abs=1e-9)
     parts = ledger.counts["x"].parts
     assert (parts["base"].forward, parts["low"].forward, parts["high"].forward) == (600, 500, 200)
+
+
+def test_subset_conditions_stop_at_their_tokens_and_compare_on_the_same(ids):
+    """A condition limited to the first window is scored there only; base@n and broken@n cover the same tokens
+    and equal a measurement of those tokens alone."""
+    model = tiny.planted((1, 3, 5))
+    broken = lambda: Ablation(model, [WeightCoord(layer=1, row=3, col=5)])  # noqa: E731
+    out = measure(model, ids[:200], {"broken": broken(), "control": Ablation(model, [WeightCoord(layer=2, row=1, col=2)])},
+                  max_length=50, scoring=Scoring(share_below=1, subsets={"control": 40}))
+    alone = measure(model, ids[:50], {"broken": broken(), "control": Ablation(model, [WeightCoord(layer=2, row=1, col=2)])},
+                    max_length=50, scoring=Scoring(share_below=1))
+    assert out["control"].n_tokens == out["base@40"].n_tokens == out["broken@40"].n_tokens == 49
+    assert out["base"].n_tokens == 196 and "control@40" not in out
+    for name in ("base", "broken"):
+        assert out[f"{name}@40"].nll == pytest.approx(alone[name].nll, rel=1e-6)
+    assert out["control"].kl == pytest.approx(alone["control"].kl, rel=1e-5, abs=5e-8)
+
+
+def test_nll_gap_interval_brackets_the_recovery():
+    from superweight.measure.recovery import nll_gap_interval
+
+    gen = torch.Generator().manual_seed(0)
+    base = torch.rand(512, generator=gen)
+    broken = base + 2 + torch.rand(512, generator=gen)
+    half = (base + broken) / 2 + 0.1 * torch.randn(512, generator=gen)
+    lo, hi = nll_gap_interval(base, broken, half)
+    point = ((broken - half).sum() / (broken - base).sum()).item()
+    assert lo < point < hi and hi - lo < 0.1
+    assert nll_gap_interval(base[:40], broken[:40], half[:40]) is None

@@ -73,6 +73,8 @@ class Recovery(Record):
 Verdict = Literal["repaired", "partial", "failed"]  # measure/recovery.verdict_of
 class Baseline(Metrics):
     recovery: Recovery
+    interval: list[float] | None = Field(None, description="95% interval of the NLL-gap recovery (block bootstrap "
+                                                           "over the tokens it was scored on, n_tokens)")
 
 
 # --- the patch ---

@@ -43,6 +43,11 @@ class _Acc:
         self.n = 0
         self.act: dict[str, torch.Tensor] = {}
 
+    def copy(self) -> "_Acc":
+        out = _Acc()
+        out.nll, out.kl, out.agree, out.n, out.act = list(self.nll), list(self.kl), list(self.agree), self.n, dict(self.act)
+        return out
+
     def result(self) -> Metrics:
         nll = _total(self.nll) / self.n
         kl = _total(self.kl) / self.n
@@ -64,15 +69,20 @@ def _total(parts: list[torch.Tensor]) -> float:
 
 
 
-def _batches(wins: list[Window], batch_tokens: int) -> list[list[Window]]:
-    """Group windows of equal length into batches of about `batch_tokens` tokens (no padding needed)."""
+def _batches(wins: list[Window], batch_tokens: int, cuts=()) -> list[list[Window]]:
+    """Group windows of equal length into batches of about `batch_tokens` tokens (no padding needed); a batch
+    ends where the scored tokens before a window reach one of `cuts` (so a subset ends on a batch boundary)."""
     out: list[list[Window]] = []
+    scored = start = 0
     for w in wins:
         length = w.end - w.begin
-        if out and len(out[-1]) * length < batch_tokens and out[-1][0].end - out[-1][0].begin == length:
+        cut = any(start < c <= scored for c in cuts)
+        if out and not cut and len(out[-1]) * length < batch_tokens and out[-1][0].end - out[-1][0].begin == length:
             out[-1].append(w)
         else:
             out.append([w])
+            start = scored
+        scored += w.n_scored
     return out
 
 
@@ -109,13 +119,16 @@ class Scoring:
     `observe(name, log_probs [n, V] fp32, labels [n])` sees every chunk's scored log-probs ("base" first).
     `batch_tokens`: tokens per forward pass (fewer when the conditions' final states would pass `chunk_bytes`).
     `chunk_bytes`: the byte budget of the vocab-sized tensors: log-softmax, KL, NLL and top-1 run over chunks of
-    tokens sized from it and the vocabulary, so memory does not grow with tokens x vocabulary."""
+    tokens sized from it and the vocabulary, so memory does not grow with tokens x vocabulary.
+    `subsets` {condition: n} scores that condition on the first windows holding at least n scored tokens only;
+    the results then add "base@n" and "<other condition>@n": the others over the same tokens, to compare with."""
 
     share_below: int | dict[str, int] = 0
     progress: Callable[[int], None] | None = None
     observe: Callable[[str, torch.Tensor, torch.Tensor], None] | None = None
     batch_tokens: int = 2048
     chunk_bytes: int = CHUNK_BUDGET
+    subsets: dict[str, int] | None = None
 
 
 @torch.no_grad()
@@ -167,7 +180,10 @@ def measure(
     batch_tokens = min(scoring.batch_tokens, max(1, scoring.chunk_bytes // (width * 4)))
     chunk = chunk_tokens(vocab, scoring.chunk_bytes)
     watched = {(layer, row): blocks[layer] for layer, row in channels}
-    for batch in _batches(wins, batch_tokens):
+    limits = scoring.subsets or {}
+    cuts = sorted(set(limits.values()))
+    done, snaps = 0, {}
+    for batch in _batches(wins, batch_tokens, cuts):
         input_ids = with_bos(torch.stack([ids[w.begin : w.end] for w in batch]), bos)
         length = input_ids.shape[1]
         targets = torch.arange(1, length) - int(bos is not None)  # text position of each target
@@ -182,6 +198,8 @@ def measure(
         if head is None:  # whole log-probs: score base now, then each condition as it comes; keep only base's
             _score(accs, states, labels, scoring.observe)
         for name, intervention in conditions.items():
+            if name in limits and done >= limits[name]:
+                continue
             prefix = prefixes[shares[name]]
             with intervention, prefix.reuse(prefix.hidden), part(name):
                 states[name] = _final_states(model, head, input_ids, mask, (watched, accs[name].act))
@@ -194,11 +212,18 @@ def measure(
                 _score(accs, chunks, labels[lo:hi], scoring.observe)
         if progress:
             progress(labels.numel())
+        done += labels.numel()
+        snaps |= {n: {k: a.copy() for k, a in accs.items() if k not in limits} for n in cuts
+                  if n not in snaps and done >= n}
     for name, layer in shares.items():  # channels below a condition's shared blocks: the base's values
         for c_layer, row in channels:
             if c_layer < layer and f"{c_layer}:{row}" in accs["base"].act:
                 accs[name].act[f"{c_layer}:{row}"] = accs["base"].act[f"{c_layer}:{row}"]
-    return {name: acc.result() for name, acc in accs.items()}
+    results = {name: acc.result() for name, acc in accs.items()}
+    for n in cuts:
+        results |= {f"{k}@{n}": a.result() for k, a in snaps.get(n, {k: a for k, a in accs.items()
+                                                                        if k not in limits}).items()}
+    return results
 
 
 def _score(accs, lps, labels, observe, first: bool = True) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from superweight.io.record import RunRecord, smallest_k
 from superweight.measure.grade import GRADES, grade_words
-from superweight.report.format import num, pct, ppl, tok, value, vis
+from superweight.report.format import interval, num, pct, ppl, tok, value, vis
 
 
 def _table(headers: list[str], rows: list[list]) -> tuple:
@@ -125,7 +125,14 @@ def _summary(r: RunRecord, plots) -> list:
         ("KL", lambda c: c[1].kl, num), ("top-1 agree", lambda c: c[1].top1_agree, pct),
         ("super act.", lambda c: c[1].super_activation, num),
         ("NLL-gap recovery", lambda c: c[2] and c[2].nll_gap, pct),
-        ("KL recovery", lambda c: c[2] and c[2].kl, pct)]), ("p", note)]
+        ("95% interval", lambda c: getattr(c[1], "interval", None), interval),
+        ("KL recovery", lambda c: c[2] and c[2].kl, pct)]), ("p", note + _subset_note(r))]
+
+
+def _subset_note(r: RunRecord) -> str:
+    sizes = {b.n_tokens for b in (r.baselines or {}).values()} - {r.protocol.n_tokens}
+    return (f" Baselines are scored on the first {num(min(sizes))} tokens, their recoveries against base and broken "
+            "over the same tokens (interval: block bootstrap)." if sizes else "")
 
 
 def _tasks(r: RunRecord, plots) -> list:
@@ -349,9 +356,8 @@ def _generations(r: RunRecord, plots) -> list:
 
 
 def _cost(r: RunRecord) -> dict | None:
-    if r.cost is None:
-        return None
-    return {**{k: round(c.forward + c.backward, 2) for k, c in r.cost.stages.items()}, "total": round(r.cost.total, 2)}
+    c = r.cost
+    return c and {**{k: round(s.forward + s.backward, 2) for k, s in c.stages.items()}, "total": round(c.total, 2)}
 
 
 def _protocol(r: RunRecord, plots) -> list:

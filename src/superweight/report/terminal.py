@@ -157,11 +157,18 @@ def print_repair(out: Console, r: RunRecord, run_dir) -> None:
     table = Table(title=f"Repair ({r.recipe} recipe): {p.corpus}/eval, {p.n_tokens:,} tokens")
     for col in ("condition", "NLL", "PPL", "KL(base||·)", "top-1 agree", "super act.", "NLL-gap rec.", "KL rec."):
         table.add_column(col, justify="left" if col == "condition" else "right")
+    subset = None
     for name, m, rec in r.conditions():
+        interval = getattr(m, "interval", None)
+        gap = f"{rec.nll_gap:.1%}" if rec and rec.nll_gap is not None else ""
         table.add_row(name, fmt(m.nll), fmt(m.ppl, 2), fmt(m.kl), f"{m.top1_agree:.1%}",
-                      fmt(m.super_activation, 1), f"{rec.nll_gap:.1%}" if rec and rec.nll_gap is not None else "",
+                      fmt(m.super_activation, 1), gap + (f" [{interval[0]:.0%}, {interval[1]:.0%}]" if interval else ""),
                       f"{rec.kl:.1%}" if rec and rec.kl is not None else "")
+        subset = m.n_tokens if name not in ("base", "broken", "patched") and m.n_tokens != p.n_tokens else subset
     out.print(table)
+    if subset:
+        out.print(f"Baselines are scored on the first {subset:,} tokens, their recoveries against base and broken "
+                  "over the same tokens [95% interval, block bootstrap].")
     t = r.training
     if r.verdict:
         style = {"repaired": "green", "partial": "yellow", "failed": "bold red"}[r.verdict]

@@ -38,7 +38,7 @@ from superweight.measure import generate
 from superweight.measure.geometry import geometry, rms
 from superweight.measure.inputs import down_inputs, patch_inputs
 from superweight.measure.metrics import Scoring, check_context, measure, protocol_of
-from superweight.measure.recovery import recovery_of, verdict_of
+from superweight.measure.recovery import TokenNLL, nll_gap_interval, recovery_of, verdict_of
 from superweight.measure.tasks import TaskSpec, run_tasks
 from superweight.progress import Progress, or_silent
 from superweight.settings import Settings, revalidated
@@ -82,6 +82,9 @@ class RepairJob(Settings):
 
 GEN_PROMPTS = generate.DEFAULT_PROMPTS[:5]
 RANDOM_DRAWS = 3
+# Baselines are scored on the first eval window (at least this many tokens), beside base and broken over the
+# same tokens, with a 95% interval: their conclusions (a control near 0% or 100%) do not need the whole text.
+BASELINE_TOKENS = 500
 
 
 def _other_row(row: int, d_model: int, seed: int) -> int:
@@ -153,9 +156,12 @@ def run_repair(
     conditions = [broken, fixed, *controls, *seeded]
     channels = sorted({(c.layer, c.row) for c in coords})
     stage("Evaluating", None)
+    subset = {c.name: BASELINE_TOKENS for c in controls}
+    per_token = TokenNLL(["base", BROKEN.name(), *subset])
     with part("eval"):
         metrics = measure(model, eval_ids, interventions(conditions), channels, max_length, bos=bos,
-                          scoring=Scoring(share_below=first_edited_layer(coords, rows)))
+                          scoring=Scoring(share_below=first_edited_layer(coords, rows), subsets=subset or None,
+                                          observe=per_token if subset else None))
     stage("Generating", None)
     with part("generate"):
         gens = generate.compare(model, tok, interventions([broken, fixed]), GEN_PROMPTS)
@@ -165,9 +171,7 @@ def run_repair(
     rec = recovery_of(metrics, PATCHED.name())
     extra: dict = {}  # the optional parts, typed as the record is built (not set on it afterwards)
     if baselines:
-        extra["baselines"] = {
-            c.name: Baseline(**metrics[c.name].model_dump(), recovery=recovery_of(metrics, c.name)) for c in controls
-        }
+        extra["baselines"] = {c.name: _baseline(metrics, c.name, per_token) for c in controls}
     if seeds > 1:
         patches = {cfg.seed: patch, **extra_seeds}
         extra["seeds"] = seed_spread(model, coords, rows, originals, metrics, patches, cfg.seed)
@@ -182,6 +186,15 @@ def run_repair(
     )
     write_record(out, record)
     return record
+
+
+def _baseline(metrics, name: str, per_token: TokenNLL) -> Baseline:
+    """A baseline scored on its subset of the eval tokens: recovery against base and broken over those tokens."""
+    n = BASELINE_TOKENS
+    same = {"base": metrics[f"base@{n}"], BROKEN.name(): metrics[f"{BROKEN.name()}@{n}"], name: metrics[name]}
+    interval = nll_gap_interval(per_token["base"], per_token[BROKEN.name()], per_token[name])
+    return Baseline(**metrics[name].model_dump(), recovery=recovery_of(same, name),
+                    interval=list(interval) if interval else None)
 
 
 def repair_settings(spec: str, job: RepairJob, coords: list[WeightCoord], rows, bos: str = "auto") -> RunConfig:
