@@ -21,10 +21,18 @@ import time
 from pathlib import Path
 
 
+def sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--dtype", default="fp32", help="fp32 (the issue's numbers), bf16 or auto")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, ...")
     parser.add_argument("--eval-tokens", type=int, default=2048)
     parser.add_argument("--budget", type=float, default=300.0, help="seconds the run should stay under")
     parser.add_argument("--fresh-cache", action="store_true", help="convert the model into an empty cache first")
@@ -41,19 +49,21 @@ def main() -> None:
 
     try:
         t0 = time.perf_counter()
-        loaded = models.load(args.model, Placement(device="cpu", dtype=args.dtype))
+        loaded = models.load(args.model, Placement(device=args.device, dtype=args.dtype))
         load = time.perf_counter() - t0
         ids = corpora.tokenize(loaded.tokenizer, corpora.load_text(corpora.DEFAULT_CORPUS, "eval"), args.eval_tokens)
         measure(loaded.model, ids[:64], bos=loaded.bos)  # warm-up
+        sync()
         t0 = time.perf_counter()
         measure(loaded.model, ids, bos=loaded.bos)
+        sync()
         plain = time.perf_counter() - t0
         job = PipelineJob(repair=RepairJob(eval_tokens=args.eval_tokens, baselines=True))
         t0 = time.perf_counter()
         record = run_pipeline(loaded, scratch / "run", job)
         wall = time.perf_counter() - t0
         cost = record.cost
-        print(f"superweight run -m {args.model} --dtype {args.dtype} ({os.cpu_count()} CPUs, load average "
+        print(f"superweight run -m {args.model} --dtype {loaded.dtype} on {loaded.device} ({os.cpu_count()} CPUs, load average "
               f"{os.getloadavg()[0]:.1f}; model load {load:.0f} s, not counted)")
         print(f"weight {record.weight}, verdict {record.verdict}, NLL-gap recovery {record.recovery.nll_gap:.1%}")
         print(f"{'stage':<10} {'seconds':>8} {'fwd passes':>11} {'bwd passes':>11} {'total':>7}")
