@@ -37,6 +37,7 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=300.0, help="seconds the run should stay under")
     parser.add_argument("--fresh-cache", action="store_true", help="convert the model into an empty cache first")
     parser.add_argument("--json", help="also write the numbers to this file")
+    parser.add_argument("--keep", help="run in this directory (new) and keep it")
     args = parser.parse_args()
     scratch = Path(tempfile.mkdtemp(prefix="bench_run_"))
     if args.fresh_cache:
@@ -60,7 +61,7 @@ def main() -> None:
         plain = time.perf_counter() - t0
         job = PipelineJob(repair=RepairJob(eval_tokens=args.eval_tokens, baselines=True))
         t0 = time.perf_counter()
-        record = run_pipeline(loaded, scratch / "run", job)
+        record = run_pipeline(loaded, Path(args.keep) if args.keep else scratch / "run", job)
         wall = time.perf_counter() - t0
         cost = record.cost
         print(f"superweight run -m {args.model} --dtype {loaded.dtype} on {loaded.device} ({os.cpu_count()} CPUs, load average "
