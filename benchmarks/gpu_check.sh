@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# One-GPU check for issue 12, under 8 minutes on one modern GPU (prepared on a CPU-only machine; not run yet).
-#   1. the tests that touch dtypes, devices and data parallelism, with CUDA visible (they pass without it too);
-#   2. `superweight run` on the embedded model with --device cuda --dtype auto (bf16 where supported);
+# One-GPU check for issues 12 and 28, under 9 minutes on one modern GPU (prepared on a CPU-only machine).
+#   1. the tests that touch dtypes, devices, data parallelism, chunked scoring and the cost counter, with CUDA
+#      visible (they pass without it too);
+#   2. `superweight run` on the embedded model with --device cuda --dtype auto (bf16 where supported), then
+#      benchmarks/bench_run.py on cuda: eval-pass equivalents per stage and run / plain-pass wall;
 #   3. the OLMo-1B-shaped repair step, fp32 vs bf16 weights (benchmarks/bench_repair.py on cuda).
 # Usage: bash benchmarks/gpu_check.sh [OUT_DIR]   (numbers go to OUT_DIR/*.txt, default $OUT or /tmp/gpu_check)
 set -u
@@ -16,13 +18,15 @@ torch.cuda.get_device_name() if torch.cuda.is_available() else '-',
 
 echo "== 1. tests (about 2 min)"
 timeout 240 "$PY" -m pytest -q tests/test_dtype_devices.py tests/test_distributed.py tests/test_intervene.py \
-  tests/test_train.py 2>&1 | tail -5 | tee "$OUT_DIR/tests.txt"
+  tests/test_train.py tests/test_cost.py 2>&1 | tail -5 | tee "$OUT_DIR/tests.txt"
 
 echo "== 2. superweight run --device cuda --dtype auto on the embedded model (about 1-2 min)"
 rm -rf "$OUT_DIR/run"
 /usr/bin/time -v timeout 240 "$SW" run --device cuda --dtype auto --out "$OUT_DIR/run" \
   > "$OUT_DIR/run.txt" 2> "$OUT_DIR/run.err"
-echo "rc $?"; grep -E "dtype auto|NLL-gap|PPL|Elapsed" "$OUT_DIR/run.txt" "$OUT_DIR/run.err" | head -12
+echo "rc $?"; grep -E "dtype auto|NLL-gap|PPL|Elapsed|Seconds" "$OUT_DIR/run.txt" "$OUT_DIR/run.err" | head -12
+timeout 180 "$PY" benchmarks/bench_run.py --device cuda --dtype auto --json "$OUT_DIR/bench_run.json" 2>&1 \
+  | tee "$OUT_DIR/bench_run.txt"
 
 echo "== 3. OLMo-1B-shaped step, fp32 vs bf16 weights, on cuda (about 1 min)"
 timeout 180 "$PY" - <<'EOF' 2>&1 | tee "$OUT_DIR/olmo_step.txt"

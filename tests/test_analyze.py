@@ -21,7 +21,10 @@ from superweight.io.record import SparsityPoint, smallest_k
 from superweight.io.rundir import read_record
 from superweight.measure.geometry import geometry
 from superweight.measure.metrics import Scoring, measure
-from superweight.measure.sparsity import powers_of_two
+from superweight.core.conditions import CONTRIB_K, TOP_K
+from superweight.io.record import Metrics
+from superweight.measure.recovery import scored
+from superweight.measure.sparsity import SparsitySearch, powers_of_two
 from superweight.measure.views import logit_lens
 from superweight.report import write_report
 from superweight.report.terminal import print_analysis
@@ -85,7 +88,7 @@ def test_oracle_patch_geometry_is_the_deleted_weight(oracle_run, loaded):
 def test_sparsity_of_the_oracle_needs_one_entry_and_random_k_does_not(oracle_run):
     _, results = oracle_run
     sp = results["sparsity"]
-    assert [p["k"] for p in sp] == [1, 2, 4, 8, 16, 32, 64]
+    assert [p["k"] for p in sp] == [1, 64]  # k = 1 answers every search: nothing between is measured
     assert sp[0]["nll_gap"] == pytest.approx(1.0, abs=1e-4) and sp[0]["kl"] < 1e-6
     assert all(p["nll_gap"] == pytest.approx(1.0, abs=1e-4) for p in sp)  # the other entries are zero
     # k random entries of a one-hot patch miss the one that matters (seeded draws: 1/64 chance each).
@@ -93,6 +96,45 @@ def test_sparsity_of_the_oracle_needs_one_entry_and_random_k_does_not(oracle_run
     assert sp[-1]["random"] == {**sp[-1]["random"], "draws": 0} and sp[-1]["random"]["nll_gap"] == sp[-1]["nll_gap"]
     assert smallest_k([SparsityPoint(**p) for p in sp]) == 1
     assert sp[0]["by_contribution"]["nll_gap"] == pytest.approx(1.0, abs=1e-4)  # x*d ranks the one entry first
+
+
+def _fake(gap: float):
+    return Metrics(nll=1.0 - gap, ppl=1.0, kl=1.0 - gap, top1_agree=1.0, n_tokens=10)
+
+
+@pytest.mark.parametrize("curves", [
+    ({1: 0.1, 2: 0.3, 4: 0.5, 8: 0.7, 16: 0.85, 32: 0.93, 64: 0.97, 128: 0.99, 200: 1.0}, "top"),
+    ({1: 0.0, 2: 0.0, 4: 0.2, 8: 0.95, 16: 0.96, 32: 0.99, 64: 0.995, 128: 1.0, 200: 1.0}, "contrib"),
+    ({1: 0.95, 2: 0.97, 4: 0.98, 8: 0.99, 16: 0.99, 32: 0.99, 64: 0.99, 128: 1.0, 200: 1.0}, "top"),
+    ({1: 0.0, 2: 0.0, 4: 0.0, 8: 0.0, 16: 0.0, 32: 0.1, 64: 0.5, 128: 0.8, 200: 0.85}, "top"),
+])
+def test_sparsity_search_finds_the_full_grids_smallest_k(curves):
+    """Bisection over the grid lands on the smallest k the full grid finds, for both rankings and both targets
+    (90%, and 90% of the full patch's recovery), on monotone curves, measuring fewer k."""
+    curve, slow = curves
+    other = {k: min(1.0, v + 0.3) if k > 1 else v for k, v in curve.items()}
+    top, contrib = (curve, other) if slow == "top" else (other, curve)
+    n = 200
+    search = SparsitySearch.__new__(SparsitySearch)
+    search.n, search.grid, search.draws = n, powers_of_two(n), 2
+    metrics = {"base": _fake(1.0), "broken": _fake(0.0), "patched": _fake(curve[n])}
+    rounds = 0
+    while True:
+        todo, found = search.answers(metrics)
+        if not todo:
+            break
+        rounds += 1
+        for k in todo:
+            metrics[TOP_K.name(k=k)], metrics[CONTRIB_K.name(k=k)] = _fake(top[k]), _fake(contrib[k])
+    table = search.table(metrics)
+    full = [SparsityPoint(k=k, **scored(_fake(top[k]), metrics["base"], metrics["broken"]).model_dump(),
+                          by_contribution=scored(_fake(contrib[k]), metrics["base"], metrics["broken"]))
+            for k in powers_of_two(n)]
+    for target in (0.9, 0.9 * curve[n]):
+        assert smallest_k(table, target) == smallest_k(full, target)
+    assert smallest_k(table, 0.9, "by_contribution") == smallest_k(full, 0.9, "by_contribution")
+    assert found >= {k for k in (smallest_k(full, 0.9), smallest_k(full, 0.9, "by_contribution")) if k}
+    assert len(table) < len(full) and rounds <= 4
 
 
 def test_super_activation_sweep_tokens_and_neurons(oracle_run, loaded):

@@ -70,7 +70,7 @@ def test_what_each_run_holds(all_runs):
     assert set(one.baselines) == {"oracle", "activation_restore", "random_same_write_1", "random_same_write_2",
                                   "random_same_write_3", "other_row"}
     assert [v.seed for v in one.seeds.values] == [0, 1] and one.sparse_training.points[0].method == "l1"
-    assert two.baselines is None and two.seeds is None and len(two.sparsity) == 8  # 1, 2, ..., 64 and 128
+    assert two.baselines is None and two.seeds is None and [two.sparsity[0].k, two.sparsity[-1].k] == [1, 128]  # the search's k
     assert [(g.key, [c.col for c in g.cols]) for g in weights.patch.rows] == [("1:5", [7]), ("1:9", [3])]
     assert weights.protocol.interventions["broken"] == "ablate 1:5:7, 1:9:3" and weights.weight == "1:5:7, 1:9:3"
     assert minimal.sparsity is None and minimal.analysis is None and minimal.detect is None

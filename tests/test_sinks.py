@@ -160,3 +160,22 @@ def test_with_a_bos_the_sink_is_position_zero():
     assert view.windows == 300 // 31 and view.n_tokens == view.windows * 31
     assert all(p[0] == 0 for p in view.positions)
     assert set(view.layers[0].conditions) == {"base"} and view.breaks_at is None and view.restored is None
+
+
+def test_shared_prefix_gives_the_same_view(view):
+    """Conditions that start from the base's hidden state at the ablated layer (share_below=1) give the view
+    measured with every block run for every condition, number for number."""
+    model = sink_planted()
+    d = torch.zeros(down_projection(model, 1).d_ff)
+    d[7] = down_projection(model, 1).get(5, 7).item()
+    ablation = Ablation(model, [COORD])
+    conditions = {"broken": ablation, "patched": Compose(ablation, RowPatch(model, [(1, 5)], [d]))}
+    shared = sink_view(model, stream(), conditions, (1, 5), window=64, share_below=1)
+    a, b = shared.model_dump(exclude={"seconds"}), view.model_dump(exclude={"seconds"})
+    assert a.keys() == b.keys()
+    for la, lb in zip(a["layers"], b["layers"]):
+        for name in lb["conditions"]:
+            for key, value in lb["conditions"][name].items():
+                assert la["conditions"][name][key] == pytest.approx(value, rel=1e-6, abs=1e-9), (la["layer"], name, key)
+    assert (a["breaks_at"], a["positions"]) == (b["breaks_at"], b["positions"])
+    assert a["restored"] == pytest.approx(b["restored"], rel=1e-6)

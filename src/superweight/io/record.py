@@ -75,6 +75,8 @@ class Recovery(Record):
 Verdict = Literal["repaired", "partial", "failed", "nothing to repair"]
 class Baseline(Metrics):
     recovery: Recovery
+    interval: list[float] | None = Field(None, description="95% interval of the NLL-gap recovery (block bootstrap "
+                                                           "over the tokens it was scored on, n_tokens)")
 
 
 # --- the patch ---
@@ -161,7 +163,8 @@ class SparsityPoint(Record):
     nll_gap: float | None = Field(description="null where the ablation did no NLL damage (Recovery)")
     kl_recovery: float | None = Field(description="null where the ablation did no KL damage (Recovery)")
     by_contribution: Scored
-    random: RandomScored
+    random: RandomScored | None = Field(None, description="k random entries, mean of the draws; null where the "
+                                                          "adaptive search ran no random control at this k")
 
 
 class TokenSum(Record):
@@ -300,6 +303,24 @@ class TaskResults(Record):
     scores: dict[str, dict[str, dict[str, TaskScore]]] = Field(description="condition -> task -> metric -> score")
 
 
+# --- the cost account (`run`) ---
+class StageCost(Record):
+    forward: float = Field(description="forward work in eval-pass equivalents (tokens x decoder layers run, over "
+                                       "the unit's)")
+    backward: float = Field(0.0, description="backward work, same unit (a backward pass costs about two forward)")
+    seconds: float | None = Field(None, description="wall seconds of the stage (as timings)")
+    parts: dict[str, float] = Field(default_factory=dict, description="forward + backward eval-pass equivalents of "
+                                                                      "each part (training, a condition, a view)")
+
+
+class CostAccount(Record):
+    unit: int = Field(description="token-layers of one eval pass: the eval tokens (BOS included) x decoder layers")
+    eval_tokens: int = Field(description="tokens one forward pass over the run's eval text feeds")
+    layers: int = Field(description="decoder layers of the model")
+    stages: dict[str, StageCost] = Field(description="per stage, in the order they ran")
+    total: float = Field(description="forward + backward eval-pass equivalents of every stage")
+
+
 class RunRecord(Shown, Record):
     """results.json. `repair` writes the fields up to `seeds`; the rest stay None until their stage runs."""
 
@@ -341,6 +362,8 @@ class RunRecord(Shown, Record):
     # run
     detect: DetectSummary | None = None
     timings: dict[str, float] | None = None
+    cost: CostAccount | None = Field(None, description="the model work of each stage in eval-pass equivalents "
+                                                       "(null in runs made before the account)")
 
     def conditions(self) -> list[tuple[str, Metrics, Recovery | None]]:
         """(name, metrics, recovery) for base, broken, patched and every baseline."""
@@ -359,7 +382,7 @@ def smallest_k(sparsity: list[SparsityPoint], target: float = 0.9, ranking: str 
     """The fewest entries whose cut patch recovers `target` of the NLL gap, or None: entries kept by largest |d|
     (the top level of each point), or by `ranking` ("by_contribution", "random")."""
     for e in sorted(sparsity, key=lambda e: e.k):
-        gap = (getattr(e, ranking) if ranking else e).nll_gap
-        if gap is not None and gap >= target:
+        point = getattr(e, ranking) if ranking else e
+        if point is not None and point.nll_gap is not None and point.nll_gap >= target:
             return e.k
     return None

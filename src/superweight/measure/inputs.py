@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from superweight.core.arch import DownProj, decoder_layers, down_projection, input_device, moe_block
+from superweight.core.head import trunk
 from superweight.core.coords import site, split_row
 from superweight.core.intervene import Ablation, Trace, hidden
 from superweight.io.corpora import NO_BOS, Bos, with_bos
@@ -47,7 +48,7 @@ def down_inputs(model: nn.Module, ids: torch.Tensor, layer: int, max_length: int
         for window in _windows(ids, max_length, bos):
             positions.extend(range(window.numel()))
             try:
-                model(input_ids=window[None].to(device), use_cache=False)
+                trunk(model)(input_ids=window[None].to(device), use_cache=False)
             except _Stop:
                 pass
     finally:
@@ -68,9 +69,20 @@ def input_maxima(model: nn.Module, ids: torch.Tensor, dps: list[DownProj], max_l
         x = dps[i].inputs(inp).detach().float().abs().flatten(0, -2).max(0).values
         xmax[i] = torch.maximum(xmax[i], x.to(device))
 
-    with Trace(dict(enumerate(dp.module for dp in dps)), record):
-        for window in _windows(ids, max_length, bos):
-            model(input_ids=window[None].to(device), use_cache=False)
+    def stop(*_):
+        raise _Stop
+
+    # Passes stop after the highest layer read (its whole block, so every expert of it has run).
+    last = decoder_layers(model)[max(dp.layer for dp in dps)].register_forward_hook(stop)
+    try:
+        with Trace(dict(enumerate(dp.module for dp in dps)), record):
+            for window in _windows(ids, max_length, bos):
+                try:
+                    trunk(model)(input_ids=window[None].to(device), use_cache=False)
+                except _Stop:
+                    pass
+    finally:
+        last.remove()
     return xmax
 
 
@@ -123,7 +135,7 @@ def router_choices(model: nn.Module, ids: torch.Tensor, layer: int, max_length: 
     try:
         for window in _windows(ids, max_length, bos):
             try:
-                model(input_ids=window[None].to(input_device(model)), use_cache=False)
+                trunk(model)(input_ids=window[None].to(input_device(model)), use_cache=False)
             except _Stop:
                 pass
     finally:

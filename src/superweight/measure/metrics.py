@@ -13,15 +13,17 @@ averaged; NLL is the mean over scored tokens; PPL = exp(NLL).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
+import contextlib
 import math
+from dataclasses import dataclass
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from superweight.core.arch import decoder_layers, input_device
+from superweight.core.cost import part
+from superweight.core.head import CHUNK_BUDGET, LIVE_COPIES, chunk_tokens, head_of, trunk
 from superweight.core.intervene import Intervention, Trace, hidden
 from superweight.core.prefix import Prefix
 from superweight.errors import UsageError
@@ -32,60 +34,77 @@ from superweight.io.record import Metrics, Protocol
 
 
 class _Acc:
-    """Running sums for one condition."""
+    """Running sums for one condition, kept on the device (read once, at the end)."""
 
     def __init__(self):
-        self.nll = 0.0
-        self.kl = 0.0
-        self.agree = 0
+        self.nll: list[torch.Tensor] = []
+        self.kl: list[torch.Tensor] = []
+        self.agree: list[torch.Tensor] = []
         self.n = 0
-        self.act: dict[str, float] = {}
+        self.act: dict[str, torch.Tensor] = {}
+
+    def copy(self) -> "_Acc":
+        out = _Acc()
+        out.nll, out.kl, out.agree, out.n, out.act = list(self.nll), list(self.kl), list(self.agree), self.n, dict(self.act)
+        return out
 
     def result(self) -> Metrics:
-        nll = self.nll / self.n
-        acts = dict(sorted(self.act.items()))
+        nll = _total(self.nll) / self.n
+        kl = _total(self.kl) / self.n
+        acts = {k: float(v) for k, v in sorted(self.act.items())}
         return Metrics(
             nll=nll,
             ppl=math.exp(min(nll, 700.0)),
-            kl=max(self.kl / self.n, 0.0),
-            top1_agree=self.agree / self.n,
+            kl=max(kl, 0.0),
+            top1_agree=(_total(self.agree) / self.n) if self.agree else 1.0,
             super_activation=max(acts.values()) if acts else None,
             super_activation_by_channel=acts,
             n_tokens=self.n,
         )
 
 
-LOGIT_BUDGET = 512 * 2**20  # bytes of fp32 logits per batch (one window per batch at the least)
+def _total(parts: list[torch.Tensor]) -> float:
+    """The sum of per-chunk sums, in float64, with one read from the device."""
+    return float(torch.stack([p.detach().double().cpu() for p in parts]).sum()) if parts else 0.0
 
 
-def _batches(wins: list[Window], batch_tokens: int) -> list[list[Window]]:
-    """Group windows of equal length into batches of about `batch_tokens` tokens (no padding needed)."""
+
+def _batches(wins: list[Window], batch_tokens: int, cuts=()) -> list[list[Window]]:
+    """Group windows of equal length into batches of about `batch_tokens` tokens (no padding needed); a batch
+    ends where the scored tokens before a window reach one of `cuts` (so a subset ends on a batch boundary)."""
     out: list[list[Window]] = []
+    scored = start = 0
     for w in wins:
         length = w.end - w.begin
-        if out and len(out[-1]) * length < batch_tokens and out[-1][0].end - out[-1][0].begin == length:
+        cut = any(start < c <= scored for c in cuts)
+        if out and not cut and len(out[-1]) * length < batch_tokens and out[-1][0].end - out[-1][0].begin == length:
             out[-1].append(w)
         else:
             out.append([w])
+            start = scored
+        scored += w.n_scored
     return out
 
 
-def _forward(model, input_ids, mask, channels, blocks, acc_act):
-    """Scored-position log-probs [N, V] in fp32, recording super activations into `acc_act`."""
+def _final_states(model, head, input_ids, mask, watch):
+    """The scored positions' final hidden states [N, D] (with a checked head) or fp32 log-probs [N, V] (without),
+    recording super activations on the way (`watch`: (blocks by (layer, row), accumulator dict))."""
+    watched, acc_act = watch
 
     def record(name, _inp, out):
         layer, row = name
-        value = hidden(out)[..., row].detach().abs().max().item()
+        value = hidden(out)[..., row].detach().abs().amax().float()
         key = f"{layer}:{row}"
-        acc_act[key] = max(acc_act.get(key, 0.0), value)
+        acc_act[key] = torch.maximum(acc_act[key], value) if key in acc_act else value
 
-    watched = {(layer, row): blocks[layer] for layer, row in channels}
-    # Trace keys must be hashable names; tuples are fine for our own callback.
     with Trace(watched, record):
-        logits = model(input_ids=input_ids, use_cache=False).logits[:, :-1]
-    # Boolean indexing copies the [N, V] logits; skip it when every position is scored (the default).
-    scored = logits.flatten(0, 1) if bool(mask.all()) else logits[mask]
-    return scored.float().log_softmax(-1)
+        if head is not None:
+            states = trunk(model)(input_ids=input_ids, use_cache=False).last_hidden_state[:, :-1]
+        else:
+            states = model(input_ids=input_ids, use_cache=False).logits[:, :-1]
+    # Boolean indexing copies; skip it when every position is scored (the default).
+    scored = states.flatten(0, 1) if mask is None else states[mask]
+    return scored if head is not None else scored.float().log_softmax(-1)
 
 
 @dataclass(frozen=True)
@@ -93,15 +112,23 @@ class Scoring:
     """How `measure` runs its passes, and who watches them.
 
     `share_below=L` promises that no condition touches blocks below L: they run once per batch, in the base
-    pass, and every condition starts from the base's hidden state at block L (`prefix.Prefix`).
+    pass, and every condition starts from the base's hidden state at block L (`prefix.Prefix`). A dict
+    {condition: L} makes the promise per condition (absent: 0); a watched channel below a condition's L then
+    reads the base's value, which is that condition's too.
     `progress(n)` is called after each batch with the number of tokens it covered.
-    `observe(name, log_probs [N, V] fp32, labels [N])` sees every pass's scored log-probs ("base" first).
-    `batch_tokens`: tokens per forward pass (capped so the logits stay near LOGIT_BUDGET)."""
+    `observe(name, log_probs [n, V] fp32, labels [n])` sees every chunk's scored log-probs ("base" first).
+    `batch_tokens`: tokens per forward pass (fewer when the conditions' final states would pass `chunk_bytes`).
+    `chunk_bytes`: the byte budget of the vocab-sized tensors: log-softmax, KL, NLL and top-1 run over chunks of
+    tokens sized from it and the vocabulary, so memory does not grow with tokens x vocabulary.
+    `subsets` {condition: n} scores that condition on the first windows holding at least n scored tokens only;
+    the results then add "base@n" and "<other condition>@n": the others over the same tokens, to compare with."""
 
-    share_below: int = 0
+    share_below: int | dict[str, int] = 0
     progress: Callable[[int], None] | None = None
     observe: Callable[[str, torch.Tensor, torch.Tensor], None] | None = None
     batch_tokens: int = 2048
+    chunk_bytes: int = CHUNK_BUDGET
+    subsets: dict[str, int] | None = None
 
 
 @torch.no_grad()
@@ -120,10 +147,13 @@ def measure(
     `channels` lists (layer, row) residual channels whose max |activation| is reported (super activations).
     `bos` (io/corpora.Bos, a loaded model's `.bos`): the token that starts every window, if any; the first text
     token is then scored from it.
-    `scoring` (Scoring): the shared lower blocks, the progress and observer callbacks, the batch size.
+    `scoring` (Scoring): the shared lower blocks, the progress and observer callbacks, the batch and chunk sizes.
+
+    Each batch runs the trunk once per condition and keeps only the final hidden states of the scored tokens;
+    the head, log-softmax, NLL, KL and top-1 then run a chunk of tokens at a time (`Scoring.chunk_bytes`).
     """
     scoring = scoring or Scoring()
-    share_below, progress, observe = scoring.share_below, scoring.progress, scoring.observe
+    share_below, progress = scoring.share_below, scoring.progress
     conditions = dict(conditions or {})
     if "base" in conditions:
         raise ValueError("'base' is reserved for the model with no intervention")
@@ -135,48 +165,96 @@ def measure(
     for layer, _row in channels:
         if not 0 <= layer < n_layers:
             raise UsageError(f"channel layer {layer} out of range: the model has {n_layers} layers")
-        if layer < share_below:
+        if isinstance(share_below, int) and layer < share_below:
             raise ValueError(f"channel layer {layer} lies below share_below={share_below}: its blocks are skipped")
     check_context(model, min(max_length, ids.numel()), max_length)
-    prefix = Prefix(model, share_below)
+    shares = share_below if isinstance(share_below, dict) else dict.fromkeys(conditions, share_below)
+    shares = {name: shares.get(name, 0) for name in conditions}
+    prefixes = {layer: Prefix(model, layer) for layer in {0, *shares.values()}}
     wins = make_windows(ids.numel(), max_length, stride, bos=bos)
     accs = {name: _Acc() for name in ["base", *conditions]}
-    # A batch's logits are batch_tokens x vocab floats, several times over (base and condition log-probs, KL):
-    # 2,048 x 49k (SmolLM2) is 0.4 GB, 2,048 x 262k (Gemma 3) 2.1 GB. Cap them near LOGIT_BUDGET.
+    head = head_of(model)
     vocab = model.get_output_embeddings().weight.shape[0]
-    batch_tokens = min(scoring.batch_tokens, max(1, LOGIT_BUDGET // (vocab * 4)))
-    for batch in _batches(wins, batch_tokens):
-        input_ids = with_bos(torch.stack([ids[w.begin : w.end] for w in batch]), bos).to(device)
+    # Kept per batch: every condition's final states [tokens, D] (with a head), or the whole fp32 log-probs
+    # [tokens, V] of two passes at a time (without); both held near chunk_bytes.
+    width = model.get_output_embeddings().weight.shape[1] * (len(accs)) if head is not None else vocab * LIVE_COPIES
+    batch_tokens = min(scoring.batch_tokens, max(1, scoring.chunk_bytes // (width * 4)))
+    chunk = chunk_tokens(vocab, scoring.chunk_bytes)
+    watched = {(layer, row): blocks[layer] for layer, row in channels}
+    limits = scoring.subsets or {}
+    cuts = sorted(set(limits.values()))
+    done, snaps = 0, {}
+    for batch in _batches(wins, batch_tokens, cuts):
+        input_ids = with_bos(torch.stack([ids[w.begin : w.end] for w in batch]), bos)
         length = input_ids.shape[1]
         targets = torch.arange(1, length) - int(bos.on)  # text position of each target
-        mask = torch.stack([targets + w.begin >= w.score_from for w in batch]).to(device)
-        labels = input_ids[:, 1:][mask]
-        with prefix.capture():
-            base_lp = _forward(model, input_ids, mask, channels, blocks, accs["base"].act)
-        _accumulate(accs["base"], base_lp, labels, agree=labels.numel())
+        mask = torch.stack([targets + w.begin >= w.score_from for w in batch])
+        labels = input_ids[:, 1:][mask].to(device)
+        mask = None if bool(mask.all()) else mask.to(device)
+        input_ids = input_ids.to(device)
+        with contextlib.ExitStack() as stack, part("base"):
+            for prefix in prefixes.values():
+                stack.enter_context(prefix.capture())
+            states = {"base": _final_states(model, head, input_ids, mask, (watched, accs["base"].act))}
+        if head is None:  # whole log-probs: score base now, then each condition as it comes; keep only base's
+            _score(accs, states, labels, scoring.observe)
+        for name, intervention in conditions.items():
+            if name in limits and done >= limits[name]:
+                continue
+            prefix = prefixes[shares[name]]
+            with intervention, prefix.reuse(prefix.hidden), part(name):
+                states[name] = _final_states(model, head, input_ids, mask, (watched, accs[name].act))
+            if head is None:
+                _score(accs, {"base": states["base"], name: states.pop(name)}, labels, scoring.observe, first=False)
+        if head is not None:
+            for lo in range(0, labels.numel(), chunk):
+                hi = min(lo + chunk, labels.numel())
+                chunks = ((k, head(v[lo:hi]).float().log_softmax(-1)) for k, v in states.items())  # one at a time
+                _score(accs, chunks, labels[lo:hi], scoring.observe)
+        if progress:
+            progress(labels.numel())
+        done += labels.numel()
+        snaps |= {n: {k: a.copy() for k, a in accs.items() if k not in limits} for n in cuts
+                  if n not in snaps and done >= n}
+    for name, layer in shares.items():  # channels below a condition's shared blocks: the base's values
+        for c_layer, row in channels:
+            if c_layer < layer and f"{c_layer}:{row}" in accs["base"].act:
+                accs[name].act[f"{c_layer}:{row}"] = accs["base"].act[f"{c_layer}:{row}"]
+    results = {name: acc.result() for name, acc in accs.items()}
+    for n in cuts:
+        results |= {f"{k}@{n}": a.result() for k, a in snaps.get(n, {k: a for k, a in accs.items()
+                                                                        if k not in limits}).items()}
+    return results
+
+
+def _score(accs, lps, labels, observe, first: bool = True) -> None:
+    """Add one chunk's NLL, top-1 agreement and KL(base || condition) to the accumulators. `lps`: (name, fp32
+    log-probs [n, V]) pairs of the same tokens, base first, made one at a time when a generator; base's own sums
+    are added when `first`."""
+    lps = iter(lps.items() if isinstance(lps, dict) else lps)
+    _, base_lp = next(lps)
+    if first:
+        _nll(accs["base"], base_lp, labels)
         if observe:
             observe("base", base_lp, labels)
-        if conditions:
-            base_top = base_lp.argmax(-1)
-            base_p = base_lp.exp()  # shared by every condition's KL
-        for name, intervention in conditions.items():
-            with intervention, prefix.reuse(prefix.hidden):
-                lp = _forward(model, input_ids, mask, channels, blocks, accs[name].act)
-            _accumulate(accs[name], lp, labels, agree=(lp.argmax(-1) == base_top).sum().item())
-            if observe:
-                observe(name, lp, labels)
-            # KL(base || cond) = sum_v p_base (log p_base - log p_cond). The difference is taken elementwise
-            # (in place: lp is not needed again) so tiny KLs, e.g. of control ablations, survive; the
-            # expanded form sum(p log p) - dot(p, lp) loses them to cancellation.
-            accs[name].kl += lp.neg_().add_(base_lp).mul_(base_p).sum().item()
-        if progress:
-            progress(int(mask.sum()))
-    return {name: acc.result() for name, acc in accs.items()}
+    base_top = base_p = None
+    for name, lp in lps:
+        if base_p is None:
+            base_top, base_p = base_lp.argmax(-1), base_lp.exp()  # shared by every condition's KL
+        acc = accs[name]
+        _nll(acc, lp, labels)
+        acc.agree.append((lp.argmax(-1) == base_top).sum())
+        if observe:
+            observe(name, lp, labels)
+        # KL(base || cond) = sum_v p_base (log p_base - log p_cond), per token, clamped at 0 (rounding can leave a
+        # tiny negative). The difference is taken elementwise (in place: lp is not needed again) so tiny KLs,
+        # e.g. of control ablations, survive; the expanded form sum(p log p) - dot(p, lp) loses them.
+        acc.kl.append(lp.neg_().add_(base_lp).mul_(base_p).sum(-1).clamp_min_(0).sum())
+        del lp
 
 
-def _accumulate(acc: _Acc, lp, labels, agree: int) -> None:
-    acc.nll += -lp.gather(-1, labels[:, None]).sum().item()
-    acc.agree += agree
+def _nll(acc: _Acc, lp, labels) -> None:
+    acc.nll.append(-lp.gather(-1, labels[:, None]).sum())
     acc.n += labels.numel()
 
 
@@ -199,6 +277,12 @@ def check_context(model: nn.Module, length: int, given: int | None = None, optio
 def n_scored(n_tokens: int, max_length: int, stride: int | None = None, bos: Bos = NO_BOS) -> int:
     """How many targets `measure` scores for a stream of n_tokens (for progress totals)."""
     return sum(w.n_scored for w in make_windows(n_tokens, max_length, stride, bos=bos))
+
+
+def tokens_fed(n_tokens: int, max_length: int, stride: int | None = None, bos: Bos = NO_BOS) -> int:
+    """How many tokens one `measure` pass over a stream of n_tokens feeds the model (BOS included): the unit of
+    the cost account (core/cost.py), times the decoder layers."""
+    return sum(w.end - w.begin + int(bos.on) for w in make_windows(n_tokens, max_length, stride, bos=bos))
 
 
 def protocol_of(loaded, corpus: str, split: str, n_tokens: int, max_length: int, stride: int,

@@ -45,6 +45,47 @@ def recovery_of(metrics: dict[str, Metrics], name: str) -> Recovery:
     return recovery(metrics["base"], metrics[BROKEN.name()], metrics[name])
 
 
+BLOCK = 32  # tokens per bootstrap block (neighbouring tokens' losses are correlated)
+
+
+class TokenNLL:
+    """A `measure` observer keeping the per-token NLL of the named conditions, in token order (on the device
+    until read)."""
+
+    def __init__(self, names):
+        self.parts = {name: [] for name in names}
+
+    def __call__(self, name, lp, labels) -> None:
+        if name in self.parts:
+            self.parts[name].append(-lp.gather(-1, labels[:, None])[:, 0])
+
+    def __getitem__(self, name):
+        import torch
+
+        return torch.cat(self.parts[name]).cpu()
+
+
+def nll_gap_interval(base, broken, other, level: float = 0.95, draws: int = 2000,
+                     seed: int = 0) -> tuple[float, float] | None:
+    """The `level` interval of the NLL-gap recovery of `other` from per-token NLLs of the same tokens (1-d tensors;
+    the first n of each, n the shortest), by a bootstrap over blocks of BLOCK consecutive tokens; None when the
+    ablation made no gap on some resample or there are fewer than two blocks."""
+    import torch
+
+    n = min(len(base), len(broken), len(other)) // BLOCK * BLOCK
+    if n < 2 * BLOCK:
+        return None
+    sums = [x[:n].double().reshape(-1, BLOCK).sum(1) for x in (base, broken, other)]
+    pick = torch.randint(n // BLOCK, (draws, n // BLOCK), generator=torch.Generator().manual_seed(seed))
+    a, b, x = (s[pick].sum(1) for s in sums)
+    gap = b - a
+    if bool((gap == 0).any()):
+        return None
+    rec = ((b - x) / gap).sort().values
+    tail = (1 - level) / 2
+    return float(rec[int(tail * (draws - 1))]), float(rec[int((1 - tail) * (draws - 1))])
+
+
 def scored(m: Metrics, base: Metrics, broken: Metrics) -> Scored:
     """A condition's NLL, PPL and KL, and how much of the damage it undoes."""
     rec = recovery(base, broken, m)

@@ -35,7 +35,9 @@ import torch
 from torch import nn
 
 from superweight.core.arch import decoder_layers, input_device
+from superweight.core.head import trunk
 from superweight.core.intervene import Intervention, NoIntervention, Trace, hidden
+from superweight.core.prefix import Prefix
 from superweight.errors import UnsupportedArchitectureError
 from superweight.io.corpora import NO_BOS, Bos, windows as make_windows, with_bos
 from superweight.io.sinkrecord import SinkCondition, SinkLayer, Sinks
@@ -138,9 +140,9 @@ def _norm_hook(acc: _Acc, sink: torch.Tensor, massive: torch.Tensor):
 
 
 def _trunk(model: nn.Module) -> nn.Module:
-    """The model without its LM head (`base_model`): the view needs no logits, which for a large vocabulary
-    (Gemma's 262k) would be most of the memory and much of the time."""
-    return getattr(model, "base_model", model)
+    """The model without its LM head: the view needs no logits, which for a large vocabulary (Gemma's 262k) would
+    be most of the memory and much of the time."""
+    return trunk(model)
 
 
 def sink_positions(model: nn.Module, input_ids: torch.Tensor, channel: tuple[int, int],
@@ -154,14 +156,25 @@ def sink_positions(model: nn.Module, input_ids: torch.Tensor, channel: tuple[int
     def grab(_name, _inp, out):
         seen["h"] = hidden(out)[..., row].detach().float().abs().cpu()
 
-    with Trace({layer: decoder_layers(model)[layer]}, grab):
-        _trunk(model)(input_ids=input_ids, use_cache=False)
+    def grab_and_stop(*args):
+        grab(*args)
+        raise _Stop  # nothing above the channel's layer is needed
+
+    try:
+        with Trace({layer: decoder_layers(model)[layer]}, grab_and_stop):
+            _trunk(model)(input_ids=input_ids, use_cache=False)
+    except _Stop:
+        pass
     h = seen["h"]  # [B, T]
     massive = h.argmax(-1)
     sink = h >= MASSIVE_FRACTION * h.max(-1, keepdim=True).values
     if bos:
         sink[:, 0] = True
     return sink, massive
+
+
+class _Stop(Exception):
+    """Ends the pass that finds the sink tokens once the channel's layer has run."""
 
 
 def _queries(sink: torch.Tensor) -> torch.Tensor:
@@ -180,11 +193,15 @@ def sink_view(
     bos: Bos = NO_BOS,
     window: int = WINDOW,
     max_tokens: int = MAX_TOKENS,
-    threshold: float = SINK_THRESHOLD,
+    share_below: int = 0,
 ) -> Sinks:
     """The sink view over the first `max_tokens` of `ids` in windows of `window` tokens (BOS included), for the
-    base model and each of `conditions` (names other than "base"; "broken" and "patched" give the summary)."""
+    base model and each of `conditions` (names other than "base"; "broken" and "patched" give the summary).
+    `share_below=L` promises that no condition touches blocks below L: the conditions start from the base pass's
+    hidden state at block L (core/prefix.py), and their numbers for the layers below are the base's."""
     t0 = time.perf_counter()
+    threshold = SINK_THRESHOLD
+    prefix = Prefix(model, share_below)
     blocks, attn = decoder_layers(model), attention_modules(model)
     n_layers = len(blocks)
     ids = ids[:max_tokens]
@@ -206,13 +223,17 @@ def sink_view(
             for name in names:
                 acc = accs[name]
                 handles = [m.register_forward_hook(_attention_hook(acc, j, sink, queries)) for j, m in enumerate(attn)]
+                shared = prefix.capture() if name == "base" else prefix.reuse(prefix.hidden)
                 try:
-                    with interventions[name], Trace(dict(enumerate(blocks)), _norm_hook(acc, sink, massive)):
+                    with interventions[name], shared, Trace(dict(enumerate(blocks)), _norm_hook(acc, sink, massive)):
                         _trunk(model)(input_ids=input_ids, use_cache=False)
                 finally:
                     for h in handles:
                         h.remove()
                 acc.windows += len(batch)
+    for name in conditions:  # below share_below every condition is the base model
+        for store in ("mass", "entropy", "queries", "entropy_queries", "norm_massive", "norm_typical"):
+            getattr(accs[name], store)[:share_below] = getattr(accs["base"], store)[:share_below]
     layers = []
     for j in range(n_layers):
         per = {name: _condition(accs[name], j, threshold) for name in names}

@@ -36,6 +36,11 @@ def rec(x) -> str:
     return NA if x is None else f"{100 * x:.1f}%"
 
 
+def interval(x) -> str:
+    """A [low, high] pair of shares: "95.1% to 99.9%"."""
+    return f"{pct(x[0])} to {pct(x[1])}" if x else DASH
+
+
 def tok(s) -> str:
     """A token with its whitespace visible: ' the', '\\n'."""
     return DASH if s is None else repr(s)

@@ -58,8 +58,10 @@ def _plot_sparsity(r: RunRecord, log):
         ax.plot(ks, [e.nll_gap for e in sp], "o-", label="top-k of trained patch")
         ax.plot(ks, [e.by_contribution.nll_gap for e in sp], "D-", color="tab:orange",
                 label="top-k by |x·d| at the massive token")
-        ax.plot(ks, [e.random.nll_gap for e in sp], "s--", color="tab:gray",
-                label=f"random-k (mean of {sp[0].random.draws} draws)")
+        rand = [e for e in sp if e.random is not None]
+        draws = max((e.random.draws for e in rand), default=0)
+        ax.plot([e.k for e in rand], [e.random.nll_gap for e in rand], "s--", color="tab:gray",
+                label=f"random-k (mean of {draws} draws)")
     for method, marker in (("l1", "^"), ("l0", "v")):
         pts = [p for p in points if p.method == method and p.nnz]
         if pts:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from superweight.io.record import RunRecord, smallest_k
 from superweight.measure.grade import GRADES, grade_words
 from superweight.report.compensation import compensation_section, regime_sentences
-from superweight.report.format import DASH, NO_DAMAGE, num, pct, ppl, rec, tok, value, vis
+from superweight.report.format import DASH, NO_DAMAGE, interval, num, pct, ppl, rec, tok, value, vis
 
 
 def _table(headers: list[str], rows: list[list]) -> tuple:
@@ -130,7 +130,14 @@ def _summary(r: RunRecord, plots) -> list:
         ("KL", lambda c: c[1].kl, num), ("top-1 agree", lambda c: c[1].top1_agree, pct),
         ("super act.", lambda c: c[1].super_activation, num),
         ("NLL-gap recovery", lambda c: rec(c[2].nll_gap) if c[2] else DASH, str),
-        ("KL recovery", lambda c: rec(c[2].kl) if c[2] else DASH, str)]), ("p", note)]
+        ("95% interval", lambda c: getattr(c[1], "interval", None), interval),
+        ("KL recovery", lambda c: rec(c[2].kl) if c[2] else DASH, str)]), ("p", note + _subset_note(r))]
+
+
+def _subset_note(r: RunRecord) -> str:
+    sizes = {b.n_tokens for b in (r.baselines or {}).values()} - {r.protocol.n_tokens}
+    return (f" Baselines are scored on the first {num(min(sizes))} tokens, their recoveries against base and broken "
+            "over the same tokens (interval: block bootstrap)." if sizes else "")
 
 
 def _tasks(r: RunRecord, plots) -> list:
@@ -236,8 +243,8 @@ def _sparsity(r: RunRecord, plots) -> list:
         out.append(_columns(sp, [("k", "k", num), ("top-k NLL-gap rec.", "nll_gap", rec),
                                  ("top-k KL rec.", "kl_recovery", rec), ("top-k KL", "kl", num),
                                  ("by-|x·d| NLL-gap rec.", lambda e: e.by_contribution.nll_gap, rec),
-                                 ("random-k NLL-gap rec.", lambda e: e.random.nll_gap, rec),
-                                 ("random-k KL", lambda e: e.random.kl, num)]))
+                                 ("random-k NLL-gap rec.", lambda e: rec(e.random.nll_gap) if e.random else DASH, str),
+                                 ("random-k KL", lambda e: e.random and e.random.kl, num)]))
         k_c = smallest_k(sp, ranking="by_contribution")
         out.append(("p", "Top-k keeps the largest |d| entries (parametrization-dependent); by-|x·d| keeps the "
                     "entries that write most at the token where the patch writes most (the massive-activation "
@@ -353,6 +360,11 @@ def _generations(r: RunRecord, plots) -> list:
             _table(cols, [[vis(g.get(c, "")) for c in cols] for g in gens])] if gens else []
 
 
+def _cost(r: RunRecord) -> dict | None:
+    c = r.cost
+    return c and {**{k: round(s.forward + s.backward, 2) for k, s in c.stages.items()}, "total": round(c.total, 2)}
+
+
 def _protocol(r: RunRecord, plots) -> list:
     pr = r.protocol
     main = pr.model_dump(include={"model", "model_source", "corpus", "split", "n_tokens", "dtype", "device"})
@@ -366,7 +378,8 @@ def _protocol(r: RunRecord, plots) -> list:
         out.append(("p", "Provenance: " + ", ".join(f"{k} {v}" for k, v in pr.provenance.items()) + "."))
     for title, part in ((f"Recipe {r.recipe}", r.config), ("Analysis protocol", r.analysis and r.analysis.protocol),
                         ("Sparse-training protocol", r.sparse_training and r.sparse_training.protocol),
-                        ("Detection protocol", r.detect and r.detect.protocol), ("Timings (s)", r.timings)):
+                        ("Detection protocol", r.detect and r.detect.protocol), ("Timings (s)", r.timings),
+                        ("Model work (eval-pass equivalents, forward + backward)", _cost(r))):
         d = part if isinstance(part, dict) or part is None else part.model_dump()
         out += [("h", 3, title), _kv(d)] if d else []
     return [("h", 2, "Protocol and versions")] + out

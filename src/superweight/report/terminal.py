@@ -159,10 +159,18 @@ def print_repair(out: Console, r: RunRecord, run_dir) -> None:
     table = Table(title=f"Repair ({r.recipe} recipe): {p.corpus}/eval, {p.n_tokens:,} tokens")
     for col in ("condition", "NLL", "PPL", "KL(base||·)", "top-1 agree", "super act.", "NLL-gap rec.", "KL rec."):
         table.add_column(col, justify="left" if col == "condition" else "right")
+    subset = None
     for name, m, r_ in r.conditions():
+        interval = getattr(m, "interval", None)
+        gap = rec(r_.nll_gap) if r_ else ""
         table.add_row(name, fmt(m.nll), fmt(m.ppl, 2), fmt(m.kl), f"{m.top1_agree:.1%}",
-                      fmt(m.super_activation, 1), rec(r_.nll_gap) if r_ else "", rec(r_.kl) if r_ else "")
+                      fmt(m.super_activation, 1), gap + (f" [{interval[0]:.0%}, {interval[1]:.0%}]" if interval else ""),
+                      rec(r_.kl) if r_ else "")
+        subset = m.n_tokens if name not in ("base", "broken", "patched") and m.n_tokens != p.n_tokens else subset
     out.print(table)
+    if subset:
+        out.print(f"Baselines are scored on the first {subset:,} tokens, their recoveries against base and broken "
+                  "over the same tokens [95% interval, block bootstrap].")
     t = r.training
     if r.verdict:
         style = {"repaired": "green", "partial": "yellow", "failed": "bold red", "nothing to repair": "cyan"}[r.verdict]
@@ -213,8 +221,8 @@ def print_analysis(out: Console, r: RunRecord, patch_line: bool = True) -> None:
         table.add_column(col, justify="right")
     for p in sp:
         c = p.by_contribution
-        table.add_row(str(p.k), rec(p.nll_gap), fmt(p.kl), rec(c.nll_gap), fmt(c.kl), rec(p.random.nll_gap),
-                      fmt(p.random.kl))
+        table.add_row(str(p.k), rec(p.nll_gap), fmt(p.kl), rec(c.nll_gap), fmt(c.kl),
+                      rec(p.random.nll_gap) if p.random else "-", fmt(p.random.kl) if p.random else "-")
     out.print(table)
     k90 = smallest_k(sp)
     dense = sp[-1].nll_gap if sp else None
@@ -362,7 +370,12 @@ def print_run(out: Console, r: RunRecord, path) -> None:
     print_analysis(out, r, patch_line=False)
     if r.sparse_training:
         print_sparse(out, r.sparse_training)
-    out.print("Seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in (r.timings or {}).items()))
+    line = "Seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in (r.timings or {}).items())
+    if r.cost is not None:
+        line += ("; eval-pass equivalents (forward + backward): "
+                 + ", ".join(f"{k} {c.forward + c.backward:.1f}" for k, c in r.cost.stages.items())
+                 + f", total {r.cost.total:.1f}")
+    out.print(line)
     out.print(f"Report: {path / 'report.html'}")
 
 

@@ -5,9 +5,10 @@
 
 This module builds the conditions and writes the record's analysis part; the measurements are measure/'s
 (sparsity.py: the patch cut to k entries; views.py: tokens, neurons, where the patch writes, the scale sweep;
-geometry.py; sinks.py). Every measurement but one shares one base pass (`metrics.measure`, blocks below the
-patched layer run once per batch): the broken and patched models, the top-k and random-k sparsified patches,
-and the scaled weight. The mechanism view (`sinks`, measure/sinks.py) runs base, broken and patched again, with
+geometry.py; sinks.py). The measurements share base passes (`metrics.measure`, blocks below the patched layer
+run once per batch): the broken and patched models, the scaled weight (its scale 0 is the broken model) and the
+first round of the sparsity search (k = 1); the search's further rounds (bisection over k, then random-k at the
+answers: measure/sparsity.SparsitySearch) each add a base pass and a few conditions. The mechanism view (`sinks`, measure/sinks.py) runs base, broken and patched again, with
 eager attention, on windows of at most 256 tokens. The keys it adds to the run record are documented in
 docs/results.md.
 """
@@ -22,6 +23,7 @@ from pydantic import Field
 from superweight.core.conditions import (
     BROKEN, CONTRIB_K, PATCHED, RANDOM_K, SCALE, TOP_K, ablated_text, descriptions, interventions,
 )
+from superweight.core.cost import part
 from superweight.core.coords import make_row, row_of, site, split_row
 from superweight.core.intervene import Ablation, intact_values
 from superweight.core.patching import check_fits, patched
@@ -35,7 +37,7 @@ from superweight.measure.geometry import geometry, neuron_writes
 from superweight.measure.inputs import seen_ids
 from superweight.measure.metrics import Scoring, measure, n_scored, protocol_of
 from superweight.measure.sinks import WINDOW, sink_view
-from superweight.measure.sparsity import contribution_scores, sparsity_conditions, sparsity_table
+from superweight.measure.sparsity import SparsitySearch, contribution_scores
 from superweight.measure.views import TokenStats, logit_lens, neuron_contexts, patch_output, sweep_points
 from superweight.progress import Progress, or_silent
 from superweight.settings import Settings, revalidated
@@ -76,22 +78,34 @@ def run_analyze(loaded: Loaded, run_dir: Path, cfg: AnalyzeConfig | None = None,
     broken = BROKEN(ablation, weights=ablated_text(coords))
     fixed = PATCHED(patched(model, ablation, patch.rows, patch.vectors))
     stage("Reading the patch's inputs", None)
-    by_contribution, inputs = contribution_scores(model, ids, patch, max_length, bos)
+    with part("patch inputs"):
+        by_contribution, inputs = contribution_scores(model, ids, patch, max_length, bos)
     first = coords[0]
-    conditions = [broken, fixed, *sparsity_conditions(model, ablation, patch, draws, by_contribution),
+    search = SparsitySearch(model, ablation, patch, draws, by_contribution)
+    # Scaling the only ablated weight by 0 is the broken model: that point of the sweep is read from it.
+    same = {0.0: BROKEN.name()} if len(coords) == 1 and first.scale == 0.0 else {}
+    conditions = [broken, fixed, *search.start(),
                   *(SCALE(Ablation(model, [revalidated(first, scale=s)]), s=s, weight=first)
-                    for s in SWEEP_SCALES)]
+                    for s in SWEEP_SCALES if s not in same)]
     channels = sorted({(c.layer, c.row) for c in coords})
     share_below = first_edited_layer(coords, patch.rows)
     stats = TokenStats(model.get_output_embeddings().weight.shape[0])
     stage(f"Analysing: {len(conditions)} conditions", n_scored(ids.numel(), max_length, bos=bos))
-    metrics = measure(model, ids, interventions(conditions), channels, max_length, bos=bos,
-                      scoring=Scoring(share_below=share_below, progress=progress.advance, observe=stats))
+    with part("conditions"):
+        metrics = measure(model, ids, interventions(conditions), channels, max_length, bos=bos,
+                          scoring=Scoring(share_below=share_below, progress=progress.advance, observe=stats))
+    metrics |= {SCALE.name(s=s): metrics[name] for s, name in same.items()}
+    while more := search.next(metrics):  # the sparsity search's further rounds (measure/sparsity.py)
+        stage(f"Sparsity search: {len(more)} conditions", None)
+        with part("sparsity search"):
+            found = measure(model, ids, interventions(more), channels, max_length, bos=bos,
+                            scoring=Scoring(share_below=share_below))
+        metrics |= {k: v for k, v in found.items() if k != "base"}
     base = metrics["base"]
-    n = sum(v.numel() for v in patch.vectors)
     stage("Mechanism view: attention sinks", None)
-    sinks = sink_view(model, ids, interventions([broken, fixed]), (first.layer, first.row), bos,
-                      window=min(WINDOW, max_length))
+    with part("sinks"):
+        sinks = sink_view(model, ids, interventions([broken, fixed]), (first.layer, first.row), bos,
+                          window=min(WINDOW, max_length), share_below=share_below)
     stage("Token and neuron views", None)
     (layer, row, _expert), vector = split_row(patch.rows[0]), patch.vectors[0].float()
     x, positions = inputs[site(patch.rows[0])]
@@ -107,7 +121,7 @@ def run_analyze(loaded: Loaded, run_dir: Path, cfg: AnalyzeConfig | None = None,
         "patch": geometry(model, coords, patch.rows, patch.vectors, originals,
                           {key: xs for key, (xs, _) in inputs.items()}),
         "super_activation": {k: metrics[k].super_activation for k in ("base", BROKEN.name(), PATCHED.name())},
-        "sparsity": sparsity_table(metrics, n, draws),
+        "sparsity": search.table(metrics),
         "tokens": stats.summary(tok, logit_lens(model, tok, layer, row)),
         "neurons": neuron_contexts(tok, seen, x, positions, vector, neurons),
         "patch_output": patch_output(tok, seen, x, positions, vector, col, deleted),

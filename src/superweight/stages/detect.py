@@ -34,6 +34,7 @@ from pydantic import BaseModel, Field, field_validator
 from torch import nn
 
 from superweight.core.arch import DownProj, down_projection, down_projections, input_device
+from superweight.core.cost import part
 from superweight.core.conditions import CANDIDATE, RANDOM_CONTROL, TOP_CONTROL
 from superweight.core.coords import WeightCoord
 from superweight.core.intervene import Ablation, Trace
@@ -232,6 +233,8 @@ def verify(model: nn.Module, ids: torch.Tensor, candidates: list[Candidate], cfg
     for c in candidates:
         cand_by_matrix.setdefault((c.layer, c.expert), set()).add((c.row, c.col))
     conditions = {CANDIDATE.name(coord=c.coord): Ablation(model, [c.coord]) for c in candidates}
+    # Each zeroed weight leaves the blocks below its layer as they are: those run once, in the base pass.
+    shares = {CANDIDATE.name(coord=c.coord): c.layer for c in candidates}
     controls: dict[tuple, list[str]] = {}
     dps = [down_projection(model, layer, expert) for layer, expert in cand_by_matrix]
     maxima = input_maxima(model, ids, dps, max_length, bos)  # the windows `measure` reads
@@ -240,9 +243,11 @@ def verify(model: nn.Module, ids: torch.Tensor, candidates: list[Candidate], cfg
         controls[(layer, expert)] = [str(top), str(rand)]
         conditions[TOP_CONTROL.name(layer=layer, expert=expert)] = Ablation(model, [top])
         conditions[RANDOM_CONTROL.name(layer=layer, expert=expert)] = Ablation(model, [rand])
+        shares[TOP_CONTROL.name(layer=layer, expert=expert)] = shares[RANDOM_CONTROL.name(layer=layer, expert=expert)] = layer
     experts = plan_experts(model, ids, candidates, max_length, bos, seed)
     conditions.update(experts.conditions)
-    results = measure(model, ids, conditions, max_length=max_length, bos=bos, scoring=Scoring(progress=progress))
+    results = measure(model, ids, conditions, max_length=max_length, bos=bos,
+                      scoring=Scoring(share_below=shares, progress=progress))
     base = results["base"]
     out = []
     for c in candidates:
@@ -319,18 +324,21 @@ def run_detect(loaded, cfg: DetectConfig | None = None, ids: torch.Tensor | None
     stage = progress.stage
     prompts = cfg.prompts or DEFAULT_PROMPTS
     stage("Scanning spikes")
-    spikes, rounds = iterate_spikes(model, tok, prompts, cfg.spike_ratio, cfg.max_candidates)
+    with part("scan"):
+        spikes, rounds = iterate_spikes(model, tok, prompts, cfg.spike_ratio, cfg.max_candidates)
     if (cfg.verify or cfg.attribution) and ids is None:
         ids = corpora.tokenize(tok, corpora.load_text(cfg.corpus, cfg.split), cfg.calib_tokens)
     attributed: list[Candidate] = []
     if cfg.attribution:
         stage(f"Attribution ({cfg.attribution})")
-        attributed = attribution(model, ids, cfg.attribution, cfg.attribution_top, cfg.max_length, bos)
+        with part("attribution"):
+            attributed = attribution(model, ids, cfg.attribution, cfg.attribution_top, cfg.max_length, bos)
     candidates = merge(spikes, attributed)
     protocol = None
     if cfg.verify and candidates:
         stage(f"Verifying {len(candidates)} candidates", n_scored(ids.numel(), cfg.max_length, bos=bos))
-        candidates, base = verify(model, ids, candidates, cfg, bos, progress.advance)
+        with part("verify"):
+            candidates, base = verify(model, ids, candidates, cfg, bos, progress.advance)
         pruned = {"each candidate's expert": EXPERT_PRUNING} if any(c.expert is not None for c in candidates) else {}
         protocol = protocol_of(loaded, cfg.corpus, cfg.split, base.n_tokens, cfg.max_length, cfg.max_length,
                                {"each candidate": "zeroed alone", "controls": "zeroed alone", **pruned})

@@ -18,25 +18,65 @@ import math
 import torch
 import torch.nn.functional as F
 
+from torch.utils.checkpoint import checkpoint
+
 from superweight.core.arch import input_device
+from superweight.core.head import CHUNK_BUDGET, Head, chunk_tokens, head_of, trunk
 from superweight.core.prefix import Prefix
 from superweight.io.record import Check
 
 BACKOFF = 0.2  # lr factor after a patch checked worse than none
 
 
-def kl_loss(teacher_lp: torch.Tensor, student_logits: torch.Tensor, mask: torch.Tensor, cfg):
-    """Mean per-token KL over real (mask == 1) positions, in fp32; scaled by T^2."""
-    s_lp = _scaled(student_logits, cfg.temperature).log_softmax(-1)
-    # F.kl_div(input, target) = exp(target) * (target - input): one vocab-sized temporary, not three.
-    if cfg.kl == "forward":
-        per_token = F.kl_div(s_lp, teacher_lp, log_target=True, reduction="none").sum(-1)
+def final(model, ids, mask, head: Head | None) -> torch.Tensor:
+    """The model's last hidden states [B, T, D] when `head` (core/head.head_of) makes the logits, else its
+    logits [B, T, V]: what `kl_loss` takes."""
+    if head is None:
+        return model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    return trunk(model)(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+
+
+def kl_loss(teacher_lp: torch.Tensor, student_logits: torch.Tensor, mask: torch.Tensor, cfg,
+            head: Head | None = None):
+    """Mean per-token KL over real (mask == 1) positions, in fp32; scaled by T^2.
+
+    With `head`, `student_logits` are the student's last hidden states and `teacher_lp` the teacher's (or its
+    log-probs, when cached): the head, log-softmax and KL then run over chunks of tokens (CHUNK_BUDGET), each
+    chunk recomputed in the backward pass when there are several (activation checkpointing), so memory does
+    not grow with tokens x vocabulary."""
+    if head is None:
+        per_token = _per_token(student_logits, teacher_lp, cfg)
     else:
-        per_token = F.kl_div(teacher_lp, s_lp, log_target=True, reduction="none").sum(-1)
+        per_token = _chunked(student_logits, teacher_lp, cfg, head)
     keep = mask.bool()
     per_token = torch.where(keep, per_token, torch.zeros_like(per_token))  # NaN-safe at pad positions
     # A KL is never negative, but its mean rounds below zero where the two models agree to float precision.
     return (per_token.sum() / keep.sum()).clamp_min(0) * cfg.temperature**2
+
+
+def _per_token(student_logits, teacher, cfg, head: Head | None = None):
+    """KL per token of student logits (or, with `head`, last states) against teacher log-probs (or states)."""
+    s_lp = _scaled(student_logits if head is None else head(student_logits), cfg.temperature).log_softmax(-1)
+    if head is not None and teacher.shape[-1] != head.vocab:
+        teacher = _scaled(head(teacher), cfg.temperature).log_softmax(-1)
+    teacher = teacher.float()
+    # F.kl_div(input, target) = exp(target) * (target - input): one vocab-sized temporary, not three.
+    if cfg.kl == "forward":
+        return F.kl_div(s_lp, teacher, log_target=True, reduction="none").sum(-1)
+    return F.kl_div(teacher, s_lp, log_target=True, reduction="none").sum(-1)
+
+
+def _chunked(student, teacher, cfg, head: Head):
+    shape = student.shape[:-1]
+    s, t = student.reshape(-1, student.shape[-1]), teacher.reshape(-1, teacher.shape[-1])
+    step = chunk_tokens(head.vocab, CHUNK_BUDGET)
+    if step >= s.shape[0]:
+        return _per_token(s, t, cfg, head).reshape(shape)
+    parts = []
+    for lo in range(0, s.shape[0], step):
+        args = (s[lo : lo + step], t[lo : lo + step], cfg, head)
+        parts.append(checkpoint(_per_token, *args, use_reentrant=False) if s.requires_grad else _per_token(*args))
+    return torch.cat(parts).reshape(shape)
 
 
 def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -52,26 +92,49 @@ class Teacher:
     def __init__(self, model, prefix: Prefix, sequences, mask, cfg, keep: bool):
         self.model, self.prefix, self.sequences, self.mask, self.cfg, self.keep = model, prefix, sequences, mask, cfg, keep
         self.device = input_device(model)
+        self.head = head_of(model)
         self.cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __call__(self, idx: list[int]):
-        """(ids, mask, teacher log-probs fp32, prefix hidden states) of rows `idx`."""
+        """(ids, mask, teacher targets, prefix hidden states) of rows `idx`. The targets are what `kl_loss` takes
+        with `self.head`: log-probs (fp32; fp16 when cached), or with a head and no cache the last states."""
         ids, m = self.sequences[idx].to(self.device), self.mask[idx].to(self.device)
         if all(i in self.cache for i in idx):
-            lp = torch.stack([self.cache[i][0] for i in idx]).float()
-            return ids, m, lp, torch.stack([self.cache[i][1] for i in idx])
+            lp = torch.stack([self.cache[i][0] for i in idx])
+            return ids, m, lp if self.head is not None else lp.float(), torch.stack([self.cache[i][1] for i in idx])
         with torch.no_grad(), self.prefix.capture():
-            logits = self.model(input_ids=ids, attention_mask=m, use_cache=False).logits
-        lp = _scaled(logits, self.cfg.temperature).log_softmax(-1)
-        del logits  # not needed during the student pass: one vocab-sized tensor less at peak
+            out = final(self.model, ids, m, self.head)
         hidden = self.prefix.hidden
+        if self.head is not None and not self.keep:
+            return ids, m, out, hidden
+        with torch.no_grad():
+            lp = self._log_probs(out)
+        del out  # not needed during the student pass: one vocab-sized tensor less at peak
         if self.keep:
             # Round through fp16 on first use too, so a resumed run (empty cache) sees the same targets.
             lp = lp.half()
             for k, i in enumerate(idx):
                 self.cache[i] = (lp[k], hidden[k])
-            lp = lp.float()
+            lp = lp if self.head is not None else lp.float()
         return ids, m, lp, hidden
+
+    def _log_probs(self, out: torch.Tensor) -> torch.Tensor:
+        """fp32 log-probs of logits, or of last states a chunk at a time (fp16 when they are to be cached)."""
+        if self.head is None:
+            return _scaled(out, self.cfg.temperature).log_softmax(-1)
+        flat = out.reshape(-1, out.shape[-1])
+        step = chunk_tokens(self.head.vocab, CHUNK_BUDGET)
+        dtype = torch.float16 if self.keep else torch.float32
+        lp = [_scaled(self.head(flat[lo : lo + step]), self.cfg.temperature).log_softmax(-1).to(dtype)
+              for lo in range(0, flat.shape[0], step)]
+        return torch.cat(lp).reshape(*out.shape[:-1], -1)
+
+    def loss(self, batch, ablation, patch):
+        """The student's KL to the teacher on `batch` (what __call__ returned), with `ablation` and `patch` on."""
+        ids, m, target, hidden = batch
+        with ablation, patch, self.prefix.reuse(hidden):
+            student = final(self.model, ids, m, self.head)
+            return kl_loss(target, student, m, self.cfg, self.head)
 
 
 class HeldOutCheck:
@@ -94,10 +157,9 @@ class HeldOutCheck:
     def kl(self, with_patch: bool = True) -> float:
         total = 0.0
         for i in range(0, len(self.rows), 2):
-            ids, m, lp, hidden = self.teacher(self.rows[i : i + 2])
-            with self.ablation, (self.patch if with_patch else contextlib.nullcontext()), self.prefix.reuse(hidden):
-                student = self.teacher.model(input_ids=ids, attention_mask=m, use_cache=False).logits
-            total += kl_loss(lp, student, m, self.cfg).item() * int(m.sum())
+            batch = self.teacher(self.rows[i : i + 2])
+            patch = self.patch if with_patch else contextlib.nullcontext()
+            total += self.teacher.loss(batch, self.ablation, patch).item() * int(batch[1].sum())
         return total / self.tokens
 
     def update(self, step: int, diverged: bool = False) -> bool:

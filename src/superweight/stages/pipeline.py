@@ -5,23 +5,26 @@
 
 Each stage is the library function its own command calls (detect.run_detect, repair.run_repair,
 analyze.run_analyze, sparsify.run_sparsify, report.write_report); this module only chains them, records
-seconds per stage, and keeps the detection beside the repair in the run directory. The record goes from stage
+seconds and model work (core/cost.py, in eval-pass equivalents) per stage, and keeps the detection beside the repair in the run directory. The record goes from stage
 to stage in memory where the stage takes it; each stage writes it at most once, and the pipeline once at the
 end (detection summary and timings), after the report.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 
 from pydantic import Field
 
+from superweight.core.cost import Ledger
 from superweight.core.coords import WeightCoord, row_of
 from superweight.errors import SuperweightError, UsageError
+from superweight.io import corpora
 from superweight.io.files import write_json
 from superweight.io.models import Loaded
-from superweight.io.record import DetectSummary, RunRecord
+from superweight.io.record import CostAccount, DetectSummary, RunRecord, StageCost
 from superweight.io.rundir import DETECT, read_record, write_record
 from superweight.io.runstate import check_new_run_dir, run_state
 from superweight.progress import Prefixed, Progress, or_silent
@@ -58,6 +61,16 @@ def run_pipeline(loaded: Loaded, out: Path, job: PipelineJob | None = None,
     `job.repair.tasks` (measure.tasks.prepare_tasks) adds zero-shot task metrics of base, broken and patched to
     the repair. `job.quantize` adds 4-bit RTN at blocks 64, 128, 256 and per channel with the repaired weight
     protected (stages/quantize.py): quantize.json, and a section and figure in the report."""
+    job = job or PipelineJob()
+    progress = or_silent(progress)
+    if not job.repair.resume:
+        check_new_run_dir(out)
+    stages = Stages(loaded.model)
+    with stages.ledger:
+        return _stages(loaded, out, job, progress, stages)
+
+
+def _stages(loaded: Loaded, out: Path, job: PipelineJob, progress: Progress, stages: Stages):
     from superweight.report import write_report
     from superweight.stages.analyze import AnalyzeConfig, run_analyze
     from superweight.stages.compensate import DELETED_STAGE, without_deleted
@@ -65,17 +78,11 @@ def run_pipeline(loaded: Loaded, out: Path, job: PipelineJob | None = None,
     from superweight.stages.repair import run_repair
     from superweight.stages.sparsify import SparsifyConfig, run_sparsify
 
-    job = job or PipelineJob()
-    progress = or_silent(progress)
-    corpus, weight = job.repair.corpus, job.weight
-    if not job.repair.resume:
-        check_new_run_dir(out)
-    timings: dict[str, float] = {}
-    t = time.perf_counter()
-    detected = None
+    corpus, weight, detected = job.repair.corpus, job.weight, None
     if weight is None:
-        detected = run_detect(loaded, DetectConfig(corpus=corpus, calib_tokens=CALIB_TOKENS),
-                              progress=Prefixed(progress, "Detect: "))
+        with stages("detect"):
+            detected = run_detect(loaded, DetectConfig(corpus=corpus, calib_tokens=CALIB_TOKENS),
+                                  progress=Prefixed(progress, "Detect: "))
         chosen = _choose(detected.candidates)
         if chosen is None:
             best = detected.candidates[0] if detected.candidates else None
@@ -83,42 +90,87 @@ def run_pipeline(loaded: Loaded, out: Path, job: PipelineJob | None = None,
             raise SuperweightError(f"detection found no super weight and no sensitive weight in {loaded.spec}{hint}; "
                                    "pass --weight LAYER:ROW:COL to repair one anyway")
         weight = chosen.coord
-    timings["detect"] = time.perf_counter() - t
-    t = time.perf_counter()
-    record = run_repair(loaded, [weight], [row_of(weight)], out, job.repair, progress)
-    timings["repair"] = time.perf_counter() - t
+    else:
+        stages.timings["detect"] = 0.0
+    with stages("repair"):
+        record = run_repair(loaded, [weight], [row_of(weight)], out, job.repair, progress)
     if detected is not None:
         write_json(out / DETECT, detected.model_dump())
     if job.regime and not job.repair.exclude:  # the second point: the same repair without the deleted weight
-        t = time.perf_counter()
-        regime = without_deleted(loaded, out, record, job.repair.eval_tokens, progress)
+        with stages(DELETED_STAGE.lower()):
+            regime = without_deleted(loaded, out, record, job.repair.eval_tokens, progress)
         record = revalidated(record, regime=regime)
-        timings[DELETED_STAGE.lower()] = time.perf_counter() - t
-    t = time.perf_counter()
-    record = run_analyze(loaded, out, AnalyzeConfig(tokens=job.analysis_tokens, draws=job.draws), progress, record)
-    timings["analyze"] = time.perf_counter() - t
+    with stages("analyze"):
+        record = run_analyze(loaded, out, AnalyzeConfig(tokens=job.analysis_tokens, draws=job.draws), progress,
+                             record)
     if job.sparse:
-        t = time.perf_counter()
-        record = run_sparsify(loaded, out, SparsifyConfig(tokens=job.analysis_tokens), progress, record)
-        timings["sparsify"] = time.perf_counter() - t
+        with stages("sparsify"):
+            record = run_sparsify(loaded, out, SparsifyConfig(tokens=job.analysis_tokens), progress, record)
     if job.quantize:
         from superweight.io.quantrecord import QUANTIZE_FILE
         from superweight.stages.quantize import QuantizeConfig, run_quantize
 
-        t = time.perf_counter()
-        progress.stage("Quantizing (4-bit RTN, blocks 64/128/256/channel)", None)
-        settings = QuantizeConfig(keep=[weight], keep_source="detected" if detected is not None else "given",
-                                  corpus=corpus, max_tokens=job.repair.eval_tokens)
-        quantized = run_quantize(loaded, settings, progress=Prefixed(progress, "Quantizing: "))
-        write_json(out / QUANTIZE_FILE, quantized.model_dump())
-        timings["quantize"] = time.perf_counter() - t
-    record = revalidated(record, detect=_detect_summary(detected, weight), timings=timings)
+        with stages("quantize"):
+            progress.stage("Quantizing (4-bit RTN, blocks 64/128/256/channel)", None)
+            settings = QuantizeConfig(keep=[weight], keep_source="detected" if detected is not None else "given",
+                                      corpus=corpus, max_tokens=job.repair.eval_tokens)
+            quantized = run_quantize(loaded, settings, progress=Prefixed(progress, "Quantizing: "))
+            write_json(out / QUANTIZE_FILE, quantized.model_dump())
+    fed = stages.eval_feed(loaded, record, job.repair.eval_tokens)
+    record = revalidated(record, detect=_detect_summary(detected, weight), timings=dict(stages.timings),
+                         cost=stages.account(fed))
     progress.stage("Writing the report", None)
-    t = time.perf_counter()
-    write_report(out, record)
-    record = revalidated(record, timings={**timings, "report": time.perf_counter() - t})
+    with stages("report"):
+        write_report(out, record)
+    record = revalidated(record, timings=dict(stages.timings), cost=stages.account(fed))
     write_record(out, record)  # the pipeline's one write: a finished run has timings.report
     return record
+
+
+class Stages:
+    """Seconds and model work of each stage of a run: `with stages("repair"): ...` times the block and counts
+    its passes (core/cost.Ledger) under that name, so a stage added to the pipeline is accounted apart by its
+    name alone."""
+
+    def __init__(self, model):
+        self.ledger = Ledger(model)
+        self.timings: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        t = time.perf_counter()
+        try:
+            with self.ledger.stage(name):
+                yield
+        finally:
+            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t
+
+    @staticmethod
+    def eval_feed(loaded: Loaded, record: RunRecord, eval_tokens: int) -> int:
+        """Tokens one plain forward pass over the run's eval text feeds (BOS included)."""
+        from superweight.measure.metrics import tokens_fed
+
+        pr = record.protocol
+        n = corpora.tokenize(loaded.tokenizer, corpora.load_text(pr.corpus, pr.split), eval_tokens).numel()
+        return tokens_fed(n, pr.max_length, pr.stride, corpora.Bos.first(pr.bos))
+
+    def account(self, fed: int) -> CostAccount:
+        """The counts so far in eval-pass equivalents (one forward pass of `fed` tokens through every layer)."""
+        layers = self.ledger.n_layers
+        unit = max(fed * layers, 1)
+
+        def parts(count, prefix=""):
+            out = {}
+            for name, c in count.parts.items():
+                out[prefix + name] = (c.forward + c.backward) / unit
+                out.update(parts(c, f"{prefix}{name}/"))
+            return out
+
+        stages = {name: StageCost(forward=c.forward / unit, backward=c.backward / unit,
+                                  seconds=self.timings.get(name), parts=parts(c))
+                  for name, c in self.ledger.counts.items()}
+        return CostAccount(unit=unit, eval_tokens=fed, layers=layers, stages=stages,
+                           total=sum(s.forward + s.backward for s in stages.values()))
 
 
 def check_out(path: Path, resume: bool) -> str | None:

@@ -21,6 +21,7 @@ from superweight.core.conditions import (
     ACTIVATION_RESTORE, BROKEN, ORACLE, OTHER_ROW, PATCHED, RANDOM_WRITE, SEED, Condition, ablated_text, descriptions,
     interventions,
 )
+from superweight.core.cost import part
 from superweight.core.coords import WeightCoord, make_row, row_of, row_text, site, split_row
 from superweight.core.intervene import Ablation, ActivationRestore, Compose, RowPatch, intact_values
 from superweight.core.patching import patched
@@ -38,7 +39,7 @@ from superweight.measure import generate
 from superweight.measure.geometry import geometry, rms
 from superweight.measure.inputs import down_inputs, patch_inputs
 from superweight.measure.metrics import Scoring, check_context, measure, protocol_of
-from superweight.measure.recovery import recovery_of, verdict_of
+from superweight.measure.recovery import TokenNLL, nll_gap_interval, recovery_of, verdict_of
 from superweight.measure.tasks import TaskSpec, run_tasks
 from superweight.progress import Progress, or_silent
 from superweight.settings import Settings, revalidated
@@ -90,6 +91,10 @@ class RepairJob(Settings):
 
 GEN_PROMPTS = generate.DEFAULT_PROMPTS[:5]
 RANDOM_DRAWS = 3
+# Baselines are scored on the first eval window (at least this many tokens), beside base and broken over the
+# same tokens, with a 95% interval: their conclusions (a control near 0% or 100%) do not need the whole text.
+BASELINE_TOKENS = 500
+OTHER_ROW_SHARE = 4  # the other-row control trains with 1/4 of the recipe's steps
 
 
 def _other_row(row: int, d_model: int, seed: int) -> int:
@@ -139,8 +144,9 @@ def run_repair(
 
     excluded = _excluded(model, coords, rows, (seqs, mask, eval_ids, bos), job, progress) if job.exclude else None
     stage("Training patch" + (" (columns excluded)" if excluded else ""), cfg.steps)
-    patch, state = train(model, coords, rows, (seqs, mask), cfg,
-                         Track(out, job.checkpoint_every, job.resume, progress), exclude=excluded)
+    with part("train"):
+        patch, state = train(model, coords, rows, (seqs, mask), cfg,
+                             Track(out, job.checkpoint_every, job.resume, progress), exclude=excluded)
     save_patch(out, model, patch, coords, {"model": model_id(loaded), "spec": loaded.spec, "recipe": job.label,
                                            "config": cfg, "excluded": excluded})
     # One Ablation serves every condition: measure() applies them one at a time.
@@ -150,29 +156,35 @@ def run_repair(
     fixed = PATCHED(Compose(ablation, patch), f"ablate {ab}, add trained patch on rows {rs}{held}")
     controls = []
     if baselines:
-        controls = _baselines(model, ablation, rows, (originals, patch), (seqs, mask), cfg, progress)
+        with part("baselines"):
+            controls = _baselines(model, ablation, rows, (originals, patch), (seqs, mask), cfg, progress)
     extra_seeds, seeded = {}, []
     for seed in range(cfg.seed + 1, cfg.seed + seeds):
         stage(f"Training patch, seed {seed}", cfg.steps)
-        other, _ = train(model, coords, rows, (seqs, mask), revalidated(cfg, seed=seed), Track(progress=progress),
-                         exclude=excluded)
+        with part(f"train seed {seed}"):
+            other, _ = train(model, coords, rows, (seqs, mask), revalidated(cfg, seed=seed), Track(progress=progress),
+                             exclude=excluded)
         extra_seeds[seed] = other
         seeded.append(SEED(Compose(ablation, other), seed=seed))
     conditions = [broken, fixed, *controls, *seeded]
     channels = sorted({(c.layer, c.row) for c in coords})
     stage("Evaluating", None)
-    metrics = measure(model, eval_ids, interventions(conditions), channels, max_length, bos=bos,
-                      scoring=Scoring(share_below=first_edited_layer(coords, rows)))
+    subset = {c.name: BASELINE_TOKENS for c in controls}
+    per_token = TokenNLL(["base", BROKEN.name(), *subset])
+    with part("eval"):
+        metrics = measure(model, eval_ids, interventions(conditions), channels, max_length, bos=bos,
+                          scoring=Scoring(share_below=first_edited_layer(coords, rows), subsets=subset or None,
+                                          observe=per_token if subset else None))
     stage("Generating", None)
-    gens = generate.compare(model, tok, interventions([broken, fixed]), GEN_PROMPTS)
+    with part("generate"):
+        gens = generate.compare(model, tok, interventions([broken, fixed]), GEN_PROMPTS)
     base = metrics["base"]
-    inputs = patch_inputs(model, coords, rows, eval_ids, max_length, bos=bos)
+    with part("patch inputs"):
+        inputs = patch_inputs(model, coords, rows, eval_ids, max_length, bos=bos)
     rec = recovery_of(metrics, PATCHED.name())
     extra: dict = {}  # the optional parts, typed as the record is built (not set on it afterwards)
     if baselines:
-        extra["baselines"] = {
-            c.name: Baseline(**metrics[c.name].model_dump(), recovery=recovery_of(metrics, c.name)) for c in controls
-        }
+        extra["baselines"] = {c.name: _baseline(metrics, c.name, per_token) for c in controls}
     if seeds > 1:
         patches = {cfg.seed: patch, **extra_seeds}
         extra["seeds"] = seed_spread(model, coords, rows, originals, metrics, patches, cfg.seed)
@@ -191,6 +203,15 @@ def run_repair(
     )
     write_record(out, record)
     return record
+
+
+def _baseline(metrics, name: str, per_token: TokenNLL) -> Baseline:
+    """A baseline scored on its subset of the eval tokens: recovery against base and broken over those tokens."""
+    n = BASELINE_TOKENS
+    same = {"base": metrics[f"base@{n}"], BROKEN.name(): metrics[f"{BROKEN.name()}@{n}"], name: metrics[name]}
+    interval = nll_gap_interval(per_token["base"], per_token[BROKEN.name()], per_token[name])
+    return Baseline(**metrics[name].model_dump(), recovery=recovery_of(same, name),
+                    interval=list(interval) if interval else None)
 
 
 def repair_settings(spec: str, job: RepairJob, coords: list[WeightCoord], rows,
@@ -261,8 +282,11 @@ def _baselines(model, ablation: Ablation, rows, trained, data, cfg, progress: Pr
         random_draws.append(vectors)
     other = [make_row(layer, _other_row(row, down_projection(model, layer, expert).d_model, cfg.seed), expert)
              for layer, row, expert in map(split_row, rows)]
-    progress.stage(f"Baseline: training rows {', '.join(map(row_text, other))}", cfg.steps)
-    other_patch, _ = train(model, coords, other, data, cfg, Track(progress=progress))
+    progress.stage(f"Baseline: training rows {', '.join(map(row_text, other))}", max(1, cfg.steps // OTHER_ROW_SHARE))
+    # A control: a quarter of the steps (L-BFGS: 4 of 16 loss evaluations) and no held-out check, which keep the
+    # real patch from doing harm; the right row reaches most of its recovery in as many (docs/measurements.md).
+    other_patch, _ = train(model, coords, other, data, revalidated(cfg, steps=max(1, cfg.steps // OTHER_ROW_SHARE),
+                                                                   check_rows=0), Track(progress=progress))
     return [
         ORACLE(patched(model, ablation, rows, oracle_vectors)),
         ACTIVATION_RESTORE(Compose(ablation, ActivationRestore(model, coords, originals))),

@@ -243,10 +243,7 @@ class _Job:
 
 
 def _student_loss(job: _Job, batch):
-    ids, m, teacher_lp, hidden = batch
-    with job.ablation, job.patch, job.prefix.reuse(hidden):
-        student = job.model(input_ids=ids, attention_mask=m, use_cache=False).logits
-        return job.dp.share_of_mean(kl_loss(teacher_lp, student, m, job.cfg), m)
+    return job.dp.share_of_mean(job.teacher.loss(batch, job.ablation, job.patch), batch[1])
 
 
 def _first_order(job: _Job, opt, start: int, loss_value, saving):
@@ -364,10 +361,7 @@ def _lbfgs(job: _Job, opt, start: int):
         total = torch.zeros((), dtype=torch.float64)
         for c in chunks:
             batch = teacher(c)
-            ids, m, teacher_lp, hidden = batch
-            with ablation, patch, prefix.reuse(hidden):
-                student = model(input_ids=ids, attention_mask=m, use_cache=False).logits
-                loss = kl_loss(teacher_lp, student, m, cfg) * (float(m.sum()) / tokens)
+            loss = teacher.loss(batch, ablation, patch) * (float(batch[1].sum()) / tokens)
             loss.backward()
             total += loss.detach().double().cpu()
         dp.all_reduce_grads(patch.parameters())

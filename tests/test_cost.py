@@ -1,0 +1,178 @@
+"""Bounded memory and the cost account: chunked scoring equals whole-logit scoring, the head check finds every
+family's logits, and the ledger counts tokens x layers, forward and backward apart."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tiny
+from superweight.core import arch
+from superweight.core.cost import Ledger, part
+from superweight.core.coords import WeightCoord
+from superweight.core.head import head_of, trunk
+from superweight.core.intervene import Ablation, RowPatch
+from superweight.core.prefix import Prefix
+from superweight.io import corpora
+from superweight.measure.metrics import Scoring, measure
+
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
+
+@pytest.fixture(scope="module")
+def ids() -> torch.Tensor:
+    return corpora.tokenize(tiny.tiny_tokenizer(), corpora.load_text("pydoc", "eval"), 200)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3", "gemma2", "gpt2", "opt", "gpt_neox"])
+def test_head_reproduces_the_models_logits(family):
+    model = tiny.tiny_model(family, seed=0)
+    head = head_of(model)
+    assert head is not None
+    x = torch.arange(3, 11)[None]
+    with torch.no_grad():
+        whole = model(input_ids=x, use_cache=False).logits
+        mine = head(trunk(model)(input_ids=x, use_cache=False).last_hidden_state)
+    torch.testing.assert_close(mine, whole, rtol=0, atol=1e-5)
+
+
+def _relative(a: float, b: float) -> float:
+    return abs(a - b) / max(abs(b), 1e-30)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_chunked_scores_equal_whole_logits(family, ids, monkeypatch):
+    """A byte budget small enough for chunks of a few tokens (and one-window batches) moves no number by more than
+    1e-6 relative (a near-zero KL: 5e-8 nats) against the whole-logit path (the model's own logits, one chunk)."""
+    model = tiny.planted((1, 3, 5), family=family)
+    conditions = lambda: {"ablated": Ablation(model, [WeightCoord(layer=1, row=3, col=5)]),  # noqa: E731
+                          "other": Ablation(model, [WeightCoord(layer=2, row=1, col=2)])}
+    vocab = model.get_output_embeddings().weight.shape[0]
+    small = measure(model, ids, conditions(), [(1, 3)], max_length=64,
+                    scoring=Scoring(share_below=1, chunk_bytes=vocab * 4 * 4 * 3))  # 3 tokens a chunk
+    import superweight.measure.metrics as metrics
+    monkeypatch.setattr(metrics, "head_of", lambda _m: None)  # the model's whole logits
+    whole = measure(model, ids, conditions(), [(1, 3)], max_length=64,
+                    scoring=Scoring(share_below=1, chunk_bytes=2**30))
+    for name in whole:
+        a, b = small[name], whole[name]
+        assert a.n_tokens == b.n_tokens
+        for key in ("nll", "ppl", "top1_agree", "super_activation"):
+            assert _relative(getattr(a, key), getattr(b, key)) <= 1e-6, (name, key)
+        # a control's KL (~1e-4) is a difference of nearly equal fp32 log-probs: 5e-8 nats absolute there
+        assert abs(a.kl - b.kl) <= max(1e-6 * b.kl, 5e-8), name
+    assert whole["ablated"].kl > 1e-2
+
+
+def test_ledger_counts_tokens_times_layers():
+    model = tiny.tiny_model("llama", seed=0, num_hidden_layers=4)
+    x = torch.arange(3, 13).reshape(2, 5)
+    with Ledger(model) as ledger:
+        with ledger.stage("plain"), torch.no_grad():
+            model(input_ids=x, use_cache=False)
+        with ledger.stage("shared"), torch.no_grad():
+            prefix = Prefix(model, 2)
+            with prefix.capture():
+                model(input_ids=x, use_cache=False)
+            with part("above"), prefix.reuse(prefix.hidden):  # blocks 0 and 1 are skipped: not counted
+                model(input_ids=x, use_cache=False)
+        with ledger.stage("train"):
+            patch = RowPatch(model, [(2, 1)])
+            patch.vectors[0].requires_grad_(True)
+            with patch:
+                model(input_ids=x, use_cache=False).logits.sum().backward()
+    c = ledger.counts
+    assert (c["plain"].forward, c["plain"].backward) == (10 * 4, 0)
+    assert c["shared"].forward == 10 * 4 + 10 * 2 and c["shared"].parts["above"].forward == 10 * 2
+    assert (c["train"].forward, c["train"].backward) == (10 * 4, 10 * 2)  # gradient reaches layers 2 and 3
+    model(input_ids=x, use_cache=False)  # outside a stage, and after the ledger closed: nothing counts
+    assert c["plain"].forward == 40
+
+
+def test_measure_counts_each_condition_apart(ids):
+    model = tiny.tiny_model("llama", seed=0, num_hidden_layers=3)
+    with Ledger(model) as ledger, ledger.stage("eval"):
+        out = measure(model, ids[:100], {"broken": Ablation(model, [WeightCoord(layer=1, row=3, col=5)])},
+                      max_length=50, scoring=Scoring(share_below=1))
+    c = ledger.counts["eval"]
+    assert c.parts["base"].forward == 100 * 3 and c.parts["broken"].forward == 100 * 2
+    assert out["base"].n_tokens == 98
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_chunked_training_loss_and_gradient_equal_whole_logits(cached, monkeypatch):
+    """The repair's KL and its gradient through the patch, over chunks of 3 tokens (checkpointed) and from the
+    whole logits, agree to 1e-6 relative; the teacher's cached (fp16) targets too."""
+    import superweight.stages.distill as distill
+    from superweight.stages.recipes import RECIPES
+
+    model = tiny.planted((1, 3, 5))
+    cfg = RECIPES["lbfgs"]
+    seqs = torch.randint(2, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(seqs)
+    ablation = Ablation(model, [WeightCoord(layer=1, row=3, col=5)])
+
+    def loss_and_grad():
+        prefix = Prefix(model, 1)
+        teacher = distill.Teacher(model, prefix, seqs, mask, cfg, keep=cached)
+        patch = RowPatch(model, [(1, 3)], [torch.randn(tiny.tiny_model().config.intermediate_size,
+                                                       generator=torch.Generator().manual_seed(1))])
+        patch.vectors[0].requires_grad_(True)
+        teacher([0, 1])
+        loss = teacher.loss(teacher([0, 1]), ablation, patch)
+        loss.backward()
+        return loss.item(), patch.vectors[0].grad.clone()
+
+    vocab = model.get_output_embeddings().weight.shape[0]
+    monkeypatch.setattr(distill, "CHUNK_BUDGET", vocab * 4 * 4 * 3)
+    small = loss_and_grad()
+    monkeypatch.setattr(distill, "head_of", lambda _m: None)
+    whole = loss_and_grad()
+    assert small[0] == pytest.approx(whole[0], rel=1e-6) and whole[0] > 1e-3
+    torch.testing.assert_close(small[1], whole[1], rtol=1e-5, atol=1e-6 * whole[1].abs().max().item())
+
+
+def test_per_condition_shared_blocks_change_no_number(ids):
+    """Each condition starting from the base's state at its own layer gives the numbers of full passes, counts
+    only the blocks it runs, and reports the base's super activation for a channel below its layer."""
+    model = tiny.planted((1, 3, 5))
+    conditions = lambda: {"low": Ablation(model, [WeightCoord(layer=1, row=3, col=5)]),  # noqa: E731
+                          "high": Ablation(model, [WeightCoord(layer=4, row=1, col=2)])}
+    with Ledger(model) as ledger, ledger.stage("x"):
+        shared = measure(model, ids[:100], conditions(), [(1, 3)], max_length=50,
+                         scoring=Scoring(share_below={"low": 1, "high": 4}))
+    full = measure(model, ids[:100], conditions(), [(1, 3)], max_length=50)
+    for name in full:
+        for key in ("nll", "kl", "top1_agree", "super_activation"):
+            assert getattr(shared[name], key) == pytest.approx(getattr(full[name], key), rel=1e-6, abs=1e-9)
+    parts = ledger.counts["x"].parts
+    assert (parts["base"].forward, parts["low"].forward, parts["high"].forward) == (600, 500, 200)
+
+
+def test_subset_conditions_stop_at_their_tokens_and_compare_on_the_same(ids):
+    """A condition limited to the first window is scored there only; base@n and broken@n cover the same tokens
+    and equal a measurement of those tokens alone."""
+    model = tiny.planted((1, 3, 5))
+    broken = lambda: Ablation(model, [WeightCoord(layer=1, row=3, col=5)])  # noqa: E731
+    out = measure(model, ids[:200], {"broken": broken(), "control": Ablation(model, [WeightCoord(layer=2, row=1, col=2)])},
+                  max_length=50, scoring=Scoring(share_below=1, subsets={"control": 40}))
+    alone = measure(model, ids[:50], {"broken": broken(), "control": Ablation(model, [WeightCoord(layer=2, row=1, col=2)])},
+                    max_length=50, scoring=Scoring(share_below=1))
+    assert out["control"].n_tokens == out["base@40"].n_tokens == out["broken@40"].n_tokens == 49
+    assert out["base"].n_tokens == 196 and "control@40" not in out
+    for name in ("base", "broken"):
+        assert out[f"{name}@40"].nll == pytest.approx(alone[name].nll, rel=1e-6)
+    assert out["control"].kl == pytest.approx(alone["control"].kl, rel=1e-5, abs=5e-8)
+
+
+def test_nll_gap_interval_brackets_the_recovery():
+    from superweight.measure.recovery import nll_gap_interval
+
+    gen = torch.Generator().manual_seed(0)
+    base = torch.rand(512, generator=gen)
+    broken = base + 2 + torch.rand(512, generator=gen)
+    half = (base + broken) / 2 + 0.1 * torch.randn(512, generator=gen)
+    lo, hi = nll_gap_interval(base, broken, half)
+    point = ((broken - half).sum() / (broken - base).sum()).item()
+    assert lo < point < hi and hi - lo < 0.1
+    assert nll_gap_interval(base[:40], broken[:40], half[:40]) is None
