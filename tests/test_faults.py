@@ -123,7 +123,7 @@ DRIVER = textwrap.dedent('''
         if point == "load":
             on_call(models, "_from_pretrained", k, after=lambda *a, **kw: die())
         elif point == "training":
-            on_call(train, "kl_loss", k, after=lambda *a, **kw: die())
+            on_call(train, "_student_loss", k, after=lambda *a, **kw: die())
         elif point == "log_line":
             original, calls = checkpoint.log_step, [0]
 

@@ -9,6 +9,7 @@ import pytest
 from pydantic import ValidationError
 
 from superweight.errors import SuperweightError, UsageError
+from superweight.io import corpora
 from superweight.io.migrate import migrate
 from superweight.io.placement import Placement
 from superweight.io.record import SCHEMA_VERSION
@@ -93,7 +94,7 @@ def test_the_recipe_that_ran_is_named():
 
 def test_config_json_is_typed_and_old_ones_still_resume():
     job = RepairJob(recipe="quick", seeds=2)
-    settings = repair_settings("tiny", job, [], [(1, 5)], "on")
+    settings = repair_settings("tiny", job, [], [(1, 5)], corpora.Bos("on"))
     data = settings.model_dump(mode="json")
     assert data["schema_version"] == 2 and data["rows"] == [[1, 5]] and data["bos"] == "on"
     assert parse(RunConfig, json.loads(json.dumps(data)), "config.json") == settings

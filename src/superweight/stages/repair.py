@@ -283,8 +283,9 @@ def _baselines(model, ablation: Ablation, rows, trained, data, cfg, progress: Pr
     other = [make_row(layer, _other_row(row, down_projection(model, layer, expert).d_model, cfg.seed), expert)
              for layer, row, expert in map(split_row, rows)]
     progress.stage(f"Baseline: training rows {', '.join(map(row_text, other))}", max(1, cfg.steps // OTHER_ROW_SHARE))
-    # A control: a quarter of the steps (L-BFGS: 4 of 16 loss evaluations) and no held-out check, which keep the
-    # real patch from doing harm; the right row reaches most of its recovery in as many (docs/measurements.md).
+    # A control: a quarter of the step cap (L-BFGS: at most 16 of its 64 loss evaluations, still stopping on
+    # progress) and no held-out check, which keeps the real patch from doing harm; the right row reaches its
+    # recovery in fewer (the unconstrained lbfgs repair stops after 8-9; docs/measurements.md).
     other_patch, _ = train(model, coords, other, data, revalidated(cfg, steps=max(1, cfg.steps // OTHER_ROW_SHARE),
                                                                    check_rows=0), Track(progress=progress))
     return [
