@@ -48,7 +48,7 @@ def regime_sentences(r: RunRecord) -> list[str]:
         out.append(f"Without the deleted weight (column {', '.join(map(str, w.excluded))} held at 0) a repair "
                    f"recovers {pct(w.nll_gap)} of the NLL gap (KL {pct(w.kl_recovery)}; held-out check "
                    f"{pct(w.check_recovery)}), with ‖d‖ {num(w.norm)}, cos(d, row) {w.cos_original_row:.3f}, "
-                   f"writing through {num(w.participation)} neurons (participation ratio), most through "
+                   f"its write spread over neurons with a participation ratio of {num(w.participation)}, most through "
                    f"{_writers(w)}.")
     return out
 
