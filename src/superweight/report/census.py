@@ -90,8 +90,10 @@ def print_census(out: Console, rows, where: Path | None = None) -> None:
     title = "Super-weight census" + (f" ({where})" if where else "")
     table = Table(title=title, box=box.SIMPLE_HEAD)
     for c in COLUMNS:
+        # A long model path folds (the widest column gives way first), so a status note beside it stays whole.
         table.add_column(c, justify="right" if c in {"KL", "PPL ×", "depth"} else "left",
-                         no_wrap=c != "coordinates" and c != "known")
+                         no_wrap=c not in {"model", "coordinates", "known"},
+                         overflow="fold" if c == "model" else "ellipsis")
     for r in rows:
         values = [Text(v) for v in cells(r)]  # Text: a spec or an error with [brackets] is not markup
         if r.grade == "super":
