@@ -59,6 +59,14 @@ def test_repair_refuses_to_overwrite_a_run(tiny_model_dir, run_dir):
     assert (run_dir / "results.json").read_bytes() == before
 
 
+def test_an_excluded_column_past_the_row_is_one_line_and_writes_nothing(tiny_model_dir, tmp_path):
+    out = tmp_path / "never"
+    result = invoke("repair", "--model", tiny_model_dir, *FAST, "--exclude", "99999", "--out", out)
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip().splitlines()[-1].startswith("Error: --exclude: column 99999 is past the patch row")
+    assert not out.exists()
+
+
 def test_resume_with_other_settings_is_refused(tiny_model_dir, run_dir):
     result = invoke("repair", "--model", tiny_model_dir, *FAST, "--lr", "0.5", "--out", run_dir, "--resume")
     assert result.exit_code == 2 and "--resume with other settings" in result.stderr

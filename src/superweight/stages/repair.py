@@ -140,6 +140,8 @@ def run_repair(
     seqs, mask = training_sequences(tok, corpus, cfg, bos)
     eval_ids = corpora.tokenize(tok, corpora.load_text(corpus, "eval"), job.eval_tokens)
     check_context(model, min(max_length, eval_ids.numel()), max_length)
+    if job.exclude:  # a column past its row is refused here, before the first file is written
+        resolve([s for s in job.exclude if not s.startswith("top:")], coords, rows, _d_ffs(model, rows))
     prepare_run_dir(out, settings, job.resume)
 
     excluded = _excluded(model, coords, rows, (seqs, mask, eval_ids, bos), job, progress) if job.exclude else None
@@ -235,8 +237,11 @@ def _excluded(model, coords, rows, data, job: RepairJob, progress: Progress) -> 
         free, _ = train(model, coords, rows, (seqs, mask), job.config, Track(progress=progress))
         xs = patch_inputs(model, coords, rows, eval_ids, job.max_length, bos=bos)
         ranking = [top_writers(xs[site(r)], v) for r, v in zip(rows, free.vectors)]
-    d_ffs = [down_projection(model, layer, expert).d_ff for layer, _row, expert in map(split_row, rows)]
-    return resolve(job.exclude, coords, rows, d_ffs, ranking)
+    return resolve(job.exclude, coords, rows, _d_ffs(model, rows), ranking)
+
+
+def _d_ffs(model, rows) -> list[int]:
+    return [down_projection(model, layer, expert).d_ff for layer, _row, expert in map(split_row, rows)]
 
 
 def recorded_bos(out: Path) -> corpora.Bos:
