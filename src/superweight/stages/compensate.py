@@ -27,7 +27,7 @@ import torch
 from pydantic import Field
 
 from superweight.core.conditions import BROKEN, EXCLUDED, WITHOUT_DELETED
-from superweight.core.coords import make_row, row_of, row_text, site, split_row
+from superweight.core.coords import row_text, site, split_row
 from superweight.core.intervene import Ablation, intact_values
 from superweight.core.patching import check_fits, patched
 from superweight.core.prefix import first_edited_layer
@@ -44,7 +44,7 @@ from superweight.measure.recovery import scored
 from superweight.measure.views import neuron_contexts
 from superweight.progress import Progress, or_silent
 from superweight.settings import Settings, revalidated
-from superweight.stages.exclusion import top_writers
+from superweight.stages.exclusion import deleted_columns, top_writers
 from superweight.stages.train import Track, train, training_sequences
 
 DELETED_STAGE = "Repair (deleted excluded)"  # `run`'s second repair: a stage and timing of its own
@@ -191,7 +191,7 @@ def without_deleted(loaded: Loaded, run_dir: Path, record: RunRecord, tokens: in
     cfg = CompensateConfig(tokens=tokens, max_length=record.protocol.max_length)
     run = _Run.open(loaded, Path(run_dir), record, tokens, cfg.max_length)
     p = run.patch
-    columns = [sorted({c.col for c in p.ablated if row_of(c) == make_row(*split_row(r))}) for r in p.rows]
+    columns = [deleted_columns(p.ablated, r) for r in p.rows]
     ratio = record.patch.value_ratio
     if not columns[0]:  # the patch row is not the ablated one: nothing to exclude
         return RegimeResult(regime=regime_of(ratio), value_ratio=ratio)

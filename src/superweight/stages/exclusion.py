@@ -57,6 +57,11 @@ def top_writers(x: torch.Tensor, d: torch.Tensor, skip=()) -> list[int]:
     return [int(j) for j in w.argsort(descending=True).tolist() if j not in skip and w[j] > 0]
 
 
+def deleted_columns(coords, row) -> list[int]:
+    """The columns of the ablated weights in patch row `row` (the `deleted` spec), sorted."""
+    return sorted({c.col for c in coords if row_of(c) == make_row(*split_row(row))})
+
+
 def resolve(specs: list[str], coords, rows, d_ffs: list[int], ranking: list[list[int]] | None = None) -> list[list[int]]:
     """Per patch row, the sorted columns the specs hold at 0. `ranking`: per row, neurons by write in the
     unconstrained repair (top_writers), needed by top:K. A column past a row's d_ff is a UsageError."""
@@ -65,7 +70,7 @@ def resolve(specs: list[str], coords, rows, d_ffs: list[int], ranking: list[list
         cols: set[int] = set()
         for spec in specs:
             if spec == "deleted":
-                cols |= {c.col for c in coords if row_of(c) == make_row(*split_row(r))}
+                cols |= set(deleted_columns(coords, r))
             elif spec.startswith("top:"):
                 if ranking is None:
                     raise ValueError("top:K needs the unconstrained repair's ranking")
