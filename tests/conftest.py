@@ -198,10 +198,10 @@ def repair_runs(planted_dir, tmp_path_factory) -> dict[str, tuple[Path, list]]:
 # ---------------------------------------------------------------- another process that holds run directories
 _HOLD = """
 import contextlib, sys
-from superweight.io.lock import hold_run_dir
+from superweight.io.rundir import RunDir
 with contextlib.ExitStack() as stack:
     for d in sys.argv[1:]:
-        stack.enter_context(hold_run_dir(d, "repair"))
+        stack.enter_context(RunDir(d).lock("repair"))
     print("held", flush=True)
     sys.stdin.read()  # until the test closes stdin or kills this process
 """

@@ -18,7 +18,7 @@ from superweight.errors import SuperweightError
 from superweight.io import corpora
 from superweight.io.patchfile import save_patch
 from superweight.io.record import SparsityPoint, smallest_k
-from superweight.io.rundir import read_record
+from superweight.io.rundir import RunDir
 from superweight.measure.geometry import geometry
 from superweight.measure.metrics import Scoring, measure
 from superweight.core.conditions import CONTRIB_K, TOP_K
@@ -184,7 +184,7 @@ def test_the_sink_view_is_in_the_record_the_report_and_the_terminal(oracle_run, 
     headline = md.split("## Summary")[0]
     assert "Mechanism: " in headline and "The patch " in headline
     buf = io.StringIO()
-    print_analysis(Console(file=buf, width=200), read_record(run))
+    print_analysis(Console(file=buf, width=200), RunDir(run).record())
     assert "Attention sink per layer from the ablated layer 1 on" in buf.getvalue() and "Mechanism: " in buf.getvalue()
 
 

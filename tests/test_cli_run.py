@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from superweight.cli import app
 from superweight.io.models import save_model_dir
-from superweight.io.rundir import read_record
+from superweight.io.rundir import RunDir
 from tiny import planted, tiny_tokenizer
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
@@ -74,7 +74,7 @@ def test_run_without_a_confirmed_weight_says_so(tmp_path):
     # --weight repairs one anyway; the token views cope with targets that never occur in a small vocabulary
     result = invoke("run", "--model", model_dir, *SMALL, "--weight", "1:5:7", "--no-baselines", "--out", tmp_path / "w")
     assert result.exit_code == 0, result.output
-    tokens = read_record(tmp_path / "w").tokens
+    tokens = RunDir(tmp_path / "w").record().tokens
     assert tokens.hurt and all(t.count > 0 for t in tokens.hurt + tokens.healed)
 
 

@@ -25,7 +25,8 @@ from safetensors.torch import load_file
 
 from superweight.io import checkpoint
 from superweight.io.checkpoint import read_train_log
-from superweight.io.rundir import LOCK, LOCK_HOLDER, read_record
+from superweight.io.lock import LOCK, LOCK_HOLDER
+from superweight.io.rundir import RunDir
 
 TESTS_DIR = Path(__file__).resolve().parent
 STEPS, CHECKPOINT_EVERY = 6, 2
@@ -254,7 +255,7 @@ def test_killed_runs_resume_to_the_uninterrupted_patch(tiny_model_dir, tmp_path)
         _every_file_parses(out)
         got = load_file(str(out / "patch.safetensors"))
         assert got.keys() == want.keys() and all(got[n].equal(want[n]) for n in want), (point, k)
-        record = read_record(out)
+        record = RunDir(out).record()
         assert record.training.final_loss is not None and record.training.seconds > 0
         if (left / "checkpoints" / "last.pt").is_file():  # the seconds before the kill still count
             assert record.training.seconds > checkpoint.load(left)["seconds"] > 0, (point, k)

@@ -17,11 +17,11 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "superweight"
 # Layers, lowest first: a module may import from its own layer or a lower one (cli -> stages/report ->
 # measure -> io/core). stages and report share a layer; the report never reads a stage's code, only its
 # record (pipeline, the one stage that ends in a report, calls write_report). api (the notebook API, api.py and
-# its sibling api_tools.py) sits beside cli; the package's __init__ re-exports it lazily (PEP 562), so
+# its siblings api_tools.py and api_runs.py) sits beside cli, and the cli goes through it for io and stages; the package's __init__ re-exports it lazily (PEP 562), so
 # `import superweight` loads neither. settings
 # (the settings models' base) and progress (the progress protocol) are used at every layer.
 LAYERS = {"errors": 0, "display": 0, "settings": 0, "progress": 0, "": 0, "core": 1, "io": 2, "known": 2,
-          "measure": 3, "stages": 4, "report": 4, "cli": 5, "api": 5, "api_tools": 5}
+          "measure": 3, "stages": 4, "report": 4, "cli": 5, "api": 5, "api_tools": 5, "api_runs": 5}
 MAX_LINES = 400
 MAX_PARAMETERS = 8
 
@@ -93,6 +93,14 @@ def test_imports_point_one_way(module):
     assert not upward, f"{module} imports a higher layer: {upward}"
     if module.startswith("superweight.report"):
         assert not any(m.startswith("superweight.stages") for m in imports(module))
+
+
+@pytest.mark.parametrize("module", [m for m in ALL if m.startswith("superweight.cli")])
+def test_the_cli_calls_the_library(module):
+    # A command parses its options into settings and calls one superweight.api function: the run directory, its
+    # lock, the resume rules, default paths, --bos and loading all live below the CLI, never in a command.
+    below = sorted(m for m in imports(module) if m.split(".")[1:2] in (["io"], ["stages"]))
+    assert not below, f"{module} imports {below}: go through superweight.api"
 
 
 def test_no_import_cycles():

@@ -24,7 +24,8 @@ from typer.testing import CliRunner
 
 from superweight.cli import app
 from superweight.io.checkpoint import read_train_log
-from superweight.io.rundir import LOCK, LOCK_HOLDER, read_record
+from superweight.io.lock import LOCK, LOCK_HOLDER
+from superweight.io.rundir import RunDir
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 TESTS_DIR = Path(__file__).resolve().parent
@@ -99,7 +100,7 @@ def test_a_second_writer_is_refused_in_one_line_before_its_model_loads(command, 
 def test_readers_need_no_lock(held):
     result = CliRunner().invoke(app, ["compare", str(held["run"])])
     assert result.exit_code == 0, result.output
-    assert read_record(held["run"]).training.steps == STEPS
+    assert RunDir(held["run"]).record().training.steps == STEPS
 
 
 def test_a_sigkilled_holder_never_blocks_the_next_writer(finished, tiny_model_dir, tmp_path):
@@ -178,20 +179,20 @@ def test_two_repairs_into_one_directory_give_one_run_and_one_refusal(tiny_model_
             first.wait()
     assert first.returncode == 0, stderr
     assert [e["step"] for e in read_train_log(out)] == list(range(1, STEPS + 1))  # each step once
-    assert read_record(out).training.steps == STEPS
+    assert RunDir(out).record().training.steps == STEPS
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []  # no lock, no temp file
 
 
 WRITER = textwrap.dedent("""
     import sys
-    from superweight.io.rundir import read_record, write_record
+    from superweight.io.rundir import RunDir
     from superweight.settings import revalidated
 
     run = sys.argv[1]
-    record = read_record(run)
+    record = RunDir(run).record()
     other = revalidated(record, timings={f"stage{i}": float(i) for i in range(200)})
     for i in range(300):
-        write_record(run, other if i % 2 else record)
+        RunDir(run).write(other if i % 2 else record)
 """)
 
 
@@ -201,7 +202,7 @@ def test_a_reader_never_sees_half_a_file(finished, tmp_path):
     writer = subprocess.Popen([sys.executable, "-c", WRITER, str(run)], stderr=subprocess.PIPE, text=True)
     reads = 0
     while writer.poll() is None or reads == 0:
-        read_record(run)  # a torn or missing results.json would raise
+        RunDir(run).record()  # a torn or missing results.json would raise
         reads += 1
     assert writer.wait() == 0, writer.stderr.read()
 

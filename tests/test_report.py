@@ -12,7 +12,7 @@ import pytest
 
 from superweight.errors import SuperweightError
 from superweight.io.record import smallest_k
-from superweight.io.rundir import read_record, write_record
+from superweight.io.rundir import RunDir
 from superweight.report import compare_rows, write_report
 from superweight.report.format import num, pct, ppl
 
@@ -48,7 +48,7 @@ def test_html_is_self_contained(full_report):
 
 def test_sections_in_order(full_report):
     run, md, page = full_report
-    assert md.startswith(f"# Super weight 1:5:7 in {read_record(run).protocol.model}\n")
+    assert md.startswith(f"# Super weight 1:5:7 in {RunDir(run).record().protocol.model}\n")
     positions = [page.index(f"<h2>{s}</h2>") for s in SECTIONS]
     assert positions == sorted(positions)
     assert [line[3:] for line in md.splitlines() if line.startswith("## ")] == SECTIONS
@@ -58,13 +58,13 @@ def test_data_text_is_escaped(pipeline_run, tmp_path):
     # The real record, with model-written text that looks like markup: it must be shown, never obeyed.
     run = tmp_path / "run"
     shutil.copytree(pipeline_run[0], run)
-    r = read_record(run)
+    r = RunDir(run).record()
     r.generations = [{"prompt": "Tokens <s> and </script>", "base": " fine.\nNext line", "broken": " <s><s></script>",
                       "patched": " fine & well"}]
     r.tokens.hurt[0].token, r.tokens.hurt[1].token, r.tokens.healed[0].token = "</script>", "\n", " the"
     r.tokens.rising[0].token = "<s>"
     r.neurons[0].contexts[0].token = " </script>"
-    write_record(run, r)
+    RunDir(run).write(r)
     md, page = (p.read_text(encoding="utf-8") for p in write_report(run))
     assert "</script>" not in page and "<s>" not in page
     assert "&lt;/script&gt;" in page and "&#x27;&lt;s&gt;&#x27;" in page  # token shown as repr: '<s>'
@@ -83,7 +83,7 @@ def test_number_formats():
 
 def test_numbers_formatted(full_report):
     run, md, page = full_report
-    r = read_record(run)
+    r = RunDir(run).record()
     headline = md.split("\n\n")[1]
     assert headline == (f"Zeroing W\\[1:5:7\\] (layer:row:col of the MLP down-projection) takes PPL from "
                         f"{ppl(r.base.ppl)} to {ppl(r.broken.ppl)}; a row patch writing {num(r.patch.write_vs_removed)}x "
@@ -104,7 +104,7 @@ def test_numbers_formatted(full_report):
 
 def test_patch_output_is_reported(full_report):
     run, md, page = full_report
-    po = read_record(run).patch_output
+    po = RunDir(run).record().patch_output
     assert "Where the patch writes" in page and f"token &#x27;{po.token}&#x27;" in page
     assert f"against a median |x·d| of {num(po.median_abs)}" in page
     assert f"the ablation removed {num(po.removed)} there" in page
@@ -112,7 +112,7 @@ def test_patch_output_is_reported(full_report):
 
 def test_sparsity_answers(full_report):
     run, md, page = full_report
-    r = read_record(run)
+    r = RunDir(run).record()
     sp, dense = r.sparsity, r.sparsity[-1].nll_gap
     k, kr, kc = smallest_k(sp), smallest_k(sp, 0.9 * dense), smallest_k(sp, ranking="by_contribution")
     said = lambda k: f"k = {k}." if k is not None else "none."  # noqa: E731
@@ -150,7 +150,7 @@ def test_minimal_run_renders_without_analysis(repair_runs):
 def test_two_row_patch_shows_both_rows(repair_runs):
     run = repair_runs["two_rows"][0]
     md = write_report(run)[0].read_text()
-    rows = read_record(run).patch.rows
+    rows = RunDir(run).record().patch.rows
     assert [(g.layer, g.row) for g in rows] == [(1, 5), (1, 9)]
     assert "| layer | row | norm | cos(d, original row) |" in md
     for g in rows:
@@ -198,7 +198,7 @@ def test_compare_rows(repair_runs, pipeline_run):
     runs = [repair_runs["one_row"][0], repair_runs["two_rows"][0], str(pipeline_run[0]), repair_runs["minimal"][0]]
     rows = compare_rows(runs)
     assert [r.run for r in rows] == ["one_row", "two_rows", "full", "minimal"]
-    records = [read_record(r) for r in runs]
+    records = [RunDir(r).record() for r in runs]
     assert [r.k90 for r in rows] == [smallest_k(x.sparsity) if x.sparsity else None for x in records]
     assert [r.sparse_nnz90 for r in rows] == [
         x.sparse_training.smallest_90.nnz if x.sparse_training and x.sparse_training.smallest_90 else None

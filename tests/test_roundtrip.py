@@ -16,7 +16,7 @@ from superweight.cli import app
 from superweight.errors import SuperweightError
 from superweight.io.migrate import migrate
 from superweight.io.record import SCHEMA_VERSION, RunRecord
-from superweight.io.rundir import read_record, write_record
+from superweight.io.rundir import RunDir
 from superweight.report import terminal, write_report
 
 V1 = Path(__file__).parent / "data" / "v1"
@@ -45,7 +45,7 @@ def test_two_patch_rows_through_analyze_sparsify_report_and_compare(repair_runs,
     r = invoke("report", run)
     assert r.exit_code == 0, r.output
     md = (run / "report.md").read_text()
-    record = read_record(run)
+    record = RunDir(run).record()
     assert [g.key for g in record.patch.rows] == ["1:5", "1:9"]
     for g in record.patch.rows:  # the report shows both rows
         assert f"| {g.layer} | {g.row} | " in md
@@ -58,14 +58,14 @@ def test_two_patch_rows_through_analyze_sparsify_report_and_compare(repair_runs,
 def test_every_record_reads_back_as_written(all_runs, tmp_path):
     for name, run in all_runs.items():
         text = (run / "results.json").read_text()
-        record = read_record(run)
+        record = RunDir(run).record()
         assert json.loads(text)["schema_version"] == record.schema_version == SCHEMA_VERSION, name
-        write_record(tmp_path / name, record)  # the writer gives back the very bytes it wrote
+        RunDir(tmp_path / name).write(record)  # the writer gives back the very bytes it wrote
         assert (tmp_path / name / "results.json").read_text() == text, name
 
 
 def test_what_each_run_holds(all_runs):
-    one, two, weights, minimal, full = (read_record(all_runs[n]) for n in
+    one, two, weights, minimal, full = (RunDir(all_runs[n]).record() for n in
                                         ("one_row", "two_rows", "two_weights", "minimal", "pipeline"))
     assert set(one.baselines) == {"oracle", "activation_restore", "random_same_write_1", "random_same_write_2",
                                   "random_same_write_3", "other_row"}
@@ -80,7 +80,7 @@ def test_what_each_run_holds(all_runs):
 
 def test_several_weights_in_the_report_and_the_printers(repair_runs):
     run, (repaired,) = repair_runs["two_weights"]
-    record = read_record(run)
+    record = RunDir(run).record()
     assert "Patch row 1:9: ||d|| = " in repaired and "d[3] = " in repaired
     assert printed(terminal.print_repair, record, run).strip() in repaired
     md = write_report(run)[0].read_text()
@@ -89,16 +89,16 @@ def test_several_weights_in_the_report_and_the_printers(repair_runs):
 
 def test_printers_read_the_record_the_commands_wrote(repair_runs, pipeline_run):
     run, (repaired, analysed, sparsified) = repair_runs["one_row"]
-    record = read_record(run)
+    record = RunDir(run).record()
     # The commands printed from the record they returned; printing from the one on disk gives the same lines.
     assert printed(terminal.print_repair, record, run).strip() in repaired
     assert printed(terminal.print_sparse, record.sparse_training).strip() in sparsified
     run_dir, result = pipeline_run
-    assert printed(terminal.print_run, read_record(run_dir), run_dir).strip() in result.output
+    assert printed(terminal.print_run, RunDir(run_dir).record(), run_dir).strip() in result.output
 
 
 def test_version_1_records_are_migrated():
-    record = read_record(V1 / "run")  # every part: detection, baselines, seeds, analysis, sparse training
+    record = RunDir(V1 / "run").record()  # every part: detection, baselines, seeds, analysis, sparse training
     raw = json.loads((V1 / "run" / "results.json").read_text())
     assert "schema_version" not in raw and record.schema_version == SCHEMA_VERSION
     assert record.patch.rows[0].norm == raw["patch"]["rows"]["1:5"]["norm"]
@@ -106,12 +106,12 @@ def test_version_1_records_are_migrated():
     assert record.config.data == "packed"
     seed_recipe = migrate({**raw, "recipe": "seed"})  # the seed recipe read one wikitext line per sequence
     assert seed_recipe["config"]["data"] == "lines"
-    two = read_record(V1 / "two_rows")
+    two = RunDir(V1 / "two_rows").record()
     assert [g.key for g in two.patch.rows] == ["1:5", "1:9"]
 
 
 def test_version_2_records_are_migrated():
-    record = read_record(V2 / "run")  # every part: detection, baselines, two seeds, analysis, sparse training
+    record = RunDir(V2 / "run").record()  # every part: detection, baselines, two seeds, analysis, sparse training
     raw = json.loads((V2 / "run" / "results.json").read_text())
     assert raw["schema_version"] == 2 and record.schema_version == SCHEMA_VERSION
     unchanged = {k: v for k, v in raw.items() if k != "sweep"} | {"schema_version": SCHEMA_VERSION}
@@ -141,14 +141,14 @@ def test_records_that_cannot_be_read_are_one_error_line(tmp_path, repair_runs):
         (tmp_path / name).mkdir()
         (tmp_path / name / "results.json").write_text(json.dumps(data))
         with pytest.raises(SuperweightError) as exc:
-            read_record(tmp_path / name)
+            RunDir(tmp_path / name).record()
         assert message in str(exc.value) and "\n" not in str(exc.value), (name, str(exc.value))
         result = invoke("report", tmp_path / name)
         assert result.exit_code == 1 and result.stderr.count("\n") == 1 and message in result.stderr
 
 
 def test_a_typo_in_a_stage_is_caught_when_the_record_is_built(repair_runs):
-    record = read_record(repair_runs["minimal"][0])
+    record = RunDir(repair_runs["minimal"][0]).record()
     with pytest.raises(ValueError, match="Extra inputs are not permitted"):
         RunRecord.model_validate(record.model_dump() | {"sparsityy": []})
 

@@ -16,7 +16,7 @@ from superweight.cli import app
 from superweight.core.coords import parse_coord
 from superweight.core.intervene import Ablation, NoIntervention
 from superweight.errors import SuperweightError, UsageError
-from superweight.io.rundir import read_record
+from superweight.io.rundir import RunDir
 import tiny
 from tiny import assert_identical, hook_count, planted, snapshot, tiny_tokenizer
 
@@ -96,7 +96,7 @@ def test_cli_eval_and_repair_record_the_tasks(planted_dir, repair_runs, tmp_path
                     "--seq-len", "32", "--eval-tokens", "64", "--tasks", TASK, "--include-path", TASKS,
                     "--task-limit", "8", "--out", run)
     assert result.exit_code == 0, result.output
-    record = read_record(run)
+    record = RunDir(run).record()
     assert list(record.tasks.scores) == ["base", "broken", "patched"]
     assert invoke("report", run).exit_code == 0
     assert "## Zero-shot tasks" in (run / "report.md").read_text()

@@ -5,14 +5,16 @@
     found = sw.detect(m)                                 # DetectResult
     sw.evaluate(m, ablate="11:507:1229")                 # EvalResult: base vs ablated
     fixed = sw.repair(m, "11:507:1229", out="runs/mine")    # RepairResult: .record (results.json), .patch
+    fixed = sw.repair(m, "11:507:1229")                  # the same in memory: nothing written
     with fixed.patch.apply(): ...                        # the ablated model, repaired; undone on exit
     sw.analyze(m, "runs/mine"); sw.read_run("runs/mine"); sw.compare("runs/mine", "runs/other")
     sw.run(m)                                            # all of it, ending in report.html
     sw.quantize(sw.load(dtype="fp32"))                   # QuantResult
     with sw.Ablation(m, "11:507:1229"): ...              # undone on exit, bit for bit
 
-Functions, one per command: load, info, detect, evaluate, sweep, repair, analyze, sparsify, run, quantize, census,
-apply, compare, read_run, write_report; load_patch. Interventions (context managers): Ablation, Spread, RowPatch,
+Functions, one per command: load, info, detect, evaluate, sweep, repair, analyze, sparsify, compensate, run,
+quantize, census, apply, compare, write_report (`report`); read_run, load_patch. Each takes a model from load() or
+a Later (the model to load once the inputs are checked: how the CLI calls them). Interventions (context managers): Ablation, Spread, RowPatch,
 Compose, ActivationRestore, QuantizedWeights, QuantizedInputs. Settings: DetectConfig, RepairConfig, RECIPES,
 RepairJob, PipelineJob, EvalConfig, QuantizeConfig, Placement, Bos. Results: DetectResult, EvalResult, RepairResult
 (with its Patch), RunRecord, QuantResult, Comparison; in a notebook each shows its tables (and plots).
@@ -34,7 +36,7 @@ __all__ = [
     "QuantizedInputs", "DetectConfig", "RepairConfig", "RECIPES", "RepairJob", "PipelineJob", "EvalConfig",
     "QuantizeConfig", "Placement", "Loaded", "Bos", "DetectResult", "EvalResult",
     "RunRecord", "QuantResult", "Comparison", "Compensation", "CompareRow", "PatchData", "WeightCoord", "parse_coord",
-    "load_patch", "SuperweightError", "__version__",
+    "load_patch", "Later", "SuperweightError", "__version__",
 ]
 
 

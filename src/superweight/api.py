@@ -5,29 +5,35 @@ command, each the same library call the CLI makes (cli/*.py), on a model loaded 
     m = sw.load()                                    # the embedded SmolLM2-135M (~25 s the first time, then ~1 s)
     found = sw.detect(m, calib_tokens=512)           # DetectResult: a table in a notebook
     sw.evaluate(m, ablate=found.candidates[0].coord) # EvalResult: base vs ablated
-    fixed = sw.repair(m, "11:507:1229", out="runs/mine", eval_tokens=512)   # .record (the report), .patch
+    fixed = sw.repair(m, "11:507:1229", eval_tokens=512)   # .record (the report), .patch; nothing written
     with fixed.patch.apply():
         ...                                          # the ablated model, repaired; intact again after, bit for bit
+    fixed.patch.save("patches/mine")                 # or sw.repair(..., out="runs/mine"): a whole run directory
     with sw.Ablation(m, "11:507:1229"):
         ...                                          # the weight is zeroed here, and back bit for bit after
 
-The commands api.py does not hold (info, sweep, sparsify, census, apply) and the repair's result are in
-api_tools.py, re-exported here.
+The repair's result, `Later` (the model a function loads once its inputs are checked: the CLI's way in) and the
+commands info, sweep, census and apply are in api_tools.py; the commands on a run directory (analyze, sparsify,
+compensate, write_report) in api_runs.py; both re-exported here.
 
 Settings come as the typed objects (DetectConfig, RepairConfig, RECIPES, RepairJob, PipelineJob, EvalConfig,
 QuantizeConfig; each checks itself when made) and/or as keyword overrides of their fields, validated into them;
 results are the typed records (pydantic), which a notebook shows as the terminal's tables and the report's
-sections and plots (report/notebook.py). No function prints or shows a progress bar.
+sections and plots (report/notebook.py). No function prints or shows a progress bar: a function that runs long
+takes `progress` (superweight.progress.Progress), which the CLI draws.
 """
 
 from __future__ import annotations
 
-import datetime as _dt
+from contextlib import nullcontext
 from pathlib import Path
 
 from superweight import __all__, __version__  # noqa: F401 (the package names the API once)
-from superweight.api_tools import (RepairResult, apply, census, compensate, info, load_patch, patch_data,  # noqa: F401
-                                   sparsify, sweep)
+from superweight.api_runs import analyze, compensate, sparsify, write_report  # noqa: F401
+from superweight.api_tools import (CENSUS_CSV, CENSUS_LOCK_WAIT_S, CENSUS_MD, Later, RepairResult,  # noqa: F401
+                                   apply, census, census_table, check_writable, held, info, load_at, load_patch,
+                                   main_process, new_run_dir, note, patch_data, placement, read_models_file,
+                                   spec_of, sweep, sweep_plot_path, write_json)
 from superweight.core.coords import WeightCoord, as_coords, parse_coord, patch_rows
 from superweight.core.fakequant import QuantizedInputs, QuantizedWeights
 from superweight.core.intervene import ActivationRestore, Ablation, Compose, Intervention, RowPatch, Spread
@@ -36,22 +42,22 @@ from superweight.display import RENDERERS
 from superweight.errors import SuperweightError, UsageError
 from superweight.io.corpora import Bos
 from superweight.io.comprecord import Compensation
-from superweight.io.lock import hold_run_dir
+from superweight.io.corpora import DEFAULT_CORPUS  # noqa: F401 (the CLI's default)
 from superweight.io.models import DEFAULT_MODEL, Loaded
 from superweight.io.patch import Patch  # noqa: F401 (the API's name)
 from superweight.io.quantrecord import QuantResult
 from superweight.io.record import RunRecord
-from superweight.io.rundir import read_record
-from superweight.io.runstate import check_run_dir_for
-from superweight.report import CompareRow, Comparison, compare_rows, notebook, write_report
+from superweight.io.rundir import RunDir
+from superweight.report import CompareRow, Comparison, compare_rows, notebook
 from superweight.io.placement import Placement
-from superweight.settings import build
+from superweight.progress import or_silent
+from superweight.settings import build, revalidated
 from superweight.stages.detect import DetectConfig, DetectResult, run_detect
 from superweight.stages.evaluate import EvalConfig, EvalResult, run_eval
 from superweight.stages.pipeline import PipelineJob
-from superweight.stages.quantize import QuantizeConfig, run_quantize
+from superweight.stages.quantize import QuantizeConfig, parse_activations, run_quantize  # noqa: F401
 from superweight.stages.recipes import RECIPES, RepairConfig, recipe_settings
-from superweight.stages.repair import RepairJob
+from superweight.stages.repair import RepairJob, repair_settings
 
 
 RENDERERS.update({
@@ -85,20 +91,18 @@ def load(model: str = DEFAULT_MODEL, device: str = "cpu", dtype: str = "auto", d
     text protocol's Bos: .mode as asked, .token the id every window starts with, None for none).
     """
     from superweight.io import models
-    from superweight.stages.distributed import process_device
 
-    where = build(Placement, None, "", device=process_device(device), dtype=dtype, device_map=device_map,
-                  max_memory=max_memory, offload_folder=offload_folder)
-    return models.load(model, where, Bos(bos))
+    return models.load(model, placement(device, dtype, device_map, max_memory, offload_folder), Bos(bos))
 
 
-def detect(loaded: Loaded, config: DetectConfig | None = None, **overrides) -> DetectResult:
+def detect(loaded: Loaded | Later, config: DetectConfig | None = None, progress=None, **overrides) -> DetectResult:
     """Find super weights (`superweight detect`): an iterative spike scan plus attribution, each candidate
     confirmed (or not) by the damage its removal does against two control weights.
 
     Args:
-        loaded: the model, from load().
+        loaded: the model, from load() (or a Later: loaded once the settings and the corpus are checked).
         config=None: a DetectConfig; None for its defaults (the command's).
+        progress=None: a superweight.progress.Progress that hears of each stage (None: silent).
         **overrides: DetectConfig fields that replace the config's:
             prompts=None: scan prompts (None: the paper's "Apple Inc. is a worldwide tech company." and 3 more).
             max_candidates=8: most spike-scan rounds (one weight each).
@@ -116,21 +120,28 @@ def detect(loaded: Loaded, config: DetectConfig | None = None, **overrides) -> D
 
     Returns a DetectResult: .candidates ranked by damage (each with .coord, .kl, .ppl_ratio, .confirmed, .grade).
     """
-    return run_detect(loaded, build(DetectConfig, config, "", **overrides))
+    from superweight.io import corpora
+
+    cfg = build(DetectConfig, config, "", **overrides)
+    text = corpora.load_text(cfg.corpus, cfg.split) if (cfg.verify or cfg.attribution) else None
+    loaded = held(loaded)  # after the corpus: a missing one fails before the model loads
+    ids = corpora.tokenize(loaded.tokenizer, text, cfg.calib_tokens) if text is not None else None
+    return run_detect(loaded, cfg, ids=ids, progress=progress)
 
 
-def evaluate(loaded: Loaded, ablate=None, patch: str | Path | None = None, config: EvalConfig | None = None,
-             **overrides) -> EvalResult:
+def evaluate(loaded: Loaded | Later, ablate=None, patch: str | Path | None = None, config: EvalConfig | None = None,
+             progress=None, **overrides) -> EvalResult:
     """Base vs ablated (vs patched) (`superweight eval`): NLL, PPL, KL(base||·), top-1 agreement and the super
     activation on one corpus split, greedy generations side by side, and zero-shot task accuracies.
 
     Args:
-        loaded: the model, from load().
+        loaded: the model, from load() (or a Later: loaded once the settings, patch and corpus are checked).
         ablate=None: the weight(s) to ablate: "L:R:C[@SCALE]", a WeightCoord, or a list of them ([]: none);
             None: the model's published super weights.
         patch=None: a repair's Patch (repair(...).patch, load_patch(...)) or run directory: the patched model too
             (and its ablation instead of ablate).
         config=None: an EvalConfig (stages/evaluate.py); None for its defaults (the command's).
+        progress=None: a superweight.progress.Progress that hears of each stage (None: silent).
         **overrides: EvalConfig fields that replace the config's:
             corpus='pydoc': pydoc, wikitext2 or text:PATH.
             split='eval': train, eval or all (wikitext2: train, validation, test).
@@ -145,24 +156,32 @@ def evaluate(loaded: Loaded, ablate=None, patch: str | Path | None = None, confi
 
     Returns an EvalResult: .base, .ablated, .patched (Metrics), .generations, .tasks, .protocol.
     """
+    from superweight.io import corpora
     from superweight.known import published
 
     if patch is not None and ablate is not None:
         raise UsageError("a patch brings its own ablation; give ablate or patch, not both")
+    data = patch_data(patch)
+    coords = data.ablated if data else _coords(ablate) if ablate is not None else published(spec_of(loaded))
     cfg = build(EvalConfig, config, "", **_with_tasks(overrides))
-    held = patch_data(patch)
-    coords = held.ablated if held else _coords(ablate) if ablate is not None else published(loaded.spec)
-    return run_eval(loaded, coords, cfg, patch=held)
+    text = corpora.load_text(cfg.corpus, cfg.split)  # a missing corpus fails before the model loads
+    model = held(loaded)
+    if not coords:
+        note(loaded, "No --ablate given and no published super weight for this model: base metrics only.")
+    ids = corpora.tokenize(model.tokenizer, text, cfg.max_tokens)
+    return run_eval(model, coords, cfg, ids=ids, patch=data, progress=progress)
 
 
-def repair(loaded: Loaded, weight, rows: list[tuple[int, int]] | None = None, recipe: str | None = None,
+def repair(loaded: Loaded | Later, weight, rows: list[tuple[int, int]] | None = None, recipe: str | None = None,
            config: RepairConfig | None = None, out: str | Path | None = None, job: RepairJob | None = None,
-           **overrides) -> RepairResult:
+           progress=None, **overrides) -> RepairResult:
     """Train a row patch that repairs the ablated model by KL distillation against the intact one
-    (`superweight repair`), measure base, broken and patched, and keep it all in a run directory.
+    (`superweight repair`), and measure base, broken and patched: the record and the patch, in memory; with `out`,
+    also kept in a run directory.
 
     Args:
-        loaded: the model, from load().
+        loaded: the model, from load() (or a Later: loaded once the settings, the run directory and the corpus are
+            checked, with the run's own --bos when resuming one).
         weight: the weight(s) to ablate: "L:R:C[@SCALE]", a WeightCoord, or a list of them.
         rows=None: the rows to patch: (layer, row) or (layer, row, expert) tuples, or "L:R" / "L:E:R" texts; None:
             each ablated weight's row (an expert's weight: that expert's row; core/coords.patch_rows).
@@ -170,16 +189,17 @@ def repair(loaded: Loaded, weight, rows: list[tuple[int, int]] | None = None, re
             progress), balanced, quick (Adam), sgd, fast or seed (the write-up's); docs/recipes.md. None: the
             job's recipe, lbfgs without a job.
         config=None: a RepairConfig that replaces the recipe's settings (recipe then only names them).
-        out=None: the run directory, which must not exist unless resuming; None: runs/repair-L-R-C (the stage
-            keeps its checkpoints, train log, patch and record there, so a repair always has one).
+        out=None: a run directory (io/rundir.RunDir) for config.json, the checkpoints, the train log, the patch and
+            results.json, which must be new unless resuming; None: nothing is written (the CLI always gives one).
         job=None: a RepairJob (stages/repair.py) with the settings below; None for its defaults (the command's).
+        progress=None: a superweight.progress.Progress that hears of each stage and training step (None: silent).
         **overrides: RepairJob fields, then RepairConfig fields that replace the job's and the recipe's:
             corpus='pydoc': training (train split) and evaluation (eval split) text: pydoc, wikitext2 or text:PATH.
             eval_tokens=4096: eval-split tokens for the before/after metrics.
             max_length=512: window length of the before/after metrics.
             baselines=False: also the oracle, activation restore, random vectors and another row.
             seeds=1: train this many patches (seeds seed, seed + 1, ...): mean and spread.
-            resume=False: continue the run in `out` from its last checkpoint.
+            resume=False: continue the run in `out` from its last checkpoint (a finished one: returned unchanged).
             checkpoint_every=25: checkpoint every this many steps.
             tasks=None: lm-evaluation-harness tasks for base, broken and patched ("arc_easy,piqa" or a list).
             include_path=None: with tasks, a folder of local task YAML files.
@@ -209,55 +229,57 @@ def repair(loaded: Loaded, weight, rows: list[tuple[int, int]] | None = None, re
     Returns a RepairResult (shown as the run's report): .record, the RunRecord (results.json: .base, .broken,
     .patched, .recovery, .verdict, .training, .patch (geometry), .baselines, .seeds; .recipe names the recipe that
     ran, "lbfgs+steps=4" when options changed it); .patch, the trained Patch on this model (`with .apply():`,
-    .save(dir), .merge(), .export(dir), .to_peft(dir)); .run_dir. load_patch(out, m) gives the same Patch later.
+    .save(dir), .merge(), .export(dir), .to_peft(dir)); .run_dir (None without out); .unchanged (a finished run
+    resumed). load_patch(out, m) gives the same Patch later.
     """
-    from superweight.stages.repair import repair_settings, run_repair
+    from superweight.io import corpora
+    from superweight.stages import distributed
+    from superweight.stages.repair import repair_patch
 
     coords = _coords(weight)
     rows = patch_rows(coords, rows)
     job = _repair_job(job, recipe, config, overrides)
-    first = coords[0]
-    run_dir = Path(out or f"runs/repair-{first.layer}-{first.row}-{first.col}")
-    # refused before the directory is made or locked
-    check_run_dir_for(run_dir, repair_settings(loaded.spec, job, coords, rows, loaded.bos), job.resume)
-    with hold_run_dir(run_dir, "repair"):  # one writer at a time
-        record = run_repair(loaded, coords, rows, run_dir, job)
-    return RepairResult(record, load_patch(run_dir, loaded), run_dir)
+    run = RunDir(out) if out is not None else None
+    if run is None and job.resume:
+        raise UsageError("resume continues a run directory: give its out")
+    dp = distributed.current()  # under `accelerate launch`: only process 0 writes the run directory
+    # a resumed run's text protocol is the run's own, unless the Later names one
+    bos = loaded.bos if isinstance(loaded, Loaded) else loaded.bos or (run.bos() if job.resume else Bos())
+    settings = repair_settings(spec_of(loaded), job, coords, rows, bos)
+    if run is not None:
+        run.check_start(settings, job.resume)  # refused before the directory is made or locked
+    if not dp.is_main:
+        job = revalidated(job, tasks=None)  # process 0 alone scores the tasks
+    with run.lock("repair") if run is not None and dp.is_main else nullcontext():  # one writer, or refused here
+        state = run.check_start(settings, job.resume) if run is not None else "new"  # again, now that it is held
+        dp.barrier()  # every process has seen the directory as it was before process 0 writes into it
+        if state == "finished" and job.resume:
+            return RepairResult(run.record(), Patch.of(run.patch(), loaded if isinstance(loaded, Loaded) else None),
+                                run.path, unchanged=True)
+        corpora.load_text(job.corpus, "train")  # a missing or unreadable corpus fails before the model loads
+        corpora.load_text(job.corpus, "eval")
+        model = held(loaded, bos=bos)
+        if dp.world > 1 and dp.is_main:
+            note(loaded, f"data-parallel: {dp.world} processes share each batch of {job.config.batch_size} sequences")
+        with dp.run_dir_for(run.path, job.resume) if run is not None else nullcontext() as own:
+            record, data = repair_patch(model, coords, rows, own, job, progress)
+    return RepairResult(record, Patch.of(data, model), run.path if run is not None else None)
 
 
-def analyze(loaded: Loaded, run_dir: str | Path, tokens: int = 2048, draws: int = 3) -> RunRecord:
-    """Study a repair's patch (`superweight analyze`): its geometry, the patch cut to its top-k entries against a
-    random-k control, the tokens it hurts and heals, the neurons it reads, and a scale sweep of the weight.
-
-    Args:
-        loaded: the model the run was made on, from load().
-        run_dir: a run directory written by repair() or run().
-        tokens=2048: eval-split tokens to analyse on.
-        draws=3: random-k control draws per k.
-
-    Returns the updated RunRecord (also written to run_dir/results.json).
-    """
-    from superweight.stages.analyze import AnalyzeConfig, run_analyze
-
-    cfg = build(AnalyzeConfig, None, "", tokens=tokens, draws=draws)
-    path = Path(run_dir)
-    read_record(path)  # a directory that holds no run is refused before it is locked
-    with hold_run_dir(path, "analyze"):
-        return run_analyze(loaded, path, cfg)
-
-
-def run(loaded: Loaded, out: str | Path | None = None, weight=None, recipe: str | None = None,
-        config: RepairConfig | None = None, job: PipelineJob | None = None, **overrides) -> RunRecord:
+def run(loaded: Loaded | Later, out: str | Path | None = None, weight=None, recipe: str | None = None,
+        config: RepairConfig | None = None, job: PipelineJob | None = None, progress=None, **overrides) -> RunRecord:
     """The whole study (`superweight run`): detect, take the most damaging super weight (else sensitive weight),
     repair it with baselines, analyse, and write report.html.
 
     Args:
-        loaded: the model, from load().
+        loaded: the model, from load() (or a Later: loaded once the settings, the run directory and the corpus are
+            checked, with the run's own --bos when resuming one).
         out=None: the run directory, which must not exist unless resuming; None: runs/MODEL-DATE-TIME.
         weight=None: "L:R:C" (or a WeightCoord) to repair instead of detecting one.
         recipe=None: the repair's named settings (RECIPES); see repair(). None: the job's, lbfgs without a job.
         config=None: a RepairConfig that replaces the recipe's settings.
         job=None: a PipelineJob (stages/pipeline.py) with the settings below; None for its defaults.
+        progress=None: a superweight.progress.Progress that hears of each stage and training step (None: silent).
         **overrides: PipelineJob fields, the repair's RepairJob fields, then RepairConfig fields:
             analysis_tokens=1024: eval-split tokens for the analyses.
             draws=2: random-k control draws per k.
@@ -276,7 +298,8 @@ def run(loaded: Loaded, out: str | Path | None = None, weight=None, recipe: str 
 
     Returns the RunRecord, with .detect and .timings; the report is out/report.html.
     """
-    from superweight.stages.pipeline import PipelineJob, check_out, run_pipeline
+    from superweight.io import corpora
+    from superweight.stages.pipeline import PipelineJob, run_pipeline
 
     job = job or PipelineJob()
     own = {k: overrides.pop(k) for k in list(overrides) if k in PipelineJob.model_fields and k != "repair"}
@@ -285,30 +308,37 @@ def run(loaded: Loaded, out: str | Path | None = None, weight=None, recipe: str 
     job = build(PipelineJob, job, "", **own, weight=weight, repair=repair_job)
     if job.repair.resume and out is None:
         raise UsageError("resume needs the out of the run to continue")
-    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    path = Path(out or f"runs/{Path(loaded.spec).name.removesuffix('.gguf')}-{stamp}")
-    check_out(path, job.repair.resume)  # refused before the directory is made or locked
-    with hold_run_dir(path, "run"):
-        if check_out(path, job.repair.resume) == "finished":  # again, now that no other writer can change it
-            return read_record(path)
-        return run_pipeline(loaded, path, job)
+    run_dir = RunDir(out or new_run_dir(spec_of(loaded)))
+    run_dir.check_run(job.repair.resume)  # refused before the directory is made or locked
+    bos = run_dir.bos() if job.repair.resume else Bos()  # a resumed run's own, unless the model names one
+    with run_dir.lock("run"):  # one writer, or refused here, before the model loads
+        if run_dir.check_run(job.repair.resume):  # again, now that no other writer can change it
+            note(loaded, f"{run_dir} is finished already (report.html): nothing to resume, nothing changed.")
+            return run_dir.record()
+        corpora.load_text(job.repair.corpus, "eval")  # a missing corpus fails before the model loads
+        return run_pipeline(held(loaded, bos=bos), run_dir.path, job, progress)
 
 
-def quantize(loaded: Loaded, bits=(4,), blocks=(64, 128, 256, "channel"), clip: str = "tensor:1e-4", keep="auto",
-             patch: str | Path | None = None, config: QuantizeConfig | None = None, **overrides) -> QuantResult:
+def quantize(loaded: Loaded | Later, bits=None, blocks=None, clip: str | None = None, keep="auto",
+             patch: str | Path | None = None, config: QuantizeConfig | None = None, progress=None,
+             **overrides) -> QuantResult:
     """Round-to-nearest fake quantization of every decoder linear (`superweight quantize`), plain and with the
     super weights held out of their block, clipped, and clipped then restored; every weight restored after.
     Load the model with dtype="fp32" (the command's default): in bf16 each dequantized value is rounded again.
 
     Args:
-        loaded: the model, from load().
-        bits=(4,): weight bits, each 2-8 (a list, or "3,4").
-        blocks=(64, 128, 256, 'channel'): block sizes: integers, "channel" or "tensor" (a list, or "64,channel").
-        clip='tensor:1e-4': none, tensor:P, block:P (the fraction clipped), zscore:Z or iqr:K.
+        loaded: the model, from load() (or a Later: loaded once the settings, the block sizes (from the model's
+            config, where it is at hand) and the corpus are checked).
+        bits=None: weight bits, each 2-8 (a list, or "3,4"); None: the config's (its default: 4).
+        blocks=None: block sizes: integers, "channel" or "tensor" (a list, or "64,channel"); None: the config's
+            (its default: 64, 128, 256, channel).
+        clip=None: none, tensor:P, block:P (the fraction clipped), zscore:Z or iqr:K; None: the config's (its
+            default: tensor:1e-4).
         keep='auto': the super weights to protect: auto (published, else the ones detect confirms), none, or
             "L:R:C" / WeightCoord / a list of them.
         patch=None: a repair's Patch or run directory: the repaired model too.
         config=None: a QuantizeConfig (stages/quantize.py) for the settings below; None for its defaults.
+        progress=None: a superweight.progress.Progress that hears of each stage (None: silent).
         **overrides: QuantizeConfig fields that replace the config's:
             levels='int': int (min-max RTN) or nf (NormalFloat NF3/NF4).
             protect=(): with clip, also conditions that restore the K clipped weights that change their layer's
@@ -324,21 +354,37 @@ def quantize(loaded: Loaded, bits=(4,), blocks=(64, 128, 256, "channel"), clip: 
 
     Returns a QuantResult: .rows (one per condition: PPL, KL, recovery vs RTN, bits per weight), .activations.
     """
-    from superweight.core.quant import parse_bits, parse_blocks, parse_clip
-    from superweight.stages.quantize import auto_keep, parse_activations
+    from superweight.core.quant import check_blocks, parse_bits, parse_blocks, parse_clip
+    from superweight.io import corpora
+    from superweight.stages.quantize import auto_keep, shapes_before_load
 
     join = lambda v: v if isinstance(v, str) else ",".join(map(str, v))  # noqa: E731
-    clip_spec = parse_clip(clip)
-    protect = sorted(set(overrides.pop("protect", ())))
-    if protect and (clip_spec is None or min(protect) < 1):
-        raise UsageError("protect restores clipped weights: give counts of at least 1 and a clip method")
+    given = {}  # the arguments given: each replaces the config's
+    if bits is not None:
+        given["bits"] = parse_bits(join(bits))
+    if blocks is not None:
+        given["blocks"] = parse_blocks(join(blocks))
+    if clip is not None:
+        given["clip"] = parse_clip(clip)  # "none": None
+    if "protect" in overrides:
+        overrides["protect"] = sorted(set(overrides["protect"]))
     if isinstance(overrides.get("activations"), str):
         overrides["activations"] = parse_activations(overrides["activations"])
-    cfg = build(QuantizeConfig, config, "", bits=parse_bits(join(bits)), blocks=parse_blocks(join(blocks)),
-                clip=clip_spec, protect=protect, **_with_tasks(overrides))
-    coords, source = (auto_keep(loaded, loaded.spec) if keep == "auto" else ([], "none") if keep == "none"
-                      else (_coords(keep), "given"))
-    return run_quantize(loaded, build(QuantizeConfig, cfg, "", keep=coords, keep_source=source), patch=patch_data(patch))
+    cfg = build(QuantizeConfig, config, "", **given, **_with_tasks(overrides))
+    if cfg.protect and (cfg.clip is None or min(cfg.protect) < 1):
+        raise UsageError("protect restores clipped weights: give counts of at least 1 and a clip method")
+    coords, source = (None, "auto") if keep == "auto" else ([], "none") if keep == "none" else (_coords(keep), "given")
+    data = patch_data(patch)
+    if not isinstance(loaded, Loaded) and (shapes := shapes_before_load(spec_of(loaded))):
+        check_blocks(cfg.blocks, shapes)  # before the weights load, where the model's config is at hand
+    text = corpora.load_text(cfg.corpus, cfg.split)  # a missing corpus fails before the model loads
+    loaded = held(loaded)
+    if coords is None:
+        or_silent(progress).stage("Finding the super weights to keep: published, else detected...", None)
+        coords, source = auto_keep(loaded, loaded.spec)
+    cfg = build(QuantizeConfig, cfg, "", keep=coords, keep_source=source)
+    ids = corpora.tokenize(loaded.tokenizer, text, cfg.max_tokens)
+    return run_quantize(loaded, cfg, ids=ids, patch=data, progress=progress)
 
 
 def compare(*run_dirs: str | Path) -> Comparison:
@@ -354,7 +400,7 @@ def compare(*run_dirs: str | Path) -> Comparison:
 
 def read_run(run_dir: str | Path) -> RunRecord:
     """The RunRecord of a run directory (its results.json, lifted to the current schema), shown as its report."""
-    return read_record(run_dir)
+    return RunDir(run_dir).record()
 
 
 # ---------------------------------------------------------------- helpers

@@ -10,6 +10,7 @@ Settings models raise pydantic's ValidationError for a bad field (the CLI turns 
 exit 2, naming the option; the notebook API into a UsageError naming the argument) and UsageError for a bad
 combination, with its own text. A ValidationError in what a file holds names the file and the field instead
 (file_error_line), never an option; one from any other model is a bug, and the CLI says so (is_settings_error).
+The two defaults every layer shares, the CLI's option defaults included, are here too: DEFAULT_MODEL, DEFAULT_CORPUS.
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from superweight.errors import UsageError
 
 M = TypeVar("M", bound=BaseModel)
+
+DEFAULT_MODEL = "smollm2-135m"  # the embedded SmolLM2-135M-Instruct (io/models.EMBEDDED)
+DEFAULT_CORPUS = "pydoc"  # the standard library's documentation: no download (io/corpora.py)
 
 
 class Settings(BaseModel):

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from superweight.cli.common import (
-    Bar, DeviceMapOpt, MaxMemoryOpt, OffloadOpt, RunBosOpt, run_bos, placement,
-    DeviceOpt, DtypeOpt, JsonOpt, RunDirArg, app, check_run_dir, err, errors, floats, load_model, out, progress,
+    Bar, DeviceMapOpt, MaxMemoryOpt, OffloadOpt, RunBosOpt, model_to_load,
+    DeviceOpt, DtypeOpt, JsonOpt, RunDirArg, app, check_json, err, errors, floats, out, progress,
 )
 from superweight.errors import UsageError
-from superweight.io.lock import hold_run_dir
 from superweight.report import terminal
 
 
@@ -30,18 +30,14 @@ def analyze(
     bos: RunBosOpt = None,
 ):
     """Patch geometry, top-k sparsity with a random-k control, token and neuron views, scale sweep."""
-    from superweight.stages.analyze import AnalyzeConfig, run_analyze
+    import superweight.api as sw
 
-    path, spec = check_run_dir(run_dir)
-    cfg = AnalyzeConfig(tokens=tokens, draws=draws)
-    where = placement(device, dtype, device_map, max_memory, offload_folder)
-    bos = run_bos(path, bos)  # the run's own, unless given
-    with hold_run_dir(path, "analyze"):  # one writer, or refused here, before the model loads
-        loaded = load_model(model or spec, where, bos)
-        with progress() as bar:
-            record = run_analyze(loaded, path, cfg, Bar(bar))
+    cfg = sw.AnalyzeConfig(tokens=tokens, draws=draws)
+    later = model_to_load(model, device, dtype, device_map, max_memory, offload_folder, bos)  # None: the run's own
+    with progress() as bar:
+        record = sw.analyze(later, run_dir, cfg, Bar(bar))
     terminal.print_analysis(out, record)
-    out.print(f"Updated {path / 'results.json'}")
+    _updated(run_dir)
 
 
 @app.command()
@@ -61,22 +57,18 @@ def sparsify(
     bos: RunBosOpt = None,
 ):
     """Train sparse patches (L1, hard-concrete L0) over a sweep of strengths; the recovery-vs-size frontier."""
-    from superweight.stages.sparsify import SparsifyConfig, run_sparsify
+    import superweight.api as sw
 
     strengths = {"l1": floats("--l1", l1), "l0": floats("--l0", l0)}
     strengths = {k: v for k, v in strengths.items() if v}
     if not strengths:
         raise UsageError("no strengths given: set --l1 and/or --l0")
-    cfg = SparsifyConfig(strengths=strengths, steps=steps, tokens=tokens)
-    path, spec = check_run_dir(run_dir)
-    where = placement(device, dtype, device_map, max_memory, offload_folder)
-    bos = run_bos(path, bos)  # the run's own, unless given
-    with hold_run_dir(path, "sparsify"):  # one writer, or refused here, before the model loads
-        loaded = load_model(model or spec, where, bos)
-        with progress() as bar:
-            record = run_sparsify(loaded, path, cfg, Bar(bar))
+    cfg = sw.SparsifyConfig(strengths=strengths, steps=steps, tokens=tokens)
+    later = model_to_load(model, device, dtype, device_map, max_memory, offload_folder, bos)  # None: the run's own
+    with progress() as bar:
+        record = sw.sparsify(later, run_dir, cfg, Bar(bar))
     terminal.print_sparse(out, record.sparse_training)
-    out.print(f"Updated {path / 'results.json'}")
+    _updated(run_dir)
 
 
 @app.command()
@@ -98,37 +90,23 @@ def compensate(
 ):
     """The compensation frontier: repair again with the top 1, 2, 4, ... writing neurons held at 0 (greedy), until
     recovery falls below --stop-below or --max-k neurons are out; updates results.json and the report."""
-    from superweight.report import write_report
-    from superweight.stages.compensate import CompensateConfig, run_compensate
+    import superweight.api as sw
 
-    cfg = CompensateConfig(max_k=max_k, stop_below=stop_below, tokens=tokens, steps=steps)
-    path, spec = check_run_dir(run_dir)
-    where = placement(device, dtype, device_map, max_memory, offload_folder)
-    bos = run_bos(path, bos)  # the run's own, unless given
-    with hold_run_dir(path, "compensate"):  # one writer, or refused here, before the model loads
-        loaded = load_model(model or spec, where, bos)
-        with progress() as bar:
-            record = run_compensate(loaded, path, cfg, Bar(bar))
-        _md, page = write_report(path, record)
+    cfg = sw.CompensateConfig(max_k=max_k, stop_below=stop_below, tokens=tokens, steps=steps)
+    later = model_to_load(model, device, dtype, device_map, max_memory, offload_folder, bos)  # None: the run's own
+    with progress() as bar:
+        record = sw.compensate(later, run_dir, cfg, Bar(bar))
     terminal.print_compensation(out, record.compensation)
-    out.print(f"Updated {path / 'results.json'}; report: {page}")
+    _updated(run_dir, f"; report: {Path(run_dir) / 'report.html'}")
 
 
 @app.command()
 @errors
 def report(run_dir: RunDirArg):
     """Write report.html (self-contained) and report.md (with plots/*.png) for a run directory."""
-    from pathlib import Path
+    import superweight.api as sw
 
-    from superweight.io.rundir import read_record
-    from superweight.report import write_report
-
-    path = Path(run_dir)
-    if not path.is_dir():
-        raise UsageError(f"no such run directory: {path}")
-    read_record(path)  # a directory that holds no run is refused before it is locked
-    with hold_run_dir(path, "report"):  # one writer: a report is never drawn from a run that is being written
-        md, page = write_report(path)
+    md, page = sw.write_report(run_dir)  # never from a run another process is writing
     out.print(f"Wrote {md}")
     out.print(f"Report: {page}")
 
@@ -137,13 +115,15 @@ def report(run_dir: RunDirArg):
 @errors
 def compare(run_dirs: Annotated[list[str], typer.Argument(help="run directories")], json_: JsonOpt = None):
     """One table across runs (seeds, recipes, models): PPLs, recovery, patch geometry, sparsity."""
-    from superweight.io.files import check_writable, write_json
-    from superweight.report import compare_rows
+    import superweight.api as sw
 
-    if json_:
-        check_writable(json_)
-    rows = compare_rows(run_dirs)
+    check_json(json_)
+    rows = sw.compare(*run_dirs)
     terminal.print_compare(out, rows)
     if json_:
-        write_json(json_, [r.model_dump() for r in rows])
+        sw.write_json(json_, [r.model_dump() for r in rows])
         err.print(f"Wrote {json_}")
+
+
+def _updated(run_dir: str, more: str = "") -> None:
+    out.print(f"Updated {Path(run_dir) / 'results.json'}{more}")

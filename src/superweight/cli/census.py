@@ -8,11 +8,10 @@ import typer
 
 from superweight.cli import inspect as _inspect  # noqa: F401  (detect is registered first: census follows it)
 from superweight.cli.common import (
-    Bar, BosOpt, CorpusOpt, DeviceMapOpt, DeviceOpt, DtypeOpt, MaxMemoryOpt, OffloadOpt, app, check_bos, err, errors,
-    load_model, out, placement, progress,
+    DEFAULT_CORPUS, Bar, BosOpt, CorpusOpt, DeviceMapOpt, DeviceOpt, DtypeOpt, MaxMemoryOpt, OffloadOpt, app, err,
+    errors, model_to_load, out, progress,
 )
 from superweight.errors import UsageError
-from superweight.io import corpora
 
 
 @app.command()
@@ -30,7 +29,7 @@ def census(
         help="scan prompt (repeatable); default: the paper's + 3")] = None,
     max_candidates: Annotated[int, typer.Option(help="most spike-scan rounds (one weight each)")] = 8,
     attribution_top: Annotated[int, typer.Option(help="attribution candidates to verify")] = 3,
-    corpus: CorpusOpt = corpora.DEFAULT_CORPUS,
+    corpus: CorpusOpt = DEFAULT_CORPUS,
     split: Annotated[str, typer.Option(help="calibration split")] = "train",
     calib_tokens: Annotated[int, typer.Option(help="calibration tokens for attribution and verification")] = 2048,
     max_length: Annotated[int, typer.Option(help="window length in tokens")] = 512,
@@ -52,56 +51,37 @@ def census(
     model that fails is an error row and the census goes on; the exit code is then 1 (0 when every model has a
     result). docs/census.md runs a census on a cluster.
     """
-    import datetime as dt
-    from pathlib import Path
-
-    from superweight.io.models import resolve_device
-    from superweight.progress import Prefixed
-    from superweight.report.census import print_census, tables
-    from superweight.stages import census as stage
-    from superweight.stages.detect import DetectConfig, run_detect
+    import superweight.api as sw
+    from superweight.report.census import print_census
 
     # Everything that can be checked without a model is checked before the first (slow) load.
-    specs = stage.unique([*(models or []), *(stage.read_models_file(models_file) if models_file else [])])
+    specs = [*(models or []), *(sw.read_models_file(models_file) if models_file else [])]
     if table_only:
         if not out_:
             raise UsageError("--table-only needs --out: the census directory to read")
-        where = Path(out_)
-        print_census(out, stage.table_only(where, specs, tables), where)
-        err.print(f"Wrote {where / stage.CENSUS_CSV} and {where / stage.CENSUS_MD}", markup=False, highlight=False)
+        outcome = sw.census_table(out_, specs)
+        print_census(out, outcome.rows, outcome.out)
+        _wrote(outcome.out)
         return
     if not specs:
         raise UsageError("no models given: name them (superweight census MODEL...) or pass --models-file FILE")
-    cfg = DetectConfig(prompts=prompt, max_candidates=max_candidates, attribution_top=attribution_top,
-                       corpus=corpus, split=split, calib_tokens=calib_tokens, max_length=max_length, seed=seed)
-    bos = check_bos(bos)
-    place = placement(device, dtype, device_map, max_memory, offload_folder)
-    if not place.device_map:
-        resolve_device(device)
-    settings = stage.census_settings(cfg, dtype, bos)
-    where = Path(out_ or f"runs/census-{dt.date.today().isoformat()}")
-    stage.check_census_dir(where, settings)
-    text = corpora.load_text(corpus, split)
-    stage.start(where, settings)
-
-    def load(spec: str):
-        return load_model(spec, place, bos)
-
-    def detect(loaded):
-        ids = corpora.tokenize(loaded.tokenizer, text, calib_tokens)
-        with progress() as bar:
-            return run_detect(loaded, cfg, ids=ids, progress=Prefixed(Bar(bar, "Detecting"), f"{loaded.spec}: "))
-
-    def note(event: str, _spec: str, line: str) -> None:
-        err.print(f"Error: {line}" if event == "error" else line, markup=False, highlight=False, soft_wrap=True)
-
-    outcome = stage.run_census(specs, where, settings, stage.CensusHooks(load, detect, tables, note))
-    print_census(out, outcome.rows, where)
+    cfg = sw.DetectConfig(prompts=prompt, max_candidates=max_candidates, attribution_top=attribution_top,
+                          corpus=corpus, split=split, calib_tokens=calib_tokens, max_length=max_length, seed=seed)
+    later = model_to_load(None, device, dtype, device_map, max_memory, offload_folder, bos)
+    with progress() as bar:
+        outcome = sw.census(specs, out_, cfg, later, Bar(bar, "Detecting"))
+    print_census(out, outcome.rows, outcome.out)
     if outcome.tables_written:
-        err.print(f"Wrote {where / stage.CENSUS_CSV} and {where / stage.CENSUS_MD}", markup=False, highlight=False)
+        _wrote(outcome.out)
     else:
-        err.print(f"The tables in {where} were not rewritten: another process held it for "
-                  f"{stage.LOCK_WAIT_S:.0f} s. The models' records are kept; a rerun writes them.",
+        err.print(f"The tables in {outcome.out} were not rewritten: another process held it for "
+                  f"{sw.CENSUS_LOCK_WAIT_S:.0f} s. The models' records are kept; a rerun writes them.",
                   markup=False, highlight=False, soft_wrap=True)
     if outcome.failed:
         raise typer.Exit(1)
+
+
+def _wrote(where) -> None:
+    from superweight.api import CENSUS_CSV, CENSUS_MD
+
+    err.print(f"Wrote {where / CENSUS_CSV} and {where / CENSUS_MD}", markup=False, highlight=False)

@@ -1,6 +1,8 @@
 """What every command shares: the app, the consoles, option types, the error boundary, the progress bar (the
-library's progress.Progress), the model's Placement, and the small parsers that check option values before any
-model loads. A command builds its settings objects (which validate themselves) and calls one library function."""
+library's progress.Progress), the model to load (an api Later: placement, --bos, a status line while it loads), and
+the small parsers that check option values. A command builds its settings objects (which validate themselves) and
+calls one library function (superweight.api), which checks the rest before it loads the model; the CLI never
+imports superweight.io or superweight.stages (tests/test_layout.py)."""
 
 from __future__ import annotations
 
@@ -22,9 +24,7 @@ from rich.progress import (
 )
 
 from superweight.errors import SuperweightError, UsageError
-from superweight.io.models import DEFAULT_MODEL
-from superweight.io.placement import Placement
-from superweight.settings import error_line, internal_error_line, is_settings_error
+from superweight.settings import DEFAULT_CORPUS, DEFAULT_MODEL, error_line, internal_error_line, is_settings_error  # noqa: F401
 
 app = typer.Typer(
     add_completion=False,
@@ -122,46 +122,49 @@ class Bar:
 
 def write_result(json_: str | None, result) -> None:
     if json_:
-        from superweight.io.files import write_json
+        from superweight.api import write_json
 
         write_json(json_, result.model_dump())
         err.print(f"Wrote {json_}")
 
 
+def check_json(*paths: str | None) -> None:
+    """Output paths (--json, --plot) that must be writable, checked before any model loads."""
+    from superweight.api import check_writable
+
+    for path in filter(None, paths):
+        check_writable(path)
+
+
 def check_bos(bos: str = "auto"):
-    """The --bos option as the text protocol's one value (io/corpora.Bos), checked before any slow work;
-    io/models.load resolves its token on the tokenizer."""
-    from superweight.io.corpora import Bos
+    """The --bos option as the text protocol's one value (api Bos: io/corpora.Bos), checked before any slow work;
+    the model's load resolves its token on the tokenizer."""
+    from superweight.api import Bos
 
     return Bos(bos)
 
 
-def run_bos(path, bos: str | None):
-    """--bos for a command that continues a run directory: as given, else what the run's record says its windows
-    started with (on when a BOS, off when none, as in records made before --bos existed)."""
-    if bos is not None:
-        return check_bos(bos)
-    from superweight.io.rundir import read_record
+def model_to_load(model: str | None, device: str = "cpu", dtype: str = "auto", device_map: str | None = None,
+                  max_memory: str | None = None, offload_folder: str | None = None, bos: str | None = "auto"):
+    """The model a command loads once the library has checked its inputs (api Later): its spec (None: the run's or
+    the patch's own), its placement (five options, checked now), its --bos (None: the run's own, when continuing
+    one), shown while it loads, and the library's notes printed on stderr."""
+    from superweight.api import Later, placement
 
-    return check_bos("off" if read_record(path).protocol.bos is None else "on")
-
-
-def placement(device: str = "cpu", dtype: str = "auto", device_map: str | None = None, max_memory: str | None = None,
-              offload_folder: str | None = None) -> Placement:
-    """The five placement options of a command that loads a model, as one checked Placement (before the load)."""
-    from superweight.stages.distributed import process_device
-
-    # under `accelerate launch`, each process's own GPU
-    return Placement(device=process_device(device), dtype=dtype, device_map=device_map, max_memory=max_memory,
-                     offload_folder=offload_folder)
+    where = placement(device, dtype, device_map, max_memory, offload_folder, prefix="--")
+    return Later(model, where, None if bos is None else check_bos(bos), load=load_model, note=say)
 
 
-def load_model(model: str, where: Placement, bos=None):
+def say(line: str) -> None:
+    err.print(line, markup=False, highlight=False, soft_wrap=True)
+
+
+def load_model(model: str, where, bos):
     """Load a model; say once which dtype `--dtype auto` chose and why (the protocol records it too)."""
-    from superweight.io import models
+    from superweight.api import load_at
 
     with err.status(f"Loading {model} ({where.dtype}, {where.where()})..."):
-        loaded = models.load(model, where, bos=bos or check_bos())
+        loaded = load_at(model, where, bos)
     if loaded.dtype_reason and "pinned by" not in loaded.dtype_reason:  # a pinned choice needs no explaining
         err.print(f"dtype auto: {loaded.dtype} ({loaded.dtype_reason})", markup=False, highlight=False)
     if where.device_map:
@@ -171,7 +174,7 @@ def load_model(model: str, where: Placement, bos=None):
 
 def recipe_config(recipe: str, **overrides):
     """A recipe's settings with the options given on the command line (None = keep the recipe's)."""
-    from superweight.stages.recipes import recipe_settings
+    from superweight.api import recipe_settings
 
     return recipe_settings(recipe, "--", **{k: v for k, v in overrides.items() if v is not None})
 
@@ -184,20 +187,6 @@ def floats(name: str, text: str) -> tuple[float, ...]:
     if any(v <= 0 for v in values):
         raise UsageError(f"{name} strengths must be positive")
     return values
-
-
-def check_run_dir(run_dir: str):
-    """The run directory and the model spec it was made with, checked before any model loads."""
-    from pathlib import Path
-
-    from superweight.io.patchfile import load_patch
-    from superweight.io.rundir import read_record
-
-    path = Path(run_dir)
-    if not path.is_dir():
-        raise UsageError(f"no such run directory: {path}")
-    read_record(path)  # a missing, damaged or unreadable record fails before the model loads
-    return path, load_patch(path).config.spec or DEFAULT_MODEL
 
 
 def task_spec(tasks: str | None, include_path: str | None, limit: int | None):

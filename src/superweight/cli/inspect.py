@@ -7,13 +7,11 @@ from typing import Annotated, Optional
 import typer
 
 from superweight.cli.common import (
-    Bar, BosOpt, DeviceMapOpt, MaxMemoryOpt, OffloadOpt, check_bos, placement,
-    CorpusOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, SplitOpt, app, err, errors, load_model, out, progress,
+    DEFAULT_CORPUS, DEFAULT_MODEL, Bar, BosOpt, DeviceMapOpt, MaxMemoryOpt, OffloadOpt, check_json, model_to_load,
+    CorpusOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, SplitOpt, app, err, errors, out, progress,
     write_result, IncludePathOpt, TaskLimitOpt, TasksOpt, task_spec,
 )
 from superweight.errors import UsageError
-from superweight.io import corpora
-from superweight.io.models import DEFAULT_MODEL
 from superweight.report import terminal
 from superweight.settings import revalidated
 
@@ -24,25 +22,21 @@ def info(model: ModelOpt = DEFAULT_MODEL, device: DeviceOpt = "cpu", dtype: Dtyp
          json_: JsonOpt = None, device_map: DeviceMapOpt = None, max_memory: MaxMemoryOpt = None,
          offload_folder: OffloadOpt = None, bos: BosOpt = "auto"):
     """Architecture, sizes and down-projection names of a model."""
-    from superweight.io.files import check_writable, write_json
-    from superweight.known import model_info
+    import superweight.api as sw
 
-    where = placement(device, dtype, device_map, max_memory, offload_folder)
-    bos = check_bos(bos)
-    if json_:
-        check_writable(json_)
-    loaded = load_model(model, where, bos)
-    info_ = model_info(loaded)
+    later = model_to_load(model, device, dtype, device_map, max_memory, offload_folder, bos)
+    check_json(json_)
+    info_ = sw.info(later)
     terminal.print_info(out, model, info_.source, info_.arch, info_.published)
     if json_:
-        write_json(json_, info_.as_json())
+        sw.write_json(json_, info_.as_json())
 
 
 @app.command("eval")
 @errors
 def eval_(
     model: ModelOpt = DEFAULT_MODEL,
-    corpus: CorpusOpt = corpora.DEFAULT_CORPUS,
+    corpus: CorpusOpt = DEFAULT_CORPUS,
     split: SplitOpt = "eval",
     ablate: Annotated[Optional[list[str]], typer.Option(
         help="LAYER:ROW:COL[@SCALE] (repeatable); default: the model's published super weights")] = None,
@@ -66,32 +60,20 @@ def eval_(
 ):
     """Base vs ablated (vs patched): NLL, PPL, KL, top-1 agreement, super activation, generations side by side,
     and zero-shot task accuracies with --tasks."""
+    import superweight.api as sw
     from superweight.core.coords import parse_coords
-    from superweight.io.files import check_writable
-    from superweight.io.patchfile import load_patch
-    from superweight.known import published
-    from superweight.stages.evaluate import EvalConfig, run_eval
 
     # Everything that can be checked without the model is checked before the (slow) load.
     if patch and ablate:
         raise UsageError("--patch brings its own ablation; give --ablate or --patch, not both")
-    patch_data = load_patch(patch) if patch else None
-    coords = patch_data.ablated if patch_data else parse_coords(ablate) if ablate else published(model)
-    cfg = EvalConfig(corpus=corpus, split=split, max_tokens=max_tokens, max_length=max_length, stride=stride,
-                     prompts=prompt, max_new_tokens=max_new_tokens)
-    where = placement(device, dtype, device_map, max_memory, offload_folder)
-    bos = check_bos(bos)
-    if json_:
-        check_writable(json_)
-    text = corpora.load_text(corpus, split)
+    coords = parse_coords(ablate) if ablate else None
+    cfg = sw.EvalConfig(corpus=corpus, split=split, max_tokens=max_tokens, max_length=max_length, stride=stride,
+                        prompts=prompt, max_new_tokens=max_new_tokens)
+    later = model_to_load(model, device, dtype, device_map, max_memory, offload_folder, bos)
+    check_json(json_)
     cfg = revalidated(cfg, tasks=task_spec(tasks, include_path, task_limit))
-    loaded = load_model(model, where, bos)
-    if not coords:
-        err.print("No --ablate given and no published super weight for this model: base metrics only.",
-                  soft_wrap=True)
-    ids = corpora.tokenize(loaded.tokenizer, text, max_tokens)
     with progress() as bar:
-        result = run_eval(loaded, coords, cfg, ids=ids, patch=patch_data, progress=Bar(bar))
+        result = sw.evaluate(later, ablate=coords, patch=patch, config=cfg, progress=Bar(bar))
     terminal.print_eval(out, result)
     write_result(json_, result)
 
@@ -106,7 +88,7 @@ def detect(
     attribution: Annotated[str, typer.Option(help="activation (|W|*max|x|), gradient (|w*dL/dw|) or none")] = "activation",
     attribution_top: Annotated[int, typer.Option(help="attribution candidates to verify")] = 3,
     verify: Annotated[bool, typer.Option("--verify/--no-verify", help="measure each candidate's damage vs controls")] = True,
-    corpus: CorpusOpt = corpora.DEFAULT_CORPUS,
+    corpus: CorpusOpt = DEFAULT_CORPUS,
     split: Annotated[str, typer.Option(help="calibration split")] = "train",
     calib_tokens: Annotated[int, typer.Option(help="calibration tokens for attribution and verification")] = 2048,
     max_length: Annotated[int, typer.Option(help="window length in tokens")] = 512,
@@ -122,23 +104,17 @@ def detect(
     json_: JsonOpt = None,
 ):
     """Find super weights: iterative spike scan + attribution, each confirmed by the damage its removal does."""
-    from superweight.io.files import check_writable
-    from superweight.stages.detect import DetectConfig, run_detect
+    import superweight.api as sw
 
-    cfg = DetectConfig(  # checks its values (one error line each)
+    cfg = sw.DetectConfig(  # checks its values (one error line each)
         attribution=attribution, max_length=max_length, calib_tokens=calib_tokens, max_candidates=max_candidates,
         attribution_top=attribution_top, spike_ratio=spike_ratio, control_factor=control_factor, min_kl=min_kl,
         prompts=prompt, verify=verify, corpus=corpus, split=split, seed=seed,
     )
-    where = placement(device, dtype, device_map, max_memory, offload_folder)
-    bos = check_bos(bos)
-    if json_:
-        check_writable(json_)
-    text = corpora.load_text(corpus, split) if (cfg.verify or cfg.attribution) else None
-    loaded = load_model(model, where, bos)
-    ids = corpora.tokenize(loaded.tokenizer, text, calib_tokens) if text is not None else None
+    later = model_to_load(model, device, dtype, device_map, max_memory, offload_folder, bos)
+    check_json(json_)
     with progress() as bar:
-        result = run_detect(loaded, cfg, ids=ids, progress=Bar(bar, "Detecting"))
+        result = sw.detect(later, cfg, progress=Bar(bar, "Detecting"))
     terminal.print_detect(out, result)
     write_result(json_, result)
 
@@ -150,7 +126,7 @@ def sweep(
     model: ModelOpt = DEFAULT_MODEL,
     scales: Annotated[str, typer.Option(help="comma-separated factors")] = "1,0.5,0,-1,2",
     spread: Annotated[int, typer.Option(help="also zero it and add value/N to the next N columns (0: skip)")] = 8,
-    corpus: CorpusOpt = corpora.DEFAULT_CORPUS,
+    corpus: CorpusOpt = DEFAULT_CORPUS,
     split: SplitOpt = "eval",
     max_tokens: Annotated[int, typer.Option(help="tokens of the corpus to evaluate")] = 4096,
     max_length: Annotated[int, typer.Option(help="window length in tokens")] = 512,
@@ -166,10 +142,9 @@ def sweep(
     json_: JsonOpt = None,
 ):
     """Scale one weight (and spread it): NLL/PPL/KL/top-1 and generations per scale, plus a PNG plot."""
+    import superweight.api as sw
     from superweight.core.coords import parse_coord
-    from superweight.io.files import check_writable
     from superweight.report.plots import save_sweep_plot as plot_sweep
-    from superweight.stages.sweep import SweepConfig, run_sweep
 
     coord = parse_coord(weight)
     if "@" in weight:
@@ -182,18 +157,13 @@ def sweep(
         raise UsageError("--scales is empty")
     if spread < 0:
         raise UsageError(f"--spread must be >= 0, got {spread}")
-    cfg = SweepConfig(scales=factors, spread=spread or None, corpus=corpus, split=split, max_tokens=max_tokens,
+    cfg = sw.SweepConfig(scales=factors, spread=spread or None, corpus=corpus, split=split, max_tokens=max_tokens,
                       max_length=max_length, prompts=prompt, max_new_tokens=max_new_tokens)
-    where = placement(device, dtype, device_map, max_memory, offload_folder)
-    bos = check_bos(bos)
-    png = plot or f"runs/sweep/{'-'.join(map(str, coord.key))}.png"  # 11-507-1229, or 3-17-507-1229 in an expert
-    for path in filter(None, [json_, png]):
-        check_writable(path)
-    text = corpora.load_text(corpus, split)
-    loaded = load_model(model, where, bos)
-    ids = corpora.tokenize(loaded.tokenizer, text, max_tokens)
+    later = model_to_load(model, device, dtype, device_map, max_memory, offload_folder, bos)
+    png = plot or sw.sweep_plot_path(coord)
+    check_json(json_, png)
     with progress() as bar:
-        result = run_sweep(loaded, coord, cfg, ids=ids, progress=Bar(bar))
+        result = sw.sweep(later, coord, cfg, progress=Bar(bar))
     terminal.print_sweep(out, result)
     plot_sweep(result, png)
     err.print(f"Wrote {png}")

@@ -7,12 +7,10 @@ from typing import Annotated, Optional
 import typer
 
 from superweight.cli.common import (
-    Bar, BosOpt, CorpusOpt, DeviceOpt, IncludePathOpt, JsonOpt, ModelOpt, SplitOpt, TaskLimitOpt, TasksOpt, app,
-    check_bos, err, errors, load_model, out, placement, progress, task_spec, write_result,
+    DEFAULT_CORPUS, DEFAULT_MODEL, Bar, BosOpt, CorpusOpt, DeviceOpt, IncludePathOpt, JsonOpt, ModelOpt, SplitOpt,
+    TaskLimitOpt, TasksOpt, app, check_json, err, errors, model_to_load, out, progress, task_spec, write_result,
 )
 from superweight.errors import UsageError
-from superweight.io import corpora
-from superweight.io.models import DEFAULT_MODEL
 from superweight.report import terminal
 
 
@@ -59,7 +57,7 @@ def quantize(
     activations: Annotated[Optional[str], typer.Option(
         help="also quantize activations per tensor: int8 (down-projection inputs) or int8:all (every linear input)")] = None,
     patch: Annotated[Optional[str], typer.Option(help="a repair's run directory: the repaired model too")] = None,
-    corpus: CorpusOpt = corpora.DEFAULT_CORPUS,
+    corpus: CorpusOpt = DEFAULT_CORPUS,
     split: SplitOpt = "eval",
     max_tokens: Annotated[int, typer.Option(help="tokens of the corpus to score")] = 2048,
     max_length: Annotated[int, typer.Option(help="window length in tokens")] = 512,
@@ -75,37 +73,24 @@ def quantize(
     json_: JsonOpt = None,
 ):
     """Fake-quantize every decoder linear (RTN, per block), with the super weights held out, clipped or restored."""
-    from superweight.core.quant import check_blocks, check_levels, parse_bits, parse_blocks, parse_clip
-    from superweight.io.files import check_writable
-    from superweight.io.patchfile import load_patch
+    import superweight.api as sw
+    from superweight.core.quant import check_levels, parse_bits, parse_blocks, parse_clip
     from superweight.settings import revalidated
-    from superweight.stages.quantize import QuantizeConfig, auto_keep, parse_activations, run_quantize, shapes_before_load
 
-    # Every option is checked before the (slow) load.
+    # Every option is checked before the (slow) load: here, and in sw.quantize (the block sizes, the corpus).
     bit_list, blocks, clip_spec = parse_bits(bits), parse_blocks(block), parse_clip(clip)
     check_levels(levels, bit_list)
     coords, source = parse_keep(keep)
-    cfg = QuantizeConfig(bits=bit_list, blocks=blocks, levels=levels, clip=clip_spec, keep=coords or [],
-                         keep_source=source, activations=parse_activations(activations), corpus=corpus, split=split,
-                         max_tokens=max_tokens, max_length=max_length, protect=parse_protect(protect, clip_spec))
-    where = placement(device, dtype)
-    bos = check_bos(bos)
-    for path in filter(None, [json_, plot]):
-        check_writable(path)
-    patch_data = load_patch(patch) if patch else None
-    shapes = shapes_before_load(model)
-    if shapes:
-        check_blocks(blocks, shapes)
-    text = corpora.load_text(corpus, split)
+    cfg = sw.QuantizeConfig(bits=bit_list, blocks=blocks, levels=levels, clip=clip_spec, keep=coords or [],
+                            keep_source=source, activations=sw.parse_activations(activations), corpus=corpus,
+                            split=split, max_tokens=max_tokens, max_length=max_length,
+                            protect=parse_protect(protect, clip_spec))
+    later = model_to_load(model, device, dtype, bos=bos)
+    check_json(json_, plot)
     cfg = revalidated(cfg, tasks=task_spec(tasks, include_path, task_limit))
-    loaded = load_model(model, where, bos)
-    if coords is None:
-        with err.status("Finding the super weights to keep: published, else detected..."):
-            coords, source = auto_keep(loaded, model)
-        cfg = revalidated(cfg, keep=coords, keep_source=source)
-    ids = corpora.tokenize(loaded.tokenizer, text, max_tokens)
     with progress() as bar:
-        result = run_quantize(loaded, cfg, ids=ids, patch=patch_data, progress=Bar(bar, "Quantizing"))
+        result = sw.quantize(later, keep="auto" if coords is None else coords or "none", patch=patch, config=cfg,
+                             progress=Bar(bar, "Quantizing"))
     terminal.print_quantize(out, result)
     if plot:
         from superweight.report.plots import save_quantize_plot

@@ -7,12 +7,10 @@ from typing import Annotated, Optional
 import typer
 
 from superweight.cli.common import (
-    Bar, BosOpt, DeviceMapOpt, MaxMemoryOpt, OffloadOpt, RunBosOpt, check_bos, placement,
-    CorpusOpt, DeviceOpt, DtypeOpt, ModelOpt, app, err, errors, load_model, out, progress, recipe_config,
+    DEFAULT_CORPUS, DEFAULT_MODEL, Bar, BosOpt, DeviceMapOpt, MaxMemoryOpt, OffloadOpt, RunBosOpt, model_to_load,
+    CorpusOpt, DeviceOpt, DtypeOpt, ModelOpt, app, err, errors, out, progress, recipe_config,
     IncludePathOpt, TaskLimitOpt, TasksOpt, task_spec,
 )
-from superweight.io import corpora
-from superweight.io.models import DEFAULT_MODEL
 from superweight.report import terminal
 
 ExcludeOpt = Annotated[Optional[list[str]], typer.Option(
@@ -27,7 +25,7 @@ def repair(
     patch_row: Annotated[Optional[list[str]], typer.Option(
         help="LAYER:ROW to patch (repeatable); default: each ablated weight's row")] = None,
     model: ModelOpt = DEFAULT_MODEL,
-    corpus: CorpusOpt = corpora.DEFAULT_CORPUS,
+    corpus: CorpusOpt = DEFAULT_CORPUS,
     recipe: Annotated[str, typer.Option(help="lbfgs (default: quasi-Newton, scale-free, on 4 rows, stops on progress, 64 loss evaluations at most), balanced (SGD, scale-free in neuron rescaling only), quick (Adam), sgd, fast or seed (the write-up's); docs/recipes.md")] = "lbfgs",
     steps: Annotated[Optional[int], typer.Option(help="optimiser steps (overrides the recipe)")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="sequences per step")] = None,
@@ -56,51 +54,27 @@ def repair(
     exclude: ExcludeOpt = None,
 ):
     """Train a row patch that repairs the ablated model by KL distillation against the intact one."""
-    from pathlib import Path
-
-    from contextlib import nullcontext
-
+    import superweight.api as sw
     from superweight.core.coords import parse_coords, patch_rows
-    from superweight.io.lock import hold_run_dir
-    from superweight.io.rundir import read_record
-    from superweight.io.runstate import check_run_dir_for
-    from superweight.stages import distributed
     from superweight.settings import revalidated
-    from superweight.stages.repair import RepairJob, recorded_bos, repair_settings, run_repair
 
     coords = parse_coords(weight)
     rows = patch_rows(coords, patch_row)
     cfg = recipe_config(recipe, steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, optimizer=optimizer,
-                         kl=kl, temperature=temperature, init=init, seed=seed)
-    job = RepairJob(recipe=recipe, config=cfg, checkpoint_every=checkpoint_every, eval_tokens=eval_tokens,
-                    seeds=seeds, corpus=corpus, baselines=baselines, resume=resume, exclude=exclude or [])
-    where = placement(device, dtype, device_map, max_memory, offload_folder)
+                        kl=kl, temperature=temperature, init=init, seed=seed)
+    job = sw.RepairJob(recipe=recipe, config=cfg, checkpoint_every=checkpoint_every, eval_tokens=eval_tokens,
+                       seeds=seeds, corpus=corpus, baselines=baselines, resume=resume, exclude=exclude or [])
+    later = model_to_load(model, device, dtype, device_map, max_memory, offload_folder, bos)
+    job = revalidated(job, tasks=task_spec(tasks, include_path, task_limit))
     first = coords[0]
-    run_dir = Path(out_ or f"runs/repair-{first.layer}-{first.row}-{first.col}")
-    bos = check_bos(bos) if bos is not None else recorded_bos(run_dir) if resume else check_bos()
-    settings = repair_settings(model, job, coords, rows, bos)
-    dp = distributed.current()  # under `accelerate launch`: only process 0 writes run_dir and prints
-    check_run_dir_for(run_dir, settings, resume)  # refused before the directory is made or locked
-    with hold_run_dir(run_dir, "repair") if dp.is_main else nullcontext():  # one writer, or refused here
-        state = check_run_dir_for(run_dir, settings, resume)  # again, now that no other writer can change it
-        dp.barrier()  # every process has seen run_dir as it was before process 0 writes into it
-        if state == "finished" and resume:
-            err.print(f"{run_dir} is finished already (results.json): nothing to resume, nothing changed.",
-                      soft_wrap=True)
-            terminal.print_repair(out, read_record(run_dir), run_dir)
-            return
-        corpora.load_text(corpus, "train")  # a missing or unreadable corpus fails before the model loads
-        corpora.load_text(corpus, "eval")
-        task_set = task_spec(tasks, include_path, task_limit)
-        job = revalidated(job, tasks=task_set if dp.is_main else None)
-        loaded = load_model(model, where, bos)
-        if dp.world > 1 and dp.is_main:
-            err.print(f"data-parallel: {dp.world} processes share each batch of {cfg.batch_size} sequences",
-                      markup=False, highlight=False)
-        with progress() as bar, dp.run_dir_for(run_dir, resume) as own_dir:
-            record = run_repair(loaded, coords, rows, own_dir, job, Bar(bar))
-    if dp.is_main:
-        terminal.print_repair(out, record, run_dir)
+    run_dir = out_ or f"runs/repair-{first.layer}-{first.row}-{first.col}"
+    with progress() as bar:
+        result = sw.repair(later, coords, rows, out=run_dir, job=job, progress=Bar(bar))
+    if result.unchanged:
+        err.print(f"{result.run_dir} is finished already (results.json): nothing to resume, nothing changed.",
+                  soft_wrap=True)
+    if sw.main_process():
+        terminal.print_repair(out, result.record, result.run_dir)
 
 
 @app.command("apply")
@@ -121,27 +95,18 @@ def apply_(
 ):
     """Merge a patch into the ablated model and write it as a standalone model directory (--export), or write it
     as a PEFT LoRA adapter for the intact model (--peft)."""
-    from pathlib import Path
-
+    import superweight.api as sw
     from superweight.core.coords import row_text
-    from superweight.io.patch import check_targets, export_model
-    from superweight.io.patchfile import load_patch
 
-    check_targets(export, peft, ablation_only)
-    where = placement(device, dtype, device_map, max_memory, offload_folder)
-    bos = check_bos(bos)
-    data_ = load_patch(patch)
-    loaded = load_model(model or data_.config.spec or DEFAULT_MODEL, where, bos)
+    later = model_to_load(model, device, dtype, device_map, max_memory, offload_folder, bos)
+    written = sw.apply(later, patch, export=export, peft=peft, ablation_only=ablation_only)
+    data_, loaded, config = written["patch"], written["model"], written["peft"]
     what = (f"{', '.join(map(str, data_.ablated))} ablated, rows {', '.join(map(row_text, data_.rows))} "
             "patched")
-    if peft:  # first: the adapter is made against the intact weights
-        from superweight.io.peft import write_peft
-
-        config = write_peft(loaded, data_, Path(peft), ablation_only)
+    if peft:
         done = f"{', '.join(map(str, data_.ablated))} ablated only" if ablation_only else what
         targets = config["target_modules"] + config.get("target_parameters", [])
         out.print(f"Wrote a LoRA adapter ({done}; rank {config['r']} on {', '.join(targets)}) "
                   f"for the intact {loaded.source} to {peft}")
     if export:
-        export_model(loaded, data_, Path(export))
         out.print(f"Wrote the patched model ({what}) to {export}")

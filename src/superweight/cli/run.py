@@ -7,14 +7,12 @@ from typing import Annotated, Optional
 import typer
 
 from superweight.cli.common import (
-    Bar, DeviceMapOpt, MaxMemoryOpt, OffloadOpt, RunBosOpt, check_bos, placement,
-    CorpusOpt, DeviceOpt, DtypeOpt, ModelOpt, app, err, errors, load_model, out, progress, recipe_config,
+    DEFAULT_CORPUS, DEFAULT_MODEL, Bar, DeviceMapOpt, MaxMemoryOpt, OffloadOpt, RunBosOpt, model_to_load,
+    CorpusOpt, DeviceOpt, DtypeOpt, ModelOpt, app, errors, out, progress, recipe_config,
     IncludePathOpt, TaskLimitOpt, TasksOpt, task_spec,
 )
 from superweight.cli.repair import ExcludeOpt
 from superweight.errors import UsageError
-from superweight.io import corpora
-from superweight.io.models import DEFAULT_MODEL
 from superweight.report import terminal
 
 
@@ -22,7 +20,7 @@ from superweight.report import terminal
 @errors
 def run(
     model: ModelOpt = DEFAULT_MODEL,
-    corpus: CorpusOpt = corpora.DEFAULT_CORPUS,
+    corpus: CorpusOpt = DEFAULT_CORPUS,
     out_: Annotated[Optional[str], typer.Option("--out", help="run directory (default runs/MODEL-DATE-TIME)")] = None,
     weight: Annotated[Optional[str], typer.Option(help="LAYER:ROW:COL to repair instead of detecting one")] = None,
     recipe: Annotated[str, typer.Option(help="lbfgs (default: quasi-Newton, scale-free, on 4 rows, stops on progress, 64 loss evaluations at most), balanced, quick (Adam), sgd, fast or seed; docs/recipes.md")] = "lbfgs",
@@ -49,36 +47,22 @@ def run(
     exclude: ExcludeOpt = None,
 ):
     """The whole study in one go: detect, ablate, measure, repair with baselines, analyse, report."""
-    import datetime as dt
     from pathlib import Path
 
+    import superweight.api as sw
     from superweight.core.coords import parse_coord
-    from superweight.io.lock import hold_run_dir
     from superweight.settings import revalidated
-    from superweight.stages.pipeline import PipelineJob, check_out, run_pipeline
-    from superweight.stages.repair import RepairJob, recorded_bos
 
-    repair = RepairJob(recipe=recipe, config=recipe_config(recipe, steps=steps), corpus=corpus,
-                       eval_tokens=eval_tokens, baselines=baselines, seeds=seeds, resume=resume,
-                       exclude=exclude or [])
-    job = PipelineJob(weight=parse_coord(weight) if weight else None, repair=repair, analysis_tokens=analysis_tokens,
-                      draws=draws, sparse=sparse, quantize=quantize)
-    where = placement(device, dtype, device_map, max_memory, offload_folder)
-    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    path = Path(out_ or f"runs/{Path(model).name.removesuffix('.gguf')}-{stamp}")
+    repair = sw.RepairJob(recipe=recipe, config=recipe_config(recipe, steps=steps), corpus=corpus,
+                          eval_tokens=eval_tokens, baselines=baselines, seeds=seeds, resume=resume,
+                          exclude=exclude or [])
+    job = sw.PipelineJob(weight=parse_coord(weight) if weight else None, repair=repair,
+                         analysis_tokens=analysis_tokens, draws=draws, sparse=sparse, quantize=quantize)
+    later = model_to_load(model, device, dtype, device_map, max_memory, offload_folder, bos)
     if resume and out_ is None:
         raise UsageError("--resume needs the --out of the run to continue")
-    check_out(path, resume)  # refused before the directory is made or locked
-    bos = check_bos(bos) if bos is not None else recorded_bos(path) if resume else check_bos()  # resumed: the run's
-    with hold_run_dir(path, "run"):  # one writer, or refused here, before the model loads
-        if check_out(path, resume) == "finished":  # again, now that no other writer can change it
-            err.print(f"{path} is finished already (report.html): nothing to resume, nothing changed.",
-                      soft_wrap=True)
-            return
-        corpora.load_text(corpus, "eval")  # a missing corpus fails before the model loads
-        job = revalidated(job, repair=revalidated(repair, tasks=task_spec(tasks, include_path, task_limit)))
-        loaded = load_model(model, where, bos)
-        with progress() as bar:
-            record = run_pipeline(loaded, path, job, Bar(bar))
-    terminal.print_run(out, record, path)
-
+    job = revalidated(job, repair=revalidated(repair, tasks=task_spec(tasks, include_path, task_limit)))
+    path = out_ or sw.new_run_dir(model)
+    with progress() as bar:
+        record = sw.run(later, path, job=job, progress=Bar(bar))
+    terminal.print_run(out, record, Path(path))

@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 
 from superweight.errors import CorpusError, UsageError
+from superweight.settings import DEFAULT_CORPUS  # noqa: F401 (the corpora's default)
 
-DEFAULT_CORPUS = "pydoc"
 SPLITS = ("train", "eval", "all")
 
 

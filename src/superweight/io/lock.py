@@ -1,12 +1,13 @@
-"""One writer per run directory, one converter per cache entry: the OS's advisory locks (filelock: flock on POSIX,
-LockFileEx on Windows), which the OS drops when their process ends, however it ends (SIGKILL included).
+"""One writer per directory (a run's, a census's), one converter per cache entry: the OS's advisory locks (filelock:
+flock on POSIX, LockFileEx on Windows), which the OS drops when their process ends, however it ends (SIGKILL
+included). A run directory takes its lock through io/rundir.RunDir.lock.
 
-    with hold_run_dir(run_dir, "repair"):  # at once, or RunDirInUseError naming the process that holds it
+    with hold_dir(run_dir, "repair"):      # at once, or RunDirInUseError naming the process that holds it
         ...                                # write into run_dir
     with cache_entry_lock(entry):          # waits while another process converts the same model
         ...
 
-A run directory's lock is RUN/.superweight.lock; its holder (pid, host, command, since when) is written beside it
+A directory's lock is RUN/.superweight.lock; its holder (pid, host, command, since when) is written beside it
 in RUN/.superweight.lock.json for the refusal to name. Both are removed when the holder ends. A killed holder
 leaves them behind, but not its lock: the next writer takes it and rewrites the holder file.
 """
@@ -25,11 +26,12 @@ from filelock import FileLock, Timeout
 
 from superweight.errors import RunDirInUseError, SuperweightError
 from superweight.io.files import write_json
-from superweight.io.rundir import LOCK, LOCK_HOLDER
+
+LOCK, LOCK_HOLDER = ".superweight.lock", ".superweight.lock.json"  # not part of the run
 
 
 @contextmanager
-def hold_run_dir(run_dir: str | os.PathLike, command: str) -> Iterator[Path]:
+def hold_dir(run_dir: str | os.PathLike, command: str) -> Iterator[Path]:
     """Hold RUN_DIR's writer lock for the block (made with the directory when it is missing), or refuse at once
     with one error line: the directory is in use, by which process, since when. A directory that this call made
     (and each missing parent) is removed again at the end if nothing but the lock went into it (a command that

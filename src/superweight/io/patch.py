@@ -23,7 +23,7 @@ from pathlib import Path
 
 from superweight.core.arch import down_projection
 from superweight.core.coords import split_row
-from superweight.core.intervene import Intervention, RowPatch
+from superweight.core.intervene import Intervention
 from superweight.core.patching import PatchData, apply_patch, check_fits, merge_into_weights, patched
 from superweight.errors import UsageError
 from superweight.io.models import Loaded, save_model_dir
@@ -83,16 +83,15 @@ class Patch(PatchData):
 
     def save(self, target: str | Path, loaded: Loaded | None = None) -> Path:
         """patch.safetensors and patch_config.json (io/patchfile.py) into `target` (made when missing), which must
-        hold no patch yet; the model must be intact (not inside apply())."""
-        from superweight.io.patchfile import CONFIG_FILE, PATCH_FILE, save_patch
+        hold no patch yet; the patch must fit the model (core.patching.check_fits)."""
+        from superweight.io.patchfile import CONFIG_FILE, PATCH_FILE, write_patch
 
         loaded, target = self._model(loaded), Path(target)
         if (target / PATCH_FILE).exists() or (target / CONFIG_FILE).exists():
             raise UsageError(f"{target} holds a patch already; choose another directory")
         check_fits(loaded.model, self)
         target.mkdir(parents=True, exist_ok=True)
-        meta = {k: getattr(self.config, k) for k in ("model", "spec", "recipe", "config")}
-        save_patch(target, loaded.model, RowPatch(loaded.model, self.rows, self.vectors), self.ablated, meta)
+        write_patch(target, self)
         return target
 
 

@@ -1,6 +1,7 @@
 """Patch artifacts: `patch.safetensors` (only the vectors) + `patch_config.json` (what they fit).
 
     save_patch(run_dir, model, row_patch, ablated, meta)   # atomic; the config carries the model's fingerprint
+    data = held(model, row_patch, ablated, meta)           # the same PatchData in memory; write_patch(dir, data)
     patch = load_patch("runs/x")               # or the .safetensors path: a core.patching.PatchData
 
 A mixture-of-experts row is [layer, row, expert] in the config and `layer{l}.expert{e}.row{r}` in the file.
@@ -42,12 +43,18 @@ def _row(entry) -> tuple:
     return make_row(*split_row(entry))  # a layer, row or expert that is no number (or "shared"): ValueError
 
 
-def save_patch(run_dir: Path, model: nn.Module, patch: RowPatch, ablated: list[WeightCoord], meta: dict) -> None:
-    """Write the vectors and their config (io/runconfig.PatchConfig, sorted, indented JSON) into `run_dir`;
-    `meta` holds PatchConfig's fields about how it was made (model, spec, recipe, config, and `excluded`: per
-    row the columns training held at 0, which later training on the patch, `sparsify`, holds there too)."""
-    tensors = {tensor_name(r): v.detach().cpu().float().contiguous() for r, v in zip(patch.rows, patch.vectors)}
-    files.write_atomic(run_dir / PATCH_FILE, lambda tmp: save_file(tensors, str(tmp)))
+def save_patch(run_dir: Path, model: nn.Module, patch: RowPatch, ablated: list[WeightCoord], meta: dict) -> PatchData:
+    """Write the vectors and their config into `run_dir` (`held` then `write_patch`); returns what it wrote."""
+    data = held(model, patch, ablated, meta)
+    write_patch(run_dir, data)
+    return data
+
+
+def held(model: nn.Module, patch: RowPatch, ablated: list[WeightCoord], meta: dict) -> PatchData:
+    """A trained RowPatch as the PatchData its files hold, in memory: the vectors (fp32, CPU) and their config
+    (io/runconfig.PatchConfig); `meta` holds PatchConfig's fields about how it was made (model, spec, recipe, config,
+    and `excluded`: per row the columns training held at 0, which later training on the patch, `sparsify`, holds
+    there too)."""
     layers = [r[0] for r in patch.rows] + [c.layer for c in ablated]
     dps = {}  # "layer" (or "layer:expert") -> its down-projection
     for r in patch.rows:
@@ -62,7 +69,15 @@ def save_patch(run_dir: Path, model: nn.Module, patch: RowPatch, ablated: list[W
         d_model=next(iter(dps.values())).d_model,
         provenance=provenance(),
     )
-    files.write_json(run_dir / CONFIG_FILE, dict(sorted(config.model_dump(exclude_none=True).items())))
+    vectors = [v.detach().cpu().float().contiguous() for v in patch.vectors]
+    return PatchData(rows=list(patch.rows), vectors=vectors, ablated=list(ablated), config=config)
+
+
+def write_patch(run_dir: Path, data: PatchData) -> None:
+    """patch.safetensors (atomic) and patch_config.json (sorted, indented JSON) of `data` into `run_dir`."""
+    tensors = {tensor_name(r): v.detach().cpu().float().contiguous() for r, v in zip(data.rows, data.vectors)}
+    files.write_atomic(run_dir / PATCH_FILE, lambda tmp: save_file(tensors, str(tmp)))
+    files.write_json(run_dir / CONFIG_FILE, dict(sorted(data.config.model_dump(exclude_none=True).items())))
 
 
 PATCH_NEEDS = ("a patch config needs 'rows' ([[layer, row], ...] or [layer, row, expert] in a mixture of experts), "

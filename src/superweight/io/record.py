@@ -1,6 +1,6 @@
 """The run record: everything a run directory's results.json holds, as pydantic models, versioned.
 
-    record = RunRecord.model_validate(migrate(json.loads(text)))   # what io/rundir.read_record does
+    record = RunRecord.model_validate(migrate(json.loads(text)))   # what io/rundir.RunDir.record does
     record.patched.ppl, record.patch.rows[1].norm, record.sparsity[0].by_contribution.nll_gap
 
 Each stage fills its part and leaves the rest as it found it: `repair` the conditions, recovery, training and

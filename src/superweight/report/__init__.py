@@ -4,7 +4,7 @@
     rows = compare_rows(["runs/xb", "runs/xc"])  # one CompareRow per run, for a comparison table
     print(md.read_text())
 
-The report reads the run record (io/rundir.read_record), never a stage's code. The document is built once as a
+The report reads the run record (io/rundir.RunDir.record), never a stage's code. The document is built once as a
 list of blocks (sections.py: heading, paragraph, table, image) and rendered twice (render.py), so the two
 files cannot drift. Sections only hold plain text; the renderers escape every string, so a token such as
 '</script>' is shown, never obeyed. Each section appears only when its stage has run (see docs/results.md).
@@ -19,7 +19,7 @@ from superweight.io.checkpoint import read_train_log
 from superweight.io.files import write_atomic
 from superweight.io.quantrecord import read_quantize
 from superweight.io.record import RunRecord, smallest_k
-from superweight.io.rundir import PLOTS, REPORT_HTML, REPORT_MD, read_record
+from superweight.io.rundir import PLOTS, REPORT_HTML, REPORT_MD, RunDir
 from superweight.report.compare import CompareRow, Comparison, compare_rows
 from superweight.report.plots import draw_plots, save_quantize_plot
 from superweight.report.render import render_html, render_md
@@ -34,7 +34,7 @@ def write_report(run_dir: str | Path, record: RunRecord | None = None) -> tuple[
 
     Returns (report.md, report.html). Raises SuperweightError when RUN_DIR has no readable results.json."""
     run = Path(run_dir)
-    blocks, plots = report_blocks(record if record is not None else read_record(run), run, run / PLOTS)
+    blocks, plots = report_blocks(record if record is not None else RunDir(run).record(), run, run / PLOTS)
     md, page = render_md(blocks), render_html(blocks, plots)
     return (write_atomic(run / REPORT_MD, lambda tmp: tmp.write_text(md, encoding="utf-8")),
             write_atomic(run / REPORT_HTML, lambda tmp: tmp.write_text(page, encoding="utf-8")))

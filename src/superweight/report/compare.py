@@ -9,7 +9,7 @@ from pydantic import BaseModel
 from superweight.display import Shown
 from superweight.measure.geometry import regime_of
 from superweight.io.record import smallest_k
-from superweight.io.rundir import read_record
+from superweight.io.rundir import RunDir
 
 
 class CompareRow(BaseModel):
@@ -52,7 +52,7 @@ def compare_rows(run_dirs: list[str | Path]) -> Comparison:
     """One row per run directory, in the order given."""
     rows = []
     for run_dir in run_dirs:
-        r = read_record(Path(run_dir))
+        r = RunDir(Path(run_dir)).record()
         smallest = r.sparse_training.smallest_90 if r.sparse_training else None
         rows.append(CompareRow(
             run=Path(run_dir).resolve().name, model=r.protocol.model, weight=r.weight, recipe=r.recipe,

@@ -32,7 +32,7 @@ from superweight.io import corpora
 from superweight.io.models import Loaded
 from superweight.io.patchfile import load_patch
 from superweight.io.record import Analysis, RunRecord
-from superweight.io.rundir import read_record, write_record
+from superweight.io.rundir import RunDir
 from superweight.measure.geometry import geometry, neuron_writes
 from superweight.measure.inputs import seen_ids
 from superweight.measure.metrics import Scoring, measure, n_scored, protocol_of
@@ -65,7 +65,7 @@ def run_analyze(loaded: Loaded, run_dir: Path, cfg: AnalyzeConfig | None = None,
     stage = progress.stage
     t0 = time.perf_counter()
     run_dir = Path(run_dir)
-    record = record if record is not None else read_record(run_dir)
+    record = record if record is not None else RunDir(run_dir).record()
     patch = load_patch(run_dir)
     model, tok = loaded.model, loaded.tokenizer
     check_fits(model, patch)
@@ -130,5 +130,5 @@ def run_analyze(loaded: Loaded, run_dir: Path, cfg: AnalyzeConfig | None = None,
         "analysis": Analysis(protocol=protocol, draws=draws, seconds=time.perf_counter() - t0),
     }
     record = RunRecord.model_validate(dict(record) | parts)
-    write_record(run_dir, record)
+    RunDir(run_dir).write(record)
     return record

@@ -34,10 +34,9 @@ from pydantic import BaseModel, Field, ValidationError
 from superweight.display import num
 from superweight.errors import RunDirInUseError, SuperweightError, UsageError
 from superweight.io.files import check_writable, read_json, write_atomic, write_json
-from superweight.io.lock import hold_run_dir
+from superweight.io.lock import LOCK, hold_dir
 from superweight.io.provenance import provenance
 from superweight.io.rundir import CONFIG
-from superweight.io.runstate import holds_files
 from superweight.settings import error_line as settings_error_line
 from superweight.settings import internal_error_line, is_settings_error
 
@@ -78,6 +77,7 @@ class CensusOutcome(BaseModel):
     busy: list[str] = Field(default_factory=list, description="models another process was detecting")
     failed: list[str] = Field(default_factory=list, description="models of this run that ended in an error")
     tables_written: bool = True
+    out: Path | None = Field(None, description="the census directory")
 
 
 def model_slug(spec: str) -> str:
@@ -119,7 +119,7 @@ def check_census_dir(out: Path, settings: dict) -> None:
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file, not a directory")
     check_writable(out / CONFIG)
-    if not out.exists() or not holds_files(out):
+    if not out.exists() or all(p.name.startswith(LOCK) for p in out.iterdir()):
         return
     if not (out / CONFIG).is_file():
         raise UsageError(f"{out} holds files but no {CONFIG}: not a census directory; choose another --out")
@@ -155,7 +155,7 @@ def holding(out: Path, wait_s: float | None = None) -> Iterator[None]:
     with ExitStack() as stack:
         while True:
             try:
-                stack.enter_context(hold_run_dir(out, "census"))
+                stack.enter_context(hold_dir(out, "census"))
                 break
             except RunDirInUseError:
                 if time.monotonic() >= deadline:
@@ -339,7 +339,7 @@ def run_census(specs: list[str], out: Path, settings: dict, hooks: CensusHooks) 
             note("skip", spec, f"{where} {spec}: done in an earlier run ({prior.get('finished', '?')}), skipped")
             continue
         try:
-            with hold_run_dir(slot, "census"):
+            with hold_dir(slot, "census"):
                 prior = read_record(slot)  # another process may have finished it while this one looked
                 if is_done(prior, spec):
                     outcome.skipped.append(spec)

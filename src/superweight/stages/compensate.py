@@ -36,7 +36,7 @@ from superweight.io.comprecord import Compensation, CompensationPoint, RegimeRes
 from superweight.io.models import Loaded
 from superweight.io.patchfile import load_patch
 from superweight.io.record import RunRecord
-from superweight.io.rundir import read_record, write_record
+from superweight.io.rundir import RunDir
 from superweight.measure.geometry import geometry, neuron_writes, regime_of
 from superweight.measure.inputs import down_inputs, seen_ids
 from superweight.measure.metrics import Scoring, measure
@@ -91,7 +91,7 @@ class _Run:
 
     @classmethod
     def open(cls, loaded: Loaded, run_dir: Path, record: RunRecord | None, tokens: int, max_length: int) -> "_Run":
-        record = record if record is not None else read_record(run_dir)
+        record = record if record is not None else RunDir(run_dir).record()
         patch = load_patch(run_dir)
         check_fits(loaded.model, patch)
         corpus, bos = record.protocol.corpus, loaded.bos
@@ -179,7 +179,7 @@ def run_compensate(loaded: Loaded, run_dir: Path, cfg: CompensateConfig | None =
                         tokens=metrics["base"].n_tokens, stop_below=cfg.stop_below, max_k=cfg.max_k,
                         stopped=stopped, points=frontier, seconds=time.perf_counter() - t0)
     record = revalidated(run.record, compensation=comp)
-    write_record(Path(run_dir), record)
+    RunDir(Path(run_dir)).write(record)
     return record
 
 

@@ -20,13 +20,12 @@ from pydantic import Field
 
 from superweight.core.cost import Ledger
 from superweight.core.coords import WeightCoord, row_of
-from superweight.errors import SuperweightError, UsageError
+from superweight.errors import SuperweightError
 from superweight.io import corpora
 from superweight.io.files import write_json
 from superweight.io.models import Loaded
 from superweight.io.record import CostAccount, DetectSummary, RunRecord, StageCost
-from superweight.io.rundir import DETECT, read_record, write_record
-from superweight.io.runstate import check_new_run_dir, run_state
+from superweight.io.rundir import DETECT, RunDir
 from superweight.progress import Prefixed, Progress, or_silent
 from superweight.settings import Settings, revalidated
 from superweight.stages.repair import RepairJob
@@ -64,7 +63,7 @@ def run_pipeline(loaded: Loaded, out: Path, job: PipelineJob | None = None,
     job = job or PipelineJob()
     progress = or_silent(progress)
     if not job.repair.resume:
-        check_new_run_dir(out)
+        RunDir(out).check_new()
     stages = Stages(loaded.model)
     with stages.ledger:
         return _stages(loaded, out, job, progress, stages)
@@ -123,7 +122,7 @@ def _stages(loaded: Loaded, out: Path, job: PipelineJob, progress: Progress, sta
     with stages("report"):
         write_report(out, record)
     record = revalidated(record, timings=dict(stages.timings), cost=stages.account(fed))
-    write_record(out, record)  # the pipeline's one write: a finished run has timings.report
+    RunDir(out).write(record)  # the pipeline's one write: a finished run has timings.report
     return record
 
 
@@ -171,18 +170,6 @@ class Stages:
                   for name, c in self.ledger.counts.items()}
         return CostAccount(unit=unit, eval_tokens=fed, layers=layers, stages=stages,
                            total=sum(s.forward + s.backward for s in stages.values()))
-
-
-def check_out(path: Path, resume: bool) -> str | None:
-    """Refuse an --out that a fresh run or --resume may not write into; "finished" for a finished run (`run` and
-    superweight.run check it before the directory is made or locked, and again once it is locked)."""
-    if not resume:
-        check_new_run_dir(path)
-    elif run_state(path) == "other":
-        raise UsageError(f"{path} holds files but no config.json: not a run directory; choose another --out")
-    elif (path / "report.html").is_file() and (read_record(path).timings or {}).get("report") is not None:
-        return "finished"
-    return None
 
 
 def _choose(candidates):

@@ -1,11 +1,12 @@
-"""The repair stage: run directory, data, training, baselines, evaluation, artifacts.
+"""The repair stage: data, training, baselines, evaluation, artifacts, and the run directory when there is one.
 
     job = RepairJob(recipe="fast", eval_tokens=512)          # validated here; the recipe's RepairConfig inside
     results = run_repair(loaded, [coord], [(11, 507)], Path("runs/x"), job)
+    record, patch = repair_patch(loaded, [coord], [(11, 507)], None, job)   # in memory: nothing is written
 
-Writes config.json (io/runconfig.RunConfig), train_log.jsonl, checkpoints/last.pt, patch.safetensors +
-patch_config.json and results.json (base / broken / patched metrics, recovery, training, baselines, patch
-geometry) into the run directory (io/rundir.py).
+With a run directory (io/rundir.RunDir) it writes config.json (io/runconfig.RunConfig), train_log.jsonl,
+checkpoints/last.pt, patch.safetensors + patch_config.json and results.json (base / broken / patched metrics,
+recovery, training, baselines, patch geometry) there.
 """
 
 from __future__ import annotations
@@ -29,12 +30,12 @@ from superweight.core.prefix import first_edited_layer
 from superweight.errors import UsageError
 from superweight.io import corpora
 from superweight.io.models import Loaded, model_id
-from superweight.io.patchfile import save_patch
+from superweight.core.patching import PatchData
+from superweight.io.patchfile import held, write_patch
 from superweight.io.comprecord import Exclusion
 from superweight.io.record import Baseline, RunRecord, Seeds, SeedScores
 from superweight.io.runconfig import RunConfig
-from superweight.io.rundir import read_record, write_record
-from superweight.io.runstate import check_run_dir_for, prepare_run_dir
+from superweight.io.rundir import RunDir
 from superweight.measure import generate
 from superweight.measure.geometry import geometry, rms
 from superweight.measure.inputs import down_inputs, patch_inputs
@@ -109,18 +110,31 @@ def run_repair(
     loaded: Loaded,
     coords: list[WeightCoord],
     rows: list[tuple[int, int]],
-    out: Path,
+    out: Path | None,
     job: RepairJob | None = None,
     progress: Progress | None = None,
 ) -> RunRecord:
-    """Train, evaluate and save a patch in the run directory `out` (see the module docstring), as `job` says
-    (None: RepairJob's defaults); with `job.tasks` also the zero-shot task metrics of base, broken and patched
-    (`record.tasks`). `progress` (superweight.progress.Progress) hears of each stage and training step.
+    """`repair_patch`'s record: what the stages after a repair (the pipeline's) go on with."""
+    return repair_patch(loaded, coords, rows, out, job, progress)[0]
 
-    Everything is checked before the first file is written: the run directory (io/runstate.check_run_dir_for),
-    the coordinates and rows, the context length, and the corpus (enough text for one training batch).
-    `job.resume` continues from the last checkpoint (step 0 if none was made); on a finished run it returns the
-    record as it is and changes nothing."""
+
+def repair_patch(
+    loaded: Loaded,
+    coords: list[WeightCoord],
+    rows: list[tuple[int, int]],
+    out: Path | None,
+    job: RepairJob | None = None,
+    progress: Progress | None = None,
+) -> tuple[RunRecord, PatchData]:
+    """Train and evaluate a patch as `job` says (None: RepairJob's defaults): the run record and the trained patch
+    (in memory). With a run directory `out` both are saved there (see the module docstring); None writes nothing.
+    With `job.tasks` also the zero-shot task metrics of base, broken and patched (`record.tasks`). `progress`
+    (superweight.progress.Progress) hears of each stage and training step.
+
+    Everything is checked before the first file is written: the run directory (RunDir.check_start), the
+    coordinates and rows, the context length, and the corpus (enough text for one training batch).
+    `job.resume` continues the run in `out` from its last checkpoint (step 0 if none was made); on a finished run
+    it returns the record and patch as they are and changes nothing."""
     job = job or RepairJob()
     cfg, corpus, max_length, baselines, seeds = job.config, job.corpus, job.max_length, job.baselines, job.seeds
     model, tok = loaded.model, loaded.tokenizer
@@ -128,8 +142,11 @@ def run_repair(
     stage = progress.stage
     bos = loaded.bos
     settings = repair_settings(loaded.spec, job, coords, rows, bos)
-    if check_run_dir_for(out, settings, job.resume) == "finished" and job.resume:
-        return read_record(out)
+    run = RunDir(out) if out is not None else None
+    if run is None and job.resume:
+        raise UsageError("resume continues a run directory: give its out")
+    if run is not None and run.check_start(settings, job.resume) == "finished" and job.resume:
+        return run.record(), run.patch()
     ablation = Ablation(model, coords)  # validates coordinates first
     RowPatch(model, rows)  # validates rows
     originals = intact_values(model, coords)
@@ -142,15 +159,18 @@ def run_repair(
     check_context(model, min(max_length, eval_ids.numel()), max_length)
     if job.exclude:  # a column past its row is refused here, before the first file is written
         resolve([s for s in job.exclude if not s.startswith("top:")], coords, rows, _d_ffs(model, rows))
-    prepare_run_dir(out, settings, job.resume)
+    if run is not None:
+        run.prepare(settings, job.resume)
 
     excluded = _excluded(model, coords, rows, (seqs, mask, eval_ids, bos), job, progress) if job.exclude else None
     stage("Training patch" + (" (columns excluded)" if excluded else ""), cfg.steps)
     with part("train"):
         patch, state = train(model, coords, rows, (seqs, mask), cfg,
                              Track(out, job.checkpoint_every, job.resume, progress), exclude=excluded)
-    save_patch(out, model, patch, coords, {"model": model_id(loaded), "spec": loaded.spec, "recipe": job.label,
-                                           "config": cfg, "excluded": excluded})
+    data = held(model, patch, coords, {"model": model_id(loaded), "spec": loaded.spec, "recipe": job.label,
+                                       "config": cfg, "excluded": excluded})
+    if run is not None:
+        write_patch(run.path, data)
     # One Ablation serves every condition: measure() applies them one at a time.
     ab, rs = ablated_text(coords), ", ".join(map(row_text, rows))
     broken = BROKEN(ablation, weights=ab)
@@ -203,8 +223,9 @@ def run_repair(
         recovery=rec, training=state, verdict=verdict_of(rec),
         patch=geometry(model, coords, rows, patch.vectors, originals, inputs), generations=gens, **extra,
     )
-    write_record(out, record)
-    return record
+    if run is not None:
+        run.write(record)
+    return record, data
 
 
 def _baseline(metrics, name: str, per_token: TokenNLL) -> Baseline:
@@ -242,18 +263,6 @@ def _excluded(model, coords, rows, data, job: RepairJob, progress: Progress) -> 
 
 def _d_ffs(model, rows) -> list[int]:
     return [down_projection(model, layer, expert).d_ff for layer, _row, expert in map(split_row, rows)]
-
-
-def recorded_bos(out: Path) -> corpora.Bos:
-    """The --bos a run in `out` was started with (config.json; auto when it records none, or there is no run)."""
-    from superweight.io.files import read_json
-    from superweight.io.runconfig import parse
-    from superweight.io.rundir import CONFIG
-
-    path = Path(out) / CONFIG
-    if not path.is_file():
-        return corpora.Bos()
-    return corpora.Bos(parse(RunConfig, read_json(path, "run settings"), str(path)).bos)
 
 
 def _baselines(model, ablation: Ablation, rows, trained, data, cfg, progress: Progress) -> list[Condition]:

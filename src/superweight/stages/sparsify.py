@@ -38,7 +38,7 @@ from superweight.io import corpora
 from superweight.io.models import Loaded
 from superweight.io.patchfile import load_patch
 from superweight.io.record import RunRecord, SparseTraining
-from superweight.io.rundir import read_record, write_record
+from superweight.io.rundir import RunDir
 from superweight.measure.geometry import geometry
 from superweight.measure.metrics import Scoring, measure, protocol_of
 from superweight.measure.recovery import scored
@@ -174,7 +174,7 @@ def run_sparsify(loaded: Loaded, run_dir: Path, cfg: SparsifyConfig | None = Non
                                               cfg_sparse.max_length)
     progress = or_silent(progress)
     run_dir = Path(run_dir)
-    record = record if record is not None else read_record(run_dir)
+    record = record if record is not None else RunDir(run_dir).record()
     patch = load_patch(run_dir)
     model, tok = loaded.model, loaded.tokenizer
     check_fits(model, patch)
@@ -229,5 +229,5 @@ def run_sparsify(loaded: Loaded, run_dir: Path, cfg: SparsifyConfig | None = Non
         "smallest_90": next((p for p in frontier if (p["nll_gap"] or 0) >= 0.9), None),
     })
     record = revalidated(record, sparse_training=sparse)
-    write_record(run_dir, record)
+    RunDir(run_dir).write(record)
     return record
