@@ -29,11 +29,12 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from superweight import __all__, __version__  # noqa: F401 (the package names the API once)
-from superweight.api_runs import analyze, compensate, sparsify, write_report  # noqa: F401
+from superweight.api_runs import (AnalyzeConfig, CompensateConfig, SparsifyConfig, analyze, compensate,  # noqa: F401
+                                  sparsify, write_report)
 from superweight.api_tools import (CENSUS_CSV, CENSUS_LOCK_WAIT_S, CENSUS_MD, Later, RepairResult,  # noqa: F401
                                    apply, census, census_table, check_writable, held, info, load_at, load_patch,
                                    main_process, new_run_dir, note, patch_data, placement, read_models_file,
-                                   spec_of, sweep, sweep_plot_path, write_json)
+                                   spec_of, sweep, sweep_plot_path, SweepConfig, write_json)
 from superweight.core.coords import WeightCoord, as_coords, parse_coord, patch_rows
 from superweight.core.fakequant import QuantizedInputs, QuantizedWeights
 from superweight.core.intervene import ActivationRestore, Ablation, Compose, Intervention, RowPatch, Spread

@@ -1,7 +1,7 @@
 """Patch artifacts: `patch.safetensors` (only the vectors) + `patch_config.json` (what they fit).
 
     save_patch(run_dir, model, row_patch, ablated, meta)   # atomic; the config carries the model's fingerprint
-    data = held(model, row_patch, ablated, meta)           # the same PatchData in memory; write_patch(dir, data)
+    data = as_patch_data(model, row_patch, ablated, meta)  # the same PatchData in memory; write_patch(dir, data)
     patch = load_patch("runs/x")               # or the .safetensors path: a core.patching.PatchData
 
 A mixture-of-experts row is [layer, row, expert] in the config and `layer{l}.expert{e}.row{r}` in the file.
@@ -44,13 +44,13 @@ def _row(entry) -> tuple:
 
 
 def save_patch(run_dir: Path, model: nn.Module, patch: RowPatch, ablated: list[WeightCoord], meta: dict) -> PatchData:
-    """Write the vectors and their config into `run_dir` (`held` then `write_patch`); returns what it wrote."""
-    data = held(model, patch, ablated, meta)
+    """Write the vectors and their config into `run_dir` (`as_patch_data` then `write_patch`); returns what it wrote."""
+    data = as_patch_data(model, patch, ablated, meta)
     write_patch(run_dir, data)
     return data
 
 
-def held(model: nn.Module, patch: RowPatch, ablated: list[WeightCoord], meta: dict) -> PatchData:
+def as_patch_data(model: nn.Module, patch: RowPatch, ablated: list[WeightCoord], meta: dict) -> PatchData:
     """A trained RowPatch as the PatchData its files hold, in memory: the vectors (fp32, CPU) and their config
     (io/runconfig.PatchConfig); `meta` holds PatchConfig's fields about how it was made (model, spec, recipe, config,
     and `excluded`: per row the columns training held at 0, which later training on the patch, `sparsify`, holds

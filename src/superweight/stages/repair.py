@@ -31,7 +31,7 @@ from superweight.errors import UsageError
 from superweight.io import corpora
 from superweight.io.models import Loaded, model_id
 from superweight.core.patching import PatchData
-from superweight.io.patchfile import held, write_patch
+from superweight.io.patchfile import as_patch_data, write_patch
 from superweight.io.comprecord import Exclusion
 from superweight.io.record import Baseline, RunRecord, Seeds, SeedScores
 from superweight.io.runconfig import RunConfig
@@ -167,8 +167,8 @@ def repair_patch(
     with part("train"):
         patch, state = train(model, coords, rows, (seqs, mask), cfg,
                              Track(out, job.checkpoint_every, job.resume, progress), exclude=excluded)
-    data = held(model, patch, coords, {"model": model_id(loaded), "spec": loaded.spec, "recipe": job.label,
-                                       "config": cfg, "excluded": excluded})
+    data = as_patch_data(model, patch, coords, {"model": model_id(loaded), "spec": loaded.spec, "recipe": job.label,
+                                                "config": cfg, "excluded": excluded})
     if run is not None:
         write_patch(run.path, data)
     # One Ablation serves every condition: measure() applies them one at a time.
