@@ -112,6 +112,26 @@ def test_repair_is_the_command_with_the_lbfgs_default(m, repaired, tmp_path):
         sw.repair(m, WEIGHT, out=tmp_path / "x", step=3)
 
 
+def test_repair_without_out_writes_nothing_and_gives_the_same_patch(m, repaired, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a default run directory would land here
+    held = sw.repair(m, WEIGHT, **SMALL)
+    assert held.run_dir is None and not held.unchanged and list(tmp_path.iterdir()) == []
+    _, fixed = repaired  # the same repair into a run directory: the same patch and numbers
+    assert torch.equal(held.patch.vectors[0], fixed.patch.vectors[0]) and held.patch.rows == fixed.patch.rows
+    assert (held.record.patched, held.record.recovery) == (fixed.record.patched, fixed.record.recovery)
+    assert held.patch.config.fingerprint == fixed.patch.config.fingerprint
+    shows_a_table(held, f"Ablated weight {WEIGHT}")
+    ids = torch.arange(2, 40).unsqueeze(0)
+    with held.patch.apply():
+        mine = m.model(ids).logits
+    with fixed.patch.apply():
+        assert torch.equal(m.model(ids).logits, mine)
+    saved = held.patch.save(tmp_path / "kept")  # writing is the caller's choice
+    assert torch.equal(sw.load_patch(saved).vectors[0], held.patch.vectors[0])
+    with pytest.raises(sw.SuperweightError, match="resume continues a run directory"):
+        sw.repair(m, WEIGHT, resume=True, **SMALL)
+
+
 def test_interventions_are_context_managers(m, repaired):
     out, _ = repaired
     ids = torch.arange(2, 40).unsqueeze(0)
