@@ -70,11 +70,12 @@ def repair(
     run_dir = out_ or f"runs/repair-{first.layer}-{first.row}-{first.col}"
     with progress() as bar:
         result = sw.repair(later, coords, rows, out=run_dir, job=job, progress=Bar(bar))
+    if not sw.main_process():  # under `accelerate launch`: process 0 reports
+        return
     if result.unchanged:
         err.print(f"{result.run_dir} is finished already (results.json): nothing to resume, nothing changed.",
                   soft_wrap=True)
-    if sw.main_process():
-        terminal.print_repair(out, result.record, result.run_dir)
+    terminal.print_repair(out, result.record, result.run_dir)
 
 
 @app.command("apply")
