@@ -235,7 +235,7 @@ def repair(loaded: Loaded | Later, weight, rows: list[tuple[int, int]] | None = 
     """
     from superweight.io import corpora
     from superweight.stages import distributed
-    from superweight.stages.repair import repair_patch
+    from superweight.stages.repair import run_repair
 
     coords = _coords(weight)
     rows = patch_rows(coords, rows)
@@ -263,7 +263,7 @@ def repair(loaded: Loaded | Later, weight, rows: list[tuple[int, int]] | None = 
         if dp.world > 1 and dp.is_main:
             note(loaded, f"data-parallel: {dp.world} processes share each batch of {job.config.batch_size} sequences")
         with dp.run_dir_for(run.path, job.resume) if run is not None else nullcontext() as own:
-            record, data = repair_patch(model, coords, rows, own, job, progress)
+            record, data = run_repair(model, coords, rows, own, job, progress)
     return RepairResult(record, Patch.of(data, model), run.path if run is not None else None)
 
 

@@ -3,7 +3,7 @@
     class Bar:                                   # anything with these two methods will do
         def stage(self, name, total=None): ...   # a new stage: "Training patch", 32 steps
         def advance(self, n=1, loss=None): ...   # n more done (tokens, steps); a training step's loss
-    run_repair(loaded, coords, rows, cfg, out, job, progress=Bar())
+    run_repair(loaded, coords, rows, out, job, progress=Bar())
 
 The CLI draws it as one rich progress bar (cli/common.progress_bar); the library and the notebook API pass
 nothing, which is `SILENT`. `Prefixed` names the stages of a job inside another (the pipeline's "Detect: ...").

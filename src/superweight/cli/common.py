@@ -24,7 +24,8 @@ from rich.progress import (
 )
 
 from superweight.errors import SuperweightError, UsageError
-from superweight.settings import DEFAULT_CORPUS, DEFAULT_MODEL, error_line, internal_error_line, is_settings_error  # noqa: F401
+from superweight.settings import DEFAULT_CORPUS, DEFAULT_MODEL  # noqa: F401 (the commands' option defaults)
+from superweight.settings import error_line, internal_error_line, is_settings_error
 
 app = typer.Typer(
     add_completion=False,

@@ -92,7 +92,7 @@ def _stages(loaded: Loaded, out: Path, job: PipelineJob, progress: Progress, sta
     else:
         stages.timings["detect"] = 0.0
     with stages("repair"):
-        record = run_repair(loaded, [weight], [row_of(weight)], out, job.repair, progress)
+        record, _patch = run_repair(loaded, [weight], [row_of(weight)], out, job.repair, progress)
     if detected is not None:
         write_json(out / DETECT, detected.model_dump())
     if job.regime and not job.repair.exclude:  # the second point: the same repair without the deleted weight

@@ -1,8 +1,8 @@
 """The repair stage: data, training, baselines, evaluation, artifacts, and the run directory when there is one.
 
     job = RepairJob(recipe="fast", eval_tokens=512)          # validated here; the recipe's RepairConfig inside
-    results = run_repair(loaded, [coord], [(11, 507)], Path("runs/x"), job)
-    record, patch = repair_patch(loaded, [coord], [(11, 507)], None, job)   # in memory: nothing is written
+    record, patch = run_repair(loaded, [coord], [(11, 507)], Path("runs/x"), job)
+    record, patch = run_repair(loaded, [coord], [(11, 507)], None, job)     # in memory: nothing is written
 
 With a run directory (io/rundir.RunDir) it writes config.json (io/runconfig.RunConfig), train_log.jsonl,
 checkpoints/last.pt, patch.safetensors + patch_config.json and results.json (base / broken / patched metrics,
@@ -107,18 +107,6 @@ def _other_row(row: int, d_model: int, seed: int) -> int:
 
 
 def run_repair(
-    loaded: Loaded,
-    coords: list[WeightCoord],
-    rows: list[tuple[int, int]],
-    out: Path | None,
-    job: RepairJob | None = None,
-    progress: Progress | None = None,
-) -> RunRecord:
-    """`repair_patch`'s record: what the stages after a repair (the pipeline's) go on with."""
-    return repair_patch(loaded, coords, rows, out, job, progress)[0]
-
-
-def repair_patch(
     loaded: Loaded,
     coords: list[WeightCoord],
     rows: list[tuple[int, int]],
@@ -239,7 +227,7 @@ def _baseline(metrics, name: str, per_token: TokenNLL) -> Baseline:
 
 def repair_settings(spec: str, job: RepairJob, coords: list[WeightCoord], rows,
                     bos: corpora.Bos = corpora.Bos()) -> RunConfig:
-    """What config.json records, and what a resumed run must match (the CLI checks it before the model loads)."""
+    """What config.json records, and what a resumed run must match (api.repair checks it before the model loads)."""
     return RunConfig(
         model=spec, recipe=job.recipe, config=job.config, ablate=[str(c) for c in coords],
         rows=[list(r) for r in rows], corpus=job.corpus, eval_tokens=job.eval_tokens, max_length=job.max_length,
