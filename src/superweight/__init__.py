@@ -15,9 +15,10 @@
 Functions, one per command: load, info, detect, evaluate, sweep, repair, analyze, sparsify, compensate, run,
 quantize, census, apply, compare, write_report (`report`); read_run, load_patch. Each takes a model from load() or
 a Later (the model to load once the inputs are checked: how the CLI calls them). Interventions (context
-managers): Ablation, Spread, RowPatch, Compose, ActivationRestore, QuantizedWeights, QuantizedInputs. Settings: DetectConfig, RepairConfig, RECIPES,
-RepairJob, PipelineJob, EvalConfig, QuantizeConfig, Placement, Bos. Results: DetectResult, EvalResult, RepairResult
-(with its Patch), RunRecord, QuantResult, Comparison; in a notebook each shows its tables (and plots).
+managers): Ablation, Spread, RowPatch, Compose, ActivationRestore, QuantizedWeights, QuantizedInputs. Settings:
+DetectConfig, RepairConfig, RECIPES, RepairJob, PipelineJob, EvalConfig, QuantizeConfig, Placement, Bos.
+Results: DetectResult, EvalResult, RepairResult (with its Patch), RunRecord, QuantResult, Comparison; in a notebook
+each shows its tables (and plots).
 help(sw.repair) etc. for every setting.
 
 The names load on first use (superweight/api.py), so `import superweight` itself stays fast; the deep modules
