@@ -13,8 +13,8 @@ command, each the same library call the CLI makes (cli/*.py), on a model loaded 
         ...                                          # the weight is zeroed here, and back bit for bit after
 
 The repair's result, `Later` (the model a function loads once its inputs are checked: the CLI's way in) and the
-commands info, sweep, census and apply are in api_tools.py; the commands on a run directory (analyze, sparsify,
-compensate, write_report) in api_runs.py; both re-exported here.
+commands info, sweep, census, apply and quantize are in api_tools.py; the commands on a run directory (analyze,
+sparsify, compensate, write_report) in api_runs.py; both re-exported here.
 
 Settings come as the typed objects (DetectConfig, RepairConfig, RECIPES, RepairJob, PipelineJob, EvalConfig,
 QuantizeConfig; each checks itself when made) and/or as keyword overrides of their fields, validated into them;
@@ -34,7 +34,8 @@ from superweight.api_runs import (AnalyzeConfig, CompensateConfig, SparsifyConfi
 from superweight.api_tools import (CENSUS_CSV, CENSUS_LOCK_WAIT_S, CENSUS_MD, Later, RepairResult,  # noqa: F401
                                    apply, census, census_table, check_writable, held, info, load_at, load_patch,
                                    main_process, new_run_dir, note, patch_data, placement, read_models_file,
-                                   spec_of, sweep, sweep_plot_path, SweepConfig, write_json)
+                                   quantize, spec_of, sweep, sweep_plot_path, SweepConfig, TASK_ARGS, with_tasks,
+                                   write_json)
 from superweight.core.coords import WeightCoord, as_coords, parse_coord, patch_rows
 from superweight.core.fakequant import QuantizedInputs, QuantizedWeights
 from superweight.core.intervene import ActivationRestore, Ablation, Compose, Intervention, RowPatch, Spread
@@ -51,12 +52,11 @@ from superweight.io.record import RunRecord
 from superweight.io.rundir import RunDir
 from superweight.report import CompareRow, Comparison, compare_rows, notebook
 from superweight.io.placement import Placement
-from superweight.progress import or_silent
 from superweight.settings import build, revalidated
 from superweight.stages.detect import DetectConfig, DetectResult, run_detect
 from superweight.stages.evaluate import EvalConfig, EvalResult, run_eval
 from superweight.stages.pipeline import PipelineJob
-from superweight.stages.quantize import QuantizeConfig, parse_activations, run_quantize  # noqa: F401
+from superweight.stages.quantize import QuantizeConfig, parse_activations  # noqa: F401
 from superweight.stages.recipes import RECIPES, RepairConfig, recipe_settings
 from superweight.stages.repair import RepairJob, repair_settings
 
@@ -164,7 +164,7 @@ def evaluate(loaded: Loaded | Later, ablate=None, patch: str | Path | None = Non
         raise UsageError("a patch brings its own ablation; give ablate or patch, not both")
     data = patch_data(patch)
     coords = data.ablated if data else _coords(ablate) if ablate is not None else published(spec_of(loaded))
-    cfg = build(EvalConfig, config, "", **_with_tasks(overrides))
+    cfg = build(EvalConfig, config, "", **with_tasks(overrides))
     text = corpora.load_text(cfg.corpus, cfg.split)  # a missing corpus fails before the model loads
     model = held(loaded)
     if not coords:
@@ -320,74 +320,6 @@ def run(loaded: Loaded | Later, out: str | Path | None = None, weight=None, reci
         return run_pipeline(held(loaded, bos=bos), run_dir.path, job, progress)
 
 
-def quantize(loaded: Loaded | Later, bits=None, blocks=None, clip: str | None = None, keep="auto",
-             patch: str | Path | None = None, config: QuantizeConfig | None = None, progress=None,
-             **overrides) -> QuantResult:
-    """Round-to-nearest fake quantization of every decoder linear (`superweight quantize`), plain and with the
-    super weights held out of their block, clipped, and clipped then restored; every weight restored after.
-    Load the model with dtype="fp32" (the command's default): in bf16 each dequantized value is rounded again.
-
-    Args:
-        loaded: the model, from load() (or a Later: loaded once the settings, the block sizes (from the model's
-            config, where it is at hand) and the corpus are checked).
-        bits=None: weight bits, each 2-8 (a list, or "3,4"); None: the config's (its default: 4).
-        blocks=None: block sizes: integers, "channel" or "tensor" (a list, or "64,channel"); None: the config's
-            (its default: 64, 128, 256, channel).
-        clip=None: none, tensor:P, block:P (the fraction clipped), zscore:Z or iqr:K; None: the config's (its
-            default: tensor:1e-4).
-        keep='auto': the super weights to protect: auto (published, else the ones detect confirms), none, or
-            "L:R:C" / WeightCoord / a list of them.
-        patch=None: a repair's Patch or run directory: the repaired model too.
-        config=None: a QuantizeConfig (stages/quantize.py) for the settings below; None for its defaults.
-        progress=None: a superweight.progress.Progress that hears of each stage (None: silent).
-        **overrides: QuantizeConfig fields that replace the config's:
-            levels='int': int (min-max RTN) or nf (NormalFloat NF3/NF4).
-            protect=(): with clip, also conditions that restore the K clipped weights that change their layer's
-                output most, for each K given.
-            activations=None: also quantize activations per tensor: int8 (down-projection inputs) or int8:all.
-            corpus='pydoc': pydoc, wikitext2 or text:PATH.
-            split='eval': the split to score.
-            max_tokens=2048: tokens of the corpus to score.
-            max_length=512: window length in tokens.
-            tasks=None: lm-evaluation-harness tasks per condition ("arc_easy,piqa" or a list).
-            include_path=None: with tasks, a folder of local task YAML files.
-            task_limit=None: with tasks, score at most this many items per task.
-
-    Returns a QuantResult: .rows (one per condition: PPL, KL, recovery vs RTN, bits per weight), .activations.
-    """
-    from superweight.core.quant import check_blocks, parse_bits, parse_blocks, parse_clip
-    from superweight.io import corpora
-    from superweight.stages.quantize import auto_keep, shapes_before_load
-
-    join = lambda v: v if isinstance(v, str) else ",".join(map(str, v))  # noqa: E731
-    given = {}  # the arguments given: each replaces the config's
-    if bits is not None:
-        given["bits"] = parse_bits(join(bits))
-    if blocks is not None:
-        given["blocks"] = parse_blocks(join(blocks))
-    if clip is not None:
-        given["clip"] = parse_clip(clip)  # "none": None
-    if "protect" in overrides:
-        overrides["protect"] = sorted(set(overrides["protect"]))
-    if isinstance(overrides.get("activations"), str):
-        overrides["activations"] = parse_activations(overrides["activations"])
-    cfg = build(QuantizeConfig, config, "", **given, **_with_tasks(overrides))
-    if cfg.protect and (cfg.clip is None or min(cfg.protect) < 1):
-        raise UsageError("protect restores clipped weights: give counts of at least 1 and a clip method")
-    coords, source = (None, "auto") if keep == "auto" else ([], "none") if keep == "none" else (_coords(keep), "given")
-    data = patch_data(patch)
-    if not isinstance(loaded, Loaded) and (shapes := shapes_before_load(spec_of(loaded))):
-        check_blocks(cfg.blocks, shapes)  # before the weights load, where the model's config is at hand
-    text = corpora.load_text(cfg.corpus, cfg.split)  # a missing corpus fails before the model loads
-    loaded = held(loaded)
-    if coords is None:
-        or_silent(progress).stage("Finding the super weights to keep: published, else detected...", None)
-        coords, source = auto_keep(loaded, loaded.spec)
-    cfg = build(QuantizeConfig, cfg, "", keep=coords, keep_source=source)
-    ids = corpora.tokenize(loaded.tokenizer, text, cfg.max_tokens)
-    return run_quantize(loaded, cfg, ids=ids, patch=data, progress=progress)
-
-
 def compare(*run_dirs: str | Path) -> Comparison:
     """One row per run directory (`superweight compare`): PPLs, recovery, patch geometry, sparsity, seconds.
 
@@ -417,26 +349,5 @@ def _repair_job(job: RepairJob | None, recipe: str | None, config: RepairConfig 
         recipe = job.recipe if job is not None else "lbfgs"
     if config is None:
         config = job.config if job is not None and recipe == job.recipe else recipe_settings(recipe)
-    return build(RepairJob, job, "", **_with_tasks(own), recipe=recipe,
+    return build(RepairJob, job, "", **with_tasks(own), recipe=recipe,
                  config=build(RepairConfig, config, "", **overrides))
-
-
-TASK_ARGS = ("tasks", "include_path", "task_limit")
-
-
-def _with_tasks(overrides: dict) -> dict:
-    """`overrides` with tasks, include_path and task_limit turned into one checked TaskSpec (or None)."""
-    given = {k: overrides.pop(k) for k in TASK_ARGS if k in overrides}
-    if not given:
-        return overrides
-    return {**overrides, "tasks": _tasks(given.get("tasks"), given.get("include_path"), given.get("task_limit"))}
-
-
-def _tasks(tasks, include_path, limit):
-    if tasks is None:
-        if include_path is not None or limit is not None:
-            raise UsageError("include_path and task_limit go with tasks")
-        return None
-    from superweight.measure.tasks import prepare_tasks
-
-    return prepare_tasks(tasks, include_path, limit)

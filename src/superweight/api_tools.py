@@ -1,7 +1,7 @@
 """The rest of the top-level API (api.py re-exports it): a repair's result with the patch you hold, the model a
 command loads once its inputs are checked (`Later`), and one function for each command api.py does not hold (info,
-sweep, census, apply), each the library call its command makes (cli/*.py). The commands on a run directory are in
-api_runs.py.
+sweep, census, apply, quantize), each the library call its command makes (cli/*.py). The commands on a run
+directory are in api_runs.py.
 
     import superweight as sw
     m = sw.load()
@@ -31,11 +31,13 @@ from superweight.io.files import check_writable, write_json  # noqa: F401 (the C
 from superweight.io.models import DEFAULT_MODEL, Loaded
 from superweight.io.patch import Patch, check_targets, export_model
 from superweight.io.placement import Placement
+from superweight.io.quantrecord import QuantResult
 from superweight.io.record import RunRecord
 from superweight.known import Info, model_info
 from superweight.settings import build
 from superweight.stages.census import CENSUS_CSV, CENSUS_MD, CensusOutcome  # noqa: F401 (the census's tables)
 from superweight.stages.census import LOCK_WAIT_S as CENSUS_LOCK_WAIT_S  # noqa: F401
+from superweight.stages.quantize import QuantizeConfig, run_quantize
 from superweight.stages.sweep import SweepConfig, SweepResult
 
 
@@ -275,3 +277,94 @@ def read_models_file(path: str | Path) -> list[str]:
     from superweight.stages.census import read_models_file as read
 
     return read(path)
+
+
+def quantize(loaded: Loaded | Later, bits=None, blocks=None, clip: str | None = None, keep="auto",
+             patch: str | Path | None = None, config: QuantizeConfig | None = None, progress=None,
+             **overrides) -> QuantResult:
+    """Round-to-nearest fake quantization of every decoder linear (`superweight quantize`), plain and with the
+    super weights held out of their block, clipped, and clipped then restored; every weight restored after.
+    Load the model with dtype="fp32" (the command's default): in bf16 each dequantized value is rounded again.
+
+    Args:
+        loaded: the model, from load() (or a Later: loaded once the settings, the block sizes (from the model's
+            config, where it is at hand) and the corpus are checked).
+        bits=None: weight bits, each 2-8 (a list, or "3,4"); None: the config's (its default: 4).
+        blocks=None: block sizes: integers, "channel" or "tensor" (a list, or "64,channel"); None: the config's
+            (its default: 64, 128, 256, channel).
+        clip=None: none, tensor:P, block:P (the fraction clipped), zscore:Z or iqr:K; None: the config's (its
+            default: tensor:1e-4).
+        keep='auto': the super weights to protect: auto (published, else the ones detect confirms), none, or
+            "L:R:C" / WeightCoord / a list of them.
+        patch=None: a repair's Patch or run directory: the repaired model too.
+        config=None: a QuantizeConfig (stages/quantize.py) for the settings below; None for its defaults.
+        progress=None: a superweight.progress.Progress that hears of each stage (None: silent).
+        **overrides: QuantizeConfig fields that replace the config's:
+            levels='int': int (min-max RTN) or nf (NormalFloat NF3/NF4).
+            protect=(): with clip, also conditions that restore the K clipped weights that change their layer's
+                output most, for each K given.
+            activations=None: also quantize activations per tensor: int8 (down-projection inputs) or int8:all.
+            corpus='pydoc': pydoc, wikitext2 or text:PATH.
+            split='eval': the split to score.
+            max_tokens=2048: tokens of the corpus to score.
+            max_length=512: window length in tokens.
+            tasks=None: lm-evaluation-harness tasks per condition ("arc_easy,piqa" or a list).
+            include_path=None: with tasks, a folder of local task YAML files.
+            task_limit=None: with tasks, score at most this many items per task.
+
+    Returns a QuantResult: .rows (one per condition: PPL, KL, recovery vs RTN, bits per weight), .activations.
+    """
+    from superweight.core.quant import check_blocks, parse_bits, parse_blocks, parse_clip
+    from superweight.io import corpora
+    from superweight.progress import or_silent
+    from superweight.stages.quantize import auto_keep, parse_activations, shapes_before_load
+
+    join = lambda v: v if isinstance(v, str) else ",".join(map(str, v))  # noqa: E731
+    given = {}  # the arguments given: each replaces the config's
+    if bits is not None:
+        given["bits"] = parse_bits(join(bits))
+    if blocks is not None:
+        given["blocks"] = parse_blocks(join(blocks))
+    if clip is not None:
+        given["clip"] = parse_clip(clip)  # "none": None
+    if "protect" in overrides:
+        overrides["protect"] = sorted(set(overrides["protect"]))
+    if isinstance(overrides.get("activations"), str):
+        overrides["activations"] = parse_activations(overrides["activations"])
+    cfg = build(QuantizeConfig, config, "", **given, **with_tasks(overrides))
+    if cfg.protect and (cfg.clip is None or min(cfg.protect) < 1):
+        raise UsageError("protect restores clipped weights: give counts of at least 1 and a clip method")
+    coords, source = (None, "auto") if keep == "auto" else ([], "none") if keep == "none" else (as_coords(keep), "given")
+    data = patch_data(patch)
+    if not isinstance(loaded, Loaded) and (shapes := shapes_before_load(spec_of(loaded))):
+        check_blocks(cfg.blocks, shapes)  # before the weights load, where the model's config is at hand
+    text = corpora.load_text(cfg.corpus, cfg.split)  # a missing corpus fails before the model loads
+    loaded = held(loaded)
+    if coords is None:
+        or_silent(progress).stage("Finding the super weights to keep: published, else detected...", None)
+        coords, source = auto_keep(loaded, loaded.spec)
+    cfg = build(QuantizeConfig, cfg, "", keep=coords, keep_source=source)
+    ids = corpora.tokenize(loaded.tokenizer, text, cfg.max_tokens)
+    return run_quantize(loaded, cfg, ids=ids, patch=data, progress=progress)
+
+
+# ---------------------------------------------------------------- helpers
+TASK_ARGS = ("tasks", "include_path", "task_limit")
+
+
+def with_tasks(overrides: dict) -> dict:
+    """`overrides` with tasks, include_path and task_limit turned into one checked TaskSpec (or None)."""
+    given = {k: overrides.pop(k) for k in TASK_ARGS if k in overrides}
+    if not given:
+        return overrides
+    return {**overrides, "tasks": task_spec(given.get("tasks"), given.get("include_path"), given.get("task_limit"))}
+
+
+def task_spec(tasks, include_path, limit):
+    if tasks is None:
+        if include_path is not None or limit is not None:
+            raise UsageError("include_path and task_limit go with tasks")
+        return None
+    from superweight.measure.tasks import prepare_tasks
+
+    return prepare_tasks(tasks, include_path, limit)
