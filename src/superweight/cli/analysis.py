@@ -8,8 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from superweight.cli.common import (
-    Bar, DeviceMapOpt, MaxMemoryOpt, OffloadOpt, RunBosOpt, model_to_load,
-    DeviceOpt, DtypeOpt, JsonOpt, RunDirArg, app, check_json, err, errors, floats, out, progress,
+    Bar, RunBosOpt, model_to_load, JsonOpt, RunDirArg, app, check_json, err, errors, floats, out, progress, placed,
 )
 from superweight.errors import UsageError
 from superweight.report import terminal
@@ -17,23 +16,20 @@ from superweight.report import terminal
 
 @app.command()
 @errors
+@placed
 def analyze(
     run_dir: RunDirArg,
     tokens: Annotated[int, typer.Option(help="eval-split tokens to analyse on")] = 2048,
     draws: Annotated[int, typer.Option(help="random-k control draws per k")] = 3,
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="model spec (default: the run's own)")] = None,
-    device: DeviceOpt = "cpu",
-    dtype: DtypeOpt = "auto",
-    device_map: DeviceMapOpt = None,
-    max_memory: MaxMemoryOpt = None,
-    offload_folder: OffloadOpt = None,
     bos: RunBosOpt = None,
+    where: dict | None = None,  # the placement options (common.placed)
 ):
     """Patch geometry, top-k sparsity with a random-k control, token and neuron views, scale sweep."""
     import superweight.api as sw
 
     cfg = sw.AnalyzeConfig(tokens=tokens, draws=draws)
-    later = model_to_load(model, device, dtype, device_map, max_memory, offload_folder, bos)  # None: the run's own
+    later = model_to_load(model, where, bos)  # None: the run's own
     with progress() as bar:
         record = sw.analyze(later, run_dir, cfg, Bar(bar))
     terminal.print_analysis(out, record)
@@ -42,6 +38,7 @@ def analyze(
 
 @app.command()
 @errors
+@placed
 def sparsify(
     run_dir: RunDirArg,
     l1: Annotated[str, typer.Option(help="comma-separated L1 (proximal) strengths; empty to skip")] = "0.6,0.8,1",
@@ -49,12 +46,8 @@ def sparsify(
     steps: Annotated[Optional[int], typer.Option(help="steps per sparse patch (default: half the run's)")] = None,
     tokens: Annotated[int, typer.Option(help="eval-split tokens to score each patch on")] = 2048,
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="model spec (default: the run's own)")] = None,
-    device: DeviceOpt = "cpu",
-    dtype: DtypeOpt = "auto",
-    device_map: DeviceMapOpt = None,
-    max_memory: MaxMemoryOpt = None,
-    offload_folder: OffloadOpt = None,
     bos: RunBosOpt = None,
+    where: dict | None = None,  # the placement options (common.placed)
 ):
     """Train sparse patches (L1, hard-concrete L0) over a sweep of strengths; the recovery-vs-size frontier."""
     import superweight.api as sw
@@ -64,7 +57,7 @@ def sparsify(
     if not strengths:
         raise UsageError("no strengths given: set --l1 and/or --l0")
     cfg = sw.SparsifyConfig(strengths=strengths, steps=steps, tokens=tokens)
-    later = model_to_load(model, device, dtype, device_map, max_memory, offload_folder, bos)  # None: the run's own
+    later = model_to_load(model, where, bos)  # None: the run's own
     with progress() as bar:
         record = sw.sparsify(later, run_dir, cfg, Bar(bar))
     terminal.print_sparse(out, record.sparse_training)
@@ -73,6 +66,7 @@ def sparsify(
 
 @app.command()
 @errors
+@placed
 def compensate(
     run_dir: RunDirArg,
     max_k: Annotated[int, typer.Option(help="the budget: exclude at most this many writing neurons")] = 64,
@@ -81,19 +75,15 @@ def compensate(
     steps: Annotated[Optional[int], typer.Option(help="cap on each point's steps (lbfgs: loss evaluations); "
                                                       "default: the run's recipe")] = None,
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="model spec (default: the run's own)")] = None,
-    device: DeviceOpt = "cpu",
-    dtype: DtypeOpt = "auto",
-    device_map: DeviceMapOpt = None,
-    max_memory: MaxMemoryOpt = None,
-    offload_folder: OffloadOpt = None,
     bos: RunBosOpt = None,
+    where: dict | None = None,  # the placement options (common.placed)
 ):
     """The compensation frontier: repair again with the top 1, 2, 4, ... writing neurons held at 0 (greedy), until
     recovery falls below --stop-below or --max-k neurons are out; updates results.json and the report."""
     import superweight.api as sw
 
     cfg = sw.CompensateConfig(max_k=max_k, stop_below=stop_below, tokens=tokens, steps=steps)
-    later = model_to_load(model, device, dtype, device_map, max_memory, offload_folder, bos)  # None: the run's own
+    later = model_to_load(model, where, bos)  # None: the run's own
     with progress() as bar:
         record = sw.compensate(later, run_dir, cfg, Bar(bar))
     terminal.print_compensation(out, record.compensation)

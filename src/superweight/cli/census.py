@@ -8,14 +8,14 @@ import typer
 
 from superweight.cli import inspect as _inspect  # noqa: F401  (detect is registered first: census follows it)
 from superweight.cli.common import (
-    DEFAULT_CORPUS, Bar, BosOpt, CorpusOpt, DeviceMapOpt, DeviceOpt, DtypeOpt, MaxMemoryOpt, OffloadOpt, app, err,
-    errors, model_to_load, out, progress,
+    DEFAULT_CORPUS, Bar, BosOpt, CorpusOpt, app, err, errors, model_to_load, out, progress, placed,
 )
 from superweight.errors import UsageError
 
 
 @app.command()
 @errors
+@placed
 def census(
     models: Annotated[Optional[list[str]], typer.Argument(
         help="model specs, as --model takes them (smollm2-135m, a hub id, a directory, a .gguf file)",
@@ -37,12 +37,8 @@ def census(
     table_only: Annotated[bool, typer.Option(
         "--table-only", help="detect nothing: rewrite and print the table from the results in --out (the merge "
                              "after a job array); MODELS, if given, come first and in that order")] = False,
-    device: DeviceOpt = "cpu",
-    dtype: DtypeOpt = "auto",
-    device_map: DeviceMapOpt = None,
-    max_memory: MaxMemoryOpt = None,
-    offload_folder: OffloadOpt = None,
     bos: BosOpt = "auto",
+    where: dict | None = None,  # the placement options (common.placed)
 ):
     """Detect super weights in many models, one in memory at a time: one table (CSV, Markdown, terminal).
 
@@ -67,7 +63,7 @@ def census(
         raise UsageError("no models given: name them (superweight census MODEL...) or pass --models-file FILE")
     cfg = sw.DetectConfig(prompts=prompt, max_candidates=max_candidates, attribution_top=attribution_top,
                           corpus=corpus, split=split, calib_tokens=calib_tokens, max_length=max_length, seed=seed)
-    later = model_to_load(None, device, dtype, device_map, max_memory, offload_folder, bos)
+    later = model_to_load(None, where, bos)
     with progress() as bar:
         outcome = sw.census(specs, out_, cfg, later, Bar(bar, "Detecting"))
     print_census(out, outcome.rows, outcome.out)

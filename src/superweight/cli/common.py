@@ -7,6 +7,7 @@ imports superweight.io or superweight.stages (tests/test_layout.py)."""
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 import sys
 from typing import Annotated, Optional
@@ -145,14 +146,36 @@ def check_bos(bos: str = "auto"):
     return Bos(bos)
 
 
-def model_to_load(model: str | None, device: str = "cpu", dtype: str = "auto", device_map: str | None = None,
-                  max_memory: str | None = None, offload_folder: str | None = None, bos: str | None = "auto"):
+PLACEMENT = {  # the options of every command that loads a model on one or several devices, in this order
+    "device": (DeviceOpt, "cpu"), "dtype": (DtypeOpt, "auto"), "device_map": (DeviceMapOpt, None),
+    "max_memory": (MaxMemoryOpt, None), "offload_folder": (OffloadOpt, None),
+}
+
+
+def placed(command):
+    """Give a command the five placement options (--device, --dtype, --device-map, --max-memory, --offload-folder)
+    after its own, and hand them to it as one `where` dict (model_to_load's)."""
+    own = inspect.signature(command, eval_str=True)
+    extra = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=kind)
+             for name, (kind, default) in PLACEMENT.items()]
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        return command(*args, where={name: kwargs.pop(name) for name in PLACEMENT}, **kwargs)
+
+    params = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own.parameters.values() if p.name != "where"]
+    wrapper.__signature__ = own.replace(parameters=params + extra)
+    wrapper.__annotations__ = {p.name: p.annotation for p in params + extra}
+    return wrapper
+
+
+def model_to_load(model: str | None, where: dict | None = None, bos: str | None = "auto"):
     """The model a command loads once the library has checked its inputs (api Later): its spec (None: the run's or
-    the patch's own), its placement (five options, checked now), its --bos (None: the run's own, when continuing
-    one), shown while it loads, and the library's notes printed on stderr."""
+    the patch's own), its placement (the options of `placed`, checked now), its --bos (None: the run's own, when
+    continuing one), shown while it loads, and the library's notes printed on stderr."""
     from superweight.api import Later, placement
 
-    where = placement(device, dtype, device_map, max_memory, offload_folder, prefix="--")
+    where = placement(**(where or {}), prefix="--")
     return Later(model, where, None if bos is None else check_bos(bos), load=load_model, note=say)
 
 

@@ -7,9 +7,8 @@ from typing import Annotated, Optional
 import typer
 
 from superweight.cli.common import (
-    DEFAULT_CORPUS, DEFAULT_MODEL, Bar, BosOpt, DeviceMapOpt, MaxMemoryOpt, OffloadOpt, check_json, model_to_load,
-    CorpusOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, SplitOpt, app, err, errors, out, progress,
-    write_result, IncludePathOpt, TaskLimitOpt, TasksOpt, task_spec,
+    DEFAULT_CORPUS, DEFAULT_MODEL, Bar, BosOpt, check_json, model_to_load, CorpusOpt, JsonOpt, ModelOpt, SplitOpt,
+    app, err, errors, out, progress, write_result, IncludePathOpt, TaskLimitOpt, TasksOpt, task_spec, placed,
 )
 from superweight.errors import UsageError
 from superweight.report import terminal
@@ -18,13 +17,12 @@ from superweight.settings import revalidated
 
 @app.command()
 @errors
-def info(model: ModelOpt = DEFAULT_MODEL, device: DeviceOpt = "cpu", dtype: DtypeOpt = "auto",
-         json_: JsonOpt = None, device_map: DeviceMapOpt = None, max_memory: MaxMemoryOpt = None,
-         offload_folder: OffloadOpt = None, bos: BosOpt = "auto"):
+@placed
+def info(model: ModelOpt = DEFAULT_MODEL, json_: JsonOpt = None, bos: BosOpt = "auto", where: dict | None = None):
     """Architecture, sizes and down-projection names of a model."""
     import superweight.api as sw
 
-    later = model_to_load(model, device, dtype, device_map, max_memory, offload_folder, bos)
+    later = model_to_load(model, where, bos)
     check_json(json_)
     info_ = sw.info(later)
     terminal.print_info(out, model, info_.source, info_.arch, info_.published)
@@ -34,6 +32,7 @@ def info(model: ModelOpt = DEFAULT_MODEL, device: DeviceOpt = "cpu", dtype: Dtyp
 
 @app.command("eval")
 @errors
+@placed
 def eval_(
     model: ModelOpt = DEFAULT_MODEL,
     corpus: CorpusOpt = DEFAULT_CORPUS,
@@ -50,13 +49,9 @@ def eval_(
     tasks: TasksOpt = None,
     include_path: IncludePathOpt = None,
     task_limit: TaskLimitOpt = None,
-    device: DeviceOpt = "cpu",
-    dtype: DtypeOpt = "auto",
-    device_map: DeviceMapOpt = None,
-    max_memory: MaxMemoryOpt = None,
-    offload_folder: OffloadOpt = None,
     bos: BosOpt = "auto",
     json_: JsonOpt = None,
+    where: dict | None = None,  # the placement options (common.placed)
 ):
     """Base vs ablated (vs patched): NLL, PPL, KL, top-1 agreement, super activation, generations side by side,
     and zero-shot task accuracies with --tasks."""
@@ -69,7 +64,7 @@ def eval_(
     coords = parse_coords(ablate) if ablate else None
     cfg = sw.EvalConfig(corpus=corpus, split=split, max_tokens=max_tokens, max_length=max_length, stride=stride,
                         prompts=prompt, max_new_tokens=max_new_tokens)
-    later = model_to_load(model, device, dtype, device_map, max_memory, offload_folder, bos)
+    later = model_to_load(model, where, bos)
     check_json(json_)
     cfg = revalidated(cfg, tasks=task_spec(tasks, include_path, task_limit))
     with progress() as bar:
@@ -80,6 +75,7 @@ def eval_(
 
 @app.command()
 @errors
+@placed
 def detect(
     model: ModelOpt = DEFAULT_MODEL,
     prompt: Annotated[Optional[list[str]], typer.Option(help="scan prompt (repeatable); default: the paper's + 3")] = None,
@@ -95,13 +91,9 @@ def detect(
     min_kl: Annotated[float, typer.Option(help="least KL (nats/token) for a confirmed super weight")] = 0.1,
     control_factor: Annotated[float, typer.Option(help="confirmed KL must be this many times the worse control's")] = 10.0,
     seed: int = 0,
-    device: DeviceOpt = "cpu",
-    dtype: DtypeOpt = "auto",
-    device_map: DeviceMapOpt = None,
-    max_memory: MaxMemoryOpt = None,
-    offload_folder: OffloadOpt = None,
     bos: BosOpt = "auto",
     json_: JsonOpt = None,
+    where: dict | None = None,  # the placement options (common.placed)
 ):
     """Find super weights: iterative spike scan + attribution, each confirmed by the damage its removal does."""
     import superweight.api as sw
@@ -111,7 +103,7 @@ def detect(
         attribution_top=attribution_top, spike_ratio=spike_ratio, control_factor=control_factor, min_kl=min_kl,
         prompts=prompt, verify=verify, corpus=corpus, split=split, seed=seed,
     )
-    later = model_to_load(model, device, dtype, device_map, max_memory, offload_folder, bos)
+    later = model_to_load(model, where, bos)
     check_json(json_)
     with progress() as bar:
         result = sw.detect(later, cfg, progress=Bar(bar, "Detecting"))
@@ -121,6 +113,7 @@ def detect(
 
 @app.command()
 @errors
+@placed
 def sweep(
     weight: Annotated[str, typer.Option(help="LAYER:ROW:COL of the weight to scale")],
     model: ModelOpt = DEFAULT_MODEL,
@@ -133,13 +126,9 @@ def sweep(
     prompt: Annotated[Optional[list[str]], typer.Option(help="generation prompt (repeatable)")] = None,
     max_new_tokens: int = 20,
     plot: Annotated[Optional[str], typer.Option(help="PNG path (default runs/sweep/L-R-C.png)")] = None,
-    device: DeviceOpt = "cpu",
-    dtype: DtypeOpt = "auto",
-    device_map: DeviceMapOpt = None,
-    max_memory: MaxMemoryOpt = None,
-    offload_folder: OffloadOpt = None,
     bos: BosOpt = "auto",
     json_: JsonOpt = None,
+    where: dict | None = None,  # the placement options (common.placed)
 ):
     """Scale one weight (and spread it): NLL/PPL/KL/top-1 and generations per scale, plus a PNG plot."""
     import superweight.api as sw
@@ -159,7 +148,7 @@ def sweep(
         raise UsageError(f"--spread must be >= 0, got {spread}")
     cfg = sw.SweepConfig(scales=factors, spread=spread or None, corpus=corpus, split=split, max_tokens=max_tokens,
                       max_length=max_length, prompts=prompt, max_new_tokens=max_new_tokens)
-    later = model_to_load(model, device, dtype, device_map, max_memory, offload_folder, bos)
+    later = model_to_load(model, where, bos)
     png = plot or sw.sweep_plot_path(coord)
     check_json(json_, png)
     with progress() as bar:

@@ -85,7 +85,7 @@ def quantize(
                             keep_source=source, activations=sw.parse_activations(activations), corpus=corpus,
                             split=split, max_tokens=max_tokens, max_length=max_length,
                             protect=parse_protect(protect, clip_spec))
-    later = model_to_load(model, device, dtype, bos=bos)
+    later = model_to_load(model, {"device": device, "dtype": dtype}, bos)
     check_json(json_, plot)
     cfg = revalidated(cfg, tasks=task_spec(tasks, include_path, task_limit))
     with progress() as bar:

@@ -7,9 +7,8 @@ from typing import Annotated, Optional
 import typer
 
 from superweight.cli.common import (
-    DEFAULT_CORPUS, DEFAULT_MODEL, Bar, BosOpt, DeviceMapOpt, MaxMemoryOpt, OffloadOpt, RunBosOpt, model_to_load,
-    CorpusOpt, DeviceOpt, DtypeOpt, ModelOpt, app, err, errors, out, progress, recipe_config,
-    IncludePathOpt, TaskLimitOpt, TasksOpt, task_spec,
+    DEFAULT_CORPUS, DEFAULT_MODEL, Bar, BosOpt, RunBosOpt, model_to_load, CorpusOpt, ModelOpt, app, err, errors,
+    out, progress, recipe_config, IncludePathOpt, TaskLimitOpt, TasksOpt, task_spec, placed,
 )
 from superweight.report import terminal
 
@@ -20,6 +19,7 @@ ExcludeOpt = Annotated[Optional[list[str]], typer.Option(
 
 @app.command()
 @errors
+@placed
 def repair(
     weight: Annotated[list[str], typer.Option(help="LAYER:ROW:COL to ablate (repeatable)")],
     patch_row: Annotated[Optional[list[str]], typer.Option(
@@ -45,13 +45,9 @@ def repair(
     tasks: TasksOpt = None,
     include_path: IncludePathOpt = None,
     task_limit: TaskLimitOpt = None,
-    device: DeviceOpt = "cpu",
-    dtype: DtypeOpt = "auto",
-    device_map: DeviceMapOpt = None,
-    max_memory: MaxMemoryOpt = None,
-    offload_folder: OffloadOpt = None,
     bos: RunBosOpt = None,
     exclude: ExcludeOpt = None,
+    where: dict | None = None,  # the placement options (common.placed)
 ):
     """Train a row patch that repairs the ablated model by KL distillation against the intact one."""
     import superweight.api as sw
@@ -64,7 +60,7 @@ def repair(
                         kl=kl, temperature=temperature, init=init, seed=seed)
     job = sw.RepairJob(recipe=recipe, config=cfg, checkpoint_every=checkpoint_every, eval_tokens=eval_tokens,
                        seeds=seeds, corpus=corpus, baselines=baselines, resume=resume, exclude=exclude or [])
-    later = model_to_load(model, device, dtype, device_map, max_memory, offload_folder, bos)
+    later = model_to_load(model, where, bos)
     job = revalidated(job, tasks=task_spec(tasks, include_path, task_limit))
     first = coords[0]
     run_dir = out_ or f"runs/repair-{first.layer}-{first.row}-{first.col}"
@@ -80,6 +76,7 @@ def repair(
 
 @app.command("apply")
 @errors
+@placed
 def apply_(
     patch: Annotated[str, typer.Option(help="run directory (or patch.safetensors) of a repair")],
     export: Annotated[Optional[str], typer.Option(help="new directory for the merged model (save_pretrained layout)")] = None,
@@ -87,19 +84,15 @@ def apply_(
         help="new directory for a PEFT LoRA adapter on the intact base model (adapter_config.json + adapter_model.safetensors)")] = None,
     ablation_only: Annotated[bool, typer.Option(help="with --peft: the adapter that only ablates (breaks the model)")] = False,
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="model spec (default: the patch's own)")] = None,
-    device: DeviceOpt = "cpu",
-    dtype: DtypeOpt = "auto",
-    device_map: DeviceMapOpt = None,
-    max_memory: MaxMemoryOpt = None,
-    offload_folder: OffloadOpt = None,
     bos: BosOpt = "auto",
+    where: dict | None = None,  # the placement options (common.placed)
 ):
     """Merge a patch into the ablated model and write it as a standalone model directory (--export), or write it
     as a PEFT LoRA adapter for the intact model (--peft)."""
     import superweight.api as sw
     from superweight.core.coords import row_text
 
-    later = model_to_load(model, device, dtype, device_map, max_memory, offload_folder, bos)
+    later = model_to_load(model, where, bos)
     written = sw.apply(later, patch, export=export, peft=peft, ablation_only=ablation_only)
     data_, loaded, config = written["patch"], written["model"], written["peft"]
     what = (f"{', '.join(map(str, data_.ablated))} ablated, rows {', '.join(map(row_text, data_.rows))} "

@@ -7,9 +7,8 @@ from typing import Annotated, Optional
 import typer
 
 from superweight.cli.common import (
-    DEFAULT_CORPUS, DEFAULT_MODEL, Bar, DeviceMapOpt, MaxMemoryOpt, OffloadOpt, RunBosOpt, model_to_load,
-    CorpusOpt, DeviceOpt, DtypeOpt, ModelOpt, app, errors, out, progress, recipe_config,
-    IncludePathOpt, TaskLimitOpt, TasksOpt, task_spec,
+    DEFAULT_CORPUS, DEFAULT_MODEL, Bar, RunBosOpt, model_to_load, CorpusOpt, ModelOpt, app, errors, out, progress,
+    recipe_config, IncludePathOpt, TaskLimitOpt, TasksOpt, task_spec, placed,
 )
 from superweight.cli.repair import ExcludeOpt
 from superweight.errors import UsageError
@@ -18,6 +17,7 @@ from superweight.report import terminal
 
 @app.command()
 @errors
+@placed
 def run(
     model: ModelOpt = DEFAULT_MODEL,
     corpus: CorpusOpt = DEFAULT_CORPUS,
@@ -38,13 +38,9 @@ def run(
     tasks: TasksOpt = None,
     include_path: IncludePathOpt = None,
     task_limit: TaskLimitOpt = None,
-    device: DeviceOpt = "cpu",
-    dtype: DtypeOpt = "auto",
-    device_map: DeviceMapOpt = None,
-    max_memory: MaxMemoryOpt = None,
-    offload_folder: OffloadOpt = None,
     bos: RunBosOpt = None,
     exclude: ExcludeOpt = None,
+    where: dict | None = None,  # the placement options (common.placed)
 ):
     """The whole study in one go: detect, ablate, measure, repair with baselines, analyse, report."""
     from pathlib import Path
@@ -58,7 +54,7 @@ def run(
                           exclude=exclude or [])
     job = sw.PipelineJob(weight=parse_coord(weight) if weight else None, repair=repair,
                          analysis_tokens=analysis_tokens, draws=draws, sparse=sparse, quantize=quantize)
-    later = model_to_load(model, device, dtype, device_map, max_memory, offload_folder, bos)
+    later = model_to_load(model, where, bos)
     if resume and out_ is None:
         raise UsageError("--resume needs the --out of the run to continue")
     job = revalidated(job, repair=revalidated(repair, tasks=task_spec(tasks, include_path, task_limit)))
