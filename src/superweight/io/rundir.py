@@ -53,12 +53,6 @@ class RunDir:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
 
-    def __truediv__(self, name: str) -> Path:
-        return self.path / name
-
-    def __fspath__(self) -> str:
-        return str(self.path)
-
     def __str__(self) -> str:
         return str(self.path)
 
