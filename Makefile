@@ -25,7 +25,7 @@ demo: setup
 	$(BIN)/superweight run
 
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup
 
 bench: setup
 	$(BIN)/python benchmarks/bench_eval.py

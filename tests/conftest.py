@@ -40,8 +40,24 @@ os.environ["COLUMNS"] = "120"
 for _name in ("TERMINAL_WIDTH", "LINES", "FORCE_COLOR", "NO_COLOR"):
     os.environ.pop(_name, None)
 os.environ["PYTHONUTF8"] = "1"
+# - `make test` runs two pytest-xdist workers on two cores: each computes on one core (set before torch loads), so
+#   the workers do not fight over OpenMP threads; tests that share an expensive session fixture (the real models,
+#   the tiny CLI runs) run on one worker, which makes the fixture once (pytest_collection_modifyitems below).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 from tiny import save_tiny_model_dir  # noqa: E402
+
+# Session fixtures worth making once per run: the tests that use one share an xdist group (`--dist loadgroup`).
+SHARED = ("smol", "gemma", "pipeline_run", "repair_runs")
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
+def pytest_collection_modifyitems(items):
+    for item in items:
+        shared = [name for name in SHARED if name in getattr(item, "fixturenames", ())]
+        if shared:
+            item.add_marker(pytest.mark.xdist_group(shared[0]))
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -330,16 +330,20 @@ def _drop_cache_entry(target: Path) -> None:
 
 
 def _quiet_gguf_progress():
-    """Silence the GGUF converter's own tqdm bar (it ignores transformers' progress switch); returns undo."""
+    """Silence the GGUF converter's own tqdm bar (it ignores transformers' progress switch) and parse each GGUF
+    file once (transformers reads the whole file's metadata for the config, again for the tokenizer and again for
+    the weights; a 262k-token vocabulary makes each read cost seconds). Returns undo."""
     import functools
 
+    import gguf
     from transformers import modeling_gguf_pytorch_utils as gguf_utils
 
-    original = gguf_utils.tqdm
+    original, reader = gguf_utils.tqdm, gguf.GGUFReader
     gguf_utils.tqdm = functools.partial(original, disable=True)
+    gguf.GGUFReader = functools.lru_cache(maxsize=1)(reader)  # imported by name inside each transformers call
 
     def undo():
-        gguf_utils.tqdm = original
+        gguf_utils.tqdm, gguf.GGUFReader = original, reader
 
     return undo
 
