@@ -33,9 +33,9 @@ timeout 180 "$PY" - <<'EOF' 2>&1 | tee "$OUT_DIR/olmo_step.txt"
 import time, torch
 from transformers import OlmoConfig, OlmoForCausalLM
 from superweight.core.coords import parse_coord
-from superweight.stages.recipes import RepairConfig
+from superweight.engine.config import RepairConfig
 from superweight.progress import EachStep
-from superweight.stages.train import Track, train
+from superweight.engine.train import Track, train
 cfg = OlmoConfig(vocab_size=50304, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                  num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=4096,
                  tie_word_embeddings=False, pad_token_id=1, eos_token_id=50279, clip_qkv=None)

@@ -59,7 +59,7 @@ DRIVER = textwrap.dedent('''
     import superweight.io.models as models
     import superweight.measure.generate as generate
     import superweight.stages.repair as repair
-    import superweight.stages.train as train
+    import superweight.engine.train as train
     from superweight.cli import app
 
     model_dir, plan = sys.argv[1], json.loads(sys.argv[2])

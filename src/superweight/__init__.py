@@ -13,8 +13,8 @@
 
 Functions, one per command: load, info, detect, evaluate, sweep, repair, analyze, sparsify, run, quantize, census,
 apply, compare, read_run, write_report; load_patch. Interventions (context managers): Ablation, Spread, RowPatch,
-Compose, ActivationRestore, QuantizedWeights, QuantizedInputs. Settings: DetectConfig, RepairConfig, RECIPES,
-RepairJob, PipelineJob, EvalConfig, QuantizeConfig, Placement, Bos. Results: DetectResult, EvalResult, RepairResult
+Compose, ActivationRestore, QuantizedWeights, QuantizedInputs. Settings: DetectConfig, RepairConfig (LbfgsConfig |
+FirstOrderConfig), RECIPES, RepairJob, PipelineJob, EvalConfig, QuantizeConfig, Placement, Bos. Results: DetectResult, EvalResult, RepairResult
 (with its Patch), RunRecord, QuantResult, Comparison; in a notebook each shows its tables (and plots).
 help(sw.repair) etc. for every setting.
 
@@ -31,7 +31,7 @@ __all__ = [
     "load", "detect", "evaluate", "repair", "analyze", "compensate", "run", "quantize", "compare", "read_run",
     "write_report", "info", "sweep", "sparsify", "census", "apply", "RepairResult", "Patch",
     "Intervention", "Ablation", "Spread", "RowPatch", "Compose", "ActivationRestore", "QuantizedWeights",
-    "QuantizedInputs", "DetectConfig", "RepairConfig", "RECIPES", "RepairJob", "PipelineJob", "EvalConfig",
+    "QuantizedInputs", "DetectConfig", "RepairConfig", "LbfgsConfig", "FirstOrderConfig", "RECIPES", "RepairJob", "PipelineJob", "EvalConfig",
     "QuantizeConfig", "Placement", "Loaded", "Bos", "DetectResult", "EvalResult",
     "RunRecord", "QuantResult", "Comparison", "Compensation", "CompareRow", "PatchData", "WeightCoord", "parse_coord",
     "load_patch", "SuperweightError", "__version__",

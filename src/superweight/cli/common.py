@@ -171,7 +171,7 @@ def load_model(model: str, where: Placement, bos=None):
 
 def recipe_config(recipe: str, **overrides):
     """A recipe's settings with the options given on the command line (None = keep the recipe's)."""
-    from superweight.stages.recipes import recipe_settings
+    from superweight.engine.config import recipe_settings
 
     return recipe_settings(recipe, "--", **{k: v for k, v in overrides.items() if v is not None})
 
