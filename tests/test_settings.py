@@ -126,6 +126,8 @@ def test_the_settings_are_a_union_whose_default_is_the_product_s():
     assert parse_config(upgrade_config(old_sgd)) == FirstOrderConfig(optimizer="sgd", steps=64, lr=0.1, space="column",
                                                                       train_tokens=4096)
     assert upgrade_config(LbfgsConfig().model_dump()) == LbfgsConfig().model_dump()  # today's: as it is
+    assert parse_config(upgrade_config({"optimizer": "lbfgs"}, flat=True)) == LbfgsConfig(
+        max_evals=80, lr=0.1, space="weight", train_tokens=16384, progress_tol=0.0)  # the flat defaults
 
 
 def test_version_3_records_and_old_settings_files_get_the_union():

@@ -141,6 +141,8 @@ def configure(base: LbfgsConfig | FirstOrderConfig | None = None, prefix: str = 
     if type(base) is not cls:  # across engines: the budget carries over, the engine's own settings start fresh
         fields = {k: v for k, v in fields.items() if k in _Shared.model_fields} | {cls.BUDGET: base.budget}
     if "budget" in changes:
+        if isinstance(changes["budget"], int) and changes["budget"] < 1:  # the CLI's --steps
+            raise UsageError(f"{prefix + 'steps' if prefix else 'budget'} must be at least 1, got {changes['budget']}")
         changes = {**{k: v for k, v in changes.items() if k != "budget"}, cls.BUDGET: changes["budget"]}
     try:
         return cls.model_validate({**fields, **changes})
@@ -148,31 +150,31 @@ def configure(base: LbfgsConfig | FirstOrderConfig | None = None, prefix: str = 
         raise UsageError(error_line(exc, prefix)) from None
 
 
-def upgrade_config(data):
-    """A config as written before the union (one flat RepairConfig for every optimiser) in today's shape; one in
-    today's shape is returned as it is. lbfgs: `steps` counted loss evaluations, so it becomes `max_evals`, and
-    the schedule, warm-up and weight decay it never read go; first-order: `progress_tol`, which it never read,
-    goes. `check_rows` becomes `check_sequences`; no `optimizer` was the old default, adamw."""
-    if not isinstance(data, dict) or not _old(data):
+# The flat RepairConfig's defaults: a flat config without a key (written before the key existed) meant these.
+FLAT_DEFAULTS = {"steps": 80, "batch_size": 4, "seq_len": 128, "lr": 0.1, "weight_decay": 0.0, "optimizer": "adamw",
+                 "schedule": "cosine", "warmup": 0, "kl": "forward", "temperature": 1.0, "init": "zero", "seed": 0,
+                 "train_tokens": 16384, "teacher_cache_mb": 2048, "space": "weight", "check_rows": 2,
+                 "progress_tol": 0.0, "data": "packed"}
+
+
+def upgrade_config(data, flat: bool | None = None):
+    """A config as written before the union (one flat RepairConfig for every optimiser) in today's shape. `flat`:
+    whether it is of that shape (a versioned file knows); None: told by its keys (a checkpoint: every flat one held
+    `check_rows`), and one in today's shape is returned as it is. Missing keys take the flat model's defaults.
+    lbfgs: `steps` counted loss evaluations, so it becomes `max_evals`, and the schedule, warm-up and weight decay
+    it never read go; first-order: `progress_tol`, which it never read, goes. `check_rows` becomes
+    `check_sequences`."""
+    if not isinstance(data, dict) or not (flat if flat is not None else "check_rows" in data):
         return data
-    data = dict(data)
-    if "check_rows" in data:
-        data["check_sequences"] = data.pop("check_rows")
-    data.setdefault("optimizer", "adamw")
+    data = {**FLAT_DEFAULTS, **data}
+    data["check_sequences"] = data.pop("check_rows")
     if data["optimizer"] == "lbfgs":
-        if "steps" in data:
-            data["max_evals"] = data.pop("steps")
+        data["max_evals"] = data.pop("steps")
         for name in ("schedule", "warmup", "weight_decay"):
-            data.pop(name, None)
+            data.pop(name)
     else:
-        data.pop("progress_tol", None)
+        data.pop("progress_tol")
     return data
-
-
-def _old(data: dict) -> bool:
-    """Whether a config dict is of the flat shape (every writer of it dumped `check_rows`; lbfgs with `steps`)."""
-    return "check_rows" in data or "optimizer" not in data or (
-        data.get("optimizer") == "lbfgs" and "steps" in data)
 
 
 RECIPES: dict[str, LbfgsConfig | FirstOrderConfig] = {
@@ -229,11 +231,13 @@ def recipe_settings(name: str, prefix: str = "", **overrides) -> LbfgsConfig | F
 
 def recipe_label(name: str, cfg: LbfgsConfig | FirstOrderConfig) -> str:
     """The recipe that ran, as the record names it: `name` alone when `cfg` is RECIPES[name], else `name` and
-    each field that differs, in field order: "lbfgs+max_evals=100", "balanced+lr=0.5+seed=3". A name that is no
+    each field that differs, the budget first, then in field order: "lbfgs+max_evals=100", "balanced+lr=0.5+seed=3". A name that is no
     recipe (a config of one's own) is kept as given, with every field that differs from its engine's defaults."""
     base = RECIPES.get(name, type(cfg)())
+    fields = cfg.model_dump()
+    fields = {cfg.BUDGET: fields.pop(cfg.BUDGET), **fields}  # the budget first, as the flat config had `steps`
     changed = [f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
-               for k, v in cfg.model_dump().items() if v != getattr(base, k, None)]
+               for k, v in fields.items() if v != getattr(base, k, None)]
     return "+".join([name, *changed])
 
 

@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from superweight.core.conditions import SCALE
 from superweight.errors import SuperweightError
-from superweight.engine.config import FirstOrderConfig, LbfgsConfig, upgrade_config
+from superweight.engine.config import FLAT_DEFAULTS, upgrade_config
 from superweight.io.record import SCHEMA_VERSION, RunRecord
 from superweight.settings import file_error_line
 
@@ -53,7 +53,7 @@ def migrate(data: Any, where: str = "results.json") -> dict:
                 raise SuperweightError(f"{where} is not a run record superweight can read (sweep: {exc})") from None
         version = 3
     if version == 3:
-        data = {**data, "schema_version": 4, "config": upgrade_config(data.get("config"))}
+        data = {**data, "schema_version": 4, "config": upgrade_config(data.get("config"), flat=True)}
     return data
 
 
@@ -72,8 +72,7 @@ def _config_v2(config):
     if not isinstance(config, dict):
         return config
     lifted = {"check_rows": 0, "space": "weight", **config}
-    known = {"check_rows", "steps"} | set(LbfgsConfig.model_fields) | set(FirstOrderConfig.model_fields)
-    return {k: v for k, v in lifted.items() if k in known}
+    return {k: v for k, v in lifted.items() if k in FLAT_DEFAULTS}
 
 
 def _patch_v1(p: dict) -> dict:

@@ -70,7 +70,7 @@ def lift(data: Any, version: int) -> Any:
             # before `data`: the seed recipe read one wikitext line per sequence, every other recipe packed them
             data["config"] = {"data": "lines" if data.get("recipe") == "seed" else "packed", **data["config"]}
     if isinstance(data, dict) and data["schema_version"] == 2 and version >= 3:
-        data = {**data, "schema_version": 3, "config": upgrade_config(data.get("config"))}
+        data = {**data, "schema_version": 3, "config": upgrade_config(data.get("config"), flat=True)}
     return data
 
 
