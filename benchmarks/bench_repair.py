@@ -128,11 +128,11 @@ def run_ours(model, seqs, coord, steps, stamps, losses, cached=False):
     c = parse_coord(coord)
     if cached:
         seqs = seqs[:BATCH]
-    # check_sequences=0: no held-out rows, so both train on the same batches of all the rows (and ours does not
+    # check_sequences=0: no held-out sequences, so both train on the same batches of all the sequences (and ours does not
     # spend time on held-out checks the seed's loop does not make).
     cfg = FirstOrderConfig(steps=steps, batch_size=BATCH, seq_len=SEQ_LEN, lr=LR, weight_decay=WD,
-                       optimizer="adamw", schedule="constant", train_tokens=seqs.numel(),
-                       teacher_cache_mb=1 << 20 if cached else 0, seed=SEED, check_sequences=0)
+                           optimizer="adamw", schedule="constant", train_tokens=seqs.numel(),
+                           teacher_cache_mb=1 << 20 if cached else 0, seed=SEED, check_sequences=0)
 
     def on_step(_step, loss):
         stamps.append((time.perf_counter(), time.process_time()))

@@ -33,7 +33,7 @@ timeout 180 "$PY" - <<'EOF' 2>&1 | tee "$OUT_DIR/olmo_step.txt"
 import time, torch
 from transformers import OlmoConfig, OlmoForCausalLM
 from superweight.core.coords import parse_coord
-from superweight.engine.config import RepairConfig
+from superweight.engine.config import FirstOrderConfig
 from superweight.progress import EachStep
 from superweight.engine.train import Track, train
 cfg = OlmoConfig(vocab_size=50304, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
@@ -44,8 +44,8 @@ ids = torch.randint(0, cfg.vocab_size, (12, 128), generator=torch.Generator().ma
 for dtype in (torch.float32, torch.bfloat16):
     torch.manual_seed(0)
     model = OlmoForCausalLM(cfg).to("cuda", dtype).eval().requires_grad_(False)
-    rc = RepairConfig(steps=6, batch_size=2, seq_len=128, lr=1e-3, schedule="constant", teacher_cache_mb=0,
-                      train_tokens=ids.numel())
+    rc = FirstOrderConfig(steps=6, batch_size=2, seq_len=128, lr=1e-3, schedule="constant", teacher_cache_mb=0,
+                          train_tokens=ids.numel())
     stamps = []
     torch.cuda.reset_peak_memory_stats()
     train(model, [c], [(1, 1764)], ids, rc,

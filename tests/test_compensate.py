@@ -83,7 +83,7 @@ def test_excluded_columns_stay_zero_through_a_killed_and_resumed_run(tmp_path, s
     """AdamW with weight decay from a random init: the excluded entries are exactly 0 at every checkpoint, and a run
     killed after its first checkpoint resumes to the uninterrupted run's patch, bit for bit."""
     cfg = FirstOrderConfig(steps=6, batch_size=2, seq_len=64, lr=0.05, weight_decay=0.1, init="random",
-                       train_tokens=1024, check_sequences=0)
+                           train_tokens=1024, check_sequences=0)
     model = tiny.planted(PLANT)
     exclude = [[3, PLANT[2], 40]]
     whole, _ = train(model, [COORD], ROWS, seqs, cfg, Track(tmp_path / "whole", checkpoint_every=3), exclude=exclude)

@@ -226,7 +226,7 @@ RESUME_SCRIPT = textwrap.dedent('''
     def run(run_dir, resume, kill_at):
         model = planted((1, 5, 7))
         cfg = FirstOrderConfig(steps=12, batch_size=4, seq_len=16, lr=0.3, weight_decay=0.01, warmup=2,
-                           init="random", seed=3)
+                               init="random", seed=3)
 
         def on_step(step, loss):
             if step == kill_at:

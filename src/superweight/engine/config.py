@@ -31,7 +31,7 @@ from superweight.settings import error_line
 
 
 class _Shared(Record):
-    """The settings both engines read: data, loss, coordinates and the held-out check."""
+    """The settings both engines read: data, loss, space and the held-out check."""
 
     batch_size: int = Field(4, description="sequences per step (lbfgs: the fixed sequences it fits)")
     seq_len: int = Field(128, description="tokens per sequence")

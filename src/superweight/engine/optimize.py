@@ -85,7 +85,8 @@ def lr_at(step: int, cfg: FirstOrderConfig) -> float:
 
 def first_order(fit: Fit, opt, start: int, loss_value, saver):
     """SGD / Adam(W) steps `start`..cfg.steps on fresh batches; the held-out check every steps/8 steps backs off on
-    harm. `saver(step, opt, loss)` (or None) checkpoints every few steps. Returns (last loss, steps run)."""
+    harm. `saver.periodic(step, opt, loss)` (or None: no run directory) checkpoints every few steps. Returns
+    (last loss, steps run)."""
     objective, cfg, log, sparse, check = fit.objective, fit.cfg, fit.log, fit.sparse, fit.check
     dp, patch, teacher = objective.dp, objective.patch, objective.teacher
     check_every = max(1, cfg.steps // 8)
@@ -117,7 +118,7 @@ def first_order(fit: Fit, opt, start: int, loss_value, saver):
                 opt = make_optimizer(patch.parameters(), cfg, lr_scale)  # momentum from the harmful steps is dropped
         log(step + 1, loss_value, lr)
         if saver is not None and step + 1 < cfg.steps:
-            saver.every(step + 1, opt, loss_value)
+            saver.periodic(step + 1, opt, loss_value)
     return loss_value, cfg.steps
 
 

@@ -29,7 +29,7 @@ from superweight.core.arch import down_projection
 from superweight.core.coords import WeightCoord, split_row
 from superweight.core.intervene import Ablation, RowPatch
 from superweight.core.prefix import Prefix, first_edited_layer
-from superweight.engine.config import RECIPES, FirstOrderConfig, LbfgsConfig  # noqa: F401 (RECIPES: re-exported)
+from superweight.engine.config import FirstOrderConfig, LbfgsConfig
 from superweight.engine.objective import Distillation, HeldOutCheck, Teacher
 from superweight.engine.optimize import Fit, first_order, lbfgs, make_optimizer
 from superweight.engine.patch import SpacePatch, space_units
@@ -134,13 +134,13 @@ def train(
     elapsed = lambda: resumed.seconds + time.perf_counter() - t0  # noqa: E731 (across resumes)
     log = _Log(run_dir, or_silent(track.progress), elapsed)
     fit = Fit(Distillation(teacher, ablation, patch, dp), n, cfg, log, check, sparse)
-    saver = _Saver(run_dir, expect, patch, elapsed, check) if run_dir is not None else None
+    saver = _Saver(run_dir, track.checkpoint_every, expect, patch, elapsed, check) if run_dir is not None else None
     if cfg.optimizer == "lbfgs":
         loss_value, done = lbfgs(fit, opt, resumed.step)
         if check is not None:
             check.update(done, back_off=False)  # no retraining after it: the best patch checked is handed over
     else:
-        loss_value, done = first_order(fit, opt, resumed.step, resumed.loss, saver and saver.every_k(track.checkpoint_every))
+        loss_value, done = first_order(fit, opt, resumed.step, resumed.loss, saver)
     if check is not None:
         check.restore_best()  # the patch handed over: the best one checked
     if saver is not None:
@@ -182,19 +182,15 @@ class _Log:
 
 class _Saver:
     """The checkpoints of one run in `run_dir`: `saver(step, opt, loss)` writes checkpoints/last.pt with the patch,
-    the optimiser, the seconds so far and the check's state, made for `expect` (settings, rows, ablated weights)."""
+    the optimiser, the seconds so far and the check's state, made for `expect` (settings, rows, ablated weights);
+    `saver.periodic(...)` does so every `every` steps."""
 
-    def __init__(self, run_dir: Path, expect: dict, patch, elapsed, check: HeldOutCheck | None):
-        self.run_dir, self.expect, self.patch, self.elapsed, self.check = run_dir, expect, patch, elapsed, check
-        self.k = 0
+    def __init__(self, run_dir: Path, every: int, expect: dict, patch, elapsed, check: HeldOutCheck | None):
+        self.run_dir, self.every, self.expect, self.patch, self.elapsed, self.check = (
+            run_dir, every, expect, patch, elapsed, check)
 
-    def every_k(self, k: int) -> _Saver:
-        self.k = k
-        return self
-
-    def every(self, step: int, opt, loss: float) -> None:
-        """Checkpoint at `step` when it is a multiple of K (every_k)."""
-        if self.k and step % self.k == 0:
+    def periodic(self, step: int, opt, loss: float) -> None:
+        if step % self.every == 0:
             self(step, opt, loss)
 
     def __call__(self, step: int, opt, loss: float | None) -> None:
