@@ -37,8 +37,8 @@ from superweight.measure.geometry import geometry
 from superweight.measure.inputs import patch_inputs
 from superweight.measure.metrics import Scoring, measure
 from superweight.measure.recovery import recovery, verdict_of
-from superweight.stages.recipes import RECIPES
-from superweight.stages.train import train, training_sequences
+from superweight.engine.config import RECIPES
+from superweight.engine.train import train, training_sequences
 from superweight.settings import revalidated
 
 DEFAULT = "lbfgs"

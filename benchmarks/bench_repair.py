@@ -1,10 +1,10 @@
-"""Cost of one repair step: `superweight.stages.train.train` versus the seed's two-copy distillation loop.
+"""Cost of one repair step: `superweight.engine.train.train` versus the seed's two-copy distillation loop.
 
-Both implementations train the same thing on the same batches (`stages.train.batch_indices`, batch 2 x 128
+Both implementations train the same thing on the same batches (`engine.train.batch_indices`, batch 2 x 128
 tokens, AdamW lr 1e-3 / weight decay 0.01, constant lr): a vector d (length d_ff) added to row `row` of the
 ablated down-projection, out[..., row] += x @ d, fitted by KL(teacher || student) over all tokens.
 
-  ours  train(model, coords, rows, sequences, None, RepairConfig(..., teacher_cache_mb=0)): ONE model copy;
+  ours  train(model, coords, rows, sequences, None, FirstOrderConfig(..., teacher_cache_mb=0)): ONE model copy;
         teacher = the intact model under no_grad, student = the same model with the weight ablated and a
         RowPatch on; the blocks below the edited layer run once (teacher) and are reused by the student.
   seed  TWO copies: teacher = copy.deepcopy(model); student = the model with W[row, col] zeroed in place,
@@ -121,18 +121,18 @@ def run_ours(model, seqs, coord, steps, stamps, losses, cached=False):
     """cached=True: one batch of sequences repeated, so every step after the first reuses the cached teacher
     (the steady state of a multi-epoch recipe such as `fast`); otherwise the cache is off."""
     from superweight.core.coords import parse_coord
-    from superweight.stages.recipes import RepairConfig
+    from superweight.engine.config import FirstOrderConfig
     from superweight.progress import EachStep
-    from superweight.stages.train import Track, train
+    from superweight.engine.train import Track, train
 
     c = parse_coord(coord)
     if cached:
         seqs = seqs[:BATCH]
-    # check_rows=0: no held-out rows, so both train on the same batches of all the rows (and ours does not
+    # check_sequences=0: no held-out sequences, so both train on the same batches of all the sequences (and ours does not
     # spend time on held-out checks the seed's loop does not make).
-    cfg = RepairConfig(steps=steps, batch_size=BATCH, seq_len=SEQ_LEN, lr=LR, weight_decay=WD,
-                       optimizer="adamw", schedule="constant", train_tokens=seqs.numel(),
-                       teacher_cache_mb=1 << 20 if cached else 0, seed=SEED, check_rows=0)
+    cfg = FirstOrderConfig(steps=steps, batch_size=BATCH, seq_len=SEQ_LEN, lr=LR, weight_decay=WD,
+                           optimizer="adamw", schedule="constant", train_tokens=seqs.numel(),
+                           teacher_cache_mb=1 << 20 if cached else 0, seed=SEED, check_sequences=0)
 
     def on_step(_step, loss):
         stamps.append((time.perf_counter(), time.process_time()))
@@ -144,7 +144,7 @@ def run_ours(model, seqs, coord, steps, stamps, losses, cached=False):
 
 def run_seed(model, seqs, coord, steps, stamps, losses):
     from superweight.core.coords import parse_coord
-    from superweight.stages.train import batch_indices
+    from superweight.engine.optimize import batch_indices
 
     c = parse_coord(coord)
     teacher = copy.deepcopy(model)  # intact copy

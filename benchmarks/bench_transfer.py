@@ -33,8 +33,8 @@ from superweight.measure.geometry import geometry
 from superweight.measure.inputs import down_inputs
 from superweight.measure.metrics import Scoring, measure
 from superweight.measure.sparsity import keep_entries
-from superweight.stages.recipes import RECIPES
-from superweight.stages.train import train, training_sequences
+from superweight.engine.config import RECIPES
+from superweight.engine.train import train, training_sequences
 
 WEIGHT = WeightCoord(layer=11, row=507, col=1229)
 ROWS = [(11, 507)]

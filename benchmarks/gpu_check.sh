@@ -33,9 +33,9 @@ timeout 180 "$PY" - <<'EOF' 2>&1 | tee "$OUT_DIR/olmo_step.txt"
 import time, torch
 from transformers import OlmoConfig, OlmoForCausalLM
 from superweight.core.coords import parse_coord
-from superweight.stages.recipes import RepairConfig
+from superweight.engine.config import FirstOrderConfig
 from superweight.progress import EachStep
-from superweight.stages.train import Track, train
+from superweight.engine.train import Track, train
 cfg = OlmoConfig(vocab_size=50304, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                  num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=4096,
                  tie_word_embeddings=False, pad_token_id=1, eos_token_id=50279, clip_qkv=None)
@@ -44,8 +44,8 @@ ids = torch.randint(0, cfg.vocab_size, (12, 128), generator=torch.Generator().ma
 for dtype in (torch.float32, torch.bfloat16):
     torch.manual_seed(0)
     model = OlmoForCausalLM(cfg).to("cuda", dtype).eval().requires_grad_(False)
-    rc = RepairConfig(steps=6, batch_size=2, seq_len=128, lr=1e-3, schedule="constant", teacher_cache_mb=0,
-                      train_tokens=ids.numel())
+    rc = FirstOrderConfig(steps=6, batch_size=2, seq_len=128, lr=1e-3, schedule="constant", teacher_cache_mb=0,
+                          train_tokens=ids.numel())
     stamps = []
     torch.cuda.reset_peak_memory_stats()
     train(model, [c], [(1, 1764)], ids, rc,

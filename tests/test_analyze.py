@@ -29,7 +29,7 @@ from superweight.measure.views import logit_lens
 from superweight.report import write_report
 from superweight.report.terminal import print_analysis
 from superweight.stages.analyze import AnalyzeConfig, run_analyze
-from superweight.stages.recipes import RepairConfig
+from superweight.engine.config import FirstOrderConfig
 from superweight.stages.repair import RepairJob, run_repair
 from superweight.stages.sparsify import GatedRowPatch, HardConcrete, L1Prox, SparsifyConfig, pareto, run_sparsify
 import tiny
@@ -55,7 +55,7 @@ def oracle_vector(model) -> torch.Tensor:
 def make_run(tmp_path, loaded, vector) -> Path:
     """A run directory made by a short `repair` of 1:5:7 on row 1:5, then holding `vector` as its patch."""
     run = tmp_path / "run"
-    cfg = RepairConfig(steps=4, batch_size=2, seq_len=32, train_tokens=1024, lr=0.1)
+    cfg = FirstOrderConfig(steps=4, batch_size=2, seq_len=32, train_tokens=1024, lr=0.1)
     run_repair(loaded, [COORD], [(1, 5)], run, RepairJob(recipe="fast", config=cfg, eval_tokens=64, max_length=64))
     save_patch(run, loaded.model, RowPatch(loaded.model, [(1, 5)], [vector]), [COORD], {"spec": "tiny"})
     return run

@@ -19,7 +19,7 @@ from conftest import PLANT, invoke_cli
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 WEIGHT = ":".join(map(str, PLANT))  # 1:5:7
-SMALL = dict(steps=4, batch_size=2, seq_len=32, eval_tokens=256)
+SMALL = dict(budget=4, batch_size=2, seq_len=32, eval_tokens=256)
 NOTEBOOK = Path(__file__).resolve().parents[1] / "docs" / "examples" / "quickstart.ipynb"
 
 
@@ -96,8 +96,8 @@ def test_repair_is_the_command_with_the_lbfgs_default(m, repaired, tmp_path):
     record = fixed.record
     # the recipe that ran: lbfgs with three options changed
     assert isinstance(fixed, sw.RepairResult) and fixed.run_dir == out
-    assert isinstance(record, sw.RunRecord) and record.recipe == "lbfgs+steps=4+batch_size=2+seq_len=32"
-    assert record.config.optimizer == "lbfgs" and record.config.steps == 4 and record.recovery.kl > 0
+    assert isinstance(record, sw.RunRecord) and record.recipe == "lbfgs+max_evals=4+batch_size=2+seq_len=32"
+    assert record.config.optimizer == "lbfgs" and record.config.max_evals == 4 and record.recovery.kl > 0
     invoke_cli("repair", "--model", m.spec, "--weight", WEIGHT, "--steps", 4, "--batch-size", 2, "--seq-len", 32,
                "--eval-tokens", 256, "--out", tmp_path / "cli")
     cli = sw.read_run(tmp_path / "cli")
@@ -224,8 +224,8 @@ def test_analyze_read_run_and_compare(m, repaired, tmp_path):
 
 
 def test_run_the_whole_study(m, tmp_path):
-    record = sw.run(m, out=tmp_path / "run", eval_tokens=256, analysis_tokens=256, draws=1, baselines=False, steps=4)
-    assert isinstance(record, sw.RunRecord) and record.detect.weight == WEIGHT and record.config.steps == 4
+    record = sw.run(m, out=tmp_path / "run", eval_tokens=256, analysis_tokens=256, draws=1, baselines=False, budget=4)
+    assert isinstance(record, sw.RunRecord) and record.detect.weight == WEIGHT and record.config.budget == 4
     assert (tmp_path / "run" / "report.html").is_file() and set(record.timings) >= {"detect", "repair", "report"}
     shows_a_table(record, "Detection", "Super weight")
     again = sw.run(m, out=tmp_path / "run", resume=True)  # finished: returned as it is

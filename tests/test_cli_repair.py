@@ -76,7 +76,9 @@ def test_bad_repair_options(tiny_model_dir, tmp_path):
     for args, pattern in [
         (["--weight", "1:5:7", "--recipe", "magic"], "unknown recipe 'magic'"),
         (["--weight", "1:5:7", "--patch-row", "1-5"], "invalid patch row '1-5'"),
-        (["--weight", "1:5:7", "--optimizer", "lion"], "invalid --optimizer 'lion': use 'adamw', 'adam'"),
+        (["--weight", "1:5:7", "--optimizer", "lion"], "invalid --optimizer 'lion': use lbfgs, adamw, adam, sgd"),
+        (["--weight", "1:5:7", "--optimizer", "lbfgs", "--warmup", "5"], "--warmup applies to the first-order optimizers"),
+        (["--weight", "1:5:7", "--schedule", "constant"], "--schedule applies to the first-order optimizers"),
         (["--weight", "1:5:7", "--steps", "0"], "steps must be at least 1"),
         (["--weight", "9:5:7"], "layer 9 out of range"),
     ]:

@@ -20,9 +20,10 @@ from superweight.errors import UsageError
 from superweight.io import checkpoint, corpora
 from superweight.settings import revalidated
 from superweight.stages.exclusion import parse_excludes, resolve, top_writers
-from superweight.stages.recipes import RECIPES, RepairConfig, recipe_settings
+from superweight.engine.config import RECIPES, FirstOrderConfig, configure, recipe_settings
 from superweight.stages.sparsify import HardConcrete, L1Prox
-from superweight.stages.train import Track, stalled, train
+from superweight.engine.optimize import stalled
+from superweight.engine.train import Track, train
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -81,8 +82,8 @@ class _Killed(Exception):
 def test_excluded_columns_stay_zero_through_a_killed_and_resumed_run(tmp_path, seqs, monkeypatch):
     """AdamW with weight decay from a random init: the excluded entries are exactly 0 at every checkpoint, and a run
     killed after its first checkpoint resumes to the uninterrupted run's patch, bit for bit."""
-    cfg = RepairConfig(steps=6, batch_size=2, seq_len=64, lr=0.05, weight_decay=0.1, init="random",
-                       train_tokens=1024, check_rows=0)
+    cfg = FirstOrderConfig(steps=6, batch_size=2, seq_len=64, lr=0.05, weight_decay=0.1, init="random",
+                           train_tokens=1024, check_sequences=0)
     model = tiny.planted(PLANT)
     exclude = [[3, PLANT[2], 40]]
     whole, _ = train(model, [COORD], ROWS, seqs, cfg, Track(tmp_path / "whole", checkpoint_every=3), exclude=exclude)
@@ -111,7 +112,7 @@ def test_excluded_columns_stay_zero_through_a_killed_and_resumed_run(tmp_path, s
 
 @pytest.mark.parametrize("objective", [L1Prox(0.2), HardConcrete(1.0)])
 def test_sparse_training_keeps_excluded_columns_at_zero(seqs, objective):
-    cfg = RepairConfig(steps=3, batch_size=2, seq_len=64, lr=0.3, optimizer="adam", space="column", train_tokens=1024)
+    cfg = FirstOrderConfig(steps=3, batch_size=2, seq_len=64, lr=0.3, optimizer="adam", space="column", train_tokens=1024)
     model = tiny.planted(PLANT)
     start = torch.randn(down_projection(model, PLANT[0]).d_ff, generator=torch.Generator().manual_seed(0))
     start[[PLANT[2], 9]] = 0.0
@@ -127,7 +128,7 @@ def test_an_exclusion_gives_the_same_repair_under_every_symmetry(seqs):
     from superweight.measure.inputs import down_inputs
     from test_reparam import eps_free, factors
 
-    cfg = revalidated(RECIPES["lbfgs"], seq_len=64, steps=12)
+    cfg = configure(RECIPES["lbfgs"], seq_len=64, budget=12)
     model = eps_free(redundant(tiny.planted(PLANT)))
     d_ff = down_projection(model, PLANT[0]).d_ff
     probe = seqs[:1].flatten()
@@ -150,7 +151,7 @@ def _frontier(model, tmp_path: Path):
     from superweight.stages.repair import RepairJob, run_repair
 
     loaded = tiny.handle(model)
-    cfg = recipe_settings("lbfgs", seq_len=64, train_tokens=2048, steps=24)
+    cfg = recipe_settings("lbfgs", seq_len=64, train_tokens=2048, budget=24)
     run_repair(loaded, [COORD], ROWS, tmp_path, RepairJob(config=cfg, eval_tokens=256))
     return run_compensate(loaded, tmp_path, CompensateConfig(max_k=2, tokens=256))
 

@@ -103,8 +103,8 @@ def test_measure_counts_each_condition_apart(ids):
 def test_chunked_training_loss_and_gradient_equal_whole_logits(cached, monkeypatch):
     """The repair's KL and its gradient through the patch, over chunks of 3 tokens (checkpointed) and from the
     whole logits, agree to 1e-6 relative; the teacher's cached (fp16) targets too."""
-    import superweight.stages.distill as distill
-    from superweight.stages.recipes import RECIPES
+    import superweight.engine.objective as distill
+    from superweight.engine.config import RECIPES
 
     model = tiny.planted((1, 3, 5))
     cfg = RECIPES["lbfgs"]

@@ -309,11 +309,11 @@ def test_bos_is_one_checked_value_from_the_option_to_the_windows():
 
 
 def test_training_sequences_start_every_row_with_the_bos(monkeypatch):
-    from superweight.stages.recipes import RepairConfig
-    from superweight.stages.train import training_sequences
+    from superweight.engine.config import FirstOrderConfig
+    from superweight.engine.train import training_sequences
 
     tok = tiny.tiny_tokenizer()
-    cfg = RepairConfig(seq_len=16, train_tokens=256)
+    cfg = FirstOrderConfig(seq_len=16, train_tokens=256)
     plain, mask = training_sequences(tok, "pydoc", cfg)
     rows, mask_bos = training_sequences(tok, "pydoc", cfg, bos=corpora.Bos.first(0))
     assert mask is None and mask_bos is None and plain.shape[1] == rows.shape[1] == 16
@@ -322,7 +322,7 @@ def test_training_sequences_start_every_row_with_the_bos(monkeypatch):
 
     # "lines" data (wikitext2's lines, one a row): the BOS first, then the line; the BOS counts as a real token.
     monkeypatch.setattr(corpora, "load_text", lambda corpus, split: "the first line\n\nand a second line here\n")
-    cfg = RepairConfig(seq_len=8, data="lines")
+    cfg = FirstOrderConfig(seq_len=8, data="lines")
     lines, mask = training_sequences(tok, "wikitext2", cfg)
     lines_bos, mask_bos = training_sequences(tok, "wikitext2", cfg, bos=corpora.Bos.first(0))
     assert lines.shape == lines_bos.shape == (2, 8) and (lines_bos[:, 0] == 0).all()

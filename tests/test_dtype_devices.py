@@ -19,8 +19,8 @@ from superweight.io import placement
 from superweight.io.models import load, save_model_dir
 from superweight.io.patchfile import load_patch
 from superweight.measure.metrics import Scoring, measure
-from superweight.stages.recipes import RepairConfig
-from superweight.stages.train import train
+from superweight.engine.config import FirstOrderConfig
+from superweight.engine.train import train
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 COORD = WeightCoord(layer=PLANT[0], row=PLANT[1], col=PLANT[2])
@@ -120,7 +120,7 @@ def test_offloaded_layers_live_on_disk(models):
 def test_offloaded_model_gives_the_same_metrics_and_patch(models):
     plain, off = models
     seqs = torch.randint(0, 100, (8, 16), generator=torch.Generator().manual_seed(0))
-    cfg = RepairConfig(steps=3, batch_size=2, seq_len=16, lr=0.1, train_tokens=128)
+    cfg = FirstOrderConfig(steps=3, batch_size=2, seq_len=16, lr=0.1, train_tokens=128)
     patches = [train(m.model, [COORD], [(COORD.layer, COORD.row)], seqs, cfg)[0] for m in models]
     assert torch.equal(patches[0].vectors[0], patches[1].vectors[0])
     assert patches[0].vectors[0].norm() > 0

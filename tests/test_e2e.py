@@ -87,10 +87,10 @@ def test_short_repair_on_the_embedded_model_recovers_and_round_trips(smol, tmp_p
     from superweight.core.patching import apply_patch
     from superweight.io.patchfile import load_patch, save_patch
     from superweight.measure.recovery import recovery
-    from superweight.stages.recipes import RepairConfig
-    from superweight.stages.train import Track, train
+    from superweight.engine.config import FirstOrderConfig
+    from superweight.engine.train import Track, train
 
-    cfg = RepairConfig(steps=12, batch_size=2, seq_len=64, train_tokens=1024)  # 16 sequences: cached after 8 steps
+    cfg = FirstOrderConfig(steps=12, batch_size=2, seq_len=64, train_tokens=1024)  # 16 sequences: cached after 8 steps
     seqs = corpora.pack(corpora.tokenize(smol.tokenizer, corpora.load_text("pydoc", "train"), cfg.train_tokens), 64)
     patch, state = train(smol.model, [SUPER], [(11, 507)], seqs, cfg, Track(tmp_path, checkpoint_every=6))
     assert state.teacher_cached
@@ -137,8 +137,8 @@ def test_detection_and_repair_are_the_same_on_a_rescaled_embedded_model(smol):
 
     import tiny
     from superweight.core.reparam import rescale_mlp
-    from superweight.stages.recipes import RECIPES
-    from superweight.stages.train import train, training_sequences
+    from superweight.engine.config import RECIPES
+    from superweight.engine.train import train, training_sequences
 
     model, tok = smol.model, smol.tokenizer
     loaded = tiny.handle(model, tok, spec="smollm2-135m", source="embedded")

@@ -60,7 +60,7 @@ DRIVER = textwrap.dedent('''
     import superweight.io.models as models
     import superweight.measure.generate as generate
     import superweight.stages.repair as repair
-    import superweight.stages.train as train
+    import superweight.engine.objective as objective
     from superweight.cli import app
 
     model_dir, plan = sys.argv[1], json.loads(sys.argv[2])
@@ -124,7 +124,7 @@ DRIVER = textwrap.dedent('''
         if point == "load":
             on_call(models, "_from_pretrained", k, after=lambda *a, **kw: die())
         elif point == "training":
-            on_call(train, "_student_loss", k, after=lambda *a, **kw: die())
+            on_call(objective.Distillation, "loss", k, after=lambda *a, **kw: die())
         elif point == "log_line":
             original, calls = checkpoint.log_step, [0]
 

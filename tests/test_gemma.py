@@ -53,11 +53,11 @@ def test_gemma_loads_through_the_same_loader_with_its_bos(gemma):
 @pytest.mark.slow
 def test_default_repair_on_gemma_is_never_worse_and_recovers(gemma):
     from superweight.core.intervene import Compose
-    from superweight.stages.recipes import RECIPES
-    from superweight.stages.train import train, training_sequences
+    from superweight.engine.config import RECIPES, configure
+    from superweight.engine.train import train, training_sequences
 
     coord = parse_coord("0:400:1405")
-    cfg = revalidated(RECIPES["lbfgs"], steps=6, seq_len=64, train_tokens=1024)
+    cfg = configure(RECIPES["lbfgs"], budget=6, seq_len=64, train_tokens=1024)
     seqs, mask = training_sequences(gemma.tokenizer, "pydoc", cfg, gemma.bos)
     patch, state = train(gemma.model, [coord], [(0, 400)], (seqs, mask), cfg)
     assert state.check is not None and state.check.best_kl < state.check.broken_kl

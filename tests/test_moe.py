@@ -23,9 +23,9 @@ from superweight.io.record import DetectSummary, RowGeometry
 from superweight.measure.metrics import measure
 from superweight.measure.recovery import recovery
 from superweight.stages import detect
-from superweight.stages.precondition import scales
-from superweight.stages.recipes import RECIPES
-from superweight.stages.train import train, training_sequences
+from superweight.engine.patch import space_units
+from superweight.engine.config import RECIPES
+from superweight.engine.train import train, training_sequences
 from tiny import assert_identical, hook_count, planted_expert, snapshot, tiny_model, tiny_tokenizer
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
@@ -289,7 +289,7 @@ def test_default_recipe_repairs_a_pruned_super_expert_weight(family, expert, tok
     cfg = RECIPES["lbfgs"]
     # Column coordinates: the expert's own column norms (not the fused tensor's, nor another expert's).
     own = arch.down_projection(model, 0, expert).matrix.norm(dim=0)
-    torch.testing.assert_close(scales(model, rows, cfg.space)[0], own)
+    torch.testing.assert_close(space_units(model, rows, cfg.space)[0], own)
     seqs, mask = training_sequences(tok, "pydoc", cfg)
     patch, _ = train(model, [coord], rows, (seqs, mask), cfg)
     ids = corpora.tokenize(tok, corpora.load_text("pydoc", "eval"), 1024)
@@ -302,7 +302,7 @@ def test_default_recipe_repairs_a_pruned_super_expert_weight(family, expert, tok
 
 def test_balanced_space_is_refused_for_an_expert_row():
     with pytest.raises(UsageError, match="balanced.*expert"):
-        scales(tiny_model("olmoe"), [(0, 5, 1)], "balanced")
+        space_units(tiny_model("olmoe"), [(0, 5, 1)], "balanced")
 
 
 # -------------------------------------------------------------------------------------- patch files and PEFT
@@ -389,7 +389,7 @@ def test_api_repair_of_an_expert_weight_patches_the_experts_row(moe_dir, tmp_pat
     assert patch_rows(coords) == [(0, 5, 2), (1, 3)] == rows_of(coords)
     assert patch_rows(coords, ["0:2:5"]) == patch_rows(coords, [(0, 5, 2)]) == [(0, 5, 2)]
     m = sw.load(str(moe_dir), dtype="fp32")
-    fixed = sw.repair(m, "0:2:5:7", out=tmp_path / "api", steps=4, eval_tokens=256)
+    fixed = sw.repair(m, "0:2:5:7", out=tmp_path / "api", budget=4, eval_tokens=256)
     assert fixed.patch.rows == [(0, 5, 2)] and fixed.record.recovery.kl > 0.5
     before, ids = snapshot(m.model), IDS
     base = m.model(ids).logits

@@ -19,8 +19,8 @@ from superweight.measure.grade import SUPER_PPL_RATIO, grade
 from superweight.measure.inputs import patch_inputs
 from superweight.stages import detect
 from superweight.stages.sparsify import HardConcrete, L1Prox
-from superweight.stages.recipes import RepairConfig
-from superweight.stages.train import train
+from superweight.engine.config import FirstOrderConfig
+from superweight.engine.train import train
 from superweight.settings import revalidated
 import tiny
 from tiny import D_MODEL, FAMILIES, planted, tiny_model, tiny_tokenizer
@@ -242,7 +242,7 @@ def _repair(model, seqs, cfg):
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
 def test_balanced_training_gives_the_same_repair_at_every_scale(seqs, optimizer):
-    cfg = RepairConfig(steps=6, batch_size=2, seq_len=64, lr=0.05, optimizer=optimizer, space="balanced")
+    cfg = FirstOrderConfig(steps=6, batch_size=2, seq_len=64, lr=0.05, optimizer=optimizer, space="balanced")
     model = planted(PLANT)
     d_ff = down_projection(model, PLANT[0]).d_ff
     coord, p1 = _repair(model, seqs, cfg)
@@ -257,7 +257,7 @@ def test_balanced_training_gives_the_same_repair_at_every_scale(seqs, optimizer)
 
 def test_weight_space_training_is_not_scale_free(seqs):
     """The control: the same optimiser on d itself lands elsewhere once the model is rescaled."""
-    cfg = RepairConfig(steps=6, batch_size=2, seq_len=64, lr=0.05, optimizer="sgd", space="weight")
+    cfg = FirstOrderConfig(steps=6, batch_size=2, seq_len=64, lr=0.05, optimizer="sgd", space="weight")
     model = planted(PLANT)
     a = factors(down_projection(model, PLANT[0]).d_ff, seed=5).abs()
     _, p1 = _repair(model, seqs, cfg)
@@ -268,7 +268,7 @@ def test_weight_space_training_is_not_scale_free(seqs):
 
 @pytest.mark.parametrize("objective", [L1Prox(0.5), HardConcrete(10.0)])
 def test_sparse_training_keeps_the_same_entries_at_every_scale(seqs, objective):
-    cfg = RepairConfig(steps=4, batch_size=2, seq_len=64, lr=0.3, optimizer="adam", space="balanced", seed=1)
+    cfg = FirstOrderConfig(steps=4, batch_size=2, seq_len=64, lr=0.3, optimizer="adam", space="balanced", seed=1)
     model = planted(PLANT)
     coord, dense = _repair(model, seqs, cfg)
     rows = [(PLANT[0], PLANT[1])]
@@ -385,9 +385,9 @@ SYMMETRIES = {
 def test_the_default_repair_is_the_same_under_every_symmetry(seqs, name):
     """lbfgs in column coordinates: what the patch writes (x·d) and its held-out KL do not move."""
     from superweight.measure.inputs import down_inputs
-    from superweight.stages.recipes import RECIPES
+    from superweight.engine.config import RECIPES, configure
 
-    cfg = revalidated(RECIPES["lbfgs"], seq_len=64, steps=8)
+    cfg = configure(RECIPES["lbfgs"], seq_len=64, budget=8)
     model = eps_free(planted(PLANT))
     d_ff = down_projection(model, PLANT[0]).d_ff
     probe = seqs[:1].flatten()

@@ -21,6 +21,7 @@ from superweight.report import terminal, write_report
 
 V1 = Path(__file__).parent / "data" / "v1"
 V2 = Path(__file__).parent / "data" / "v2"  # `superweight run` before detect.candidates and seeds had one model each
+V3 = Path(__file__).parent / "data" / "v3"  # V2's record as version 3 wrote it: one flat config for every optimiser
 
 
 def invoke(*args):
@@ -114,8 +115,8 @@ def test_version_2_records_are_migrated():
     record = RunDir(V2 / "run").record()  # every part: detection, baselines, two seeds, analysis, sparse training
     raw = json.loads((V2 / "run" / "results.json").read_text())
     assert raw["schema_version"] == 2 and record.schema_version == SCHEMA_VERSION
-    unchanged = {k: v for k, v in raw.items() if k != "sweep"} | {"schema_version": SCHEMA_VERSION}
-    assert {k: v for k, v in migrate(raw).items() if k != "sweep"} == unchanged  # the rest have defaults
+    unchanged = {k: v for k, v in raw.items() if k not in ("sweep", "config")} | {"schema_version": SCHEMA_VERSION}
+    assert {k: v for k, v in migrate(raw).items() if k not in ("sweep", "config")} == unchanged  # the rest: defaults
     n = raw["analysis"]["protocol"]["n_tokens"]
     assert [(p.label, p.scale, p.metrics.ppl, p.metrics.n_tokens) for p in record.sweep] == [
         ("base" if p["scale"] == 1 else f"scale{p['scale']:g}", p["scale"], p["ppl"], n) for p in raw["sweep"]]
@@ -125,6 +126,24 @@ def test_version_2_records_are_migrated():
     assert [c.model_dump(include=set(summary[0])) for c in record.detect.candidates] == summary
     assert record.detect.candidates[0].controls == [] and record.detect.candidates[0].in_spike is None
     assert record.weight == raw["detect"]["weight"]
+
+
+def test_version_3_records_get_the_engine_s_union():
+    """Version 3 kept one flat config for every optimiser: an lbfgs run's `steps` counted its loss evaluations, and
+    the schedule, warm-up and weight decay it held were never read."""
+    from superweight.engine.config import LbfgsConfig
+
+    raw = json.loads((V3 / "run" / "results.json").read_text())
+    assert raw["schema_version"] == 3 and raw["config"]["optimizer"] == "lbfgs" and "check_rows" in raw["config"]
+    record = read_record(V3 / "run")
+    assert record.schema_version == SCHEMA_VERSION and isinstance(record.config, LbfgsConfig)
+    assert record.config.max_evals == raw["config"]["steps"] and record.config.budget == 6
+    assert record.config.check_sequences == raw["config"]["check_rows"]
+    assert record.config.progress_tol == raw["config"]["progress_tol"] and record.config.space == "column"
+    assert not {"schedule", "warmup", "weight_decay", "steps"} & set(record.config.model_dump())
+    unchanged = {k: v for k, v in raw.items() if k != "config"} | {"schema_version": SCHEMA_VERSION}
+    assert {k: v for k, v in migrate(raw).items() if k != "config"} == unchanged
+    assert read_record(V2 / "run").config == record.config  # the same run, read from either version
 
 
 def test_records_that_cannot_be_read_are_one_error_line(tmp_path, repair_runs):

@@ -12,7 +12,7 @@ from superweight.errors import SuperweightError, UsageError
 from superweight.io.corpora import Bos
 from superweight.io.runconfig import RunConfig
 from superweight.io.rundir import CHECKPOINT, REPORT_HTML, RunDir
-from superweight.stages.recipes import RECIPES
+from superweight.engine.config import RECIPES
 
 V2 = Path(__file__).parent / "data" / "v2" / "run"  # a finished `superweight run` from before --bos: no config.json
 

@@ -19,7 +19,7 @@ from superweight.settings import build, error_line, revalidated
 from superweight.stages.detect import DetectConfig
 from superweight.stages.evaluate import EvalConfig
 from superweight.stages.pipeline import PipelineJob
-from superweight.stages.recipes import RECIPES, recipe_label, recipe_settings
+from superweight.engine.config import RECIPES, recipe_label, recipe_settings
 from superweight.stages.repair import RepairJob, repair_settings
 
 
@@ -77,45 +77,92 @@ def test_a_change_is_validated_again():
     assert revalidated(job, seeds=3).seeds == 3 and job.seeds == 1  # a new object; the old one is unchanged
     with pytest.raises(ValidationError):
         revalidated(job, seeds=0)  # model_copy(update=...) would have let this through
+    with pytest.raises(UsageError, match="max-evals must be at least 1"):
+        revalidated(RECIPES["lbfgs"], max_evals=0)
     with pytest.raises(UsageError, match="steps must be at least 1"):
-        revalidated(RECIPES["lbfgs"], steps=0)
+        revalidated(RECIPES["quick"], steps=0)
     with pytest.raises(ValidationError):
         job.seeds = 2  # frozen: a change goes through revalidated
 
 
 def test_the_recipe_that_ran_is_named():
     assert recipe_label("lbfgs", RECIPES["lbfgs"]) == "lbfgs"
-    assert recipe_label("lbfgs", recipe_settings("lbfgs", steps=100)) == "lbfgs+steps=100"
+    assert recipe_label("lbfgs", recipe_settings("lbfgs", budget=100)) == "lbfgs+max_evals=100"
     assert recipe_label("balanced", recipe_settings("balanced", seed=3, lr=0.5)) == "balanced+lr=0.5+seed=3"
-    assert RepairJob(recipe="lbfgs", config=recipe_settings("lbfgs", steps=100)).label == "lbfgs+steps=100"
+    assert RepairJob(recipe="lbfgs", config=recipe_settings("lbfgs", max_evals=100)).label == "lbfgs+max_evals=100"
     with pytest.raises(UsageError, match="invalid --optimizer 'lion'"):
         recipe_settings("lbfgs", "--", optimizer="lion")
+
+
+# A version-3 record's (and config.json v2's, and a checkpoint's) config of the default recipe: one flat model
+# for every optimiser, with the first-order fields lbfgs ignored and `steps` counting its loss evaluations.
+OLD_LBFGS = {"steps": 64, "batch_size": 4, "seq_len": 128, "lr": 1.0, "weight_decay": 0.0, "optimizer": "lbfgs",
+             "schedule": "cosine", "warmup": 0, "kl": "forward", "temperature": 1.0, "init": "zero", "seed": 0,
+             "train_tokens": 4096, "teacher_cache_mb": 2048, "space": "column", "check_rows": 2,
+             "progress_tol": 0.02, "data": "packed"}
+
+
+def test_the_settings_are_a_union_whose_default_is_the_product_s():
+    from superweight.engine.config import FirstOrderConfig, LbfgsConfig, configure, parse_config, upgrade_config
+
+    assert LbfgsConfig() == RECIPES["lbfgs"] == RepairJob().config and configure() == LbfgsConfig()
+    assert parse_config({"optimizer": "sgd", "steps": 5}) == FirstOrderConfig(optimizer="sgd", steps=5)
+    with pytest.raises(ValidationError, match="warmup"):
+        LbfgsConfig(warmup=5)  # cannot be expressed: lbfgs has no warm-up
+    with pytest.raises(ValidationError, match="max_evals"):
+        FirstOrderConfig(max_evals=5)
+    with pytest.raises(UsageError, match="--warmup applies to the first-order optimizers .* not lbfgs"):
+        recipe_settings("lbfgs", "--", warmup=5)
+    with pytest.raises(UsageError, match="schedule applies to the first-order optimizers .* not lbfgs"):
+        recipe_settings("quick", optimizer="lbfgs", schedule="cosine")
+    # across engines the shared settings and the budget carry over, the engine's own start fresh
+    sgd = recipe_settings("lbfgs", optimizer="sgd")
+    assert (sgd.steps, sgd.space, sgd.batch_size, sgd.schedule) == (64, "column", 4, "cosine")
+    back = configure(sgd, optimizer="lbfgs", budget=9)
+    assert back == LbfgsConfig(max_evals=9) and back.budget == 9 and sgd.budget == 64
+    # the flat config of earlier versions: lbfgs's steps were loss evaluations, its schedule fields ignored
+    assert parse_config(upgrade_config(OLD_LBFGS)) == LbfgsConfig()
+    old_sgd = {**{k: v for k, v in OLD_LBFGS.items() if k != "progress_tol"}, "optimizer": "sgd", "lr": 0.1}
+    assert parse_config(upgrade_config(old_sgd)) == FirstOrderConfig(optimizer="sgd", steps=64, lr=0.1, space="column",
+                                                                      train_tokens=4096)
+    assert upgrade_config(LbfgsConfig().model_dump()) == LbfgsConfig().model_dump()  # today's: as it is
+    assert parse_config(upgrade_config({"optimizer": "lbfgs"}, flat=True)) == LbfgsConfig(
+        max_evals=80, lr=0.1, space="weight", train_tokens=16384, progress_tol=0.0)  # the flat defaults
+
+
+def test_version_3_records_and_old_settings_files_get_the_union():
+    raw = {"schema_version": 3, "recipe": "lbfgs", "config": OLD_LBFGS}
+    lifted = migrate(raw)
+    assert lifted["schema_version"] == SCHEMA_VERSION == 4 and lifted["config"] == RECIPES["lbfgs"].model_dump()
+    settings = repair_settings("tiny", RepairJob(), [], [(1, 5)], corpora.Bos("on"))
+    old = {**settings.model_dump(mode="json"), "schema_version": 2, "config": OLD_LBFGS}
+    assert parse(RunConfig, old, "config.json") == settings
 
 
 def test_config_json_is_typed_and_old_ones_still_resume():
     job = RepairJob(recipe="quick", seeds=2)
     settings = repair_settings("tiny", job, [], [(1, 5)], corpora.Bos("on"))
     data = settings.model_dump(mode="json")
-    assert data["schema_version"] == 2 and data["rows"] == [[1, 5]] and data["bos"] == "on"
+    assert data["schema_version"] == 3 and data["rows"] == [[1, 5]] and data["bos"] == "on"
     assert parse(RunConfig, json.loads(json.dumps(data)), "config.json") == settings
     old = {k: v for k, v in data.items() if k not in ("schema_version", "bos")}  # before the schema and --bos
     lifted = parse(RunConfig, old, "config.json")
-    assert lifted.bos == "auto" and lifted.config == job.config and lifted.schema_version == 2
+    assert lifted.bos == "auto" and lifted.config == job.config and lifted.schema_version == 3
     with pytest.raises(SuperweightError, match="newer|does not read"):
         parse(RunConfig, {**data, "schema_version": 99}, "config.json")
     with pytest.raises(SuperweightError, match="config.json: eval_tokens: input should be a valid integer.*not run settings superweight can read"):
         parse(RunConfig, {**data, "eval_tokens": "many"}, "config.json")
     patch = parse(PatchConfig, {"fingerprint": "ab", "ablated": ["1:5:7"], "rows": [[1, 5], [1, 9, "shared"]]}, "p")
-    assert patch.schema_version == 2 and patch.rows[1] == [1, 9, "shared"] and patch.spec is None
+    assert patch.schema_version == 3 and patch.rows[1] == [1, 9, "shared"] and patch.spec is None
 
 
 def test_version_2_records_get_a_typed_config():
     raw = {"schema_version": 2, "recipe": "fast", "config": {**RECIPES["fast"].model_dump(), "removed_key": 1}}
-    for key in ("check_rows", "space"):
+    for key in ("check_sequences", "space"):
         del raw["config"][key]
     lifted = migrate(raw)
-    assert lifted["schema_version"] == SCHEMA_VERSION == 3
-    assert lifted["config"]["check_rows"] == 0 and lifted["config"]["space"] == "weight"
+    assert lifted["schema_version"] == SCHEMA_VERSION == 4
+    assert lifted["config"]["check_sequences"] == 0 and lifted["config"]["space"] == "weight"
     assert "removed_key" not in lifted["config"]
 
 

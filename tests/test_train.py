@@ -1,4 +1,4 @@
-"""stages/train.py: KL-distilled row patches on a planted tiny llama, the data order, the loss, and resume."""
+"""engine/train.py: KL-distilled row patches on a planted tiny llama, the data order, the loss, and resume."""
 
 from __future__ import annotations
 
@@ -23,8 +23,10 @@ from superweight.io import corpora
 from superweight.measure.metrics import measure
 from superweight.measure.recovery import recovery
 from superweight.progress import EachStep
-from superweight.stages.recipes import RepairConfig
-from superweight.stages.train import Track, batch_indices, epoch_order, kl_loss, train
+from superweight.engine.config import FirstOrderConfig
+from superweight.engine.objective import kl_loss
+from superweight.engine.optimize import batch_indices, epoch_order
+from superweight.engine.train import Track, train
 from superweight.settings import revalidated
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
@@ -59,7 +61,7 @@ def test_training_reduces_the_loss_and_repairs_the_model(ids, seqs):
     model = planted(PLANT)
     before = snapshot(model)
     losses = []
-    cfg = RepairConfig(steps=30, batch_size=8, seq_len=32, lr=0.5)
+    cfg = FirstOrderConfig(steps=30, batch_size=8, seq_len=32, lr=0.5)
     patch, state = train(model, COORDS, [(1, 5)], seqs, cfg, Track(progress=EachStep(lambda s, loss: losses.append((s, loss)))))
     assert [s for s, _ in losses] == list(range(1, 31))
     first, last = losses[0][1], losses[-1][1]
@@ -91,7 +93,7 @@ def test_teacher_cache_and_no_cache_agree_up_to_fp16_targets(seqs):
     small = seqs[:24]
     out = {}
     for mb in (2048, 0):
-        cfg = RepairConfig(steps=9, batch_size=8, seq_len=32, lr=0.5, teacher_cache_mb=mb)
+        cfg = FirstOrderConfig(steps=9, batch_size=8, seq_len=32, lr=0.5, teacher_cache_mb=mb)
         patch, state = train(model, COORDS, [(1, 5)], small, cfg)
         assert state.teacher_cached == (mb > 0)
         out[mb] = patch.vectors[0]
@@ -103,17 +105,17 @@ def test_teacher_cache_and_no_cache_agree_up_to_fp16_targets(seqs):
 
 def test_a_cache_too_small_for_the_set_is_not_used(seqs):
     model = planted(PLANT)
-    cfg = RepairConfig(steps=9, batch_size=8, seq_len=32, lr=0.5, teacher_cache_mb=1)  # 64*32*512*2 B = 2 MiB
+    cfg = FirstOrderConfig(steps=9, batch_size=8, seq_len=32, lr=0.5, teacher_cache_mb=1)  # 64*32*512*2 B = 2 MiB
     _, state = train(model, COORDS, [(1, 5)], seqs[:64], cfg)
     assert not state.teacher_cached
-    cfg = RepairConfig(steps=2, batch_size=8, seq_len=32, lr=0.5)  # each sequence seen at most once
+    cfg = FirstOrderConfig(steps=2, batch_size=8, seq_len=32, lr=0.5)  # each sequence seen at most once
     _, state = train(model, COORDS, [(1, 5)], seqs[:24], cfg)
     assert not state.teacher_cached
 
 
 def test_log_and_checkpoint_of_a_plain_run(tmp_path, seqs):
     model = planted(PLANT)
-    cfg = RepairConfig(steps=5, batch_size=4, seq_len=32, lr=0.5, schedule="constant", warmup=2)
+    cfg = FirstOrderConfig(steps=5, batch_size=4, seq_len=32, lr=0.5, schedule="constant", warmup=2)
     patch, _ = train(model, COORDS, [(1, 5)], seqs[:16], cfg, Track(run_dir=tmp_path, checkpoint_every=2))
     log = read_log(tmp_path)
     assert [r["step"] for r in log] == [1, 2, 3, 4, 5]
@@ -165,7 +167,7 @@ def _logits(seed, shape=(2, 6, 11)):
 @pytest.mark.parametrize("kl", ["forward", "reverse"])
 @pytest.mark.parametrize("temperature", [1.0, 2.5])
 def test_kl_loss_is_zero_for_the_teacher_itself(kl, temperature):
-    cfg = RepairConfig(kl=kl, temperature=temperature)
+    cfg = FirstOrderConfig(kl=kl, temperature=temperature)
     logits = _logits(0)
     teacher_lp = (logits / temperature).log_softmax(-1)
     mask = torch.ones(2, 6)
@@ -175,7 +177,7 @@ def test_kl_loss_is_zero_for_the_teacher_itself(kl, temperature):
 
 @pytest.mark.parametrize("kl", ["forward", "reverse"])
 def test_kl_loss_ignores_masked_positions(kl):
-    cfg = RepairConfig(kl=kl, temperature=1.5)
+    cfg = FirstOrderConfig(kl=kl, temperature=1.5)
     teacher_lp = (_logits(0) / 1.5).log_softmax(-1)
     student = _logits(1)
     mask = torch.ones(2, 6, dtype=torch.long)  # integer, like an attention mask / train's default
@@ -214,8 +216,8 @@ RESUME_SCRIPT = textwrap.dedent('''
     torch.set_num_threads(1)
     from superweight.core.coords import WeightCoord
     from superweight.progress import EachStep
-    from superweight.stages.recipes import RepairConfig
-    from superweight.stages.train import Track, train
+    from superweight.engine.config import FirstOrderConfig
+    from superweight.engine.train import Track, train
 
     base, sequences = Path(sys.argv[1]), torch.load(sys.argv[2])
     planted((1, 5, 7))  # resolve transformers' lazy imports here once, not in every child
@@ -223,8 +225,8 @@ RESUME_SCRIPT = textwrap.dedent('''
 
     def run(run_dir, resume, kill_at):
         model = planted((1, 5, 7))
-        cfg = RepairConfig(steps=12, batch_size=4, seq_len=16, lr=0.3, weight_decay=0.01, warmup=2,
-                           init="random", seed=3)
+        cfg = FirstOrderConfig(steps=12, batch_size=4, seq_len=16, lr=0.3, weight_decay=0.01, warmup=2,
+                               init="random", seed=3)
 
         def on_step(step, loss):
             if step == kill_at:
@@ -300,7 +302,7 @@ def test_a_killed_run_resumes_bit_for_bit(tmp_path, ids):
 def test_resume_with_other_settings_or_nothing_to_resume_is_a_usage_error(tmp_path, seqs):
     model = planted(PLANT)
     before = snapshot(model)
-    cfg = RepairConfig(steps=3, batch_size=4, seq_len=32, lr=0.5)
+    cfg = FirstOrderConfig(steps=3, batch_size=4, seq_len=32, lr=0.5)
     train(model, COORDS, [(1, 5)], seqs[:8], cfg, Track(run_dir=tmp_path, checkpoint_every=2))
     with pytest.raises(UsageError, match="other training settings"):
         train(model, COORDS, [(1, 5)], seqs[:8], revalidated(cfg, lr=0.4), Track(run_dir=tmp_path, resume=True))
@@ -313,7 +315,7 @@ def test_resume_with_other_settings_or_nothing_to_resume_is_a_usage_error(tmp_pa
 
 def test_resume_before_the_first_checkpoint_starts_at_step_0(tmp_path, seqs):
     model = planted(PLANT)
-    cfg = RepairConfig(steps=3, batch_size=4, seq_len=32, lr=0.5)
+    cfg = FirstOrderConfig(steps=3, batch_size=4, seq_len=32, lr=0.5)
     want, _ = train(model, COORDS, [(1, 5)], seqs[:8], cfg, Track(run_dir=tmp_path / "fresh"))
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "train_log.jsonl").write_text('{"step": 1, "loss": 0.5, "lr": 0.5, "seconds": 0.1}\n{"st')
@@ -325,7 +327,7 @@ def test_resume_before_the_first_checkpoint_starts_at_step_0(tmp_path, seqs):
 
 def test_resume_of_a_finished_run_is_a_no_op(tmp_path, seqs):
     model = planted(PLANT)
-    cfg = RepairConfig(steps=3, batch_size=4, seq_len=32, lr=0.5)
+    cfg = FirstOrderConfig(steps=3, batch_size=4, seq_len=32, lr=0.5)
     first, _ = train(model, COORDS, [(1, 5)], seqs[:8], cfg, Track(run_dir=tmp_path))
     seconds = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)["seconds"]
     again, state = train(model, COORDS, [(1, 5)], seqs[:8], cfg, Track(run_dir=tmp_path, resume=True))
@@ -338,7 +340,7 @@ def test_resume_of_a_finished_run_is_a_no_op(tmp_path, seqs):
 
 def test_resume_with_other_rows_is_a_usage_error(tmp_path, seqs):
     model = planted(PLANT)
-    cfg = RepairConfig(steps=3, batch_size=4, seq_len=32, lr=0.5)
+    cfg = FirstOrderConfig(steps=3, batch_size=4, seq_len=32, lr=0.5)
     train(model, COORDS, [(1, 5)], seqs[:8], cfg, Track(run_dir=tmp_path, checkpoint_every=2))
     with pytest.raises(UsageError):
         train(model, COORDS, [(1, 6)], seqs[:8], cfg, Track(run_dir=tmp_path, resume=True))
@@ -346,7 +348,7 @@ def test_resume_with_other_rows_is_a_usage_error(tmp_path, seqs):
 
 def test_a_fresh_run_starts_a_fresh_log(tmp_path, seqs):
     model = planted(PLANT)
-    cfg = RepairConfig(steps=3, batch_size=4, seq_len=32, lr=0.5)
+    cfg = FirstOrderConfig(steps=3, batch_size=4, seq_len=32, lr=0.5)
     train(model, COORDS, [(1, 5)], seqs[:8], cfg, Track(run_dir=tmp_path))
     train(model, COORDS, [(1, 5)], seqs[:8], cfg, Track(run_dir=tmp_path))
     assert [r["step"] for r in read_log(tmp_path)] == [1, 2, 3]
@@ -366,22 +368,24 @@ def test_verdicts():
 
 @pytest.mark.parametrize("recipe, lr", [("balanced", 300.0), ("quick", 300.0), ("lbfgs", 1e4)])
 def test_an_lr_far_too_high_backs_off_and_is_never_worse_than_no_patch(recipe, lr):
-    from superweight.stages.recipes import RECIPES
+    from superweight.engine.config import RECIPES, configure
     from tiny import planted
 
     model = planted((1, 5, 7))
     seqs = torch.randint(2, 300, (12, 32), generator=torch.Generator().manual_seed(0))
-    cfg = revalidated(RECIPES[recipe], lr=lr, steps=8, seq_len=32)
+    cfg = configure(RECIPES[recipe], lr=lr, budget=8, seq_len=32)
     patch, state = train(model, [WeightCoord(layer=1, row=5, col=7)], [(1, 5)], seqs, cfg)
     c = state.check
     assert c is not None and c.best_kl <= c.broken_kl and torch.isfinite(patch.vectors[0]).all()
     if recipe != "lbfgs":  # far too high: later patches did worse, and the handed-over one is an earlier one
-        assert c.backoffs >= 1 or c.best_step < cfg.steps
+        assert c.backoffs >= 1 or c.best_step < cfg.budget
+    else:  # L-BFGS trains no further from the best patch: nothing is counted as a back-off
+        assert c.backoffs == 0
 
 
 def test_the_check_keeps_no_patch_when_every_patch_does_harm(monkeypatch):
     """A patch that only ever hurts is not handed over: the best patch checked is zero."""
-    from superweight.stages.recipes import RECIPES
+    from superweight.engine.config import RECIPES
     from tiny import planted
 
     model = planted((1, 5, 7))
@@ -395,8 +399,8 @@ def test_the_check_keeps_no_patch_when_every_patch_does_harm(monkeypatch):
 
 def test_lbfgs_keeps_a_far_off_first_step_only_where_it_does_as_well_as_lr_1():
     """lr 1e4 and 1e-4 fall back to lr 1's first step: the same patch as the default, to rounding."""
-    from superweight.stages.recipes import RECIPES
-    from superweight.stages.train import _first_lr
+    from superweight.engine.config import RECIPES
+    from superweight.engine.optimize import _first_lr
     from tiny import planted
 
     model = planted((1, 5, 7))

@@ -16,7 +16,8 @@ Functions, one per command: load, info, detect, evaluate, sweep, repair, analyze
 quantize, census, apply, compare, write_report (`report`); read_run, load_patch. Each takes a model from load() or
 a Later (the model to load once the inputs are checked: how the CLI calls them). Interventions (context
 managers): Ablation, Spread, RowPatch, Compose, ActivationRestore, QuantizedWeights, QuantizedInputs. Settings:
-DetectConfig, RepairConfig, RECIPES, RepairJob, PipelineJob, EvalConfig, QuantizeConfig, Placement, Bos.
+DetectConfig, RepairConfig (LbfgsConfig | FirstOrderConfig), RECIPES, RepairJob, PipelineJob, EvalConfig,
+QuantizeConfig, Placement, Bos.
 Results: DetectResult, EvalResult, RepairResult (with its Patch), RunRecord, QuantResult, Comparison; in a notebook
 each shows its tables (and plots).
 help(sw.repair) etc. for every setting.
@@ -34,7 +35,7 @@ __all__ = [
     "load", "detect", "evaluate", "repair", "analyze", "compensate", "run", "quantize", "compare", "read_run",
     "write_report", "info", "sweep", "sparsify", "census", "apply", "RepairResult", "Patch",
     "Intervention", "Ablation", "Spread", "RowPatch", "Compose", "ActivationRestore", "QuantizedWeights",
-    "QuantizedInputs", "DetectConfig", "RepairConfig", "RECIPES", "RepairJob", "PipelineJob", "EvalConfig",
+    "QuantizedInputs", "DetectConfig", "RepairConfig", "LbfgsConfig", "FirstOrderConfig", "RECIPES", "RepairJob", "PipelineJob", "EvalConfig",
     "QuantizeConfig", "Placement", "Loaded", "Bos", "DetectResult", "EvalResult",
     "RunRecord", "QuantResult", "Comparison", "Compensation", "CompareRow", "PatchData", "WeightCoord", "parse_coord",
     "load_patch", "Later", "SuperweightError", "__version__",

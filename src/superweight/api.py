@@ -57,7 +57,9 @@ from superweight.stages.detect import DetectConfig, DetectResult, run_detect
 from superweight.stages.evaluate import EvalConfig, EvalResult, run_eval
 from superweight.stages.pipeline import PipelineJob
 from superweight.stages.quantize import QuantizeConfig, parse_activations  # noqa: F401
-from superweight.stages.recipes import RECIPES, RepairConfig, recipe_settings
+from superweight.engine.config import (  # noqa: F401 (the settings, re-exported)
+    RECIPES, FirstOrderConfig, LbfgsConfig, RepairConfig, configure, recipe_settings,
+)
 from superweight.stages.repair import RepairJob, repair_settings
 
 
@@ -189,7 +191,8 @@ def repair(loaded: Loaded | Later, weight, rows: list[tuple[int, int]] | None = 
         recipe=None: the named settings (RECIPES): lbfgs (quasi-Newton, scale-free, on 4 rows, stops on
             progress), balanced, quick (Adam), sgd, fast or seed (the write-up's); docs/recipes.md. None: the
             job's recipe, lbfgs without a job.
-        config=None: a RepairConfig that replaces the recipe's settings (recipe then only names them).
+        config=None: a RepairConfig (LbfgsConfig or FirstOrderConfig) that replaces the recipe's settings (recipe
+            then only names them).
         out=None: a run directory (io/rundir.RunDir) for config.json, the checkpoints, the train log, the patch and
             results.json, which must be new unless resuming; None: nothing is written (the CLI always gives one).
         job=None: a RepairJob (stages/repair.py) with the settings below; None for its defaults (the command's).
@@ -206,30 +209,34 @@ def repair(loaded: Loaded | Later, weight, rows: list[tuple[int, int]] | None = 
             include_path=None: with tasks, a folder of local task YAML files.
             task_limit=None: with tasks, score at most this many items per task.
             exclude=[]: columns held at 0: "deleted", "top:K" or "3,17,40" (stages/exclusion.py).
-            steps=64: optimiser steps (for lbfgs: loss evaluations at most).
-            progress_tol=0.02: lbfgs stops once 8 evaluations lower the loss by less than this fraction of the first.
-            batch_size=4: sequences per step (lbfgs: the fixed rows it fits).
+            optimizer='lbfgs': lbfgs (LbfgsConfig: strong-Wolfe line search on batch_size fixed sequences) or
+                adamw, adam, sgd (FirstOrderConfig); changing it keeps the shared settings and the budget.
+            budget: the budget in loss evaluations, whichever the optimiser (sets max_evals or steps).
+            max_evals=64: lbfgs only: loss evaluations at most, line-search trials included.
+            progress_tol=0.02: lbfgs only: stop once 8 evaluations lower the loss by less than this fraction of
+                the first.
+            steps: first-order only: optimiser steps (one loss evaluation each).
+            weight_decay=0.0, schedule='cosine' (constant or cosine, decays to 0), warmup=0: first-order only;
+                given with lbfgs they are a UsageError, not ignored.
+            batch_size=4: sequences per step (lbfgs: the fixed sequences it fits).
             seq_len=128: tokens per sequence.
             lr=1.0: learning rate (lbfgs: scales its first step only).
-            weight_decay=0.0: AdamW weight decay.
-            optimizer='lbfgs': adamw, adam, sgd or lbfgs (strong-Wolfe line search on batch_size fixed rows).
-            schedule='cosine': constant or cosine (decays to 0); first-order optimisers only.
-            warmup=0: linear warm-up steps.
             kl='forward': forward (KL(teacher||student)) or reverse.
             temperature=1.0: softmax temperature (the loss is scaled by T^2).
             init='zero': the initial patch, zero or random.
             seed=0: random seed (data order, random init).
             train_tokens=4096: tokens of the train split to draw sequences from.
             teacher_cache_mb=2048: cache teacher log-probs (fp16) and prefix states across epochs when they fit.
-            space='column': the coordinates the optimiser works in: weight (d itself), balanced (the same at every
+            space='column': the space the optimiser works in: weight (d itself), balanced (the same at every
                 rescaling of the MLP's neurons) or column (also under residual-stream and norm-gain rescaling).
-            check_rows=2: train-split rows held out to check the patch; the best patch checked is kept, and
-                training backs off when the patch does worse than none (0: no check).
-            data='packed': packed (full seq_len rows) or lines (one wikitext line per row, padded; wikitext2).
+            check_sequences=2: train-split sequences held out to check the patch; the best patch checked is
+                kept, and first-order training backs off when the patch does worse than none (0: no check).
+            data='packed': packed (full seq_len sequences) or lines (one wikitext line per sequence, padded;
+                wikitext2).
 
     Returns a RepairResult (shown as the run's report): .record, the RunRecord (results.json: .base, .broken,
     .patched, .recovery, .verdict, .training, .patch (geometry), .baselines, .seeds; .recipe names the recipe that
-    ran, "lbfgs+steps=4" when options changed it); .patch, the trained Patch on this model (`with .apply():`,
+    ran, "lbfgs+max_evals=4" when options changed it); .patch, the trained Patch on this model (`with .apply():`,
     .save(dir), .merge(), .export(dir), .to_peft(dir)); .run_dir (None without out); .unchanged (a finished run
     resumed). load_patch(out, m) gives the same Patch later.
     """
@@ -295,7 +302,7 @@ def run(loaded: Loaded | Later, out: str | Path | None = None, weight=None, reci
             tasks=None: lm-evaluation-harness tasks for base, broken and patched ("arc_easy,piqa" or a list).
             include_path=None: with tasks, a folder of local task YAML files.
             task_limit=None: with tasks, score at most this many items per task.
-            steps=64, lr=1.0, ...: RepairConfig fields that replace the recipe's (see repair()).
+            max_evals=64, lr=1.0, budget, ...: RepairConfig fields that replace the recipe's (see repair()).
 
     Returns the RunRecord, with .detect and .timings; the report is out/report.html.
     """
@@ -350,4 +357,4 @@ def _repair_job(job: RepairJob | None, recipe: str | None, config: RepairConfig 
     if config is None:
         config = job.config if job is not None and recipe == job.recipe else recipe_settings(recipe)
     return build(RepairJob, job, "", **with_tasks(own), recipe=recipe,
-                 config=build(RepairConfig, config, "", **overrides))
+                 config=configure(config, "", **overrides))

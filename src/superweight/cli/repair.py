@@ -27,11 +27,17 @@ def repair(
     model: ModelOpt = DEFAULT_MODEL,
     corpus: CorpusOpt = DEFAULT_CORPUS,
     recipe: Annotated[str, typer.Option(help="lbfgs (default: quasi-Newton, scale-free, on 4 rows, stops on progress, 64 loss evaluations at most), balanced (SGD, scale-free in neuron rescaling only), quick (Adam), sgd, fast or seed (the write-up's); docs/recipes.md")] = "lbfgs",
-    steps: Annotated[Optional[int], typer.Option(help="optimiser steps (overrides the recipe)")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="sequences per step")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="the budget, in loss evaluations (overrides the recipe's): "
+                                                      "lbfgs: evaluations at most (max_evals), line-search trials "
+                                                      "included; adamw/adam/sgd: optimiser steps, one each")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="sequences per step (lbfgs: the fixed sequences it fits)")] = None,
     seq_len: Annotated[Optional[int], typer.Option(help="tokens per sequence")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="learning rate")] = None,
-    optimizer: Annotated[Optional[str], typer.Option(help="adamw, adam or sgd")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="learning rate (lbfgs: scales its first step only)")] = None,
+    optimizer: Annotated[Optional[str], typer.Option(
+        help="lbfgs (quasi-Newton with a line search), adamw, adam or sgd (first-order)")] = None,
+    schedule: Annotated[Optional[str], typer.Option(help="first-order only: constant or cosine (decays to 0)")] = None,
+    warmup: Annotated[Optional[int], typer.Option(help="first-order only: linear warm-up steps")] = None,
+    weight_decay: Annotated[Optional[float], typer.Option(help="adamw only: weight decay")] = None,
     kl: Annotated[Optional[str], typer.Option(help="forward (KL(teacher||student)) or reverse")] = None,
     temperature: Annotated[Optional[float], typer.Option(help="softmax temperature")] = None,
     init: Annotated[Optional[str], typer.Option(help="zero or random")] = None,
@@ -56,8 +62,9 @@ def repair(
 
     coords = parse_coords(weight)
     rows = patch_rows(coords, patch_row)
-    cfg = recipe_config(recipe, steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, optimizer=optimizer,
-                        kl=kl, temperature=temperature, init=init, seed=seed)
+    cfg = recipe_config(recipe, budget=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, optimizer=optimizer,
+                        schedule=schedule, warmup=warmup, weight_decay=weight_decay, kl=kl, temperature=temperature,
+                        init=init, seed=seed)
     job = sw.RepairJob(recipe=recipe, config=cfg, checkpoint_every=checkpoint_every, eval_tokens=eval_tokens,
                        seeds=seeds, corpus=corpus, baselines=baselines, resume=resume, exclude=exclude or [])
     later = model_to_load(model, where, bos)

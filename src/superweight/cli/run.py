@@ -24,7 +24,8 @@ def run(
     out_: Annotated[Optional[str], typer.Option("--out", help="run directory (default runs/MODEL-DATE-TIME)")] = None,
     weight: Annotated[Optional[str], typer.Option(help="LAYER:ROW:COL to repair instead of detecting one")] = None,
     recipe: Annotated[str, typer.Option(help="lbfgs (default: quasi-Newton, scale-free, on 4 rows, stops on progress, 64 loss evaluations at most), balanced, quick (Adam), sgd, fast or seed; docs/recipes.md")] = "lbfgs",
-    steps: Annotated[Optional[int], typer.Option(help="optimiser steps (overrides the recipe)")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="the repair's budget (overrides the recipe's): lbfgs: loss "
+                                                      "evaluations at most; adamw/adam/sgd: optimiser steps")] = None,
     seeds: Annotated[int, typer.Option(help="patches trained with different seeds (mean and spread)")] = 1,
     baselines: Annotated[bool, typer.Option(help="oracle, activation restore, random vectors, other row")] = True,
     sparse: Annotated[bool, typer.Option(help="also train sparse patches (L1, L0) over a sweep of strengths")] = False,
@@ -49,7 +50,7 @@ def run(
     from superweight.core.coords import parse_coord
     from superweight.settings import revalidated
 
-    repair = sw.RepairJob(recipe=recipe, config=recipe_config(recipe, steps=steps), corpus=corpus,
+    repair = sw.RepairJob(recipe=recipe, config=recipe_config(recipe, budget=steps), corpus=corpus,
                           eval_tokens=eval_tokens, baselines=baselines, seeds=seeds, resume=resume,
                           exclude=exclude or [])
     job = sw.PipelineJob(weight=parse_coord(weight) if weight else None, repair=repair,

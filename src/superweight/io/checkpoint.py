@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from superweight.engine.config import upgrade_config
 from superweight.errors import SuperweightError, UsageError
 from superweight.io.files import write_atomic
 from superweight.io.rundir import CHECKPOINT, TRAIN_LOG
@@ -90,7 +91,7 @@ def restore(run_dir: Path, vectors, optimizer: torch.optim.Optimizer, expect: di
         clear(run_dir)
         return Resumed()
     path = run_dir / CHECKPOINT
-    if state["config"] != expect["config"]:
+    if upgrade_config(state["config"]) != expect["config"]:  # checkpoints before the union held a flat config
         raise UsageError("the checkpoint was made with other training settings; resume with the same options")
     if state["rows"] != expect["rows"] or state["coords"] != expect["coords"]:
         raise UsageError("the checkpoint was made for other patch rows or ablated weights; resume with the same ones")

@@ -11,7 +11,8 @@ from pydantic import ValidationError
 
 from superweight.core.conditions import SCALE
 from superweight.errors import SuperweightError
-from superweight.io.record import SCHEMA_VERSION, RepairConfig, RunRecord
+from superweight.engine.config import FLAT_DEFAULTS, upgrade_config
+from superweight.io.record import SCHEMA_VERSION, RunRecord
 from superweight.settings import file_error_line
 
 # What to do with a results.json that does not fit the record (hand-edited, or written by another version).
@@ -25,7 +26,8 @@ def migrate(data: Any, where: str = "results.json") -> dict:
     whole patch keyed by row), and no config.data (the seed recipe read one wikitext line per sequence).
     Version 2: `sweep` held flat points ({scale, nll, ppl, kl, top1_agree, super_activation}), detect.candidates a
     summary of each candidate, seeds.mean / seeds.std no `seed` (the last two have defaults in version 3), and
-    `config` an untyped dict, which may lack the settings added since (check_rows, space)."""
+    `config` an untyped dict, which may lack the settings added since (check_rows, space). Version 3: `config` one
+    flat RepairConfig for every optimiser (engine/config.upgrade_config makes it the union's)."""
     if not isinstance(data, dict):
         raise SuperweightError(f"{where} holds no results object")
     version = data.get("schema_version", 1)
@@ -49,6 +51,9 @@ def migrate(data: Any, where: str = "results.json") -> dict:
                 data["sweep"] = [_sweep_point_v2(p, data) for p in data["sweep"]]
             except (TypeError, ValueError, AttributeError) as exc:
                 raise SuperweightError(f"{where} is not a run record superweight can read (sweep: {exc})") from None
+        version = 3
+    if version == 3:
+        data = {**data, "schema_version": 4, "config": upgrade_config(data.get("config"), flat=True)}
     return data
 
 
@@ -62,12 +67,12 @@ def _sweep_point_v2(p: dict, data: dict) -> dict:
 
 
 def _config_v2(config):
-    """Version 2's untyped config as a RepairConfig's fields: settings that did not exist yet take what the run
-    did without them (no held-out check, weight coordinates); keys no longer known are dropped."""
+    """Version 2's untyped config as version 3's flat RepairConfig: settings that did not exist yet take what the
+    run did without them (no held-out check, weight space); keys no longer known are dropped."""
     if not isinstance(config, dict):
         return config
     lifted = {"check_rows": 0, "space": "weight", **config}
-    return {k: v for k, v in lifted.items() if k in RepairConfig.model_fields}
+    return {k: v for k, v in lifted.items() if k in FLAT_DEFAULTS}
 
 
 def _patch_v1(p: dict) -> dict:

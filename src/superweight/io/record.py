@@ -10,7 +10,9 @@ and measure/metrics.py produces them.
 
 Version 1 is the untyped results.json written before the record had a schema (no `schema_version` key);
 version 2 kept `config` as an untyped dict and `recipe` as the name given even when options changed it;
-version 3 types `config` (RepairConfig) and names the recipe that ran ("lbfgs+steps=100", stages/recipes.py).
+version 3 types `config` (one flat RepairConfig) and names the recipe that ran ("lbfgs+steps=100");
+version 4 makes `config` the engine's union (engine/config.py: LbfgsConfig with `max_evals`, FirstOrderConfig with
+`steps`, schedule and warm-up; `check_sequences` for `check_rows`), and names the recipe "lbfgs+max_evals=100".
 io/migrate.py lifts older ones to the current version, or refuses them in one line.
 """
 
@@ -27,9 +29,10 @@ from superweight.io.comprecord import Compensation, Exclusion, RegimeResult
 from superweight.io.detectrecord import Candidate
 from superweight.io.recordbase import Record
 from superweight.io.sinkrecord import Sinks
-from superweight.io.trainrecord import Check, RepairConfig, Training  # noqa: F401 (Check: re-exported, a part of the record)
+from superweight.engine.config import RepairConfig
+from superweight.io.trainrecord import Check, Training  # noqa: F401 (Check: re-exported, a part of the record)
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 
 # --- measurements and how they were made ---
@@ -331,7 +334,8 @@ class RunRecord(Shown, Record):
     schema_version: int = SCHEMA_VERSION
     protocol: Protocol
     recipe: str
-    config: RepairConfig = Field(description="the training settings that ran (io/trainrecord.RepairConfig)")
+    config: RepairConfig = Field(description="the training settings that ran (engine/config.py: LbfgsConfig | "
+                                             "FirstOrderConfig, told apart by `optimizer`)")
     base: Metrics
     broken: Metrics
     patched: Metrics

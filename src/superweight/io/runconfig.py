@@ -5,7 +5,8 @@ patch fits). Both are read through their model, older files lifted to the curren
     settings = parse(RunConfig, read_json(run_dir / "config.json"), "runs/x/config.json")
     settings.bos                                     # "auto" unless the run was started with another --bos
 
-Version 1 of each is the file from before it had a `schema_version`.
+Version 1 of each is the file from before it had a `schema_version`; version 2 held `config` as one flat
+RepairConfig, version 3 as the engine's union (engine/config.py).
 """
 
 from __future__ import annotations
@@ -16,11 +17,11 @@ from pydantic import Field, ValidationError
 
 from superweight.errors import SuperweightError
 from superweight.io.recordbase import Record
-from superweight.io.trainrecord import RepairConfig
+from superweight.engine.config import RepairConfig, upgrade_config
 from superweight.settings import file_error_line
 
-RUN_CONFIG_VERSION = 2
-PATCH_CONFIG_VERSION = 2
+RUN_CONFIG_VERSION = 3
+PATCH_CONFIG_VERSION = 3
 Row = list[int | str]  # [layer, row] or [layer, row, expert] (an expert number or "shared")
 
 
@@ -64,10 +65,12 @@ class PatchConfig(Record):
 def lift(data: Any, version: int) -> Any:
     """A settings file's parsed JSON at the current version (version 1 had no schema_version)."""
     if isinstance(data, dict) and "schema_version" not in data:
-        data = {**data, "schema_version": version}
+        data = {**data, "schema_version": 2}
         if isinstance(data.get("config"), dict):
-            # before `data`: the seed recipe read one wikitext line per sequence, every other recipe packed rows
+            # before `data`: the seed recipe read one wikitext line per sequence, every other recipe packed them
             data["config"] = {"data": "lines" if data.get("recipe") == "seed" else "packed", **data["config"]}
+    if isinstance(data, dict) and data["schema_version"] == 2 and version >= 3:
+        data = {**data, "schema_version": 3, "config": upgrade_config(data.get("config"), flat=True)}
     return data
 
 

@@ -77,7 +77,7 @@ def geometry(model: nn.Module, coords: list[WeightCoord], rows, vectors, origina
         top = d.abs().topk(min(16, d.numel())).indices
         invariant = {}
         try:
-            if expert is None:  # not defined for an expert (stages/precondition.py)
+            if expert is None:  # not defined for an expert (engine/patch.py)
                 invariant["balanced_norm"] = (d * neuron_balance(model, layer)).norm().item()
         except UnsupportedArchitectureError:  # GELU MLPs have no function-preserving neuron scale
             pass

@@ -45,7 +45,8 @@ from superweight.measure.views import neuron_contexts
 from superweight.progress import Progress, or_silent
 from superweight.settings import Settings, revalidated
 from superweight.stages.exclusion import deleted_columns, top_writers
-from superweight.stages.train import Track, train, training_sequences
+from superweight.engine.config import configure
+from superweight.engine.train import Track, train, training_sequences
 
 DELETED_STAGE = "Repair (deleted excluded)"  # `run`'s second repair: a stage and timing of its own
 
@@ -57,7 +58,7 @@ class CompensateConfig(Settings):
     max_length: int = Field(512, ge=2, description="window length in tokens")
     max_k: int = Field(64, ge=1, description="the budget: exclude at most this many neurons (1, 2, 4, ... up to it)")
     stop_below: float = Field(0.1, ge=0, lt=1, description="stop once a point's held-out KL recovery is below this")
-    steps: int | None = Field(None, ge=1, description="cap on each point's steps (lbfgs: loss evaluations); "
+    steps: int | None = Field(None, ge=1, description="cap on each point's budget (steps; lbfgs: loss evaluations); "
                                                       "None: the run's recipe as it ran")
     neurons: int = Field(5, ge=1, description="writing neurons listed per point, with their top contexts")
     contexts: int = Field(3, ge=1, description="contexts per listed neuron")
@@ -103,7 +104,7 @@ class _Run:
         return cls(loaded, record, patch, data, ids, x, positions, intact_values(loaded.model, patch.ablated))
 
     def repair(self, exclude: list[list[int]], progress: Progress, steps: int | None = None):
-        cfg = self.record.config if steps is None else revalidated(self.record.config, steps=steps)
+        cfg = self.record.config if steps is None else configure(self.record.config, budget=steps)
         return train(self.loaded.model, self.patch.ablated, self.patch.rows, self.data, cfg,
                      Track(progress=progress), exclude=exclude)
 
@@ -162,7 +163,7 @@ def run_compensate(loaded: Loaded, run_dir: Path, cfg: CompensateConfig | None =
             break
         added += new
         excluded = sorted(own + added)
-        progress.stage(f"Compensation frontier: top {k} writers excluded", cfg.steps or run.record.config.steps)
+        progress.stage(f"Compensation frontier: top {k} writers excluded", cfg.steps or run.record.config.budget)
         patch, training = run.repair([excluded, *rest], progress, cfg.steps)
         points.append((f"top {k}", k, excluded, patch.vectors, training))
         rec = check_recovery(training)
@@ -195,7 +196,7 @@ def without_deleted(loaded: Loaded, run_dir: Path, record: RunRecord, tokens: in
     ratio = record.patch.value_ratio
     if not columns[0]:  # the patch row is not the ablated one: nothing to exclude
         return RegimeResult(regime=regime_of(ratio), value_ratio=ratio)
-    progress.stage(DELETED_STAGE, record.config.steps)
+    progress.stage(DELETED_STAGE, record.config.budget)
     patch, training = run.repair(columns, progress)
     progress.stage(f"{DELETED_STAGE}: scoring", None)
     metrics = run.score({WITHOUT_DELETED.name(): patch.vectors}, cfg.max_length)

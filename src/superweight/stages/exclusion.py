@@ -8,8 +8,8 @@
     specs = parse_excludes(["deleted", "top:4"])
     columns = resolve(specs, coords, rows, d_ffs, ranking)   # per row, sorted columns; ranking: for top:K
 
-Excluding is a mask on the patch's coordinates (stages/precondition.PreconditionedPatch.exclude): the entries stay
-exactly 0, and the mask keeps every symmetry that the column coordinates follow.
+Excluding is a mask on the patch's space (engine/patch.SpacePatch.exclude): the entries stay
+exactly 0, and the mask keeps every symmetry that the column space follows.
 """
 
 from __future__ import annotations

@@ -45,8 +45,8 @@ from superweight.measure.tasks import TaskSpec, run_tasks
 from superweight.progress import Progress, or_silent
 from superweight.settings import Settings, revalidated
 from superweight.stages.exclusion import parse_excludes, ranking_needed, resolve, top_writers
-from superweight.stages.recipes import RECIPES, RepairConfig, recipe_label
-from superweight.stages.train import Track, train, training_sequences
+from superweight.engine.config import RECIPES, RepairConfig, configure, recipe_label
+from superweight.engine.train import Track, train, training_sequences
 
 
 class RepairJob(Settings):
@@ -54,7 +54,7 @@ class RepairJob(Settings):
     RepairConfig unless given. Checked when made: a bad value is a ValidationError, an unknown recipe a
     UsageError."""
 
-    recipe: str = Field("lbfgs", description="the named recipe (stages/recipes.RECIPES) the config starts from")
+    recipe: str = Field("lbfgs", description="the named recipe (engine/config.RECIPES) the config starts from")
     config: RepairConfig = Field(None, description="the training settings (None: RECIPES[recipe])",
                                  validate_default=True)
     corpus: str = Field(corpora.DEFAULT_CORPUS, description="train split to train on, eval split to measure")
@@ -86,7 +86,7 @@ class RepairJob(Settings):
 
     @property
     def label(self) -> str:
-        """The recipe that runs, as the record names it: "lbfgs", or "lbfgs+steps=100" when options changed it."""
+        """The recipe that runs, as the record names it: "lbfgs", or "lbfgs+max_evals=100" when options changed it."""
         return recipe_label(self.recipe, self.config)
 
 
@@ -95,7 +95,7 @@ RANDOM_DRAWS = 3
 # Baselines are scored on the first eval window (at least this many tokens), beside base and broken over the
 # same tokens, with a 95% interval: their conclusions (a control near 0% or 100%) do not need the whole text.
 BASELINE_TOKENS = 500
-OTHER_ROW_SHARE = 4  # the other-row control trains with 1/4 of the recipe's steps
+OTHER_ROW_SHARE = 4  # the other-row control trains with 1/4 of the recipe's budget
 
 
 def _other_row(row: int, d_model: int, seed: int) -> int:
@@ -151,7 +151,7 @@ def run_repair(
         run.prepare(settings, job.resume)
 
     excluded = _excluded(model, coords, rows, (seqs, mask, eval_ids, bos), job, progress) if job.exclude else None
-    stage("Training patch" + (" (columns excluded)" if excluded else ""), cfg.steps)
+    stage("Training patch" + (" (columns excluded)" if excluded else ""), cfg.budget)
     with part("train"):
         patch, state = train(model, coords, rows, (seqs, mask), cfg,
                              Track(out, job.checkpoint_every, job.resume, progress), exclude=excluded)
@@ -170,7 +170,7 @@ def run_repair(
             controls = _baselines(model, ablation, rows, (originals, patch), (seqs, mask), cfg, progress)
     extra_seeds, seeded = {}, []
     for seed in range(cfg.seed + 1, cfg.seed + seeds):
-        stage(f"Training patch, seed {seed}", cfg.steps)
+        stage(f"Training patch, seed {seed}", cfg.budget)
         with part(f"train seed {seed}"):
             other, _ = train(model, coords, rows, (seqs, mask), revalidated(cfg, seed=seed), Track(progress=progress),
                              exclude=excluded)
@@ -242,7 +242,7 @@ def _excluded(model, coords, rows, data, job: RepairJob, progress: Progress) -> 
     seqs, mask, eval_ids, bos = data
     ranking = None
     if ranking_needed(job.exclude):
-        progress.stage("Training the unconstrained patch (ranks the neurons for --exclude top:K)", job.config.steps)
+        progress.stage("Training the unconstrained patch (ranks the neurons for --exclude top:K)", job.config.budget)
         free, _ = train(model, coords, rows, (seqs, mask), job.config, Track(progress=progress))
         xs = patch_inputs(model, coords, rows, eval_ids, job.max_length, bos=bos)
         ranking = [top_writers(xs[site(r)], v) for r, v in zip(rows, free.vectors)]
@@ -284,12 +284,12 @@ def _baselines(model, ablation: Ablation, rows, trained, data, cfg, progress: Pr
         random_draws.append(vectors)
     other = [make_row(layer, _other_row(row, down_projection(model, layer, expert).d_model, cfg.seed), expert)
              for layer, row, expert in map(split_row, rows)]
-    progress.stage(f"Baseline: training rows {', '.join(map(row_text, other))}", max(1, cfg.steps // OTHER_ROW_SHARE))
+    progress.stage(f"Baseline: training rows {', '.join(map(row_text, other))}", max(1, cfg.budget // OTHER_ROW_SHARE))
     # A control: a quarter of the step cap (L-BFGS: at most 16 of its 64 loss evaluations, still stopping on
     # progress) and no held-out check, which keeps the real patch from doing harm; the right row reaches its
     # recovery in fewer (the unconstrained lbfgs repair stops after 8-9; docs/measurements.md).
-    other_patch, _ = train(model, coords, other, data, revalidated(cfg, steps=max(1, cfg.steps // OTHER_ROW_SHARE),
-                                                                   check_rows=0), Track(progress=progress))
+    other_patch, _ = train(model, coords, other, data, configure(cfg, budget=max(1, cfg.budget // OTHER_ROW_SHARE),
+                                                                 check_sequences=0), Track(progress=progress))
     return [
         ORACLE(patched(model, ablation, rows, oracle_vectors)),
         ACTIVATION_RESTORE(Compose(ablation, ActivationRestore(model, coords, originals))),

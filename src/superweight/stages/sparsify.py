@@ -42,10 +42,11 @@ from superweight.io.rundir import RunDir
 from superweight.measure.geometry import geometry
 from superweight.measure.metrics import Scoring, measure, protocol_of
 from superweight.measure.recovery import scored
-from superweight.stages.precondition import PreconditionedPatch
+from superweight.engine.config import configure
+from superweight.engine.patch import SpacePatch
 from superweight.progress import Progress, or_silent
 from superweight.settings import Settings, revalidated
-from superweight.stages.train import Track, train, training_sequences
+from superweight.engine.train import Track, train, training_sequences
 
 SPARSE_ADAM_LR = 0.3  # the `quick` recipe's Adam lr, whose patches the default strengths were tuned on
 DEFAULT_STRENGTHS = {"l1": (0.6, 0.8, 1.0), "l0": (1.0, 10.0, 30.0)}
@@ -61,24 +62,24 @@ class L1Prox:
     def __init__(self, strength: float, init: list[torch.Tensor] | None = None):
         self.strength, self.init = strength, init  # init: the vectors training starts from (None: zeros)
 
-    def patch(self, model, rows, init, p=None) -> PreconditionedPatch:
-        return PreconditionedPatch(model, rows, p, init)
+    def patch(self, model, rows, init, units=None) -> SpacePatch:
+        return SpacePatch(model, rows, units, init)
 
     def penalty(self, patch) -> float:
         return 0.0  # the proximal step does the work
 
     @torch.no_grad()
-    def after_step(self, patch: PreconditionedPatch, lr: float) -> None:
+    def after_step(self, patch: SpacePatch, lr: float) -> None:
         # On the trained coordinates u (d = P u, entry by entry for diagonal P): in the balanced space the
         # threshold means the same at every parametrization of the model.
         for v in patch.vectors:
             v.copy_(v.sign() * (v.abs() - self.strength * lr).clamp_min(0))
 
-    def final(self, patch: PreconditionedPatch) -> list[torch.Tensor]:
+    def final(self, patch: SpacePatch) -> list[torch.Tensor]:
         return patch.weights()
 
 
-class GatedRowPatch(PreconditionedPatch):
+class GatedRowPatch(SpacePatch):
     """A row patch d * z with one hard-concrete gate z per entry (`training` samples z, else deterministic).
 
     log_alpha = LOG_ALPHA_SCALE * p with p the trained parameter: Adam moves p ~lr a step, and a gate must
@@ -86,8 +87,8 @@ class GatedRowPatch(PreconditionedPatch):
 
     LOG_ALPHA_SCALE = 5.0
 
-    def __init__(self, model, rows, vectors, p=None, log_alpha: float = 3.0):
-        super().__init__(model, rows, p, vectors)
+    def __init__(self, model, rows, vectors, units=None, log_alpha: float = 3.0):
+        super().__init__(model, rows, units, vectors)
         self.p = [nn.Parameter(torch.full_like(v, log_alpha / self.LOG_ALPHA_SCALE)) for v in self.vectors]
         self.training = True
 
@@ -122,8 +123,8 @@ class HardConcrete:
     def __init__(self, strength: float, init: list[torch.Tensor] | None = None):
         self.strength, self.init = strength, init  # init: the vectors training starts from (None: zeros)
 
-    def patch(self, model, rows, init, p=None) -> GatedRowPatch:
-        return GatedRowPatch(model, rows, init, p)
+    def patch(self, model, rows, init, units=None) -> GatedRowPatch:
+        return GatedRowPatch(model, rows, init, units)
 
     def penalty(self, patch: GatedRowPatch) -> torch.Tensor:
         return self.strength * patch.expected_open()
@@ -179,9 +180,9 @@ def run_sparsify(loaded: Loaded, run_dir: Path, cfg: SparsifyConfig | None = Non
     model, tok = loaded.model, loaded.tokenizer
     check_fits(model, patch)
     cfg = record.config
-    if cfg.optimizer == "lbfgs":  # 16 loss evaluations of 4 rows: as many row passes as 32 steps of batch 2
+    if cfg.optimizer == "lbfgs":  # 16 loss evaluations of 4 sequences: as many sequence passes as 32 steps of batch 2
         # (its cap, 64, stops early on progress: the sparse budget stays the one the strengths were tuned for)
-        cfg = revalidated(cfg, optimizer="sgd", batch_size=2, steps=min(cfg.steps, 16) * 2)
+        cfg = configure(cfg, optimizer="sgd", batch_size=2, budget=min(cfg.max_evals, 16) * 2)
     steps = steps or max(cfg.steps // 2, 1)
     cfg = revalidated(cfg, steps=steps, schedule="constant")
     if cfg.optimizer not in ("adam", "adamw"):

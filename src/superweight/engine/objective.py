@@ -1,13 +1,21 @@
-"""Distillation against the intact model: the loss, the teacher's targets, and the held-out check.
+"""The distillation objective: the loss against the intact model, the teacher's targets, and the held-out check.
 
     teacher = Teacher(model, prefix, sequences, mask, cfg, keep=True)
-    ids, m, teacher_lp, hidden = teacher([0, 1])       # rows 0 and 1: intact log-probs and prefix states
-    check = HeldOutCheck(teacher, [30, 31], ablation, patch, prefix, cfg, state=None)
+    ids, m, teacher_lp, hidden = teacher([0, 1])       # sequences 0 and 1: intact log-probs and prefix states
+    objective = Distillation(teacher, ablation, patch, dp)
+    loss = objective.loss(teacher([2, 3]))              # this process's share of the batch's mean KL
+    check = HeldOutCheck(teacher, [30, 31], ablation, patch, cfg, state=None)
     check.update(step)                                  # True: worse than no patch, the best patch is back
 
+One model copy: the teacher is the model with every intervention off (under no_grad), the student the same
+model with the super weights ablated and the patch on; the blocks below the first edited layer run once per
+batch (teacher pass) and are reused by the student (core/prefix.Prefix). Log-softmax and KL run in fp32, over
+chunks of tokens when the vocabulary is large (core/head.CHUNK_BUDGET).
+
 The check is what makes a repair never worse than no patch: its first value is the ablated model's own KL on
-rows that training never sees, a patch is kept only when it beats every one checked before, and a patch that
-does worse than none sends training back to the best one (stages/train.py then cuts the lr 5x).
+sequences that training never sees, a patch is kept only when it beats every one checked before, and a patch
+that does worse than none sends first-order training back to the best one (engine/optimize.py then cuts the
+lr 5x).
 """
 
 from __future__ import annotations
@@ -86,8 +94,8 @@ def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
 
 
 class Teacher:
-    """The intact model's log-probs and the shared prefix states of training rows, computed once per row and
-    kept (fp16 log-probs) when `keep`."""
+    """The intact model's log-probs and the shared prefix states of training sequences, computed once per
+    sequence and kept (fp16 log-probs) when `keep`."""
 
     def __init__(self, model, prefix: Prefix, sequences, mask, cfg, keep: bool):
         self.model, self.prefix, self.sequences, self.mask, self.cfg, self.keep = model, prefix, sequences, mask, cfg, keep
@@ -96,7 +104,7 @@ class Teacher:
         self.cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __call__(self, idx: list[int]):
-        """(ids, mask, teacher targets, prefix hidden states) of rows `idx`. The targets are what `kl_loss` takes
+        """(ids, mask, teacher targets, prefix hidden states) of sequences `idx`. The targets are what `kl_loss` takes
         with `self.head`: log-probs (fp32; fp16 when cached), or with a head and no cache the last states."""
         ids, m = self.sequences[idx].to(self.device), self.mask[idx].to(self.device)
         if all(i in self.cache for i in idx):
@@ -137,15 +145,26 @@ class Teacher:
             return kl_loss(target, student, m, self.cfg, self.head)
 
 
+class Distillation:
+    """The objective one training run minimises: the student's KL to `teacher` with `ablation` and `patch` on,
+    as this process's share of the mean over the batch (`dp`: stages/distributed.DataParallel)."""
+
+    def __init__(self, teacher: Teacher, ablation, patch, dp):
+        self.teacher, self.ablation, self.patch, self.dp = teacher, ablation, patch, dp
+
+    def loss(self, batch) -> torch.Tensor:
+        return self.dp.share_of_mean(self.teacher.loss(batch, self.ablation, self.patch), batch[1])
+
+
 class HeldOutCheck:
-    """KL(intact || ablated + patch) on held-out rows; keeps the best patch seen and counts back-offs.
+    """KL(intact || ablated + patch) on held-out sequences; keeps the best patch seen and counts back-offs.
 
     The first check is of the patch training starts from (zero: the ablated model itself), so the patch handed
-    over is never worse than no patch on these rows."""
+    over is never worse than no patch on these sequences."""
 
-    def __init__(self, teacher: Teacher, rows: list[int], ablation, patch, prefix, cfg, state: dict | None):
-        self.teacher, self.rows, self.ablation, self.patch, self.prefix, self.cfg = teacher, rows, ablation, patch, prefix, cfg
-        self.tokens = int(teacher.mask[rows].sum())
+    def __init__(self, teacher: Teacher, sequences: list[int], ablation, patch, cfg, state: dict | None):
+        self.teacher, self.sequences, self.ablation, self.patch, self.cfg = teacher, sequences, ablation, patch, cfg
+        self.tokens = int(teacher.mask[sequences].sum())
         if state is None:  # a fresh run
             self.broken = self.kl(with_patch=False)
             start = self.kl() if any(v.abs().sum() > 0 for v in patch.vectors) else self.broken
@@ -156,15 +175,16 @@ class HeldOutCheck:
     @torch.no_grad()
     def kl(self, with_patch: bool = True) -> float:
         total = 0.0
-        for i in range(0, len(self.rows), 2):
-            batch = self.teacher(self.rows[i : i + 2])
+        for i in range(0, len(self.sequences), 2):
+            batch = self.teacher(self.sequences[i : i + 2])
             patch = self.patch if with_patch else contextlib.nullcontext()
             total += self.teacher.loss(batch, self.ablation, patch).item() * int(batch[1].sum())
         return total / self.tokens
 
-    def update(self, step: int, diverged: bool = False) -> bool:
-        """Check the current patch at `step`; True when it does worse than none (the caller backs off: the best
-        patch is back in place)."""
+    def update(self, step: int, diverged: bool = False, back_off: bool = True) -> bool:
+        """Check the current patch at `step`; True when it does worse than none: the best patch is back in place,
+        and with `back_off` (a first-order run, which trains on from it) a back-off is counted and the lr scale
+        cut. L-BFGS checks once, at its end, and trains no further: back_off=False."""
         value = math.inf if diverged else self.kl()
         if value < self.state["best"]:
             self.state.update(best=value, best_step=step, vectors=[v.detach().cpu().clone() for v in self.patch.vectors])
@@ -172,8 +192,9 @@ class HeldOutCheck:
         if math.isfinite(value) and value <= self.state["broken"]:
             return False
         self.restore_best()
-        self.state["backoffs"] += 1
-        self.state["lr_scale"] *= BACKOFF
+        if back_off:
+            self.state["backoffs"] += 1
+            self.state["lr_scale"] *= BACKOFF
         return True
 
     def restore_best(self) -> None:
