@@ -103,7 +103,7 @@ def test_measure_counts_each_condition_apart(ids):
 def test_chunked_training_loss_and_gradient_equal_whole_logits(cached, monkeypatch):
     """The repair's KL and its gradient through the patch, over chunks of 3 tokens (checkpointed) and from the
     whole logits, agree to 1e-6 relative; the teacher's cached (fp16) targets too."""
-    import superweight.engine.objective as distill
+    import superweight.engine.objective as objective
     from superweight.engine.config import RECIPES
 
     model = tiny.planted((1, 3, 5))
@@ -114,7 +114,7 @@ def test_chunked_training_loss_and_gradient_equal_whole_logits(cached, monkeypat
 
     def loss_and_grad():
         prefix = Prefix(model, 1)
-        teacher = distill.Teacher(model, prefix, seqs, mask, cfg, keep=cached)
+        teacher = objective.Teacher(model, prefix, seqs, mask, cfg, keep=cached)
         patch = RowPatch(model, [(1, 3)], [torch.randn(tiny.tiny_model().config.intermediate_size,
                                                        generator=torch.Generator().manual_seed(1))])
         patch.vectors[0].requires_grad_(True)
@@ -124,9 +124,9 @@ def test_chunked_training_loss_and_gradient_equal_whole_logits(cached, monkeypat
         return loss.item(), patch.vectors[0].grad.clone()
 
     vocab = model.get_output_embeddings().weight.shape[0]
-    monkeypatch.setattr(distill, "CHUNK_BUDGET", vocab * 4 * 4 * 3)
+    monkeypatch.setattr(objective, "CHUNK_BUDGET", vocab * 4 * 4 * 3)
     small = loss_and_grad()
-    monkeypatch.setattr(distill, "head_of", lambda _m: None)
+    monkeypatch.setattr(objective, "head_of", lambda _m: None)
     whole = loss_and_grad()
     assert small[0] == pytest.approx(whole[0], rel=1e-6) and whole[0] > 1e-3
     torch.testing.assert_close(small[1], whole[1], rtol=1e-5, atol=1e-6 * whole[1].abs().max().item())
