@@ -135,7 +135,7 @@ def test_version_3_records_get_the_engine_s_union():
 
     raw = json.loads((V3 / "run" / "results.json").read_text())
     assert raw["schema_version"] == 3 and raw["config"]["optimizer"] == "lbfgs" and "check_rows" in raw["config"]
-    record = read_record(V3 / "run")
+    record = RunDir(V3 / "run").record()
     assert record.schema_version == SCHEMA_VERSION and isinstance(record.config, LbfgsConfig)
     assert record.config.max_evals == raw["config"]["steps"] and record.config.budget == 6
     assert record.config.check_sequences == raw["config"]["check_rows"]
@@ -143,7 +143,7 @@ def test_version_3_records_get_the_engine_s_union():
     assert not {"schedule", "warmup", "weight_decay", "steps"} & set(record.config.model_dump())
     unchanged = {k: v for k, v in raw.items() if k != "config"} | {"schema_version": SCHEMA_VERSION}
     assert {k: v for k, v in migrate(raw).items() if k != "config"} == unchanged
-    assert read_record(V2 / "run").config == record.config  # the same run, read from either version
+    assert RunDir(V2 / "run").record().config == record.config  # the same run, read from either version
 
 
 def test_records_that_cannot_be_read_are_one_error_line(tmp_path, repair_runs):
