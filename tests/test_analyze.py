@@ -17,12 +17,12 @@ from superweight.core.intervene import Ablation, Compose, RowPatch
 from superweight.errors import SuperweightError
 from superweight.io import corpora
 from superweight.io.patchfile import save_patch
-from superweight.io.record import SparsityPoint, smallest_k
+from superweight.schema.record import SparsityPoint, smallest_k
 from superweight.io.rundir import RunDir
 from superweight.measure.geometry import geometry
 from superweight.measure.metrics import Scoring, measure
 from superweight.core.conditions import CONTRIB_K, TOP_K
-from superweight.io.record import Metrics
+from superweight.schema.record import Metrics
 from superweight.measure.recovery import scored
 from superweight.measure.sparsity import SparsitySearch, powers_of_two
 from superweight.measure.views import logit_lens

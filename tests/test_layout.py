@@ -22,7 +22,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "superweight"
 # (the settings models' base) and progress (the progress protocol) are used at every layer.
 # engine (the repair engine) serves the stages from their layer; its settings (engine.config) sit with io, because
 # the record, config.json and checkpoints persist them.
-LAYERS = {"errors": 0, "display": 0, "settings": 0, "progress": 0, "": 0, "core": 1, "io": 2, "known": 2,
+LAYERS = {"errors": 0, "display": 0, "settings": 0, "progress": 0, "": 0, "core": 1, "io": 2, "schema": 2, "known": 2,
           "measure": 3, "stages": 4, "engine": 4, "report": 4, "cli": 5, "api": 5, "api_tools": 5, "api_runs": 5}
 MODULE_LAYERS = {"superweight.engine.config": 2}
 MAX_LINES = 400

@@ -16,10 +16,10 @@ from superweight.core.intervene import Ablation, Compose, ExpertPrune, RowPatch,
 from superweight.core.patching import apply_patch, merge_into_weights
 from superweight.errors import CoordinateError, UnsupportedArchitectureError, UsageError
 from superweight.io import corpora
-from superweight.io.detectrecord import Candidate
+from superweight.schema.detect import Candidate
 from superweight.io.patchfile import load_patch, save_patch
 from superweight.io.peft import adapter_tensors
-from superweight.io.record import DetectSummary, RowGeometry
+from superweight.schema.record import DetectSummary, RowGeometry
 from superweight.measure.metrics import measure
 from superweight.measure.recovery import recovery
 from superweight.stages import detect

@@ -336,7 +336,7 @@ def test_a_killed_run_continues_with_resume(planted_dir, tmp_path, monkeypatch):
 
 def test_json_is_strict_a_nan_is_null_and_named(tmp_path, caplog):
     from superweight.io.files import write_json
-    from superweight.io.record import Metrics
+    from superweight.schema.record import Metrics
     from superweight.measure.recovery import recovery
 
     write_json(tmp_path / "x.json", {"a": [1.0, float("nan")], "b": {"c": float("inf")}})

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from superweight.errors import SuperweightError
-from superweight.io.record import smallest_k
+from superweight.schema.record import smallest_k
 from superweight.io.rundir import RunDir
 from superweight.report import compare_rows, write_report
 from superweight.report.format import num, pct, ppl

@@ -14,8 +14,8 @@ from typer.testing import CliRunner
 
 from superweight.cli import app
 from superweight.errors import SuperweightError
-from superweight.io.migrate import migrate
-from superweight.io.record import SCHEMA_VERSION, RunRecord
+from superweight.schema.migrate import migrate
+from superweight.schema.record import SCHEMA_VERSION, RunRecord
 from superweight.io.rundir import RunDir
 from superweight.report import terminal, write_report
 

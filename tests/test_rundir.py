@@ -10,7 +10,7 @@ import pytest
 
 from superweight.errors import SuperweightError, UsageError
 from superweight.io.corpora import Bos
-from superweight.io.runconfig import RunConfig
+from superweight.schema.runconfig import RunConfig
 from superweight.io.rundir import CHECKPOINT, REPORT_HTML, RunDir
 from superweight.engine.config import RECIPES
 

@@ -10,10 +10,10 @@ from pydantic import ValidationError
 
 from superweight.errors import SuperweightError, UsageError
 from superweight.io import corpora
-from superweight.io.migrate import migrate
+from superweight.schema.migrate import migrate
 from superweight.io.placement import Placement
-from superweight.io.record import SCHEMA_VERSION
-from superweight.io.runconfig import PatchConfig, RunConfig, parse
+from superweight.schema.record import SCHEMA_VERSION
+from superweight.schema.runconfig import PatchConfig, RunConfig, parse
 from superweight.progress import SILENT, EachStep, Prefixed, Progress
 from superweight.settings import build, error_line, revalidated
 from superweight.stages.detect import DetectConfig
@@ -185,7 +185,7 @@ def test_an_error_in_a_record_names_no_option(capsys):
     import typer
 
     from superweight.cli.common import errors
-    from superweight.io.record import Scored
+    from superweight.schema.record import Scored
     from superweight.settings import file_error_line, is_settings_error
 
     with pytest.raises(ValidationError) as option:

@@ -11,7 +11,7 @@ from superweight.core.arch import down_projection
 from superweight.core.coords import WeightCoord
 from superweight.core.intervene import Ablation, Compose, RowPatch
 from superweight.io.corpora import Bos
-from superweight.io.sinkrecord import SinkCondition, SinkLayer
+from superweight.schema.sinks import SinkCondition, SinkLayer
 from superweight.measure.sinks import SINK_THRESHOLD, eager_attention, sink_view, summarize
 from tiny import FAMILIES, assert_identical, hook_count, planted, snapshot, tiny_model
 

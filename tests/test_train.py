@@ -357,7 +357,7 @@ def test_a_fresh_run_starts_a_fresh_log(tmp_path, seqs):
 # ------------------------------------------------------------------------------- never worse than no patch
 
 def test_verdicts():
-    from superweight.io.record import Recovery
+    from superweight.schema.record import Recovery
     from superweight.measure.recovery import verdict_of
 
     assert verdict_of(Recovery(nll_gap=0.99, kl=0.95)) == "repaired"

@@ -43,12 +43,12 @@ from superweight.core.patching import PatchData
 from superweight.display import RENDERERS
 from superweight.errors import SuperweightError, UsageError
 from superweight.io.corpora import Bos
-from superweight.io.comprecord import Compensation
+from superweight.schema.compensation import Compensation
 from superweight.io.corpora import DEFAULT_CORPUS  # noqa: F401 (the CLI's default)
 from superweight.io.models import DEFAULT_MODEL, Loaded
 from superweight.io.patch import Patch  # noqa: F401 (the API's name)
-from superweight.io.quantrecord import QuantResult
-from superweight.io.record import RunRecord
+from superweight.schema.quantize import QuantResult
+from superweight.schema.record import RunRecord
 from superweight.io.rundir import RunDir
 from superweight.report import CompareRow, Comparison, compare_rows, notebook
 from superweight.io.placement import Placement

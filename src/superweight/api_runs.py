@@ -19,7 +19,7 @@ from pathlib import Path
 
 from superweight.api_tools import Later, held
 from superweight.io.models import DEFAULT_MODEL, Loaded
-from superweight.io.record import RunRecord
+from superweight.schema.record import RunRecord
 from superweight.io.rundir import RunDir
 from superweight.settings import build
 from superweight.stages.analyze import AnalyzeConfig

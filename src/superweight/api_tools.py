@@ -31,8 +31,8 @@ from superweight.io.files import check_writable, write_json  # noqa: F401 (the C
 from superweight.io.models import DEFAULT_MODEL, Loaded
 from superweight.io.patch import Patch, check_targets, export_model
 from superweight.io.placement import Placement
-from superweight.io.quantrecord import QuantResult
-from superweight.io.record import RunRecord
+from superweight.schema.quantize import QuantResult
+from superweight.schema.record import RunRecord
 from superweight.known import Info, model_info
 from superweight.settings import build
 from superweight.stages.census import CENSUS_CSV, CENSUS_MD, CensusOutcome  # noqa: F401 (the census's tables)

@@ -38,7 +38,7 @@ class PatchData:
     rows: list[tuple[int, int]]
     vectors: list[torch.Tensor]
     ablated: list[WeightCoord]
-    config: Any  # io/runconfig.PatchConfig (fingerprint, model, spec, recipe, ...): io sits above core
+    config: Any  # schema/runconfig.PatchConfig (fingerprint, model, spec, recipe, ...): io sits above core
 
 
 def fingerprint(model: nn.Module, layers: list[int]) -> str:

@@ -26,7 +26,7 @@ from typing import Annotated, ClassVar, Literal
 from pydantic import Field, TypeAdapter, ValidationError
 
 from superweight.errors import UsageError
-from superweight.io.recordbase import Record
+from superweight.schema.base import Record
 from superweight.settings import error_line
 
 

@@ -31,7 +31,7 @@ from torch.utils.checkpoint import checkpoint
 from superweight.core.arch import input_device
 from superweight.core.head import CHUNK_BUDGET, Head, chunk_tokens, head_of, trunk
 from superweight.core.prefix import Prefix
-from superweight.io.record import Check
+from superweight.schema.record import Check
 
 BACKOFF = 0.2  # lr factor after a patch checked worse than none
 

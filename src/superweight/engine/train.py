@@ -35,7 +35,7 @@ from superweight.engine.optimize import Fit, first_order, lbfgs, make_optimizer
 from superweight.engine.patch import SpacePatch, space_units
 from superweight.errors import UsageError
 from superweight.io import checkpoint, corpora
-from superweight.io.record import Training
+from superweight.schema.record import Training
 from superweight.progress import Progress, or_silent
 from superweight.stages import distributed
 

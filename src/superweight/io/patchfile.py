@@ -24,7 +24,7 @@ from superweight.core.patching import PatchData, fingerprint
 from superweight.errors import SuperweightError
 from superweight.io import files
 from superweight.io.provenance import provenance
-from superweight.io.runconfig import PATCH_CONFIG_VERSION, PatchConfig, lift
+from superweight.schema.runconfig import PATCH_CONFIG_VERSION, PatchConfig, lift
 from superweight.settings import file_error_line
 
 PATCH_FILE = "patch.safetensors"
@@ -52,7 +52,7 @@ def save_patch(run_dir: Path, model: nn.Module, patch: RowPatch, ablated: list[W
 
 def as_patch_data(model: nn.Module, patch: RowPatch, ablated: list[WeightCoord], meta: dict) -> PatchData:
     """A trained RowPatch as the PatchData its files hold, in memory: the vectors (fp32, CPU) and their config
-    (io/runconfig.PatchConfig); `meta` holds PatchConfig's fields about how it was made (model, spec, recipe, config,
+    (schema/runconfig.PatchConfig); `meta` holds PatchConfig's fields about how it was made (model, spec, recipe, config,
     and `excluded`: per row the columns training held at 0, which later training on the patch, `sparsify`, holds
     there too)."""
     layers = [r[0] for r in patch.rows] + [c.layer for c in ablated]

@@ -6,7 +6,7 @@ RUN_DIR/
   train_log.jsonl    one line per step: step, loss, lr, seconds (io/checkpoint.py reads and writes it)
   checkpoints/last.pt
   patch.safetensors + patch_config.json   (io/patchfile.py)
-  results.json       the run record (io/record.py), which each stage extends (docs/results.md)
+  results.json       the run record (schema/record.py), which each stage extends (docs/results.md)
   detect.json        the full detection (`superweight run`)
   report.md, report.html, plots/*.png
   .superweight.lock, .superweight.lock.json   while a command writes here (io/lock.py: one writer at a time)
@@ -35,9 +35,9 @@ from superweight.errors import SuperweightError, UsageError
 from superweight.io.corpora import Bos
 from superweight.io.files import check_writable, read_json, write_json
 from superweight.io.lock import LOCK, hold_dir
-from superweight.io.migrate import parse
-from superweight.io.record import RunRecord
-from superweight.io.runconfig import RunConfig, parse as parse_settings
+from superweight.schema.migrate import parse
+from superweight.schema.record import RunRecord
+from superweight.schema.runconfig import RunConfig, parse as parse_settings
 
 CONFIG = "config.json"
 RESULTS = "results.json"
@@ -146,7 +146,7 @@ class RunDir:
         return parse_settings(RunConfig, read_json(self.path / CONFIG, "run settings"), str(self.path / CONFIG))
 
     def record(self) -> RunRecord:
-        """The run record in results.json, lifted to the current schema (io/migrate.py)."""
+        """The run record in results.json, lifted to the current schema (schema/migrate.py)."""
         path = self.path / RESULTS
         if not path.is_file():
             raise SuperweightError(f"no results.json in {self.path}: run `superweight repair --out {self.path}` first")

@@ -28,7 +28,7 @@ from superweight.core.arch import down_projection
 from superweight.core.coords import WeightCoord, make_row, row_of, site, split_row
 from superweight.core.reparam import neuron_balance
 from superweight.errors import UnsupportedArchitectureError
-from superweight.io.record import ColGeometry, PatchGeometry, RowGeometry
+from superweight.schema.record import ColGeometry, PatchGeometry, RowGeometry
 
 
 def _cos(a: torch.Tensor, b: torch.Tensor) -> float:

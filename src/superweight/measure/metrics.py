@@ -30,7 +30,7 @@ from superweight.errors import UsageError
 from superweight.io.corpora import NO_BOS, Bos, Window, windows as make_windows, with_bos
 from superweight.io.models import model_id
 from superweight.io.provenance import provenance
-from superweight.io.record import Metrics, Protocol
+from superweight.schema.record import Metrics, Protocol
 
 
 class _Acc:

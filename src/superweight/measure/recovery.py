@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 from superweight.core.conditions import BROKEN
-from superweight.io.record import Metrics, Recovery, Scored, Verdict
+from superweight.schema.record import Metrics, Recovery, Scored, Verdict
 
 REPAIRED = 0.9  # both recoveries at least this: "repaired"
 # An ablation whose KL to the intact model is at most this (nats/token) did no measurable damage: the two models

@@ -40,7 +40,7 @@ from superweight.core.intervene import Intervention, NoIntervention, Trace, hidd
 from superweight.core.prefix import Prefix
 from superweight.errors import UnsupportedArchitectureError
 from superweight.io.corpora import NO_BOS, Bos, windows as make_windows, with_bos
-from superweight.io.sinkrecord import SinkCondition, SinkLayer, Sinks
+from superweight.schema.sinks import SinkCondition, SinkLayer, Sinks
 
 SINK_THRESHOLD = 0.3  # a head "has a sink" when its mean attention mass on the sink tokens exceeds this
 MASSIVE_FRACTION = 0.5  # sink tokens: |residual[..., row]| >= this fraction of the window's largest

@@ -17,7 +17,7 @@ from superweight.core.coords import site, split_row
 from superweight.core.intervene import Ablation
 from superweight.core.patching import PatchData, patched
 from superweight.io.corpora import NO_BOS, Bos
-from superweight.io.record import Metrics, RandomScored, Scored, SparsityPoint
+from superweight.schema.record import Metrics, RandomScored, Scored, SparsityPoint
 from superweight.measure.inputs import down_inputs
 from superweight.measure.recovery import scored
 

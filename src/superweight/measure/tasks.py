@@ -24,7 +24,7 @@ import torch
 from superweight.core.intervene import Intervention, NoIntervention
 from superweight.errors import SuperweightError, UsageError
 from superweight.io.models import Loaded
-from superweight.io.record import TaskResults, TaskScore
+from superweight.schema.record import TaskResults, TaskScore
 from superweight.progress import Progress
 
 INSTALL = "pip install -e '.[lm-eval]'"

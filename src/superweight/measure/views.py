@@ -14,7 +14,7 @@ from torch import nn
 
 from superweight.core.arch import final_norm
 from superweight.core.conditions import SCALE
-from superweight.io.record import (
+from superweight.schema.record import (
     Context, LensToken, LogitLens, Neuron, PatchOutput, SweepPoint, Tokens, TokenRise, TokenSum, WriteNeuron,
 )
 

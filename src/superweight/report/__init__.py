@@ -17,8 +17,8 @@ from pathlib import Path
 
 from superweight.io.checkpoint import read_train_log
 from superweight.io.files import write_atomic
-from superweight.io.quantrecord import read_quantize
-from superweight.io.record import RunRecord, smallest_k
+from superweight.schema.quantize import read_quantize
+from superweight.schema.record import RunRecord, smallest_k
 from superweight.io.rundir import PLOTS, REPORT_HTML, REPORT_MD, RunDir
 from superweight.report.compare import CompareRow, Comparison, compare_rows
 from superweight.report.plots import draw_plots, save_quantize_plot

@@ -8,7 +8,7 @@ from pydantic import BaseModel
 
 from superweight.display import Shown
 from superweight.measure.geometry import regime_of
-from superweight.io.record import smallest_k
+from superweight.schema.record import smallest_k
 from superweight.io.rundir import RunDir
 
 

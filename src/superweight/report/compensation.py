@@ -1,6 +1,6 @@
 """Restoration or compensation in the report, the terminal and a notebook: the headline's regime sentences,
 the compensation frontier's section (a table, the neurons each point writes through, a figure) and its terminal
-table. The numbers come from the record (io/comprecord.py); stages/compensate.py makes them."""
+table. The numbers come from the record (schema/compensation.py); stages/compensate.py makes them."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from rich import box
 from rich.table import Table
 from rich.text import Text
 
-from superweight.io.record import RunRecord
+from superweight.schema.record import RunRecord
 from superweight.measure.geometry import regime_of
 from superweight.report.format import num, pct, tok, vis
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from rich.table import Table
 from rich.text import Text
 
-from superweight.io.record import RunRecord
+from superweight.schema.record import RunRecord
 from superweight.report import report_blocks, terminal
 from superweight.report.format import num, pct, ppl, rec
 from superweight.report.compensation import compensation_blocks

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from superweight.io.files import write_atomic
-from superweight.io.record import RunRecord
+from superweight.schema.record import RunRecord
 
 
 def _figure(ncols: int = 1):
@@ -180,7 +180,7 @@ def save_sweep_plot(result, path) -> Path:
 
 
 def quantize_figure(result):
-    """PPL against block size (log y), a line per condition, a panel per bit width (result: io.quantrecord)."""
+    """PPL against block size (log y), a line per condition, a panel per bit width (result: schema.quantize)."""
     figs = result.report.figures
     if not figs:
         return None

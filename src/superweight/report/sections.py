@@ -6,7 +6,7 @@ renderers (render.py) escape it. Each section appears only when its stage has ru
 
 from __future__ import annotations
 
-from superweight.io.record import RunRecord, smallest_k
+from superweight.schema.record import RunRecord, smallest_k
 from superweight.measure.grade import GRADES, grade_words
 from superweight.report.compensation import compensation_section, regime_sentences
 from superweight.report.format import DASH, NO_DAMAGE, interval, num, pct, ppl, rec, tok, value, vis
@@ -386,7 +386,7 @@ def _protocol(r: RunRecord, plots) -> list:
 
 
 def quantize_section(q, plots) -> list:
-    """`run --quantize` (io/quantrecord.QuantResult): the table, the figure and what changed the super weight."""
+    """`run --quantize` (schema/quantize.QuantResult): the table, the figure and what changed the super weight."""
     rows = [[x.name, ppl(x.ppl), num(x.kl), pct(x.top1_agree), pct(x.recovery.nll_gap) if x.recovery else "-",
              f"{x.n_clipped:,}", str(x.n_kept), f"{x.effective_bits:.3f}"] for x in q.rows + q.patched_rows]
     rows += [[a.name, ppl(a.ppl), num(a.kl), pct(a.top1_agree), pct(a.recovery.nll_gap) if a.recovery else "-",

@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from superweight.io.record import RunRecord, SparseTraining, smallest_k
+from superweight.schema.record import RunRecord, SparseTraining, smallest_k
 from superweight.measure.grade import GRADES, grade_words
 from superweight.report.compare import CompareRow
 from superweight.report.format import NO_DAMAGE, rec

@@ -31,7 +31,7 @@ from superweight.core.prefix import first_edited_layer
 from superweight.io import corpora
 from superweight.io.models import Loaded
 from superweight.io.patchfile import load_patch
-from superweight.io.record import Analysis, RunRecord
+from superweight.schema.record import Analysis, RunRecord
 from superweight.io.rundir import RunDir
 from superweight.measure.geometry import geometry, neuron_writes
 from superweight.measure.inputs import seen_ids

@@ -32,10 +32,10 @@ from superweight.core.intervene import Ablation, intact_values
 from superweight.core.patching import check_fits, patched
 from superweight.core.prefix import first_edited_layer
 from superweight.io import corpora
-from superweight.io.comprecord import Compensation, CompensationPoint, RegimeResult, WriteContext, Writer
+from superweight.schema.compensation import Compensation, CompensationPoint, RegimeResult, WriteContext, Writer
 from superweight.io.models import Loaded
 from superweight.io.patchfile import load_patch
-from superweight.io.record import RunRecord
+from superweight.schema.record import RunRecord
 from superweight.io.rundir import RunDir
 from superweight.measure.geometry import geometry, neuron_writes, regime_of
 from superweight.measure.inputs import down_inputs, seen_ids

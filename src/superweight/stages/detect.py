@@ -41,8 +41,8 @@ from superweight.core.intervene import Ablation, Trace
 from superweight.display import Shown
 from superweight.errors import UsageError
 from superweight.io import corpora
-from superweight.io.detectrecord import Candidate
-from superweight.io.record import Metrics, Protocol
+from superweight.schema.detect import Candidate
+from superweight.schema.record import Metrics, Protocol
 from superweight.measure.grade import grade
 from superweight.measure.inputs import input_maxima
 from superweight.measure.metrics import Scoring, measure, n_scored, protocol_of

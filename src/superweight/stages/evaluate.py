@@ -17,7 +17,7 @@ from superweight.core.patching import PatchData, check_fits, patched
 from superweight.display import Shown
 from superweight.io import corpora
 from superweight.io.models import Loaded
-from superweight.io.record import Metrics, Protocol, TaskResults
+from superweight.schema.record import Metrics, Protocol, TaskResults
 from superweight.measure import generate
 from superweight.measure.metrics import Scoring, measure, n_scored, protocol_of
 from superweight.measure.tasks import TaskSpec, run_tasks

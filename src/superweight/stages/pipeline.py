@@ -24,7 +24,7 @@ from superweight.errors import SuperweightError
 from superweight.io import corpora
 from superweight.io.files import write_json
 from superweight.io.models import Loaded
-from superweight.io.record import CostAccount, DetectSummary, RunRecord, StageCost
+from superweight.schema.record import CostAccount, DetectSummary, RunRecord, StageCost
 from superweight.io.rundir import DETECT, RunDir
 from superweight.progress import Prefixed, Progress, or_silent
 from superweight.settings import Settings, revalidated
@@ -106,7 +106,7 @@ def _stages(loaded: Loaded, out: Path, job: PipelineJob, progress: Progress, sta
         with stages("sparsify"):
             record = run_sparsify(loaded, out, SparsifyConfig(tokens=job.analysis_tokens), progress, record)
     if job.quantize:
-        from superweight.io.quantrecord import QUANTIZE_FILE
+        from superweight.schema.quantize import QUANTIZE_FILE
         from superweight.stages.quantize import QuantizeConfig, run_quantize
 
         with stages("quantize"):

@@ -32,7 +32,7 @@ from superweight.core.quant import Clip, QuantSpec, check_blocks, check_levels, 
 from superweight.errors import UnsupportedArchitectureError
 from superweight.io import corpora
 from superweight.io.models import Loaded
-from superweight.io.quantrecord import ActRow, KeptWeight, QuantFigure, QuantReport, QuantResult, QuantRow
+from superweight.schema.quantize import ActRow, KeptWeight, QuantFigure, QuantReport, QuantResult, QuantRow
 from superweight.measure.metrics import Scoring, measure, n_scored, protocol_of
 from superweight.measure.recovery import recovery
 from superweight.measure.tasks import TaskSpec

@@ -4,7 +4,7 @@
     record, patch = run_repair(loaded, [coord], [(11, 507)], Path("runs/x"), job)
     record, patch = run_repair(loaded, [coord], [(11, 507)], None, job)     # in memory: nothing is written
 
-With a run directory (io/rundir.RunDir) it writes config.json (io/runconfig.RunConfig), train_log.jsonl,
+With a run directory (io/rundir.RunDir) it writes config.json (schema/runconfig.RunConfig), train_log.jsonl,
 checkpoints/last.pt, patch.safetensors + patch_config.json and results.json (base / broken / patched metrics,
 recovery, training, baselines, patch geometry) there.
 """
@@ -32,9 +32,9 @@ from superweight.io import corpora
 from superweight.io.models import Loaded, model_id
 from superweight.core.patching import PatchData
 from superweight.io.patchfile import as_patch_data, write_patch
-from superweight.io.comprecord import Exclusion
-from superweight.io.record import Baseline, RunRecord, Seeds, SeedScores
-from superweight.io.runconfig import RunConfig
+from superweight.schema.compensation import Exclusion
+from superweight.schema.record import Baseline, RunRecord, Seeds, SeedScores
+from superweight.schema.runconfig import RunConfig
 from superweight.io.rundir import RunDir
 from superweight.measure import generate
 from superweight.measure.geometry import geometry, rms

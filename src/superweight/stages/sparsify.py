@@ -37,7 +37,7 @@ from superweight.core.prefix import first_edited_layer
 from superweight.io import corpora
 from superweight.io.models import Loaded
 from superweight.io.patchfile import load_patch
-from superweight.io.record import RunRecord, SparseTraining
+from superweight.schema.record import RunRecord, SparseTraining
 from superweight.io.rundir import RunDir
 from superweight.measure.geometry import geometry
 from superweight.measure.metrics import Scoring, measure, protocol_of

@@ -15,7 +15,7 @@ from superweight.core.coords import WeightCoord
 from superweight.core.intervene import Ablation, Spread
 from superweight.io import corpora
 from superweight.io.models import Loaded
-from superweight.io.record import Metrics, Protocol, SweepPoint
+from superweight.schema.record import Metrics, Protocol, SweepPoint
 from superweight.measure import generate
 from superweight.measure.metrics import Scoring, measure, n_scored, protocol_of
 from superweight.progress import Progress, or_silent

@@ -1,4 +1,4 @@
-"""Reading run records of older versions: lift them to the current schema (io/record.py), or refuse in one line.
+"""Reading run records of older versions: lift them to the current schema (schema/record.py), or refuse in one line.
 
     record = parse(json.loads(text), "runs/x/results.json")     # what io/rundir.RunDir.record does
 """
@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from superweight.core.conditions import SCALE
 from superweight.errors import SuperweightError
 from superweight.engine.config import FLAT_DEFAULTS, upgrade_config
-from superweight.io.record import SCHEMA_VERSION, RunRecord
+from superweight.schema.record import SCHEMA_VERSION, RunRecord
 from superweight.settings import file_error_line
 
 # What to do with a results.json that does not fit the record (hand-edited, or written by another version).

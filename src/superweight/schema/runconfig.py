@@ -16,7 +16,7 @@ from typing import Any
 from pydantic import Field, ValidationError
 
 from superweight.errors import SuperweightError
-from superweight.io.recordbase import Record
+from superweight.schema.base import Record
 from superweight.engine.config import RepairConfig, upgrade_config
 from superweight.settings import file_error_line
 

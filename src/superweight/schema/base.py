@@ -1,5 +1,5 @@
 """The base of every part of the run record: unknown keys are an error (a typo or a drifted writer shows at once).
-Its own module so the record's parts can live in several (io/record.py, io/trainrecord.py, io/sinkrecord.py)."""
+Its own module so the record's parts can live in several (schema/record.py, schema/training.py, schema/sinks.py)."""
 
 from __future__ import annotations
 

@@ -1,12 +1,12 @@
 """The mechanism view's part of the run record (`analyze`, measure/sinks.py): per layer, the attention sink, the
-residual norm and the attention entropy under base, broken and patched. Beside io/record.py, which is at the
+residual norm and the attention entropy under base, broken and patched. Beside schema/record.py, which is at the
 layout's length limit and imports `Sinks` from here; docs/results.md says what each key means."""
 
 from __future__ import annotations
 
 from pydantic import Field
 
-from superweight.io.recordbase import Record as _Part
+from superweight.schema.base import Record as _Part
 
 
 class SinkCondition(_Part):

@@ -1,5 +1,5 @@
 """The typed result of `superweight quantize` (stages/quantize.py), also stored in a run's results.json by
-`run --quantize`. Beside io/record.py, whose Record, Metrics, Recovery and Protocol it reuses (that module is at
+`run --quantize`. Beside schema/record.py, whose Record, Metrics, Recovery and Protocol it reuses (that module is at
 the layout's length limit)."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from superweight.display import Shown
-from superweight.io.record import Metrics, Protocol, Record, Recovery, TaskResults
+from superweight.schema.record import Metrics, Protocol, Record, Recovery, TaskResults
 
 
 class KeptWeight(Record):

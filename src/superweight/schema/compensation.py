@@ -1,6 +1,6 @@
 """The compensation parts of the run record (docs/results.md): `exclusion` (the columns a repair held at 0),
 `regime` (`run`: the repair without the deleted weight beside the one with it) and `compensation` (the frontier
-of `superweight compensate`). Beside io/record.py, which imports them; stages/compensate.py writes them."""
+of `superweight compensate`). Beside schema/record.py, which imports them; stages/compensate.py writes them."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from typing import Literal
 from pydantic import Field
 
 from superweight.display import Shown
-from superweight.io.recordbase import Record
-from superweight.io.trainrecord import Check
+from superweight.schema.base import Record
+from superweight.schema.training import Check
 
 Regime = Literal["restoration", "compensation"]
 

@@ -13,7 +13,7 @@ version 2 kept `config` as an untyped dict and `recipe` as the name given even w
 version 3 types `config` (one flat RepairConfig) and names the recipe that ran ("lbfgs+steps=100");
 version 4 makes `config` the engine's union (engine/config.py: LbfgsConfig with `max_evals`, FirstOrderConfig with
 `steps`, schedule and warm-up; `check_sequences` for `check_rows`), and names the recipe "lbfgs+max_evals=100".
-io/migrate.py lifts older ones to the current version, or refuses them in one line.
+schema/migrate.py lifts older ones to the current version, or refuses them in one line.
 """
 
 from __future__ import annotations
@@ -25,12 +25,12 @@ from pydantic import Field, PrivateAttr
 
 from superweight.core.conditions import BROKEN, ablated_weights
 from superweight.display import Shown
-from superweight.io.comprecord import Compensation, Exclusion, RegimeResult
-from superweight.io.detectrecord import Candidate
-from superweight.io.recordbase import Record
-from superweight.io.sinkrecord import Sinks
+from superweight.schema.compensation import Compensation, Exclusion, RegimeResult
+from superweight.schema.detect import Candidate
+from superweight.schema.base import Record
+from superweight.schema.sinks import Sinks
 from superweight.engine.config import RepairConfig
-from superweight.io.trainrecord import Check, Training  # noqa: F401 (Check: re-exported, a part of the record)
+from superweight.schema.training import Check, Training  # noqa: F401 (Check: re-exported, a part of the record)
 
 SCHEMA_VERSION = 4
 

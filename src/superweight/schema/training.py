@@ -1,12 +1,12 @@
 """The training part of the run record: `training` (written by engine/train.py: the budget spent, time and the
 held-out check). The record's `config`, the training settings, is engine/config.py's (LbfgsConfig |
-FirstOrderConfig). Beside io/record.py, which imports them; docs/results.md says what each key means."""
+FirstOrderConfig). Beside schema/record.py, which imports them; docs/results.md says what each key means."""
 
 from __future__ import annotations
 
 from pydantic import Field
 
-from superweight.io.recordbase import Record
+from superweight.schema.base import Record
 
 
 class Check(Record):

@@ -1,4 +1,4 @@
-"""A detection candidate, as detect.json and the run record's `detect.candidates` (io/record.DetectSummary) both
+"""A detection candidate, as detect.json and the run record's `detect.candidates` (schema/record.DetectSummary) both
 hold it: one model for both files.
 
     record.detect.candidates[0].kl, record.detect.candidates[0].coord     # WeightCoord(layer=.., row=.., col=..)
@@ -9,7 +9,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from superweight.core.coords import WeightCoord
-from superweight.io.recordbase import Record
+from superweight.schema.base import Record
 
 
 class Candidate(Record):
