@@ -48,8 +48,8 @@ patch_config.json), never accepted loosely.
 - runconfig.py: config.json (`RunConfig`) and patch_config.json (`PatchConfig`).
 - migrate.py: results.json of older versions, lifted one version at a time.
 
-This package sits low (beside io/): it imports core/ types, settings and the engine's settings
-(engine/config.py, which the records hold), never io/, measure/, stages/, report/ or cli/.
+This package sits low (beside io/): it imports core/ types, settings, the engine's settings (engine/config.py,
+which the records hold) and io/files.py (strict JSON), never measure/, stages/, report/ or cli/.
 """
 '''
 
@@ -121,8 +121,9 @@ def readme_map() -> bool:
             keep.append(item)
     order = [MOVES[m] for m in MOVES if MOVES[m] in moved]
     lines[at] = f"|{head}| {' · '.join(keep)} |"
-    lines.insert(at + 1, "| `schema/` | the persisted schemas, one strictness policy (`base.Record`: unknown keys are an "
-                 "error) · " + " · ".join(moved[m] for m in order) + " |")
+    moved["base"] = "`base.py` (`Record`, the one strictness policy: unknown keys are an error)"
+    lines.insert(at + 1, "| `schema/` | the persisted schemas, grouped by meaning · " + " · ".join(moved[m] for m in order)
+                 + " |")
     path.write_text("\n".join(lines), encoding="utf-8")
     return True
 
@@ -133,7 +134,7 @@ def layout_rule() -> bool:
     text = path.read_text(encoding="utf-8")
     if '"schema":' in text or '"io": 2, ' not in text:
         return False
-    path.write_text(text.replace('"io": 2, ', '"io": 2, "schema": 2, ', 1), encoding="utf-8")
+    path.write_text(text.replace('"io": 2, ', '"io": 2, "schema": 2, ', 1), encoding="utf-8")  # then wrap the line
     return True
 
 

@@ -22,8 +22,10 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "superweight"
 # (the settings models' base) and progress (the progress protocol) are used at every layer.
 # engine (the repair engine) serves the stages from their layer; its settings (engine.config) sit with io, because
 # the record, config.json and checkpoints persist them.
-LAYERS = {"errors": 0, "display": 0, "settings": 0, "progress": 0, "": 0, "core": 1, "io": 2, "schema": 2, "known": 2,
-          "measure": 3, "stages": 4, "engine": 4, "report": 4, "cli": 5, "api": 5, "api_tools": 5, "api_runs": 5}
+# schema (the persisted schemas) sits beside io (test_the_schemas_sit_low narrows what it may import).
+LAYERS = {"errors": 0, "display": 0, "settings": 0, "progress": 0, "": 0, "core": 1, "io": 2, "schema": 2,
+          "known": 2, "measure": 3, "stages": 4, "engine": 4, "report": 4, "cli": 5, "api": 5, "api_tools": 5,
+          "api_runs": 5}
 MODULE_LAYERS = {"superweight.engine.config": 2}
 MAX_LINES = 400
 MAX_PARAMETERS = 8
@@ -107,6 +109,16 @@ def test_the_cli_calls_the_library(module):
     # lock, the resume rules, default paths, --bos and loading all live below the CLI, never in a command.
     below = sorted(m for m in imports(module) if m.split(".")[1:2] in (["io"], ["stages"]))
     assert not below, f"{module} imports {below}: go through superweight.api"
+
+
+def test_the_schemas_sit_low():
+    # Persisted schemas import core types, settings, the engine's settings (the records hold them) and strict JSON
+    # reading, nothing that computes or runs: a file's shape does not depend on how it was made.
+    allowed = ("superweight.schema", "superweight.core", "superweight.errors", "superweight.display",
+               "superweight.settings", "superweight.engine.config", "superweight.io.files")
+    for module in (m for m in ALL if m.startswith("superweight.schema")):
+        wrong = sorted(m for m in imports(module) if not m.startswith(allowed))
+        assert not wrong, f"{module} imports {wrong}"
 
 
 def test_no_import_cycles():

@@ -15,6 +15,6 @@ patch_config.json), never accepted loosely.
 - runconfig.py: config.json (`RunConfig`) and patch_config.json (`PatchConfig`).
 - migrate.py: results.json of older versions, lifted one version at a time.
 
-This package sits low (beside io/): it imports core/ types, settings and the engine's settings
-(engine/config.py, which the records hold), never io/, measure/, stages/, report/ or cli/.
+This package sits low (beside io/): it imports core/ types, settings, the engine's settings (engine/config.py,
+which the records hold) and io/files.py (strict JSON), never measure/, stages/, report/ or cli/.
 """

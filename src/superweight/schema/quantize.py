@@ -1,13 +1,18 @@
-"""The typed result of `superweight quantize` (stages/quantize.py), also stored in a run's results.json by
-`run --quantize`. Beside schema/record.py, whose Record, Metrics, Recovery and Protocol it reuses (that module is at
-the layout's length limit)."""
+"""The typed result of `superweight quantize` (stages/quantize.py), also kept in a run directory's quantize.json
+by `run --quantize`. Its own file's schema, so its own module; it reuses the record's Metrics, Recovery and
+Protocol (schema/record.py)."""
 
 from __future__ import annotations
 
-from pydantic import Field
+from pathlib import Path
+
+from pydantic import Field, ValidationError
 
 from superweight.display import Shown
+from superweight.errors import SuperweightError
+from superweight.io.files import read_json  # strict JSON: the one io module a schema reads files through
 from superweight.schema.record import Metrics, Protocol, Record, Recovery, TaskResults
+from superweight.settings import file_error_line
 
 
 class KeptWeight(Record):
@@ -90,15 +95,6 @@ QUANTIZE_FILE = "quantize.json"  # in a run directory: written by `run --quantiz
 
 def read_quantize(run_dir) -> QuantResult | None:
     """A run directory's quantize.json, or None when `run` was not given --quantize."""
-    from pathlib import Path
-
-    from superweight.io.files import read_json
-
-    from pydantic import ValidationError
-
-    from superweight.errors import SuperweightError
-    from superweight.settings import file_error_line
-
     path = Path(run_dir) / QUANTIZE_FILE
     if not path.is_file():
         return None

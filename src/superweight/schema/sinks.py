@@ -1,6 +1,6 @@
 """The mechanism view's part of the run record (`analyze`, measure/sinks.py): per layer, the attention sink, the
-residual norm and the attention entropy under base, broken and patched. Beside schema/record.py, which is at the
-layout's length limit and imports `Sinks` from here; docs/results.md says what each key means."""
+residual norm and the attention entropy under base, broken and patched. schema/record.py holds it as `sinks`;
+docs/results.md says what each key means."""
 
 from __future__ import annotations
 
