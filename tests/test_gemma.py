@@ -57,11 +57,11 @@ def test_default_repair_on_gemma_is_never_worse_and_recovers(gemma):
     from superweight.engine.train import train, training_sequences
 
     coord = parse_coord("0:400:1405")
-    cfg = configure(RECIPES["lbfgs"], budget=6, seq_len=64, train_tokens=1024)
+    cfg = configure(RECIPES["lbfgs"], budget=4, seq_len=64, train_tokens=512)  # patched KL ~0.2x broken (fp32)
     seqs, mask = training_sequences(gemma.tokenizer, "pydoc", cfg, gemma.bos)
     patch, state = train(gemma.model, [coord], [(0, 400)], (seqs, mask), cfg)
     assert state.check is not None and state.check.best_kl < state.check.broken_kl
-    ids = corpora.tokenize(gemma.tokenizer, corpora.load_text("pydoc", "eval"), 256)
+    ids = corpora.tokenize(gemma.tokenizer, corpora.load_text("pydoc", "eval"), 128)
     ab = Ablation(gemma.model, [coord])
     m = measure(gemma.model, ids, {"broken": ab, "patched": Compose(ab, patch)}, max_length=128, bos=gemma.bos)
     assert m["patched"].kl < 0.5 * m["broken"].kl
