@@ -142,8 +142,8 @@ def test_detection_and_repair_are_the_same_on_a_rescaled_embedded_model(smol):
 
     model, tok = smol.model, smol.tokenizer
     loaded = tiny.handle(model, tok, spec="smollm2-135m", source="embedded")
-    cfg = detect.DetectConfig(calib_tokens=256, attribution=None)
-    repair = revalidated(RECIPES["balanced"], steps=4, seq_len=64)
+    cfg = detect.DetectConfig(calib_tokens=128, attribution=None)
+    repair = revalidated(RECIPES["balanced"], steps=4, seq_len=64, train_tokens=512, check_sequences=0)
     seqs, mask = training_sequences(tok, "pydoc", repair)
     a = torch.exp(1.5 * torch.randn(down_projection(model, 11).d_ff, generator=torch.Generator().manual_seed(0)))
 
