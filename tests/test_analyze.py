@@ -11,7 +11,7 @@ import pytest
 import torch
 from rich.console import Console
 
-from superweight.core.arch import down_projection, final_norm
+from superweight.core.arch import decoder_layers, down_projection, final_norm
 from superweight.core.coords import WeightCoord
 from superweight.core.intervene import Ablation, Compose, RowPatch
 from superweight.errors import SuperweightError
@@ -279,3 +279,16 @@ def test_sparsify_trains_sparser_patches_with_stronger_penalties(tmp_path, loade
         assert p["col"] == 7 and p["deleted_value"] == pytest.approx(40.0)
         assert p["norm"] == 0 or abs(p["cos_ablated_direction"] - p["value_at_col"] / p["norm"]) < 1e-6
     assert st["smallest_90"] == next((p for p in st["frontier"] if p["nll_gap"] >= 0.9), None)
+
+
+def test_standalone_repair_and_analyze_count_their_model_work(oracle_run, loaded):
+    """`repair` and `analyze` on their own stamp the record with their cost account (`run` counts them itself):
+    repair trains (backward) and evaluates; analyze adds its stage beside repair's, in the same unit."""
+    _, results = oracle_run
+    cost = results["cost"]
+    assert list(cost["stages"]) == ["repair", "analyze"]
+    repair, analyze = cost["stages"]["repair"], cost["stages"]["analyze"]
+    assert repair["backward"] > 0 and repair["parts"]["eval"] >= 1.0  # base + broken + patched over the eval text
+    assert analyze["backward"] == 0 and analyze["forward"] > 0 and analyze["seconds"] > 0
+    assert cost["layers"] == len(decoder_layers(loaded.model)) and cost["unit"] == cost["eval_tokens"] * cost["layers"]
+    assert cost["total"] == pytest.approx(sum(s["forward"] + s["backward"] for s in cost["stages"].values()))

@@ -41,6 +41,7 @@ from superweight.measure.sparsity import SparsitySearch, contribution_scores
 from superweight.measure.views import TokenStats, logit_lens, neuron_contexts, patch_output, sweep_points
 from superweight.progress import Progress, or_silent
 from superweight.settings import Settings, revalidated
+from superweight.stages.account import eval_tokens_of, own_account
 
 SWEEP_SCALES = (0.5, 0.0, -1.0, 2.0)
 
@@ -58,13 +59,18 @@ def run_analyze(loaded: Loaded, run_dir: Path, cfg: AnalyzeConfig | None = None,
                 record: RunRecord | None = None) -> RunRecord:
     """Analyse the patch of `run_dir` on cfg.tokens eval tokens; writes and returns the updated record. `record`:
     the run's record when the caller holds it (the pipeline), else it is read from `run_dir`; `progress`
-    (superweight.progress.Progress) hears of each view and of the scored tokens."""
+    (superweight.progress.Progress) hears of each view and of the scored tokens. On its own (not inside `run`) it
+    adds its model work to the record's cost account (stages/account.py) under "analyze"."""
     cfg = cfg or AnalyzeConfig()
+    with own_account(loaded.model, "analyze") as stages:
+        return _analyze(loaded, Path(run_dir), cfg, progress, record, stages)
+
+
+def _analyze(loaded: Loaded, run_dir: Path, cfg: AnalyzeConfig, progress, record, stages) -> RunRecord:
     n_tokens, draws, max_length, top_neurons = cfg.tokens, cfg.draws, cfg.max_length, cfg.top_neurons
     progress = or_silent(progress)
     stage = progress.stage
     t0 = time.perf_counter()
-    run_dir = Path(run_dir)
     record = record if record is not None else read_record(run_dir)
     patch = load_patch(run_dir)
     model, tok = loaded.model, loaded.tokenizer
@@ -130,5 +136,9 @@ def run_analyze(loaded: Loaded, run_dir: Path, cfg: AnalyzeConfig | None = None,
         "analysis": Analysis(protocol=protocol, draws=draws, seconds=time.perf_counter() - t0),
     }
     record = RunRecord.model_validate(dict(record) | parts)
+    if stages is not None:
+        fed = record.cost.eval_tokens if record.cost else stages.eval_feed(
+            loaded, record, eval_tokens_of(run_dir, record.protocol.n_tokens))
+        record = revalidated(record, cost=stages.account(fed, before=record.cost))
     write_record(run_dir, record)
     return record

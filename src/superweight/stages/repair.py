@@ -43,6 +43,7 @@ from superweight.measure.recovery import TokenNLL, nll_gap_interval, recovery_of
 from superweight.measure.tasks import TaskSpec, run_tasks
 from superweight.progress import Progress, or_silent
 from superweight.settings import Settings, revalidated
+from superweight.stages.account import own_account
 from superweight.stages.exclusion import parse_excludes, ranking_needed, resolve, top_writers
 from superweight.stages.recipes import RECIPES, RepairConfig, recipe_label
 from superweight.stages.train import Track, train, training_sequences
@@ -120,8 +121,14 @@ def run_repair(
     Everything is checked before the first file is written: the run directory (io/runstate.check_run_dir_for),
     the coordinates and rows, the context length, and the corpus (enough text for one training batch).
     `job.resume` continues from the last checkpoint (step 0 if none was made); on a finished run it returns the
-    record as it is and changes nothing."""
+    record as it is and changes nothing. On its own (not inside `run`) the record gets its cost account
+    (stages/account.py) under "repair"."""
     job = job or RepairJob()
+    with own_account(loaded.model, "repair") as stages:
+        return _repair(loaded, coords, rows, out, job, progress, stages)
+
+
+def _repair(loaded, coords, rows, out, job: RepairJob, progress, stages) -> RunRecord:
     cfg, corpus, max_length, baselines, seeds = job.config, job.corpus, job.max_length, job.baselines, job.seeds
     model, tok = loaded.model, loaded.tokenizer
     progress = or_silent(progress)
@@ -203,6 +210,8 @@ def run_repair(
         recovery=rec, training=state, verdict=verdict_of(rec),
         patch=geometry(model, coords, rows, patch.vectors, originals, inputs), generations=gens, **extra,
     )
+    if stages is not None:
+        record = revalidated(record, cost=stages.account(stages.eval_feed(loaded, record, job.eval_tokens)))
     write_record(out, record)
     return record
 
