@@ -292,3 +292,24 @@ def test_standalone_repair_and_analyze_count_their_model_work(oracle_run, loaded
     assert analyze["backward"] == 0 and analyze["forward"] > 0 and analyze["seconds"] > 0
     assert cost["layers"] == len(decoder_layers(loaded.model)) and cost["unit"] == cost["eval_tokens"] * cost["layers"]
     assert cost["total"] == pytest.approx(sum(s["forward"] + s["backward"] for s in cost["stages"].values()))
+
+
+def test_sweep_on_its_subset_compares_every_scale_on_the_same_tokens(tmp_path, loaded, monkeypatch):
+    """With more analysis tokens than SWEEP_TOKENS the scales run on the first window only: base and scale 0 (the
+    broken model) are read over those same tokens, while the rest of the analysis keeps every token."""
+    import superweight.stages.analyze as analyze
+
+    monkeypatch.setattr(analyze, "SWEEP_TOKENS", 60)
+    run = make_run(tmp_path, loaded, oracle_vector(loaded.model))
+    r = run_analyze(loaded, run, AnalyzeConfig(tokens=256, draws=1, max_length=64, top_neurons=3))
+    sweep = {p.scale: p.metrics for p in r.sweep}
+    assert {m.n_tokens for m in sweep.values()} == {63}  # the first window: 64 - 1 scored tokens
+    assert r.analysis.protocol.n_tokens > 63
+    assert sweep[1.0].kl == 0 and sweep[0.0].kl > sweep[0.5].kl > 0
+    from superweight.measure.metrics import measure
+
+    first = 64 - int(loaded.bos.on)  # the text tokens of the first window
+    ids = corpora.tokenize(loaded.tokenizer, corpora.load_text(r.protocol.corpus, "eval"), 256)[:first]
+    broken = measure(loaded.model, ids, {"broken": Ablation(loaded.model, [COORD])}, max_length=64, bos=loaded.bos)
+    assert sweep[0.0].nll == pytest.approx(broken["broken"].nll, rel=1e-6)
+    assert sweep[1.0].nll == pytest.approx(broken["base"].nll, rel=1e-6)

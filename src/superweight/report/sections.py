@@ -274,7 +274,9 @@ def _sparsity(r: RunRecord, plots) -> list:
 def _sweep(r: RunRecord, plots) -> list:
     if not r.sweep:
         return []
-    return [("h", 2, "Scale sweep")] + _img(plots, "sweep", "PPL against scale") + [_columns(
+    n = r.sweep[0].metrics.n_tokens
+    return [("h", 2, "Scale sweep"), ("p", f"Every scale, base included, on the same {n:,} eval tokens.")] + _img(
+        plots, "sweep", "PPL against scale") + [_columns(
         sorted(r.sweep, key=lambda s: s.scale),
         [("scale", "scale", num), ("NLL", lambda s: s.metrics.nll, num), ("PPL", lambda s: s.metrics.ppl, ppl),
          ("KL", lambda s: s.metrics.kl, num), ("top-1 agree", lambda s: s.metrics.top1_agree, pct),

@@ -44,6 +44,10 @@ from superweight.settings import Settings, revalidated
 from superweight.stages.account import eval_tokens_of, own_account
 
 SWEEP_SCALES = (0.5, 0.0, -1.0, 2.0)
+# The scale sweep is scored on the first eval window (at least this many tokens) and the sink view reads this many
+# tokens (two 256-token windows): their figures and conclusions do not move with more (docs/measurements.md).
+SWEEP_TOKENS = 500
+SINK_TOKENS = 512
 
 
 class AnalyzeConfig(Settings):
@@ -96,11 +100,16 @@ def _analyze(loaded: Loaded, run_dir: Path, cfg: AnalyzeConfig, progress, record
     channels = sorted({(c.layer, c.row) for c in coords})
     share_below = first_edited_layer(coords, patch.rows)
     stats = TokenStats(model.get_output_embeddings().weight.shape[0])
+    # The sweep on its subset only when that is fewer tokens than the rest (a short analysis scores it whole).
+    sweep_tokens = SWEEP_TOKENS if n_scored(ids.numel(), max_length, bos=bos) > SWEEP_TOKENS else None
+    subsets = {c.name: sweep_tokens for c in conditions if c.name.startswith("scale")} if sweep_tokens else None
     stage(f"Analysing: {len(conditions)} conditions", n_scored(ids.numel(), max_length, bos=bos))
     with part("conditions"):
         metrics = measure(model, ids, interventions(conditions), channels, max_length, bos=bos,
-                          scoring=Scoring(share_below=share_below, progress=progress.advance, observe=stats))
-    metrics |= {SCALE.name(s=s): metrics[name] for s, name in same.items()}
+                          scoring=Scoring(share_below=share_below, progress=progress.advance, observe=stats,
+                                          subsets=subsets))
+    metrics |= {SCALE.name(s=s): metrics[f"{name}@{sweep_tokens}" if sweep_tokens else name]
+                for s, name in same.items()}
     while more := search.next(metrics):  # the sparsity search's further rounds (measure/sparsity.py)
         stage(f"Sparsity search: {len(more)} conditions", None)
         with part("sparsity search"):
@@ -111,7 +120,7 @@ def _analyze(loaded: Loaded, run_dir: Path, cfg: AnalyzeConfig, progress, record
     stage("Mechanism view: attention sinks", None)
     with part("sinks"):
         sinks = sink_view(model, ids, interventions([broken, fixed]), (first.layer, first.row), bos,
-                          window=min(WINDOW, max_length), share_below=share_below)
+                          window=min(WINDOW, max_length), max_tokens=SINK_TOKENS, share_below=share_below)
     stage("Token and neuron views", None)
     (layer, row, _expert), vector = split_row(patch.rows[0]), patch.vectors[0].float()
     x, positions = inputs[site(patch.rows[0])]
@@ -131,7 +140,7 @@ def _analyze(loaded: Loaded, run_dir: Path, cfg: AnalyzeConfig, progress, record
         "tokens": stats.summary(tok, logit_lens(model, tok, layer, row)),
         "neurons": neuron_contexts(tok, seen, x, positions, vector, neurons),
         "patch_output": patch_output(tok, seen, x, positions, vector, col, deleted),
-        "sweep": sweep_points(metrics, SWEEP_SCALES),
+        "sweep": sweep_points(metrics, SWEEP_SCALES, sweep_tokens),
         "sinks": sinks,
         "analysis": Analysis(protocol=protocol, draws=draws, seconds=time.perf_counter() - t0),
     }

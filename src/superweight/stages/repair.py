@@ -95,7 +95,14 @@ RANDOM_DRAWS = 3
 # Baselines are scored on the first eval window (at least this many tokens), beside base and broken over the
 # same tokens, with a 95% interval: their conclusions (a control near 0% or 100%) do not need the whole text.
 BASELINE_TOKENS = 500
-OTHER_ROW_SHARE = 4  # the other-row control trains with 1/4 of the recipe's steps
+OTHER_ROW_SHARE = 4  # the other-row control trains with 1/4 of the recipe's steps, at most the patch's own
+
+
+def other_row_steps(cfg, trained_steps: int) -> int:
+    """The other-row control's step cap: a quarter of the recipe's, and no more than the real patch took to reach
+    its recovery (a control given as many loss evaluations as the right row needed; on the embedded model the
+    right row's loss falls 98.6% in 4 of its 8)."""
+    return max(1, min(cfg.steps // OTHER_ROW_SHARE, trained_steps))
 
 
 def _other_row(row: int, d_model: int, seed: int) -> int:
@@ -166,7 +173,8 @@ def _repair(loaded, coords, rows, out, job: RepairJob, progress, stages) -> RunR
     controls = []
     if baselines:
         with part("baselines"):
-            controls = _baselines(model, ablation, rows, (originals, patch), (seqs, mask), cfg, progress)
+            controls = _baselines(model, ablation, rows, (originals, patch), (seqs, mask),
+                                  revalidated(cfg, steps=other_row_steps(cfg, state.steps)), progress)
     extra_seeds, seeded = {}, []
     for seed in range(cfg.seed + 1, cfg.seed + seeds):
         stage(f"Training patch, seed {seed}", cfg.steps)
@@ -266,8 +274,8 @@ def recorded_bos(out: Path) -> corpora.Bos:
 
 
 def _baselines(model, ablation: Ablation, rows, trained, data, cfg, progress: Progress) -> list[Condition]:
-    """Oracle, the paper's activation restore, random vectors writing as much as the patch, another row trained.
-    `trained`: (the ablated weights' original values, the trained patch); `data`: (sequences, mask)."""
+    """Oracle, the paper's activation restore, random vectors writing as much as the patch, another row trained
+    with `cfg` (its step cap: other_row_steps). `trained`: (the ablated weights' original values, the trained patch); `data`: (sequences, mask)."""
     originals, patch = trained
     seqs, _mask = data
     coords = ablation.coords
@@ -296,12 +304,11 @@ def _baselines(model, ablation: Ablation, rows, trained, data, cfg, progress: Pr
         random_draws.append(vectors)
     other = [make_row(layer, _other_row(row, down_projection(model, layer, expert).d_model, cfg.seed), expert)
              for layer, row, expert in map(split_row, rows)]
-    progress.stage(f"Baseline: training rows {', '.join(map(row_text, other))}", max(1, cfg.steps // OTHER_ROW_SHARE))
-    # A control: a quarter of the step cap (L-BFGS: at most 16 of its 64 loss evaluations, still stopping on
-    # progress) and no held-out check, which keeps the real patch from doing harm; the right row reaches its
-    # recovery in fewer (the unconstrained lbfgs repair stops after 8-9; docs/measurements.md).
-    other_patch, _ = train(model, coords, other, data, revalidated(cfg, steps=max(1, cfg.steps // OTHER_ROW_SHARE),
-                                                                   check_rows=0), Track(progress=progress))
+    progress.stage(f"Baseline: training rows {', '.join(map(row_text, other))}", cfg.steps)
+    # A control: `cfg.steps` is other_row_steps' cap (L-BFGS: at most as many loss evaluations as the real patch
+    # took, and a quarter of the recipe's 64, still stopping on progress) and no held-out check, which keeps the
+    # real patch from doing harm (docs/measurements.md).
+    other_patch, _ = train(model, coords, other, data, revalidated(cfg, check_rows=0), Track(progress=progress))
     return [
         ORACLE(patched(model, ablation, rows, oracle_vectors)),
         ACTIVATION_RESTORE(Compose(ablation, ActivationRestore(model, coords, originals))),
