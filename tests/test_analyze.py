@@ -116,7 +116,7 @@ def test_sparsity_search_finds_the_full_grids_smallest_k(curves):
     top, contrib = (curve, other) if slow == "top" else (other, curve)
     n = 200
     search = SparsitySearch.__new__(SparsitySearch)
-    search.n, search.grid, search.draws = n, powers_of_two(n), 2
+    search.n, search.grid, search.draws, search.same = n, powers_of_two(n), 2, {}
     metrics = {"base": _fake(1.0), "broken": _fake(0.0), "patched": _fake(curve[n])}
     rounds = 0
     while True:
@@ -313,3 +313,17 @@ def test_sweep_on_its_subset_compares_every_scale_on_the_same_tokens(tmp_path, l
     broken = measure(loaded.model, ids, {"broken": Ablation(loaded.model, [COORD])}, max_length=64, bos=loaded.bos)
     assert sweep[0.0].nll == pytest.approx(broken["broken"].nll, rel=1e-6)
     assert sweep[1.0].nll == pytest.approx(broken["base"].nll, rel=1e-6)
+
+
+def test_a_cut_ranked_the_same_both_ways_is_measured_once(loaded):
+    """When the k largest |x·d| are the k largest |d| (a one-hot patch), the two cuts are one patch: the search
+    builds it once and reads the contribution ranking's point from it."""
+    from superweight.core.patching import PatchData
+
+    d = oracle_vector(loaded.model)
+    patch = PatchData(rows=[(1, 5)], vectors=[d], ablated=[COORD], config=None)
+    ablation = Ablation(loaded.model, [COORD])
+    search = SparsitySearch(loaded.model, ablation, patch, 2, d.abs())  # ranks as |d| does
+    assert [c.name for c in search.start()] == ["top1", "rand1_0", "rand1_1"] and search.same == {"contrib1": "top1"}
+    other = SparsitySearch(loaded.model, ablation, patch, 2, torch.arange(d.numel()).float())  # another first entry
+    assert [c.name for c in other.start()] == ["top1", "contrib1", "rand1_0", "rand1_1"] and other.same == {}

@@ -67,10 +67,13 @@ def random_entries(n: int, k: int, j: int, seed: int = 0) -> torch.Tensor:
 
 
 def sparsity_conditions(model, ablation: Ablation, patch: PatchData, draws: int, by_contribution: torch.Tensor,
-                        ks: list[int] | None = None, random_ks: list[int] | None = None) -> list[Condition]:
+                        ks: list[int] | None = None, random_ks: list[int] | None = None,
+                        same: dict[str, str] | None = None) -> list[Condition]:
     """The patch cut to k entries, for k in `ks` (None: 1, 2, 4, ..., n): "top{k}" keeps the k largest |d|,
     "contrib{k}" the k largest |x * d| at the token where the patch writes most; "rand{k}_{j}" keeps k random
-    ones (draw j), for k in `random_ks` (None: every k below n; with every entry kept random-k is the patch)."""
+    ones (draw j), for k in `random_ks` (None: every k below n; with every entry kept random-k is the patch).
+    `same`: a "contrib{k}" that keeps the very entries of "top{k}" is then not built but recorded there
+    ({contrib name: top name}): the same patch, measured once."""
     flat = torch.cat([v.float() for v in patch.vectors])
     n = flat.numel()
     orders = ((TOP_K, flat.abs().argsort(descending=True)), (CONTRIB_K, by_contribution.argsort(descending=True)))
@@ -78,6 +81,10 @@ def sparsity_conditions(model, ablation: Ablation, patch: PatchData, draws: int,
     random_ks = ks if random_ks is None else random_ks
     conditions: list[Condition] = []
     for k in ks:
+        if same is not None and set(orders[0][1][:k].tolist()) == set(orders[1][1][:k].tolist()):
+            same[CONTRIB_K.name(k=k)] = TOP_K.name(k=k)
+            conditions.append(TOP_K(_cut(model, ablation, patch, orders[0][1][:k]), k=k))
+            continue
         conditions += [family(_cut(model, ablation, patch, order[:k]), k=k) for family, order in orders]
     for k in random_ks:
         if k < n:
@@ -106,11 +113,16 @@ class SparsitySearch:
         self.n = sum(v.numel() for v in patch.vectors)
         self.grid = powers_of_two(self.n)
         self.draws = draws
+        self.same: dict[str, str] = {}  # a cut ranked by |x·d| that is the |d| one's: measured once
 
     def start(self) -> list[Condition]:
-        return sparsity_conditions(*self.args, ks=[1], random_ks=[1]) if self.n > 1 else []
+        return sparsity_conditions(*self.args, ks=[1], random_ks=[1], same=self.same) if self.n > 1 else []
+
+    def _whole(self, metrics: dict[str, Metrics]) -> dict[str, Metrics]:
+        return metrics | {a: metrics[b] for a, b in self.same.items() if b in metrics}
 
     def _gaps(self, metrics: dict[str, Metrics]) -> dict[int, tuple[float, float]]:
+        metrics = self._whole(metrics)
         base, broken = metrics["base"], metrics["broken"]
         out = {self.n: (scored(metrics["patched"], base, broken).nll_gap,) * 2}
         for k in self.grid:
@@ -141,12 +153,12 @@ class SparsitySearch:
         answers that lack them; [] when done."""
         todo, found = self.answers(metrics)
         if todo:
-            return sparsity_conditions(*self.args, ks=sorted(todo), random_ks=[])
+            return sparsity_conditions(*self.args, ks=sorted(todo), random_ks=[], same=self.same)
         missing = [k for k in sorted(found) if k < self.n and RANDOM_K.name(k=k, j=0) not in metrics]
         return sparsity_conditions(*self.args, ks=[], random_ks=missing)
 
     def table(self, metrics: dict[str, Metrics]) -> list[SparsityPoint]:
-        return sparsity_table(metrics, self.n, self.draws)
+        return sparsity_table(self._whole(metrics), self.n, self.draws)
 
 
 def sparsity_table(metrics: dict[str, Metrics], n: int, draws: int) -> list[SparsityPoint]:
