@@ -90,7 +90,9 @@ def _stages(loaded: Loaded, out: Path, job: PipelineJob, progress: Progress, sta
     else:
         stages.timings["detect"] = 0.0
     with stages("repair"):
-        record = run_repair(loaded, [weight], [row_of(weight)], out, job.repair, progress)
+        # analyze measures the patch geometry's write numbers again, on its own tokens: the repair skips them.
+        record = run_repair(loaded, [weight], [row_of(weight)], out, revalidated(job.repair, write_stats=False),
+                            progress)
     if detected is not None:
         write_json(out / DETECT, detected.model_dump())
     if job.regime and not job.repair.exclude:  # the second point: the same repair without the deleted weight
