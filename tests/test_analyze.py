@@ -116,7 +116,7 @@ def test_sparsity_search_finds_the_full_grids_smallest_k(curves):
     top, contrib = (curve, other) if slow == "top" else (other, curve)
     n = 200
     search = SparsitySearch.__new__(SparsitySearch)
-    search.n, search.grid, search.draws, search.same = n, powers_of_two(n), 2, {}
+    search.n, search.grid, search.draws, search.same, search.random_tokens = n, powers_of_two(n), 2, {}, None
     metrics = {"base": _fake(1.0), "broken": _fake(0.0), "patched": _fake(curve[n])}
     rounds = 0
     while True:
@@ -295,8 +295,8 @@ def test_standalone_repair_and_analyze_count_their_model_work(oracle_run, loaded
 
 
 def test_sweep_on_its_subset_compares_every_scale_on_the_same_tokens(tmp_path, loaded, monkeypatch):
-    """With more analysis tokens than SWEEP_TOKENS the scales run on the first window only: base and scale 0 (the
-    broken model) are read over those same tokens, while the rest of the analysis keeps every token."""
+    """With more analysis tokens than SWEEP_TOKENS the scales and the random-k draws run on the first window only:
+    base and scale 0 (the broken model) are read over those same tokens, while the rest keeps every token."""
     import superweight.stages.analyze as analyze
 
     monkeypatch.setattr(analyze, "SWEEP_TOKENS", 60)
@@ -304,7 +304,11 @@ def test_sweep_on_its_subset_compares_every_scale_on_the_same_tokens(tmp_path, l
     r = run_analyze(loaded, run, AnalyzeConfig(tokens=256, draws=1, max_length=64, top_neurons=3))
     sweep = {p.scale: p.metrics for p in r.sweep}
     assert {m.n_tokens for m in sweep.values()} == {63}  # the first window: 64 - 1 scored tokens
-    assert r.analysis.protocol.n_tokens > 63
+    assert r.analysis.protocol.n_tokens > 63 and r.analysis.subset_tokens == 63
+    # The random-k draws too, scored against base and broken over the same window: a one-hot patch's random
+    # entry recovers nothing there either, and the top-k cut keeps every token.
+    assert r.sparsity[0].random.draws == 1 and abs(r.sparsity[0].random.nll_gap) < 0.05
+    assert r.sparsity[0].nll_gap == pytest.approx(1.0, abs=1e-4)
     assert sweep[1.0].kl == 0 and sweep[0.0].kl > sweep[0.5].kl > 0
     from superweight.measure.metrics import measure
 

@@ -108,8 +108,10 @@ class SparsitySearch:
         table = search.table(metrics)
     """
 
-    def __init__(self, model, ablation: Ablation, patch: PatchData, draws: int, by_contribution: torch.Tensor):
+    def __init__(self, model, ablation: Ablation, patch: PatchData, draws: int, by_contribution: torch.Tensor,
+                 random_tokens: int | None = None):
         self.args = (model, ablation, patch, draws, by_contribution)
+        self.random_tokens = random_tokens  # random-k runs on measure's subset of this many tokens (None: all)
         self.n = sum(v.numel() for v in patch.vectors)
         self.grid = powers_of_two(self.n)
         self.draws = draws
@@ -117,6 +119,10 @@ class SparsitySearch:
 
     def start(self) -> list[Condition]:
         return sparsity_conditions(*self.args, ks=[1], random_ks=[1], same=self.same) if self.n > 1 else []
+
+    def subsets(self, conditions: list[Condition]) -> dict[str, int]:
+        """measure's Scoring.subsets for the random controls among `conditions` (their tokens, when fewer)."""
+        return {c.name: self.random_tokens for c in conditions if c.name in RANDOM_K} if self.random_tokens else {}
 
     def _whole(self, metrics: dict[str, Metrics]) -> dict[str, Metrics]:
         return metrics | {a: metrics[b] for a, b in self.same.items() if b in metrics}
@@ -158,13 +164,17 @@ class SparsitySearch:
         return sparsity_conditions(*self.args, ks=[], random_ks=missing)
 
     def table(self, metrics: dict[str, Metrics]) -> list[SparsityPoint]:
-        return sparsity_table(self._whole(metrics), self.n, self.draws)
+        return sparsity_table(self._whole(metrics), self.n, self.draws, self.random_tokens)
 
 
-def sparsity_table(metrics: dict[str, Metrics], n: int, draws: int) -> list[SparsityPoint]:
+def sparsity_table(metrics: dict[str, Metrics], n: int, draws: int,
+                   random_tokens: int | None = None) -> list[SparsityPoint]:
     """Per measured k (and k = n, the patched model), the top-k patch's scores, the contribution-ranked one's,
-    and the mean of the random draws where they ran (else None)."""
+    and the mean of the random draws where they ran (else None). `random_tokens`: the draws ran on measure's
+    subset of that many tokens, and are scored against base and broken over the same tokens."""
     base, broken = metrics["base"], metrics["broken"]
+    at = f"@{random_tokens}" if random_tokens else ""
+    r_base, r_broken = metrics[f"base{at}"], metrics.get(f"broken{at}")
     table = []
     for k in powers_of_two(n):
         if k < n and TOP_K.name(k=k) not in metrics:
@@ -173,7 +183,7 @@ def sparsity_table(metrics: dict[str, Metrics], n: int, draws: int) -> list[Spar
         contrib = scored(metrics[CONTRIB_K.name(k=k)], base, broken) if k < n else top
         random = RandomScored(**top.model_dump(), draws=0) if k == n else None
         if k < n and RANDOM_K.name(k=k, j=0) in metrics:
-            runs = [scored(metrics[RANDOM_K.name(k=k, j=j)], base, broken) for j in range(draws)]
+            runs = [scored(metrics[RANDOM_K.name(k=k, j=j)], r_base, r_broken) for j in range(draws)]
             random = RandomScored(**{key: _mean([getattr(r, key) for r in runs]) for key in Scored.model_fields},
                                   draws=draws)
         table.append(SparsityPoint(k=k, **top.model_dump(), by_contribution=contrib, random=random))

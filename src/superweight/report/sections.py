@@ -245,6 +245,9 @@ def _sparsity(r: RunRecord, plots) -> list:
                                  ("by-|x·d| NLL-gap rec.", lambda e: e.by_contribution.nll_gap, rec),
                                  ("random-k NLL-gap rec.", lambda e: rec(e.random.nll_gap) if e.random else DASH, str),
                                  ("random-k KL", lambda e: e.random and e.random.kl, num)]))
+        if r.analysis and r.analysis.subset_tokens:
+            out.append(("p", f"Random-k draws are scored on the first {r.analysis.subset_tokens:,} eval tokens, "
+                             "against base and broken over the same tokens."))
         k_c = smallest_k(sp, ranking="by_contribution")
         out.append(("p", "Top-k keeps the largest |d| entries (parametrization-dependent); by-|x·d| keeps the "
                     "entries that write most at the token where the patch writes most (the massive-activation "

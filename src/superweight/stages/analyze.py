@@ -44,8 +44,9 @@ from superweight.settings import Settings, revalidated
 from superweight.stages.account import eval_tokens_of, own_account
 
 SWEEP_SCALES = (0.5, 0.0, -1.0, 2.0)
-# The scale sweep is scored on the first eval window (at least this many tokens) and the sink view reads this many
-# tokens (two 256-token windows): their figures and conclusions do not move with more (docs/measurements.md).
+# The scale sweep and the random-k controls are scored on the first eval window (at least this many tokens) and the
+# sink view reads this many tokens (two 256-token windows): their conclusions do not move with more
+# (docs/measurements.md).
 SWEEP_TOKENS = 500
 SINK_TOKENS = 512
 
@@ -91,7 +92,10 @@ def _analyze(loaded: Loaded, run_dir: Path, cfg: AnalyzeConfig, progress, record
     with part("patch inputs"):
         by_contribution, inputs = contribution_scores(model, ids, patch, max_length, bos)
     first = coords[0]
-    search = SparsitySearch(model, ablation, patch, draws, by_contribution)
+    # The scale sweep and the random-k controls on the first window when that is fewer tokens than the rest (a
+    # short analysis scores them whole): their conclusions (a curve's shape, a control near 0%) need no more.
+    sweep_tokens = SWEEP_TOKENS if n_scored(ids.numel(), max_length, bos=bos) > SWEEP_TOKENS else None
+    search = SparsitySearch(model, ablation, patch, draws, by_contribution, random_tokens=sweep_tokens)
     # Scaling the only ablated weight by 0 is the broken model: that point of the sweep is read from it.
     same = {0.0: BROKEN.name()} if len(coords) == 1 and first.scale == 0.0 else {}
     conditions = [broken, fixed, *search.start(),
@@ -100,21 +104,20 @@ def _analyze(loaded: Loaded, run_dir: Path, cfg: AnalyzeConfig, progress, record
     channels = sorted({(c.layer, c.row) for c in coords})
     share_below = first_edited_layer(coords, patch.rows)
     stats = TokenStats(model.get_output_embeddings().weight.shape[0])
-    # The sweep on its subset only when that is fewer tokens than the rest (a short analysis scores it whole).
-    sweep_tokens = SWEEP_TOKENS if n_scored(ids.numel(), max_length, bos=bos) > SWEEP_TOKENS else None
-    subsets = {c.name: sweep_tokens for c in conditions if c.name.startswith("scale")} if sweep_tokens else None
+    subsets = {c.name: sweep_tokens for c in conditions if c.name in SCALE} if sweep_tokens else {}
+    subsets |= search.subsets(conditions)
     stage(f"Analysing: {len(conditions)} conditions", n_scored(ids.numel(), max_length, bos=bos))
     with part("conditions"):
         metrics = measure(model, ids, interventions(conditions), channels, max_length, bos=bos,
                           scoring=Scoring(share_below=share_below, progress=progress.advance, observe=stats,
-                                          subsets=subsets))
+                                          subsets=subsets or None))
     metrics |= {SCALE.name(s=s): metrics[f"{name}@{sweep_tokens}" if sweep_tokens else name]
                 for s, name in same.items()}
     while more := search.next(metrics):  # the sparsity search's further rounds (measure/sparsity.py)
         stage(f"Sparsity search: {len(more)} conditions", None)
         with part("sparsity search"):
             found = measure(model, ids, interventions(more), channels, max_length, bos=bos,
-                            scoring=Scoring(share_below=share_below))
+                            scoring=Scoring(share_below=share_below, subsets=search.subsets(more) or None))
         metrics |= {k: v for k, v in found.items() if k != "base"}
     base = metrics["base"]
     stage("Mechanism view: attention sinks", None)
@@ -142,7 +145,8 @@ def _analyze(loaded: Loaded, run_dir: Path, cfg: AnalyzeConfig, progress, record
         "patch_output": patch_output(tok, seen, x, positions, vector, col, deleted),
         "sweep": sweep_points(metrics, SWEEP_SCALES, sweep_tokens),
         "sinks": sinks,
-        "analysis": Analysis(protocol=protocol, draws=draws, seconds=time.perf_counter() - t0),
+        "analysis": Analysis(protocol=protocol, draws=draws, seconds=time.perf_counter() - t0,
+                             subset_tokens=metrics[f"base@{sweep_tokens}"].n_tokens if sweep_tokens else None),
     }
     record = RunRecord.model_validate(dict(record) | parts)
     if stages is not None:
