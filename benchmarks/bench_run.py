@@ -60,24 +60,35 @@ def main() -> None:
         sync()
         plain = time.perf_counter() - t0
         job = PipelineJob(repair=RepairJob(eval_tokens=args.eval_tokens, baselines=True))
+        load_before = os.getloadavg()[0]
         t0 = time.perf_counter()
         record = run_pipeline(loaded, Path(args.keep) if args.keep else scratch / "run", job)
         wall = time.perf_counter() - t0
         cost = record.cost
         print(f"superweight run -m {args.model} --dtype {loaded.dtype} on {loaded.device} ({os.cpu_count()} CPUs, load average "
-              f"{os.getloadavg()[0]:.1f}; model load {load:.0f} s, not counted)")
-        print(f"weight {record.weight}, verdict {record.verdict}, NLL-gap recovery {record.recovery.nll_gap:.1%}")
-        print(f"{'stage':<10} {'seconds':>8} {'fwd passes':>11} {'bwd passes':>11} {'total':>7}")
+              f"{load_before:.1f} before the run, {os.getloadavg()[0]:.1f} after; model load {load:.0f} s, not counted)")
+        regime = record.regime and record.regime.without_deleted
+        print(f"weight {record.weight}, verdict {record.verdict}, NLL-gap recovery {record.recovery.nll_gap:.3%}"
+              + (f"; without the deleted weight {regime.nll_gap:.1%}" if regime and regime.nll_gap is not None else ""))
+        print(f"{'stage':<26} {'seconds':>8} {'fwd passes':>11} {'bwd passes':>11} {'total':>7}   parts")
         for name, c in cost.stages.items():
-            print(f"{name:<10} {c.seconds or 0:8.1f} {c.forward:11.2f} {c.backward:11.2f} {c.forward + c.backward:7.2f}")
-        print(f"{'run':<10} {wall:8.1f} {'':>11} {'':>11} {cost.total:7.2f}   (unit: {cost.eval_tokens} tokens x "
+            top = ", ".join(f"{k} {v:.2f}" for k, v in c.parts.items() if "/" not in k)
+            print(f"{name:<26} {c.seconds or 0:8.1f} {c.forward:11.2f} {c.backward:11.2f} "
+                  f"{c.forward + c.backward:7.2f}   {top}")
+        second = cost.stages.get("repair (deleted excluded)")
+        first = cost.total - (second.forward + second.backward if second else 0.0)
+        print(f"{'run':<26} {wall:8.1f} {'':>11} {'':>11} {cost.total:7.2f}   (unit: {cost.eval_tokens} tokens x "
               f"{cost.layers} layers)")
+        if second:
+            print(f"{'run without the 2nd repair':<26} {wall - (second.seconds or 0):8.1f} {'':>11} {'':>11} "
+                  f"{first:7.2f}")
         print(f"plain eval pass of {cost.eval_tokens} tokens: {plain:.2f} s; run / plain pass = {wall / plain:.1f} "
               f"(wall {wall:.0f} s / budget {args.budget:.0f} s = {wall / args.budget:.3f})")
         if args.json:
             Path(args.json).write_text(json.dumps({
                 "model": args.model, "dtype": args.dtype, "wall": wall, "plain": plain, "ratio": wall / plain,
-                "load_average": os.getloadavg(), "cost": cost.model_dump(), "timings": record.timings,
+                "load_average": os.getloadavg(), "load_before": load_before, "cost": cost.model_dump(),
+                "total_without_second_repair": first, "timings": record.timings,
                 "verdict": record.verdict, "weight": record.weight}, indent=1))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -3,7 +3,8 @@
 #   1. the tests that touch dtypes, devices, data parallelism, chunked scoring and the cost counter, with CUDA
 #      visible (they pass without it too);
 #   2. `superweight run` on the embedded model with --device cuda --dtype auto (bf16 where supported), then
-#      benchmarks/bench_run.py on cuda: eval-pass equivalents per stage and run / plain-pass wall;
+#      benchmarks/bench_run.py on cuda: eval-pass equivalents per stage (with its parts, the second repair
+#      apart) and run / plain-pass wall;
 #   3. the OLMo-1B-shaped repair step, fp32 vs bf16 weights (benchmarks/bench_repair.py on cuda).
 # Usage: bash benchmarks/gpu_check.sh [OUT_DIR]   (numbers go to OUT_DIR/*.txt, default $OUT or /tmp/gpu_check)
 set -u
@@ -19,6 +20,8 @@ torch.cuda.get_device_name() if torch.cuda.is_available() else '-',
 echo "== 1. tests (about 2 min)"
 timeout 240 "$PY" -m pytest -q tests/test_dtype_devices.py tests/test_distributed.py tests/test_intervene.py \
   tests/test_train.py tests/test_cost.py 2>&1 | tail -5 | tee "$OUT_DIR/tests.txt"
+timeout 120 "$PY" -m pytest -q tests/test_analyze.py -k "standalone or subset or ranked_the_same" 2>&1 | tail -3 \
+  | tee -a "$OUT_DIR/tests.txt"  # the account of repair and analyze on their own, the sweep subset, one cut once
 
 echo "== 2. superweight run --device cuda --dtype auto on the embedded model (about 1-2 min)"
 rm -rf "$OUT_DIR/run"

@@ -11,7 +11,7 @@ import pytest
 import torch
 from rich.console import Console
 
-from superweight.core.arch import down_projection, final_norm
+from superweight.core.arch import decoder_layers, down_projection, final_norm
 from superweight.core.coords import WeightCoord
 from superweight.core.intervene import Ablation, Compose, RowPatch
 from superweight.errors import SuperweightError
@@ -116,7 +116,7 @@ def test_sparsity_search_finds_the_full_grids_smallest_k(curves):
     top, contrib = (curve, other) if slow == "top" else (other, curve)
     n = 200
     search = SparsitySearch.__new__(SparsitySearch)
-    search.n, search.grid, search.draws = n, powers_of_two(n), 2
+    search.n, search.grid, search.draws, search.same, search.random_tokens = n, powers_of_two(n), 2, {}, None
     metrics = {"base": _fake(1.0), "broken": _fake(0.0), "patched": _fake(curve[n])}
     rounds = 0
     while True:
@@ -279,3 +279,55 @@ def test_sparsify_trains_sparser_patches_with_stronger_penalties(tmp_path, loade
         assert p["col"] == 7 and p["deleted_value"] == pytest.approx(40.0)
         assert p["norm"] == 0 or abs(p["cos_ablated_direction"] - p["value_at_col"] / p["norm"]) < 1e-6
     assert st["smallest_90"] == next((p for p in st["frontier"] if p["nll_gap"] >= 0.9), None)
+
+
+def test_standalone_repair_and_analyze_count_their_model_work(oracle_run, loaded):
+    """`repair` and `analyze` on their own stamp the record with their cost account (`run` counts them itself):
+    repair trains (backward) and evaluates; analyze adds its stage beside repair's, in the same unit."""
+    _, results = oracle_run
+    cost = results["cost"]
+    assert list(cost["stages"]) == ["repair", "analyze"]
+    repair, analyze = cost["stages"]["repair"], cost["stages"]["analyze"]
+    assert repair["backward"] > 0 and repair["parts"]["eval"] >= 1.0  # base + broken + patched over the eval text
+    assert analyze["backward"] == 0 and analyze["forward"] > 0 and analyze["seconds"] > 0
+    assert cost["layers"] == len(decoder_layers(loaded.model)) and cost["unit"] == cost["eval_tokens"] * cost["layers"]
+    assert cost["total"] == pytest.approx(sum(s["forward"] + s["backward"] for s in cost["stages"].values()))
+
+
+def test_sweep_on_its_subset_compares_every_scale_on_the_same_tokens(tmp_path, loaded, monkeypatch):
+    """With more analysis tokens than SWEEP_TOKENS the scales and the random-k draws run on the first window only:
+    base and scale 0 (the broken model) are read over those same tokens, while the rest keeps every token."""
+    import superweight.stages.analyze as analyze
+
+    monkeypatch.setattr(analyze, "SWEEP_TOKENS", 60)
+    run = make_run(tmp_path, loaded, oracle_vector(loaded.model))
+    r = run_analyze(loaded, run, AnalyzeConfig(tokens=256, draws=1, max_length=64, top_neurons=3))
+    sweep = {p.scale: p.metrics for p in r.sweep}
+    assert {m.n_tokens for m in sweep.values()} == {63}  # the first window: 64 - 1 scored tokens
+    assert r.analysis.protocol.n_tokens > 63 and r.analysis.subset_tokens == 63
+    # The random-k draws too, scored against base and broken over the same window: a one-hot patch's random
+    # entry recovers nothing there either, and the top-k cut keeps every token.
+    assert r.sparsity[0].random.draws == 1 and abs(r.sparsity[0].random.nll_gap) < 0.05
+    assert r.sparsity[0].nll_gap == pytest.approx(1.0, abs=1e-4)
+    assert sweep[1.0].kl == 0 and sweep[0.0].kl > sweep[0.5].kl > 0
+    from superweight.measure.metrics import measure
+
+    first = 64 - int(loaded.bos.on)  # the text tokens of the first window
+    ids = corpora.tokenize(loaded.tokenizer, corpora.load_text(r.protocol.corpus, "eval"), 256)[:first]
+    broken = measure(loaded.model, ids, {"broken": Ablation(loaded.model, [COORD])}, max_length=64, bos=loaded.bos)
+    assert sweep[0.0].nll == pytest.approx(broken["broken"].nll, rel=1e-6)
+    assert sweep[1.0].nll == pytest.approx(broken["base"].nll, rel=1e-6)
+
+
+def test_a_cut_ranked_the_same_both_ways_is_measured_once(loaded):
+    """When the k largest |x·d| are the k largest |d| (a one-hot patch), the two cuts are one patch: the search
+    builds it once and reads the contribution ranking's point from it."""
+    from superweight.core.patching import PatchData
+
+    d = oracle_vector(loaded.model)
+    patch = PatchData(rows=[(1, 5)], vectors=[d], ablated=[COORD], config=None)
+    ablation = Ablation(loaded.model, [COORD])
+    search = SparsitySearch(loaded.model, ablation, patch, 2, d.abs())  # ranks as |d| does
+    assert [c.name for c in search.start()] == ["top1", "rand1_0", "rand1_1"] and search.same == {"contrib1": "top1"}
+    other = SparsitySearch(loaded.model, ablation, patch, 2, torch.arange(d.numel()).float())  # another first entry
+    assert [c.name for c in other.start()] == ["top1", "contrib1", "rand1_0", "rand1_1"] and other.same == {}

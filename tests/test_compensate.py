@@ -250,5 +250,10 @@ def test_run_names_the_regime(pipeline_run):
     assert regime["regime"] == "restoration" and regime["value_ratio"] > 0.5
     assert regime["without_deleted"]["excluded"] == [PLANT[2]]
     assert "repair (deleted excluded)" in res["timings"]
+    # The second repair is scored beside base only: the broken model is the record's, over the same tokens.
+    parts = res["cost"]["stages"]["repair (deleted excluded)"]["parts"]
+    assert "base" in parts and not any(k.endswith("broken") for k in parts)
+    point, base, broken = regime["without_deleted"], res["base"]["nll"], res["broken"]["nll"]
+    assert point["nll_gap"] == pytest.approx((broken - point["nll"]) / (broken - base), rel=1e-6)
     assert "Regime: restoration" in result.output and "Without the deleted weight" in result.output
     assert "Regime: restoration" in (out / "report.html").read_text()

@@ -176,3 +176,24 @@ def test_nll_gap_interval_brackets_the_recovery():
     point = ((broken - half).sum() / (broken - base).sum()).item()
     assert lo < point < hi and hi - lo < 0.1
     assert nll_gap_interval(base[:40], broken[:40], half[:40]) is None
+
+
+def test_generation_runs_on_one_cpu_thread_and_gives_the_threads_back(monkeypatch):
+    """Greedy decoding on a CPU runs with one thread (tiny operations, one token at a time) and restores the
+    thread count afterwards, also when it fails."""
+    from superweight.measure import generate
+
+    model, tok = tiny.tiny_model(), tiny.tiny_tokenizer()
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # the caller's count (the suite runs on one)
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    before = 2
+    seen = []
+    real = generate.greedy
+    monkeypatch.setattr(generate, "greedy", lambda *a, **k: (seen.append(calls[-1]), real(*a, **k))[1])
+    rows = generate.compare(model, tok, {}, ["a b c"], max_new_tokens=2)
+    assert seen == [1] and calls == [1, before] and rows[0]["prompt"] == "a b c"
+    monkeypatch.setattr(generate, "greedy", lambda *a, **k: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        generate.compare(model, tok, {}, ["a b c"], max_new_tokens=2)
+    assert calls == [1, before, 1, before]

@@ -37,6 +37,11 @@ class Count:
     parts: dict[str, "Count"] = field(default_factory=dict)
 
 
+def counting() -> bool:
+    """Whether a Ledger's stage is in force here (an outer job counts what runs)."""
+    return bool(_LABEL.get())
+
+
 @contextlib.contextmanager
 def part(name: str):
     """Count what runs inside under `name`, below the current stage's label (a no-op when nothing counts)."""

@@ -67,10 +67,13 @@ def random_entries(n: int, k: int, j: int, seed: int = 0) -> torch.Tensor:
 
 
 def sparsity_conditions(model, ablation: Ablation, patch: PatchData, draws: int, by_contribution: torch.Tensor,
-                        ks: list[int] | None = None, random_ks: list[int] | None = None) -> list[Condition]:
+                        ks: list[int] | None = None, random_ks: list[int] | None = None,
+                        same: dict[str, str] | None = None) -> list[Condition]:
     """The patch cut to k entries, for k in `ks` (None: 1, 2, 4, ..., n): "top{k}" keeps the k largest |d|,
     "contrib{k}" the k largest |x * d| at the token where the patch writes most; "rand{k}_{j}" keeps k random
-    ones (draw j), for k in `random_ks` (None: every k below n; with every entry kept random-k is the patch)."""
+    ones (draw j), for k in `random_ks` (None: every k below n; with every entry kept random-k is the patch).
+    `same`: a "contrib{k}" that keeps the very entries of "top{k}" is then not built but recorded there
+    ({contrib name: top name}): the same patch, measured once."""
     flat = torch.cat([v.float() for v in patch.vectors])
     n = flat.numel()
     orders = ((TOP_K, flat.abs().argsort(descending=True)), (CONTRIB_K, by_contribution.argsort(descending=True)))
@@ -78,6 +81,10 @@ def sparsity_conditions(model, ablation: Ablation, patch: PatchData, draws: int,
     random_ks = ks if random_ks is None else random_ks
     conditions: list[Condition] = []
     for k in ks:
+        if same is not None and set(orders[0][1][:k].tolist()) == set(orders[1][1][:k].tolist()):
+            same[CONTRIB_K.name(k=k)] = TOP_K.name(k=k)
+            conditions.append(TOP_K(_cut(model, ablation, patch, orders[0][1][:k]), k=k))
+            continue
         conditions += [family(_cut(model, ablation, patch, order[:k]), k=k) for family, order in orders]
     for k in random_ks:
         if k < n:
@@ -101,16 +108,27 @@ class SparsitySearch:
         table = search.table(metrics)
     """
 
-    def __init__(self, model, ablation: Ablation, patch: PatchData, draws: int, by_contribution: torch.Tensor):
+    def __init__(self, model, ablation: Ablation, patch: PatchData, draws: int, by_contribution: torch.Tensor,
+                 random_tokens: int | None = None):
         self.args = (model, ablation, patch, draws, by_contribution)
+        self.random_tokens = random_tokens  # random-k runs on measure's subset of this many tokens (None: all)
         self.n = sum(v.numel() for v in patch.vectors)
         self.grid = powers_of_two(self.n)
         self.draws = draws
+        self.same: dict[str, str] = {}  # a cut ranked by |x·d| that is the |d| one's: measured once
 
     def start(self) -> list[Condition]:
-        return sparsity_conditions(*self.args, ks=[1], random_ks=[1]) if self.n > 1 else []
+        return sparsity_conditions(*self.args, ks=[1], random_ks=[1], same=self.same) if self.n > 1 else []
+
+    def subsets(self, conditions: list[Condition]) -> dict[str, int]:
+        """measure's Scoring.subsets for the random controls among `conditions` (their tokens, when fewer)."""
+        return {c.name: self.random_tokens for c in conditions if c.name in RANDOM_K} if self.random_tokens else {}
+
+    def _whole(self, metrics: dict[str, Metrics]) -> dict[str, Metrics]:
+        return metrics | {a: metrics[b] for a, b in self.same.items() if b in metrics}
 
     def _gaps(self, metrics: dict[str, Metrics]) -> dict[int, tuple[float, float]]:
+        metrics = self._whole(metrics)
         base, broken = metrics["base"], metrics["broken"]
         out = {self.n: (scored(metrics["patched"], base, broken).nll_gap,) * 2}
         for k in self.grid:
@@ -141,18 +159,22 @@ class SparsitySearch:
         answers that lack them; [] when done."""
         todo, found = self.answers(metrics)
         if todo:
-            return sparsity_conditions(*self.args, ks=sorted(todo), random_ks=[])
+            return sparsity_conditions(*self.args, ks=sorted(todo), random_ks=[], same=self.same)
         missing = [k for k in sorted(found) if k < self.n and RANDOM_K.name(k=k, j=0) not in metrics]
         return sparsity_conditions(*self.args, ks=[], random_ks=missing)
 
     def table(self, metrics: dict[str, Metrics]) -> list[SparsityPoint]:
-        return sparsity_table(metrics, self.n, self.draws)
+        return sparsity_table(self._whole(metrics), self.n, self.draws, self.random_tokens)
 
 
-def sparsity_table(metrics: dict[str, Metrics], n: int, draws: int) -> list[SparsityPoint]:
+def sparsity_table(metrics: dict[str, Metrics], n: int, draws: int,
+                   random_tokens: int | None = None) -> list[SparsityPoint]:
     """Per measured k (and k = n, the patched model), the top-k patch's scores, the contribution-ranked one's,
-    and the mean of the random draws where they ran (else None)."""
+    and the mean of the random draws where they ran (else None). `random_tokens`: the draws ran on measure's
+    subset of that many tokens, and are scored against base and broken over the same tokens."""
     base, broken = metrics["base"], metrics["broken"]
+    at = f"@{random_tokens}" if random_tokens else ""
+    r_base, r_broken = metrics[f"base{at}"], metrics.get(f"broken{at}")
     table = []
     for k in powers_of_two(n):
         if k < n and TOP_K.name(k=k) not in metrics:
@@ -161,7 +183,7 @@ def sparsity_table(metrics: dict[str, Metrics], n: int, draws: int) -> list[Spar
         contrib = scored(metrics[CONTRIB_K.name(k=k)], base, broken) if k < n else top
         random = RandomScored(**top.model_dump(), draws=0) if k == n else None
         if k < n and RANDOM_K.name(k=k, j=0) in metrics:
-            runs = [scored(metrics[RANDOM_K.name(k=k, j=j)], base, broken) for j in range(draws)]
+            runs = [scored(metrics[RANDOM_K.name(k=k, j=j)], r_base, r_broken) for j in range(draws)]
             random = RandomScored(**{key: _mean([getattr(r, key) for r in runs]) for key in Scored.model_fields},
                                   draws=draws)
         table.append(SparsityPoint(k=k, **top.model_dump(), by_contribution=contrib, random=random))

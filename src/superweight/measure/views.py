@@ -120,7 +120,8 @@ def patch_output(tokenizer, ids, x: torch.Tensor, positions: list[int], vector: 
     )
 
 
-def sweep_points(metrics: dict, scales) -> list[SweepPoint]:
-    """The scale sweep from measure()'s results: base at scale 1, then each `scale{s}` condition."""
-    return [SweepPoint(label="base", scale=1.0, metrics=metrics["base"])] + [
+def sweep_points(metrics: dict, scales, tokens: int | None = None) -> list[SweepPoint]:
+    """The scale sweep from measure()'s results: base at scale 1, then each `scale{s}` condition. `tokens`: the
+    scales were scored on a subset (Scoring.subsets), so base is read over the same tokens (`base@tokens`)."""
+    return [SweepPoint(label="base", scale=1.0, metrics=metrics[f"base@{tokens}" if tokens else "base"])] + [
         SweepPoint(label=SCALE.name(s=s), scale=s, metrics=metrics[SCALE.name(s=s)]) for s in scales]

@@ -245,6 +245,9 @@ def _sparsity(r: RunRecord, plots) -> list:
                                  ("by-|x·d| NLL-gap rec.", lambda e: e.by_contribution.nll_gap, rec),
                                  ("random-k NLL-gap rec.", lambda e: rec(e.random.nll_gap) if e.random else DASH, str),
                                  ("random-k KL", lambda e: e.random and e.random.kl, num)]))
+        if r.analysis and r.analysis.subset_tokens:
+            out.append(("p", f"Random-k draws are scored on the first {r.analysis.subset_tokens:,} eval tokens, "
+                             "against base and broken over the same tokens."))
         k_c = smallest_k(sp, ranking="by_contribution")
         out.append(("p", "Top-k keeps the largest |d| entries (parametrization-dependent); by-|x·d| keeps the "
                     "entries that write most at the token where the patch writes most (the massive-activation "
@@ -274,7 +277,9 @@ def _sparsity(r: RunRecord, plots) -> list:
 def _sweep(r: RunRecord, plots) -> list:
     if not r.sweep:
         return []
-    return [("h", 2, "Scale sweep")] + _img(plots, "sweep", "PPL against scale") + [_columns(
+    n = r.sweep[0].metrics.n_tokens
+    return [("h", 2, "Scale sweep"), ("p", f"Every scale, base included, on the same {n:,} eval tokens.")] + _img(
+        plots, "sweep", "PPL against scale") + [_columns(
         sorted(r.sweep, key=lambda s: s.scale),
         [("scale", "scale", num), ("NLL", lambda s: s.metrics.nll, num), ("PPL", lambda s: s.metrics.ppl, ppl),
          ("KL", lambda s: s.metrics.kl, num), ("top-1 agree", lambda s: s.metrics.top1_agree, pct),

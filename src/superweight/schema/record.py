@@ -251,6 +251,8 @@ class Analysis(Record):
     protocol: Protocol
     draws: int
     seconds: float
+    subset_tokens: int | None = Field(None, description="the scale sweep and the random-k controls ran on the "
+                                                        "first eval tokens only, this many (None: on all)")
 
 
 # --- sparse training (`sparsify`) ---

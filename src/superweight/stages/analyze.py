@@ -41,8 +41,14 @@ from superweight.measure.sparsity import SparsitySearch, contribution_scores
 from superweight.measure.views import TokenStats, logit_lens, neuron_contexts, patch_output, sweep_points
 from superweight.progress import Progress, or_silent
 from superweight.settings import Settings, revalidated
+from superweight.stages.account import eval_tokens_of, own_account
 
 SWEEP_SCALES = (0.5, 0.0, -1.0, 2.0)
+# The scale sweep and the random-k controls are scored on the first eval window (at least this many tokens) and the
+# sink view reads this many tokens (two 256-token windows): their conclusions do not move with more
+# (docs/measurements.md).
+SWEEP_TOKENS = 500
+SINK_TOKENS = 512
 
 
 class AnalyzeConfig(Settings):
@@ -58,8 +64,14 @@ def run_analyze(loaded: Loaded, run_dir: Path, cfg: AnalyzeConfig | None = None,
                 record: RunRecord | None = None) -> RunRecord:
     """Analyse the patch of `run_dir` on cfg.tokens eval tokens; writes and returns the updated record. `record`:
     the run's record when the caller holds it (the pipeline), else it is read from `run_dir`; `progress`
-    (superweight.progress.Progress) hears of each view and of the scored tokens."""
+    (superweight.progress.Progress) hears of each view and of the scored tokens. On its own (not inside `run`) it
+    adds its model work to the record's cost account (stages/account.py) under "analyze"."""
     cfg = cfg or AnalyzeConfig()
+    with own_account(loaded.model, "analyze") as stages:
+        return _analyze(loaded, Path(run_dir), cfg, progress, record, stages)
+
+
+def _analyze(loaded: Loaded, run_dir: Path, cfg: AnalyzeConfig, progress, record, stages) -> RunRecord:
     n_tokens, draws, max_length, top_neurons = cfg.tokens, cfg.draws, cfg.max_length, cfg.top_neurons
     progress = or_silent(progress)
     stage = progress.stage
@@ -81,7 +93,10 @@ def run_analyze(loaded: Loaded, run_dir: Path, cfg: AnalyzeConfig | None = None,
     with part("patch inputs"):
         by_contribution, inputs = contribution_scores(model, ids, patch, max_length, bos)
     first = coords[0]
-    search = SparsitySearch(model, ablation, patch, draws, by_contribution)
+    # The scale sweep and the random-k controls on the first window when that is fewer tokens than the rest (a
+    # short analysis scores them whole): their conclusions (a curve's shape, a control near 0%) need no more.
+    sweep_tokens = SWEEP_TOKENS if n_scored(ids.numel(), max_length, bos=bos) > SWEEP_TOKENS else None
+    search = SparsitySearch(model, ablation, patch, draws, by_contribution, random_tokens=sweep_tokens)
     # Scaling the only ablated weight by 0 is the broken model: that point of the sweep is read from it.
     same = {0.0: BROKEN.name()} if len(coords) == 1 and first.scale == 0.0 else {}
     conditions = [broken, fixed, *search.start(),
@@ -90,22 +105,26 @@ def run_analyze(loaded: Loaded, run_dir: Path, cfg: AnalyzeConfig | None = None,
     channels = sorted({(c.layer, c.row) for c in coords})
     share_below = first_edited_layer(coords, patch.rows)
     stats = TokenStats(model.get_output_embeddings().weight.shape[0])
+    subsets = {c.name: sweep_tokens for c in conditions if c.name in SCALE} if sweep_tokens else {}
+    subsets |= search.subsets(conditions)
     stage(f"Analysing: {len(conditions)} conditions", n_scored(ids.numel(), max_length, bos=bos))
     with part("conditions"):
         metrics = measure(model, ids, interventions(conditions), channels, max_length, bos=bos,
-                          scoring=Scoring(share_below=share_below, progress=progress.advance, observe=stats))
-    metrics |= {SCALE.name(s=s): metrics[name] for s, name in same.items()}
+                          scoring=Scoring(share_below=share_below, progress=progress.advance, observe=stats,
+                                          subsets=subsets or None))
+    metrics |= {SCALE.name(s=s): metrics[f"{name}@{sweep_tokens}" if sweep_tokens else name]
+                for s, name in same.items()}
     while more := search.next(metrics):  # the sparsity search's further rounds (measure/sparsity.py)
         stage(f"Sparsity search: {len(more)} conditions", None)
         with part("sparsity search"):
             found = measure(model, ids, interventions(more), channels, max_length, bos=bos,
-                            scoring=Scoring(share_below=share_below))
+                            scoring=Scoring(share_below=share_below, subsets=search.subsets(more) or None))
         metrics |= {k: v for k, v in found.items() if k != "base"}
     base = metrics["base"]
     stage("Mechanism view: attention sinks", None)
     with part("sinks"):
         sinks = sink_view(model, ids, interventions([broken, fixed]), (first.layer, first.row), bos,
-                          window=min(WINDOW, max_length), share_below=share_below)
+                          window=min(WINDOW, max_length), max_tokens=SINK_TOKENS, share_below=share_below)
     stage("Token and neuron views", None)
     (layer, row, _expert), vector = split_row(patch.rows[0]), patch.vectors[0].float()
     x, positions = inputs[site(patch.rows[0])]
@@ -125,10 +144,15 @@ def run_analyze(loaded: Loaded, run_dir: Path, cfg: AnalyzeConfig | None = None,
         "tokens": stats.summary(tok, logit_lens(model, tok, layer, row)),
         "neurons": neuron_contexts(tok, seen, x, positions, vector, neurons),
         "patch_output": patch_output(tok, seen, x, positions, vector, col, deleted),
-        "sweep": sweep_points(metrics, SWEEP_SCALES),
+        "sweep": sweep_points(metrics, SWEEP_SCALES, sweep_tokens),
         "sinks": sinks,
-        "analysis": Analysis(protocol=protocol, draws=draws, seconds=time.perf_counter() - t0),
+        "analysis": Analysis(protocol=protocol, draws=draws, seconds=time.perf_counter() - t0,
+                             subset_tokens=metrics[f"base@{sweep_tokens}"].n_tokens if sweep_tokens else None),
     }
     record = RunRecord.model_validate(dict(record) | parts)
+    if stages is not None:
+        fed = record.cost.eval_tokens if record.cost else stages.eval_feed(
+            loaded, record, eval_tokens_of(run_dir, record.protocol.n_tokens))
+        record = revalidated(record, cost=stages.account(fed, before=record.cost))
     RunDir(run_dir).write(record)
     return record

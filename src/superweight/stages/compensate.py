@@ -39,7 +39,7 @@ from superweight.schema.record import RunRecord
 from superweight.io.rundir import RunDir
 from superweight.measure.geometry import geometry, neuron_writes, regime_of
 from superweight.measure.inputs import down_inputs, seen_ids
-from superweight.measure.metrics import Scoring, measure
+from superweight.measure.metrics import Scoring, measure, n_scored
 from superweight.measure.recovery import scored
 from superweight.measure.views import neuron_contexts
 from superweight.progress import Progress, or_silent
@@ -109,13 +109,18 @@ class _Run:
                      Track(progress=progress), exclude=exclude)
 
     def score(self, trained: dict[str, list], max_length: int) -> dict:
-        """name -> vectors, measured beside base and broken on the eval ids in one pass."""
+        """name -> vectors, measured beside base and broken on the eval ids in one pass. The broken model is read
+        from the run's record instead when that measured it on the same tokens (`run`'s second repair)."""
         model, coords = self.loaded.model, self.patch.ablated
         ablation = Ablation(model, coords)
-        conditions = {BROKEN.name(): ablation} | {n: patched(model, ablation, self.patch.rows, v)
-                                                  for n, v in trained.items()}
-        return measure(model, self.ids, conditions, max_length=max_length, bos=self.loaded.bos,
-                       scoring=Scoring(share_below=first_edited_layer(coords, self.patch.rows)))
+        pr, broken = self.record.protocol, self.record.broken
+        known = pr.max_length == max_length and broken.n_tokens == n_scored(self.ids.numel(), max_length,
+                                                                            bos=self.loaded.bos)
+        conditions = ({} if known else {BROKEN.name(): ablation}) | {
+            n: patched(model, ablation, self.patch.rows, v) for n, v in trained.items()}
+        out = measure(model, self.ids, conditions, max_length=max_length, bos=self.loaded.bos,
+                      scoring=Scoring(share_below=first_edited_layer(coords, self.patch.rows)))
+        return out | ({BROKEN.name(): broken} if known else {})
 
     def point(self, label: str, k: int, excluded: list[int], vectors, training, metrics, cfg) -> CompensationPoint:
         """One frontier point from its patch, its training and measure()'s results (`metrics[name]` under

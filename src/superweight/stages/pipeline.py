@@ -5,29 +5,26 @@
 
 Each stage is the library function its own command calls (detect.run_detect, repair.run_repair,
 analyze.run_analyze, sparsify.run_sparsify, report.write_report); this module only chains them, records
-seconds and model work (core/cost.py, in eval-pass equivalents) per stage, and keeps the detection beside the repair in the run directory. The record goes from stage
-to stage in memory where the stage takes it; each stage writes it at most once, and the pipeline once at the
-end (detection summary and timings), after the report.
+seconds and model work (stages/account.Stages, in eval-pass equivalents) per stage, and keeps the detection beside
+the repair in the run directory. The record goes from stage to stage in memory where the stage takes it; each
+stage writes it at most once, and the pipeline once at the end (detection summary and timings), after the report.
 """
 
 from __future__ import annotations
 
-import contextlib
-import time
 from pathlib import Path
 
 from pydantic import Field
 
-from superweight.core.cost import Ledger
 from superweight.core.coords import WeightCoord, row_of
 from superweight.errors import SuperweightError
-from superweight.io import corpora
 from superweight.io.files import write_json
 from superweight.io.models import Loaded
-from superweight.schema.record import CostAccount, DetectSummary, RunRecord, StageCost
+from superweight.schema.record import DetectSummary, RunRecord
 from superweight.io.rundir import DETECT, RunDir
 from superweight.progress import Prefixed, Progress, or_silent
 from superweight.settings import Settings, revalidated
+from superweight.stages.account import Stages
 from superweight.stages.repair import RepairJob
 
 # Detection settings for the one-shot run: a quarter of the calibration text of `superweight detect` (the damage of a
@@ -92,7 +89,9 @@ def _stages(loaded: Loaded, out: Path, job: PipelineJob, progress: Progress, sta
     else:
         stages.timings["detect"] = 0.0
     with stages("repair"):
-        record, _patch = run_repair(loaded, [weight], [row_of(weight)], out, job.repair, progress)
+        # analyze measures the patch geometry's write numbers again, on its own tokens: the repair skips them.
+        record, _patch = run_repair(loaded, [weight], [row_of(weight)], out, revalidated(job.repair, write_stats=False),
+                                    progress)
     if detected is not None:
         write_json(out / DETECT, detected.model_dump())
     if job.regime and not job.repair.exclude:  # the second point: the same repair without the deleted weight
@@ -126,50 +125,6 @@ def _stages(loaded: Loaded, out: Path, job: PipelineJob, progress: Progress, sta
     return record
 
 
-class Stages:
-    """Seconds and model work of each stage of a run: `with stages("repair"): ...` times the block and counts
-    its passes (core/cost.Ledger) under that name, so a stage added to the pipeline is accounted apart by its
-    name alone."""
-
-    def __init__(self, model):
-        self.ledger = Ledger(model)
-        self.timings: dict[str, float] = {}
-
-    @contextlib.contextmanager
-    def __call__(self, name: str):
-        t = time.perf_counter()
-        try:
-            with self.ledger.stage(name):
-                yield
-        finally:
-            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t
-
-    @staticmethod
-    def eval_feed(loaded: Loaded, record: RunRecord, eval_tokens: int) -> int:
-        """Tokens one plain forward pass over the run's eval text feeds (BOS included)."""
-        from superweight.measure.metrics import tokens_fed
-
-        pr = record.protocol
-        n = corpora.tokenize(loaded.tokenizer, corpora.load_text(pr.corpus, pr.split), eval_tokens).numel()
-        return tokens_fed(n, pr.max_length, pr.stride, corpora.Bos.first(pr.bos))
-
-    def account(self, fed: int) -> CostAccount:
-        """The counts so far in eval-pass equivalents (one forward pass of `fed` tokens through every layer)."""
-        layers = self.ledger.n_layers
-        unit = max(fed * layers, 1)
-
-        def parts(count, prefix=""):
-            out = {}
-            for name, c in count.parts.items():
-                out[prefix + name] = (c.forward + c.backward) / unit
-                out.update(parts(c, f"{prefix}{name}/"))
-            return out
-
-        stages = {name: StageCost(forward=c.forward / unit, backward=c.backward / unit,
-                                  seconds=self.timings.get(name), parts=parts(c))
-                  for name, c in self.ledger.counts.items()}
-        return CostAccount(unit=unit, eval_tokens=fed, layers=layers, stages=stages,
-                           total=sum(s.forward + s.backward for s in stages.values()))
 
 
 def _choose(candidates):

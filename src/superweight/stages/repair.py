@@ -44,6 +44,7 @@ from superweight.measure.recovery import TokenNLL, nll_gap_interval, recovery_of
 from superweight.measure.tasks import TaskSpec, run_tasks
 from superweight.progress import Progress, or_silent
 from superweight.settings import Settings, revalidated
+from superweight.stages.account import own_account
 from superweight.stages.exclusion import parse_excludes, ranking_needed, resolve, top_writers
 from superweight.engine.config import RECIPES, RepairConfig, configure, recipe_label
 from superweight.engine.train import Track, train, training_sequences
@@ -68,6 +69,9 @@ class RepairJob(Settings):
         None, description="lm-evaluation-harness tasks for base, broken and patched (measure.tasks.prepare_tasks)")
     exclude: list[str] = Field(default_factory=list, description="columns held at 0: deleted, top:K or column "
                                                                  "numbers (stages/exclusion.py)")
+    write_stats: bool = Field(True, description="read what the patch reads over the eval tokens for the patch "
+                                                "geometry's write numbers (`run` leaves them to analyze, which "
+                                                "measures them again)")
 
     @field_validator("exclude", mode="before")
     @classmethod
@@ -95,7 +99,14 @@ RANDOM_DRAWS = 3
 # Baselines are scored on the first eval window (at least this many tokens), beside base and broken over the
 # same tokens, with a 95% interval: their conclusions (a control near 0% or 100%) do not need the whole text.
 BASELINE_TOKENS = 500
-OTHER_ROW_SHARE = 4  # the other-row control trains with 1/4 of the recipe's budget
+OTHER_ROW_SHARE = 4  # the other-row control trains with 1/4 of the recipe's budget, at most half the patch's own
+
+
+def other_row_steps(cfg, trained_steps: int) -> int:
+    """The other-row control's step cap: a quarter of the recipe's, and at most half the steps the real patch
+    took (on the embedded model the right row's loss falls 98.6% of the way in 4 of its 8 L-BFGS evaluations: a
+    row that can repair shows it by then)."""
+    return max(1, min(cfg.budget // OTHER_ROW_SHARE, trained_steps // 2))
 
 
 def _other_row(row: int, d_model: int, seed: int) -> int:
@@ -122,8 +133,14 @@ def run_repair(
     Everything is checked before the first file is written: the run directory (RunDir.check_start), the
     coordinates and rows, the context length, and the corpus (enough text for one training batch).
     `job.resume` continues the run in `out` from its last checkpoint (step 0 if none was made); on a finished run
-    it returns the record and patch as they are and changes nothing."""
+    it returns the record and patch as they are and changes nothing. On its own (not inside `run`) the record gets its
+    cost account (stages/account.py) under "repair"."""
     job = job or RepairJob()
+    with own_account(loaded.model, "repair") as stages:
+        return _repair(loaded, coords, rows, out, job, progress, stages)
+
+
+def _repair(loaded, coords, rows, out, job: RepairJob, progress, stages) -> tuple[RunRecord, PatchData]:
     cfg, corpus, max_length, baselines, seeds = job.config, job.corpus, job.max_length, job.baselines, job.seeds
     model, tok = loaded.model, loaded.tokenizer
     progress = or_silent(progress)
@@ -167,7 +184,8 @@ def run_repair(
     controls = []
     if baselines:
         with part("baselines"):
-            controls = _baselines(model, ablation, rows, (originals, patch), (seqs, mask), cfg, progress)
+            controls = _baselines(model, ablation, rows, (originals, patch), (seqs, mask),
+                                  configure(cfg, budget=other_row_steps(cfg, state.steps)), progress)
     extra_seeds, seeded = {}, []
     for seed in range(cfg.seed + 1, cfg.seed + seeds):
         stage(f"Training patch, seed {seed}", cfg.budget)
@@ -189,8 +207,10 @@ def run_repair(
     with part("generate"):
         gens = generate.compare(model, tok, interventions([broken, fixed]), GEN_PROMPTS)
     base = metrics["base"]
-    with part("patch inputs"):
-        inputs = patch_inputs(model, coords, rows, eval_ids, max_length, bos=bos)
+    inputs = None
+    if job.write_stats:
+        with part("patch inputs"):
+            inputs = patch_inputs(model, coords, rows, eval_ids, max_length, bos=bos)
     rec = recovery_of(metrics, PATCHED.name())
     extra: dict = {}  # the optional parts, typed as the record is built (not set on it afterwards)
     if baselines:
@@ -211,6 +231,8 @@ def run_repair(
         recovery=rec, training=state, verdict=verdict_of(rec),
         patch=geometry(model, coords, rows, patch.vectors, originals, inputs), generations=gens, **extra,
     )
+    if stages is not None:
+        record = revalidated(record, cost=stages.account(stages.eval_feed(loaded, record, job.eval_tokens)))
     if run is not None:
         run.write(record)
     return record, data
@@ -254,8 +276,8 @@ def _d_ffs(model, rows) -> list[int]:
 
 
 def _baselines(model, ablation: Ablation, rows, trained, data, cfg, progress: Progress) -> list[Condition]:
-    """Oracle, the paper's activation restore, random vectors writing as much as the patch, another row trained.
-    `trained`: (the ablated weights' original values, the trained patch); `data`: (sequences, mask)."""
+    """Oracle, the paper's activation restore, random vectors writing as much as the patch, another row trained
+    with `cfg` (its step cap: other_row_steps). `trained`: (the ablated weights' original values, the trained patch); `data`: (sequences, mask)."""
     originals, patch = trained
     seqs, _mask = data
     coords = ablation.coords
@@ -284,12 +306,11 @@ def _baselines(model, ablation: Ablation, rows, trained, data, cfg, progress: Pr
         random_draws.append(vectors)
     other = [make_row(layer, _other_row(row, down_projection(model, layer, expert).d_model, cfg.seed), expert)
              for layer, row, expert in map(split_row, rows)]
-    progress.stage(f"Baseline: training rows {', '.join(map(row_text, other))}", max(1, cfg.budget // OTHER_ROW_SHARE))
-    # A control: a quarter of the step cap (L-BFGS: at most 16 of its 64 loss evaluations, still stopping on
-    # progress) and no held-out check, which keeps the real patch from doing harm; the right row reaches its
-    # recovery in fewer (the unconstrained lbfgs repair stops after 8-9; docs/measurements.md).
-    other_patch, _ = train(model, coords, other, data, configure(cfg, budget=max(1, cfg.budget // OTHER_ROW_SHARE),
-                                                                 check_sequences=0), Track(progress=progress))
+    progress.stage(f"Baseline: training rows {', '.join(map(row_text, other))}", cfg.budget)
+    # A control: `cfg.budget` is other_row_steps' cap (L-BFGS: at most half the loss evaluations the real patch
+    # took, and a quarter of the recipe's 64, still stopping on progress) and no held-out check, which keeps the
+    # real patch from doing harm (docs/measurements.md).
+    other_patch, _ = train(model, coords, other, data, configure(cfg, check_sequences=0), Track(progress=progress))
     return [
         ORACLE(patched(model, ablation, rows, oracle_vectors)),
         ACTIVATION_RESTORE(Compose(ablation, ActivationRestore(model, coords, originals))),
