@@ -197,3 +197,24 @@ def test_generation_runs_on_one_cpu_thread_and_gives_the_threads_back(monkeypatc
     with pytest.raises(ZeroDivisionError):
         generate.compare(model, tok, {}, ["a b c"], max_new_tokens=2)
     assert calls == [1, before, 1, before]
+
+
+def test_generations_of_all_prompts_in_one_batch_are_the_one_by_one_texts():
+    """compare() decodes every prompt of a condition as one left-padded batch: the same text as one at a time, for
+    prompts of different lengths, under an intervention too."""
+    import tiny
+    from superweight.core.coords import parse_coord
+    from superweight.core.intervene import Ablation
+    from superweight.measure import generate
+
+    model, tok = tiny.tiny_model(), tiny.tiny_tokenizer()
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    prompts = ["a", "the cat sat on the mat and", "x y"]
+    broken = Ablation(model, [parse_coord("1:5:7")])
+    rows = generate.compare(model, tok, {"broken": broken}, prompts, max_new_tokens=6)
+    for row, prompt in zip(rows, prompts):
+        assert row["base"] == generate.greedy(model, tok, prompt, 6)
+        with broken:
+            assert row["broken"] == generate.greedy(model, tok, prompt, 6)
+    assert len({row["base"] for row in rows}) > 1  # the prompts give different texts: rows are not mixed up

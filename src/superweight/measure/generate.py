@@ -27,17 +27,18 @@ DEFAULT_PROMPTS = [
 
 
 @torch.no_grad()
-def greedy(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int = 20) -> str:
-    """The greedy continuation of `prompt` (new text only)."""
-    device = input_device(model)
-    enc = tokenizer(prompt, return_tensors="pt").to(device)
-    out = model.generate(
-        **enc,
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    return tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+def greedy(model: nn.Module, tokenizer, prompt: str | list[str], max_new_tokens: int = 20) -> str | list[str]:
+    """The greedy continuation of `prompt` (new text only); of each prompt of a list, decoded as one batch (left
+    padded, so every row's last prompt token is the batch's last position)."""
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    try:
+        enc = tokenizer(prompts, return_tensors="pt", padding=True).to(input_device(model))
+    finally:
+        tokenizer.padding_side = side
+    out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    return texts[0] if isinstance(prompt, str) else texts
 
 
 def compare(
@@ -48,22 +49,18 @@ def compare(
     max_new_tokens: int = 20,
     progress: Callable[[int], None] | None = None,
 ) -> list[dict[str, str]]:
-    """One row per prompt: {"prompt", "base", <condition name>...}."""
-    rows = []
+    """One row per prompt: {"prompt", "base", <condition name>...}. Each condition decodes every prompt in one
+    batch: the steps are the longest continuation's, not the sum over prompts (decoding is per-step overhead)."""
+    prompts = list(prompts or DEFAULT_PROMPTS)
+    columns = {}
     with _one_thread(input_device(model)):
-        for prompt in prompts or DEFAULT_PROMPTS:
-            rows.append(_row(model, tokenizer, prompt, conditions, max_new_tokens))
-            if progress:
-                progress(1)
-    return rows
-
-
-def _row(model, tokenizer, prompt: str, conditions: dict[str, Intervention], max_new_tokens: int) -> dict[str, str]:
-    row = {"prompt": prompt, "base": greedy(model, tokenizer, prompt, max_new_tokens)}
-    for name, intervention in conditions.items():
-        with intervention:
-            row[name] = greedy(model, tokenizer, prompt, max_new_tokens)
-    return row
+        columns["base"] = greedy(model, tokenizer, prompts, max_new_tokens)
+        for name, intervention in conditions.items():
+            with intervention:
+                columns[name] = greedy(model, tokenizer, prompts, max_new_tokens)
+    if progress:
+        progress(len(prompts))
+    return [{"prompt": p, **{name: texts[i] for name, texts in columns.items()}} for i, p in enumerate(prompts)]
 
 
 @contextlib.contextmanager
