@@ -250,9 +250,11 @@ def test_run_names_the_regime(pipeline_run):
     assert regime["regime"] == "restoration" and regime["value_ratio"] > 0.5
     assert regime["without_deleted"]["excluded"] == [PLANT[2]]
     assert "repair (deleted excluded)" in res["timings"]
-    # The second repair is scored beside base only: the broken model is the record's, over the same tokens.
+    # The second repair is scored alone: the broken model is the record's and the base pass the repair's (kept in
+    # measure/metrics.Bases), over the same tokens; the analyses read that base pass too.
     parts = res["cost"]["stages"]["repair (deleted excluded)"]["parts"]
-    assert "base" in parts and not any(k.endswith("broken") for k in parts)
+    assert "without_deleted" in parts and "base" not in parts and not any(k.endswith("broken") for k in parts)
+    assert "conditions/base" not in res["cost"]["stages"]["analyze"]["parts"]
     point, base, broken = regime["without_deleted"], res["base"]["nll"], res["broken"]["nll"]
     assert point["nll_gap"] == pytest.approx((broken - point["nll"]) / (broken - base), rel=1e-6)
     assert "Regime: restoration" in result.output and "Without the deleted weight" in result.output

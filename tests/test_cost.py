@@ -218,3 +218,59 @@ def test_generations_of_all_prompts_in_one_batch_are_the_one_by_one_texts():
         with broken:
             assert row["broken"] == generate.greedy(model, tok, prompt, 6)
     assert len({row["base"] for row in rows}) > 1  # the prompts give different texts: rows are not mixed up
+
+
+def test_trainings_on_one_sequences_run_the_teacher_once_and_train_the_same_patch():
+    """A second training handed the same Sequences reads the intact model's targets and the check's no-patch KL
+    kept by the first: fewer full passes (only the student's blocks above the patch), and the patch and check it
+    gives are bit for bit those of a training on fresh sequences."""
+    from superweight.engine.config import RECIPES, configure
+    from superweight.engine.objective import Sequences
+    from superweight.engine.train import train
+
+    model = tiny.planted((1, 3, 5), family="llama")
+    coords, rows = [WeightCoord(layer=1, row=3, col=5)], [(1, 3)]
+    seqs = torch.randint(2, 300, (6, 16), generator=torch.Generator().manual_seed(0))
+    cfg = configure(RECIPES["lbfgs"], budget=4)
+    shared = Sequences(seqs)
+    with Ledger(model) as ledger:
+        with ledger.stage("first"):
+            train(model, coords, rows, shared, cfg)
+        with ledger.stage("again"):
+            again, again_training = train(model, coords, rows, shared, cfg)
+        with ledger.stage("fresh"):
+            fresh, fresh_training = train(model, coords, rows, seqs, cfg)
+    c = ledger.counts
+    assert c["again"].forward < c["fresh"].forward and c["again"].backward == c["fresh"].backward
+    n_layers = len(arch.decoder_layers(model))
+    # what the kept targets save: one full pass of every sequence trained or checked (6 x 16 tokens)
+    assert c["fresh"].forward - c["again"].forward >= 6 * 16 * n_layers
+    assert torch.equal(again.vectors[0], fresh.vectors[0])
+    assert again_training.check == fresh_training.check
+
+
+def test_a_kept_base_pass_serves_the_next_measure_with_the_same_numbers(ids):
+    """measure() with a Bases runs the base pass once per window: a second call on the same windows (here fewer
+    of them, as `run`'s analyses take the repair's first windows) runs only its conditions and gives the numbers
+    of a call that runs base itself; a batch with a window it has not kept is run."""
+    from superweight.measure.metrics import Bases
+
+    model = tiny.planted((1, 3, 5))
+    broken = lambda: {"broken": Ablation(model, [WeightCoord(layer=1, row=3, col=5)])}  # noqa: E731
+    bases, bos = Bases(), corpora.Bos.first(1)
+    args = dict(channels=[(1, 3)], max_length=50, bos=bos)
+    with Ledger(model) as ledger:
+        with ledger.stage("first"):
+            measure(model, ids[:147], broken(), scoring=Scoring(share_below=1, bases=bases), **args)
+        with ledger.stage("kept"):
+            kept = measure(model, ids[:98], broken(), scoring=Scoring(share_below=1, bases=bases), **args)
+        with ledger.stage("more"):
+            measure(model, ids[:196], broken(), scoring=Scoring(share_below=1, bases=bases), **args)
+    fresh = measure(model, ids[:98], broken(), scoring=Scoring(share_below=1), **args)
+    c = ledger.counts
+    assert "base" in c["first"].parts and "base" not in c["kept"].parts
+    assert c["more"].parts["base"].forward > 0  # a batch with a window not kept runs its base pass
+    for name in ("base", "broken"):
+        for key in ("nll", "kl", "top1_agree", "super_activation"):
+            assert getattr(kept[name], key) == pytest.approx(getattr(fresh[name], key), rel=1e-6, abs=1e-9), (name, key)
+    assert kept["broken"].kl > 1e-3

@@ -12,6 +12,10 @@ model with the super weights ablated and the patch on; the blocks below the firs
 batch (teacher pass) and are reused by the student (core/prefix.Prefix). Log-softmax and KL run in fp32, over
 chunks of tokens when the vocabulary is large (core/head.CHUNK_BUDGET).
 
+Trainings on the same `Sequences` (a repair's patch, its other-row control and seeds, `run`'s second repair, the
+compensation frontier's points) share the teacher's kept targets and the check's no-patch KL: the intact model
+runs once per sequence, not once per training.
+
 The check is what makes a repair never worse than no patch: its first value is the ablated model's own KL on
 sequences that training never sees, a patch is kept only when it beats every one checked before, and a patch
 that does worse than none sends first-order training back to the best one (engine/optimize.py then cuts the
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -93,15 +98,41 @@ def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return logits if temperature == 1.0 else logits / temperature
 
 
+class Targets:
+    """What the intact model gives for one set of sequences at one prefix layer and temperature, kept for every
+    training on them: per sequence (fp16 log-probs, prefix states), and the no-patch KL of each held-out check
+    (keyed by the ablated weights, the sequences and the KL's direction)."""
+
+    def __init__(self):
+        self.by_sequence: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.broken: dict[tuple, float] = {}
+
+
+@dataclass
+class Sequences:
+    """Training sequences [N, T], their mask (None: packed, every token real), what made them (`key`:
+    engine/train.training_data) and the intact model's targets for them once computed, by (prefix layer,
+    temperature): hand the same Sequences to several trainings and the teacher runs once per sequence."""
+
+    ids: torch.Tensor
+    mask: torch.Tensor | None = None
+    key: tuple = ()
+    targets: dict[tuple, Targets] = field(default_factory=dict)
+
+    def targets_for(self, layer: int, temperature: float) -> Targets:
+        return self.targets.setdefault((layer, temperature), Targets())
+
+
 class Teacher:
     """The intact model's log-probs and the shared prefix states of training sequences, computed once per
-    sequence and kept (fp16 log-probs) when `keep`."""
+    sequence and kept (fp16 log-probs) when `keep`, in `targets` when given (shared with other trainings)."""
 
-    def __init__(self, model, prefix: Prefix, sequences, mask, cfg, keep: bool):
+    def __init__(self, model, prefix: Prefix, sequences, mask, cfg, keep: bool, targets: Targets | None = None):
         self.model, self.prefix, self.sequences, self.mask, self.cfg, self.keep = model, prefix, sequences, mask, cfg, keep
         self.device = input_device(model)
         self.head = head_of(model)
-        self.cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.targets = targets if keep and targets is not None else Targets()
+        self.cache = self.targets.by_sequence
 
     def __call__(self, idx: list[int]):
         """(ids, mask, teacher targets, prefix hidden states) of sequences `idx`. The targets are what `kl_loss` takes
@@ -165,8 +196,9 @@ class HeldOutCheck:
     def __init__(self, teacher: Teacher, sequences: list[int], ablation, patch, cfg, state: dict | None):
         self.teacher, self.sequences, self.ablation, self.patch, self.cfg = teacher, sequences, ablation, patch, cfg
         self.tokens = int(teacher.mask[sequences].sum())
-        if state is None:  # a fresh run
-            self.broken = self.kl(with_patch=False)
+        if state is None:  # a fresh run (the no-patch KL is the same for every training on these sequences)
+            known, key = teacher.targets.broken, (tuple(map(str, ablation.coords)), tuple(sequences), cfg.kl)
+            self.broken = known[key] if key in known else known.setdefault(key, self.kl(with_patch=False))
             start = self.kl() if any(v.abs().sum() > 0 for v in patch.vectors) else self.broken
             state = {"broken": self.broken, "best": start, "best_step": 0, "backoffs": 0, "lr_scale": 1.0,
                      "vectors": [v.detach().cpu().clone() for v in patch.vectors]}

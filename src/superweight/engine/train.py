@@ -30,7 +30,7 @@ from superweight.core.coords import WeightCoord, split_row
 from superweight.core.intervene import Ablation, RowPatch
 from superweight.core.prefix import Prefix, first_edited_layer
 from superweight.engine.config import FirstOrderConfig, LbfgsConfig
-from superweight.engine.objective import Distillation, HeldOutCheck, Teacher
+from superweight.engine.objective import Distillation, HeldOutCheck, Sequences, Teacher
 from superweight.engine.optimize import Fit, first_order, lbfgs, make_optimizer
 from superweight.engine.patch import SpacePatch, space_units
 from superweight.errors import UsageError
@@ -59,6 +59,18 @@ def training_sequences(tokenizer, corpus: str, cfg: LbfgsConfig | FirstOrderConf
     return corpora.pack(ids, cfg.seq_len, bos), None
 
 
+def training_data(tokenizer, corpus: str, cfg: LbfgsConfig | FirstOrderConfig,
+                  bos: corpora.Bos = corpora.NO_BOS) -> Sequences:
+    """training_sequences as a `Sequences` that trainings on it share (the teacher runs once per sequence), with
+    the key of what made it (data_key): a repair handed one checks it would make the same."""
+    return Sequences(*training_sequences(tokenizer, corpus, cfg, bos), key=data_key(corpus, cfg, bos))
+
+
+def data_key(corpus: str, cfg: LbfgsConfig | FirstOrderConfig, bos: corpora.Bos) -> tuple:
+    """What decides the training sequences: two repairs with the same key train on the same ones."""
+    return corpus, cfg.data, cfg.seq_len, cfg.train_tokens, bos.token
+
+
 @dataclass(frozen=True)
 class Track:
     """Where a training run reports: `run_dir` gets train_log.jsonl and checkpoints/last.pt every
@@ -75,7 +87,7 @@ def train(
     model: nn.Module,
     coords: list[WeightCoord],
     rows: list[tuple[int, ...]],
-    data: torch.Tensor | tuple[torch.Tensor, torch.Tensor | None],
+    data: torch.Tensor | tuple[torch.Tensor, torch.Tensor | None] | Sequences,
     cfg: LbfgsConfig | FirstOrderConfig,
     track: Track | None = None,
     sparse=None,
@@ -85,7 +97,8 @@ def train(
     imitates the intact model.
 
     `data`: [N, T] token ids (packed sequences), or (ids, mask) as training_sequences returns them, with the mask
-    [N, T] marking real tokens of right-padded sequences (None: every token is real).
+    [N, T] marking real tokens of right-padded sequences (None: every token is real), or a `Sequences`
+    (training_data): trainings handed the same one share the intact model's targets and the check's no-patch KL.
     `track` (Track) says where the train log and checkpoints go and who hears of each loss evaluation.
     `sparse` (a stages/sparsify objective) builds the patch (from its `init` vectors when it has them), adds its
     penalty to the loss and acts after each step (no checkpoints then: `track.run_dir` must be None).
@@ -98,7 +111,8 @@ def train(
     if sparse is not None and cfg.optimizer == "lbfgs":
         raise UsageError("sparse objectives train with a first-order optimiser (sgd, adam, adamw), not lbfgs")
     dp = distributed.current()  # one process, or this one's share under `accelerate launch`
-    sequences, mask = data if isinstance(data, tuple) else (data, None)
+    data = data if isinstance(data, Sequences) else Sequences(*data) if isinstance(data, tuple) else Sequences(data)
+    sequences, mask = data.ids, data.mask
     if mask is None:
         mask = torch.ones_like(sequences)
     # The last check_sequences sequences are held out (never trained on) when enough remain to train on.
@@ -125,10 +139,11 @@ def train(
     # fits the budget and will be seen more than once.
     seen = cfg.batch_size if cfg.optimizer == "lbfgs" else n
     cache_fits = seen * sequences.shape[1] * vocab * 2 <= cfg.teacher_cache_mb * 2**20 and cfg.budget * cfg.batch_size > seen
-    teacher = Teacher(model, prefix, sequences, mask, cfg, cache_fits)
+    targets = data.targets_for(prefix.layer, cfg.temperature)
+    teacher = Teacher(model, prefix, sequences, mask, cfg, cache_fits, targets)
     check = None
     if n_check:
-        check = HeldOutCheck(Teacher(model, prefix, sequences, mask, cfg, True), list(range(n, n + n_check)),
+        check = HeldOutCheck(Teacher(model, prefix, sequences, mask, cfg, True, targets), list(range(n, n + n_check)),
                              ablation, patch, cfg, resumed.check)
     t0 = time.perf_counter()
     elapsed = lambda: resumed.seconds + time.perf_counter() - t0  # noqa: E731 (across resumes)

@@ -86,25 +86,78 @@ def _batches(wins: list[Window], batch_tokens: int, cuts=()) -> list[list[Window
     return out
 
 
-def _final_states(model, head, input_ids, mask, watch):
-    """The scored positions' final hidden states [N, D] (with a checked head) or fp32 log-probs [N, V] (without),
-    recording super activations on the way (`watch`: (blocks by (layer, row), accumulator dict))."""
-    watched, acc_act = watch
+def _final_states(model, head, input_ids, watch):
+    """Every position's final hidden states [B, T - 1, D] (with a checked head) or fp32 log-probs [B, T - 1, V]
+    (without), recording super activations on the way (`watch`: (blocks by (layer, row), accumulator dict, and
+    a dict that gets each channel's max |activation| per row of the batch, or None))."""
+    watched, acc_act, per_row = watch
 
     def record(name, _inp, out):
         layer, row = name
-        value = hidden(out)[..., row].detach().abs().amax().float()
+        value = hidden(out)[..., row].detach().abs().flatten(1).amax(-1).float()  # one per row of the batch
         key = f"{layer}:{row}"
+        if per_row is not None:
+            per_row[key] = value
+        value = value.amax()
         acc_act[key] = torch.maximum(acc_act[key], value) if key in acc_act else value
 
     with Trace(watched, record):
         if head is not None:
-            states = trunk(model)(input_ids=input_ids, use_cache=False).last_hidden_state[:, :-1]
-        else:
-            states = model(input_ids=input_ids, use_cache=False).logits[:, :-1]
-    # Boolean indexing copies; skip it when every position is scored (the default).
-    scored = states.flatten(0, 1) if mask is None else states[mask]
-    return scored if head is not None else scored.float().log_softmax(-1)
+            return trunk(model)(input_ids=input_ids, use_cache=False).last_hidden_state[:, :-1]
+        return model(input_ids=input_ids, use_cache=False).logits[:, :-1].float().log_softmax(-1)
+
+
+def _scored(states: torch.Tensor, mask) -> torch.Tensor:
+    """The scored positions [N, ...] of [B, T - 1, ...] states (boolean indexing copies: skipped when all are)."""
+    return states.flatten(0, 1) if mask is None else states[mask]
+
+
+class Bases:
+    """The base model's pass over eval windows, kept for the next `measure` of the same model on the same windows
+    (`run` measures its repair, its second repair and its analyses on the first windows of one eval text): per
+    window, keyed by its tokens, the last hidden states of its positions, the state entering each shared layer and
+    each watched channel's max |activation|, on the model's device. A later `measure` with every window of a batch
+    kept runs no base pass for it. Valid while the model's weights stay as they were (every condition's
+    intervention is undone after it); a model without a checked head (core/head.py) keeps nothing."""
+
+    def __init__(self):
+        self.windows: dict[tuple, dict] = {}
+
+    def get(self, keys: list[tuple], layers: set[int], channels: set[str]) -> list[dict] | None:
+        found = [self.windows.get(k) for k in keys]
+        if any(f is None or not layers <= f["prefix"].keys() or not channels <= f["act"].keys() for f in found):
+            return None
+        return found
+
+    def keep(self, keys: list[tuple], final: torch.Tensor, prefixes: dict[int, torch.Tensor], act: dict) -> None:
+        for i, key in enumerate(keys):
+            self.windows[key] = {"final": final[i], "prefix": {layer: h[i] for layer, h in prefixes.items()},
+                                 "act": {k: v[i] for k, v in act.items()}}
+
+
+def _base(model, head, input_ids, mask, ctx):
+    """The base's scored final states for one batch, from `bases` when it kept every window, else from a pass that
+    captures the prefixes' states (and keeps them in `bases`). `ctx`: (prefixes, watched, base accumulator,
+    Bases or None, the batch's rows of token ids as tuples: the windows' keys)."""
+    prefixes, watched, acc, bases, keys = ctx
+    bases = bases if head is not None else None
+    layers = {layer for layer in prefixes if layer}  # block 0's input is not reused (core/prefix.Prefix.reuse)
+    kept = bases.get(keys, layers, {f"{layer}:{row}" for layer, row in watched}) if bases is not None else None
+    if kept is not None:
+        for layer in layers:
+            prefixes[layer].hidden = torch.stack([k["prefix"][layer] for k in kept])
+        for key in kept[0]["act"]:
+            value = torch.stack([k["act"][key] for k in kept]).amax()
+            acc.act[key] = torch.maximum(acc.act[key], value) if key in acc.act else value
+        return _scored(torch.stack([k["final"] for k in kept]), mask)
+    per_row = {} if bases is not None else None
+    with contextlib.ExitStack() as stack, part("base"):
+        for prefix in prefixes.values():
+            stack.enter_context(prefix.capture())
+        states = _final_states(model, head, input_ids, (watched, acc.act, per_row))
+    if bases is not None:
+        bases.keep(keys, states, {layer: prefixes[layer].hidden for layer in layers}, per_row)
+    return _scored(states, mask)
 
 
 @dataclass(frozen=True)
@@ -121,7 +174,8 @@ class Scoring:
     `chunk_bytes`: the byte budget of the vocab-sized tensors: log-softmax, KL, NLL and top-1 run over chunks of
     tokens sized from it and the vocabulary, so memory does not grow with tokens x vocabulary.
     `subsets` {condition: n} scores that condition on the first windows holding at least n scored tokens only;
-    the results then add "base@n" and "<other condition>@n": the others over the same tokens, to compare with."""
+    the results then add "base@n" and "<other condition>@n": the others over the same tokens, to compare with.
+    `bases` (Bases) keeps the base pass of each window for later calls, and serves it to them."""
 
     share_below: int | dict[str, int] = 0
     progress: Callable[[int], None] | None = None
@@ -129,6 +183,7 @@ class Scoring:
     batch_tokens: int = 2048
     chunk_bytes: int = CHUNK_BUDGET
     subsets: dict[str, int] | None = None
+    bases: Bases | None = None
 
 
 @torch.no_grad()
@@ -191,11 +246,9 @@ def measure(
         mask = torch.stack([targets + w.begin >= w.score_from for w in batch])
         labels = input_ids[:, 1:][mask].to(device)
         mask = None if bool(mask.all()) else mask.to(device)
+        keys = [tuple(row.tolist()) for row in input_ids] if scoring.bases is not None else []  # read on the host
         input_ids = input_ids.to(device)
-        with contextlib.ExitStack() as stack, part("base"):
-            for prefix in prefixes.values():
-                stack.enter_context(prefix.capture())
-            states = {"base": _final_states(model, head, input_ids, mask, (watched, accs["base"].act))}
+        states = {"base": _base(model, head, input_ids, mask, (prefixes, watched, accs["base"], scoring.bases, keys))}
         if head is None:  # whole log-probs: score base now, then each condition as it comes; keep only base's
             _score(accs, states, labels, scoring.observe)
         for name, intervention in conditions.items():
@@ -203,7 +256,7 @@ def measure(
                 continue
             prefix = prefixes[shares[name]]
             with intervention, prefix.reuse(prefix.hidden), part(name):
-                states[name] = _final_states(model, head, input_ids, mask, (watched, accs[name].act))
+                states[name] = _scored(_final_states(model, head, input_ids, (watched, accs[name].act, None)), mask)
             if head is None:
                 _score(accs, {"base": states["base"], name: states.pop(name)}, labels, scoring.observe, first=False)
         if head is not None:

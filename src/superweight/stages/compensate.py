@@ -39,14 +39,15 @@ from superweight.schema.record import RunRecord
 from superweight.io.rundir import RunDir
 from superweight.measure.geometry import geometry, neuron_writes, regime_of
 from superweight.measure.inputs import down_inputs, seen_ids
-from superweight.measure.metrics import Scoring, measure, n_scored
+from superweight.measure.metrics import Bases, Scoring, measure, n_scored
 from superweight.measure.recovery import scored
 from superweight.measure.views import neuron_contexts
 from superweight.progress import Progress, or_silent
 from superweight.settings import Settings, revalidated
 from superweight.stages.exclusion import deleted_columns, top_writers
 from superweight.engine.config import configure
-from superweight.engine.train import Track, train, training_sequences
+from superweight.engine.objective import Sequences
+from superweight.engine.train import Track, data_key, train, training_data
 
 DELETED_STAGE = "Repair (deleted excluded)"  # `run`'s second repair: a stage and timing of its own
 
@@ -84,24 +85,31 @@ class _Run:
     loaded: Loaded
     record: RunRecord
     patch: object  # core.patching.PatchData
-    data: tuple  # (training sequences, mask)
+    data: Sequences  # the training sequences, shared by every repair of this run (the teacher runs once)
     ids: torch.Tensor  # eval ids
     x: torch.Tensor  # the first row's down-projection input over `ids` (ablated model), [positions, d_ff]
     positions: list[int]
     originals: list[float]
+    bases: Bases | None = None  # the base pass over the eval windows, when the caller kept it
 
     @classmethod
-    def open(cls, loaded: Loaded, run_dir: Path, record: RunRecord | None, tokens: int, max_length: int) -> "_Run":
+    def open(cls, loaded: Loaded, run_dir: Path, record: RunRecord | None, sizes: tuple[int, int],
+             shared: tuple = (None, None)) -> "_Run":
+        """`sizes`: (eval tokens, window length); `shared`: (the run's training Sequences, its Bases) when the
+        caller holds them."""
+        data, bases = shared
+        tokens, max_length = sizes
         record = record if record is not None else RunDir(run_dir).record()
         patch = load_patch(run_dir)
         check_fits(loaded.model, patch)
         corpus, bos = record.protocol.corpus, loaded.bos
-        data = training_sequences(loaded.tokenizer, corpus, record.config, bos)
+        if data is None or data.key != data_key(corpus, record.config, bos):
+            data = training_data(loaded.tokenizer, corpus, record.config, bos)
         ids = corpora.tokenize(loaded.tokenizer, corpora.load_text(corpus, "eval"), tokens)
         layer, _row, expert = split_row(patch.rows[0])
         with Ablation(loaded.model, patch.ablated):  # what the patch reads: the ablated model's inputs
             x, positions = down_inputs(loaded.model, ids, layer, max_length, bos, expert)
-        return cls(loaded, record, patch, data, ids, x, positions, intact_values(loaded.model, patch.ablated))
+        return cls(loaded, record, patch, data, ids, x, positions, intact_values(loaded.model, patch.ablated), bases)
 
     def repair(self, exclude: list[list[int]], progress: Progress, steps: int | None = None):
         cfg = self.record.config if steps is None else configure(self.record.config, budget=steps)
@@ -119,7 +127,7 @@ class _Run:
         conditions = ({} if known else {BROKEN.name(): ablation}) | {
             n: patched(model, ablation, self.patch.rows, v) for n, v in trained.items()}
         out = measure(model, self.ids, conditions, max_length=max_length, bos=self.loaded.bos,
-                      scoring=Scoring(share_below=first_edited_layer(coords, self.patch.rows)))
+                      scoring=Scoring(share_below=first_edited_layer(coords, self.patch.rows), bases=self.bases))
         return out | ({BROKEN.name(): broken} if known else {})
 
     def point(self, label: str, k: int, excluded: list[int], vectors, training, metrics, cfg) -> CompensationPoint:
@@ -153,7 +161,7 @@ def run_compensate(loaded: Loaded, run_dir: Path, cfg: CompensateConfig | None =
     cfg = cfg or CompensateConfig()
     progress = or_silent(progress)
     t0 = time.perf_counter()
-    run = _Run.open(loaded, Path(run_dir), record, cfg.tokens, cfg.max_length)
+    run = _Run.open(loaded, Path(run_dir), record, (cfg.tokens, cfg.max_length))
     p = run.patch
     own = list((p.config.excluded or [[]])[0])
     rest = [list(c) for c in (p.config.excluded or [[]] * len(p.rows))[1:]] or [[] for _ in p.rows[1:]]
@@ -190,12 +198,13 @@ def run_compensate(loaded: Loaded, run_dir: Path, cfg: CompensateConfig | None =
 
 
 def without_deleted(loaded: Loaded, run_dir: Path, record: RunRecord, tokens: int,
-                    progress: Progress | None = None) -> RegimeResult:
+                    progress: Progress | None = None, shared: tuple = (None, None)) -> RegimeResult:
     """`run`'s second point: the run's repair again with the deleted weights' columns held at 0, scored on the
-    first `tokens` eval tokens (the repair's own), beside the regime of the run's patch."""
+    first `tokens` eval tokens (the repair's own), beside the regime of the run's patch. `shared`: the repair's
+    training Sequences and Bases (measure/metrics.py), whose teacher targets and base pass are then reused."""
     progress = or_silent(progress)
     cfg = CompensateConfig(tokens=tokens, max_length=record.protocol.max_length)
-    run = _Run.open(loaded, Path(run_dir), record, tokens, cfg.max_length)
+    run = _Run.open(loaded, Path(run_dir), record, (tokens, cfg.max_length), shared)
     p = run.patch
     columns = [deleted_columns(p.ablated, r) for r in p.rows]
     ratio = record.patch.value_ratio

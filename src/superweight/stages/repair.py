@@ -39,7 +39,7 @@ from superweight.io.rundir import RunDir
 from superweight.measure import generate
 from superweight.measure.geometry import geometry, rms
 from superweight.measure.inputs import down_inputs, patch_inputs
-from superweight.measure.metrics import Scoring, check_context, measure, protocol_of
+from superweight.measure.metrics import Bases, Scoring, check_context, measure, protocol_of
 from superweight.measure.recovery import TokenNLL, nll_gap_interval, recovery_of, verdict_of
 from superweight.measure.tasks import TaskSpec, run_tasks
 from superweight.progress import Progress, or_silent
@@ -47,7 +47,8 @@ from superweight.settings import Settings, revalidated
 from superweight.stages.account import own_account
 from superweight.stages.exclusion import parse_excludes, ranking_needed, resolve, top_writers
 from superweight.engine.config import RECIPES, RepairConfig, configure, recipe_label
-from superweight.engine.train import Track, train, training_sequences
+from superweight.engine.objective import Sequences
+from superweight.engine.train import Track, data_key, train, training_data
 
 
 class RepairJob(Settings):
@@ -124,11 +125,16 @@ def run_repair(
     out: Path | None,
     job: RepairJob | None = None,
     progress: Progress | None = None,
+    data: Sequences | None = None,
+    bases: Bases | None = None,
 ) -> tuple[RunRecord, PatchData]:
     """Train and evaluate a patch as `job` says (None: RepairJob's defaults): the run record and the trained patch
     (in memory). With a run directory `out` both are saved there (see the module docstring); None writes nothing.
     With `job.tasks` also the zero-shot task metrics of base, broken and patched (`record.tasks`). `progress`
-    (superweight.progress.Progress) hears of each stage and training step.
+    (superweight.progress.Progress) hears of each stage and training step. `data`: the training sequences when the
+    caller holds them (engine/train.training_data; `run` hands its second repair the same, with the intact model's
+    targets already computed); None or other sequences than this job's: made here. `bases` (measure/metrics.Bases)
+    keeps the base model's pass over the eval windows for the caller's later measurements (and serves it).
 
     Everything is checked before the first file is written: the run directory (RunDir.check_start), the
     coordinates and rows, the context length, and the corpus (enough text for one training batch).
@@ -137,10 +143,12 @@ def run_repair(
     cost account (stages/account.py) under "repair"."""
     job = job or RepairJob()
     with own_account(loaded.model, "repair") as stages:
-        return _repair(loaded, coords, rows, out, job, progress, stages)
+        return _repair(loaded, (coords, rows), out, job, progress, (data, bases), stages)
 
 
-def _repair(loaded, coords, rows, out, job: RepairJob, progress, stages) -> tuple[RunRecord, PatchData]:
+def _repair(loaded, edits, out, job: RepairJob, progress, shared, stages) -> tuple[RunRecord, PatchData]:
+    coords, rows = edits
+    data, bases = shared
     cfg, corpus, max_length, baselines, seeds = job.config, job.corpus, job.max_length, job.baselines, job.seeds
     model, tok = loaded.model, loaded.tokenizer
     progress = or_silent(progress)
@@ -159,7 +167,8 @@ def _repair(loaded, coords, rows, out, job: RepairJob, progress, stages) -> tupl
         raise UsageError(f"ablating {', '.join(map(str, coords))} changes nothing (value "
                          f"{', '.join(f'{w:g}' for w in originals)}): there is no damage to repair")
     check_context(model, cfg.seq_len, option="--seq-len")
-    seqs, mask = training_sequences(tok, corpus, cfg, bos)
+    if data is None or data.key != data_key(corpus, cfg, bos):
+        data = training_data(tok, corpus, cfg, bos)
     eval_ids = corpora.tokenize(tok, corpora.load_text(corpus, "eval"), job.eval_tokens)
     check_context(model, min(max_length, eval_ids.numel()), max_length)
     if job.exclude:  # a column past its row is refused here, before the first file is written
@@ -167,15 +176,15 @@ def _repair(loaded, coords, rows, out, job: RepairJob, progress, stages) -> tupl
     if run is not None:
         run.prepare(settings, job.resume)
 
-    excluded = _excluded(model, coords, rows, (seqs, mask, eval_ids, bos), job, progress) if job.exclude else None
+    excluded = _excluded(model, coords, rows, (data, eval_ids, bos), job, progress) if job.exclude else None
     stage("Training patch" + (" (columns excluded)" if excluded else ""), cfg.budget)
     with part("train"):
-        patch, state = train(model, coords, rows, (seqs, mask), cfg,
+        patch, state = train(model, coords, rows, data, cfg,
                              Track(out, job.checkpoint_every, job.resume, progress), exclude=excluded)
-    data = as_patch_data(model, patch, coords, {"model": model_id(loaded), "spec": loaded.spec, "recipe": job.label,
+    saved = as_patch_data(model, patch, coords, {"model": model_id(loaded), "spec": loaded.spec, "recipe": job.label,
                                                 "config": cfg, "excluded": excluded})
     if run is not None:
-        write_patch(run.path, data)
+        write_patch(run.path, saved)
     # One Ablation serves every condition: measure() applies them one at a time.
     ab, rs = ablated_text(coords), ", ".join(map(row_text, rows))
     broken = BROKEN(ablation, weights=ab)
@@ -184,13 +193,13 @@ def _repair(loaded, coords, rows, out, job: RepairJob, progress, stages) -> tupl
     controls = []
     if baselines:
         with part("baselines"):
-            controls = _baselines(model, ablation, rows, (originals, patch), (seqs, mask),
+            controls = _baselines(model, ablation, rows, (originals, patch), data,
                                   configure(cfg, budget=other_row_steps(cfg, state.steps)), progress)
     extra_seeds, seeded = {}, []
     for seed in range(cfg.seed + 1, cfg.seed + seeds):
         stage(f"Training patch, seed {seed}", cfg.budget)
         with part(f"train seed {seed}"):
-            other, _ = train(model, coords, rows, (seqs, mask), revalidated(cfg, seed=seed), Track(progress=progress),
+            other, _ = train(model, coords, rows, data, revalidated(cfg, seed=seed), Track(progress=progress),
                              exclude=excluded)
         extra_seeds[seed] = other
         seeded.append(SEED(Compose(ablation, other), seed=seed))
@@ -202,7 +211,7 @@ def _repair(loaded, coords, rows, out, job: RepairJob, progress, stages) -> tupl
     with part("eval"):
         metrics = measure(model, eval_ids, interventions(conditions), channels, max_length, bos=bos,
                           scoring=Scoring(share_below=first_edited_layer(coords, rows), subsets=subset or None,
-                                          observe=per_token if subset else None))
+                                          observe=per_token if subset else None, bases=bases))
     stage("Generating", None)
     with part("generate"):
         gens = generate.compare(model, tok, interventions([broken, fixed]), GEN_PROMPTS)
@@ -235,7 +244,7 @@ def _repair(loaded, coords, rows, out, job: RepairJob, progress, stages) -> tupl
         record = revalidated(record, cost=stages.account(stages.eval_feed(loaded, record, job.eval_tokens)))
     if run is not None:
         run.write(record)
-    return record, data
+    return record, saved
 
 
 def _baseline(metrics, name: str, per_token: TokenNLL) -> Baseline:
@@ -260,12 +269,12 @@ def repair_settings(spec: str, job: RepairJob, coords: list[WeightCoord], rows,
 
 def _excluded(model, coords, rows, data, job: RepairJob, progress: Progress) -> list[list[int]]:
     """Per row, the columns `job.exclude` holds at 0; top:K first trains the unconstrained patch to rank the
-    neurons by write over the eval tokens. `data`: (sequences, mask, eval ids, bos)."""
-    seqs, mask, eval_ids, bos = data
+    neurons by write over the eval tokens. `data`: (training Sequences, eval ids, bos)."""
+    sequences, eval_ids, bos = data
     ranking = None
     if ranking_needed(job.exclude):
         progress.stage("Training the unconstrained patch (ranks the neurons for --exclude top:K)", job.config.budget)
-        free, _ = train(model, coords, rows, (seqs, mask), job.config, Track(progress=progress))
+        free, _ = train(model, coords, rows, sequences, job.config, Track(progress=progress))
         xs = patch_inputs(model, coords, rows, eval_ids, job.max_length, bos=bos)
         ranking = [top_writers(xs[site(r)], v) for r, v in zip(rows, free.vectors)]
     return resolve(job.exclude, coords, rows, _d_ffs(model, rows), ranking)
@@ -277,9 +286,10 @@ def _d_ffs(model, rows) -> list[int]:
 
 def _baselines(model, ablation: Ablation, rows, trained, data, cfg, progress: Progress) -> list[Condition]:
     """Oracle, the paper's activation restore, random vectors writing as much as the patch, another row trained
-    with `cfg` (its step cap: other_row_steps). `trained`: (the ablated weights' original values, the trained patch); `data`: (sequences, mask)."""
+    with `cfg` (its step cap: other_row_steps). `trained`: (the ablated weights' original values, the trained patch);
+    `data`: the training Sequences."""
     originals, patch = trained
-    seqs, _mask = data
+    seqs = data.ids
     coords = ablation.coords
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     oracle_vectors = []

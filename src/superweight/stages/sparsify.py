@@ -46,7 +46,7 @@ from superweight.engine.config import configure
 from superweight.engine.patch import SpacePatch
 from superweight.progress import Progress, or_silent
 from superweight.settings import Settings, revalidated
-from superweight.engine.train import Track, train, training_sequences
+from superweight.engine.train import Track, train, training_data
 
 SPARSE_ADAM_LR = 0.3  # the `quick` recipe's Adam lr, whose patches the default strengths were tuned on
 DEFAULT_STRENGTHS = {"l1": (0.6, 0.8, 1.0), "l0": (1.0, 10.0, 30.0)}
@@ -192,7 +192,7 @@ def run_sparsify(loaded: Loaded, run_dir: Path, cfg: SparsifyConfig | None = Non
         cfg = revalidated(cfg, optimizer="adam", lr=SPARSE_ADAM_LR)
     corpus = record.protocol.corpus
     bos = loaded.bos
-    seqs, mask = training_sequences(tok, corpus, cfg, bos)
+    data = training_data(tok, corpus, cfg, bos)  # every strength trains on it: one teacher pass per sequence
     track = Track(progress=progress)
     originals = intact_values(model, patch.ablated)
     trained = []
@@ -201,7 +201,7 @@ def run_sparsify(loaded: Loaded, run_dir: Path, cfg: SparsifyConfig | None = Non
             progress.stage(f"Sparse training: {method}, strength {strength:g}", steps)
             objective = OBJECTIVES[method](strength, patch.vectors)
             t0 = time.perf_counter()
-            p, _ = train(model, patch.ablated, patch.rows, (seqs, mask), cfg, track, objective, patch.config.excluded)
+            p, _ = train(model, patch.ablated, patch.rows, data, cfg, track, objective, patch.config.excluded)
             vectors = objective.final(p)
             g = geometry(model, patch.ablated, patch.rows, vectors, originals)
             trained.append({"method": method, "strength": strength, "vectors": vectors,
