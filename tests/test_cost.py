@@ -223,14 +223,15 @@ def test_generations_of_all_prompts_in_one_batch_are_the_one_by_one_texts():
 def test_trainings_on_one_sequences_run_the_teacher_once_and_train_the_same_patch():
     """A second training handed the same Sequences reads the intact model's targets and the check's no-patch KL
     kept by the first: fewer full passes (only the student's blocks above the patch), and the patch and check it
-    gives are bit for bit those of a training on fresh sequences."""
+    gives are bit for bit those of a training on fresh sequences. A control trained unchecked on the checked
+    patch's sequences (Sequences.trained_part) finds all their targets kept."""
     from superweight.engine.config import RECIPES, configure
     from superweight.engine.objective import Sequences
     from superweight.engine.train import train
 
     model = tiny.planted((1, 3, 5), family="llama")
     coords, rows = [WeightCoord(layer=1, row=3, col=5)], [(1, 3)]
-    seqs = torch.randint(2, 300, (6, 16), generator=torch.Generator().manual_seed(0))
+    seqs = torch.randint(2, 300, (8, 16), generator=torch.Generator().manual_seed(0))  # 6 trained on, 2 checked
     cfg = configure(RECIPES["lbfgs"], budget=4)
     shared = Sequences(seqs)
     with Ledger(model) as ledger:
@@ -240,10 +241,14 @@ def test_trainings_on_one_sequences_run_the_teacher_once_and_train_the_same_patc
             again, again_training = train(model, coords, rows, shared, cfg)
         with ledger.stage("fresh"):
             fresh, fresh_training = train(model, coords, rows, seqs, cfg)
+        with ledger.stage("control"):  # another row, unchecked, on the sequences the checked patch trained on
+            train(model, coords, [(1, 7)], shared.trained_part(cfg.check_sequences), configure(cfg, check_sequences=0))
     c = ledger.counts
+    # every block the control runs forward above the patch gets its gradient: no teacher pass (all kept)
+    assert c["control"].forward == c["control"].backward > 0
     assert c["again"].forward < c["fresh"].forward and c["again"].backward == c["fresh"].backward
     n_layers = len(arch.decoder_layers(model))
-    # what the kept targets save: one full pass of every sequence trained or checked (6 x 16 tokens)
+    # what the kept targets save: one full pass of every sequence trained (4 of the 6) or checked (2), 16 tokens each
     assert c["fresh"].forward - c["again"].forward >= 6 * 16 * n_layers
     assert torch.equal(again.vectors[0], fresh.vectors[0])
     assert again_training.check == fresh_training.check

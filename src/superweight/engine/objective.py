@@ -122,6 +122,16 @@ class Sequences:
     def targets_for(self, layer: int, temperature: float) -> Targets:
         return self.targets.setdefault((layer, temperature), Targets())
 
+    def held_out(self, check_sequences: int) -> int:
+        """How many of the last sequences a training with `check_sequences` holds out: none when too few remain."""
+        return check_sequences if self.ids.shape[0] > check_sequences + 1 else 0
+
+    def trained_part(self, check_sequences: int) -> "Sequences":
+        """The sequences such a training draws from, sharing these targets: a control trained unchecked on the
+        data the checked patch trained on."""
+        n = self.ids.shape[0] - self.held_out(check_sequences)
+        return Sequences(self.ids[:n], None if self.mask is None else self.mask[:n], (*self.key, n), self.targets)
+
 
 class Teacher:
     """The intact model's log-probs and the shared prefix states of training sequences, computed once per

@@ -116,7 +116,7 @@ def train(
     if mask is None:
         mask = torch.ones_like(sequences)
     # The last check_sequences sequences are held out (never trained on) when enough remain to train on.
-    n_check = cfg.check_sequences if sparse is None and sequences.shape[0] > cfg.check_sequences + 1 else 0
+    n_check = data.held_out(cfg.check_sequences) if sparse is None else 0
     n = sequences.shape[0] - n_check
     torch.manual_seed(cfg.seed)
     ablation = Ablation(model, coords)

@@ -320,7 +320,9 @@ def _baselines(model, ablation: Ablation, rows, trained, data, cfg, progress: Pr
     # A control: `cfg.budget` is other_row_steps' cap (L-BFGS: at most half the loss evaluations the real patch
     # took, and a quarter of the recipe's 64, still stopping on progress) and no held-out check, which keeps the
     # real patch from doing harm (docs/measurements.md).
-    other_patch, _ = train(model, coords, other, data, configure(cfg, check_sequences=0), Track(progress=progress))
+    # It trains on the patch's own sequences (not the held-out ones), whose intact-model targets are kept.
+    other_patch, _ = train(model, coords, other, data.trained_part(cfg.check_sequences),
+                           configure(cfg, check_sequences=0), Track(progress=progress))
     return [
         ORACLE(patched(model, ablation, rows, oracle_vectors)),
         ACTIVATION_RESTORE(Compose(ablation, ActivationRestore(model, coords, originals))),
