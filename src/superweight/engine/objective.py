@@ -208,7 +208,9 @@ class HeldOutCheck:
         self.tokens = int(teacher.mask[sequences].sum())
         if state is None:  # a fresh run (the no-patch KL is the same for every training on these sequences)
             known, key = teacher.targets.broken, (tuple(map(str, ablation.coords)), tuple(sequences), cfg.kl)
-            self.broken = known[key] if key in known else known.setdefault(key, self.kl(with_patch=False))
+            if key not in known:
+                known[key] = self.kl(with_patch=False)
+            self.broken = known[key]
             start = self.kl() if any(v.abs().sum() > 0 for v in patch.vectors) else self.broken
             state = {"broken": self.broken, "best": start, "best_step": 0, "backoffs": 0, "lr_scale": 1.0,
                      "vectors": [v.detach().cpu().clone() for v in patch.vectors]}

@@ -60,15 +60,13 @@ def training_sequences(tokenizer, corpus: str, cfg: LbfgsConfig | FirstOrderConf
 
 
 def training_data(tokenizer, corpus: str, cfg: LbfgsConfig | FirstOrderConfig,
-                  bos: corpora.Bos = corpora.NO_BOS) -> Sequences:
-    """training_sequences as a `Sequences` that trainings on it share (the teacher runs once per sequence), with
-    the key of what made it (data_key): a repair handed one checks it would make the same."""
-    return Sequences(*training_sequences(tokenizer, corpus, cfg, bos), key=data_key(corpus, cfg, bos))
-
-
-def data_key(corpus: str, cfg: LbfgsConfig | FirstOrderConfig, bos: corpora.Bos) -> tuple:
-    """What decides the training sequences: two repairs with the same key train on the same ones."""
-    return corpus, cfg.data, cfg.seq_len, cfg.train_tokens, bos.token
+                  bos: corpora.Bos = corpora.NO_BOS, reuse: Sequences | None = None) -> Sequences:
+    """training_sequences as a `Sequences` that trainings on it share (the teacher runs once per sequence), keyed
+    by what decides them; `reuse` (sequences the caller holds) is returned instead when it has that key."""
+    key = (corpus, cfg.data, cfg.seq_len, cfg.train_tokens, bos.token)
+    if reuse is not None and reuse.key == key:
+        return reuse
+    return Sequences(*training_sequences(tokenizer, corpus, cfg, bos), key=key)
 
 
 @dataclass(frozen=True)

@@ -69,11 +69,10 @@ def run_analyze(loaded: Loaded, run_dir: Path, cfg: AnalyzeConfig | None = None,
     (measure/metrics.Bases): the base pass the caller kept over the same eval windows (`run`: the repair's)."""
     cfg = cfg or AnalyzeConfig()
     with own_account(loaded.model, "analyze") as stages:
-        return _analyze(loaded, Path(run_dir), cfg, progress, (record, bases), stages)
+        return _analyze(loaded, Path(run_dir), cfg, progress, record, bases, stages)
 
 
-def _analyze(loaded: Loaded, run_dir: Path, cfg: AnalyzeConfig, progress, given, stages) -> RunRecord:
-    record, bases = given
+def _analyze(loaded: Loaded, run_dir: Path, cfg: AnalyzeConfig, progress, record, bases, stages) -> RunRecord:
     n_tokens, draws, max_length, top_neurons = cfg.tokens, cfg.draws, cfg.max_length, cfg.top_neurons
     progress = or_silent(progress)
     stage = progress.stage

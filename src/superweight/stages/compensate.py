@@ -47,7 +47,7 @@ from superweight.settings import Settings, revalidated
 from superweight.stages.exclusion import deleted_columns, top_writers
 from superweight.engine.config import configure
 from superweight.engine.objective import Sequences
-from superweight.engine.train import Track, data_key, train, training_data
+from superweight.engine.train import Track, train, training_data
 
 DELETED_STAGE = "Repair (deleted excluded)"  # `run`'s second repair: a stage and timing of its own
 
@@ -93,18 +93,14 @@ class _Run:
     bases: Bases | None = None  # the base pass over the eval windows, when the caller kept it
 
     @classmethod
-    def open(cls, loaded: Loaded, run_dir: Path, record: RunRecord | None, sizes: tuple[int, int],
-             shared: tuple = (None, None)) -> "_Run":
-        """`sizes`: (eval tokens, window length); `shared`: (the run's training Sequences, its Bases) when the
-        caller holds them."""
-        data, bases = shared
-        tokens, max_length = sizes
+    def open(cls, loaded: Loaded, run_dir: Path, record: RunRecord | None, tokens: int, max_length: int,
+             data: Sequences | None = None, bases: Bases | None = None) -> "_Run":
+        """`data`, `bases`: the run's training Sequences and its kept base pass, when the caller holds them."""
         record = record if record is not None else RunDir(run_dir).record()
         patch = load_patch(run_dir)
         check_fits(loaded.model, patch)
         corpus, bos = record.protocol.corpus, loaded.bos
-        if data is None or data.key != data_key(corpus, record.config, bos):
-            data = training_data(loaded.tokenizer, corpus, record.config, bos)
+        data = training_data(loaded.tokenizer, corpus, record.config, bos, reuse=data)
         ids = corpora.tokenize(loaded.tokenizer, corpora.load_text(corpus, "eval"), tokens)
         layer, _row, expert = split_row(patch.rows[0])
         with Ablation(loaded.model, patch.ablated):  # what the patch reads: the ablated model's inputs
@@ -161,7 +157,7 @@ def run_compensate(loaded: Loaded, run_dir: Path, cfg: CompensateConfig | None =
     cfg = cfg or CompensateConfig()
     progress = or_silent(progress)
     t0 = time.perf_counter()
-    run = _Run.open(loaded, Path(run_dir), record, (cfg.tokens, cfg.max_length))
+    run = _Run.open(loaded, Path(run_dir), record, cfg.tokens, cfg.max_length)
     p = run.patch
     own = list((p.config.excluded or [[]])[0])
     rest = [list(c) for c in (p.config.excluded or [[]] * len(p.rows))[1:]] or [[] for _ in p.rows[1:]]
@@ -198,13 +194,14 @@ def run_compensate(loaded: Loaded, run_dir: Path, cfg: CompensateConfig | None =
 
 
 def without_deleted(loaded: Loaded, run_dir: Path, record: RunRecord, tokens: int,
-                    progress: Progress | None = None, shared: tuple = (None, None)) -> RegimeResult:
+                    progress: Progress | None = None, data: Sequences | None = None,
+                    bases: Bases | None = None) -> RegimeResult:
     """`run`'s second point: the run's repair again with the deleted weights' columns held at 0, scored on the
-    first `tokens` eval tokens (the repair's own), beside the regime of the run's patch. `shared`: the repair's
+    first `tokens` eval tokens (the repair's own), beside the regime of the run's patch. `data`, `bases`: the repair's
     training Sequences and Bases (measure/metrics.py), whose teacher targets and base pass are then reused."""
     progress = or_silent(progress)
     cfg = CompensateConfig(tokens=tokens, max_length=record.protocol.max_length)
-    run = _Run.open(loaded, Path(run_dir), record, (tokens, cfg.max_length), shared)
+    run = _Run.open(loaded, Path(run_dir), record, tokens, cfg.max_length, data, bases)
     p = run.patch
     columns = [deleted_columns(p.ablated, r) for r in p.rows]
     ratio = record.patch.value_ratio

@@ -101,7 +101,7 @@ def _stages(loaded: Loaded, out: Path, job: PipelineJob, progress: Progress, sta
         write_json(out / DETECT, detected.model_dump())
     if job.regime and not job.repair.exclude:  # the second point: the same repair without the deleted weight
         with stages(DELETED_STAGE.lower()):
-            regime = without_deleted(loaded, out, record, job.repair.eval_tokens, progress, (data, bases))
+            regime = without_deleted(loaded, out, record, job.repair.eval_tokens, progress, data, bases)
         record = revalidated(record, regime=regime)
     with stages("analyze"):
         record = run_analyze(loaded, out, AnalyzeConfig(tokens=job.analysis_tokens, draws=job.draws), progress,

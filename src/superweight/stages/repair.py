@@ -48,7 +48,7 @@ from superweight.stages.account import own_account
 from superweight.stages.exclusion import parse_excludes, ranking_needed, resolve, top_writers
 from superweight.engine.config import RECIPES, RepairConfig, configure, recipe_label
 from superweight.engine.objective import Sequences
-from superweight.engine.train import Track, data_key, train, training_data
+from superweight.engine.train import Track, train, training_data
 
 
 class RepairJob(Settings):
@@ -167,8 +167,7 @@ def _repair(loaded, edits, out, job: RepairJob, progress, shared, stages) -> tup
         raise UsageError(f"ablating {', '.join(map(str, coords))} changes nothing (value "
                          f"{', '.join(f'{w:g}' for w in originals)}): there is no damage to repair")
     check_context(model, cfg.seq_len, option="--seq-len")
-    if data is None or data.key != data_key(corpus, cfg, bos):
-        data = training_data(tok, corpus, cfg, bos)
+    data = training_data(tok, corpus, cfg, bos, reuse=data)
     eval_ids = corpora.tokenize(tok, corpora.load_text(corpus, "eval"), job.eval_tokens)
     check_context(model, min(max_length, eval_ids.numel()), max_length)
     if job.exclude:  # a column past its row is refused here, before the first file is written
