@@ -20,9 +20,9 @@ from superweight.errors import UsageError
 from superweight.io import checkpoint, corpora
 from superweight.settings import revalidated
 from superweight.stages.exclusion import parse_excludes, resolve, top_writers
-from superweight.engine.config import RECIPES, FirstOrderConfig, configure, recipe_settings
+from superweight.engine.config import RECIPES, FirstOrderConfig, LbfgsConfig, configure, recipe_settings
 from superweight.stages.sparsify import HardConcrete, L1Prox
-from superweight.engine.optimize import stalled
+from superweight.engine.optimize import done, stalled
 from superweight.engine.train import Track, train
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
@@ -73,6 +73,24 @@ def test_lbfgs_stops_on_progress_not_on_a_count():
     assert stalled(falling, 0.02, window=8)  # near 0: the last 8 closed < 2% of it (a done repair stops)
     floor = [1.0, 0.3] + [0.2 - 0.001 * i for i in range(10)]
     assert stalled(floor, 0.02, window=8) and not stalled(floor, 0.0, window=8)  # creeping toward a floor
+
+
+def test_lbfgs_stops_once_the_damage_is_all_but_gone(tmp_path, seqs):
+    assert not done([1.0], 0.01) and not done([1.0, 0.5], 0.01) and done([1.0, 0.5, 0.009], 0.01)
+    assert not done([1.0, 0.0], 0.0)  # 0: never
+    model = tiny.planted(PLANT)
+
+    def losses(tol: float) -> list[float]:  # the deleted column held at 0: a repair that creeps, not one that snaps
+        cfg = LbfgsConfig(max_evals=24, batch_size=2, seq_len=64, train_tokens=1024, check_sequences=0,
+                          progress_tol=0.0, done_tol=tol)
+        train(model, [COORD], ROWS, seqs, cfg, Track(tmp_path / str(tol)), exclude=[[PLANT[2]]])
+        return [json.loads(line)["loss"] for line in (tmp_path / str(tol) / "train_log.jsonl").open()]
+
+    whole = losses(0.0)
+    tol = min(whole[: len(whole) // 2]) / whole[0] * 1.0001  # reached half-way
+    part = losses(tol)
+    assert 1 < len(part) < len(whole) and part == whole[: len(part)]  # the same path, cut where it was done
+    assert min(part) <= tol * part[0] < min(part[:-1])
 
 
 class _Killed(Exception):
@@ -251,10 +269,12 @@ def test_run_names_the_regime(pipeline_run):
     assert regime["without_deleted"]["excluded"] == [PLANT[2]]
     assert "repair (deleted excluded)" in res["timings"]
     # The second repair is scored alone: the broken model is the record's and the base pass the repair's (kept in
-    # measure/metrics.Bases), over the same tokens; the analyses read that base pass too.
+    # measure/metrics.Passes), over the same tokens; the analyses read that base pass too.
     parts = res["cost"]["stages"]["repair (deleted excluded)"]["parts"]
     assert "without_deleted" in parts and "base" not in parts and not any(k.endswith("broken") for k in parts)
-    assert "conditions/base" not in res["cost"]["stages"]["analyze"]["parts"]
+    analyzed = res["cost"]["stages"]["analyze"]["parts"]  # base, broken and patched: the repair's passes, read
+    assert not {"conditions/base", "conditions/broken", "conditions/patched"} & analyzed.keys()
+    assert "conditions/top1" in analyzed
     point, base, broken = regime["without_deleted"], res["base"]["nll"], res["broken"]["nll"]
     assert point["nll_gap"] == pytest.approx((broken - point["nll"]) / (broken - base), rel=1e-6)
     assert "Regime: restoration" in result.output and "Without the deleted weight" in result.output

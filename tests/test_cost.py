@@ -255,22 +255,22 @@ def test_trainings_on_one_sequences_run_the_teacher_once_and_train_the_same_patc
 
 
 def test_a_kept_base_pass_serves_the_next_measure_with_the_same_numbers(ids):
-    """measure() with a Bases runs the base pass once per window: a second call on the same windows (here fewer
+    """measure() with a Passes runs the base pass once per window: a second call on the same windows (here fewer
     of them, as `run`'s analyses take the repair's first windows) runs only its conditions and gives the numbers
     of a call that runs base itself; a batch with a window it has not kept is run."""
-    from superweight.measure.metrics import Bases
+    from superweight.measure.metrics import Passes
 
     model = tiny.planted((1, 3, 5))
     broken = lambda: {"broken": Ablation(model, [WeightCoord(layer=1, row=3, col=5)])}  # noqa: E731
-    bases, bos = Bases(), corpora.Bos.first(1)
+    passes, bos = Passes(), corpora.Bos.first(1)
     args = dict(channels=[(1, 3)], max_length=50, bos=bos)
     with Ledger(model) as ledger:
         with ledger.stage("first"):
-            measure(model, ids[:147], broken(), scoring=Scoring(share_below=1, bases=bases), **args)
+            measure(model, ids[:147], broken(), scoring=Scoring(share_below=1, passes=passes), **args)
         with ledger.stage("kept"):
-            kept = measure(model, ids[:98], broken(), scoring=Scoring(share_below=1, bases=bases), **args)
+            kept = measure(model, ids[:98], broken(), scoring=Scoring(share_below=1, passes=passes), **args)
         with ledger.stage("more"):
-            measure(model, ids[:196], broken(), scoring=Scoring(share_below=1, bases=bases), **args)
+            measure(model, ids[:196], broken(), scoring=Scoring(share_below=1, passes=passes), **args)
     fresh = measure(model, ids[:98], broken(), scoring=Scoring(share_below=1), **args)
     c = ledger.counts
     assert "base" in c["first"].parts and "base" not in c["kept"].parts
@@ -279,3 +279,47 @@ def test_a_kept_base_pass_serves_the_next_measure_with_the_same_numbers(ids):
         for key in ("nll", "kl", "top1_agree", "super_activation"):
             assert getattr(kept[name], key) == pytest.approx(getattr(fresh[name], key), rel=1e-6, abs=1e-9), (name, key)
     assert kept["broken"].kl > 1e-3
+
+
+def test_a_kept_condition_pass_serves_a_later_measure_of_the_same_edit(ids):
+    """A condition named in Scoring.keep is kept by its identity: a later call that names the same identity (even
+    under another condition name) reads its pass, with the numbers of a fresh call; another identity runs."""
+    from superweight.core.patching import edit_identity
+    from superweight.measure.metrics import Passes
+
+    model = tiny.planted((1, 3, 5))
+    coords = [WeightCoord(layer=1, row=3, col=5)]
+    passes, bos = Passes(), corpora.Bos.first(1)
+    args = dict(channels=[(1, 3)], max_length=50, bos=bos)
+    scoring = lambda keep: Scoring(share_below=1, passes=passes, keep=keep)  # noqa: E731
+    with Ledger(model) as ledger:
+        with ledger.stage("first"):
+            measure(model, ids[:147], {"broken": Ablation(model, coords)}, scoring=scoring(
+                {"broken": edit_identity(coords)}), **args)
+        with ledger.stage("kept"):
+            kept = measure(model, ids[:98], {"ablated": Ablation(model, coords)}, scoring=scoring(
+                {"ablated": edit_identity(coords)}), **args)
+        with ledger.stage("other"):
+            measure(model, ids[:98], {"ablated": Ablation(model, coords)}, scoring=scoring(
+                {"ablated": edit_identity([WeightCoord(layer=1, row=3, col=5, scale=0.5)])}), **args)
+    fresh = measure(model, ids[:98], {"ablated": Ablation(model, coords)}, scoring=Scoring(share_below=1), **args)
+    c = ledger.counts
+    assert c["first"].parts["broken"].forward > 0
+    assert c["kept"].forward == 0  # base and the condition both read from what the first call kept
+    assert c["other"].parts["ablated"].forward > 0
+    for key in ("nll", "kl", "top1_agree", "super_activation"):
+        assert getattr(kept["ablated"], key) == pytest.approx(getattr(fresh["ablated"], key), rel=1e-6, abs=1e-9), key
+    assert kept["ablated"].kl > 1e-3
+    with pytest.raises(ValueError, match="base"):
+        measure(model, ids[:98], {"x": Ablation(model, coords)}, scoring=scoring({"x": "base"}), **args)
+
+
+def test_patch_identity_names_the_edit_exactly():
+    from superweight.core.patching import edit_identity
+
+    coords = [WeightCoord(layer=1, row=3, col=5)]
+    v = torch.arange(4, dtype=torch.float32)
+    assert edit_identity(coords) == "ablate 1:3:5"
+    assert edit_identity(coords, [(1, 3)], [v]) == edit_identity(coords, [(1, 3)], [v.clone()])
+    assert edit_identity(coords, [(1, 3)], [v]) != edit_identity(coords, [(1, 3)], [v + 1e-7 * (v + 1)])
+    assert edit_identity(coords, [(1, 3)], [v]) != edit_identity(coords, [(1, 4)], [v])

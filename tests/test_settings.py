@@ -121,39 +121,51 @@ def test_the_settings_are_a_union_whose_default_is_the_product_s():
     back = configure(sgd, optimizer="lbfgs", budget=9)
     assert back == LbfgsConfig(max_evals=9) and back.budget == 9 and sgd.budget == 64
     # the flat config of earlier versions: lbfgs's steps were loss evaluations, its schedule fields ignored
-    assert parse_config(upgrade_config(OLD_LBFGS)) == LbfgsConfig()
+    assert parse_config(upgrade_config(OLD_LBFGS)) == LbfgsConfig(done_tol=0.0)  # no done rule then
     old_sgd = {**{k: v for k, v in OLD_LBFGS.items() if k != "progress_tol"}, "optimizer": "sgd", "lr": 0.1}
     assert parse_config(upgrade_config(old_sgd)) == FirstOrderConfig(optimizer="sgd", steps=64, lr=0.1, space="column",
                                                                       train_tokens=4096)
     assert upgrade_config(LbfgsConfig().model_dump()) == LbfgsConfig().model_dump()  # today's: as it is
     assert parse_config(upgrade_config({"optimizer": "lbfgs"}, flat=True)) == LbfgsConfig(
-        max_evals=80, lr=0.1, space="weight", train_tokens=16384, progress_tol=0.0)  # the flat defaults
+        max_evals=80, lr=0.1, space="weight", train_tokens=16384, progress_tol=0.0, done_tol=0.0)  # flat defaults
 
 
 def test_version_3_records_and_old_settings_files_get_the_union():
     raw = {"schema_version": 3, "recipe": "lbfgs", "config": OLD_LBFGS}
     lifted = migrate(raw)
-    assert lifted["schema_version"] == SCHEMA_VERSION == 4 and lifted["config"] == RECIPES["lbfgs"].model_dump()
+    # the default recipe of that version: no done rule then (done_tol 0)
+    assert lifted["schema_version"] == SCHEMA_VERSION == 5
+    assert lifted["config"] == RECIPES["lbfgs"].model_dump() | {"done_tol": 0.0}
+    v4 = migrate({**raw, "schema_version": 4, "config": {k: v for k, v in RECIPES["lbfgs"].model_dump().items()
+                                                          if k != "done_tol"}})
+    assert v4["schema_version"] == 5 and v4["config"] == RECIPES["lbfgs"].model_dump() | {"done_tol": 0.0}
+    assert migrate({**raw, "schema_version": 4, "config": RECIPES["fast"].model_dump()})["config"] == \
+        RECIPES["fast"].model_dump()  # a first-order config: nothing to add
     settings = repair_settings("tiny", RepairJob(), [], [(1, 5)], corpora.Bos("on"))
     old = {**settings.model_dump(mode="json"), "schema_version": 2, "config": OLD_LBFGS}
-    assert parse(RunConfig, old, "config.json") == settings
+    lifted = parse(RunConfig, old, "config.json")
+    assert lifted.config == settings.config.model_copy(update={"done_tol": 0.0})
+    assert lifted.model_copy(update={"config": settings.config}) == settings
+    v3 = {**settings.model_dump(mode="json"), "schema_version": 3}
+    del v3["config"]["done_tol"]
+    assert parse(RunConfig, v3, "config.json").config.done_tol == 0.0
 
 
 def test_config_json_is_typed_and_old_ones_still_resume():
     job = RepairJob(recipe="quick", seeds=2)
     settings = repair_settings("tiny", job, [], [(1, 5)], corpora.Bos("on"))
     data = settings.model_dump(mode="json")
-    assert data["schema_version"] == 3 and data["rows"] == [[1, 5]] and data["bos"] == "on"
+    assert data["schema_version"] == 4 and data["rows"] == [[1, 5]] and data["bos"] == "on"
     assert parse(RunConfig, json.loads(json.dumps(data)), "config.json") == settings
     old = {k: v for k, v in data.items() if k not in ("schema_version", "bos")}  # before the schema and --bos
     lifted = parse(RunConfig, old, "config.json")
-    assert lifted.bos == "auto" and lifted.config == job.config and lifted.schema_version == 3
+    assert lifted.bos == "auto" and lifted.config == job.config and lifted.schema_version == 4
     with pytest.raises(SuperweightError, match="newer|does not read"):
         parse(RunConfig, {**data, "schema_version": 99}, "config.json")
     with pytest.raises(SuperweightError, match="config.json: eval_tokens: input should be a valid integer.*not run settings superweight can read"):
         parse(RunConfig, {**data, "eval_tokens": "many"}, "config.json")
     patch = parse(PatchConfig, {"fingerprint": "ab", "ablated": ["1:5:7"], "rows": [[1, 5], [1, 9, "shared"]]}, "p")
-    assert patch.schema_version == 3 and patch.rows[1] == [1, 9, "shared"] and patch.spec is None
+    assert patch.schema_version == 4 and patch.rows[1] == [1, 9, "shared"] and patch.spec is None
 
 
 def test_version_2_records_get_a_typed_config():
@@ -161,7 +173,7 @@ def test_version_2_records_get_a_typed_config():
     for key in ("check_sequences", "space"):
         del raw["config"][key]
     lifted = migrate(raw)
-    assert lifted["schema_version"] == SCHEMA_VERSION == 4
+    assert lifted["schema_version"] == SCHEMA_VERSION == 5
     assert lifted["config"]["check_sequences"] == 0 and lifted["config"]["space"] == "weight"
     assert "removed_key" not in lifted["config"]
 

@@ -213,6 +213,8 @@ def repair(loaded: Loaded | Later, weight, rows: list[tuple[int, int]] | None = 
                 adamw, adam, sgd (FirstOrderConfig); changing it keeps the shared settings and the budget.
             budget: the budget in loss evaluations, whichever the optimiser (sets max_evals or steps).
             max_evals=64: lbfgs only: loss evaluations at most, line-search trials included.
+            done_tol=0.01: lbfgs only: stop once the best loss is at most this fraction of the first (the damage
+                on its sequences all but gone).
             progress_tol=0.02: lbfgs only: stop once 8 evaluations lower the loss by less than this fraction of
                 the first.
             steps: first-order only: optimiser steps (one loss evaluation each).

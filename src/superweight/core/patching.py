@@ -65,6 +65,20 @@ def patched(model: nn.Module, ablation: Ablation | Iterable[WeightCoord], rows, 
     return Compose(ablation, RowPatch(model, rows, vectors))
 
 
+def edit_identity(ablated: Iterable[WeightCoord], rows=(), vectors=()) -> str:
+    """The edit a condition makes, as text that names it exactly ("ablate 11:507:1229", then " + patch <digest of
+    the rows and the vectors' bytes>"): what measure/metrics.Passes keeps a condition's pass under, so a later
+    stage that builds the same edit reads that pass instead of running it again."""
+    text = "ablate " + ", ".join(map(str, ablated))
+    if not rows:
+        return text
+    h = hashlib.sha256(repr([tuple(r) for r in rows]).encode())
+    for v in vectors:
+        h.update(str(v.dtype).encode())
+        h.update(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return f"{text} + patch {h.hexdigest()[:24]}"
+
+
 def check_fits(model: nn.Module, patch: PatchData) -> None:
     """Refuse (PatchMismatchError) a patch whose vectors do not fit this model's d_ff, or whose weights'
     fingerprint differs: it was trained on another model."""

@@ -154,6 +154,12 @@ def stalled(evals: list[float], tol: float, window: int = PROGRESS_WINDOW) -> bo
     return min(evals[:-window]) - min(evals[-window:]) < tol * evals[0]
 
 
+def done(evals: list[float], tol: float) -> bool:
+    """True when the best loss is at most a fraction `tol` of the first (0: never): the patch has removed all but
+    that share of the damage on its sequences, and further evaluations could add at most that much."""
+    return tol > 0 and len(evals) > 1 and min(evals) <= tol * evals[0]
+
+
 class _Cached:
     """A closure that evaluates each point once: torch's L-BFGS starts every step() with an evaluation of the
     point its last line search accepted, which the chunked optimisation below would otherwise pay again."""
@@ -216,7 +222,8 @@ def lbfgs(fit: Fit, opt, start: int = 0):
     group.update(lr=_first_lr(closure, group["params"], cfg.lr), max_iter=1, max_eval=cfg.max_evals - len(evals))
     opt.step(closure)
     state = opt.state[group["params"][0]]
-    while (left := cfg.max_evals - len(evals) - 1) > 0 and not stalled(evals, cfg.progress_tol):
+    while ((left := cfg.max_evals - len(evals) - 1) > 0 and not stalled(evals, cfg.progress_tol)
+           and not done(evals, cfg.done_tol)):
         iters, calls, before = state.get("n_iter", 0), state.get("func_evals", 0), len(evals)
         group.update(lr=1.0, max_iter=CHUNK, max_eval=left)
         start_loss = float(opt.step(closure))

@@ -112,52 +112,58 @@ def _scored(states: torch.Tensor, mask) -> torch.Tensor:
     return states.flatten(0, 1) if mask is None else states[mask]
 
 
-class Bases:
-    """The base model's pass over eval windows, kept for the next `measure` of the same model on the same windows
-    (`run` measures its repair, its second repair and its analyses on the first windows of one eval text): per
-    window, keyed by its tokens, the last hidden states of its positions, the state entering each shared layer and
-    each watched channel's max |activation|, on the model's device. A later `measure` with every window of a batch
-    kept runs no base pass for it. Valid while the model's weights stay as they were (every condition's
-    intervention is undone after it); a model without a checked head (core/head.py) keeps nothing."""
+class Passes:
+    """Passes over eval windows, kept for the next `measure` of the same model on the same windows (`run` measures
+    its repair, its second repair and its analyses on the first windows of one eval text): the base pass of each
+    window, and the pass of each condition a caller names by an identity (`Scoring.keep`). Per (who, window),
+    keyed by the window's tokens: the last hidden states of its positions, the state entering each shared layer
+    (base only) and each watched channel's max |activation|, on the model's device. A later `measure` whose every
+    window of a batch is kept runs no pass for it. Valid while the model's weights stay as they were (every
+    condition's intervention is undone after it); a model without a checked head (core/head.py) keeps nothing."""
 
     def __init__(self):
-        self.windows: dict[tuple, dict] = {}
+        self.windows: dict[tuple, dict] = {}  # (who, window tokens) -> {"final", "prefix", "act"}
 
-    def get(self, keys: list[tuple], layers: set[int], channels: set[str]) -> list[dict] | None:
-        found = [self.windows.get(k) for k in keys]
-        if any(f is None or not layers <= f["prefix"].keys() or not channels <= f["act"].keys() for f in found):
+    def serve(self, who: str, keys: list[tuple], prefixes: dict, channels: set[str], act: dict):
+        """The kept final states [B, T - 1, D] of `who` over the batch's windows, or None unless every window is
+        kept with the `prefixes` layers and `channels` asked for; sets those prefixes' hidden states and adds the
+        channels' maxima to `act` (an accumulator's)."""
+        found = [self.windows.get((who, k)) for k in keys]
+        if any(f is None or not prefixes.keys() <= f["prefix"].keys() or not channels <= f["act"].keys()
+               for f in found):
             return None
-        return found
+        for layer, prefix in prefixes.items():
+            prefix.hidden = torch.stack([f["prefix"][layer] for f in found])
+        for key in channels:
+            value = torch.stack([f["act"][key] for f in found]).amax()
+            act[key] = torch.maximum(act[key], value) if key in act else value
+        return torch.stack([f["final"] for f in found])
 
-    def keep(self, keys: list[tuple], final: torch.Tensor, prefixes: dict[int, torch.Tensor], act: dict) -> None:
+    def keep(self, who: str, keys: list[tuple], final: torch.Tensor, prefixes: dict[int, torch.Tensor],
+             act: dict) -> None:
         for i, key in enumerate(keys):
-            self.windows[key] = {"final": final[i], "prefix": {layer: h[i] for layer, h in prefixes.items()},
-                                 "act": {k: v[i] for k, v in act.items()}}
+            self.windows[who, key] = {"final": final[i], "prefix": {layer: h[i] for layer, h in prefixes.items()},
+                                      "act": {k: v[i] for k, v in act.items()}}
 
 
-def _base(model, head, input_ids, mask, ctx):
-    """The base's scored final states for one batch, from `bases` when it kept every window, else from a pass that
-    captures the prefixes' states (and keeps them in `bases`). `ctx`: (prefixes, watched, base accumulator,
-    Bases or None, the batch's rows of token ids as tuples: the windows' keys)."""
-    prefixes, watched, acc, bases, keys = ctx
-    bases = bases if head is not None else None
-    layers = {layer for layer in prefixes if layer}  # block 0's input is not reused (core/prefix.Prefix.reuse)
-    kept = bases.get(keys, layers, {f"{layer}:{row}" for layer, row in watched}) if bases is not None else None
-    if kept is not None:
-        for layer in layers:
-            prefixes[layer].hidden = torch.stack([k["prefix"][layer] for k in kept])
-        for key in kept[0]["act"]:
-            value = torch.stack([k["act"][key] for k in kept]).amax()
-            acc.act[key] = torch.maximum(acc.act[key], value) if key in acc.act else value
-        return _scored(torch.stack([k["final"] for k in kept]), mask)
-    per_row = {} if bases is not None else None
-    with contextlib.ExitStack() as stack, part("base"):
+def _kept_pass(model, head, input_ids, who: str, ctx, prefixes: dict):
+    """The final states [B, T - 1, ·] of one pass, served by `passes` when it kept every window of the batch, else
+    run (and kept, when `passes` is given and the model has a checked head). `ctx`: (watched blocks, the
+    accumulator's act dict, Passes or None, the windows' keys); `prefixes` {layer: Prefix}: captured by the pass
+    (base) and served with it. The caller enters the condition's intervention and prefix reuse around a pass."""
+    watched, act, passes, keys = ctx
+    passes = passes if head is not None else None
+    channels = {f"{layer}:{row}" for layer, row in watched}
+    if passes is not None and (served := passes.serve(who, keys, prefixes, channels, act)) is not None:
+        return served
+    per_row = {} if passes is not None else None
+    with contextlib.ExitStack() as stack:
         for prefix in prefixes.values():
             stack.enter_context(prefix.capture())
-        states = _final_states(model, head, input_ids, (watched, acc.act, per_row))
-    if bases is not None:
-        bases.keep(keys, states, {layer: prefixes[layer].hidden for layer in layers}, per_row)
-    return _scored(states, mask)
+        states = _final_states(model, head, input_ids, (watched, act, per_row))
+    if passes is not None:
+        passes.keep(who, keys, states, {layer: p.hidden for layer, p in prefixes.items()}, per_row)
+    return states
 
 
 @dataclass(frozen=True)
@@ -175,7 +181,9 @@ class Scoring:
     tokens sized from it and the vocabulary, so memory does not grow with tokens x vocabulary.
     `subsets` {condition: n} scores that condition on the first windows holding at least n scored tokens only;
     the results then add "base@n" and "<other condition>@n": the others over the same tokens, to compare with.
-    `bases` (Bases) keeps the base pass of each window for later calls, and serves it to them."""
+    `passes` (Passes) keeps the base pass of each window for later calls, and serves it to them; `keep`
+    {condition: identity} names the conditions it keeps and serves too, by an identity the caller vouches for (the
+    same identity, the same edit of the same model: "broken 11:507:1229", a patch's digest)."""
 
     share_below: int | dict[str, int] = 0
     progress: Callable[[int], None] | None = None
@@ -183,7 +191,8 @@ class Scoring:
     batch_tokens: int = 2048
     chunk_bytes: int = CHUNK_BUDGET
     subsets: dict[str, int] | None = None
-    bases: Bases | None = None
+    passes: Passes | None = None
+    keep: dict[str, str] | None = None
 
 
 @torch.no_grad()
@@ -236,7 +245,9 @@ def measure(
     batch_tokens = min(scoring.batch_tokens, max(1, scoring.chunk_bytes // (width * 4)))
     chunk = chunk_tokens(vocab, scoring.chunk_bytes)
     watched = {(layer, row): blocks[layer] for layer, row in channels}
-    limits = scoring.subsets or {}
+    limits, keep = scoring.subsets or {}, scoring.keep or {}
+    if "base" in keep.values():
+        raise ValueError("'base' is the base pass's own identity in Passes")
     cuts = sorted(set(limits.values()))
     done, snaps = 0, {}
     for batch in _batches(wins, batch_tokens, cuts):
@@ -246,17 +257,21 @@ def measure(
         mask = torch.stack([targets + w.begin >= w.score_from for w in batch])
         labels = input_ids[:, 1:][mask].to(device)
         mask = None if bool(mask.all()) else mask.to(device)
-        keys = [tuple(row.tolist()) for row in input_ids] if scoring.bases is not None else []  # read on the host
+        keys = [tuple(row.tolist()) for row in input_ids] if scoring.passes is not None else []  # read on the host
         input_ids = input_ids.to(device)
-        states = {"base": _base(model, head, input_ids, mask, (prefixes, watched, accs["base"], scoring.bases, keys))}
+        with part("base"):  # block 0's input is not reused (core/prefix.Prefix.reuse): no need to capture it
+            states = {"base": _scored(_kept_pass(model, head, input_ids, "base", (
+                watched, accs["base"].act, scoring.passes, keys), {k: p for k, p in prefixes.items() if k}), mask)}
         if head is None:  # whole log-probs: score base now, then each condition as it comes; keep only base's
             _score(accs, states, labels, scoring.observe)
         for name, intervention in conditions.items():
             if name in limits and done >= limits[name]:
                 continue
-            prefix = prefixes[shares[name]]
+            prefix, kept = prefixes[shares[name]], scoring.passes if name in keep else None
+            above = {at: block for at, block in watched.items() if at[0] >= shares[name]}  # the blocks it runs
             with intervention, prefix.reuse(prefix.hidden), part(name):
-                states[name] = _scored(_final_states(model, head, input_ids, (watched, accs[name].act, None)), mask)
+                states[name] = _scored(_kept_pass(model, head, input_ids, keep.get(name), (
+                    above, accs[name].act, kept, keys), {}), mask)
             if head is None:
                 _score(accs, {"base": states["base"], name: states.pop(name)}, labels, scoring.observe, first=False)
         if head is not None:

@@ -27,7 +27,8 @@ def migrate(data: Any, where: str = "results.json") -> dict:
     Version 2: `sweep` held flat points ({scale, nll, ppl, kl, top1_agree, super_activation}), detect.candidates a
     summary of each candidate, seeds.mean / seeds.std no `seed` (the last two have defaults in version 3), and
     `config` an untyped dict, which may lack the settings added since (check_rows, space). Version 3: `config` one
-    flat RepairConfig for every optimiser (engine/config.upgrade_config makes it the union's)."""
+    flat RepairConfig for every optimiser (engine/config.upgrade_config makes it the union's). Version 4: an lbfgs
+    config without `done_tol` (the rule came in version 5: it ran without, 0)."""
     if not isinstance(data, dict):
         raise SuperweightError(f"{where} holds no results object")
     version = data.get("schema_version", 1)
@@ -52,8 +53,8 @@ def migrate(data: Any, where: str = "results.json") -> dict:
             except (TypeError, ValueError, AttributeError) as exc:
                 raise SuperweightError(f"{where} is not a run record superweight can read (sweep: {exc})") from None
         version = 3
-    if version == 3:
-        data = {**data, "schema_version": 4, "config": upgrade_config(data.get("config"), flat=True)}
+    if version in (3, 4):  # version 4: a union config, whose lbfgs had no `done_tol` rule yet
+        data = {**data, "schema_version": 5, "config": upgrade_config(data.get("config"), flat=version == 3)}
     return data
 
 

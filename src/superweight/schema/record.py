@@ -12,7 +12,8 @@ Version 1 is the untyped results.json written before the record had a schema (no
 version 2 kept `config` as an untyped dict and `recipe` as the name given even when options changed it;
 version 3 types `config` (one flat RepairConfig) and names the recipe that ran ("lbfgs+steps=100");
 version 4 makes `config` the engine's union (engine/config.py: LbfgsConfig with `max_evals`, FirstOrderConfig with
-`steps`, schedule and warm-up; `check_sequences` for `check_rows`), and names the recipe "lbfgs+max_evals=100".
+`steps`, schedule and warm-up; `check_sequences` for `check_rows`), and names the recipe "lbfgs+max_evals=100";
+version 5 adds lbfgs's `done_tol` (a version-4 lbfgs config ran without it: 0).
 schema/migrate.py lifts older ones to the current version, or refuses them in one line.
 """
 
@@ -32,7 +33,7 @@ from superweight.schema.sinks import Sinks
 from superweight.engine.config import RepairConfig
 from superweight.schema.training import Check, Training  # noqa: F401 (Check: re-exported, a part of the record)
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 
 # --- measurements and how they were made ---

@@ -20,8 +20,8 @@ from superweight.schema.base import Record
 from superweight.engine.config import RepairConfig, upgrade_config
 from superweight.settings import file_error_line
 
-RUN_CONFIG_VERSION = 3
-PATCH_CONFIG_VERSION = 3
+RUN_CONFIG_VERSION = 4
+PATCH_CONFIG_VERSION = 4
 Row = list[int | str]  # [layer, row] or [layer, row, expert] (an expert number or "shared")
 
 
@@ -69,8 +69,9 @@ def lift(data: Any, version: int) -> Any:
         if isinstance(data.get("config"), dict):
             # before `data`: the seed recipe read one wikitext line per sequence, every other recipe packed them
             data["config"] = {"data": "lines" if data.get("recipe") == "seed" else "packed", **data["config"]}
-    if isinstance(data, dict) and data["schema_version"] == 2 and version >= 3:
-        data = {**data, "schema_version": 3, "config": upgrade_config(data.get("config"), flat=True)}
+    if isinstance(data, dict) and data["schema_version"] in (2, 3) and version >= 4:  # 3: lbfgs had no done_tol
+        data = {**data, "schema_version": 4,
+                "config": upgrade_config(data.get("config"), flat=data["schema_version"] == 2)}
     return data
 
 

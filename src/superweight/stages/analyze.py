@@ -26,7 +26,7 @@ from superweight.core.conditions import (
 from superweight.core.cost import part
 from superweight.core.coords import make_row, row_of, site, split_row
 from superweight.core.intervene import Ablation, intact_values
-from superweight.core.patching import check_fits, patched
+from superweight.core.patching import check_fits, edit_identity, patched
 from superweight.core.prefix import first_edited_layer
 from superweight.io import corpora
 from superweight.io.models import Loaded
@@ -35,7 +35,7 @@ from superweight.schema.record import Analysis, RunRecord
 from superweight.io.rundir import RunDir
 from superweight.measure.geometry import geometry, neuron_writes
 from superweight.measure.inputs import seen_ids
-from superweight.measure.metrics import Bases, Scoring, measure, n_scored, protocol_of
+from superweight.measure.metrics import Passes, Scoring, measure, n_scored, protocol_of
 from superweight.measure.sinks import WINDOW, sink_view
 from superweight.measure.sparsity import SparsitySearch, contribution_scores
 from superweight.measure.views import TokenStats, logit_lens, neuron_contexts, patch_output, sweep_points
@@ -61,18 +61,18 @@ class AnalyzeConfig(Settings):
 
 
 def run_analyze(loaded: Loaded, run_dir: Path, cfg: AnalyzeConfig | None = None, progress: Progress | None = None,
-                record: RunRecord | None = None, bases: Bases | None = None) -> RunRecord:
+                record: RunRecord | None = None, passes: Passes | None = None) -> RunRecord:
     """Analyse the patch of `run_dir` on cfg.tokens eval tokens; writes and returns the updated record. `record`:
     the run's record when the caller holds it (the pipeline), else it is read from `run_dir`; `progress`
     (superweight.progress.Progress) hears of each view and of the scored tokens. On its own (not inside `run`) it
-    adds its model work to the record's cost account (stages/account.py) under "analyze". `bases`
-    (measure/metrics.Bases): the base pass the caller kept over the same eval windows (`run`: the repair's)."""
+    adds its model work to the record's cost account (stages/account.py) under "analyze". `passes`
+    (measure/metrics.Passes): the base pass the caller kept over the same eval windows (`run`: the repair's)."""
     cfg = cfg or AnalyzeConfig()
     with own_account(loaded.model, "analyze") as stages:
-        return _analyze(loaded, Path(run_dir), cfg, progress, record, bases, stages)
+        return _analyze(loaded, Path(run_dir), cfg, progress, record, passes, stages)
 
 
-def _analyze(loaded: Loaded, run_dir: Path, cfg: AnalyzeConfig, progress, record, bases, stages) -> RunRecord:
+def _analyze(loaded: Loaded, run_dir: Path, cfg: AnalyzeConfig, progress, record, passes, stages) -> RunRecord:
     n_tokens, draws, max_length, top_neurons = cfg.tokens, cfg.draws, cfg.max_length, cfg.top_neurons
     progress = or_silent(progress)
     stage = progress.stage
@@ -112,7 +112,9 @@ def _analyze(loaded: Loaded, run_dir: Path, cfg: AnalyzeConfig, progress, record
     with part("conditions"):
         metrics = measure(model, ids, interventions(conditions), channels, max_length, bos=bos,
                           scoring=Scoring(share_below=share_below, progress=progress.advance, observe=stats,
-                                          subsets=subsets or None, bases=bases))
+                                          subsets=subsets or None, passes=passes, keep={
+                                              broken.name: edit_identity(coords),
+                                              fixed.name: edit_identity(coords, patch.rows, patch.vectors)}))
     metrics |= {SCALE.name(s=s): metrics[f"{name}@{sweep_tokens}" if sweep_tokens else name]
                 for s, name in same.items()}
     while more := search.next(metrics):  # the sparsity search's further rounds (measure/sparsity.py)
@@ -120,7 +122,7 @@ def _analyze(loaded: Loaded, run_dir: Path, cfg: AnalyzeConfig, progress, record
         with part("sparsity search"):
             found = measure(model, ids, interventions(more), channels, max_length, bos=bos,
                             scoring=Scoring(share_below=share_below, subsets=search.subsets(more) or None,
-                                            bases=bases))
+                                            passes=passes))
         metrics |= {k: v for k, v in found.items() if k != "base"}
     base = metrics["base"]
     stage("Mechanism view: attention sinks", None)

@@ -39,7 +39,8 @@ from superweight.schema.record import RunRecord
 from superweight.io.rundir import RunDir
 from superweight.measure.geometry import geometry, neuron_writes, regime_of
 from superweight.measure.inputs import down_inputs, seen_ids
-from superweight.measure.metrics import Bases, Scoring, measure, n_scored
+from superweight.measure.metrics import Passes, Scoring, measure, n_scored
+from superweight.stages.shared import Shared
 from superweight.measure.recovery import scored
 from superweight.measure.views import neuron_contexts
 from superweight.progress import Progress, or_silent
@@ -90,22 +91,25 @@ class _Run:
     x: torch.Tensor  # the first row's down-projection input over `ids` (ablated model), [positions, d_ff]
     positions: list[int]
     originals: list[float]
-    bases: Bases | None = None  # the base pass over the eval windows, when the caller kept it
+    passes: Passes | None = None  # the base pass over the eval windows, when the caller kept it
 
     @classmethod
     def open(cls, loaded: Loaded, run_dir: Path, record: RunRecord | None, tokens: int, max_length: int,
-             data: Sequences | None = None, bases: Bases | None = None) -> "_Run":
-        """`data`, `bases`: the run's training Sequences and its kept base pass, when the caller holds them."""
+             shared: Shared | None = None) -> "_Run":
+        """`shared` (stages/shared.Shared): the run's training Sequences and its kept passes, when the caller holds
+        them."""
+        shared = shared or Shared()
         record = record if record is not None else RunDir(run_dir).record()
         patch = load_patch(run_dir)
         check_fits(loaded.model, patch)
         corpus, bos = record.protocol.corpus, loaded.bos
-        data = training_data(loaded.tokenizer, corpus, record.config, bos, reuse=data)
+        data = training_data(loaded.tokenizer, corpus, record.config, bos, reuse=shared.data)
         ids = corpora.tokenize(loaded.tokenizer, corpora.load_text(corpus, "eval"), tokens)
         layer, _row, expert = split_row(patch.rows[0])
         with Ablation(loaded.model, patch.ablated):  # what the patch reads: the ablated model's inputs
             x, positions = down_inputs(loaded.model, ids, layer, max_length, bos, expert)
-        return cls(loaded, record, patch, data, ids, x, positions, intact_values(loaded.model, patch.ablated), bases)
+        return cls(loaded, record, patch, data, ids, x, positions, intact_values(loaded.model, patch.ablated),
+                   shared.passes)
 
     def repair(self, exclude: list[list[int]], progress: Progress, steps: int | None = None):
         cfg = self.record.config if steps is None else configure(self.record.config, budget=steps)
@@ -123,7 +127,7 @@ class _Run:
         conditions = ({} if known else {BROKEN.name(): ablation}) | {
             n: patched(model, ablation, self.patch.rows, v) for n, v in trained.items()}
         out = measure(model, self.ids, conditions, max_length=max_length, bos=self.loaded.bos,
-                      scoring=Scoring(share_below=first_edited_layer(coords, self.patch.rows), bases=self.bases))
+                      scoring=Scoring(share_below=first_edited_layer(coords, self.patch.rows), passes=self.passes))
         return out | ({BROKEN.name(): broken} if known else {})
 
     def point(self, label: str, k: int, excluded: list[int], vectors, training, metrics, cfg) -> CompensationPoint:
@@ -194,14 +198,14 @@ def run_compensate(loaded: Loaded, run_dir: Path, cfg: CompensateConfig | None =
 
 
 def without_deleted(loaded: Loaded, run_dir: Path, record: RunRecord, tokens: int,
-                    progress: Progress | None = None, data: Sequences | None = None,
-                    bases: Bases | None = None) -> RegimeResult:
+                    progress: Progress | None = None, shared: Shared | None = None) -> RegimeResult:
     """`run`'s second point: the run's repair again with the deleted weights' columns held at 0, scored on the
-    first `tokens` eval tokens (the repair's own), beside the regime of the run's patch. `data`, `bases`: the repair's
-    training Sequences and Bases (measure/metrics.py), whose teacher targets and base pass are then reused."""
+    first `tokens` eval tokens (the repair's own), beside the regime of the run's patch. `shared`
+    (stages/shared.Shared): the repair's training Sequences and Passes, whose teacher targets and base pass are then
+    reused."""
     progress = or_silent(progress)
     cfg = CompensateConfig(tokens=tokens, max_length=record.protocol.max_length)
-    run = _Run.open(loaded, Path(run_dir), record, tokens, cfg.max_length, data, bases)
+    run = _Run.open(loaded, Path(run_dir), record, tokens, cfg.max_length, shared)
     p = run.patch
     columns = [deleted_columns(p.ablated, r) for r in p.rows]
     ratio = record.patch.value_ratio

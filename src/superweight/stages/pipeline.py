@@ -18,7 +18,8 @@ from pydantic import Field
 
 from superweight.core.coords import WeightCoord, row_of
 from superweight.engine.train import training_data
-from superweight.measure.metrics import Bases
+from superweight.measure.metrics import Passes
+from superweight.stages.shared import Shared
 from superweight.errors import SuperweightError
 from superweight.io.files import write_json
 from superweight.io.models import Loaded
@@ -92,20 +93,20 @@ def _stages(loaded: Loaded, out: Path, job: PipelineJob, progress: Progress, sta
         stages.timings["detect"] = 0.0
     # One set of training sequences for both repairs (the intact model's targets are computed once), and one base
     # pass over the eval windows for the repair, the second repair and the analyses.
-    data, bases = training_data(loaded.tokenizer, corpus, job.repair.config, loaded.bos), Bases()
+    shared = Shared(training_data(loaded.tokenizer, corpus, job.repair.config, loaded.bos), Passes())
     with stages("repair"):
         # analyze measures the patch geometry's write numbers again, on its own tokens: the repair skips them.
         record, _patch = run_repair(loaded, [weight], [row_of(weight)], out, revalidated(job.repair, write_stats=False),
-                                    progress, data, bases)
+                                    progress, shared)
     if detected is not None:
         write_json(out / DETECT, detected.model_dump())
     if job.regime and not job.repair.exclude:  # the second point: the same repair without the deleted weight
         with stages(DELETED_STAGE.lower()):
-            regime = without_deleted(loaded, out, record, job.repair.eval_tokens, progress, data, bases)
+            regime = without_deleted(loaded, out, record, job.repair.eval_tokens, progress, shared)
         record = revalidated(record, regime=regime)
     with stages("analyze"):
         record = run_analyze(loaded, out, AnalyzeConfig(tokens=job.analysis_tokens, draws=job.draws), progress,
-                             record, bases)
+                             record, shared.passes)
     if job.sparse:
         with stages("sparsify"):
             record = run_sparsify(loaded, out, SparsifyConfig(tokens=job.analysis_tokens), progress, record)

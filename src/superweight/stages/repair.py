@@ -25,7 +25,7 @@ from superweight.core.conditions import (
 from superweight.core.cost import part
 from superweight.core.coords import WeightCoord, make_row, row_of, row_text, site, split_row
 from superweight.core.intervene import Ablation, ActivationRestore, Compose, RowPatch, intact_values
-from superweight.core.patching import patched
+from superweight.core.patching import edit_identity, patched
 from superweight.core.prefix import first_edited_layer
 from superweight.errors import UsageError
 from superweight.io import corpora
@@ -39,7 +39,8 @@ from superweight.io.rundir import RunDir
 from superweight.measure import generate
 from superweight.measure.geometry import geometry, rms
 from superweight.measure.inputs import down_inputs, patch_inputs
-from superweight.measure.metrics import Bases, Scoring, check_context, measure, protocol_of
+from superweight.measure.metrics import Scoring, check_context, measure, protocol_of
+from superweight.stages.shared import Shared
 from superweight.measure.recovery import TokenNLL, nll_gap_interval, recovery_of, verdict_of
 from superweight.measure.tasks import TaskSpec, run_tasks
 from superweight.progress import Progress, or_silent
@@ -47,7 +48,6 @@ from superweight.settings import Settings, revalidated
 from superweight.stages.account import own_account
 from superweight.stages.exclusion import parse_excludes, ranking_needed, resolve, top_writers
 from superweight.engine.config import RECIPES, RepairConfig, configure, recipe_label
-from superweight.engine.objective import Sequences
 from superweight.engine.train import Track, train, training_data
 
 
@@ -125,16 +125,15 @@ def run_repair(
     out: Path | None,
     job: RepairJob | None = None,
     progress: Progress | None = None,
-    data: Sequences | None = None,
-    bases: Bases | None = None,
+    shared: Shared | None = None,
 ) -> tuple[RunRecord, PatchData]:
     """Train and evaluate a patch as `job` says (None: RepairJob's defaults): the run record and the trained patch
     (in memory). With a run directory `out` both are saved there (see the module docstring); None writes nothing.
     With `job.tasks` also the zero-shot task metrics of base, broken and patched (`record.tasks`). `progress`
-    (superweight.progress.Progress) hears of each stage and training step. `data`: the training sequences when the
-    caller holds them (engine/train.training_data; `run` hands its second repair the same, with the intact model's
-    targets already computed); None or other sequences than this job's: made here. `bases` (measure/metrics.Bases)
-    keeps the base model's pass over the eval windows for the caller's later measurements (and serves it).
+    (superweight.progress.Progress) hears of each stage and training step. `shared` (stages/shared.Shared): the
+    training sequences when the caller holds them (`run` hands its second repair the same, with the intact model's
+    targets already computed; None or other sequences than this job's: made here), and the Passes that keep the
+    eval passes of base, broken and patched for the caller's later measurements (and serve them).
 
     Everything is checked before the first file is written: the run directory (RunDir.check_start), the
     coordinates and rows, the context length, and the corpus (enough text for one training batch).
@@ -143,12 +142,10 @@ def run_repair(
     cost account (stages/account.py) under "repair"."""
     job = job or RepairJob()
     with own_account(loaded.model, "repair") as stages:
-        return _repair(loaded, (coords, rows), out, job, progress, (data, bases), stages)
+        return _repair(loaded, coords, rows, out, job, progress, shared or Shared(), stages)
 
 
-def _repair(loaded, edits, out, job: RepairJob, progress, shared, stages) -> tuple[RunRecord, PatchData]:
-    coords, rows = edits
-    data, bases = shared
+def _repair(loaded, coords, rows, out, job: RepairJob, progress, shared: Shared, stages) -> tuple[RunRecord, PatchData]:
     cfg, corpus, max_length, baselines, seeds = job.config, job.corpus, job.max_length, job.baselines, job.seeds
     model, tok = loaded.model, loaded.tokenizer
     progress = or_silent(progress)
@@ -167,7 +164,7 @@ def _repair(loaded, edits, out, job: RepairJob, progress, shared, stages) -> tup
         raise UsageError(f"ablating {', '.join(map(str, coords))} changes nothing (value "
                          f"{', '.join(f'{w:g}' for w in originals)}): there is no damage to repair")
     check_context(model, cfg.seq_len, option="--seq-len")
-    data = training_data(tok, corpus, cfg, bos, reuse=data)
+    data = training_data(tok, corpus, cfg, bos, reuse=shared.data)
     eval_ids = corpora.tokenize(tok, corpora.load_text(corpus, "eval"), job.eval_tokens)
     check_context(model, min(max_length, eval_ids.numel()), max_length)
     if job.exclude:  # a column past its row is refused here, before the first file is written
@@ -188,7 +185,10 @@ def _repair(loaded, edits, out, job: RepairJob, progress, shared, stages) -> tup
     ab, rs = ablated_text(coords), ", ".join(map(row_text, rows))
     broken = BROKEN(ablation, weights=ab)
     held = f" (columns {'; '.join(','.join(map(str, c)) or '-' for c in excluded)} held at 0)" if excluded else ""
-    fixed = PATCHED(Compose(ablation, patch), f"ablate {ab}, add trained patch on rows {rs}{held}")
+    # The patch as its file holds it, so that a later stage measuring that file (`run`'s analyses) reads this pass.
+    fixed = PATCHED(patched(model, ablation, saved.rows, saved.vectors),
+                    f"ablate {ab}, add trained patch on rows {rs}{held}")
+    keep = {BROKEN.name(): edit_identity(coords), PATCHED.name(): edit_identity(coords, saved.rows, saved.vectors)}
     controls = []
     if baselines:
         with part("baselines"):
@@ -210,7 +210,8 @@ def _repair(loaded, edits, out, job: RepairJob, progress, shared, stages) -> tup
     with part("eval"):
         metrics = measure(model, eval_ids, interventions(conditions), channels, max_length, bos=bos,
                           scoring=Scoring(share_below=first_edited_layer(coords, rows), subsets=subset or None,
-                                          observe=per_token if subset else None, bases=bases))
+                                          observe=per_token if subset else None, passes=shared.passes,
+                                          keep=keep))
     stage("Generating", None)
     with part("generate"):
         gens = generate.compare(model, tok, interventions([broken, fixed]), GEN_PROMPTS)
