@@ -38,6 +38,8 @@ def main() -> None:
     parser.add_argument("--fresh-cache", action="store_true", help="convert the model into an empty cache first")
     parser.add_argument("--json", help="also write the numbers to this file")
     parser.add_argument("--keep", help="run in this directory (new) and keep it")
+    parser.add_argument("--no-regime", action="store_true", help="without run's second repair (the deleted weight "
+                                                                 "held at 0): sw.run(regime=False)")
     args = parser.parse_args()
     scratch = Path(tempfile.mkdtemp(prefix="bench_run_"))
     if args.fresh_cache:
@@ -59,7 +61,7 @@ def main() -> None:
         measure(loaded.model, ids, bos=loaded.bos)
         sync()
         plain = time.perf_counter() - t0
-        job = PipelineJob(repair=RepairJob(eval_tokens=args.eval_tokens, baselines=True))
+        job = PipelineJob(repair=RepairJob(eval_tokens=args.eval_tokens, baselines=True), regime=not args.no_regime)
         load_before = os.getloadavg()[0]
         t0 = time.perf_counter()
         record = run_pipeline(loaded, Path(args.keep) if args.keep else scratch / "run", job)

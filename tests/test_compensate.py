@@ -93,6 +93,23 @@ def test_lbfgs_stops_once_the_damage_is_all_but_gone(tmp_path, seqs):
     assert min(part) <= tol * part[0] < min(part[:-1])
 
 
+def test_the_lbfgs_budget_is_a_hard_cap_even_inside_a_line_search(tmp_path, seqs):
+    """torch's L-BFGS checks max_eval only between steps, so a line search could pass it: the budget stops it
+    there, and the patch is the best point evaluated."""
+    model, spent = tiny.planted(PLANT), {}
+    for budget in (2, 3, 5):
+        cfg = LbfgsConfig(max_evals=budget, batch_size=2, seq_len=64, train_tokens=1024, check_sequences=0,
+                          progress_tol=0.0, done_tol=0.0)
+        out = tmp_path / str(budget)
+        patch, state = train(model, [COORD], ROWS, seqs, cfg, Track(out), exclude=[[PLANT[2]]])
+        losses = [json.loads(line)["loss"] for line in (out / "train_log.jsonl").open()]
+        assert state.steps == len(losses) <= budget
+        assert state.final_loss == min(losses) < losses[0]
+        assert patch.vectors[0].abs().sum() > 0
+        spent[budget] = state.steps
+    assert spent[3] == 3  # its first step's line search wanted a 4th evaluation
+
+
 class _Killed(Exception):
     pass
 

@@ -100,8 +100,8 @@ ACTIVATION_RESTORE = Family("activation_restore", "ablate, then restore the supe
                                                   "where the weight's contribution is >= 10% of its batch maximum)")
 RANDOM_WRITE = Family("random_same_write_{i}", "ablate, then add random vector #{i} on the same rows, writing as "
                                                "much as the trained patch (RMS of x·v)", i=int)
-OTHER_ROW = Family("other_row", "ablate, then a patch trained on another (random) row of the layer, the recipe with a "
-                                "quarter of its steps and no held-out check")
+OTHER_ROW = Family("other_row", "ablate, then a patch trained on another (random) row of the layer ({rows}), the "
+                                "recipe with a quarter of the patch's steps ({steps} here) and no held-out check")
 SEED = Family("seed_{seed}", "ablate, add a patch trained like 'patched' with seed {seed}", seed=int)
 
 # --- compensate: patches trained with neurons excluded (stages/compensate.py) ---

@@ -181,14 +181,19 @@ class _Cached:
         return loss
 
 
+class _Spent(Exception):
+    """The budget's last loss evaluation is spent (torch's line search checks `max_eval` only between steps)."""
+
+
 def lbfgs(fit: Fit, opt, start: int = 0):
     """L-BFGS on a fixed set of batch_size sequences, two at a time: cfg.max_evals loss evaluations at most, and
     with `progress_tol` it stops once the best loss fell by less than that fraction over the last PROGRESS_WINDOW
     evaluations (stalled), checked every CHUNK iterations; it also stops where torch's L-BFGS converges (the loss
     moves less than 1e-6). opt.step runs once for the first step (its lr chosen by `_first_lr`), then once per
     chunk. Nothing here is random, so a run resumed before its end trains again from the start, to the same
-    patch; one resumed at `start` >= max_evals (its checkpoint is the end's) trains no more. Returns (last loss,
-    evaluations spent)."""
+    patch; one resumed at `start` >= max_evals (its checkpoint is the end's) trains no more. max_evals is a hard
+    cap: a line search that would pass it stops there, and the patch is then the best point evaluated. Returns
+    (last loss, evaluations spent)."""
     objective, cfg, log = fit.objective, fit.cfg, fit.log
     if start >= cfg.max_evals:
         return None, start
@@ -196,9 +201,11 @@ def lbfgs(fit: Fit, opt, start: int = 0):
     sequences = dp.shard(list(epoch_order(fit.n, cfg.seed, 0)[: cfg.batch_size]))
     chunks = [sequences[i : i + 2] for i in range(0, len(sequences), 2)]
     tokens = dp.sum(sum(teacher.mask[c].sum() for c in chunks).to(torch.float64)).item()
-    evals = []
+    evals, best = [], {}
 
     def evaluate():
+        if len(evals) >= cfg.max_evals:
+            raise _Spent
         opt.zero_grad(set_to_none=True)
         total = torch.zeros((), dtype=torch.float64)
         for c in chunks:
@@ -209,6 +216,8 @@ def lbfgs(fit: Fit, opt, start: int = 0):
         dp.all_reduce_grads(patch.parameters())
         value = dp.sum(total).item()
         evals.append(value)
+        if math.isfinite(value) and value <= best.get("loss", math.inf):
+            best.update(loss=value, at=[p.detach().clone() for p in group["params"]])
         log(len(evals), value, cfg.lr)
         return torch.tensor(value if math.isfinite(value) else float("inf"))
 
@@ -219,16 +228,22 @@ def lbfgs(fit: Fit, opt, start: int = 0):
     # far off can still land in another basin (lr 100: 92.6% KL) or stall (lr 0.01: 95.8%), so an lr other than
     # 1 is tried beside lr 1 and kept only where it lowers the loss as much (three evaluations more: the
     # gradient at the start and one trial each).
-    group.update(lr=_first_lr(closure, group["params"], cfg.lr), max_iter=1, max_eval=cfg.max_evals - len(evals))
-    opt.step(closure)
-    state = opt.state[group["params"][0]]
-    while ((left := cfg.max_evals - len(evals) - 1) > 0 and not stalled(evals, cfg.progress_tol)
-           and not done(evals, cfg.done_tol)):
-        iters, calls, before = state.get("n_iter", 0), state.get("func_evals", 0), len(evals)
-        group.update(lr=1.0, max_iter=CHUNK, max_eval=left)
-        start_loss = float(opt.step(closure))
-        moved = abs(float(closure()) - start_loss) >= TOLERANCE_CHANGE  # closure(): the cached accepted point
-        if not moved or len(evals) == before or (
-                state["n_iter"] - iters < CHUNK and state["func_evals"] - calls < left):
-            break  # converged: the loss stopped moving, or torch stopped before the chunk ran out
+    try:
+        group.update(lr=_first_lr(closure, group["params"], cfg.lr), max_iter=1, max_eval=cfg.max_evals - len(evals))
+        opt.step(closure)
+        state = opt.state[group["params"][0]]
+        while ((left := cfg.max_evals - len(evals) - 1) > 0 and not stalled(evals, cfg.progress_tol)
+               and not done(evals, cfg.done_tol)):
+            iters, calls, before = state.get("n_iter", 0), state.get("func_evals", 0), len(evals)
+            group.update(lr=1.0, max_iter=CHUNK, max_eval=left)
+            start_loss = float(opt.step(closure))
+            moved = abs(float(closure()) - start_loss) >= TOLERANCE_CHANGE  # closure(): the cached accepted point
+            if not moved or len(evals) == before or (
+                    state["n_iter"] - iters < CHUNK and state["func_evals"] - calls < left):
+                break  # converged: the loss stopped moving, or torch stopped before the chunk ran out
+    except _Spent:  # stopped inside a line search, the parameters at its last trial: back to the best point
+        with torch.no_grad():
+            for p, x in zip(group["params"], best["at"]):
+                p.copy_(x)
+        return best["loss"], len(evals)
     return evals[-1], len(evals)
