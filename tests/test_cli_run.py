@@ -45,6 +45,12 @@ def test_run_detects_the_planted_weight_and_writes_every_artifact(run_dir):
     assert set(res["baselines"]) >= {"oracle", "activation_restore", "other_row"}
     baselines = {name: b["recovery"]["kl"] for name, b in res["baselines"].items()}
     assert baselines["oracle"] > 0.99 and abs(baselines["other_row"]) < 0.1  # the deleted value back; another row
+    # The oracle restores the only ablated weight through its own row: the intact model, read from the base pass.
+    oracle = res["baselines"]["oracle"]
+    assert oracle["recovery"] == {"nll_gap": 1.0, "kl": 1.0} and oracle["interval"] == [1.0, 1.0]
+    parts = res["cost"]["stages"]["repair"]["parts"]
+    assert "eval/oracle" not in parts and "eval/other_row" in parts
+    assert "read from the base pass" in res["protocol"]["interventions"]["oracle"]
     # Two seeds, two patches (different training rows), near the same point (measured norms 39.721 and 39.730).
     seeds = res["seeds"]
     assert [v["seed"] for v in seeds["values"]] == [0, 1] and seeds["values"][0]["norm"] != seeds["values"][1]["norm"]

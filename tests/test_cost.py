@@ -220,6 +220,41 @@ def test_generations_of_all_prompts_in_one_batch_are_the_one_by_one_texts():
     assert len({row["base"] for row in rows}) > 1  # the prompts give different texts: rows are not mixed up
 
 
+def test_row_edit_conditions_decode_in_the_base_batch_with_their_own_texts(monkeypatch):
+    """An ablation and a row patch are edits of down-projection rows: compare() decodes base and both in one
+    batch (one greedy call), each condition on its own rows, to the texts each gives decoded alone; a condition
+    that is no row edit (a hook on the activations) sends it back to one batch per condition."""
+    from superweight.core.coords import parse_coord
+    from superweight.core.intervene import ActivationRestore, Compose, RowPatch
+    from superweight.measure import generate
+
+    model, tok = tiny.planted((1, 3, 5)), tiny.tiny_tokenizer()
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    prompts = ["a", "the cat sat on the mat and", "x y"]
+    coords = [parse_coord("1:3:5")]
+    broken = Ablation(model, coords)
+    fixed = Compose(broken, RowPatch(model, [(1, 3)], [torch.randn(64, generator=torch.Generator().manual_seed(0))
+                                                       * 50]))
+    conditions = {"broken": broken, "patched": fixed}
+    calls = []
+    real = generate.greedy
+    monkeypatch.setattr(generate, "greedy", lambda *a, **k: (calls.append(len(a[2])), real(*a, **k))[1])
+    rows = generate.compare(model, tok, conditions, prompts, max_new_tokens=6)
+    assert calls == [3 * len(prompts)]
+    for row, prompt in zip(rows, prompts):
+        assert row["base"] == real(model, tok, prompt, 6)
+        for name, intervention in conditions.items():
+            with intervention:
+                assert row[name] == real(model, tok, prompt, 6), (name, prompt)
+    assert any(r["broken"] != r["base"] for r in rows) and any(r["patched"] != r["broken"] for r in rows)
+    calls.clear()
+    restore = Compose(broken, ActivationRestore(model, coords, [1.0]))
+    assert restore.row_edits() is None
+    generate.compare(model, tok, {"broken": broken, "restored": restore}, prompts, max_new_tokens=2)
+    assert calls == [len(prompts)] * 3
+
+
 def test_trainings_on_one_sequences_run_the_teacher_once_and_train_the_same_patch():
     """A second training handed the same Sequences reads the intact model's targets and the check's no-patch KL
     kept by the first: fewer full passes (only the student's blocks above the patch), and the patch and check it

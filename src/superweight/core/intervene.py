@@ -55,6 +55,12 @@ class Intervention:
     def remove(self) -> None:
         raise NotImplementedError
 
+    def row_edits(self) -> list[tuple[DownProj, int, torch.Tensor]] | None:
+        """This edit as changes to rows of dense down-projections: (projection, row, the change to W[row], fp32
+        [d_ff]), read from the weights as they are now; None when it is not one (a hook on activations, a routed
+        expert, ...). measure/generate.compare decodes conditions that all have one in a single batch."""
+        return None
+
     def __enter__(self):
         self.apply()
         return self
@@ -71,6 +77,9 @@ class NoIntervention(Intervention):
 
     def remove(self) -> None:
         self.active = False
+
+    def row_edits(self) -> list:
+        return []
 
 
 # An edit maps a weight's original value to its new value.
@@ -117,6 +126,17 @@ class Ablation(ScalarEdits):
         model = module_of(model)
         super().__init__(model, [(down_projection(model, c.layer, c.expert), c.row, c.col, _times(c.scale))
                                  for c in self.coords])
+
+    def row_edits(self) -> list[tuple[DownProj, int, torch.Tensor]] | None:
+        if any(dp.expert is not None for dp, *_ in self._edits):
+            return None
+        out = []
+        for dp, row, col, fn in self._edits:
+            w = dp.get(row, col)
+            change = torch.zeros(dp.d_ff, dtype=torch.float32, device=dp.device)
+            change[col] = (fn(w) - w).float()
+            out.append((dp, row, change))
+        return out
 
 
 class Spread(ScalarEdits):
@@ -177,6 +197,10 @@ class Compose(Intervention):
         while self._applied:
             self._applied.pop().remove()
         self.active = False
+
+    def row_edits(self) -> list | None:
+        parts = [p.row_edits() for p in self.parts]
+        return None if any(p is None for p in parts) else [e for p in parts for e in p]
 
 
 class Trace:
@@ -278,6 +302,11 @@ class RowPatch(HookIntervention):
 
     def parameters(self) -> list[nn.Parameter]:
         return list(self.vectors)
+
+    def row_edits(self) -> list[tuple[DownProj, int, torch.Tensor]] | None:
+        if type(self) is not RowPatch or any(dp.expert is not None for dp in self._dps):
+            return None  # a subclass may gate its vectors per pass; a routed expert sees only its tokens
+        return [(dp, r[1], v.detach().float()) for dp, r, v in zip(self._dps, self.rows, self.vectors)]
 
     def vector(self, i: int) -> torch.Tensor:
         """The vector added to row i at this forward pass (subclasses may gate it)."""

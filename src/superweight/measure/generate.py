@@ -50,17 +50,57 @@ def compare(
     progress: Callable[[int], None] | None = None,
 ) -> list[dict[str, str]]:
     """One row per prompt: {"prompt", "base", <condition name>...}. Each condition decodes every prompt in one
-    batch: the steps are the longest continuation's, not the sum over prompts (decoding is per-step overhead)."""
+    batch: the steps are the longest continuation's, not the sum over prompts (decoding is per-step overhead).
+    Conditions that are all edits of dense down-projection rows (an ablation, a row patch: `row_edits`) decode
+    in the base's batch too, each on its own rows of it (`_side_by_side`); any other, one batch each."""
     prompts = list(prompts or DEFAULT_PROMPTS)
-    columns = {}
+    edits = {name: c.row_edits() for name, c in conditions.items()}
     with _one_thread(input_device(model)):
-        columns["base"] = greedy(model, tokenizer, prompts, max_new_tokens)
-        for name, intervention in conditions.items():
-            with intervention:
-                columns[name] = greedy(model, tokenizer, prompts, max_new_tokens)
+        if all(e is not None and not any(dp.module.weight.is_meta for dp, *_ in e) for e in edits.values()):
+            columns = _side_by_side(model, tokenizer, prompts, edits, max_new_tokens)
+        else:
+            columns = {"base": greedy(model, tokenizer, prompts, max_new_tokens)}
+            for name, intervention in conditions.items():
+                with intervention:
+                    columns[name] = greedy(model, tokenizer, prompts, max_new_tokens)
     if progress:
         progress(len(prompts))
     return [{"prompt": p, **{name: texts[i] for name, texts in columns.items()}} for i, p in enumerate(prompts)]
+
+
+def _side_by_side(model, tokenizer, prompts: list[str], edits: dict, max_new_tokens: int) -> dict[str, list[str]]:
+    """Greedy continuations of `prompts` for the base model and each condition in one batch: the prompts once per
+    column, and on each condition's rows of the batch each row it edits is computed again from that row's inputs
+    with its edited weights, x @ (W[row] + change) (+ bias), in fp32 (adding the change to the output instead
+    would cancel a massive activation's share in a low-precision output)."""
+    names, n = ["base", *edits], len(prompts)
+    sites: dict = {}  # projection module -> (DownProj, {(column, row): the summed change to W[row]})
+    for column, name in enumerate(names[1:], 1):
+        for dp, row, change in edits[name]:
+            by = sites.setdefault(dp.module, (dp, {}))[1]
+            by[column, row] = by.get((column, row), 0) + change
+
+    def hook_for(dp, by):
+        def hook(_module, inp, out):
+            x = dp.inputs(inp)
+            if x.shape[0] != n * len(names):
+                raise RuntimeError(f"{dp.where}: a batch of {x.shape[0]} rows, not {n * len(names)}")
+            bias = getattr(dp.module, "bias", None)
+            with torch.autocast(out.device.type, enabled=False):
+                for (column, row), change in by.items():
+                    rows = slice(column * n, (column + 1) * n)
+                    value = x[rows].float() @ (dp.matrix[row].float() + change.to(x.device))
+                    out[rows, ..., row] = (value if bias is None else value + bias[row].float()).to(out.dtype)
+            return out
+        return hook
+
+    handles = [module.register_forward_hook(hook_for(dp, by)) for module, (dp, by) in sites.items()]
+    try:
+        texts = greedy(model, tokenizer, prompts * len(names), max_new_tokens)
+    finally:
+        for h in handles:
+            h.remove()
+    return {name: texts[i * n : (i + 1) * n] for i, name in enumerate(names)}
 
 
 @contextlib.contextmanager

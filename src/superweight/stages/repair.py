@@ -206,13 +206,19 @@ def _repair(loaded, coords, rows, out, job: RepairJob, progress, shared: Shared,
     conditions = [broken, fixed, *controls, *seeded]
     channels = sorted({(c.layer, c.row) for c in coords})
     stage("Evaluating", None)
-    subset = {c.name: BASELINE_TOKENS for c in controls}
+    # The oracle puts the deleted values back through the patch rows: when those rows hold every ablated weight
+    # it is the intact model, and its numbers are the base's over its tokens (no pass of its own).
+    intact = {ORACLE.name()} if baselines and oracle_is_intact(coords, rows) else set()
+    subset = {c.name: BASELINE_TOKENS for c in controls if c.name not in intact}
     per_token = TokenNLL(["base", BROKEN.name(), *subset])
     with part("eval"):
-        metrics = measure(model, eval_ids, interventions(conditions), channels, max_length, bos=bos,
+        metrics = measure(model, eval_ids, interventions(c for c in conditions if c.name not in intact), channels,
+                          max_length, bos=bos,
                           scoring=Scoring(share_below=first_edited_layer(coords, rows), subsets=subset or None,
                                           observe=per_token if subset else None, passes=shared.passes,
                                           keep=keep))
+    for name in intact:
+        metrics[name], per_token.parts[name] = metrics[f"base@{BASELINE_TOKENS}"], per_token.parts["base"]
     stage("Generating", None)
     with part("generate"):
         gens = generate.compare(model, tok, interventions([broken, fixed]), GEN_PROMPTS)
@@ -285,6 +291,12 @@ def _d_ffs(model, rows) -> list[int]:
     return [down_projection(model, layer, expert).d_ff for layer, _row, expert in map(split_row, rows)]
 
 
+def oracle_is_intact(coords: list[WeightCoord], rows) -> bool:
+    """Whether the oracle (the deleted values put back through the patch rows) is the intact model: every
+    ablated weight lies in a patch row."""
+    return all(any(row_of(c) == make_row(*split_row(r)) for r in rows) for c in coords)
+
+
 def _baselines(model, ablation: Ablation, rows, trained, data, cfg, progress: Progress) -> list[Condition]:
     """Oracle, the paper's activation restore, random vectors writing as much as the patch, another row trained
     with `cfg` (its step cap: other_row_steps). `trained`: (the ablated weights' original values, the trained patch);
@@ -324,7 +336,9 @@ def _baselines(model, ablation: Ablation, rows, trained, data, cfg, progress: Pr
     other_patch, spent = train(model, coords, other, data.trained_part(cfg.check_sequences),
                                configure(cfg, check_sequences=0), Track(progress=progress))
     return [
-        ORACLE(patched(model, ablation, rows, oracle_vectors)),
+        ORACLE(patched(model, ablation, rows, oracle_vectors), None if not oracle_is_intact(coords, rows) else
+               ORACLE.describe() + " (here every ablated weight lies in a patch row: the intact model, read from the "
+                                   "base pass)"),
         ACTIVATION_RESTORE(Compose(ablation, ActivationRestore(model, coords, originals))),
         *(RANDOM_WRITE(patched(model, ablation, rows, vectors), i=i + 1) for i, vectors in enumerate(random_draws)),
         OTHER_ROW(Compose(ablation, other_patch), rows=", ".join(map(row_text, other)), steps=spent.steps),
