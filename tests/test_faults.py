@@ -40,7 +40,7 @@ POINTS = {
     "log_line": STEPS,              # half of the k-th log line written
     "checkpoint_write": STEPS // CHECKPOINT_EVERY,  # the k-th checkpoint's temp file half written
     "evaluation": 1,                # inside measure()
-    "generation": 5 * 3,            # the k-th greedy generation (5 prompts x base, broken, patched)
+    "generation": 1,                # the greedy generation (base, broken and patched in one batch)
     "patch_write": 1,               # patch.safetensors' temp file written, not yet renamed
     "results_write": 1,             # results.json's temp file written, not yet renamed
     "report_write": 2,              # `superweight report`: report.md / report.html temp file written
