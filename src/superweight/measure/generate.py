@@ -72,7 +72,8 @@ def _side_by_side(model, tokenizer, prompts: list[str], edits: dict, max_new_tok
     """Greedy continuations of `prompts` for the base model and each condition in one batch: the prompts once per
     column, and on each condition's rows of the batch each row it edits is computed again from that row's inputs
     with its edited weights, x @ (W[row] + change) (+ bias), in fp32 (adding the change to the output instead
-    would cancel a massive activation's share in a low-precision output)."""
+    would cancel a massive activation's share in a low-precision output). In fp32 the texts are those of one
+    batch per condition; in bf16 a greedy text can part from them after a near-tie."""
     names, n = ["base", *edits], len(prompts)
     sites: dict = {}  # projection module -> (DownProj, {(column, row): the summed change to W[row]})
     for column, name in enumerate(names[1:], 1):
