@@ -126,6 +126,9 @@ def test_the_settings_are_a_union_whose_default_is_the_product_s():
     assert parse_config(upgrade_config(old_sgd)) == FirstOrderConfig(optimizer="sgd", steps=64, lr=0.1, space="column",
                                                                       train_tokens=4096)
     assert upgrade_config(LbfgsConfig().model_dump()) == LbfgsConfig().model_dump()  # today's: as it is
+    # a flat config that names no optimizer ran the flat default, adamw: no lbfgs setting is added to it
+    assert parse_config(upgrade_config({"steps": 5}, flat=True)) == FirstOrderConfig(
+        steps=5, lr=0.1, space="weight", train_tokens=16384, check_sequences=2)
     assert parse_config(upgrade_config({"optimizer": "lbfgs"}, flat=True)) == LbfgsConfig(
         max_evals=80, lr=0.1, space="weight", train_tokens=16384, progress_tol=0.0, done_tol=0.0)  # flat defaults
 

@@ -168,18 +168,19 @@ def upgrade_config(data, flat: bool | None = None):
     lbfgs: `steps` counted loss evaluations, so it becomes `max_evals`, and the schedule, warm-up and weight decay
     it never read go; first-order: `progress_tol`, which it never read, goes. `check_rows` becomes
     `check_sequences`. An lbfgs config of either shape without `done_tol` was written before that rule: 0."""
-    if isinstance(data, dict) and data.get("optimizer", "lbfgs") == "lbfgs" and "done_tol" not in data:
-        data = {**data, "done_tol": 0.0}
-    if not isinstance(data, dict) or not (flat if flat is not None else "check_rows" in data):
+    if not isinstance(data, dict):
         return data
-    data = {**FLAT_DEFAULTS, **data}
-    data["check_sequences"] = data.pop("check_rows")
-    if data["optimizer"] == "lbfgs":
-        data["max_evals"] = data.pop("steps")
-        for name in ("schedule", "warmup", "weight_decay"):
-            data.pop(name)
-    else:
-        data.pop("progress_tol")
+    if flat if flat is not None else "check_rows" in data:
+        data = {**FLAT_DEFAULTS, **data}  # its optimizer, when it names none, is the flat default's (adamw)
+        data["check_sequences"] = data.pop("check_rows")
+        if data["optimizer"] == "lbfgs":
+            data["max_evals"] = data.pop("steps")
+            for name in ("schedule", "warmup", "weight_decay"):
+                data.pop(name)
+        else:
+            data.pop("progress_tol")
+    if data.get("optimizer", "lbfgs") == "lbfgs" and "done_tol" not in data:  # the union's default optimizer
+        data = {**data, "done_tol": 0.0}
     return data
 
 
