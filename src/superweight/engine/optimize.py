@@ -242,6 +242,8 @@ def lbfgs(fit: Fit, opt, start: int = 0):
                     state["n_iter"] - iters < CHUNK and state["func_evals"] - calls < left):
                 break  # converged: the loss stopped moving, or torch stopped before the chunk ran out
     except _Spent:  # stopped inside a line search, the parameters at its last trial: back to the best point
+        if not best:  # no finite loss at all: nothing better to go back to
+            return evals[-1], len(evals)
         with torch.no_grad():
             for p, x in zip(group["params"], best["at"]):
                 p.copy_(x)
